@@ -1,0 +1,128 @@
+"""Commands, events, tasks and definition records as plain typed data: the engine's vocabulary.
+
+Commands are imperative (``StartWorkflow``); events are past tense (``WorkflowStarted``). Both are
+small slotted dataclasses carrying a ``type`` tag and a ``data`` dict of type-specific fields whose
+payload values (input, results, signal data) are JSON documents. The field lists per type live in
+:data:`COMMAND_FIELDS` and :data:`EVENT_FIELDS`; the Avro schemas in ``kflow/schemas`` mirror them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
+JSONDict = dict[str, Any]
+
+#: Command type -> required data fields. Payload fields (JSON documents) are marked with ``*``.
+COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
+    "StartWorkflow": ("workflow", "version", "*input", "parent_id", "parent_ref", "id_reuse"),
+    "SignalWorkflow": ("name", "*data"),
+    "CancelWorkflow": ("reason",),
+    "CompleteActivity": ("activity_id", "attempt", "*result"),
+    "FailActivity": ("activity_id", "attempt", "error_type", "message", "retryable"),
+    "HeartbeatActivity": ("activity_id", "attempt", "*details"),
+    "FireTimer": ("timer_id",),
+    "CompleteChild": ("child_id", "*result"),
+    "FailChild": ("child_id", "error_type", "message"),
+}
+
+#: Event type -> data fields. Payload fields (JSON documents) are marked with ``*``.
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "WorkflowStarted": ("workflow", "version", "*input", "parent_id", "parent_ref"),
+    "ActivityScheduled": ("activity_id", "name", "queue", "*input", "attempt"),
+    "ActivityCompleted": ("activity_id", "attempt", "*result"),
+    "ActivityFailed": ("activity_id", "attempt", "error_type", "message", "retryable"),
+    "TimerStarted": ("timer_id", "due_ms"),
+    "TimerFired": ("timer_id",),
+    "SignalReceived": ("name", "*data"),
+    "ChildStarted": ("child_id", "workflow", "version", "*input"),
+    "ChildCompleted": ("child_id", "*result"),
+    "ChildFailed": ("child_id", "error_type", "message"),
+    "WorkflowCompleted": ("*result",),
+    "WorkflowFailed": ("error_type", "message"),
+    "WorkflowCancelled": ("reason",),
+    "CommandRejected": ("command_type", "code", "reason"),
+}
+
+COMMAND_TYPES = frozenset(COMMAND_FIELDS)
+EVENT_TYPES = frozenset(EVENT_FIELDS)
+
+
+def field_names(spec: tuple[str, ...]) -> tuple[str, ...]:
+    """Strip the payload marker from a field list."""
+    return tuple(f.lstrip("*") for f in spec)
+
+
+@dataclass(slots=True)
+class Command:
+    """An imperative request addressed to one workflow instance (the Kafka key)."""
+
+    type: str
+    instance_id: str
+    data: JSONDict = field(default_factory=dict)
+    command_id: str = ""
+    ts: int = 0  # producer wall time in ms; informational only, the engine uses its own clock
+
+
+@dataclass(slots=True)
+class Event:
+    """A fact the engine recorded for one instance; ``seq`` is gap-free per instance from 1."""
+
+    type: str
+    instance_id: str
+    seq: int
+    ts: int
+    data: JSONDict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Task:
+    """One attempt of one activity, sent to the workers of ``queue``."""
+
+    instance_id: str
+    activity_id: str
+    attempt: int
+    name: str
+    queue: str
+    input: JSONValue
+    workflow: str
+    scheduled_ms: int
+
+
+@dataclass(slots=True)
+class Definition:
+    """A deployed workflow definition, keyed ``name@version`` on the definitions topic."""
+
+    name: str
+    version: int
+    kind: str  # "spec" or "code"
+    body: JSONDict
+    deployed_ms: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class RejectCode:
+    """Codes carried by ``CommandRejected``; persisted strings, never reused."""
+
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_STATE = "INVALID_STATE"
+    DUPLICATE = "DUPLICATE"
+    UNKNOWN_WORKFLOW = "UNKNOWN_WORKFLOW"
+    INVALID_INPUT = "INVALID_INPUT"
+    STALE = "STALE"
+
+
+class Status:
+    """Instance statuses as they appear in the state record."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    BLOCKED = "BLOCKED"
+
+    TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
