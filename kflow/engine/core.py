@@ -1,0 +1,260 @@
+"""The engine's two pure functions: ``decide(state, command, now)`` and ``evolve(state, event)``.
+
+``decide`` validates a command against an instance's state and turns it into one *input event*
+(or a ``CommandRejected`` event, or a DLQ verdict for commands that address nothing); ``evolve``
+applies an input event, running the workflow's interpreter until it blocks, and returns the new
+state with the *consequence events* it produced (``ActivityScheduled``, ``TimerStarted``,
+``WorkflowCompleted`` …) and the outputs that are not events (tasks, commands for other instances).
+``fold`` replays a recorded history through ``evolve`` and checks that every consequence event
+is reproduced exactly, which is how restore-by-replay and determinism checks work. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import orjson
+
+from kflow.engine import spec_interpreter
+from kflow.engine.definitions import DefinitionsView
+from kflow.engine.run import Run, new_state
+from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status, Task
+
+#: Events that carry new information into an instance; all others are consequences of these.
+INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
+                          "SignalReceived", "ChildCompleted", "ChildFailed", "WorkflowCancelled"})
+
+
+@dataclass
+class Decision:
+    """Everything one command produced. ``state`` is None when the instance does not exist."""
+
+    state: Optional[JSONDict]
+    events: list[Event] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    timers_set: list[tuple[str, int]] = field(default_factory=list)
+    timers_cancel: list[tuple[str, int]] = field(default_factory=list)
+    dlq_reason: Optional[str] = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.events)
+
+
+class DeterminismError(Exception):
+    """Replaying a history produced different events than were recorded."""
+
+    def __init__(self, instance_id: str, seq: int, expected: Any, actual: Any) -> None:
+        self.instance_id, self.seq, self.expected, self.actual = instance_id, seq, expected, actual
+        super().__init__(f"instance {instance_id}: at event #{seq} history has {expected}, but replay produced {actual}")
+
+
+def copy_state(state: JSONDict) -> JSONDict:
+    """A deep copy cheap enough for the hot path (states are small JSON documents)."""
+    return orjson.loads(orjson.dumps(state))
+
+
+# -- evolve -----------------------------------------------------------------------------------
+def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple[JSONDict, Run]:
+    """Apply one input event to (a copy of) ``state``; the Run holds consequence events and outputs."""
+    if ev.type == "WorkflowStarted":
+        d = ev.data
+        seq = state["seq"] if state else 0
+        st = new_state(ev.instance_id, d["workflow"], d["version"], "spec", d["input"], ev.ts,
+                       d.get("parent_id"), d.get("parent_ref"), seq)
+    else:
+        assert state is not None, f"{ev.type} for an instance without state"
+        st = copy_state(state)
+    compiled = defs.get(st["workflow"], st["version"])
+    run = Run(st, ev.ts, defs, compiled)
+    _record(run, ev)
+    if ev.type == "WorkflowCancelled":
+        _close_cancelled(run, ev.data.get("reason", ""))
+    elif ev.type == "CommandRejected":
+        pass
+    else:
+        spec_interpreter.apply_input(run, ev)
+    return run.state, run
+
+
+def _record(run: Run, ev: Event) -> None:
+    """Stamp the state with an already-numbered input event."""
+    run.state["seq"] = ev.seq
+    run.state["updated_ms"] = ev.ts
+
+
+def _close_cancelled(run: Run, reason: str) -> None:
+    st = run.state
+    st["status"] = Status.CANCELLED
+    st["closed_ms"] = run.now
+    st["error"] = {"type": "Cancelled", "message": reason}
+    for child_id in sorted(st["children"]):
+        run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} cancelled"})
+    st["children"], st["activities"], st["timers"], st["threads"], st["signals"] = {}, {}, {}, {}, {}
+    if st.get("parent_id"):
+        run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],
+                                                  "error_type": "Cancelled", "message": reason})
+
+
+# -- decide -----------------------------------------------------------------------------------
+def _event(state: Optional[JSONDict], instance_id: str, type_: str, now: int, data: JSONDict) -> Event:
+    return Event(type=type_, instance_id=instance_id, seq=(state["seq"] if state else 0) + 1, ts=now, data=data)
+
+
+def _reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> Decision:
+    ev = _event(state, cmd.instance_id, "CommandRejected", now,
+                {"command_type": cmd.type, "code": code, "reason": reason})
+    st = dict(state)
+    st["seq"], st["updated_ms"] = ev.seq, now
+    return Decision(state=st, events=[ev])
+
+
+def _accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: JSONDict,
+            defs: DefinitionsView) -> Decision:
+    ev = _event(state, cmd.instance_id, type_, now, data)
+    new, run = evolve(state, ev, defs)
+    d = Decision(state=new, events=[ev, *run.events], tasks=run.tasks, commands=run.commands)
+    before = state["timers"] if state else {}
+    after = new["timers"]
+    d.timers_set = [(t, v["due"]) for t, v in after.items() if t not in before]
+    d.timers_cancel = [(t, v["due"]) for t, v in before.items() if t not in after]
+    return d
+
+
+def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    d = cmd.data
+    policy = d.get("id_reuse") or "reject_duplicate"
+    if state is not None:
+        closed = state["status"] in Status.TERMINAL
+        if policy == "return_existing":
+            return Decision(state=state)
+        if not (policy == "allow_if_closed" and closed):
+            return _reject(state, cmd, now, RejectCode.DUPLICATE,
+                           f"expected no instance with id '{cmd.instance_id}', but one exists ({state['status']})")
+    name = d.get("workflow")
+    version = d.get("version")
+    if version is None:
+        version = defs.latest(name)
+    if version is None or defs.get(name, version) is None:
+        what = f"'{name}'" if d.get("version") is None else f"'{name}@{d.get('version')}'"
+        return Decision(state=state, dlq_reason=f"unknown workflow {what}: deploy it first")
+    return _accept(state, cmd, now, "WorkflowStarted",
+                   {"workflow": name, "version": version, "input": d.get("input"),
+                    "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs)
+
+
+def _running(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decision]:
+    """The common guard: a missing instance goes to the DLQ, a closed one is a rejection."""
+    if state is None:
+        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    if state["status"] != Status.RUNNING:
+        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
+                       f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
+    return None
+
+
+def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    return _running(state, cmd, now) or _accept(state, cmd, now, "SignalReceived",
+                                                {"name": cmd.data["name"], "data": cmd.data.get("data")}, defs)
+
+
+def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    return _running(state, cmd, now) or _accept(state, cmd, now, "WorkflowCancelled",
+                                                {"reason": cmd.data.get("reason") or ""}, defs)
+
+
+def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    guard = _running(state, cmd, now)
+    if guard:
+        return guard
+    assert state is not None
+    aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
+    act = state["activities"].get(aid)
+    if act is None:
+        return _reject(state, cmd, now, RejectCode.DUPLICATE,
+                       f"expected a pending activity '{aid}', but it has no pending attempt (duplicate or late result)")
+    if act["attempt"] != attempt:
+        return _reject(state, cmd, now, RejectCode.STALE,
+                       f"expected a result for attempt {act['attempt']} of '{aid}', but got attempt {attempt}")
+    if cmd.type == "CompleteActivity":
+        return _accept(state, cmd, now, "ActivityCompleted",
+                       {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs)
+    d = cmd.data
+    return _accept(state, cmd, now, "ActivityFailed",
+                   {"activity_id": aid, "attempt": attempt, "error_type": d.get("error_type") or "ActivityError",
+                    "message": d.get("message") or "", "retryable": bool(d.get("retryable", True))}, defs)
+
+
+def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    # Heartbeats keep an attempt alive; they are not history (no event), so nothing changes here.
+    return Decision(state=state)
+
+
+def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    tid = cmd.data["timer_id"]
+    if state is None or state["status"] != Status.RUNNING or tid not in state["timers"]:
+        return Decision(state=state)  # a timer cancelled after it was indexed: nothing to do
+    return _accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs)
+
+
+def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    guard = _running(state, cmd, now)
+    if guard:
+        return guard
+    assert state is not None
+    cid = cmd.data["child_id"]
+    if cid not in state["children"]:
+        return _reject(state, cmd, now, RejectCode.DUPLICATE, f"expected a running child '{cid}', but there is none")
+    if cmd.type == "CompleteChild":
+        return _accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": cmd.data.get("result")}, defs)
+    return _accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": cmd.data.get("error_type") or "ChildFailed",
+                                                    "message": cmd.data.get("message") or ""}, defs)
+
+
+DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView], Decision]] = {
+    "StartWorkflow": _start,
+    "SignalWorkflow": _signal,
+    "CancelWorkflow": _cancel,
+    "CompleteActivity": _activity_result,
+    "FailActivity": _activity_result,
+    "HeartbeatActivity": _heartbeat,
+    "FireTimer": _fire_timer,
+    "CompleteChild": _child_result,
+    "FailChild": _child_result,
+}
+
+
+def decide(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    """Decide one command against one instance's state at time ``now`` (ms). Never mutates ``state``."""
+    decider = DECIDERS.get(cmd.type)
+    if decider is None:
+        return Decision(state=state, dlq_reason=f"unknown command type '{cmd.type}'")
+    return decider(state, cmd, now, defs)
+
+
+# -- fold (replay) -------------------------------------------------------------------------------
+def fold(events: list[Event], defs: DefinitionsView) -> Optional[JSONDict]:
+    """Rebuild an instance's state from its history, checking every consequence event matches."""
+    state: Optional[JSONDict] = None
+    i = 0
+    while i < len(events):
+        ev = events[i]
+        if ev.type == "CommandRejected":
+            assert state is not None
+            state = dict(state)
+            state["seq"], state["updated_ms"] = ev.seq, ev.ts
+            i += 1
+            continue
+        if ev.type not in INPUT_EVENTS:
+            raise DeterminismError(ev.instance_id, ev.seq, ev.type, "no event (consequence without cause)")
+        state, run = evolve(state, ev, defs)
+        for produced in run.events:
+            i += 1
+            recorded = events[i] if i < len(events) else None
+            if recorded is None or (recorded.type, recorded.seq, recorded.data) != (produced.type, produced.seq, produced.data):
+                expected = None if recorded is None else (recorded.type, recorded.data)
+                raise DeterminismError(ev.instance_id, produced.seq, expected, (produced.type, produced.data))
+        i += 1
+    return state

@@ -1,0 +1,104 @@
+"""The run context: one in-progress decision over one instance's state.
+
+A :class:`Run` holds the (copied) state being evolved, the clock reading, the events emitted so
+far (each stamped with the next per-instance sequence number) and the outputs that are not events
+(tasks, commands for other instances). Interpreters only ever change state through a Run, so a
+decision is a pure function of (state, input event, definitions).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from kflow.model.messages import Command, Event, JSONDict, Status, Task
+
+
+class Run:
+    """Mutable scratch space for one ``evolve`` call; never outlives it."""
+
+    __slots__ = ("state", "now", "events", "tasks", "commands", "defs", "runnable", "compiled")
+
+    def __init__(self, state: JSONDict, now: int, defs: Any, compiled: Any = None) -> None:
+        self.state = state
+        self.now = now
+        self.defs = defs
+        self.compiled = compiled
+        self.events: list[Event] = []
+        self.tasks: list[Task] = []
+        self.commands: list[Command] = []
+        self.runnable: list[str] = []
+
+    @property
+    def instance_id(self) -> str:
+        return self.state["id"]
+
+    def next_seq(self) -> int:
+        return self.state["seq"] + 1
+
+    def emit(self, type_: str, data: JSONDict) -> Event:
+        """Record an event with the next sequence number and stamp the state with it."""
+        st = self.state
+        st["seq"] += 1
+        st["updated_ms"] = self.now
+        ev = Event(type=type_, instance_id=st["id"], seq=st["seq"], ts=self.now, data=data)
+        self.events.append(ev)
+        return ev
+
+    def command(self, type_: str, instance_id: str, data: JSONDict) -> None:
+        """Queue a command for another (or this) instance, with a deterministic command id."""
+        cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
+        self.commands.append(Command(type=type_, instance_id=instance_id, data=data, command_id=cid, ts=self.now))
+
+    @property
+    def closed(self) -> bool:
+        return self.state["status"] in Status.TERMINAL
+
+    # -- closing the instance ------------------------------------------------------------
+    def close(self, status: str, event_type: str, data: JSONDict) -> None:
+        """End the instance: emit the terminal event, clear pending work, notify parent and children."""
+        st = self.state
+        self.emit(event_type, data)
+        st["status"] = status
+        st["closed_ms"] = self.now
+        if status == Status.COMPLETED:
+            st["result"] = data.get("result")
+        else:
+            st["error"] = {"type": data.get("error_type", "Cancelled"), "message": data.get("message", data.get("reason", ""))}
+        for child_id in sorted(st["children"]):
+            self.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} closed ({status.lower()})"})
+        st["children"] = {}
+        st["activities"] = {}
+        st["timers"] = {}
+        st["threads"] = {}
+        st["signals"] = {}
+        self.runnable.clear()
+        parent = st.get("parent_id")
+        if parent:
+            ref = st.get("parent_ref") or st["id"]
+            if status == Status.COMPLETED:
+                self.command("CompleteChild", parent, {"child_id": ref, "result": data.get("result")})
+            else:
+                err = st["error"]
+                self.command("FailChild", parent, {"child_id": ref, "error_type": err["type"], "message": err["message"]})
+
+    def complete(self, result: Any) -> None:
+        self.close(Status.COMPLETED, "WorkflowCompleted", {"result": result})
+
+    def fail(self, error_type: str, message: str) -> None:
+        self.close(Status.FAILED, "WorkflowFailed", {"error_type": error_type, "message": message})
+
+    def task(self, activity_id: str, name: str, queue: str, input_: Any, attempt: int, workflow: str) -> None:
+        self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=attempt, name=name,
+                               queue=queue, input=input_, workflow=workflow, scheduled_ms=self.now))
+
+
+def new_state(instance_id: str, workflow: str, version: int, kind: str, input_: Any, now: int,
+              parent_id: Optional[str], parent_ref: Optional[str], seq: int = 0) -> JSONDict:
+    """A fresh instance state; ``seq`` carries over when an id is reused after close."""
+    return {
+        "id": instance_id, "workflow": workflow, "version": version, "kind": kind,
+        "status": Status.RUNNING, "seq": seq, "started_ms": now, "updated_ms": now, "closed_ms": None,
+        "input": input_, "vars": {}, "result": None, "error": None,
+        "parent_id": parent_id, "parent_ref": parent_ref,
+        "threads": {}, "next_tid": 0, "activities": {}, "timers": {}, "children": {}, "signals": {},
+    }

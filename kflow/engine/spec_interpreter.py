@@ -1,0 +1,324 @@
+"""The spec interpreter: runs a spec workflow's threads until each is blocked or finished.
+
+Execution state is a set of *threads* in the instance state. The root thread walks the top-level
+step list; ``parallel`` and ``foreach`` start one child thread per branch/item and park their own
+thread on a *join*. A thread blocks on an activity, a timer, a signal or a child workflow; the
+matching input event (``ActivityCompleted``, ``TimerFired``, ``SignalReceived``,
+``ChildCompleted``) unblocks it. Everything is keyed by ids derived from sequence numbers, and
+threads run in a deterministic order, so replaying the same input events reproduces the same
+events and state exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from kflow.engine.definitions import CompiledSpec
+from kflow.engine.expr import ExpressionError, evaluate
+from kflow.engine.run import Run
+from kflow.model.messages import Event, JSONDict
+from kflow.model.spec import Step, parse_duration_ms
+
+BLOCK = False
+NEXT = True
+
+
+# -- threads and scopes ---------------------------------------------------------------------
+def new_thread(run: Run, list_key: str, parent: Optional[str], slot: int, local: JSONDict) -> str:
+    st = run.state
+    tid = str(st["next_tid"])
+    st["next_tid"] += 1
+    st["threads"][tid] = {"list": list_key, "idx": 0, "vars": local, "parent": parent, "slot": slot,
+                          "wait": None, "last": None}
+    run.runnable.append(tid)
+    return tid
+
+
+def scope(run: Run, th: JSONDict) -> JSONDict:
+    """Variables visible to a thread: input, workflow variables, then enclosing branch locals."""
+    st = run.state
+    chain = []
+    t: Optional[JSONDict] = th
+    while t is not None:
+        chain.append(t["vars"])
+        t = st["threads"].get(t["parent"]) if t["parent"] is not None else None
+    out: JSONDict = {"input": st["input"]}
+    out.update(st["vars"])
+    for layer in reversed(chain):
+        out.update(layer)
+    return out
+
+
+def assign(run: Run, th: JSONDict, name: Optional[str], value: Any) -> None:
+    th["last"] = value
+    if name:
+        (run.state["vars"] if th["parent"] is None else th["vars"])[name] = value
+
+
+def step_of(c: CompiledSpec, th: JSONDict) -> Step:
+    return c.lists[th["list"]][th["idx"]]
+
+
+# -- step handlers: each returns NEXT (thread keeps running) or BLOCK -----------------------------
+def _set(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    values = {}
+    sc = scope(run, th)
+    for name, src in (step.set or {}).items():
+        values[name] = evaluate(src, sc)
+    for name, v in values.items():
+        assign(run, th, name, v)
+    th["last"] = values
+    th["idx"] += 1
+    return NEXT
+
+
+def _task(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    input_ = evaluate(step.input, scope(run, th)) if step.input else None
+    aid = f"{step.id}-{run.next_seq()}"
+    run.emit("ActivityScheduled", {"activity_id": aid, "name": step.task, "queue": step.queue,
+                                    "input": input_, "attempt": 1})
+    run.state["activities"][aid] = {"name": step.task, "queue": step.queue, "attempt": 1, "thread": tid,
+                                    "step": step.id}
+    run.task(aid, step.task or "", step.queue, input_, 1, run.state["workflow"])
+    th["wait"] = {"k": "activity", "id": aid}
+    return BLOCK
+
+
+def _goto(run: Run, th: JSONDict, target: str) -> None:
+    th["idx"] = run.compiled.where[target][1]
+
+
+def _choice(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    sc = scope(run, th)
+    for rule in step.choice or []:
+        if evaluate(rule.when, sc) is True:
+            _goto(run, th, rule.goto)
+            return NEXT
+    if step.otherwise:
+        _goto(run, th, step.otherwise)
+    else:
+        th["idx"] += 1
+    return NEXT
+
+
+def _parallel(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    branches = step.parallel or []
+    th["wait"] = {"k": "join", "results": [None] * len(branches), "pending": len(branches), "items": None, "next": 0}
+    for i in range(len(branches)):
+        new_thread(run, f"{step.id}.{i}", tid, i, {})
+    return BLOCK
+
+
+def _foreach(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    items = evaluate(step.foreach or "", scope(run, th))
+    if not isinstance(items, list):
+        raise ExpressionError(step.foreach or "", f"foreach expects a list, but got {type(items).__name__}")
+    if not items:
+        assign(run, th, step.output, [])
+        th["idx"] += 1
+        return NEXT
+    limit = step.concurrency or len(items)
+    th["wait"] = {"k": "join", "results": [None] * len(items), "pending": len(items), "items": items, "next": 0}
+    for _ in range(min(limit, len(items))):
+        _start_item(run, tid, th, step)
+    return BLOCK
+
+
+def _start_item(run: Run, tid: str, th: JSONDict, step: Step) -> None:
+    join = th["wait"]
+    i = join["next"]
+    join["next"] += 1
+    new_thread(run, step.id, tid, i, {step.as_: join["items"][i]})
+
+
+def _timer(run: Run, tid: str, due: int, purpose: str) -> str:
+    timer_id = f"t{run.next_seq()}"
+    run.emit("TimerStarted", {"timer_id": timer_id, "due_ms": due})
+    run.state["timers"][timer_id] = {"due": due, "thread": tid, "purpose": purpose}
+    return timer_id
+
+
+def _wait(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    assert step.wait is not None
+    name = step.wait.signal
+    buffered = run.state["signals"].get(name)
+    if buffered:
+        data = buffered.pop(0)
+        if not buffered:
+            del run.state["signals"][name]
+        assign(run, th, step.output, data)
+        th["idx"] += 1
+        return NEXT
+    timer = None
+    if step.wait.timeout is not None:
+        timer = _timer(run, tid, run.now + parse_duration_ms(step.wait.timeout), "wait_timeout")
+    th["wait"] = {"k": "signal", "name": name, "timer": timer}
+    return BLOCK
+
+
+def _sleep(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    timer = _timer(run, tid, run.now + parse_duration_ms(step.sleep), "sleep")  # type: ignore[arg-type]
+    th["wait"] = {"k": "timer", "id": timer}
+    return BLOCK
+
+
+def _child(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    spec = step.child
+    assert spec is not None
+    sc = scope(run, th)
+    input_ = evaluate(spec.input, sc) if spec.input else None
+    child_id = str(evaluate(spec.id, sc)) if spec.id else f"{run.instance_id}:{step.id}-{run.next_seq()}"
+    version = spec.version if spec.version is not None else run.defs.latest(spec.workflow)
+    if version is None:
+        run.fail("UnknownWorkflow", f"step '{step.id}': no deployed workflow named '{spec.workflow}'")
+        return BLOCK
+    run.emit("ChildStarted", {"child_id": child_id, "workflow": spec.workflow, "version": version, "input": input_})
+    run.state["children"][child_id] = {"thread": tid, "step": step.id}
+    run.command("StartWorkflow", child_id, {"workflow": spec.workflow, "version": version, "input": input_,
+                                            "parent_id": run.instance_id, "parent_ref": child_id,
+                                            "id_reuse": None})
+    th["wait"] = {"k": "child", "id": child_id}
+    return BLOCK
+
+
+def _succeed(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    result = evaluate(step.succeed, scope(run, th)) if step.succeed else dict(run.state["vars"])
+    run.complete(result)
+    return BLOCK
+
+
+def _fail(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
+    assert step.fail is not None
+    message = evaluate(step.fail.message, scope(run, th)) if step.fail.message else ""
+    run.fail(step.fail.error, str(message))
+    return BLOCK
+
+
+HANDLERS: dict[str, Callable[[Run, str, JSONDict, Step], bool]] = {
+    "set": _set, "task": _task, "choice": _choice, "parallel": _parallel, "foreach": _foreach,
+    "wait": _wait, "sleep": _sleep, "child": _child, "succeed": _succeed, "fail": _fail,
+}
+
+
+# -- the scheduler ----------------------------------------------------------------------------
+def run_until_blocked(run: Run) -> None:
+    """Advance runnable threads in order until every thread is blocked or the instance closed."""
+    c: CompiledSpec = run.compiled
+    threads = run.state["threads"]
+    while run.runnable and not run.closed:
+        tid = run.runnable.pop(0)
+        th = threads.get(tid)
+        if th is None or th["wait"] is not None:
+            continue
+        while not run.closed:
+            steps = c.lists[th["list"]]
+            if th["idx"] >= len(steps):
+                _finish_thread(run, tid, th)
+                break
+            step = steps[th["idx"]]
+            try:
+                keep_going = HANDLERS[step.kind](run, tid, th, step)
+            except ExpressionError as e:
+                run.fail("ExpressionError", f"step '{step.id}': {e}")
+                return
+            if not keep_going:
+                break
+            if step.goto and step.kind != "choice":
+                _goto(run, th, step.goto)
+
+
+def _advance(run: Run, tid: str, th: JSONDict, value: Any) -> None:
+    """A blocked thread's step produced ``value``: store it and make the thread runnable."""
+    step = step_of(run.compiled, th)
+    th["wait"] = None
+    assign(run, th, step.output, value)
+    th["idx"] += 1
+    if step.goto:
+        _goto(run, th, step.goto)
+    run.runnable.append(tid)
+
+
+def _finish_thread(run: Run, tid: str, th: JSONDict) -> None:
+    if th["parent"] is None:
+        run.complete(dict(run.state["vars"]))
+        return
+    threads = run.state["threads"]
+    parent_tid = th["parent"]
+    parent = threads[parent_tid]
+    join = parent["wait"]
+    join["results"][th["slot"]] = th["last"]
+    join["pending"] -= 1
+    del threads[tid]
+    step = step_of(run.compiled, parent)
+    if join["items"] is not None and join["next"] < len(join["items"]):
+        _start_item(run, parent_tid, parent, step)
+    if join["pending"] == 0:
+        _advance(run, parent_tid, parent, join["results"])
+
+
+# -- input events -----------------------------------------------------------------------------
+def on_started(run: Run, ev: Event) -> None:
+    new_thread(run, "", None, 0, {})
+
+
+def on_activity_completed(run: Run, ev: Event) -> None:
+    act = run.state["activities"].pop(ev.data["activity_id"])
+    _advance(run, act["thread"], run.state["threads"][act["thread"]], ev.data["result"])
+
+
+def on_activity_failed(run: Run, ev: Event) -> None:
+    act = run.state["activities"].pop(ev.data["activity_id"])
+    d = ev.data
+    run.fail(d["error_type"], f"activity '{act['name']}' (step '{act['step']}') failed: {d['message']}")
+
+
+def on_timer_fired(run: Run, ev: Event) -> None:
+    timer = run.state["timers"].pop(ev.data["timer_id"])
+    tid = timer["thread"]
+    th = run.state["threads"][tid]
+    if timer["purpose"] == "sleep":
+        _advance(run, tid, th, None)
+    else:
+        step = step_of(run.compiled, th)
+        run.fail("Timeout", f"step '{step.id}': no signal '{th['wait']['name']}' arrived within {step.wait.timeout}")  # type: ignore[union-attr]
+
+
+def on_signal(run: Run, ev: Event) -> None:
+    name = ev.data["name"]
+    threads = run.state["threads"]
+    for tid in sorted(threads, key=int):
+        w = threads[tid]["wait"]
+        if w is not None and w["k"] == "signal" and w["name"] == name:
+            if w["timer"]:
+                run.state["timers"].pop(w["timer"], None)
+            _advance(run, tid, threads[tid], ev.data["data"])
+            return
+    run.state["signals"].setdefault(name, []).append(ev.data["data"])
+
+
+def on_child_completed(run: Run, ev: Event) -> None:
+    child = run.state["children"].pop(ev.data["child_id"])
+    _advance(run, child["thread"], run.state["threads"][child["thread"]], ev.data["result"])
+
+
+def on_child_failed(run: Run, ev: Event) -> None:
+    child = run.state["children"].pop(ev.data["child_id"])
+    d = ev.data
+    run.fail(d["error_type"], f"child workflow {d['child_id']} (step '{child['step']}') failed: {d['message']}")
+
+
+INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {
+    "WorkflowStarted": on_started,
+    "ActivityCompleted": on_activity_completed,
+    "ActivityFailed": on_activity_failed,
+    "TimerFired": on_timer_fired,
+    "SignalReceived": on_signal,
+    "ChildCompleted": on_child_completed,
+    "ChildFailed": on_child_failed,
+}
+
+
+def apply_input(run: Run, ev: Event) -> None:
+    """Deliver one input event to the spec workflow and run it to quiescence."""
+    INPUT_APPLIERS[ev.type](run, ev)
+    run_until_blocked(run)
