@@ -1,0 +1,297 @@
+"""The engine processor: consume commands, decide, and commit every output in one transaction.
+
+::
+
+    ┌────────────┐ assign  ┌───────────┐ restored ┌────────────────────────────────────────────┐
+    │ JOINING    ├────────►│ RESTORING ├─────────►│ RUNNING: poll ─► decide ─► produce ─►      │
+    └────────────┘         └───────────┘          │   send offsets ─► commit ─► write RocksDB  │
+          ▲  revoke: close stores, drop caches        └──────┬─────────────────────────────────────┘
+          └───────────────────────────────────────────────┘ stop: finish batch, leave group
+
+The consumer that owns partition *p* of ``commands`` is the only writer of the state of every
+instance on *p*. One batch = one Kafka transaction holding the events, the state changelog
+records, the tasks, the commands for other instances, DLQ records and the consumed offsets.
+RocksDB is written only after the commit, with the changelog offset in the same WriteBatch, so a
+crash at any instant is repaired by restoring from the changelog. Due timers are fired by the
+partition owner through the same decide/commit path, at most ``timer_batch`` per partition per
+transaction so a burst of timers cannot starve commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from kflow.config import EngineConfig
+from kflow.engine import decide
+from kflow.model.errors import DecodeError, KflowError
+from kflow.model.messages import Command, JSONDict
+from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
+from kflow.streams import metrics
+from kflow.streams.definitions import DefinitionsTable
+from kflow.streams.partitioner import partition_for
+from kflow.streams.restore import restore_partition
+from kflow.streams.store import EngineStore, timer_key
+from kflow.streams.topics import ensure_task_topic, ensure_topics
+
+log = logging.getLogger("kflow.engine")
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+
+@dataclass
+class Batch:
+    """Scratch state of one transaction; discarded on abort."""
+
+    now: int
+    states: dict[str, JSONDict] = field(default_factory=dict)
+    old: dict[str, Optional[JSONDict]] = field(default_factory=dict)
+    partition_of: dict[str, int] = field(default_factory=dict)
+    fired: dict[int, list[bytes]] = field(default_factory=dict)
+    first_offsets: dict[int, int] = field(default_factory=dict)
+    changelog_next: dict[int, int] = field(default_factory=dict)
+    commands: int = 0
+    events: int = 0
+
+
+def state_record(st: JSONDict) -> dict[str, Any]:
+    """The public ``state`` record of an instance (the changelog carries the full state inside)."""
+    err = st.get("error") or {}
+    return {"instance_id": st["id"], "workflow": st["workflow"], "version": st["version"], "status": st["status"],
+            "seq": st["seq"], "started_ms": st["started_ms"], "updated_ms": st["updated_ms"],
+            "closed_ms": st.get("closed_ms"), "result": st.get("result"), "error_type": err.get("type"),
+            "error_message": err.get("message"), "internal": st}
+
+
+class EngineProcessor:
+    """Runs the engine for the partitions of ``commands`` the consumer group assigns to it."""
+
+    def __init__(self, config: EngineConfig, clock: Any = None,
+                 compile_code: Optional[Callable[[Any], Any]] = None) -> None:
+        self.config = config
+        self.names = config.names
+        self.clock = clock or SystemClock()
+        self.store = EngineStore(config.state_dir, config.cache_size)
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._compile_code = compile_code
+        self._known_queues: set[str] = set()
+        self._next_due: dict[int, Optional[int]] = {}
+        self.defs: DefinitionsTable
+        self.consumer: Consumer
+        self.producer: Producer
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, stop_event: Optional[threading.Event] = None) -> None:
+        """Process until ``stop()`` (or ``stop_event``) — finishing the open batch — then leave the group."""
+        if stop_event is not None:
+            self._stop = stop_event
+        self._setup()
+        try:
+            while not self._stop.is_set():
+                self.run_once()
+        finally:
+            self._shutdown()
+
+    def _setup(self) -> None:
+        cfg = self.config
+        ensure_topics(cfg.client_conf(), self.names, cfg.topic_settings, queues=["default"])
+        self._known_queues.add("default")
+        self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, self._compile_code)
+        self.defs.catch_up(10)
+        tid = f"{self.names.prefix}engine-{cfg.resolved_engine_id()}"
+        self.producer = Producer(cfg.producer_conf(**{
+            "transactional.id": tid, "transaction.timeout.ms": cfg.transaction_timeout_ms,
+            "linger.ms": 5, "queue.buffering.max.messages": 1_000_000, "acks": "all"}))
+        self.producer.init_transactions(30)
+        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **{
+            "max.poll.interval.ms": 300_000, "fetch.wait.max.ms": 10}))
+        self.consumer.subscribe([self.names.commands], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        log.info("engine %s started: topics prefix '%s', %d partitions, state dir %s, %d definitions",
+                 tid, self.names.prefix, cfg.partitions, cfg.state_dir, len(self.defs))
+
+    def _shutdown(self) -> None:
+        log.info("engine stopping: leaving the group and closing stores")
+        try:
+            self.consumer.close()
+        finally:
+            self.producer.flush(10)
+            self.store.close_all()
+            self.defs.close()
+            self.ready.clear()
+
+    # -- rebalances ------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        t0 = time.monotonic()
+        per_partition = max(1, self.config.cache_size // max(1, self.config.partitions))
+        for tp in partitions:
+            sp = self.store.open(tp.partition, per_partition)
+            stats = restore_partition(self.config.consumer_conf("kflow-restore"), self.names.state, sp)
+            metrics.RESTORE_SECONDS.observe(stats.seconds)
+            self._next_due[tp.partition] = sp.next_due()
+        metrics.REBALANCES.labels("assign").inc()
+        metrics.ASSIGNED.set(len(self.store.partitions))
+        log.info("assigned partitions %s (restored in %.2fs)", sorted(tp.partition for tp in partitions),
+                 time.monotonic() - t0)
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.store.close(tp.partition)
+            self._next_due.pop(tp.partition, None)
+        metrics.REBALANCES.labels("revoke").inc()
+        metrics.ASSIGNED.set(len(self.store.partitions))
+        log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run_once(self) -> int:
+        """Poll once and, if there is work, process it in one transaction. Returns commands handled."""
+        msgs = self.consumer.consume(self.config.max_batch, self.config.poll_timeout_ms / 1000)
+        self.defs.poll(0)
+        now = self.clock.now_ms()
+        timers = self._due_timers(now)
+        if not msgs and not timers:
+            return 0
+        return self._process(msgs, timers, now)
+
+    def _due_timers(self, now: int) -> list[tuple[int, int, str, str]]:
+        out = []
+        for p, nd in list(self._next_due.items()):
+            if nd is None or nd > now or p not in self.store.partitions:
+                continue
+            sp = self.store.get(p)
+            for due, iid, tid in sp.due_timers(now, self.config.timer_batch):
+                out.append((p, due, iid, tid))
+        return out
+
+    def _process(self, msgs: list[Message], timers: list[tuple[int, int, str, str]], now: int) -> int:
+        """The commit protocol, in order: (1) decide the batch and produce its outputs, (2) send
+        the consumed offsets to the transaction, (3) commit, (4) write RocksDB with the changelog
+        offsets. Any failure before (3) aborts the transaction and rewinds the consumer."""
+        t0 = time.perf_counter()
+        batch = Batch(now)
+        self.producer.begin_transaction()
+        try:
+            for m in msgs:  # (1)
+                if m.error():
+                    if m.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", m.error())
+                    continue
+                p = m.partition()
+                batch.first_offsets.setdefault(p, m.offset())
+                try:
+                    cmd = decode_command(m.value(), m.headers())
+                except DecodeError as e:
+                    self._dlq(m, e.reason, now)
+                    continue
+                if partition_for(cmd.instance_id, self.config.partitions) != p:
+                    self._dlq(m, f"misrouted: key '{cmd.instance_id}' belongs to partition "
+                                 f"{partition_for(cmd.instance_id, self.config.partitions)}, not {p} "
+                                 "(produce with the murmur2 partitioner)", now)
+                    continue
+                self._decide(batch, p, cmd, m)
+            for p, due, iid, tid in timers:
+                batch.fired.setdefault(p, []).append(timer_key(due, iid, tid))
+                self._decide(batch, p, Command("FireTimer", iid, {"timer_id": tid}, f"timer:{tid}", now), None)
+                metrics.TIMER_LATENESS.observe(max(0, now - due) / 1000)
+            self._produce_states(batch)
+            self.producer.flush()
+            if msgs:  # (2)
+                positions = self.consumer.position(self.consumer.assignment())
+                self.producer.send_offsets_to_transaction(positions, self.consumer.consumer_group_metadata())
+            t1 = time.perf_counter()
+            self.producer.commit_transaction()  # (3)
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - t1)
+        except KafkaException as e:
+            self._abort(batch, e)
+            return 0
+        for p in set(batch.partition_of.values()) | set(batch.fired):  # (4)
+            if p not in self.store.partitions:
+                continue
+            sp = self.store.get(p)
+            states = {iid: st for iid, st in batch.states.items() if batch.partition_of[iid] == p}
+            sp.write(states, batch.old, batch.changelog_next.get(p), batch.fired.get(p, ()))
+            self._next_due[p] = sp.next_due()
+        metrics.BATCH_SIZE.observe(batch.commands)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        return batch.commands
+
+    def _abort(self, batch: Batch, e: KafkaException) -> None:
+        err = e.args[0] if e.args else None
+        if isinstance(err, KafkaError) and err.fatal():
+            raise KflowError(f"fatal Kafka error, this engine must restart: {err}") from e
+        log.warning("transaction aborted (%s); rewinding %d partitions", err, len(batch.first_offsets))
+        try:
+            self.producer.abort_transaction(30)
+        except KafkaException as e2:
+            raise KflowError(f"could not abort the transaction: {e2}") from e2
+        for p, off in batch.first_offsets.items():
+            self.consumer.seek(TopicPartition(self.names.commands, p, off))
+        metrics.ABORTS.inc()
+
+    # -- one command ------------------------------------------------------------------------
+    def _decide(self, batch: Batch, p: int, cmd: Command, m: Optional[Message]) -> None:
+        iid = cmd.instance_id
+        if iid in batch.states:
+            st: Optional[JSONDict] = batch.states[iid]
+        else:
+            st = self.store.get(p).get(iid)
+            batch.old.setdefault(iid, st)
+        d = decide(st, cmd, batch.now, self.defs)
+        if d.dlq_reason and cmd.type == "StartWorkflow":
+            self.defs.catch_up(2)  # a deploy may have landed after our last poll
+            d = decide(st, cmd, batch.now, self.defs)
+        batch.commands += 1
+        metrics.COMMANDS.labels(cmd.type).inc()
+        if d.dlq_reason:
+            if m is not None:
+                self._dlq(m, d.dlq_reason, batch.now)
+            return
+        if not d.events:
+            return
+        assert d.state is not None
+        batch.states[iid] = d.state
+        batch.partition_of[iid] = p
+        produce = self.producer.produce
+        for ev in d.events:
+            produce(self.names.events, encode_event(ev), iid.encode(), partition=p)
+            metrics.EVENTS.labels(ev.type).inc()
+        batch.events += len(d.events)
+        for task in d.tasks:
+            if task.queue not in self._known_queues:
+                ensure_task_topic(self.config.client_conf(), self.names, self.config.topic_settings, task.queue)
+                self._known_queues.add(task.queue)
+            produce(self.names.tasks(task.queue), encode_task(task), iid.encode())
+        for c in d.commands:
+            produce(self.names.commands, encode_command(c), c.instance_id.encode())
+
+    def _produce_states(self, batch: Batch) -> None:
+        """One changelog record per changed instance per batch (latest wins), offsets tracked."""
+        def on_delivery(err: Any, msg: Message) -> None:
+            if err is None:
+                p = msg.partition()
+                batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), msg.offset() + 1)
+        for iid, st in batch.states.items():
+            self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
+                                  partition=batch.partition_of[iid], on_delivery=on_delivery)
+
+    def _dlq(self, m: Message, reason: str, now: int) -> None:
+        log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
+        headers = [("kflow.reason", reason.encode()), ("kflow.original.topic", m.topic().encode()),
+                   ("kflow.original.partition", str(m.partition()).encode()),
+                   ("kflow.original.offset", str(m.offset()).encode()), ("kflow.time", str(now).encode())]
+        headers += [(k, v) for k, v in (m.headers() or []) if not k.startswith("kflow.")]
+        self.producer.produce(self.names.dlq, m.value() or b"", m.key(), headers=headers)
+        metrics.DLQ.labels(reason.split(" ")[0].split(":")[0][:32]).inc()

@@ -1,0 +1,190 @@
+"""RocksDB state for the engine: one rocksdict database per assigned partition of ``commands``.
+
+Layout of a partition store (key prefixes are persisted names; never reuse them):
+
+* ``s:<instance>`` → orjson state of one instance;
+* ``t:<due ms, 8 bytes big-endian><instance>\\x00<timer id>`` → empty: the due-date index of
+  durable timers, scanned in key order up to *now*;
+* ``m:changelog`` → the next offset of the ``state`` changelog partition this store reflects.
+
+The changelog offset is written in the same WriteBatch as the data it describes, so a store is
+always a consistent prefix of its changelog. A store is only opened for an assigned partition;
+using a partition that is not open is an error, never a silent create.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import struct
+from collections import OrderedDict
+from typing import Any, Iterator, Optional
+
+import orjson
+from rocksdict import Options, Rdict, WriteBatch
+
+from kflow.model.errors import KflowError
+
+log = logging.getLogger("kflow.store")
+
+STATE_PREFIX = b"s:"
+TIMER_PREFIX = b"t:"
+CHANGELOG_KEY = b"m:changelog"
+FORMAT_KEY = b"m:format"
+FORMAT_VERSION = b"1"
+_DUE = struct.Struct(">Q")
+
+
+class PartitionNotAssigned(KflowError):
+    def __init__(self, partition: int) -> None:
+        super().__init__(f"partition {partition} is not assigned to this engine")
+
+
+def timer_key(due_ms: int, instance_id: str, timer_id: str) -> bytes:
+    return TIMER_PREFIX + _DUE.pack(max(due_ms, 0)) + instance_id.encode() + b"\x00" + timer_id.encode()
+
+
+def parse_timer_key(key: bytes) -> tuple[int, str, str]:
+    due = _DUE.unpack_from(key, len(TIMER_PREFIX))[0]
+    rest = key[len(TIMER_PREFIX) + 8:]
+    iid, _, tid = rest.partition(b"\x00")
+    return due, iid.decode(), tid.decode()
+
+
+class StorePartition:
+    """The RocksDB store of one partition plus its write-through LRU cache of hot states."""
+
+    def __init__(self, path: str, partition: int, cache_size: int) -> None:
+        os.makedirs(path, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        self.db = Rdict(path, opts)
+        self.partition = partition
+        self.path = path
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self.hits = 0
+        self.misses = 0
+        if self.db.get(FORMAT_KEY) is None:
+            self.db[FORMAT_KEY] = FORMAT_VERSION
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, instance_id: str) -> Optional[dict[str, Any]]:
+        st = self._cache.get(instance_id)
+        if st is not None:
+            self._cache.move_to_end(instance_id)
+            self.hits += 1
+            return st
+        self.misses += 1
+        raw = self.db.get(STATE_PREFIX + instance_id.encode())
+        if raw is None:
+            return None
+        st = orjson.loads(raw)
+        self._remember(instance_id, st)
+        return st
+
+    def changelog_offset(self) -> int:
+        raw = self.db.get(CHANGELOG_KEY)
+        return int(raw) if raw is not None else 0
+
+    def due_timers(self, now_ms: int, limit: int) -> list[tuple[int, str, str]]:
+        """Timers due at or before ``now_ms``, earliest first, at most ``limit``."""
+        out: list[tuple[int, str, str]] = []
+        bound = TIMER_PREFIX + _DUE.pack(now_ms) + b"\xff"
+        for key in self.db.keys(from_key=TIMER_PREFIX):
+            if not key.startswith(TIMER_PREFIX) or key > bound or len(out) >= limit:
+                break
+            out.append(parse_timer_key(key))
+        return out
+
+    def next_due(self) -> Optional[int]:
+        for key in self.db.keys(from_key=TIMER_PREFIX):
+            if key.startswith(TIMER_PREFIX):
+                return parse_timer_key(key)[0]
+            break
+        return None
+
+    def iter_states(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key, raw in self.db.items(from_key=STATE_PREFIX):
+            if not key.startswith(STATE_PREFIX):
+                break
+            yield key[len(STATE_PREFIX):].decode(), orjson.loads(raw)
+
+    # -- writes (after the Kafka transaction committed) ---------------------------------------
+    def write(self, states: dict[str, dict[str, Any]], old: dict[str, Optional[dict[str, Any]]],
+              changelog_next: Optional[int], fired: Any = ()) -> None:
+        """Persist committed states, re-index their timers and advance the changelog offset, atomically.
+
+        ``fired`` are timer index keys that were fired in this batch and are dropped unconditionally.
+        """
+        wb = WriteBatch(raw_mode=True)
+        for key in fired:
+            wb.delete(key)
+        for iid, st in states.items():
+            prev = old.get(iid)
+            if prev:
+                for tid, t in prev.get("timers", {}).items():
+                    if tid not in st.get("timers", {}):
+                        wb.delete(timer_key(t["due"], iid, tid))
+            for tid, t in st.get("timers", {}).items():
+                wb.put(timer_key(t["due"], iid, tid), b"")
+            wb.put(STATE_PREFIX + iid.encode(), orjson.dumps(st))
+            self._remember(iid, st)
+        if changelog_next is not None:
+            wb.put(CHANGELOG_KEY, str(changelog_next).encode())
+        self.db.write(wb)
+
+    def _remember(self, iid: str, st: dict[str, Any]) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[iid] = st
+        self._cache.move_to_end(iid)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def drop_cache(self) -> None:
+        self._cache.clear()
+
+    @property
+    def cache_len(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.db.close()
+
+
+class EngineStore:
+    """All partition stores of this engine under ``<state_dir>/state/<partition>``."""
+
+    def __init__(self, state_dir: str, cache_size: int) -> None:
+        self.root = os.path.join(state_dir, "state")
+        self.cache_size = cache_size
+        self.partitions: dict[int, StorePartition] = {}
+
+    def open(self, partition: int, per_partition_cache: int) -> StorePartition:
+        if partition not in self.partitions:
+            self.partitions[partition] = StorePartition(os.path.join(self.root, str(partition)), partition,
+                                                        per_partition_cache)
+        return self.partitions[partition]
+
+    def get(self, partition: int) -> StorePartition:
+        try:
+            return self.partitions[partition]
+        except KeyError:
+            raise PartitionNotAssigned(partition) from None
+
+    def close(self, partition: int) -> None:
+        sp = self.partitions.pop(partition, None)
+        if sp is not None:
+            sp.close()
+
+    def close_all(self) -> None:
+        for p in list(self.partitions):
+            self.close(p)
+
+    def wipe(self, partition: int) -> None:
+        """Delete a partition's store (used when it is found inconsistent); it is rebuilt by restore."""
+        self.close(partition)
+        shutil.rmtree(os.path.join(self.root, str(partition)), ignore_errors=True)
