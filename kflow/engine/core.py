@@ -131,8 +131,18 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
         if policy == "return_existing":
             return Decision(state=state)
         if not (policy == "allow_if_closed" and closed):
-            return _reject(state, cmd, now, RejectCode.DUPLICATE,
-                           f"expected no instance with id '{cmd.instance_id}', but one exists ({state['status']})")
+            rejected = _reject(state, cmd, now, RejectCode.DUPLICATE,
+                               f"expected no instance with id '{cmd.instance_id}', but one exists ({state['status']})")
+            parent = d.get("parent_id")
+            ref = d.get("parent_ref") or cmd.instance_id
+            if parent and (state.get("parent_id"), state.get("parent_ref")) != (parent, ref):
+                # A parent waits on this child id; the instance holding it belongs to someone else,
+                # so the parent must hear that its child never started, or it would wait forever.
+                rejected.commands.append(Command(
+                    type="FailChild", instance_id=parent, command_id=f"{cmd.instance_id}#{rejected.events[0].seq}:0",
+                    ts=now, data={"child_id": ref, "error_type": "WorkflowAlreadyStarted",
+                                  "message": rejected.events[0].data["reason"]}))
+            return rejected
     name = d.get("workflow")
     version = d.get("version")
     if version is None:

@@ -22,6 +22,11 @@ from kflow.model.spec import Step, parse_duration_ms
 BLOCK = False
 NEXT = True
 
+#: Steps one decision may run before the workflow fails with ``StepLimitExceeded``: a goto loop
+#: that never blocks would otherwise spin forever inside ``decide`` and stall its partition.
+#: A count, not a time budget, so replay reaches the same verdict.
+MAX_STEPS_PER_DECISION = 100_000
+
 
 # -- threads and scopes ---------------------------------------------------------------------
 def new_thread(run: Run, list_key: str, parent: Optional[str], slot: int, local: JSONDict) -> str:
@@ -169,8 +174,11 @@ def _child(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     input_ = evaluate(spec.input, sc) if spec.input else None
     child_id = str(evaluate(spec.id, sc)) if spec.id else f"{run.instance_id}:{step.id}-{run.next_seq()}"
     version = spec.version if spec.version is not None else run.defs.latest(spec.workflow)
-    if version is None:
-        run.fail("UnknownWorkflow", f"step '{step.id}': no deployed workflow named '{spec.workflow}'")
+    if version is None or run.defs.get(spec.workflow, version) is None:
+        # Checked here, not left to the child's StartWorkflow: that command would go to the DLQ
+        # and the parent would wait for a child that never exists.
+        what = spec.workflow if spec.version is None else f"{spec.workflow}@{spec.version}"
+        run.fail("UnknownWorkflow", f"step '{step.id}': no deployed workflow named '{what}'")
         return BLOCK
     run.emit("ChildStarted", {"child_id": child_id, "workflow": spec.workflow, "version": version, "input": input_})
     run.state["children"][child_id] = {"thread": tid, "step": step.id}
@@ -205,6 +213,7 @@ def run_until_blocked(run: Run) -> None:
     """Advance runnable threads in order until every thread is blocked or the instance closed."""
     c: CompiledSpec = run.compiled
     threads = run.state["threads"]
+    budget = MAX_STEPS_PER_DECISION
     while run.runnable and not run.closed:
         tid = run.runnable.pop(0)
         th = threads.get(tid)
@@ -216,6 +225,11 @@ def run_until_blocked(run: Run) -> None:
                 _finish_thread(run, tid, th)
                 break
             step = steps[th["idx"]]
+            budget -= 1
+            if budget < 0:
+                run.fail("StepLimitExceeded", f"step '{step.id}': more than {MAX_STEPS_PER_DECISION} steps "
+                         "ran without blocking (a goto loop that never waits?)")
+                return
             try:
                 keep_going = HANDLERS[step.kind](run, tid, th, step)
             except ExpressionError as e:

@@ -1,0 +1,66 @@
+"""kflow: a Kafka-native durable workflow engine.
+
+The public surface for applications: :class:`Client` and :class:`WorkflowHandle` to deploy, start,
+signal and await workflows; :func:`activity` and :func:`heartbeat` to write activities; and the
+errors they raise. Names are imported on first use, so ``import kflow.model`` stays free of Kafka.
+
+Example:
+    >>> import kflow
+    >>> with kflow.Client("localhost:9092") as client:  # doctest: +SKIP
+    ...     print(client.start("order", {"sku": "A1"}).result(timeout=60))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kflow.client import Client, WorkflowHandle
+    from kflow.model.errors import (
+        DefinitionError,
+        KflowError,
+        NonRetryableError,
+        WorkflowError,
+        WorkflowFailedError,
+    )
+    from kflow.worker import activity, heartbeat
+
+__all__ = [
+    "Client",
+    "DefinitionError",
+    "KflowError",
+    "NonRetryableError",
+    "WorkflowError",
+    "WorkflowFailedError",
+    "WorkflowHandle",
+    "activity",
+    "heartbeat",
+]
+
+__version__ = "0.1.0"
+
+_HOME = {
+    "Client": "kflow.client",
+    "WorkflowHandle": "kflow.client",
+    "activity": "kflow.worker",
+    "heartbeat": "kflow.worker",
+    "DefinitionError": "kflow.model.errors",
+    "KflowError": "kflow.model.errors",
+    "NonRetryableError": "kflow.model.errors",
+    "WorkflowError": "kflow.model.errors",
+    "WorkflowFailedError": "kflow.model.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'kflow' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

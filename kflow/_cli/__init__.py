@@ -1,0 +1,1 @@
+"""Private implementation of :mod:`kflow.cli`: shared options, error handling and the commands."""

@@ -1,0 +1,209 @@
+"""The long-running commands: ``engine`` and ``worker``, plus the ``dev`` and ``bench`` entry points.
+
+``engine`` and ``worker`` run in the foreground until SIGINT or SIGTERM, which set a stop event
+so the processor finishes (or aborts) its open batch and leaves its consumer group cleanly; a
+second signal stops at once. ``dev`` and ``bench`` only parse options and hand over to
+``kflow.dev.stack`` and ``kflow.dev.bench``, imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, ModuleType
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.core import TyperCommand
+
+from kflow._cli.common import Bootstrap, Prefix, Verbose, fail, setup_logging
+
+__all__ = ["DevCommand", "bench", "dev", "engine", "import_modules", "run_until_signalled", "worker"]
+
+log = logging.getLogger("kflow.cli")
+
+#: The demo ``kflow dev --demo`` runs when no name is given.
+DEFAULT_DEMO = "order"
+
+
+def import_modules(names: list[str]) -> list[ModuleType]:
+    """Import each module (``a.b``; comma-separated lists are split); ImportError names the culprit."""
+    out = []
+    for name in (n.strip() for item in names for n in item.split(",")):
+        if name:
+            out.append(importlib.import_module(name))
+    return out
+
+
+def run_until_signalled(run: Callable[[threading.Event], None], what: str) -> None:
+    """Call ``run(stop_event)``; SIGINT/SIGTERM set the event, a second signal interrupts at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("%s: %s received, stopping gracefully (again to stop at once)", what, signal.Signals(signum).name)
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        run(stop)
+    except KeyboardInterrupt:
+        log.warning("%s: interrupted", what)
+        raise typer.Exit(130) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    log.info("%s stopped", what)
+
+
+def _settings(bootstrap: str | None, prefix: str | None, **fields: Any) -> dict[str, Any]:
+    """Config overrides: only options the user gave, so ``KFLOW_*`` variables fill the rest."""
+    out = {k: v for k, v in fields.items() if v is not None}
+    if bootstrap is not None:
+        out["bootstrap"] = bootstrap
+    if prefix is not None:
+        out["topic_prefix"] = prefix
+    return out
+
+
+def engine(
+    state_dir: Annotated[Optional[str], typer.Option("--state-dir", metavar="DIR", envvar="KFLOW_STATE_DIR",
+                                                     help="Directory of the RocksDB state stores.")] = None,
+    partitions: Annotated[Optional[int], typer.Option("--partitions", min=1, envvar="KFLOW_PARTITIONS",
+                                                      help="Partition count of topics the engine creates.")] = None,
+    workflows: Annotated[Optional[str], typer.Option("--workflows", metavar="MODS", envvar="KFLOW_WORKFLOWS",
+                                                     help="Comma-separated modules of code workflows to host.")] = None,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run the engine processor until SIGINT or SIGTERM.
+
+    Joins the engine consumer group on the commands topic, restores the state of its partitions
+    from the state changelog, and then decides commands and fires timers, committing every batch
+    in one Kafka transaction. Run several to scale out; stopping one hands its partitions over.
+
+    Example: kflow engine --bootstrap kafka:9092 --state-dir /var/lib/kflow --partitions 16
+    """
+    setup_logging(verbose)
+    if workflows:
+        import_modules([workflows])
+    from kflow.config import EngineConfig
+    from kflow.streams.processor import EngineProcessor
+
+    config = EngineConfig(**_settings(bootstrap, prefix, state_dir=state_dir, partitions=partitions,
+                                      workflows=workflows))
+    processor = EngineProcessor(config)
+    run_until_signalled(processor.run, "engine")
+
+
+def worker(
+    modules: Annotated[list[str], typer.Option("--module", "-m", metavar="MODULE",
+                                               help="Module with @activity functions (repeatable).")],
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", min=1, envvar="KFLOW_CONCURRENCY",
+                                                       help="Activities run at once.")] = None,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run an activity worker for the activities in the given modules until SIGINT or SIGTERM.
+
+    Imports every module, registers its @activity functions, and consumes the task topics of
+    their queues in one consumer group per queue, reporting results back as commands. Run
+    several to scale out.
+
+    Example: kflow worker -m myapp.activities -m myapp.payments --concurrency 64
+    """
+    setup_logging(verbose)
+    loaded = import_modules(modules)
+    from kflow.config import WorkerConfig
+    from kflow.worker import Worker
+
+    config = WorkerConfig(**_settings(bootstrap, prefix, concurrency=concurrency))
+    runner = Worker(config, loaded)
+    run_until_signalled(runner.run, "worker")
+
+
+def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
+    """Call ``fn``; options the user set are passed as keywords, which ``fn`` must accept."""
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {}
+    for name, value in optional.items():
+        if value is None:
+            continue
+        if not takes_any and name not in params:
+            fail(f"--{name.replace('_', '-')} is not supported by {fn.__module__}.{fn.__name__}")
+        kwargs[name] = value
+    return fn(*args, **kwargs)
+
+
+class DevCommand(TyperCommand):
+    """``dev``'s ``--demo`` takes an optional value: a bare ``--demo`` means the default demo."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        out = list(args)
+        for i, arg in enumerate(out):
+            if arg == "--":
+                break
+            if arg == "--demo" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+                out[i] = f"--demo={DEFAULT_DEMO}"
+        return super().parse_args(ctx, out)
+
+
+def dev(
+    worker_modules: Annotated[Optional[list[str]], typer.Option(
+        "--worker-module", "-m", metavar="MODULE", help="Also run a worker for this module (repeatable).")] = None,
+    workflows: Annotated[Optional[str], typer.Option("--workflows", metavar="MODS",
+                                                     help="Comma-separated modules of code workflows.")] = None,
+    demo: Annotated[Optional[str], typer.Option(
+        "--demo", metavar="[NAME]",
+        help=f"Deploy and run a bundled demo (default '{DEFAULT_DEMO}').")] = None,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run a complete local stack: a broker (unless --bootstrap), an engine and workers.
+
+    Without --bootstrap an embedded in-memory Kafka-protocol broker is started. The engine and
+    the workers run as child processes and stop together on Ctrl-C. --demo deploys a bundled
+    example workflow and starts an instance of it.
+
+    Example: kflow dev --demo
+    """
+    setup_logging(verbose)
+    from kflow.dev.stack import run_dev
+
+    _call(run_dev, bootstrap, list(worker_modules or []), demo, prefix, workflows=workflows)
+
+
+def bench(
+    n: Annotated[int, typer.Option("-n", "--count", min=1, help="Workflow instances to run.")] = 2000,
+    concurrency: Annotated[int, typer.Option("-c", "--concurrency", min=1, help="Instances in flight at once.")] = 64,
+    style: Annotated[str, typer.Option("--style", metavar="spec|code",
+                                       help="Spec (YAML) or code workflows.")] = "spec",
+    rate: Annotated[Optional[float], typer.Option("--rate", min=0, metavar="R",
+                                                  help="Starts per second (default: as fast as possible).")] = None,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Measure throughput and latency of a local stack with N workflow instances.
+
+    Starts the dev stack (or uses --bootstrap), runs N three-step workflows with at most -c in
+    flight, and reports starts per second, completions per second and latency percentiles.
+
+    Example: kflow bench -n 5000 -c 128 --style spec
+    """
+    if style not in ("spec", "code"):
+        raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
+    setup_logging(verbose)
+    from kflow.dev.bench import run_bench
+
+    _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate)

@@ -1,0 +1,209 @@
+"""The client commands: ``deploy``, ``start``, ``signal``, ``cancel``, ``status`` and ``result``.
+
+Each opens a :class:`~kflow.client.Client` on ``--bootstrap``/``--prefix`` (or ``KFLOW_*``), does
+one thing, and prints machine-friendly output on stdout (ids, JSON); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, parse_json, setup_logging
+from kflow.client import ID_REUSE_POLICIES, Client
+from kflow.model.errors import WorkflowFailedError
+from kflow.model.messages import Status
+
+__all__ = ["cancel", "deploy", "result", "signal", "start", "status"]
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 2
+
+Timeout = Annotated[float, typer.Option("--timeout", "-t", min=0, metavar="SECONDS", help="How long to wait.")]
+
+
+def _client(bootstrap: str | None, prefix: str | None, verbose: bool) -> Client:
+    setup_logging(verbose)
+    return Client(bootstrap, topic_prefix=prefix)
+
+
+def _print_result(instance_id: str, client: Client, timeout: float) -> None:
+    try:
+        value = client.result(instance_id, timeout)
+    except WorkflowFailedError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except TimeoutError:
+        fail(f"workflow {instance_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
+    typer.echo(dump_json(value))
+
+
+def deploy(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Spec workflow definition (YAML or JSON).")],
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Validate a spec workflow definition and publish it to the definitions topic.
+
+    The definition is checked locally first (every invalid step is named) and then produced to
+    the compacted definitions topic under the key name@version, where every engine picks it up.
+    Running instances stay on the version they started with.
+
+    Example: kflow deploy order.yaml --bootstrap localhost:9092
+    """
+    with _client(bootstrap, prefix, verbose) as client:
+        definition = client.deploy(file)
+    typer.echo(f"deployed {definition.key}")
+
+
+def start(
+    name: Annotated[str, typer.Argument(help="Name of the deployed workflow.")],
+    input: Annotated[Optional[str], typer.Option("--input", "-i", metavar="JSON",
+                                                 help="Workflow input as JSON, or @FILE to read it from a file.")] = None,
+    id: Annotated[Optional[str], typer.Option("--id", help="Instance id (default: a random one).")] = None,
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="Definition version (default: latest).")] = None,
+    id_reuse: Annotated[Optional[str], typer.Option(
+        "--id-reuse", metavar="POLICY",
+        help=f"What to do if the id exists: {', '.join(sorted(ID_REUSE_POLICIES))}.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for the result and print it as JSON.")] = False,
+    timeout: Timeout = 30.0,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Start a workflow instance and print its id (or, with --wait, its result).
+
+    Produces a StartWorkflow command keyed by the instance id to the commands topic. With
+    --wait the command waits for the instance to finish and prints the result as JSON; it exits
+    with 1 if the workflow failed or was cancelled and 2 if it did not finish within --timeout.
+
+    Example: kflow start order --input '{"sku": "A1", "qty": 2}' --wait --timeout 60
+    """
+    payload = parse_json(input, "--input")
+    with _client(bootstrap, prefix, verbose) as client:
+        handle = client.start(name, payload, id=id, version=version, id_reuse=id_reuse)
+        if not wait:
+            typer.echo(handle.id)
+            return
+        typer.echo(f"started {handle.id}", err=True)
+        _print_result(handle.id, client, timeout)
+
+
+def signal(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Signal name.")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", metavar="JSON",
+                                                help="Signal data as JSON, or @FILE.")] = None,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Send a signal with optional JSON data to a running workflow instance.
+
+    A workflow waiting for the signal (a spec 'wait' step, or wait_signal in code) resumes with
+    the data as the step's output; signals that arrive early are kept until they are awaited.
+
+    Example: kflow signal order-42 approval --data '{"by": "alice"}'
+    """
+    payload = parse_json(data, "--data")
+    with _client(bootstrap, prefix, verbose) as client:
+        client.signal(id, name, payload)
+    typer.echo(f"signalled {id}: {name}")
+
+
+def cancel(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", metavar="TEXT", help="Why (recorded in the event).")] = "",
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Ask the engine to cancel a running workflow instance.
+
+    The instance ends CANCELLED with the reason recorded; a result waiter sees it as a failure.
+
+    Example: kflow cancel order-42 --reason "customer withdrew"
+    """
+    with _client(bootstrap, prefix, verbose) as client:
+        client.cancel(id, reason)
+    typer.echo(f"cancel requested for {id}")
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).astimezone().isoformat(timespec="milliseconds")
+
+
+_STYLE = {Status.RUNNING: "cyan", Status.COMPLETED: "green", Status.FAILED: "red",
+          Status.CANCELLED: "yellow", Status.BLOCKED: "magenta"}
+
+
+def _render(state: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    status_ = state["status"]
+    table.add_row("instance", Text(state["instance_id"]))
+    table.add_row("status", Text(status_, style=_STYLE.get(status_, "")))
+    table.add_row("workflow", Text(f"{state['workflow']}@{state['version']}"))
+    table.add_row("seq", str(state["seq"]))
+    table.add_row("started", _when(state["started_ms"]))
+    table.add_row("updated", _when(state["updated_ms"]))
+    if state.get("closed_ms") is not None:
+        took = (state["closed_ms"] - state["started_ms"]) / 1000
+        table.add_row("closed", f"{_when(state['closed_ms'])}  ({took:.3f}s)")
+    if status_ == Status.COMPLETED:
+        table.add_row("result", Text(dump_json(state.get("result"))))
+    if state.get("error_type") or state.get("error_message"):
+        table.add_row("error", Text(f"{state.get('error_type')}: {state.get('error_message')}", style="red"))
+    Console(soft_wrap=False).print(table)
+
+
+def status(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw state record as JSON.")] = False,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Show the latest state of a workflow instance.
+
+    Reads the instance's partition of the state topic (the engine's state-change feed) and shows
+    its status, workflow@version, event sequence number, times, and its result or error.
+
+    Example: kflow status order-42 --json
+    """
+    with _client(bootstrap, prefix, verbose) as client:
+        state = client.status(id)
+    if state is None:
+        fail(f"no state for workflow instance '{id}' (never started, or not processed yet)")
+    if as_json:
+        typer.echo(dump_json(state))
+    else:
+        _render(state)
+
+
+def result(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    timeout: Timeout = 30.0,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Wait for a workflow instance to finish and print its result as JSON on stdout.
+
+    Exit codes: 0 completed (result on stdout), 1 failed or cancelled (the error on stderr),
+    2 not finished within --timeout.
+
+    Example: kflow result order-42 --timeout 120 | jq .tracking
+    """
+    with _client(bootstrap, prefix, verbose) as client:
+        _print_result(id, client, timeout)

@@ -1,0 +1,1 @@
+"""Private implementation of :mod:`kflow.worker`; import the public names from there."""

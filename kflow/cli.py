@@ -1,0 +1,46 @@
+"""The ``kflow`` command line: a typer app over the client, the engine, workers and the dev stack.
+
+Commands live in :mod:`kflow._cli`; this module assembles them into :data:`app` and provides
+:func:`main`, the console-script entry point.
+"""
+
+from __future__ import annotations
+
+from typer import Typer
+
+from kflow._cli import processes, workflows
+from kflow._cli.common import KflowGroup, Verbose, setup_logging
+
+__all__ = ["app", "main"]
+
+app = Typer(
+    name="kflow",
+    cls=KflowGroup,
+    help="kflow: durable workflows on Kafka. Deploy definitions, start and signal workflows, run engines and workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
+)
+
+
+@app.callback()
+def _root(verbose: Verbose = False) -> None:
+    """kflow: durable workflows on Kafka.
+
+    Every command reads --bootstrap from KFLOW_BOOTSTRAP and --prefix from KFLOW_TOPIC_PREFIX
+    when they are not given.
+
+    Example: kflow --help
+    """
+    setup_logging(verbose)
+
+
+for _fn in (workflows.deploy, workflows.start, workflows.signal, workflows.cancel, workflows.status,
+            workflows.result, processes.engine, processes.worker, processes.dev, processes.bench):
+    app.command(_fn.__name__, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
+
+
+def main() -> None:
+    """Console-script entry point (``kflow``)."""
+    app(prog_name="kflow")

@@ -1,0 +1,705 @@
+"""The Python client: deploy definitions, start, signal and cancel workflows, and await their results.
+
+Everything goes through Kafka. Definitions are produced to ``definitions`` (key ``name@version``),
+commands to ``commands`` (key = instance id), and results are read back from the ``state`` topic,
+the engine's public state-change feed. A :class:`StateWatcher` (one consumer thread per client,
+started lazily) follows every state partition from the moment it starts; :meth:`Client.start`
+makes sure it runs *before* the command is produced, so no result can slip past it. For an id the
+watcher did not see start, :meth:`Client.result` first scans the id's state partition
+(:meth:`Client.status`) and then waits on the watcher. The client never uses transactions; it
+produces with ``acks=all`` and idempotence and confirms delivery before returning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from kflow.config import KafkaConfig
+from kflow.engine import compile_spec
+from kflow.model.errors import BrokerUnavailable, KflowError, WorkflowFailedError
+from kflow.model.messages import Command, Definition, JSONValue, Status
+from kflow.schemas.codec import decode_state, encode_command, encode_definition
+from kflow.streams.partitioner import partition_for
+from kflow.streams.topics import ensure_topics
+
+__all__ = ["ID_REUSE_POLICIES", "Client", "StateWatcher", "WorkflowHandle", "load_spec"]
+
+log = logging.getLogger("kflow.client")
+
+#: The id-reuse policies a ``StartWorkflow`` may carry (``None`` means the engine's default).
+ID_REUSE_POLICIES = frozenset({"reject_duplicate", "allow_if_closed", "return_existing"})
+
+_CONSUME_BATCH = 500
+_POLL_SECONDS = 0.1
+
+
+class _KafkaLog:
+    """Routes librdkafka's own log lines to DEBUG: the client reports failures as exceptions."""
+
+    def __init__(self, name: str) -> None:
+        self._log = logging.getLogger(name)
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self._log.debug(msg, *args)
+
+
+def load_spec(spec: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """Read a spec document from a dict or a YAML/JSON file path.
+
+    Raises:
+        OSError: the file cannot be read.
+        DefinitionError: the file is not YAML/JSON or not a mapping.
+    """
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    import yaml
+
+    from kflow.model.errors import DefinitionError
+
+    path = Path(spec)
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)  # JSON is YAML, so one parser reads both
+    except yaml.YAMLError as exc:
+        raise DefinitionError(path.name, [("", f"{path} is not valid YAML/JSON: {exc}")]) from None
+    if not isinstance(doc, dict):
+        raise DefinitionError(path.name, [("", f"expected a mapping with name, version and steps in {path}, "
+                                               f"but got {type(doc).__name__}")])
+    return doc
+
+
+def _outcome(instance_id: str, state: Mapping[str, Any]) -> JSONValue:
+    """The result of a terminal state record, or the error it ended with."""
+    if state["status"] == Status.COMPLETED:
+        result: JSONValue = state.get("result")
+        return result
+    raise WorkflowFailedError(instance_id, state["status"], state.get("error_type"), state.get("error_message"))
+
+
+# --------------------------------------------------------------------------- the watcher
+
+
+class _Waiter:
+    """Terminal states awaited for a set of ids; ``event`` is set once every id has one."""
+
+    __slots__ = ("pending", "states", "event")
+
+    def __init__(self, ids: Iterable[str]) -> None:
+        self.pending = set(ids)
+        self.states: dict[str, dict[str, Any]] = {}
+        self.event = threading.Event()
+        if not self.pending:
+            self.event.set()
+
+    def deliver(self, instance_id: str, state: dict[str, Any]) -> None:
+        """Record a terminal state (the first one per id wins); called with the watcher's lock held."""
+        if instance_id in self.pending:
+            self.pending.discard(instance_id)
+            self.states[instance_id] = state
+            if not self.pending:
+                self.event.set()
+
+
+class StateWatcher:
+    """Follows every partition of the ``state`` topic and hands terminal states to waiters.
+
+    One consumer thread, ``assign``-ed (no consumer group membership, no commits) to all state
+    partitions at their high watermark as of :meth:`start`. Terminal states are kept per id in a
+    bounded LRU dict, so a ``result()`` that comes after the workflow finished still finds them.
+
+    Args:
+        config: Connection settings (``consumer_conf`` is used, ``read_committed``).
+        topic: The state topic.
+        cache_size: Most terminal states (and most "expected" ids) remembered.
+        timeout: Seconds allowed for the metadata and watermark look-ups in :meth:`start`.
+    """
+
+    def __init__(self, config: KafkaConfig, topic: str, *, cache_size: int = 100_000, timeout: float = 10.0) -> None:
+        self._config = config
+        self._topic = topic
+        self._cache_size = cache_size
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._terminal: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._expected: OrderedDict[str, None] = OrderedDict()
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.partitions = 0
+        """Partition count of the state topic, known once started."""
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Position on every partition's high watermark and start the thread; idempotent.
+
+        When this returns, every state record produced afterwards will be seen.
+        """
+        with self._lock:
+            if self._thread is not None:
+                self._raise_if_failed()
+                return
+            consumer = Consumer(self._config.consumer_conf(
+                f"kflow-client-{uuid.uuid4().hex}",
+                **{"fetch.wait.max.ms": 100, "logger": _KafkaLog("kflow.client.kafka")}))
+            try:
+                assignment = self._positions(consumer)
+                consumer.assign(assignment)
+            except BaseException:
+                consumer.close()
+                raise
+            self.partitions = len(assignment)
+            self._thread = threading.Thread(target=self._run, args=(consumer,), name="kflow-state-watcher",
+                                            daemon=True)
+            self._thread.start()
+            log.debug("state watcher on %s: %d partitions from %s", self._topic, len(assignment),
+                      {tp.partition: tp.offset for tp in assignment})
+
+    def _positions(self, consumer: Consumer) -> list[TopicPartition]:
+        try:
+            meta = consumer.list_topics(self._topic, timeout=self._timeout)
+            topic = meta.topics.get(self._topic)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise KflowError(f"state topic '{self._topic}' is not available: {topic.error if topic else 'missing'}")
+            out = []
+            for p in sorted(topic.partitions):
+                _low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=self._timeout,
+                                                            cached=False)
+                out.append(TopicPartition(self._topic, p, high))
+            return out
+        except KafkaException as exc:
+            raise BrokerUnavailable(self._config.bootstrap, f"cannot read the state topic offsets: {exc}") from None
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread and close its consumer. Waiters still waiting time out."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def expect(self, instance_id: str) -> None:
+        """Note that ``instance_id`` is being started now, while the watcher runs.
+
+        Any terminal state remembered from an earlier run of the same id is forgotten, so the
+        next terminal state is the new run's.
+        """
+        with self._lock:
+            self._terminal.pop(instance_id, None)
+            self._expected[instance_id] = None
+            self._expected.move_to_end(instance_id)
+            while len(self._expected) > self._cache_size:
+                self._expected.popitem(last=False)
+
+    def covers(self, instance_id: str) -> bool:
+        """True if every state record of ``instance_id`` that matters passed through this watcher."""
+        with self._lock:
+            return instance_id in self._expected or instance_id in self._terminal
+
+    def terminal(self, instance_id: str) -> dict[str, Any] | None:
+        """The remembered terminal state of ``instance_id``, if any."""
+        with self._lock:
+            return self._terminal.get(instance_id)
+
+    def register(self, ids: Iterable[str]) -> _Waiter:
+        """Wait for terminal states of ``ids``; already remembered ones are delivered at once."""
+        waiter = _Waiter(ids)
+        with self._lock:
+            self._raise_if_failed()
+            for iid in list(waiter.pending):
+                state = self._terminal.get(iid)
+                if state is not None:
+                    waiter.deliver(iid, state)
+                else:
+                    self._waiters.setdefault(iid, []).append(waiter)
+        return waiter
+
+    def deliver(self, waiter: _Waiter, instance_id: str, state: dict[str, Any]) -> None:
+        """Hand ``waiter`` a terminal state found elsewhere (by a partition scan)."""
+        with self._lock:
+            waiter.deliver(instance_id, state)
+
+    def unregister(self, waiter: _Waiter) -> None:
+        with self._lock:
+            for iid in list(waiter.pending):
+                waiting = self._waiters.get(iid)
+                if waiting is not None:
+                    if waiter in waiting:
+                        waiting.remove(waiter)
+                    if not waiting:
+                        del self._waiters[iid]
+
+    def wait(self, waiter: _Waiter, timeout: float) -> bool:
+        """Block until ``waiter`` is complete or ``timeout`` passes; raise if the thread died."""
+        done = waiter.event.wait(max(timeout, 0.0))
+        with self._lock:
+            self._raise_if_failed()
+        return done
+
+    def is_waiting(self, instance_id: str) -> bool:
+        """True while some caller waits for ``instance_id`` (lets tests synchronise on it)."""
+        with self._lock:
+            return bool(self._waiters.get(instance_id))
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise KflowError(f"the state watcher stopped: {self._failure}") from self._failure
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self, consumer: Consumer) -> None:
+        try:
+            while not self._stop.is_set():
+                for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
+                    self._on_message(msg)
+        except BaseException as exc:
+            log.exception("state watcher failed")
+            with self._lock:
+                self._failure = exc
+                for waiting in self._waiters.values():
+                    for waiter in waiting:
+                        waiter.event.set()
+        finally:
+            consumer.close()
+
+    def _on_message(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.fatal():
+                raise KafkaException(err)
+            log.debug("state watcher: %s", err)
+            return
+        key, value = msg.key(), msg.value()
+        if key is None or value is None:
+            return  # tombstones and unkeyed records carry no state
+        try:
+            state = decode_state(value)
+        except KflowError as exc:
+            log.warning("state watcher: skipping undecodable record %s[%d]@%d: %s",
+                        msg.topic(), msg.partition(), msg.offset(), exc)
+            return
+        if state["status"] not in Status.TERMINAL:
+            return
+        iid = state["instance_id"]
+        with self._lock:
+            self._terminal[iid] = state
+            self._terminal.move_to_end(iid)
+            while len(self._terminal) > self._cache_size:
+                evicted, _ = self._terminal.popitem(last=False)
+                # Its terminal state is gone from memory: result() must scan for it again.
+                self._expected.pop(evicted, None)
+            for waiter in self._waiters.pop(iid, ()):
+                waiter.deliver(iid, state)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class WorkflowHandle:
+    """A started (or known) workflow instance: a client plus an instance id.
+
+    Example:
+        >>> handle = client.start("order", {"sku": "A1", "qty": 2})  # doctest: +SKIP
+        >>> handle.result(timeout=60)  # doctest: +SKIP
+    """
+
+    __slots__ = ("_client", "id")
+
+    def __init__(self, client: Client, id: str) -> None:
+        self._client = client
+        self.id = id
+
+    def result(self, timeout: float = 30) -> JSONValue:
+        """Wait for the instance's result; see :meth:`Client.result`."""
+        return self._client.result(self.id, timeout)
+
+    def status(self) -> dict[str, Any] | None:
+        """The instance's latest state record; see :meth:`Client.status`."""
+        return self._client.status(self.id)
+
+    def signal(self, name: str, data: JSONValue = None) -> None:
+        """Send the instance a signal; see :meth:`Client.signal`."""
+        self._client.signal(self.id, name, data)
+
+    def cancel(self, reason: str = "") -> None:
+        """Ask the engine to cancel the instance; see :meth:`Client.cancel`."""
+        self._client.cancel(self.id, reason)
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle({self.id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkflowHandle) and other.id == self.id and other._client is self._client
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+class Client:
+    """Talks to a kflow deployment through Kafka alone.
+
+    Example:
+        >>> with Client("localhost:9092") as client:  # doctest: +SKIP
+        ...     client.deploy("order.yaml")
+        ...     print(client.start("order", {"sku": "A1", "qty": 2}).result(timeout=60))
+
+    Args:
+        bootstrap: Kafka bootstrap servers; default ``KFLOW_BOOTSTRAP`` (or the config's).
+        topic_prefix: Topic prefix; default ``KFLOW_TOPIC_PREFIX`` (or the config's).
+        config: Full connection settings; default read from ``KFLOW_*`` variables. ``bootstrap``
+            and ``topic_prefix`` override its fields when given.
+        connect_timeout: Seconds to wait for the broker before raising :class:`BrokerUnavailable`.
+        request_timeout: Seconds allowed for a delivery confirmation or a state partition scan.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str | None = None,
+        *,
+        topic_prefix: str | None = None,
+        config: KafkaConfig | None = None,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        overrides: dict[str, Any] = {}
+        if bootstrap is not None:
+            overrides["bootstrap"] = bootstrap
+        if topic_prefix is not None:
+            overrides["topic_prefix"] = topic_prefix
+        if config is None:
+            config = KafkaConfig(**overrides)
+        elif overrides:
+            config = config.model_copy(update=overrides)
+        self.config = config
+        self.names = config.names
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._lock = threading.Lock()
+        self._ready = False
+        self._producer: Producer | None = None
+        self._watcher: StateWatcher | None = None
+        self._closed = False
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _conf(self) -> dict[str, Any]:
+        """Connection settings that make an unreachable broker fail fast."""
+        ms = max(int(self.connect_timeout * 1000), 1000)
+        return {"socket.connection.setup.timeout.ms": ms, "reconnect.backoff.max.ms": 1000,
+                "logger": _KafkaLog("kflow.client.kafka")}
+
+    def _ensure_ready(self) -> Producer:
+        """Create the topics (once per client) and the producer; raise BrokerUnavailable fast."""
+        with self._lock:
+            if self._closed:
+                raise KflowError("the client is closed")
+            if not self._ready:
+                existing = self._check_broker()
+                settings = self.config.topic_settings
+                if existing:
+                    # The engine owns the layout: a client adopts the partition count it finds.
+                    settings = dataclasses.replace(settings, partitions=existing)
+                ensure_topics({**self.config.client_conf(), **self._conf()}, self.names, settings,
+                              timeout=self.request_timeout)
+                self._ready = True
+            if self._producer is None:
+                self._producer = Producer(self.config.producer_conf(**{
+                    "acks": "all", "message.timeout.ms": int(self.request_timeout * 1000), **self._conf()}))
+            return self._producer
+
+    def _check_broker(self) -> int:
+        """One metadata round trip bounded by ``connect_timeout``; the commands topic's partition count or 0."""
+        from confluent_kafka.admin import AdminClient
+
+        errors: list[str] = []
+        admin = AdminClient({**self.config.client_conf(), **self._conf(),
+                             "error_cb": lambda err: errors.append(err.str())})
+        try:
+            meta = admin.list_topics(timeout=self.connect_timeout)
+        except KafkaException as exc:
+            detail = errors[-1] if errors else (exc.args[0].str() if exc.args else str(exc))
+            raise BrokerUnavailable(self.config.bootstrap,
+                                    f"no answer within {self.connect_timeout:g}s ({detail})") from None
+        commands = meta.topics.get(self.names.commands)
+        return len(commands.partitions) if commands is not None and commands.error is None else 0
+
+    def watcher(self) -> StateWatcher:
+        """The client's state watcher, started if it is not running yet."""
+        self._ensure_ready()
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = StateWatcher(self.config, self.names.state,
+                                             timeout=max(self.connect_timeout, 1.0) * 2)
+            watcher = self._watcher
+        watcher.start()
+        return watcher
+
+    # -- producing -------------------------------------------------------------------------
+
+    def _produce(self, topic: str, key: str, value: bytes, *, confirm: bool = True) -> None:
+        producer = self._ensure_ready()
+        outcome: list[KafkaError | None] = []
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            outcome.append(err)
+            if err is not None and not confirm:
+                log.error("delivery of a record to %s (key %r) failed: %s", topic, key, err)
+
+        while True:
+            try:
+                producer.produce(topic, value, key.encode(), on_delivery=on_delivery)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain, then retry
+                producer.poll(0.1)
+        if not confirm:
+            producer.poll(0)
+            return
+        deadline = time.monotonic() + self.request_timeout + 5
+        while not outcome and time.monotonic() < deadline:
+            producer.flush(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        if not outcome:
+            raise BrokerUnavailable(self.config.bootstrap, f"no delivery confirmation for {topic} "
+                                                           f"within {self.request_timeout:g}s")
+        err = outcome[0]
+        if err is not None:
+            if err.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+                raise BrokerUnavailable(self.config.bootstrap, f"producing to {topic} failed: {err.str()}")
+            raise KflowError(f"producing to {topic} failed: {err.str()}")
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every record produced with ``confirm=False`` is delivered."""
+        if self._producer is None:
+            return
+        left = self._producer.flush(self.request_timeout if timeout is None else timeout)
+        if left:
+            raise BrokerUnavailable(self.config.bootstrap, f"{left} record(s) still undelivered")
+
+    def _command(self, cmd: Command, *, confirm: bool = True) -> None:
+        cmd.command_id = cmd.command_id or uuid.uuid4().hex
+        cmd.ts = cmd.ts or int(time.time() * 1000)
+        self._produce(self.names.commands, cmd.instance_id, encode_command(cmd), confirm=confirm)
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def deploy(self, spec: Mapping[str, Any] | str | Path) -> Definition:
+        """Validate a spec workflow locally and publish it to the ``definitions`` topic.
+
+        Args:
+            spec: The definition as a dict, or the path of a YAML or JSON file.
+
+        Returns:
+            The published definition (key ``name@version``), once the broker confirmed it.
+
+        Raises:
+            DefinitionError: the definition is invalid; every problem is named with its step.
+            OSError: the file cannot be read.
+            BrokerUnavailable: Kafka cannot be reached.
+        """
+        doc = load_spec(spec)
+        compiled = compile_spec(doc)
+        definition = Definition(name=compiled.name, version=compiled.version, kind="spec", body=doc,
+                                deployed_ms=int(time.time() * 1000))
+        self._produce(self.names.definitions, definition.key, encode_definition(definition))
+        log.info("deployed %s", definition.key)
+        return definition
+
+    def start(
+        self,
+        workflow: str,
+        input: JSONValue = None,
+        *,
+        id: str | None = None,
+        version: int | None = None,
+        id_reuse: str | None = None,
+        confirm: bool = True,
+    ) -> WorkflowHandle:
+        """Start a workflow instance by producing ``StartWorkflow`` to the ``commands`` topic.
+
+        Args:
+            workflow: The definition's name.
+            input: The workflow input, any JSON value.
+            id: The instance id; a random one (uuid4 hex) when omitted.
+            version: The definition version; the latest deployed one when omitted.
+            id_reuse: What the engine does if the id exists: ``reject_duplicate`` (default),
+                ``allow_if_closed`` or ``return_existing``.
+            confirm: Wait for the broker to confirm the command (default). With False the
+                command is only queued; call :meth:`flush` to confirm a batch.
+
+        Returns:
+            A handle to await the result with.
+        """
+        if id_reuse is not None and id_reuse not in ID_REUSE_POLICIES:
+            raise ValueError(f"id_reuse must be one of {', '.join(sorted(ID_REUSE_POLICIES))}, not {id_reuse!r}")
+        if id is not None and not id:
+            raise ValueError("a workflow instance id must not be empty")
+        instance_id = id or uuid.uuid4().hex
+        watcher = self.watcher()  # running before the command exists, so its result cannot be missed
+        if id_reuse != "return_existing":
+            # With return_existing a closed instance produces no new state record: result() scans.
+            watcher.expect(instance_id)
+        data = {"workflow": workflow, "version": version, "input": input, "parent_id": None,
+                "parent_ref": None, "id_reuse": id_reuse}
+        self._command(Command("StartWorkflow", instance_id, data), confirm=confirm)
+        return WorkflowHandle(self, instance_id)
+
+    def handle(self, id: str) -> WorkflowHandle:
+        """A handle for an existing instance id."""
+        return WorkflowHandle(self, id)
+
+    def signal(self, id: str, name: str, data: JSONValue = None) -> None:
+        """Send signal ``name`` with ``data`` to instance ``id`` (``SignalWorkflow``)."""
+        self._command(Command("SignalWorkflow", id, {"name": name, "data": data}))
+
+    def cancel(self, id: str, reason: str = "") -> None:
+        """Ask the engine to cancel instance ``id`` (``CancelWorkflow``)."""
+        self._command(Command("CancelWorkflow", id, {"reason": reason}))
+
+    def status(self, id: str) -> dict[str, Any] | None:
+        """The latest state record of instance ``id``, or None if the engine never wrote one.
+
+        Reads the id's partition of the ``state`` topic from the beginning to its high watermark
+        (``read_committed``) and keeps the last record with that key. The record is a dict with
+        ``instance_id, workflow, version, status, seq, started_ms, updated_ms, closed_ms, result,
+        error_type, error_message, internal``.
+        """
+        return self._scan([id]).get(id)
+
+    def result(self, id: str, timeout: float = 30) -> JSONValue:
+        """Wait until instance ``id`` finishes and return its result.
+
+        Returns:
+            The workflow result (a JSON value) once the instance is COMPLETED.
+
+        Raises:
+            WorkflowFailedError: the instance ended FAILED or CANCELLED.
+            TimeoutError: it did not finish within ``timeout`` seconds.
+        """
+        states = self._wait([id], timeout)
+        if id not in states:
+            raise TimeoutError(f"workflow {id} did not finish within {timeout:g}s")
+        return _outcome(id, states[id])
+
+    def wait_many(self, ids: Iterable[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
+        """Wait for many instances at once (benchmarks, fan-out scripts).
+
+        Returns:
+            The terminal state record of every id that finished within ``timeout``; ids missing
+            from the dict had not finished. Failures are returned, not raised.
+        """
+        return self._wait(list(dict.fromkeys(ids)), timeout)
+
+    def _wait(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        watcher = self.watcher()
+        # Registered before the scan: records newer than the scan reach the waiter, older ones the scan.
+        waiter = watcher.register(ids)
+        try:
+            unseen = [i for i in ids if i in waiter.pending and not watcher.covers(i)]
+            if unseen:
+                for iid, state in self._scan(unseen).items():
+                    if state["status"] in Status.TERMINAL:
+                        watcher.deliver(waiter, iid, state)
+            watcher.wait(waiter, deadline - time.monotonic())
+            with watcher._lock:
+                return dict(waiter.states)
+        finally:
+            watcher.unregister(waiter)
+
+    def _scan(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Latest state record per id, read from the ids' state partitions up to the high watermark."""
+        self._ensure_ready()
+        topic = self.names.state
+        wanted = set(ids)
+        consumer = Consumer(self.config.consumer_conf(
+            f"kflow-client-scan-{uuid.uuid4().hex}",
+            **{"enable.partition.eof": True, "fetch.wait.max.ms": 50, **self._conf()}))
+        try:
+            try:
+                meta = consumer.list_topics(topic, timeout=self.connect_timeout)
+                partitions = len(meta.topics[topic].partitions)
+                if partitions == 0:
+                    raise KflowError(f"state topic '{topic}' has no partitions")
+                ends: dict[int, int] = {}
+                for p in sorted({partition_for(i.encode(), partitions) for i in ids}):
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.connect_timeout,
+                                                               cached=False)
+                    if high > low:
+                        ends[p] = high
+            except KafkaException as exc:
+                raise BrokerUnavailable(self.config.bootstrap, f"cannot read state offsets: {exc}") from None
+            found: dict[str, dict[str, Any]] = {}
+            if not ends:
+                return found
+            consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+            # ``0`` is clamped to the log start by auto.offset.reset=earliest on compacted topics.
+            deadline = time.monotonic() + self.request_timeout
+            while ends:
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(self.config.bootstrap, f"reading state partitions {sorted(ends)} "
+                                                                   f"took longer than {self.request_timeout:g}s")
+                for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
+                    err = msg.error()
+                    p = msg.partition()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            ends.pop(p, None)
+                        elif err.fatal():
+                            raise KafkaException(err)
+                        continue
+                    key = msg.key()
+                    if key is not None and msg.value() is not None and key.decode(errors="replace") in wanted:
+                        try:
+                            state = decode_state(msg.value())
+                        except KflowError as exc:
+                            log.warning("skipping undecodable state record %s[%d]@%d: %s", topic, p, msg.offset(), exc)
+                        else:
+                            found[state["instance_id"]] = state
+                    if p in ends and msg.offset() >= ends[p] - 1:
+                        ends.pop(p)
+            return found
+        finally:
+            consumer.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush queued commands, stop the state watcher. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            watcher, producer = self._watcher, self._producer
+            self._watcher = self._producer = None
+        try:
+            if producer is not None:
+                left = producer.flush(self.request_timeout)
+                if left:
+                    log.warning("closing the client with %d undelivered record(s)", left)
+        finally:
+            if watcher is not None:
+                watcher.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.config.bootstrap!r}, topic_prefix={self.names.prefix!r})"

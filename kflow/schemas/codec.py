@@ -1,0 +1,567 @@
+"""Turn kflow messages into Kafka record values and back, and nothing else.
+
+Every value is Avro (the ``.avsc`` files next to this module, parsed once with fastavro) in Avro
+single-object encoding: ``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the
+schema's Parsing Canonical Form, then the schemaless Avro payload, so any consumer holding the
+``.avsc`` files can decode it. Workflow payloads (input, results, signal data, state internals)
+travel as JSON text inside Avro ``string`` fields; this module does that conversion with orjson.
+Commands may also arrive as JSON (header ``content-type: application/json``) and are validated
+exactly like Avro ones. Anything that cannot be decoded raises :class:`DecodeError` with a
+precise reason; anything that cannot be encoded raises :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import orjson
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from kflow.model.errors import DecodeError
+from kflow.model.messages import COMMAND_FIELDS, EVENT_FIELDS, Command, Definition, Event, Task
+
+__all__ = [
+    "JSON_HEADER",
+    "MAGIC",
+    "FORMAT",
+    "encode_command",
+    "decode_command",
+    "encode_event",
+    "decode_event",
+    "encode_task",
+    "decode_task",
+    "encode_definition",
+    "decode_definition",
+    "encode_state",
+    "decode_state",
+]
+
+#: The Kafka header that marks a command value as JSON instead of Avro.
+JSON_HEADER: tuple[str, bytes] = ("content-type", b"application/json")
+#: Avro single-object encoding marker.
+MAGIC = b"\xc3\x01"
+#: Envelope format written into the ``format`` field of commands and events.
+FORMAT = 1
+
+_HEADER_LEN = len(MAGIC) + 8
+_NAMESPACE = "kflow."
+_INT_RANGE = (-(2**31), 2**31 - 1)
+_LONG_RANGE = (-(2**63), 2**63 - 1)
+_STATE_FIELDS = (
+    "instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms",
+    "closed_ms", "result", "error_type", "error_message", "internal",
+)  # fmt: skip
+_STATE_NAMES = frozenset(_STATE_FIELDS)
+_STATE_OPTIONAL = frozenset({"closed_ms", "result", "error_type", "error_message"})
+
+_reader = fastavro.schemaless_reader
+_writer = fastavro.schemaless_writer
+_dumps = orjson.dumps
+_loads = orjson.loads
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One message kind: its parsed schema and the single-object header that names it."""
+
+    label: str
+    schema: dict[str, Any]
+    header: bytes
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.header[len(MAGIC) :]
+
+
+def _load_raw(name: str) -> dict[str, Any]:
+    """Read one ``.avsc`` file from this package."""
+    path = Path(__file__).with_name(f"{name}.avsc")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load_kind(name: str) -> _Kind:
+    """Parse a schema once and compute its single-object header."""
+    parsed = fastavro.parse_schema(_load_raw(name))
+    fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+    return _Kind(name, parsed, MAGIC + bytes.fromhex(fp))
+
+
+_COMMAND = _load_kind("command")
+_EVENT = _load_kind("event")
+_STATE = _load_kind("state")
+_TASK = _load_kind("task")
+_DEFINITION = _load_kind("definition")
+_BY_FINGERPRINT = {k.fingerprint: k for k in (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION)}
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+_PY_TYPES = {"int": int, "long": int, "boolean": bool, "string": str}
+_RANGES = {"int": _INT_RANGE, "long": _LONG_RANGE}
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One data field of a command or event type, as the schema and the vocabulary define it."""
+
+    name: str
+    avro_type: str  # the non-null primitive
+    payload: bool  # JSON document carried as JSON text
+    optional: bool  # Avro union with null, default null
+    pytype: type
+    lo: int
+    hi: int
+
+    def accepts(self, value: Any) -> bool:
+        """True if ``value`` is a valid in-memory value for this field."""
+        if self.payload:
+            return True
+        if value is None:
+            return self.optional
+        return type(value) is self.pytype and (self.pytype is not int or self.lo <= value <= self.hi)
+
+
+def _make_field(avro_field: dict[str, Any], payload: bool) -> _Field:
+    t = avro_field["type"]
+    optional = isinstance(t, list)
+    prim = next(x for x in t if x != "null") if optional else t
+    if prim not in _PY_TYPES:
+        raise RuntimeError(f"unsupported Avro type {prim!r} in field {avro_field['name']!r}")
+    lo, hi = _RANGES.get(prim, (0, 1))
+    return _Field(avro_field["name"], prim, payload, optional, _PY_TYPES[prim], lo, hi)
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """A command or event type: the record inside the ``body`` union and its conversions."""
+
+    type: str
+    record: str  # fully qualified Avro record name, for tuple notation
+    fields: tuple[_Field, ...]
+    order: tuple[str, ...]
+    names: frozenset[str]
+    payloads: tuple[str, ...]
+    scalars: tuple[_Field, ...]  # int/long/boolean fields fastavro would silently coerce
+
+    def to_avro(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Build the Avro body record from a ``data`` dict (payloads become JSON text)."""
+        out = dict(data)
+        get = out.get
+        for name in self.payloads:
+            out[name] = _dumps(get(name)).decode()
+        for f in self.scalars:
+            value = get(f.name)
+            if type(value) is not f.pytype or not f.lo <= value <= f.hi:
+                if not f.accepts(value):
+                    raise ValueError(_field_problem(self, f, data))
+        if out.keys() != self.names:
+            self._check_names(out)
+        return out
+
+    def _check_names(self, out: dict[str, Any]) -> None:
+        """Reject unknown fields and missing required ones (optional ones may be absent)."""
+        unknown = out.keys() - self.names
+        if unknown:
+            raise ValueError(f"{self.type}: unknown field(s) {_quoted(unknown)}")
+        for f in self.fields:
+            if f.name not in out and not f.optional:
+                raise ValueError(f"{self.type}: missing field '{f.name}'")
+
+    def problem(self, data: Mapping[str, Any]) -> str | None:
+        """Name the first field of ``data`` that does not fit this type, if any."""
+        for f in self.fields:
+            if not f.accepts(data.get(f.name)) or (f.name not in data and not (f.payload or f.optional)):
+                return _field_problem(self, f, data)
+        return None
+
+    def from_avro(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Turn a decoded Avro body record into a ``data`` dict (JSON text becomes values)."""
+        for name in self.payloads:
+            try:
+                body[name] = _loads(body[name])
+            except orjson.JSONDecodeError as exc:
+                raise DecodeError(f"{self.type}: field '{name}' is not valid JSON: {exc}") from None
+        return body
+
+    def from_json(self, doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Validate a JSON-decoded field mapping; raise DecodeError naming the first problem."""
+        unknown = doc.keys() - self.names
+        if unknown:
+            raise DecodeError(f"{self.type}: unknown field(s) {_quoted(unknown)} in {where}")
+        data: dict[str, Any] = {}
+        for f in self.fields:
+            if f.name not in doc and not (f.payload or f.optional):
+                raise DecodeError(f"{self.type}: missing field '{f.name}'")
+            value = doc.get(f.name)
+            if not f.accepts(value):
+                raise DecodeError(_field_problem(self, f, doc))
+            data[f.name] = value
+        return data
+
+
+def _field_problem(body: _Body, f: _Field, data: Mapping[str, Any]) -> str:
+    """Describe why ``data[f.name]`` does not fit field ``f``."""
+    if f.name not in data:
+        return f"{body.type}: missing field '{f.name}'"
+    value = data[f.name]
+    want = f"{f.avro_type} or null" if f.optional else f.avro_type
+    why = " (out of range)" if type(value) is int and f.avro_type in ("int", "long") else ""
+    return f"{body.type}: field '{f.name}' must be {want}, got {_describe(value)}{why}"
+
+
+_KIND_NAMES = {type(None): "null", bool: "boolean", float: "float", str: "string", list: "array", dict: "object"}
+
+
+def _describe(value: Any) -> str:
+    """Name a value's kind for error messages (an int is shown with its value)."""
+    if type(value) is int:
+        return f"int {value}"
+    return _KIND_NAMES.get(type(value), type(value).__name__)
+
+
+def _quoted(names: Any) -> str:
+    return ", ".join(f"'{n}'" for n in sorted(map(str, names)))
+
+
+def _body(typ: str, spec: tuple[str, ...], record: dict[str, Any], label: str) -> _Body:
+    """Describe one command or event type from its Avro record and its vocabulary entry."""
+    payload = {s[1:] for s in spec if s.startswith("*")}
+    fields = tuple(_make_field(af, af["name"] in payload) for af in record["fields"])
+    order = tuple(f.name for f in fields)
+    if order != tuple(s.lstrip("*") for s in spec):
+        raise RuntimeError(f"{label}.avsc fields of {typ} differ from the vocabulary")
+    scalars = tuple(f for f in fields if f.avro_type != "string" and not f.payload)
+    payloads = tuple(f.name for f in fields if f.payload)
+    return _Body(typ, _NAMESPACE + typ, fields, order, frozenset(order), payloads, scalars)
+
+
+def _bodies(kind: _Kind, vocabulary: dict[str, tuple[str, ...]]) -> dict[str, _Body]:
+    """Build the per-type tables from the union in ``kind``'s schema and the vocabulary."""
+    raw = _load_raw(kind.label)
+    union = next(f["type"] for f in raw["fields"] if f["name"] == "body")
+    records = {r["name"]: r for r in union}
+    if set(records) != set(vocabulary):
+        raise RuntimeError(f"{kind.label}.avsc body types differ from the vocabulary")
+    return {typ: _body(typ, spec, records[typ], kind.label) for typ, spec in vocabulary.items()}
+
+
+_COMMAND_BODIES = _bodies(_COMMAND, COMMAND_FIELDS)
+_EVENT_BODIES = _bodies(_EVENT, EVENT_FIELDS)
+_COMMAND_BY_RECORD = {b.record: b for b in _COMMAND_BODIES.values()}
+_EVENT_BY_RECORD = {b.record: b for b in _EVENT_BODIES.values()}
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def _write(kind: _Kind, record: dict[str, Any], what: str = "") -> bytes:
+    """Serialise ``record`` with ``kind``'s schema behind the single-object header."""
+    buf = BytesIO()
+    buf.write(kind.header)
+    try:
+        _writer(buf, kind.schema, record)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"cannot encode {kind.label} {what}: {exc}".replace("  ", " ")) from exc
+    return buf.getvalue()
+
+
+def _write_body(kind: _Kind, record: dict[str, Any], body: _Body, data: Mapping[str, Any]) -> bytes:
+    """Like :func:`_write`, but name the offending data field when the body does not fit."""
+    try:
+        return _write(kind, record, body.type)
+    except ValueError:
+        problem = body.problem(data)
+        if problem is None:
+            raise
+        raise ValueError(problem) from None
+
+
+def _read(kind: _Kind, value: bytes | None) -> dict[str, Any]:
+    """Check the single-object header and read one Avro record of ``kind``."""
+    if not value or value[:_HEADER_LEN] != kind.header:
+        raise DecodeError(_header_problem(kind, value))
+    buf = BytesIO(value)
+    buf.seek(_HEADER_LEN)
+    try:
+        record = _reader(buf, kind.schema, None, True)
+    except EOFError:
+        raise DecodeError(f"truncated Avro {kind.label} payload") from None
+    except UnicodeDecodeError:
+        raise DecodeError(f"garbled Avro {kind.label} payload: invalid UTF-8 in a string") from None
+    except Exception as exc:  # fastavro reports garbage through many exception types
+        if buf.tell() >= len(value):  # ran out of input, e.g. inside a varint
+            raise DecodeError(f"truncated Avro {kind.label} payload") from None
+        raise DecodeError(f"garbled Avro {kind.label} payload: {type(exc).__name__}: {exc}") from None
+    extra = len(value) - buf.tell()
+    if extra:
+        raise DecodeError(f"garbled Avro {kind.label} payload: {extra} trailing byte(s)")
+    return record
+
+
+def _header_problem(kind: _Kind, value: bytes | None) -> str:
+    """Explain why ``value`` does not start with ``kind``'s single-object header."""
+    if not value:
+        return f"empty {kind.label} value"
+    if not MAGIC.startswith(bytes(value[:2])):
+        return f"not a kflow {kind.label}: bad magic {bytes(value[:2]).hex()} (expected {MAGIC.hex()})"
+    if len(value) < _HEADER_LEN:
+        return f"truncated single-object header for {kind.label} ({len(value)} of {_HEADER_LEN} bytes)"
+    fp = bytes(value[2:_HEADER_LEN])
+    other = _BY_FINGERPRINT.get(fp)
+    if other is not None:
+        return f"wrong schema: expected {kind.label}, got a {other.label} value (fingerprint {fp.hex()})"
+    return f"unknown schema fingerprint {fp.hex()} for {kind.label} (expected {kind.fingerprint.hex()})"
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return _loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"{where} is not valid JSON: {exc}") from None
+
+
+def _json_text(value: Any, where: str) -> str:
+    try:
+        return _dumps(value).decode()
+    except TypeError as exc:
+        raise ValueError(f"{where} is not JSON-serialisable: {exc}") from exc
+
+
+def _check_format(kind: _Kind, record: dict[str, Any]) -> None:
+    if record["format"] > FORMAT:
+        raise DecodeError(f"{kind.label} format {record['format']} is newer than this kflow ({FORMAT})")
+
+
+def _check_long(what: str, name: str, value: Any) -> None:
+    if type(value) is not int or not _LONG_RANGE[0] <= value <= _LONG_RANGE[1]:
+        raise ValueError(f"{what}: field '{name}' must be long, got {_describe(value)}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def encode_command(cmd: Command) -> bytes:
+    """Encode a command as an Avro single-object value."""
+    body = _COMMAND_BODIES.get(cmd.type)
+    if body is None:
+        raise ValueError(f"unknown command type {cmd.type!r}")
+    if type(cmd.ts) is not int:
+        raise ValueError(f"{cmd.type}: 'ts' must be int, got {_describe(cmd.ts)}")
+    try:
+        avro_body = body.to_avro(cmd.data)
+    except TypeError as exc:
+        raise ValueError(f"{cmd.type}: payload is not JSON-serialisable: {exc}") from exc
+    record = {
+        "format": FORMAT,
+        "command_id": cmd.command_id,
+        "instance_id": cmd.instance_id,
+        "ts": cmd.ts,
+        "body": (body.record, avro_body),
+    }
+    return _write_body(_COMMAND, record, body, cmd.data)
+
+
+def decode_command(
+    value: bytes, headers: list[tuple[str, bytes]] | Mapping[str, Any] | None = None
+) -> Command:
+    """Decode a command value; JSON when ``headers`` say ``content-type: application/json``."""
+    if headers and _is_json(headers):
+        return _command_from_json(value)
+    record = _read(_COMMAND, value)
+    _check_format(_COMMAND, record)
+    name, avro_body = record["body"]
+    body = _COMMAND_BY_RECORD[name]
+    _check_instance_id(record["instance_id"])
+    return Command(body.type, record["instance_id"], body.from_avro(avro_body), record["command_id"], record["ts"])
+
+
+def _is_json(headers: list[tuple[str, bytes]] | Mapping[str, Any]) -> bool:
+    """True if the headers carry ``content-type: application/json`` (any case, any parameters)."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for key, raw in items:
+        if key.lower() != "content-type" or raw is None:
+            continue
+        text = raw.decode("latin-1") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        return text.split(";", 1)[0].strip().lower() == "application/json"
+    return False
+
+
+def _check_instance_id(instance_id: Any) -> None:
+    if type(instance_id) is not str:
+        raise DecodeError(f"'instance_id' must be string, got {_describe(instance_id)}")
+    if not instance_id:
+        raise DecodeError("'instance_id' is empty")
+
+
+_JSON_ENVELOPE = frozenset({"type", "instance_id", "command_id", "ts"})
+
+
+def _command_from_json(value: bytes) -> Command:
+    """Validate and convert a JSON command document."""
+    if not value:
+        raise DecodeError("empty JSON command value")
+    doc = _parse_json(value, "JSON command")
+    if not isinstance(doc, dict):
+        raise DecodeError(f"JSON command must be an object, got {_describe(doc)}")
+    typ = doc.get("type")
+    if type(typ) is not str:
+        raise DecodeError("JSON command needs a string 'type'")
+    body = _COMMAND_BODIES.get(typ)
+    if body is None:
+        raise DecodeError(f"unknown command type {typ!r} (known: {', '.join(COMMAND_FIELDS)})")
+    _check_instance_id(doc.get("instance_id"))
+    command_id = doc.get("command_id", "")
+    if type(command_id) is not str:
+        raise DecodeError(f"'command_id' must be string, got {_describe(command_id)}")
+    ts = doc.get("ts", 0)
+    if type(ts) is not int or not _LONG_RANGE[0] <= ts <= _LONG_RANGE[1]:
+        raise DecodeError(f"'ts' must be long (epoch ms), got {_describe(ts)}")
+    fields, where = _json_fields(body, doc)
+    return Command(typ, doc["instance_id"], body.from_json(fields, where), command_id, ts)
+
+
+def _json_fields(body: _Body, doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Pick the type fields: under ``data`` when none of them is at the top level, else top level."""
+    nested = doc.get("data")
+    top = doc.keys() - _JSON_ENVELOPE
+    if isinstance(nested, dict) and not (top - {"data"}) & body.names:
+        if top - {"data"}:
+            raise DecodeError(f"{body.type}: unknown field(s) {_quoted(top - {'data'})} at top level")
+        return nested, "'data'"
+    return {k: doc[k] for k in top}, "the command"
+
+
+# --------------------------------------------------------------------------- events
+
+
+def encode_event(ev: Event) -> bytes:
+    """Encode an event as an Avro single-object value."""
+    body = _EVENT_BODIES.get(ev.type)
+    if body is None:
+        raise ValueError(f"unknown event type {ev.type!r}")
+    if type(ev.seq) is not int or type(ev.ts) is not int:
+        raise ValueError(f"{ev.type}: 'seq' and 'ts' must be int, got {_describe(ev.seq)}, {_describe(ev.ts)}")
+    try:
+        avro_body = body.to_avro(ev.data)
+    except TypeError as exc:
+        raise ValueError(f"{ev.type}: payload is not JSON-serialisable: {exc}") from exc
+    record = {
+        "format": FORMAT,
+        "instance_id": ev.instance_id,
+        "seq": ev.seq,
+        "ts": ev.ts,
+        "body": (body.record, avro_body),
+    }
+    return _write_body(_EVENT, record, body, ev.data)
+
+
+def decode_event(value: bytes) -> Event:
+    """Decode an Avro single-object event value."""
+    record = _read(_EVENT, value)
+    _check_format(_EVENT, record)
+    name, avro_body = record["body"]
+    body = _EVENT_BY_RECORD[name]
+    return Event(body.type, record["instance_id"], record["seq"], record["ts"], body.from_avro(avro_body))
+
+
+# --------------------------------------------------------------------------- tasks and definitions
+
+
+def encode_task(t: Task) -> bytes:
+    """Encode an activity task as an Avro single-object value."""
+    if type(t.attempt) is not int or not _INT_RANGE[0] <= t.attempt <= _INT_RANGE[1]:
+        raise ValueError(f"task: field 'attempt' must be int, got {_describe(t.attempt)}")
+    _check_long("task", "scheduled_ms", t.scheduled_ms)
+    record = {
+        "instance_id": t.instance_id,
+        "activity_id": t.activity_id,
+        "attempt": t.attempt,
+        "name": t.name,
+        "queue": t.queue,
+        "input": _json_text(t.input, "task input"),
+        "workflow": t.workflow,
+        "scheduled_ms": t.scheduled_ms,
+    }
+    return _write(_TASK, record)
+
+
+def decode_task(value: bytes) -> Task:
+    """Decode an Avro single-object task value."""
+    record = _read(_TASK, value)
+    record["input"] = _parse_json(record["input"], "task input")
+    return Task(**record)
+
+
+def encode_definition(d: Definition) -> bytes:
+    """Encode a workflow definition as an Avro single-object value."""
+    if type(d.version) is not int or not _INT_RANGE[0] <= d.version <= _INT_RANGE[1]:
+        raise ValueError(f"definition: field 'version' must be int, got {_describe(d.version)}")
+    if not isinstance(d.body, dict):
+        raise ValueError(f"definition: 'body' must be a JSON object, got {type(d.body).__name__}")
+    _check_long("definition", "deployed_ms", d.deployed_ms)
+    record = {
+        "name": d.name,
+        "version": d.version,
+        "kind": d.kind,
+        "body": _json_text(d.body, "definition body"),
+        "deployed_ms": d.deployed_ms,
+    }
+    return _write(_DEFINITION, record)
+
+
+def decode_definition(value: bytes) -> Definition:
+    """Decode an Avro single-object definition value."""
+    record = _read(_DEFINITION, value)
+    body = _parse_json(record["body"], "definition body")
+    if not isinstance(body, dict):
+        raise DecodeError(f"definition body must be a JSON object, got {_describe(body)}")
+    record["body"] = body
+    return Definition(**record)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def encode_state(rec: Mapping[str, Any]) -> bytes:
+    """Encode a state record; ``result`` is a JSON value and ``internal`` a dict."""
+    unknown = rec.keys() - _STATE_NAMES
+    if unknown:
+        raise ValueError(f"state: unknown field(s) {_quoted(unknown)}")
+    missing = [f for f in _STATE_FIELDS if f not in rec and f not in _STATE_OPTIONAL]
+    if missing:
+        raise ValueError(f"state: missing field(s) {_quoted(missing)}")
+    if not isinstance(rec["internal"], dict):
+        raise ValueError(f"state: 'internal' must be a dict, got {type(rec['internal']).__name__}")
+    for name in ("seq", "started_ms", "updated_ms"):
+        _check_long("state", name, rec[name])
+    if type(rec["version"]) is not int or not _INT_RANGE[0] <= rec["version"] <= _INT_RANGE[1]:
+        raise ValueError(f"state: field 'version' must be int, got {_describe(rec['version'])}")
+    record = {f: rec.get(f) for f in _STATE_FIELDS}
+    if record["closed_ms"] is not None:
+        _check_long("state", "closed_ms", record["closed_ms"])
+    if record["result"] is not None:
+        record["result"] = _json_text(record["result"], "state result")
+    record["internal"] = _json_text(record["internal"], "state internal")
+    return _write(_STATE, record)
+
+
+def decode_state(value: bytes) -> dict[str, Any]:
+    """Decode a state value into a dict; ``result`` and ``internal`` come back as values."""
+    record = _read(_STATE, value)
+    if record["result"] is not None:
+        record["result"] = _parse_json(record["result"], "state result")
+    internal = _parse_json(record["internal"], "state internal")
+    if not isinstance(internal, dict):
+        raise DecodeError(f"state internal must be a JSON object, got {_describe(internal)}")
+    record["internal"] = internal
+    return record

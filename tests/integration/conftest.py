@@ -1,0 +1,67 @@
+"""Engine and worker fixtures for integration tests: real broker, real processors (threads or processes)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from kflow.client import Client
+from kflow.config import EngineConfig, WorkerConfig
+from kflow.streams.processor import EngineProcessor
+from kflow.worker import Worker
+
+PARTITIONS = 4
+
+
+class Stack:
+    """An engine and workers in this process, on one topic prefix."""
+
+    def __init__(self, bootstrap: str, prefix: str, state_root: str) -> None:
+        self.bootstrap, self.prefix, self.state_root = bootstrap, prefix, state_root
+        self.engines: list[tuple[EngineProcessor, threading.Thread]] = []
+        self.workers: list[Worker] = []
+        self.client = Client(bootstrap, config=self.kafka_config(WorkerConfig))
+
+    def kafka_config(self, cls: Any, **kw: Any) -> Any:
+        return cls(bootstrap=self.bootstrap, topic_prefix=self.prefix, partitions=PARTITIONS, dev_tuning=True, **kw)
+
+    def start_engine(self, **kw: Any) -> EngineProcessor:
+        cfg = self.kafka_config(EngineConfig, state_dir=f"{self.state_root}/e{len(self.engines)}",
+                                engine_id=uuid.uuid4().hex[:8], **kw)
+        proc = EngineProcessor(cfg)
+        t = threading.Thread(target=proc.run, name="engine", daemon=True)
+        t.start()
+        assert proc.ready.wait(60), "engine did not get partitions within 60s"
+        self.engines.append((proc, t))
+        return proc
+
+    def start_worker(self, activities: Any, **kw: Any) -> Worker:
+        w = Worker(self.kafka_config(WorkerConfig, **kw), activities)
+        w.start_in_thread()
+        self.workers.append(w)
+        return w
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        for proc, t in self.engines:
+            proc.stop()
+            t.join(30)
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from tests.integration import flows
+
+    prefix = f"m{uuid.uuid4().hex[:8]}."
+    s = Stack(kafka_bootstrap, prefix, str(tmp_path_factory.mktemp("stack")))
+    s.start_engine()
+    s.start_worker([flows])
+    try:
+        yield s
+    finally:
+        s.close()

@@ -1,0 +1,118 @@
+"""Engine restarts and scale-out with real processes: SIGKILL mid-flight, fresh state dirs, rebalances."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import pytest
+from confluent_kafka import Consumer
+
+from kflow.client import Client
+from kflow.config import WorkerConfig
+from kflow.dev.procs import engine_process
+from kflow.schemas.codec import decode_event
+from kflow.testing import assert_eventually
+from kflow.worker import Worker
+from tests.integration import flows
+
+PARTITIONS = 4
+
+SLOW_CHAIN = {"name": "slow", "version": 1, "steps": [
+    {"id": "a", "task": "t.inc", "input": "input", "output": "a"},
+    {"id": "nap", "sleep": "1500ms"},
+    {"id": "w", "wait": {"signal": "go", "timeout": "1h"}, "output": "g"},
+    {"id": "b", "task": "t.inc", "input": "a + g", "output": "b"},
+    {"id": "fan", "foreach": "[1, 2, 3]", "as": "k", "concurrency": 2,
+     "steps": [{"id": "c", "task": "t.inc", "input": "b + k", "output": "c"}], "output": "cs"},
+    {"id": "done", "succeed": "cs"}]}
+
+
+@pytest.fixture
+def env(kafka_bootstrap, tmp_path):
+    prefix = f"f{uuid.uuid4().hex[:8]}."
+    kw = dict(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
+    client = Client(kafka_bootstrap, config=WorkerConfig(**kw))
+    worker = Worker(WorkerConfig(**kw), [flows])
+    procs = []
+
+    def engine(name: str, engine_id: str):
+        p = engine_process(kafka_bootstrap, prefix, str(tmp_path / name), partitions=PARTITIONS, engine_id=engine_id)
+        procs.append(p.start())
+        return p
+
+    yield client, worker, engine, prefix
+    worker.stop()
+    for p in procs:
+        p.kill()
+    client.close()
+
+
+def expected(i: int) -> list[int]:
+    b = (i + 1) + 10 + 1
+    return [b + k + 1 for k in (1, 2, 3)]
+
+
+def check_histories(bootstrap: str, prefix: str, ids: list[str]) -> None:
+    """Every instance: gap-free seqs from 1, exactly one terminal event, no event twice."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest",
+                     "isolation.level": "read_committed", "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+    cons.subscribe([f"{prefix}events"])
+    hist: dict[str, list] = {i: [] for i in ids}
+
+    def all_done():
+        for m in cons.consume(1000, 0.2):
+            if not m.error() and m.key().decode() in hist:
+                hist[m.key().decode()].append(decode_event(m.value()))
+        return all(any(e.type == "WorkflowCompleted" for e in evs) for evs in hist.values())
+    try:
+        assert_eventually(all_done, timeout=60, msg="terminal events for every instance")
+    finally:
+        cons.close()
+    for iid, evs in hist.items():
+        seqs = [e.seq for e in evs]
+        assert seqs == list(range(1, len(seqs) + 1)), f"{iid}: seqs {seqs}"
+        kinds = Counter(e.type for e in evs)
+        assert kinds["WorkflowStarted"] == 1 and kinds["WorkflowCompleted"] == 1, f"{iid}: {kinds}"
+        assert kinds["ActivityCompleted"] == kinds["ActivityScheduled"] == 5, f"{iid}: {kinds}"
+
+
+def test_sigkill_engine_fresh_state_dir_completes_everything(env, kafka_bootstrap):
+    client, worker, engine, prefix = env
+    e1 = engine("e1", "node-a")
+    client.deploy(SLOW_CHAIN)
+    worker.start_in_thread()
+    ids = [f"r{i}-{uuid.uuid4().hex[:6]}" for i in range(24)]
+    for i, iid in enumerate(ids):
+        client.start("slow", i, id=iid)
+    # mid-flight: every instance has started and some are sleeping on a durable timer
+    assert_eventually(lambda: all((client.status(i) or {}).get("seq", 0) >= 4 for i in ids[:4]), timeout=60)
+    for iid in ids[: len(ids) // 2]:
+        client.signal(iid, "go", 10)
+    e1.kill()
+    e2 = engine("e2-fresh", "node-a")  # same identity, empty state dir: restore from the changelog
+    for iid in ids[len(ids) // 2:]:
+        client.signal(iid, "go", 10)
+    for i, iid in enumerate(ids):
+        assert client.result(iid, timeout=90) == expected(i), e2.log_tail()
+    check_histories(kafka_bootstrap, prefix, ids)
+
+
+def test_two_engines_split_partitions_and_hand_over(env, kafka_bootstrap):
+    client, worker, engine, prefix = env
+    e1 = engine("e1", "node-a")
+    e2 = engine("e2", "node-b")
+    client.deploy(SLOW_CHAIN)
+    worker.start_in_thread()
+    assert_eventually(lambda: "assigned partitions" in e1.log_tail() and "assigned partitions" in e2.log_tail(),
+                      timeout=60, msg="both engines own partitions")
+    ids = [f"s{i}-{uuid.uuid4().hex[:6]}" for i in range(24)]
+    for i, iid in enumerate(ids):
+        client.start("slow", i, id=iid)
+    assert_eventually(lambda: all((client.status(i) or {}).get("seq", 0) >= 4 for i in ids[:4]), timeout=60)
+    assert e2.stop() == 0, e2.log_tail()  # graceful: its partitions move to e1
+    for iid in ids:
+        client.signal(iid, "go", 10)
+    for i, iid in enumerate(ids):
+        assert client.result(iid, timeout=90) == expected(i), e1.log_tail()
+    check_histories(kafka_bootstrap, prefix, ids)

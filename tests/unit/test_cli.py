@@ -1,0 +1,169 @@
+"""The ``kflow`` command line: expected failures are one ``error:`` line, never a traceback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kflow.cli import app
+
+COMMANDS = ["deploy", "start", "signal", "cancel", "status", "result", "engine", "worker", "dev", "bench"]
+UNREACHABLE = "127.0.0.1:1"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands must not pick up a developer's KFLOW_* settings."""
+    for name in ("KFLOW_BOOTSTRAP", "KFLOW_TOPIC_PREFIX", "KFLOW_PARTITIONS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, f"expected one error line on stderr, got {lines!r}"
+    return errors[0]
+
+
+def test_start_with_bad_json_input(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["start", "order", "--input", "{not json", "--bootstrap", UNREACHABLE])
+    line = _one_error_line(result)
+    assert "--input is not valid JSON" in line
+    assert result.exit_code == 1
+
+
+def test_signal_with_bad_json_data(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["signal", "id-1", "approval", "--data", "[1,", "--bootstrap", UNREACHABLE])
+    assert "--data is not valid JSON" in _one_error_line(result)
+
+
+def test_deploy_missing_file(runner: CliRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = runner.invoke(app, ["deploy", str(missing), "--bootstrap", UNREACHABLE])
+    line = _one_error_line(result)
+    assert "no such file" in line and "nope.yaml" in line
+
+
+def test_deploy_invalid_definition_names_the_step(runner: CliRunner, tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "name: bad\nversion: 1\nsteps:\n"
+        "  - id: first\n    task: t.inc\n"
+        "  - id: broken\n    sleep: forever\n"
+    )
+    started = time.monotonic()
+    result = runner.invoke(app, ["deploy", str(spec), "--bootstrap", UNREACHABLE])
+    line = _one_error_line(result)
+    assert "broken" in line and "invalid definition 'bad'" in line
+    assert time.monotonic() - started < 5, "validation must happen before any connection attempt"
+
+
+def test_deploy_file_that_is_not_yaml(runner: CliRunner, tmp_path: Path) -> None:
+    spec = tmp_path / "garbage.yaml"
+    spec.write_text("name: [unclosed\n")
+    line = _one_error_line(runner.invoke(app, ["deploy", str(spec), "--bootstrap", UNREACHABLE]))
+    assert "not valid YAML/JSON" in line
+
+
+@pytest.mark.parametrize("args", [
+    ["start", "order", "--input", "{}"],
+    ["status", "some-id"],
+    ["deploy", "SPEC"],
+])
+def test_unreachable_broker_is_a_clear_error(runner: CliRunner, tmp_path: Path, args: list[str]) -> None:
+    spec = tmp_path / "ok.yaml"
+    spec.write_text("name: ok\nversion: 1\nsteps:\n  - id: done\n    succeed: input\n")
+    args = [str(spec) if a == "SPEC" else a for a in args]
+    started = time.monotonic()
+    result = runner.invoke(app, [*args, "--bootstrap", UNREACHABLE])
+    elapsed = time.monotonic() - started
+    line = _one_error_line(result)
+    assert f"cannot reach Kafka at {UNREACHABLE}" in line
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+
+
+def test_unreachable_broker_from_environment(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["cancel", "some-id"], env={"KFLOW_BOOTSTRAP": UNREACHABLE})
+    assert UNREACHABLE in _one_error_line(result)
+
+
+def test_worker_with_unknown_module(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["worker", "-m", "no_such_module_kflow_test", "--bootstrap", UNREACHABLE])
+    assert "cannot import module 'no_such_module_kflow_test'" in _one_error_line(result)
+
+
+def test_engine_with_unknown_workflow_module(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["engine", "--workflows", "no_such_wf_module", "--bootstrap", UNREACHABLE])
+    assert "no_such_wf_module" in _one_error_line(result)
+
+
+def test_bench_rejects_unknown_style(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["bench", "--style", "yaml"])
+    assert "--style must be" in _one_error_line(result)
+
+
+def test_start_rejects_unknown_id_reuse_policy(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["start", "order", "--id-reuse", "sometimes", "--bootstrap", UNREACHABLE])
+    assert "id_reuse must be one of" in _one_error_line(result)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_description_and_example(runner: CliRunner, command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Example: kflow " + command in result.output
+    assert "--bootstrap" in result.output and "KFLOW_BOOTSTRAP" in result.output
+    assert "--prefix" in result.output
+
+
+def test_top_level_help_lists_every_command(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+def test_dev_demo_option_takes_an_optional_name(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+
+    def fake_run_dev(bootstrap, worker_modules, demo, prefix, **kw):
+        calls.append((bootstrap, worker_modules, demo, prefix, kw))
+
+    import types
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kflow.dev.stack", types.SimpleNamespace(run_dev=fake_run_dev))
+    assert runner.invoke(app, ["dev", "--demo"]).exit_code == 0
+    assert runner.invoke(app, ["dev", "--demo", "invoice", "-m", "a.b", "-m", "c"]).exit_code == 0
+    assert runner.invoke(app, ["dev", "--bootstrap", "h:1", "--prefix", "x.", "--workflows", "w"]).exit_code == 0
+    assert calls == [
+        (None, [], "order", None, {}),
+        (None, ["a.b", "c"], "invoice", None, {}),
+        ("h:1", [], None, "x.", {"workflows": "w"}),
+    ]
+
+
+def test_bench_passes_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+
+    def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None):
+        calls.append((bootstrap, n, concurrency, style, prefix, rate))
+
+    import types
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kflow.dev.bench", types.SimpleNamespace(run_bench=fake_run_bench))
+    assert runner.invoke(app, ["bench"]).exit_code == 0
+    assert runner.invoke(app, ["bench", "-n", "10", "-c", "2", "--style", "code", "--rate", "50"]).exit_code == 0
+    assert calls == [(None, 2000, 64, "spec", None, None), (None, 10, 2, "code", None, 50.0)]

@@ -1,0 +1,211 @@
+"""Import direction and purity of the core, checked by parsing source with ``ast``.
+
+``kflow.model`` may import only the standard library, pydantic and itself; ``kflow.engine`` only the
+standard library, ``kflow.model``, itself and the pure libraries ``cel`` and ``orjson``. Neither
+may read the wall clock, randomness, fresh uuids, the environment or sleep: time, ids and
+randomness are inputs to the engine.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import kflow
+
+PACKAGE_ROOT = Path(kflow.__file__).resolve().parent
+STDLIB = frozenset(sys.stdlib_module_names)
+
+ALLOWED = {
+    "model": ({"pydantic"}, ("kflow.model",)),
+    "engine": ({"cel", "orjson"}, ("kflow.model", "kflow.engine")),
+}
+
+#: Whole modules the core must not import at all.
+BANNED_MODULES = frozenset({"time", "random", "secrets", "importlib"})
+#: Names (imported from a module, or reached as an attribute chain) the core must not use.
+BANNED_NAMES = {
+    ("datetime", "now"), ("datetime", "utcnow"), ("datetime", "today"), ("date", "today"),
+    ("uuid", "uuid1"), ("uuid", "uuid4"), ("asyncio", "sleep"), ("os", "environ"), ("os", "getenv"),
+    ("os", "urandom"), ("time", "*"), ("random", "*"),
+}
+
+
+@dataclass(frozen=True)
+class Violation:
+    where: str
+    line: int
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}:{self.line}: {self.what}"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE_ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imported_modules(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, str]]:
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, _resolve(node, module, is_package)))
+    return found
+
+
+def import_violations(source: str, module: str, allowed_third_party: set[str], allowed_kflow: tuple[str, ...],
+                      is_package: bool = False) -> list[Violation]:
+    tree = ast.parse(source)
+    out: list[Violation] = []
+    for line, name in imported_modules(tree, module, is_package):
+        top = name.split(".")[0]
+        if name == "__future__" or top in STDLIB or top in allowed_third_party:
+            continue
+        if any(name == a or name.startswith(a + ".") for a in allowed_kflow):
+            continue
+        out.append(Violation(module, line, f"imports {name}"))
+    return out
+
+
+def _dotted(node: ast.AST) -> list[str]:
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return list(reversed(parts))
+
+
+def purity_violations(source: str, module: str) -> list[Violation]:
+    tree = ast.parse(source)
+    out: list[Violation] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in BANNED_MODULES:
+                    out.append(Violation(module, node.lineno, f"imports {alias.name}"))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top = node.module.split(".")[0]
+            if top in BANNED_MODULES:
+                out.append(Violation(module, node.lineno, f"imports from {node.module}"))
+            for alias in node.names:
+                if (top, alias.name) in BANNED_NAMES or (node.module, alias.name) in BANNED_NAMES:
+                    out.append(Violation(module, node.lineno, f"imports {node.module}.{alias.name}"))
+        elif isinstance(node, ast.Attribute):
+            chain = _dotted(node)
+            for owner, attr in zip(chain, chain[1:]):
+                if (owner, attr) in BANNED_NAMES or (owner, "*") in BANNED_NAMES:
+                    out.append(Violation(module, node.lineno, f"uses {'.'.join(chain)}"))
+                    break
+        elif isinstance(node, ast.Name) and node.id == "__import__":
+            out.append(Violation(module, node.lineno, "uses __import__"))
+    return sorted(set(out), key=lambda v: (v.line, v.what))
+
+
+def sources(package: str) -> list[Path]:
+    files = sorted((PACKAGE_ROOT / package).rglob("*.py"))
+    assert files, f"no sources found under kflow/{package}"
+    return files
+
+
+# -- the real packages -----------------------------------------------------------------------------
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_import_direction(package: str) -> None:
+    third_party, kflow_prefixes = ALLOWED[package]
+    violations: list[Violation] = []
+    for path in sources(package):
+        violations += import_violations(path.read_text(encoding="utf-8"), module_name(path), third_party,
+                                        kflow_prefixes, is_package=path.name == "__init__.py")
+    assert not violations, "\n".join(map(str, violations))
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_no_clock_randomness_environment_or_sleep(package: str) -> None:
+    violations: list[Violation] = []
+    for path in sources(package):
+        violations += purity_violations(path.read_text(encoding="utf-8"), module_name(path))
+    assert not violations, "\n".join(map(str, violations))
+
+
+def test_the_scanned_sources_include_the_engine_core() -> None:
+    names = {module_name(p) for p in sources("engine")} | {module_name(p) for p in sources("model")}
+    assert {"kflow.engine.core", "kflow.engine.spec_interpreter", "kflow.model.messages", "kflow.model.spec"} <= names
+
+
+# -- the checker itself catches what it claims to ----------------------------------------------------
+@pytest.mark.parametrize("snippet", [
+    "import time\n",
+    "import time as t\n",
+    "from time import monotonic\n",
+    "import random\n",
+    "from random import choice\n",
+    "from datetime import datetime\nx = datetime.now()\n",
+    "import datetime\nx = datetime.datetime.utcnow()\n",
+    "from datetime import date\nx = date.today()\n",
+    "import uuid\nx = uuid.uuid4()\n",
+    "from uuid import uuid4\n",
+    "import asyncio\nasync def f():\n    await asyncio.sleep(1)\n",
+    "from asyncio import sleep\n",
+    "import os\nx = os.environ['X']\n",
+    "import os\nx = os.environ.get('X')\n",
+    "from os import environ\n",
+    "import os\nx = os.getenv('X')\n",
+    "def f(time):\n    return time.time()\n",
+    "m = __import__('time')\n",
+    "import importlib\n",
+])
+def test_purity_checker_flags(snippet: str) -> None:
+    assert purity_violations(snippet, "kflow.engine.x"), snippet
+
+
+@pytest.mark.parametrize("snippet", [
+    "from datetime import timedelta\nx = timedelta(seconds=1)\n",
+    "import uuid\nx = uuid.uuid5(uuid.NAMESPACE_URL, 'a')\n",
+    "import os.path\nx = os.path.join('a', 'b')\n",
+    "now = 5\nx = now + 1\n",
+])
+def test_purity_checker_allows(snippet: str) -> None:
+    assert purity_violations(snippet, "kflow.engine.x") == []
+
+
+@pytest.mark.parametrize(("snippet", "module", "ok"), [
+    ("import pydantic\n", "kflow.model.x", True),
+    ("from kflow.model.errors import KflowError\n", "kflow.model.x", True),
+    ("from . import errors\n", "kflow.model.x", True),
+    ("from kflow.engine import decide\n", "kflow.model.x", False),
+    ("import orjson\n", "kflow.model.x", False),
+    ("from ..streams import store\n", "kflow.model.x", False),
+    ("import cel\nimport orjson\n", "kflow.engine.x", True),
+    ("from kflow.model.messages import Event\n", "kflow.engine.x", True),
+    ("from .expr import evaluate\n", "kflow.engine.x", True),
+    ("import pydantic\n", "kflow.engine.x", False),
+    ("from kflow.streams import x\n", "kflow.engine.x", False),
+    ("from kflow.testing import harness\n", "kflow.engine.x", False),
+    ("import confluent_kafka\n", "kflow.engine.x", False),
+    ("from ..worker import w\n", "kflow.engine.x", False),
+])
+def test_import_checker(snippet: str, module: str, ok: bool) -> None:
+    package = module.split(".")[1]
+    third_party, prefixes = ALLOWED[package]
+    assert (import_violations(snippet, module, third_party, prefixes) == []) is ok
