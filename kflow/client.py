@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from kflow.config import KafkaConfig
 from kflow.engine import compile_spec
@@ -234,6 +234,11 @@ class StateWatcher:
         with self._lock:
             waiter.deliver(instance_id, state)
 
+    def pending(self, waiter: _Waiter) -> set[str]:
+        """The ids ``waiter`` still waits for (a snapshot)."""
+        with self._lock:
+            return set(waiter.pending)
+
     def unregister(self, waiter: _Waiter) -> None:
         with self._lock:
             for iid in list(waiter.pending):
@@ -244,12 +249,16 @@ class StateWatcher:
                     if not waiting:
                         del self._waiters[iid]
 
-    def wait(self, waiter: _Waiter, timeout: float) -> bool:
-        """Block until ``waiter`` is complete or ``timeout`` passes; raise if the thread died."""
-        done = waiter.event.wait(max(timeout, 0.0))
+    def wait(self, waiter: _Waiter, timeout: float) -> dict[str, dict[str, Any]]:
+        """Block until ``waiter`` is complete or ``timeout`` passes; return the states it got.
+
+        Raises:
+            KflowError: the watcher's thread died (its cause is chained).
+        """
+        waiter.event.wait(max(timeout, 0.0))
         with self._lock:
             self._raise_if_failed()
-        return done
+            return dict(waiter.states)
 
     def is_waiting(self, instance_id: str) -> bool:
         """True while some caller waits for ``instance_id`` (lets tests synchronise on it)."""
@@ -609,14 +618,13 @@ class Client:
         # Registered before the scan: records newer than the scan reach the waiter, older ones the scan.
         waiter = watcher.register(ids)
         try:
-            unseen = [i for i in ids if i in waiter.pending and not watcher.covers(i)]
+            pending = watcher.pending(waiter)
+            unseen = [i for i in ids if i in pending and not watcher.covers(i)]
             if unseen:
                 for iid, state in self._scan(unseen).items():
                     if state["status"] in Status.TERMINAL:
                         watcher.deliver(waiter, iid, state)
-            watcher.wait(waiter, deadline - time.monotonic())
-            with watcher._lock:
-                return dict(waiter.states)
+            return watcher.wait(waiter, deadline - time.monotonic())
         finally:
             watcher.unregister(waiter)
 
@@ -645,8 +653,7 @@ class Client:
             found: dict[str, dict[str, Any]] = {}
             if not ends:
                 return found
-            consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-            # ``0`` is clamped to the log start by auto.offset.reset=earliest on compacted topics.
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
             deadline = time.monotonic() + self.request_timeout
             while ends:
                 if time.monotonic() > deadline:

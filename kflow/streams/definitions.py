@@ -28,7 +28,7 @@ class DefinitionsTable(InMemoryDefinitions):
         super().__init__()
         self.topic = topic
         conf = {**consumer_conf, "group.id": "kflow-definitions", "enable.auto.commit": False,
-                "auto.offset.reset": "earliest"}
+                "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10}
         self._c = Consumer(conf)
         md = self._c.list_topics(topic, timeout=10)
         parts = sorted(md.topics[topic].partitions) if topic in md.topics else [0]

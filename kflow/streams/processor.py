@@ -60,6 +60,7 @@ class Batch:
     changelog_next: dict[int, int] = field(default_factory=dict)
     commands: int = 0
     events: int = 0
+    defs_synced: bool = False
 
 
 def state_record(st: JSONDict) -> dict[str, Any]:
@@ -249,10 +250,13 @@ class EngineProcessor:
         else:
             st = self.store.get(p).get(iid)
             batch.old.setdefault(iid, st)
+        if cmd.type == "StartWorkflow" and not batch.defs_synced and (
+                cmd.data.get("version") is None or self.defs.get(cmd.data.get("workflow"), cmd.data["version"]) is None):
+            # "latest version" means latest deployed when the start is decided: a deploy produced
+            # just before this start must be visible, so read the table to its high watermark once per batch.
+            self.defs.catch_up(2)
+            batch.defs_synced = True
         d = decide(st, cmd, batch.now, self.defs)
-        if d.dlq_reason and cmd.type == "StartWorkflow":
-            self.defs.catch_up(2)  # a deploy may have landed after our last poll
-            d = decide(st, cmd, batch.now, self.defs)
         batch.commands += 1
         metrics.COMMANDS.labels(cmd.type).inc()
         if d.dlq_reason:

@@ -132,6 +132,16 @@ def test_choice_without_match_or_otherwise_falls_through_to_the_next_step() -> N
     assert h.result("i2") == {"big": True}
 
 
+def test_choice_rule_must_evaluate_to_true_not_merely_truthy() -> None:
+    h = harness(wf("w", [
+        {"id": "route", "choice": [{"when": "input.n", "goto": "yes"}], "otherwise": "no"},
+        {"id": "yes", "succeed": "'yes'"},
+        {"id": "no", "succeed": "'no'"},
+    ]))
+    h.start("w", "i1", {"n": 1})
+    assert h.result("i1") == "no"
+
+
 # -- parallel ------------------------------------------------------------------------------------
 def test_parallel_output_is_branch_last_outputs_in_branch_order() -> None:
     h = harness(wf("w", [
@@ -465,6 +475,25 @@ def test_goto_on_a_plain_step_jumps_after_it() -> None:
     ]))
     h.start("w", "i1")
     assert h.result("i1") == {"x": 1, "y": 2}
+
+
+@pytest.mark.parametrize("blocking", [
+    {"task": "echo", "input": "1", "output": "got"},
+    {"sleep": "1s", "output": "got"},
+    {"wait": {"signal": "go"}, "output": "got"},
+])
+def test_goto_on_a_blocking_step_applies_once_it_resumes(blocking: dict[str, Any]) -> None:
+    h = harness(wf("w", [
+        {"id": "a", "goto": "c", **blocking},
+        {"id": "b", "set": {"skipped": "true"}},
+        {"id": "c", "set": {"y": "2"}},
+    ]), echo=lambda x: x)
+    h.start("w", "i1")
+    h.advance(1)
+    h.signal("i1", "go", 1)
+    assert h.status("i1") == "COMPLETED"
+    assert "skipped" not in h.result("i1") and h.result("i1")["y"] == 2
+    replays(h)
 
 
 # -- runtime expression errors -------------------------------------------------------------------
