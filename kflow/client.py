@@ -23,11 +23,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from kflow.config import KafkaConfig
 from kflow.engine import compile_spec
-from kflow.model.errors import BrokerUnavailable, KflowError, WorkflowFailedError
+from kflow.model.errors import BrokerUnavailable, DefinitionError, KflowError, WorkflowFailedError
 from kflow.model.messages import Command, Definition, JSONValue, Status
 from kflow.schemas.codec import decode_state, encode_command, encode_definition
 from kflow.streams.partitioner import partition_for
@@ -63,10 +64,6 @@ def load_spec(spec: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """
     if isinstance(spec, Mapping):
         return dict(spec)
-    import yaml
-
-    from kflow.model.errors import DefinitionError
-
     path = Path(spec)
     text = path.read_text(encoding="utf-8")
     try:
@@ -155,7 +152,7 @@ class StateWatcher:
                 return
             consumer = Consumer(self._config.consumer_conf(
                 f"kflow-client-{uuid.uuid4().hex}",
-                **{"fetch.wait.max.ms": 100, "logger": _KafkaLog("kflow.client.kafka")}))
+                logger=_KafkaLog("kflow.client.kafka")))
             try:
                 assignment = self._positions(consumer)
                 consumer.assign(assignment)
@@ -428,7 +425,8 @@ class Client:
                 self._ready = True
             if self._producer is None:
                 self._producer = Producer(self.config.producer_conf(**{
-                    "acks": "all", "message.timeout.ms": int(self.request_timeout * 1000), **self._conf()}))
+                    "acks": "all", "message.timeout.ms": int(self.request_timeout * 1000), "client.id": "kflow-client",
+                    **self._conf()}))
             return self._producer
 
     def _check_broker(self) -> int:
@@ -635,7 +633,7 @@ class Client:
         wanted = set(ids)
         consumer = Consumer(self.config.consumer_conf(
             f"kflow-client-scan-{uuid.uuid4().hex}",
-            **{"enable.partition.eof": True, "fetch.wait.max.ms": 50, **self._conf()}))
+            **{"enable.partition.eof": True, **self._conf()}))
         try:
             try:
                 meta = consumer.list_topics(topic, timeout=self.connect_timeout)
@@ -697,6 +695,8 @@ class Client:
                 left = producer.flush(self.request_timeout)
                 if left:
                     log.warning("closing the client with %d undelivered record(s)", left)
+                if hasattr(producer, "close"):  # confluent-kafka >= 2.13; older ones free it when collected
+                    producer.close()
         finally:
             if watcher is not None:
                 watcher.close()

@@ -32,6 +32,7 @@ class KafkaConfig(BaseSettings):
     kafka_sasl_mechanism: str | None = Field(None, description="librdkafka sasl.mechanism (PLAIN, SCRAM-SHA-512, ...).")
     kafka_sasl_username: str | None = Field(None, description="SASL username.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    fetch_wait_ms: int = Field(10, ge=0, le=10_000, description="Most time a broker may hold a fetch when no data is there (fetch.wait.max.ms); low values cut latency.")
     dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts for dev brokers (set by `kflow dev` and tests).")
 
     @property
@@ -58,7 +59,7 @@ class KafkaConfig(BaseSettings):
     def consumer_conf(self, group_id: str, **extra: Any) -> dict[str, Any]:
         conf = {**self.client_conf(), "group.id": group_id, "enable.auto.commit": False,
                 "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-                "enable.partition.eof": False}
+                "enable.partition.eof": False, "fetch.wait.max.ms": self.fetch_wait_ms}
         if self.dev_tuning:
             conf.update({"session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
         conf.update(extra)

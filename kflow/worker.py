@@ -136,7 +136,6 @@ class Worker:
             topics={names.tasks(q): q for q in self.queues},
             commands_topic=names.commands,
             dlq_topic=names.dlq,
-            group_id=self.group_id,
             consumer_conf=cfg.consumer_conf(self.group_id),
             producer_conf=cfg.producer_conf(),
             concurrency=cfg.concurrency,

@@ -61,10 +61,11 @@ def deploy(
 
 def start(
     name: Annotated[str, typer.Argument(help="Name of the deployed workflow.")],
-    input: Annotated[Optional[str], typer.Option("--input", "-i", metavar="JSON",
-                                                 help="Workflow input as JSON, or @FILE to read it from a file.")] = None,
+    input: Annotated[Optional[str], typer.Option(
+        "--input", "-i", metavar="JSON", help="Workflow input as JSON, or @FILE to read it from a file.")] = None,
     id: Annotated[Optional[str], typer.Option("--id", help="Instance id (default: a random one).")] = None,
-    version: Annotated[Optional[int], typer.Option("--version", min=1, help="Definition version (default: latest).")] = None,
+    version: Annotated[Optional[int], typer.Option(
+        "--version", min=1, help="Definition version (default: latest).")] = None,
     id_reuse: Annotated[Optional[str], typer.Option(
         "--id-reuse", metavar="POLICY",
         help=f"What to do if the id exists: {', '.join(sorted(ID_REUSE_POLICIES))}.")] = None,

@@ -33,8 +33,8 @@ DEV_CONSUMER_TUNING: Final[dict[str, int]] = {"session.timeout.ms": 6000, "heart
 """Consumer settings for the embedded broker.
 
 With librdkafka's defaults (45 s session, 3 s heartbeat) a consumer group join against Tansu
-takes about 23 s; with these it takes well under a second. Both values are also valid against a
-real Kafka cluster (6000 ms is the broker's default ``group.min.session.timeout.ms``).
+takes about 23 s; with these it takes about 3 s. Both values are also valid against a real Kafka
+cluster (6000 ms is the broker's default ``group.min.session.timeout.ms``).
 """
 
 _HOST: Final = "127.0.0.1"

@@ -79,6 +79,7 @@ class _Kind:
 
     @property
     def fingerprint(self) -> bytes:
+        """The 8 fingerprint bytes after the magic."""
         return self.header[len(MAGIC) :]
 
 
@@ -271,7 +272,8 @@ def _write(kind: _Kind, record: dict[str, Any], what: str = "") -> bytes:
     try:
         _writer(buf, kind.schema, record)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"cannot encode {kind.label} {what}: {exc}".replace("  ", " ")) from exc
+        label = f"{kind.label} {what}".rstrip()
+        raise ValueError(f"cannot encode {label}: {exc}") from exc
     return buf.getvalue()
 
 
@@ -337,9 +339,8 @@ def _json_text(value: Any, where: str) -> str:
         raise ValueError(f"{where} is not JSON-serialisable: {exc}") from exc
 
 
-def _check_format(kind: _Kind, record: dict[str, Any]) -> None:
-    if record["format"] > FORMAT:
-        raise DecodeError(f"{kind.label} format {record['format']} is newer than this kflow ({FORMAT})")
+def _newer_format(kind: _Kind, record: dict[str, Any]) -> DecodeError:
+    return DecodeError(f"{kind.label} format {record['format']} is newer than this kflow ({FORMAT})")
 
 
 def _check_long(what: str, name: str, value: Any) -> None:
@@ -378,7 +379,8 @@ def decode_command(
     if headers and _is_json(headers):
         return _command_from_json(value)
     record = _read(_COMMAND, value)
-    _check_format(_COMMAND, record)
+    if record["format"] > FORMAT:
+        raise _newer_format(_COMMAND, record)
     name, avro_body = record["body"]
     body = _COMMAND_BY_RECORD[name]
     _check_instance_id(record["instance_id"])
@@ -468,7 +470,8 @@ def encode_event(ev: Event) -> bytes:
 def decode_event(value: bytes) -> Event:
     """Decode an Avro single-object event value."""
     record = _read(_EVENT, value)
-    _check_format(_EVENT, record)
+    if record["format"] > FORMAT:
+        raise _newer_format(_EVENT, record)
     name, avro_body = record["body"]
     body = _EVENT_BY_RECORD[name]
     return Event(body.type, record["instance_id"], record["seq"], record["ts"], body.from_avro(avro_body))
@@ -534,6 +537,16 @@ def decode_definition(value: bytes) -> Definition:
 
 def encode_state(rec: Mapping[str, Any]) -> bytes:
     """Encode a state record; ``result`` is a JSON value and ``internal`` a dict."""
+    _check_state(rec)
+    record = {f: rec.get(f) for f in _STATE_FIELDS}
+    if record["result"] is not None:
+        record["result"] = _json_text(record["result"], "state result")
+    record["internal"] = _json_text(record["internal"], "state internal")
+    return _write(_STATE, record)
+
+
+def _check_state(rec: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``rec`` has exactly the State fields with the right basic types."""
     unknown = rec.keys() - _STATE_NAMES
     if unknown:
         raise ValueError(f"state: unknown field(s) {_quoted(unknown)}")
@@ -541,18 +554,13 @@ def encode_state(rec: Mapping[str, Any]) -> bytes:
     if missing:
         raise ValueError(f"state: missing field(s) {_quoted(missing)}")
     if not isinstance(rec["internal"], dict):
-        raise ValueError(f"state: 'internal' must be a dict, got {type(rec['internal']).__name__}")
+        raise ValueError(f"state: 'internal' must be a dict, got {_describe(rec['internal'])}")
     for name in ("seq", "started_ms", "updated_ms"):
         _check_long("state", name, rec[name])
+    if rec.get("closed_ms") is not None:
+        _check_long("state", "closed_ms", rec["closed_ms"])
     if type(rec["version"]) is not int or not _INT_RANGE[0] <= rec["version"] <= _INT_RANGE[1]:
         raise ValueError(f"state: field 'version' must be int, got {_describe(rec['version'])}")
-    record = {f: rec.get(f) for f in _STATE_FIELDS}
-    if record["closed_ms"] is not None:
-        _check_long("state", "closed_ms", record["closed_ms"])
-    if record["result"] is not None:
-        record["result"] = _json_text(record["result"], "state result")
-    record["internal"] = _json_text(record["internal"], "state internal")
-    return _write(_STATE, record)
 
 
 def decode_state(value: bytes) -> dict[str, Any]:

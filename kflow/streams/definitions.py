@@ -58,11 +58,14 @@ class DefinitionsTable(InMemoryDefinitions):
         deadline = time.monotonic() + timeout
         marks = {tp.partition: self._c.get_watermark_offsets(TopicPartition(self.topic, tp.partition),
                                                               timeout=timeout, cached=False) for tp in self._tps}
-        while time.monotonic() < deadline:
-            self.poll(0.05)
+        while True:
             pos = {tp.partition: tp.offset for tp in self._c.position(self._tps)}
             if all(high <= low or pos[p] >= high for p, (low, high) in marks.items()):
                 return
+            if time.monotonic() > deadline:
+                log.warning("definitions table behind its high watermark after %.1fs", timeout)
+                return
+            self.poll(0.005)
 
     def close(self) -> None:
         self._c.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 COMMANDS = Counter("kflow_engine_commands_total", "Commands decided, by command type.", ["type"])
@@ -16,3 +18,22 @@ RESTORE_SECONDS = Histogram("kflow_engine_restore_seconds", "Time to restore one
 REBALANCES = Counter("kflow_engine_rebalances_total", "Partition assignments and revocations.", ["kind"])
 ASSIGNED = Gauge("kflow_engine_assigned_partitions", "Partitions of commands owned by this engine.")
 ABORTS = Counter("kflow_engine_transaction_aborts_total", "Transactions aborted and retried.")
+
+
+_commands: dict[str, Any] = {}
+_events: dict[str, Any] = {}
+
+
+def command(type_: str) -> None:
+    """Count one decided command (label children cached: this is the hot path)."""
+    child = _commands.get(type_)
+    if child is None:
+        child = _commands[type_] = COMMANDS.labels(type_)
+    child.inc()
+
+
+def event(type_: str) -> None:
+    child = _events.get(type_)
+    if child is None:
+        child = _events[type_] = EVENTS.labels(type_)
+    child.inc()

@@ -41,6 +41,9 @@ from kflow.streams.topics import ensure_task_topic, ensure_topics
 
 log = logging.getLogger("kflow.engine")
 
+#: How stale the definitions table may be when a start without a version is decided.
+DEFS_SYNC_MS = 250
+
 
 class SystemClock:
     def now_ms(self) -> int:
@@ -86,6 +89,7 @@ class EngineProcessor:
         self._compile_code = compile_code
         self._known_queues: set[str] = set()
         self._next_due: dict[int, Optional[int]] = {}
+        self._defs_synced_at = 0
         self.defs: DefinitionsTable
         self.consumer: Consumer
         self.producer: Producer
@@ -250,15 +254,16 @@ class EngineProcessor:
         else:
             st = self.store.get(p).get(iid)
             batch.old.setdefault(iid, st)
-        if cmd.type == "StartWorkflow" and not batch.defs_synced and (
-                cmd.data.get("version") is None or self.defs.get(cmd.data.get("workflow"), cmd.data["version"]) is None):
+        if cmd.type == "StartWorkflow" and not batch.defs_synced and self._defs_stale(cmd, batch.now):
             # "latest version" means latest deployed when the start is decided: a deploy produced
-            # just before this start must be visible, so read the table to its high watermark once per batch.
+            # just before this start must be visible, so read the table to its high watermark
+            # (always for an unknown name or version, at most every DEFS_SYNC_MS otherwise).
             self.defs.catch_up(2)
+            self._defs_synced_at = batch.now
             batch.defs_synced = True
         d = decide(st, cmd, batch.now, self.defs)
         batch.commands += 1
-        metrics.COMMANDS.labels(cmd.type).inc()
+        metrics.command(cmd.type)
         if d.dlq_reason:
             if m is not None:
                 self._dlq(m, d.dlq_reason, batch.now)
@@ -271,7 +276,7 @@ class EngineProcessor:
         produce = self.producer.produce
         for ev in d.events:
             produce(self.names.events, encode_event(ev), iid.encode(), partition=p)
-            metrics.EVENTS.labels(ev.type).inc()
+            metrics.event(ev.type)
         batch.events += len(d.events)
         for task in d.tasks:
             if task.queue not in self._known_queues:
@@ -280,6 +285,14 @@ class EngineProcessor:
             produce(self.names.tasks(task.queue), encode_task(task), iid.encode())
         for c in d.commands:
             produce(self.names.commands, encode_command(c), c.instance_id.encode())
+
+    def _defs_stale(self, cmd: Command, now: int) -> bool:
+        name, version = cmd.data.get("workflow"), cmd.data.get("version")
+        if version is None:
+            version = self.defs.latest(name)
+        if version is None or self.defs.get(name, version) is None:
+            return True
+        return cmd.data.get("version") is None and now - self._defs_synced_at >= DEFS_SYNC_MS
 
     def _produce_states(self, batch: Batch) -> None:
         """One changelog record per changed instance per batch (latest wins), offsets tracked."""

@@ -229,14 +229,12 @@ def gate() -> Iterator[Gate]:
 
 
 @pytest.fixture
-def running(request: pytest.FixtureRequest) -> Iterator[Callable[..., Worker]]:
+def running() -> Iterator[Callable[..., Worker]]:
     """Start workers in threads; they are stopped (and their errors raised) at teardown."""
     started: list[Worker] = []
 
-    def start(cfg: WorkerConfig, activities: Any = None, **kw: Any) -> Worker:
-        import sys
-
-        w = Worker(cfg, activities if activities is not None else sys.modules[__name__], **kw)
+    def start(cfg: WorkerConfig, activities: Any, **kw: Any) -> Worker:
+        w = Worker(cfg, activities, **kw)
         w.start_in_thread()
         started.append(w)
         return w
@@ -458,5 +456,39 @@ def test_graceful_stop_finishes_in_flight_work(kafka_bootstrap: str, topic_prefi
         assert not stopper.is_alive()
         assert cmds.result_for(t).data["result"] == "slow"
         assert committed(cfg, w.group_id, topic) == 1
+    finally:
+        io.close()
+
+
+def test_partitions_move_between_workers_without_losing_tasks(
+    kafka_bootstrap: str, topic_prefix: str, running: Any
+) -> None:
+    cfg = make_config(kafka_bootstrap, topic_prefix, partitions=4)
+    io = Topics(cfg, ["default"])
+    topic = cfg.names.tasks("default")
+    try:
+        cmds = Commands(io.reader(cfg.names.commands))
+        produced: list[Task] = []
+
+        def round_trip(n: int) -> None:
+            batch = [task("t.inc", len(produced) + i) for i in range(n)]
+            produced.extend(batch)
+            io.produce(*batch)
+            for t in batch:
+                assert cmds.result_for(t).data["result"] == t.input + 1
+
+        first = running(cfg, [inc])
+        round_trip(20)
+        second = running(cfg, [inc])  # joins the group: the partitions are split
+        assert second.group_id == first.group_id
+        assert second.wait_assigned(DEADLINE)
+        round_trip(20)
+        first.stop(timeout=60)  # leaves the group: the second worker owns every partition
+        round_trip(20)
+
+        def all_committed() -> bool:
+            return sum(committed(cfg, first.group_id, topic, p) or 0 for p in range(4)) == len(produced)
+
+        assert_eventually(all_committed, timeout=DEADLINE, msg="every task's offset committed")
     finally:
         io.close()

@@ -188,6 +188,7 @@ def test_a_consumer_with_only_the_avsc_file_can_read_an_event() -> None:
 
 
 @pytest.mark.parametrize("typ", list(COMMAND_FIELDS))
+@settings(max_examples=50)  # per type; the types share one code path
 @given(data=st.data())
 def test_every_command_type_round_trips(typ: str, data: st.DataObject) -> None:
     cmd = Command(typ, data.draw(TEXT.filter(bool)), data.draw(data_strategy(typ, COMMAND_FIELDS[typ])),
@@ -196,9 +197,11 @@ def test_every_command_type_round_trips(typ: str, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("typ", list(EVENT_FIELDS))
+@settings(max_examples=50)  # per type; the types share one code path
 @given(data=st.data())
 def test_every_event_type_round_trips(typ: str, data: st.DataObject) -> None:
-    ev = Event(typ, data.draw(TEXT), data.draw(INT64), data.draw(INT64), data.draw(data_strategy(typ, EVENT_FIELDS[typ])))
+    fields = data.draw(data_strategy(typ, EVENT_FIELDS[typ]))
+    ev = Event(typ, data.draw(TEXT), data.draw(INT64), data.draw(INT64), fields)
     assert decode_event(encode_event(ev)) == ev
 
 
@@ -265,6 +268,7 @@ def as_json_document(cmd: Command, nested: bool) -> bytes:
 
 @pytest.mark.parametrize("nested", [False, True], ids=["top-level", "under-data"])
 @pytest.mark.parametrize("typ", list(COMMAND_FIELDS))
+@settings(max_examples=50)  # per type; the types share one code path
 @given(data=st.data())
 def test_json_commands_decode_like_avro_ones(typ: str, nested: bool, data: st.DataObject) -> None:
     cmd = Command(typ, data.draw(TEXT.filter(bool)), data.draw(data_strategy(typ, COMMAND_FIELDS[typ])),
@@ -319,7 +323,8 @@ def test_without_the_json_header_a_json_value_is_not_avro() -> None:
         (b'{"type":"StartWorkflow","instance_id":"o","workflow":7}', "'workflow' must be string, got int 7"),
         (b'{"type":"StartWorkflow","instance_id":"o","workflow":"w","version":"2"}', "'version' must be int or null"),
         (b'{"type":"StartWorkflow","instance_id":"o","workflow":"w","version":1.0}', "'version' must be int or null"),
-        (b'{"type":"StartWorkflow","instance_id":"o","workflow":"w","parent_id":1}', "'parent_id' must be string or null"),
+        (b'{"type":"StartWorkflow","instance_id":"o","workflow":"w","parent_id":1}',
+         "'parent_id' must be string or null"),
         (b'{"type":"StartWorkflow","instance_id":"o","workflow":"w","inputs":{}}', "unknown field(s) 'inputs'"),
         (b'{"type":"StartWorkflow","instance_id":"o","data":{"workflow":"w"},"x":1}', "unknown field(s) 'x'"),
         (b'{"type":"FailActivity","instance_id":"o","activity_id":"a","attempt":true,"error_type":"E",'

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import pytest
 
-from kflow.engine import Decision, InMemoryDefinitions, compile_spec, decide, fold
-from kflow.model.messages import Command, JSONDict, RejectCode
+from kflow.engine import Decision, DeterminismError, InMemoryDefinitions, compile_spec, decide, fold
+from kflow.model.messages import Command, Event, JSONDict, RejectCode
 from kflow.testing.harness import EngineHarness
 
 NOW = 1_700_000_000_000
@@ -412,3 +412,36 @@ def test_duplicate_child_start_tells_the_waiting_parent_unless_it_already_owns_t
     # a plain duplicate start from a client notifies nobody
     plain = decide(owner, start("kid", "waiter"), NOW + 1, d)
     assert plain.commands == []
+
+
+# -- replay ------------------------------------------------------------------------------------
+def _recorded_history() -> tuple[InMemoryDefinitions, list[Event]]:
+    d = defs()
+    first = started(d)
+    assert first.state is not None
+    [task] = first.tasks
+    second = decide(first.state, cmd("CompleteActivity", activity_id=task.activity_id, attempt=1, result="ok"),
+                    NOW + 1, d)
+    history = [*first.events, *second.events]
+    assert fold(history, d) == second.state
+    return d, history
+
+
+@pytest.mark.parametrize("tamper", ["data", "type", "drop", "extra", "orphan"])
+def test_fold_detects_a_history_the_engine_would_not_produce(tamper: str) -> None:
+    d, history = _recorded_history()
+    i = next(i for i, e in enumerate(history) if e.type == "ActivityScheduled")
+    ev = history[i]
+    if tamper == "data":
+        history[i] = Event(ev.type, ev.instance_id, ev.seq, ev.ts, {**ev.data, "queue": "elsewhere"})
+    elif tamper == "type":
+        history[i] = Event("TimerStarted", ev.instance_id, ev.seq, ev.ts, ev.data)
+    elif tamper == "drop":
+        history = history[:1]
+    elif tamper == "extra":
+        history.insert(i + 1, Event("ActivityScheduled", ev.instance_id, ev.seq + 1, ev.ts, ev.data))
+    else:
+        history.append(Event("TimerStarted", ev.instance_id, len(history) + 1, ev.ts, {"timer_id": "t9", "due_ms": 1}))
+    with pytest.raises(DeterminismError) as info:
+        fold(history, d)
+    assert info.value.instance_id == "i1"

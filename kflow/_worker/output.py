@@ -1,0 +1,222 @@
+"""Everything a worker writes: result commands, DLQ records and heartbeats, through one idempotent producer.
+
+A consumed task counts as finished only once every record produced on its behalf is confirmed
+delivered, so each output carries its :class:`Record` and the delivery report (served on the
+worker loop's thread by :meth:`Outbox.serve` and :meth:`Outbox.flush`) counts it down. A record
+whose delivery failed for good is produced again rather than dropped: an offset is never
+committed past a result that did not reach Kafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from kflow._worker import metrics
+from kflow._worker.offsets import PartitionOffsets
+from kflow.model.errors import NonRetryableError
+from kflow.model.messages import Command, Task
+from kflow.schemas.codec import encode_command
+
+__all__ = ["Out", "Outbox", "Record", "fail_command", "now_ms", "result_command"]
+
+log = logging.getLogger("kflow.worker")
+
+_MAX_MESSAGE_CHARS = 4000  # failure messages are cut to this length
+_FULL_QUEUE_WAIT = 0.05  # seconds to serve delivery reports when the producer queue is full
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a bound method so a librdkafka client holding it does not keep its owner alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target(*args)
+
+    return call
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """One consumed task record and the outputs still awaiting delivery before it counts as finished."""
+
+    offsets: PartitionOffsets
+    offset: int
+    remaining: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Out:
+    """One record to produce on behalf of a consumed record."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    record: Record
+    headers: list[tuple[str, bytes]] | None = None
+
+
+def fail_command(task: Task, error_type: str, message: str, retryable: bool) -> bytes:
+    """Encode the ``FailActivity`` command of one attempt."""
+    data = {"activity_id": task.activity_id, "attempt": task.attempt, "error_type": error_type,
+            "message": _cut(message), "retryable": retryable}
+    cmd = Command("FailActivity", task.instance_id, data, f"{task.activity_id}/{task.attempt}/result", now_ms())
+    return encode_command(cmd)
+
+
+def result_command(task: Task, result: Any = None, error: BaseException | None = None) -> tuple[bytes, str]:
+    """Encode the command reporting one attempt's outcome; returns ``(value, outcome label)``.
+
+    A result is ``CompleteActivity``; :class:`NonRetryableError` is a non-retryable
+    ``FailActivity`` of its ``type``; any other exception is a retryable one named after its
+    class; a result that is not JSON-serialisable is a non-retryable ``InvalidResult``.
+    """
+    if error is None:
+        data = {"activity_id": task.activity_id, "attempt": task.attempt, "result": result}
+        cmd = Command("CompleteActivity", task.instance_id, data, f"{task.activity_id}/{task.attempt}/result", now_ms())
+        try:
+            return encode_command(cmd), metrics.Outcome.COMPLETED
+        except ValueError as exc:
+            why = f"activity '{task.name}' returned a value that is not JSON-serialisable: {exc}"
+            return fail_command(task, "InvalidResult", why, False), metrics.Outcome.INVALID_RESULT
+    if isinstance(error, NonRetryableError):
+        return fail_command(task, str(error.type), str(error.message), False), metrics.Outcome.NON_RETRYABLE
+    return fail_command(task, type(error).__name__, str(error) or repr(error), True), metrics.Outcome.FAILED
+
+
+def dead_letter_headers(msg: Message, reason: str) -> list[tuple[str, bytes]]:
+    """The headers of a DLQ record: why, and where the original came from."""
+    return [
+        ("kflow.reason", reason.encode()),
+        ("kflow.original.topic", msg.topic().encode()),
+        ("kflow.original.partition", str(msg.partition()).encode()),
+        ("kflow.original.offset", str(msg.offset()).encode()),
+        ("kflow.time", str(now_ms()).encode()),
+    ]
+
+
+class Outbox:
+    """The worker's idempotent producer and the delivery bookkeeping of its records.
+
+    ``try_produce`` and ``heartbeat`` may be called from any thread; everything else runs on
+    the worker loop's thread, which is also where delivery reports are served.
+    """
+
+    def __init__(self, producer_conf: dict[str, Any], commands_topic: str) -> None:
+        self.commands_topic = commands_topic
+        self.producer = Producer({**producer_conf, "error_cb": weak_callback(self._on_error)})
+        self._retry: list[Out] = []
+        self._fatal: KafkaException | None = None
+        self._closed = False
+
+    # -- any thread -----------------------------------------------------------------------
+
+    def try_produce(self, out: Out) -> bool:
+        """Hand ``out`` to the producer; False when the producer queue is full."""
+        if self._closed:
+            log.debug("worker stopped: output to %s dropped (its task is re-delivered)", out.topic)
+            return True
+        try:
+            self.producer.produce(
+                out.topic, out.value, out.key, headers=out.headers,
+                on_delivery=lambda err, _msg, out=out: self._on_delivery(out, err),  # type: ignore[misc]
+            )
+        except BufferError:
+            return False
+        return True
+
+    def heartbeat(self, cmd: Command) -> None:
+        """Produce a heartbeat command (fire and forget).
+
+        Raises:
+            ValueError: the heartbeat details are not JSON-serialisable.
+        """
+        value = encode_command(cmd)
+        if self._closed:
+            return
+        try:
+            self.producer.produce(self.commands_topic, value, cmd.instance_id.encode(), on_delivery=_on_heartbeat)
+        except BufferError:
+            log.warning("producer queue full: heartbeat of activity %s dropped", cmd.data.get("activity_id"))
+
+    # -- worker loop thread ---------------------------------------------------------------
+
+    def produce(self, out: Out, counted: bool = False) -> None:
+        """Produce ``out``, serving delivery reports while the producer queue is full.
+
+        Args:
+            out: The record.
+            counted: True if ``out`` is already counted in its record's ``remaining``.
+        """
+        if not counted:
+            out.record.remaining += 1
+        while not self.try_produce(out):
+            self.producer.poll(_FULL_QUEUE_WAIT)
+
+    def serve(self, timeout: float = 0) -> None:
+        """Serve delivery reports and produce again what failed; raise a fatal producer error."""
+        self.producer.poll(timeout)
+        self._check()
+
+    def flush(self, deadline: float) -> bool:
+        """Deliver everything outstanding before ``deadline`` (monotonic); True if nothing is left."""
+        while True:
+            left = self.producer.flush(max(0.0, min(1.0, deadline - time.monotonic())))
+            self._check()
+            if left == 0 and not self._retry:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def close(self, flushed: bool) -> None:
+        """Stop producing; a flushed producer is closed now, an unflushed one when collected."""
+        self._closed = True
+        if flushed:
+            self.producer.close()
+
+    def _check(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        retry, self._retry = self._retry, []
+        for out in retry:
+            self.produce(out, counted=True)
+
+    def _on_delivery(self, out: Out, err: KafkaError | None) -> None:
+        if err is None:
+            out.record.remaining -= 1
+            if out.record.remaining == 0:
+                out.record.offsets.finish(out.record.offset)
+            return
+        if err.fatal():
+            self._fatal = KafkaException(err)
+            return
+        log.error("delivery to %s failed, producing again: %s", out.topic, err)
+        self._retry.append(out)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = KafkaException(err)
+            log.error("fatal producer error: %s", err)
+        else:
+            log.debug("producer: %s", err)
+
+
+def _on_heartbeat(err: KafkaError | None, _msg: Message) -> None:
+    if err is not None:
+        log.warning("heartbeat not delivered: %s", err)

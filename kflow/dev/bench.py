@@ -1,0 +1,172 @@
+"""``kflow bench``: the chain3 workload (three sequential ``x -> x+1`` activities) on a real stack.
+
+Two phases on a fresh topic prefix: *throughput* (``n`` instances, ``concurrency`` in flight, as
+fast as the stack goes) and *latency* (instances started at a fixed ``rate`` per second, measuring
+start-to-result latency when the stack is not saturated). Latency is measured client side, from
+producing ``StartWorkflow`` to reading the terminal record on the ``state`` topic. The engine and
+the worker run as separate processes, so their RSS is reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from kflow.config import KafkaConfig
+from kflow.dev.stack import DevStack, bundled_spec
+from kflow.model.errors import KflowError
+from kflow.model.messages import Command, Status
+from kflow.schemas.codec import decode_state, encode_command
+
+log = logging.getLogger("kflow.bench")
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    instances: int
+    seconds: float
+    completed_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    failed: int
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+class Driver:
+    """Starts instances and times them to their terminal state record."""
+
+    def __init__(self, cfg: KafkaConfig, workflow: str) -> None:
+        self.cfg, self.workflow = cfg, workflow
+        self.producer = Producer(cfg.producer_conf(**{"linger.ms": 1}))
+        self.consumer = Consumer(cfg.consumer_conf(f"bench-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 5}))
+        topic = cfg.names.state
+        md = self.consumer.list_topics(topic, timeout=10)
+        tps = []
+        for p in md.topics[topic].partitions:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+            tps.append(TopicPartition(topic, p, high))
+        self.consumer.assign(tps)
+        self.started: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.failed = 0
+
+    def start(self, iid: str, value: int) -> None:
+        cmd = Command("StartWorkflow", iid, {"workflow": self.workflow, "version": None, "input": value})
+        self.started[iid] = time.perf_counter()
+        self.producer.produce(self.cfg.names.commands, encode_command(cmd), iid.encode())
+        self.producer.poll(0)
+
+    def poll(self, timeout: float) -> int:
+        done = 0
+        for m in self.consumer.consume(1000, timeout):
+            if m.error():
+                continue
+            iid = m.key().decode()
+            t0 = self.started.get(iid)
+            if t0 is None:
+                continue
+            rec = decode_state(m.value())
+            if rec["status"] in Status.TERMINAL:
+                self.latencies.append((time.perf_counter() - t0) * 1000)
+                if rec["status"] != Status.COMPLETED or rec["result"] != int(iid.rsplit("-", 1)[1]) + 3:
+                    self.failed += 1
+                del self.started[iid]
+                done += 1
+        return done
+
+    def run(self, phase: str, n: int, concurrency: int, rate: Optional[float], timeout: float) -> PhaseResult:
+        self.latencies, self.failed = [], 0
+        tag = uuid.uuid4().hex[:6]
+        sent = finished = 0
+        t0 = time.perf_counter()
+        deadline = t0 + timeout
+        while finished < n:
+            if time.perf_counter() > deadline:
+                raise KflowError(f"bench phase '{phase}' timed out: {finished}/{n} finished in {timeout:.0f}s")
+            if rate:
+                due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+                while sent < due:
+                    self.start(f"b{tag}-{sent}", sent)
+                    sent += 1
+            else:
+                while sent < n and sent - finished < concurrency:
+                    self.start(f"b{tag}-{sent}", sent)
+                    sent += 1
+            self.producer.poll(0)
+            finished += self.poll(0.002)
+        dt = time.perf_counter() - t0
+        return PhaseResult(phase, n, round(dt, 3), round(n / dt, 1), round(_pct(self.latencies, 0.50), 2),
+                           round(_pct(self.latencies, 0.95), 2), round(_pct(self.latencies, 0.99), 2), self.failed)
+
+    def close(self) -> None:
+        self.producer.flush(5)
+        self.consumer.close()
+
+
+def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
+              prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
+              partitions: int = 8, json_out: Optional[str] = None) -> dict[str, Any]:
+    console = Console(stderr=True)
+    if style != "spec":
+        raise KflowError("--style code needs code workflows, which this build does not include yet")
+    prefix = prefix or f"bench{uuid.uuid4().hex[:6]}."
+    stack = DevStack(bootstrap, prefix, ["kflow.dev.bench_activities"], partitions=partitions)
+    try:
+        stack.start()
+        console.print(f"bench: broker {stack.bootstrap}, topics {prefix}*, {partitions} partitions")
+        cfg = KafkaConfig(bootstrap=stack.bootstrap or "", topic_prefix=prefix, partitions=partitions, dev_tuning=True)
+        with stack.client() as client:
+            client.deploy(bundled_spec("chain3.yaml"))
+            warm = client.start("bench.chain3", 0, id=f"warm-{uuid.uuid4().hex[:6]}")
+            warm.result(timeout=120)  # the engine and the worker have joined their groups
+        driver = Driver(cfg, "bench.chain3")
+        results = []
+        try:
+            driver.run("warm-up", min(200, n), concurrency, None, 120)
+            console.print(f"throughput phase: {n} instances, {concurrency} in flight")
+            results.append(driver.run("throughput", n, concurrency, None, 600))
+            stack.check_alive()
+            lat_rate = rate or 50.0
+            lat_n = max(10, int(lat_rate * latency_seconds))
+            console.print(f"latency phase: {lat_n} instances at {lat_rate:g}/s")
+            results.append(driver.run(f"latency@{lat_rate:g}/s", lat_n, 10**9, lat_rate, 600))
+        finally:
+            driver.close()
+        rss = {p.args[0]: round(p.rss_mb(), 1) for p in stack.procs}
+        report = {"bench": "chain3", "style": style, "partitions": partitions, "cpus": os.cpu_count(),
+                  "phases": [asdict(r) for r in results], "rss_mb": rss,
+                  "engine_commands_per_s": round(results[0].completed_per_s * 4, 1)}
+        table = Table(title="kflow bench · chain3 (3 sequential activities per workflow)")
+        for col in ("phase", "instances", "completed/s", "p50 ms", "p95 ms", "p99 ms", "failed"):
+            table.add_column(col, justify="right")
+        for r in results:
+            table.add_row(r.phase, str(r.instances), f"{r.completed_per_s:,.0f}", f"{r.p50_ms:.1f}",
+                          f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", str(r.failed))
+        Console().print(table)
+        Console().print(f"RSS: engine {rss.get('engine', 0):.0f} MiB, worker {rss.get('worker', 0):.0f} MiB; "
+                        f"engine commands/s (4 per workflow): {report['engine_commands_per_s']:,.0f}")
+        print(json.dumps(report))
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(report, f, indent=2)
+        return report
+    finally:
+        stack.stop()

@@ -1,0 +1,168 @@
+"""``kflow dev``: the whole system on one machine — embedded broker, engine, workers — and the demo.
+
+Without ``--bootstrap`` it starts the embedded Tansu broker; it then runs the engine and one
+worker process per set of ``--worker-module`` modules, prints where everything is, and runs until
+Ctrl-C. ``--demo`` runs the bundled order workflow end to end on that stack, shows progress, prints
+the results and exits 0 (non-zero if any demo instance did not complete as expected).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from importlib import resources
+from typing import Any, Optional
+
+import orjson
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kflow.client import Client
+from kflow.config import KafkaConfig
+from kflow.dev.broker import EmbeddedBroker
+from kflow.dev.procs import KflowProcess, engine_process, worker_process
+from kflow.model.errors import KflowError, WorkflowFailedError
+
+log = logging.getLogger("kflow.dev")
+DEMO_MODULES = ["kflow.dev.demo_activities"]
+DEMOS = ("order",)
+
+
+def bundled_spec(name: str) -> dict[str, Any]:
+    """A YAML definition shipped inside ``kflow/dev``."""
+    return yaml.safe_load(resources.files("kflow.dev").joinpath(name).read_text())
+
+
+class DevStack:
+    """Broker (embedded unless given), one engine process and worker processes."""
+
+    def __init__(self, bootstrap: Optional[str], prefix: Optional[str], worker_modules: list[str],
+                 workflows: str = "", partitions: int = 4, state_dir: Optional[str] = None) -> None:
+        self.broker: Optional[EmbeddedBroker] = None
+        self.bootstrap = bootstrap
+        self.prefix = prefix or os.environ.get("KFLOW_TOPIC_PREFIX") or "kflow."
+        self.worker_modules = worker_modules
+        self.workflows = workflows
+        self.partitions = partitions
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="kflow-dev-")
+        self.procs: list[KflowProcess] = []
+
+    def start(self) -> "DevStack":
+        if self.bootstrap is None:
+            self.broker = EmbeddedBroker()
+            self.bootstrap = self.broker.start()
+        assert self.bootstrap is not None
+        eng = engine_process(self.bootstrap, self.prefix, os.path.join(self.state_dir, "engine"),
+                             partitions=self.partitions, workflows=self.workflows)
+        self.procs.append(eng.start())
+        if self.worker_modules:
+            self.procs.append(worker_process(self.bootstrap, self.prefix, self.worker_modules,
+                                             partitions=self.partitions).start())
+        return self
+
+    def client(self) -> Client:
+        return Client(self.bootstrap, config=KafkaConfig(bootstrap=self.bootstrap or "", topic_prefix=self.prefix,
+                                                         partitions=self.partitions, dev_tuning=True))
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if not p.alive():
+                raise KflowError(f"'kflow {p.args[0]}' exited with code {p.proc.returncode if p.proc else '?'}:\n"
+                                 f"{p.log_tail(2000)}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def run_dev(bootstrap: Optional[str], worker_modules: list[str], demo: Optional[str], prefix: Optional[str],
+            workflows: Optional[str] = None) -> None:
+    console = Console(stderr=True)
+    modules = list(worker_modules)
+    if demo:
+        if demo not in DEMOS:
+            raise KflowError(f"unknown demo '{demo}'; available: {', '.join(DEMOS)}")
+        modules += [m for m in DEMO_MODULES if m not in modules]
+        prefix = prefix or f"demo{uuid.uuid4().hex[:6]}."
+    stack = DevStack(bootstrap, prefix, modules, workflows or "")
+    try:
+        stack.start()
+        console.print(f"[bold]kflow dev[/] broker [cyan]{stack.bootstrap}[/] · topics [cyan]{stack.prefix}*[/] · "
+                      f"state {stack.state_dir}")
+        for p in stack.procs:
+            console.print(f"  {p.args[0]:<7} pid {p.pid:<7} log {p.log_path}")
+        if demo:
+            run_order_demo(stack, console)
+            return
+        console.print("running; press Ctrl-C to stop")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                stack.check_alive()
+        except KeyboardInterrupt:
+            console.print("stopping")
+    finally:
+        stack.stop()
+
+
+def run_order_demo(stack: DevStack, console: Console, count: int = 8) -> None:
+    """Deploy the demo definitions, run ``count`` orders (one deliberately out of stock), print results."""
+    with stack.client() as client:
+        client.deploy(bundled_spec("demo_invoice.yaml"))
+        client.deploy(bundled_spec("demo_order.yaml"))
+        orders = [{"sku": f"SKU-{i}", "qty": 3 + i, "items": [f"item-{i}-{j}" for j in range(3)]} for i in range(count)]
+        orders[-1]["qty"] = 500  # out of stock: takes the `reject` path
+        handles = [client.start("demo.order", o, id=f"order-{i}-{uuid.uuid4().hex[:4]}") for i, o in enumerate(orders)]
+        results: dict[str, Any] = {}
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            bar = progress.add_task("orders", total=len(handles))
+            approved: set[str] = set()
+            deadline = time.monotonic() + 120
+            while len(results) < len(handles):
+                if time.monotonic() > deadline:
+                    raise KflowError(f"demo did not finish in 120s; engine log:\n{stack.procs[0].log_tail(2000)}")
+                stack.check_alive()
+                for h in handles:
+                    if h.id in results:
+                        continue
+                    st = client.status(h.id) or {}
+                    if st.get("status") == "RUNNING" and h.id not in approved and _waiting_for_approval(st):
+                        client.signal(h.id, "approval", {"by": "demo-operator"})
+                        approved.add(h.id)
+                    if st.get("status") in ("COMPLETED", "FAILED", "CANCELLED"):
+                        results[h.id] = st
+                        progress.advance(bar)
+                time.sleep(0.2)  # a human-paced progress display, not synchronisation
+        table = Table(title="demo.order results")
+        for col in ("instance", "status", "result / error"):
+            table.add_column(col)
+        ok = True
+        for h, o in zip(handles, orders):
+            st = results[h.id]
+            expect_fail = o["qty"] > 100
+            if st["status"] == "COMPLETED":
+                detail = orjson.dumps(st.get("result"), option=orjson.OPT_SORT_KEYS).decode()
+            else:
+                detail = f"{st.get('error_type')}: {st.get('error_message')}"
+            ok &= (st["status"] == "FAILED") if expect_fail else (st["status"] == "COMPLETED")
+            table.add_row(h.id, st["status"], detail[:110])
+        Console().print(table)
+        if not ok:
+            raise KflowError("demo finished with unexpected outcomes (see table)")
+        console.print(f"[green]demo complete:[/] {count - 1} orders completed, 1 rejected as out of stock")
+
+
+def _waiting_for_approval(st: dict[str, Any]) -> bool:
+    threads = (st.get("internal") or {}).get("threads", {})
+    return any((t.get("wait") or {}).get("name") == "approval" for t in threads.values())
