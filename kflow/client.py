@@ -271,7 +271,12 @@ class StateWatcher:
     def _run(self, consumer: Consumer) -> None:
         try:
             while not self._stop.is_set():
-                for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
+                # poll() wakes on the first record; consume(n, 0) drains what is already fetched
+                first = consumer.poll(_POLL_SECONDS)
+                if first is None:
+                    continue
+                self._on_message(first)
+                for msg in consumer.consume(_CONSUME_BATCH, 0):
                     self._on_message(msg)
         except BaseException as exc:
             log.exception("state watcher failed")

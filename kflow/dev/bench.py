@@ -123,7 +123,7 @@ class Driver:
 
 def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
               prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
-              partitions: int = 8, json_out: Optional[str] = None) -> dict[str, Any]:
+              partitions: int = 4, json_out: Optional[str] = None) -> dict[str, Any]:
     console = Console(stderr=True)
     if style != "spec":
         raise KflowError("--style code needs code workflows, which this build does not include yet")

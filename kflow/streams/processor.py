@@ -163,7 +163,12 @@ class EngineProcessor:
     # -- the loop ----------------------------------------------------------------------------
     def run_once(self) -> int:
         """Poll once and, if there is work, process it in one transaction. Returns commands handled."""
-        msgs = self.consumer.consume(self.config.max_batch, self.config.poll_timeout_ms / 1000)
+        # poll() returns as soon as one command is there; consume(n, 0) then drains what the
+        # client already fetched. (consume(n, t) alone would wait t whenever fewer than n arrive.)
+        first = self.consumer.poll(self.config.poll_timeout_ms / 1000)
+        msgs = [first] if first is not None else []
+        if first is not None and self.config.max_batch > 1:
+            msgs.extend(self.consumer.consume(self.config.max_batch - 1, 0))
         self.defs.poll(0)
         now = self.clock.now_ms()
         timers = self._due_timers(now)

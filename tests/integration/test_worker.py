@@ -76,6 +76,7 @@ class Topics:
     def close(self) -> None:
         for r in self._readers:
             r.close()
+        self.producer.close()
 
 
 class Reader:
