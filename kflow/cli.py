@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typer import Typer
 
-from kflow._cli import processes, workflows
+from kflow._cli import dlq, processes, workflows
 from kflow._cli.common import KflowGroup, Verbose, setup_logging
 
 __all__ = ["app", "main"]
@@ -39,6 +39,7 @@ def _root(verbose: Verbose = False) -> None:
 for _fn in (workflows.deploy, workflows.start, workflows.signal, workflows.cancel, workflows.status,
             workflows.result, processes.engine, processes.worker, processes.dev, processes.bench):
     app.command(_fn.__name__, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
+app.add_typer(dlq.app, name="dlq")
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "FireTimer": ("timer_id",),
     "CompleteChild": ("child_id", "*result"),
     "FailChild": ("child_id", "error_type", "message"),
+    "StartActivity": ("activity_id", "attempt"),
+    "TerminateWorkflow": ("reason",),
 }
 
 #: Event type -> data fields. Payload fields (JSON documents) are marked with ``*``.
@@ -43,6 +45,11 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "WorkflowFailed": ("error_type", "message"),
     "WorkflowCancelled": ("reason",),
     "CommandRejected": ("command_type", "code", "reason"),
+    "ActivityStarted": ("activity_id", "attempt"),
+    "HeartbeatRecorded": ("activity_id", "attempt"),
+    "ActivityTimedOut": ("activity_id", "attempt", "kind"),
+    "CancelRequested": ("reason",),
+    "WorkflowTerminated": ("reason",),
 }
 
 COMMAND_TYPES = frozenset(COMMAND_FIELDS)
@@ -114,6 +121,7 @@ class RejectCode:
     UNKNOWN_WORKFLOW = "UNKNOWN_WORKFLOW"
     INVALID_INPUT = "INVALID_INPUT"
     STALE = "STALE"
+    LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
 
 
 class Status:
@@ -123,6 +131,13 @@ class Status:
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    TERMINATED = "TERMINATED"
     BLOCKED = "BLOCKED"
+    #: Failing, but running its saga compensations before ``WorkflowFailed``.
+    COMPENSATING = "COMPENSATING"
+    #: Cancel requested; running its saga compensations before ``WorkflowCancelled``.
+    CANCELLING = "CANCELLING"
 
-    TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+    TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"})
+    #: Statuses in which activity results and timers are still accepted.
+    ACTIVE = frozenset({"RUNNING", "COMPENSATING", "CANCELLING"})
