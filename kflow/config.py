@@ -33,6 +33,7 @@ class KafkaConfig(BaseSettings):
     kafka_sasl_username: str | None = Field(None, description="SASL username.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
     fetch_wait_ms: int = Field(10, ge=0, le=10_000, description="Most time a broker may hold a fetch when no data is there (fetch.wait.max.ms); low values cut latency.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of engine and worker processes; 0 disables.")
     dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts for dev brokers (set by `kflow dev` and tests).")
 
     @property

@@ -118,6 +118,8 @@ class Worker:
 
         A stop is graceful: fetching stops, running activities get ``shutdown_timeout`` seconds
         to finish, their results are flushed, finished offsets committed and the group left.
+        A sync activity still running after that cannot be interrupted: it keeps its thread
+        until it returns, its result is dropped and its task is re-delivered to the group.
 
         Raises:
             KflowError: the worker was already run.

@@ -100,7 +100,16 @@ def engine(
     config = EngineConfig(**_settings(bootstrap, prefix, state_dir=state_dir, partitions=partitions,
                                       workflows=workflows))
     processor = EngineProcessor(config)
-    run_until_signalled(processor.run, "engine")
+    server = None
+    if config.metrics_port:
+        from kflow._http import serve_operations
+
+        server = serve_operations(config.metrics_port, processor.ready.is_set)
+    try:
+        run_until_signalled(processor.run, "engine")
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 def worker(
@@ -127,7 +136,16 @@ def worker(
 
     config = WorkerConfig(**_settings(bootstrap, prefix, concurrency=concurrency))
     runner = Worker(config, loaded)
-    run_until_signalled(runner.run, "worker")
+    server = None
+    if config.metrics_port:
+        from kflow._http import serve_operations
+
+        server = serve_operations(config.metrics_port, lambda: runner.wait_assigned(0))
+    try:
+        run_until_signalled(runner.run, "worker")
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:

@@ -83,10 +83,11 @@ class KflowProcess:
 
 
 def engine_process(bootstrap: str, prefix: str, state_dir: str, *, partitions: int = 8,
-                   engine_id: str = "", workflows: str = "", dev: bool = True,
+                   engine_id: str = "", workflows: str = "", dev: bool = True, metrics_port: int = 0,
                    extra_env: Optional[dict[str, str]] = None) -> KflowProcess:
     env = {"KFLOW_BOOTSTRAP": bootstrap, "KFLOW_TOPIC_PREFIX": prefix, "KFLOW_STATE_DIR": state_dir,
-           "KFLOW_PARTITIONS": str(partitions), "KFLOW_DEV_TUNING": "true" if dev else "false"}
+           "KFLOW_PARTITIONS": str(partitions), "KFLOW_DEV_TUNING": "true" if dev else "false",
+           "KFLOW_METRICS_PORT": str(metrics_port)}
     if engine_id:
         env["KFLOW_ENGINE_ID"] = engine_id
     if workflows:
@@ -96,10 +97,11 @@ def engine_process(bootstrap: str, prefix: str, state_dir: str, *, partitions: i
 
 
 def worker_process(bootstrap: str, prefix: str, modules: list[str], *, partitions: int = 8,
-                   concurrency: int = 32, dev: bool = True) -> KflowProcess:
+                   concurrency: int = 32, dev: bool = True, metrics_port: int = 0) -> KflowProcess:
     args = ["worker"]
     for m in modules:
         args += ["-m", m]
     env = {"KFLOW_BOOTSTRAP": bootstrap, "KFLOW_TOPIC_PREFIX": prefix, "KFLOW_PARTITIONS": str(partitions),
-           "KFLOW_CONCURRENCY": str(concurrency), "KFLOW_DEV_TUNING": "true" if dev else "false"}
+           "KFLOW_CONCURRENCY": str(concurrency), "KFLOW_DEV_TUNING": "true" if dev else "false",
+           "KFLOW_METRICS_PORT": str(metrics_port)}
     return KflowProcess(args, env)

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kflow.model.errors import DefinitionError
 
 STEP_KINDS = ("task", "choice", "parallel", "foreach", "wait", "sleep", "child", "set", "succeed", "fail")
+#: Step kinds whose errors a ``catch`` list can route.
+CATCHABLE_KINDS = ("task", "child", "wait", "parallel", "foreach")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -84,6 +86,74 @@ class FailSpec(_Strict):
     message: Optional[str] = None
 
 
+def _duration_field(v: Any) -> Any:
+    if v is not None:
+        parse_duration_ms(v)
+    return v
+
+
+class RetrySpec(_Strict):
+    """How a failed activity attempt is retried.
+
+    Attempt ``n`` (from 1) waits ``min(initial * backoff ** (n - 1), max_interval)`` before attempt
+    ``n + 1``, spread by ``± jitter`` (a fraction) derived deterministically from the instance id,
+    activity id and attempt. ``max_attempts`` counts every attempt including the first; 0 means
+    unlimited. Errors whose type is in ``non_retryable`` (or reported ``retryable: false``) fail at
+    once. With no policy on the step nor on the workflow an activity gets exactly one attempt.
+    """
+
+    initial: Union[str, int, float] = "1s"
+    backoff: float = Field(default=2.0, ge=1.0)
+    max_interval: Optional[Union[str, int, float]] = None  # default: 100 x initial
+    max_attempts: int = Field(default=3, ge=0)
+    jitter: float = Field(default=0.0, ge=0.0, le=1.0)
+    non_retryable: list[str] = Field(default_factory=list)
+
+    _d1 = field_validator("initial", "max_interval")(classmethod(lambda cls, v: _duration_field(v)))
+
+
+class TimeoutSpec(_Strict):
+    """Activity timeouts, each a durable timer: ``schedule_to_close`` spans every attempt from the
+    first schedule; ``start_to_close`` bounds one attempt from the worker's start report (or from its
+    schedule when none arrives); ``heartbeat`` is the longest gap allowed between heartbeats."""
+
+    schedule_to_close: Optional[Union[str, int, float]] = None
+    start_to_close: Optional[Union[str, int, float]] = None
+    heartbeat: Optional[Union[str, int, float]] = None
+
+    _d2 = field_validator("schedule_to_close", "start_to_close", "heartbeat")(
+        classmethod(lambda cls, v: _duration_field(v)))
+
+
+class CompensateSpec(_Strict):
+    """The activity that undoes a completed task step; ``input`` is evaluated when the step completes."""
+
+    task: str
+    input: Optional[str] = None
+    queue: str = "default"
+    retry: Optional[RetrySpec] = None
+    timeout: Optional[TimeoutSpec] = None
+
+
+class CatchRule(_Strict):
+    """Route matching errors of a step to ``goto``; ``{type, message}`` is stored in ``output``."""
+
+    errors: list[str] = Field(default_factory=lambda: ["*"])
+    goto: str
+    output: Optional[str] = None
+
+    def matches(self, error_type: str) -> bool:
+        return not self.errors or "*" in self.errors or error_type in self.errors
+
+
+class WorkflowTimeouts(_Strict):
+    """Workflow-level timeouts: ``execution`` fails the instance with ``WorkflowTimeout``."""
+
+    execution: Optional[Union[str, int, float]] = None
+
+    _d3 = field_validator("execution")(classmethod(lambda cls, v: _duration_field(v)))
+
+
 class Step(_Strict):
     """A step: an ``id`` plus exactly one kind key and the options that kind accepts."""
 
@@ -106,6 +176,10 @@ class Step(_Strict):
     succeed: Optional[str] = Field(default=None)
     fail: Optional[FailSpec] = None
     goto: Optional[str] = None
+    retry: Optional[RetrySpec] = None
+    timeout: Optional[TimeoutSpec] = None
+    compensate: Optional[CompensateSpec] = None
+    catch: Optional[list[CatchRule]] = None
 
     @property
     def kind(self) -> str:
@@ -123,6 +197,8 @@ class WorkflowSpec(_Strict):
     version: int = 1
     description: Optional[str] = None
     steps: list[Step]
+    retry: Optional[RetrySpec] = None  # default policy for task steps without their own
+    timeout: Optional[WorkflowTimeouts] = None
 
 
 def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:
@@ -157,6 +233,15 @@ def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:
             parse_duration_ms(step.sleep)  # type: ignore[arg-type]
         except ValueError as e:
             problems.append((step.id, str(e)))
+    if kind != "task":
+        for opt in ("retry", "timeout", "compensate"):
+            if getattr(step, opt) is not None:
+                problems.append((step.id, f"'{opt}' is only allowed on a task step"))
+    if step.catch is not None and kind not in CATCHABLE_KINDS:
+        problems.append((step.id, f"'catch' is only allowed on {', '.join(CATCHABLE_KINDS)} steps"))
+    for rule in step.catch or []:
+        if rule.output is not None and not _IDENT.match(rule.output):
+            problems.append((step.id, f"catch output '{rule.output}' must be an identifier usable in expressions"))
     if kind == "set":
         for name in step.set or {}:
             if not _IDENT.match(name) or name == "input":
@@ -172,6 +257,7 @@ def _check_lists(steps: list[Step], seen: dict[str, str], problems: list[tuple[s
         seen[s.id] = path
         problems.extend(_step_problems(s, path))
         targets = [r.goto for r in s.choice or []] + [t for t in (s.otherwise, s.goto) if t]
+        targets += [r.goto for r in s.catch or []]
         for t in targets:
             if t not in local:
                 problems.append((s.id, f"goto target '{t}' is not a step of the same list"))
