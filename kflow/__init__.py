@@ -1,8 +1,9 @@
 """kflow: a Kafka-native durable workflow engine.
 
 The public surface for applications: :class:`Client` and :class:`WorkflowHandle` to deploy, start,
-signal and await workflows; :func:`activity` and :func:`heartbeat` to write activities; and the
-errors they raise. Names are imported on first use, so ``import kflow.model`` stays free of Kafka.
+signal and await workflows; :func:`workflow` to write code workflows; :func:`activity` and
+:func:`heartbeat` to write activities; and the errors they raise. Names are imported on first use,
+so ``import kflow.model`` stays free of Kafka.
 
 Example:
     >>> import kflow
@@ -16,7 +17,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kflow._workflow import WorkflowContext, WorkflowSandboxError, query_state, workflow
     from kflow.client import Client, WorkflowHandle
+    from kflow.engine.code_replayer import NondeterminismError
     from kflow.model.errors import (
         DefinitionError,
         KflowError,
@@ -31,11 +34,16 @@ __all__ = [
     "DefinitionError",
     "KflowError",
     "NonRetryableError",
+    "NondeterminismError",
+    "WorkflowContext",
     "WorkflowError",
     "WorkflowFailedError",
     "WorkflowHandle",
+    "WorkflowSandboxError",
     "activity",
     "heartbeat",
+    "query_state",
+    "workflow",
 ]
 
 __version__ = "0.1.0"
@@ -50,6 +58,11 @@ _HOME = {
     "NonRetryableError": "kflow.model.errors",
     "WorkflowError": "kflow.model.errors",
     "WorkflowFailedError": "kflow.model.errors",
+    "workflow": "kflow._workflow",
+    "query_state": "kflow._workflow",
+    "WorkflowContext": "kflow._workflow",
+    "WorkflowSandboxError": "kflow._workflow",
+    "NondeterminismError": "kflow.engine.code_replayer",
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typer import Typer
 
-from kflow._cli import dlq, processes, workflows
+from kflow._cli import dlq, processes, replay, workflows
 from kflow._cli.common import KflowGroup, Verbose, setup_logging
 
 __all__ = ["app", "main"]
@@ -36,8 +36,8 @@ def _root(verbose: Verbose = False) -> None:
     setup_logging(verbose)
 
 
-for _fn in (workflows.deploy, workflows.start, workflows.signal, workflows.cancel, workflows.status,
-            workflows.result, processes.engine, processes.worker, processes.dev, processes.bench):
+for _fn in (workflows.deploy, workflows.start, workflows.signal, workflows.cancel, workflows.terminate, workflows.status,
+            workflows.result, processes.engine, processes.worker, processes.dev, processes.bench, replay.replay):
     app.command(_fn.__name__, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
 app.add_typer(dlq.app, name="dlq")
 

@@ -351,6 +351,10 @@ class WorkflowHandle:
         """Ask the engine to cancel the instance; see :meth:`Client.cancel`."""
         self._client.cancel(self.id, reason)
 
+    def terminate(self, reason: str = "") -> None:
+        """Stop the instance at once, without cleanup; see :meth:`Client.terminate`."""
+        self._client.terminate(self.id, reason)
+
     def __repr__(self) -> str:
         return f"WorkflowHandle({self.id!r})"
 
@@ -578,8 +582,12 @@ class Client:
         self._command(Command("SignalWorkflow", id, {"name": name, "data": data}))
 
     def cancel(self, id: str, reason: str = "") -> None:
-        """Ask the engine to cancel instance ``id`` (``CancelWorkflow``)."""
+        """Ask the engine to cancel instance ``id`` (``CancelWorkflow``): compensations run first."""
         self._command(Command("CancelWorkflow", id, {"reason": reason}))
+
+    def terminate(self, id: str, reason: str = "") -> None:
+        """Stop instance ``id`` immediately with no cleanup (``TerminateWorkflow``); idempotent."""
+        self._command(Command("TerminateWorkflow", id, {"reason": reason}))
 
     def status(self, id: str) -> dict[str, Any] | None:
         """The latest state record of instance ``id``, or None if the engine never wrote one.

@@ -133,6 +133,25 @@ def cancel(
     typer.echo(f"cancel requested for {id}")
 
 
+def terminate(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", metavar="TEXT", help="Why (recorded in the event).")] = "",
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Stop a workflow instance immediately, with no cleanup (no compensations, no finally).
+
+    The instance ends TERMINATED; its children are terminated too. Use `kflow cancel` to let the
+    workflow clean up instead.
+
+    Example: kflow terminate order-42 --reason "runaway loop"
+    """
+    with _client(bootstrap, prefix, verbose) as client:
+        client.terminate(id, reason)
+    typer.echo(f"terminate requested for {id}")
+
+
 def _when(ms: int | None) -> str:
     if ms is None:
         return "-"

@@ -28,7 +28,8 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.broker import EmbeddedBroker
 from kflow.dev.procs import KflowProcess, engine_process, worker_process
-from kflow.model.errors import KflowError, WorkflowFailedError
+from kflow.model.errors import KflowError
+from kflow.model.messages import Status
 
 log = logging.getLogger("kflow.dev")
 DEMO_MODULES = ["kflow.dev.demo_activities"]
@@ -140,7 +141,7 @@ def run_order_demo(stack: DevStack, console: Console, count: int = 8) -> None:
                     if st.get("status") == "RUNNING" and h.id not in approved and _waiting_for_approval(st):
                         client.signal(h.id, "approval", {"by": "demo-operator"})
                         approved.add(h.id)
-                    if st.get("status") in ("COMPLETED", "FAILED", "CANCELLED"):
+                    if st.get("status") in Status.TERMINAL:
                         results[h.id] = st
                         progress.advance(bar)
                 time.sleep(0.2)  # a human-paced progress display, not synchronisation

@@ -175,7 +175,7 @@ def heartbeat_due(act: JSONDict, timers: JSONDict, now: int) -> bool:
     honest (a worker that heartbeats at all within the timeout never times out) with at most two
     events per timeout interval.
     """
-    tid = act["timers"].get("heartbeat")
+    tid = act.get("timers", {}).get("heartbeat")
     if tid is None or tid not in timers or act.get("phase") == "backoff":
         return False
     return bool(now >= timers[tid]["due"] - act["hb"] // 2)

@@ -36,6 +36,11 @@ from kflow.model.messages import Event, JSONDict, Status
 #: Instance-state fields owned by this module (persisted names, never reused).
 INPUTS, COMMANDS, DELIVERED, BLOCKED_INFO = "inputs", "commands", "delivered", "blocked"
 
+#: Input events a code workflow reacts to; any other input event (e.g. an attempt that started or a
+#: recorded heartbeat) is history for the shared deciders only and leaves the coroutine untouched.
+WORKFLOW_INPUTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
+                             "SignalReceived", "ChildCompleted", "ChildFailed"})
+
 #: Back-off of the timer that retries the replay of a BLOCKED instance: first, cap (ms).
 REPLAY_RETRY_MS, REPLAY_RETRY_MAX_MS = 1_000, 300_000
 
@@ -122,7 +127,9 @@ class _Task:
         self.future = _Future()
 
 
-class _Mismatch(Exception):
+class _Mismatch(BaseException):
+    """Raised through workflow code (a BaseException, so ``except Exception`` cannot swallow it)."""
+
     def __init__(self, index: int, expected: str, actual: str) -> None:
         self.index, self.expected, self.actual = index, expected, actual
         super().__init__(f"#{index}: expected {expected}, actual {actual}")
@@ -134,6 +141,14 @@ def _describe(entry: Optional[list[Any]]) -> str:
     kind, name = entry[0], entry[1]
     return {"activity": f"activity '{name}'", "timer": f"timer ({name})", "child": f"child workflow '{name}'",
             "side_effect": "side effect", "patch": f"patch marker '{name}'"}.get(kind, f"{kind} '{name}'")
+
+
+def _json(value: Any, what: str) -> Any:
+    """``value`` as the JSON document it becomes on the wire; raises TypeError into workflow code."""
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except TypeError as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
 
 
 def _ms(duration: float | timedelta) -> int:
@@ -204,6 +219,10 @@ class WorkflowContext:
         """True for instances that reached this point after the change was deployed."""
         return self._m.patched(change_id)
 
+    def set_query_handler(self, name: str, fn: Callable[..., Any]) -> None:
+        """Answer query ``name`` with ``fn(*args)``: a read-only view of the workflow's variables."""
+        self._m.queries[name] = fn
+
 
 # -- the machine ---------------------------------------------------------------------------------
 class Machine:
@@ -226,6 +245,7 @@ class Machine:
         self.signal_waiters: dict[str, list[tuple[_Future, Optional[str]]]] = {}
         self.signal_buffer: dict[str, list[Any]] = {}
         self.patches: dict[str, bool] = {}
+        self.queries: dict[str, Callable[..., Any]] = {}
         sandbox = definition.sandbox
         self._guard: Callable[[], Any] = sandbox if sandbox is not None else nullcontext
         self._pause: Callable[[], Any] = getattr(sandbox, "paused", nullcontext) if sandbox is not None else nullcontext
@@ -236,7 +256,7 @@ class Machine:
         self.cursor += 1
         if not self.live:
             rec = self.recorded[n] if n < len(self.recorded) else None
-            if rec is None or rec[0] != kind or rec[1] != name:
+            if rec is None or rec[0] != kind or (rec[1] is not None and rec[1] != name):
                 raise _Mismatch(n, _describe(rec), _describe([kind, name]))
             return rec[2]
         value = live()
@@ -248,13 +268,15 @@ class Machine:
         return self.run
 
     def schedule_activity(self, name: str, input_: Any, queue: str) -> _Future:
+        input_ = _json(input_, f"the input of activity '{name}'")
+
         def live() -> str:
             run = self._live_run()
             aid = f"{name}-{run.next_seq()}"
             run.emit("ActivityScheduled", {"activity_id": aid, "name": name, "queue": queue, "input": input_,
                                             "attempt": 1})
             run.state["activities"][aid] = {"name": name, "queue": queue, "attempt": 1, "thread": "code",
-                                            "step": name}
+                                            "step": name, "phase": "scheduled", "timers": {}}
             run.task(aid, name, queue, input_, 1, run.state["workflow"])
             return aid
 
@@ -294,6 +316,7 @@ class Machine:
 
     def start_child(self, workflow: str, input_: Any, child_id: Optional[str], version: Optional[int]) -> _Future:
         fut = _Future()
+        input_ = _json(input_, f"the input of child workflow '{workflow}'")
 
         def live() -> Any:
             run = self._live_run()
@@ -319,7 +342,7 @@ class Machine:
         def live() -> Any:
             with self._pause():
                 value = fn()
-            return orjson.loads(orjson.dumps(value))
+            return _json(value, "a side effect's value")
 
         fut = _Future()
         fut.set_result(self._issue("side_effect", "", live))
@@ -378,8 +401,6 @@ class Machine:
         except StopIteration as stop:
             task.future.set_result(stop.value)
             return
-        except _Mismatch:
-            raise
         except Exception as e:  # the workflow's own exception decides its outcome
             task.future.set_error(e)
             return
@@ -487,9 +508,10 @@ class ReplayCache:
 CACHE = ReplayCache()
 
 
-def _key(st: JSONDict) -> tuple[Any, ...]:
+def _key(seq: int, st: JSONDict) -> tuple[Any, ...]:
+    """Where a machine stands: the instance's seq, history sizes and the last input delivered."""
     inputs = st[INPUTS]
-    return (st["seq"], st["updated_ms"], len(inputs), len(st[COMMANDS]), inputs[-1] if inputs else None)
+    return (seq, len(inputs), len(st[COMMANDS]), inputs[-1] if inputs else None)
 
 
 # -- the entry point called by core.evolve -------------------------------------------------------
@@ -499,7 +521,13 @@ def apply_input(run: Run, ev: Event) -> None:
     definition: Optional[CodeDefinition] = run.compiled
     if ev.type == "WorkflowStarted":
         st[INPUTS], st[COMMANDS], st[DELIVERED] = [], [], 0
-    prev_key = _key(st) if st[INPUTS] else None
+    # core has already stamped the state with this event's seq; the machine was parked one before.
+    prev_key = _key(ev.seq - 1, st) if st[INPUTS] else None
+    if ev.type not in WORKFLOW_INPUTS:
+        parked = CACHE.take(st["id"], prev_key) if prev_key is not None else None
+        if parked is not None:
+            CACHE.put(st["id"], _key(st["seq"], st), parked)
+        return
     replay_timer = False
     d = ev.data
     if ev.type in ("ActivityCompleted", "ActivityFailed"):
@@ -518,7 +546,7 @@ def apply_input(run: Run, ev: Event) -> None:
 
     machine = None
     if st["status"] == Status.RUNNING and prev_key is not None:
-        machine = CACHE.take(st["id"], (ev.seq - 1, *prev_key[1:]))
+        machine = CACHE.take(st["id"], prev_key)
     if machine is None:
         machine = Machine(definition, st["id"], st[COMMANDS])
         try:
@@ -545,7 +573,30 @@ def apply_input(run: Run, ev: Event) -> None:
     if machine.finished:
         _finish(run, machine)
     else:
-        CACHE.put(st["id"], _key(st), machine)
+        CACHE.put(st["id"], _key(st["seq"], st), machine)
+
+
+def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) -> Any:
+    """Rebuild an instance's coroutine from its state by replay and call its query handler ``name``.
+
+    Runs wherever the workflow's code is importable (a client, a console), on the ``internal``
+    state of the instance's ``state`` record; it never changes the instance.
+    """
+    machine = Machine(definition, state["id"], state[COMMANDS])
+    try:
+        for type_, data, ts, seq in state[INPUTS][:state[DELIVERED]]:
+            machine.deliver(type_, data, ts, seq)
+            if machine.finished:
+                break
+    except _Mismatch as m:
+        raise NondeterminismError(state["id"], m.index, m.expected, m.actual) from None
+    handler = machine.queries.get(name)
+    if handler is None:
+        known = ", ".join(sorted(machine.queries)) or "none"
+        raise KflowError(f"workflow '{definition.name}' has no query '{name}' (registered: {known})")
+    with machine._guard():
+        value = handler(*args)
+    return _json(value, f"the answer to query '{name}'")
 
 
 def _outcome(machine: Machine) -> str:

@@ -16,14 +16,16 @@ from typing import Any, Callable, Optional
 
 import orjson
 
-from kflow.engine import spec_interpreter
+from kflow.engine import code_replayer, spec_interpreter
+from kflow.engine.activity import heartbeat_due, limits_of, payload_size
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.run import Run, new_state
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status, Task
 
 #: Events that carry new information into an instance; all others are consequences of these.
 INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
-                          "SignalReceived", "ChildCompleted", "ChildFailed", "WorkflowCancelled"})
+                          "SignalReceived", "ChildCompleted", "ChildFailed", "WorkflowCancelled",
+                          "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated"})
 
 
 @dataclass
@@ -62,7 +64,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
     if ev.type == "WorkflowStarted":
         d = ev.data
         seq = state["seq"] if state else 0
-        st = new_state(ev.instance_id, d["workflow"], d["version"], "spec", d["input"], ev.ts,
+        kind = getattr(defs.get(d["workflow"], d["version"]), "kind", "spec")
+        st = new_state(ev.instance_id, d["workflow"], d["version"], kind, d["input"], ev.ts,
                        d.get("parent_id"), d.get("parent_ref"), seq)
     else:
         assert state is not None, f"{ev.type} for an instance without state"
@@ -72,8 +75,12 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
     _record(run, ev)
     if ev.type == "WorkflowCancelled":
         _close_cancelled(run, ev.data.get("reason", ""))
+    elif ev.type == "WorkflowTerminated":
+        _close_terminated(run, ev.data.get("reason", ""))
     elif ev.type == "CommandRejected":
         pass
+    elif st["kind"] == "code":
+        code_replayer.apply_input(run, ev)
     else:
         spec_interpreter.apply_input(run, ev)
     return run.state, run
@@ -96,6 +103,22 @@ def _close_cancelled(run: Run, reason: str) -> None:
     if st.get("parent_id"):
         run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],
                                                   "error_type": "Cancelled", "message": reason})
+
+
+def _close_terminated(run: Run, reason: str) -> None:
+    """Terminate: close at once, no compensation, no cleanup beyond telling children and parent."""
+    st = run.state
+    st["status"] = Status.TERMINATED
+    st["closed_ms"] = run.now
+    st["error"] = {"type": "Terminated", "message": reason}
+    st.pop("closing", None)
+    for child_id in sorted(st["children"]):
+        run.command("TerminateWorkflow", child_id, {"reason": f"parent {st['id']} terminated"})
+    for table in ("children", "activities", "timers", "threads", "signals"):
+        st[table] = {}
+    if st.get("parent_id"):
+        run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],
+                                                  "error_type": "Terminated", "message": reason})
 
 
 # -- decide -----------------------------------------------------------------------------------
@@ -156,39 +179,88 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
 
 
 def _running(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decision]:
-    """The common guard: a missing instance goes to the DLQ, a closed one is a rejection."""
+    """The common guard: a missing instance goes to the DLQ, a closed one is a rejection.
+
+    A BLOCKED code instance still accepts input: it is recorded, and each one retries the replay.
+    """
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
-    if state["status"] != Status.RUNNING:
+    if state["status"] not in (Status.RUNNING, Status.BLOCKED):
+        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
+                       f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
+    return None
+
+
+def _active(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decision]:
+    """Like :func:`_running`, but also admits instances running their saga compensations."""
+    if state is None:
+        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    if state["status"] not in Status.ACTIVE:
         return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
     return None
 
 
 def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    return _running(state, cmd, now) or _accept(state, cmd, now, "SignalReceived",
-                                                {"name": cmd.data["name"], "data": cmd.data.get("data")}, defs)
-
-
-def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    return _running(state, cmd, now) or _accept(state, cmd, now, "WorkflowCancelled",
-                                                {"reason": cmd.data.get("reason") or ""}, defs)
-
-
-def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
     guard = _running(state, cmd, now)
     if guard:
         return guard
     assert state is not None
+    size, limit = payload_size(cmd.data.get("data")), limits_of(defs).max_payload_bytes
+    if size > limit:
+        return _reject(state, cmd, now, RejectCode.LIMIT_EXCEEDED,
+                       f"expected signal data of at most {limit} bytes, but got {size} bytes")
+    return _accept(state, cmd, now, "SignalReceived", {"name": cmd.data["name"], "data": cmd.data.get("data")}, defs)
+
+
+def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    guard = _running(state, cmd, now)
+    if guard:
+        return guard
+    assert state is not None
+    reason = cmd.data.get("reason") or ""
+    if state.get("compensations"):
+        # Completed compensable steps: undo them first; WorkflowCancelled follows the last one.
+        return _accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs)
+    return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs)
+
+
+def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    return _active(state, cmd, now) or _accept(state, cmd, now, "WorkflowTerminated",
+                                               {"reason": cmd.data.get("reason") or ""}, defs)
+
+
+def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decision]:
+    """Reject a report for an activity attempt that is not the pending one."""
     aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
     act = state["activities"].get(aid)
     if act is None:
         return _reject(state, cmd, now, RejectCode.DUPLICATE,
                        f"expected a pending activity '{aid}', but it has no pending attempt (duplicate or late result)")
-    if act["attempt"] != attempt:
+    backoff = act.get("phase") == "backoff"
+    if act["attempt"] != attempt or backoff:
+        current = f"attempt {act['attempt'] + 1} (after a backoff)" if backoff else f"attempt {act['attempt']}"
         return _reject(state, cmd, now, RejectCode.STALE,
-                       f"expected a result for attempt {act['attempt']} of '{aid}', but got attempt {attempt}")
+                       f"expected a result for {current} of '{aid}', but got attempt {attempt}")
+    return None
+
+
+def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    guard = _active(state, cmd, now)
+    if guard:
+        return guard
+    assert state is not None
+    stale = _pending_attempt(state, cmd, now)
+    if stale:
+        return stale
+    aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
     if cmd.type == "CompleteActivity":
+        size, limit = payload_size(cmd.data.get("result")), limits_of(defs).max_payload_bytes
+        if size > limit:
+            return _accept(state, cmd, now, "ActivityFailed",
+                           {"activity_id": aid, "attempt": attempt, "error_type": "LimitExceeded",
+                            "message": f"expected a result of at most {limit} bytes, but got {size} bytes",
+                            "retryable": False}, defs)
         return _accept(state, cmd, now, "ActivityCompleted",
                        {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs)
     d = cmd.data
@@ -198,13 +270,36 @@ def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: De
 
 
 def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    # Heartbeats keep an attempt alive; they are not history (no event), so nothing changes here.
-    return Decision(state=state)
+    # Heartbeats are not history. Only an attempt with a heartbeat timeout records one, and only
+    # once half that timeout has elapsed (HeartbeatRecorded re-arms the timer); the rest change nothing.
+    if state is None or state["status"] not in Status.ACTIVE:
+        return Decision(state=state)
+    act = state["activities"].get(cmd.data["activity_id"])
+    if act is None or act["attempt"] != cmd.data["attempt"] or not heartbeat_due(act, state["timers"], now):
+        return Decision(state=state)
+    return _accept(state, cmd, now, "HeartbeatRecorded",
+                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs)
+
+
+def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    guard = _active(state, cmd, now)
+    if guard:
+        return guard
+    assert state is not None
+    stale = _pending_attempt(state, cmd, now)
+    if stale:
+        return stale
+    act = state["activities"][cmd.data["activity_id"]]
+    if "timers" not in act or act.get("phase") == "started":
+        # A redelivered start report, or an activity without spec timeouts (code workflows).
+        return Decision(state=state)
+    return _accept(state, cmd, now, "ActivityStarted",
+                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs)
 
 
 def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
     tid = cmd.data["timer_id"]
-    if state is None or state["status"] != Status.RUNNING or tid not in state["timers"]:
+    if state is None or state["status"] not in Status.ACTIVE or tid not in state["timers"]:
         return Decision(state=state)  # a timer cancelled after it was indexed: nothing to do
     return _accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs)
 
@@ -233,6 +328,8 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView]
     "FireTimer": _fire_timer,
     "CompleteChild": _child_result,
     "FailChild": _child_result,
+    "StartActivity": _start_activity,
+    "TerminateWorkflow": _terminate,
 }
 
 

@@ -40,6 +40,8 @@ def _expressions(step: Step) -> list[str]:
         exprs += [e for e in (step.child.input, step.child.id) if e]
     if step.fail and step.fail.message:
         exprs.append(step.fail.message)
+    if step.compensate and step.compensate.input:
+        exprs.append(step.compensate.input)
     return exprs
 
 

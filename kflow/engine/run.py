@@ -60,6 +60,7 @@ class Run:
         self.emit(event_type, data)
         st["status"] = status
         st["closed_ms"] = self.now
+        st.pop("closing", None)  # a saga's pending terminal event, superseded by this one
         if status == Status.COMPLETED:
             st["result"] = data.get("result")
         else:

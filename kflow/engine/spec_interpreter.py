@@ -6,17 +6,22 @@ thread on a *join*. A thread blocks on an activity, a timer, a signal or a child
 matching input event (``ActivityCompleted``, ``TimerFired``, ``SignalReceived``,
 ``ChildCompleted``) unblocks it. Everything is keyed by ids derived from sequence numbers, and
 threads run in a deterministic order, so replaying the same input events reproduces the same
-events and state exactly.
+events and state exactly. An error in a step (a final activity failure or timeout, a failed child,
+a wait timeout) takes the step's matching ``catch`` route or propagates to the enclosing
+``parallel``/``foreach`` step; uncaught, it fails the workflow, after running the recorded saga
+compensations newest first. Attempts, retries and timeouts live in :mod:`kflow.engine.activity`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from kflow.engine import activity
+from kflow.engine.activity import COMPENSATE_PREFIX, LimitExceeded
 from kflow.engine.definitions import CompiledSpec
 from kflow.engine.expr import ExpressionError, evaluate
 from kflow.engine.run import Run
-from kflow.model.messages import Event, JSONDict
+from kflow.model.messages import Event, JSONDict, Status
 from kflow.model.spec import Step, parse_duration_ms
 
 BLOCK = False
@@ -80,11 +85,7 @@ def _set(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
 def _task(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     input_ = evaluate(step.input, scope(run, th)) if step.input else None
     aid = f"{step.id}-{run.next_seq()}"
-    run.emit("ActivityScheduled", {"activity_id": aid, "name": step.task, "queue": step.queue,
-                                    "input": input_, "attempt": 1})
-    run.state["activities"][aid] = {"name": step.task, "queue": step.queue, "attempt": 1, "thread": tid,
-                                    "step": step.id}
-    run.task(aid, step.task or "", step.queue, input_, 1, run.state["workflow"])
+    activity.schedule(run, aid, step.task or "", step.queue, input_, tid, step.id)
     th["wait"] = {"k": "activity", "id": aid}
     return BLOCK
 
@@ -137,10 +138,7 @@ def _start_item(run: Run, tid: str, th: JSONDict, step: Step) -> None:
 
 
 def _timer(run: Run, tid: str, due: int, purpose: str) -> str:
-    timer_id = f"t{run.next_seq()}"
-    run.emit("TimerStarted", {"timer_id": timer_id, "due_ms": due})
-    run.state["timers"][timer_id] = {"due": due, "thread": tid, "purpose": purpose}
-    return timer_id
+    return activity.start_timer(run, tid, due, purpose)
 
 
 def _wait(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
@@ -178,8 +176,10 @@ def _child(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
         # Checked here, not left to the child's StartWorkflow: that command would go to the DLQ
         # and the parent would wait for a child that never exists.
         what = spec.workflow if spec.version is None else f"{spec.workflow}@{spec.version}"
-        run.fail("UnknownWorkflow", f"step '{step.id}': no deployed workflow named '{what}'")
+        fail_workflow(run, "UnknownWorkflow", f"step '{step.id}': no deployed workflow named '{what}'")
         return BLOCK
+    activity.check_pending(run, "children")
+    activity.check_payload(run, f"the input of child workflow '{spec.workflow}'", input_)
     run.emit("ChildStarted", {"child_id": child_id, "workflow": spec.workflow, "version": version, "input": input_})
     run.state["children"][child_id] = {"thread": tid, "step": step.id}
     run.command("StartWorkflow", child_id, {"workflow": spec.workflow, "version": version, "input": input_,
@@ -198,7 +198,7 @@ def _succeed(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
 def _fail(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     assert step.fail is not None
     message = evaluate(step.fail.message, scope(run, th)) if step.fail.message else ""
-    run.fail(step.fail.error, str(message))
+    fail_workflow(run, step.fail.error, str(message))
     return BLOCK
 
 
@@ -227,13 +227,16 @@ def run_until_blocked(run: Run) -> None:
             step = steps[th["idx"]]
             budget -= 1
             if budget < 0:
-                run.fail("StepLimitExceeded", f"step '{step.id}': more than {MAX_STEPS_PER_DECISION} steps "
+                fail_workflow(run, "StepLimitExceeded", f"step '{step.id}': more than {MAX_STEPS_PER_DECISION} steps "
                          "ran without blocking (a goto loop that never waits?)")
                 return
             try:
                 keep_going = HANDLERS[step.kind](run, tid, th, step)
             except ExpressionError as e:
-                run.fail("ExpressionError", f"step '{step.id}': {e}")
+                fail_workflow(run, "ExpressionError", f"step '{step.id}': {e}")
+                return
+            except LimitExceeded as e:
+                fail_workflow(run, "LimitExceeded", f"step '{step.id}': {e.message}")
                 return
             if not keep_going:
                 break
@@ -270,31 +273,198 @@ def _finish_thread(run: Run, tid: str, th: JSONDict) -> None:
         _advance(run, parent_tid, parent, join["results"])
 
 
+# -- errors, catch routes and cancellation of pending work --------------------------------------
+def fail_workflow(run: Run, error_type: str, message: str) -> None:
+    """Fail the instance; with completed compensable steps the saga runs first (see ``begin_compensation``)."""
+    if run.state["status"] == Status.RUNNING and run.state.get("compensations"):
+        begin_compensation(run, Status.COMPENSATING,
+                           {"status": Status.FAILED, "event": "WorkflowFailed",
+                            "data": {"error_type": error_type, "message": message}})
+    else:
+        run.fail(error_type, message)
+
+
+def _descendants(run: Run, tid: str) -> list[str]:
+    threads = run.state["threads"]
+    out = []
+    for other in sorted(threads, key=int):
+        p = threads[other]["parent"]
+        while p is not None:
+            if p == tid:
+                out.append(other)
+                break
+            p = threads[p]["parent"] if p in threads else None
+    return out
+
+
+def _cancel_wait(run: Run, th: JSONDict, reason: str) -> None:
+    """Drop whatever a thread is blocked on (an error elsewhere made its result irrelevant)."""
+    w, th["wait"] = th["wait"], None
+    if w is None:
+        return
+    if w["k"] == "activity":
+        activity.drop(run, w["id"])
+    elif w["k"] == "timer":
+        run.state["timers"].pop(w["id"], None)
+    elif w["k"] == "signal" and w["timer"]:
+        run.state["timers"].pop(w["timer"], None)
+    elif w["k"] == "child":
+        run.state["children"].pop(w["id"], None)
+        run.command("CancelWorkflow", w["id"], {"reason": reason})
+
+
+def raise_error(run: Run, tid: str, error_type: str, message: str) -> None:
+    """An error in the step ``tid`` is blocked on: take its matching catch route or propagate it.
+
+    Uncaught in a branch, the error cancels the branch's siblings and propagates to the enclosing
+    ``parallel``/``foreach`` step; uncaught at the top level it fails the workflow.
+    """
+    threads = run.state["threads"]
+    th = threads[tid]
+    step = step_of(run.compiled, th)
+    rule = next((r for r in step.catch or [] if r.matches(error_type)), None)
+    for other in reversed(_descendants(run, tid)):
+        _cancel_wait(run, threads[other], f"step '{step.id}' of {run.instance_id} failed")
+        del threads[other]
+    if rule is not None:
+        _cancel_wait(run, th, f"step '{step.id}' of {run.instance_id} failed")
+        assign(run, th, rule.output, {"type": error_type, "message": message})
+        _goto(run, th, rule.goto)
+        run.runnable.append(tid)
+    elif th["parent"] is not None:
+        _cancel_wait(run, th, f"step '{step.id}' of {run.instance_id} failed")
+        raise_error(run, th["parent"], error_type, message)
+    else:
+        fail_workflow(run, error_type, message)
+
+
+# -- sagas ------------------------------------------------------------------------------------
+def _record_compensation(run: Run, th: JSONDict, step: Step) -> None:
+    comp = step.compensate
+    if comp is None:
+        return
+    input_ = evaluate(comp.input, scope(run, th)) if comp.input else None
+    run.state.setdefault("compensations", []).append(
+        {"step": step.id, "task": comp.task, "queue": comp.queue, "input": input_})
+
+
+def begin_compensation(run: Run, status: str, closing: JSONDict) -> None:
+    """Stop all normal work and run the recorded compensations, newest first, then close as ``closing``."""
+    st = run.state
+    for child_id in sorted(st["children"]):
+        run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} is compensating"})
+    for table in ("children", "activities", "timers", "threads", "signals"):
+        st[table].clear()
+    run.runnable.clear()
+    st["status"] = status
+    st["closing"] = closing
+    st["compensation"] = "running"
+    _next_compensation(run)
+
+
+def _next_compensation(run: Run) -> None:
+    st = run.state
+    while st["compensations"]:
+        comp = st["compensations"].pop()
+        aid = f"{COMPENSATE_PREFIX}{comp['step']}-{run.next_seq()}"
+        try:
+            activity.schedule(run, aid, comp["task"], comp["queue"], comp["input"], None,
+                              COMPENSATE_PREFIX + comp["step"])
+            return
+        except LimitExceeded as e:
+            st.setdefault("compensation_errors", []).append(
+                {"step": comp["step"], "type": "LimitExceeded", "message": e.message})
+    closing = st.pop("closing")
+    st["compensation"] = "failed" if st.get("compensation_errors") else "completed"
+    run.close(closing["status"], closing["event"], closing["data"])
+
+
+def _compensation_done(run: Run, act: JSONDict, error: Optional[tuple[str, str]]) -> None:
+    if error is not None:
+        run.state.setdefault("compensation_errors", []).append(
+            {"step": act["step"][len(COMPENSATE_PREFIX):], "type": error[0], "message": error[1]})
+    _next_compensation(run)
+
+
+def on_cancel_requested(run: Run, ev: Event) -> None:
+    begin_compensation(run, Status.CANCELLING, {"status": Status.CANCELLED, "event": "WorkflowCancelled",
+                                                "data": {"reason": ev.data["reason"]}})
+
+
 # -- input events -----------------------------------------------------------------------------
 def on_started(run: Run, ev: Event) -> None:
     new_thread(run, "", None, 0, {})
+    timeouts = run.compiled.spec.timeout
+    if timeouts is not None and timeouts.execution is not None:
+        activity.start_timer(run, None, run.now + parse_duration_ms(timeouts.execution), "execution")
 
 
 def on_activity_completed(run: Run, ev: Event) -> None:
-    act = run.state["activities"].pop(ev.data["activity_id"])
-    _advance(run, act["thread"], run.state["threads"][act["thread"]], ev.data["result"])
+    act = activity.drop(run, ev.data["activity_id"])
+    assert act is not None
+    if act["thread"] is None:
+        _compensation_done(run, act, None)
+        return
+    tid = act["thread"]
+    th = run.state["threads"][tid]
+    step = step_of(run.compiled, th)
+    _advance(run, tid, th, ev.data["result"])
+    try:
+        _record_compensation(run, th, step)
+    except ExpressionError as e:
+        fail_workflow(run, "ExpressionError", f"step '{step.id}' (compensate input): {e}")
+
+
+def _activity_error(run: Run, aid: str, error_type: str, message: str) -> None:
+    act = activity.drop(run, aid)
+    assert act is not None
+    if act["thread"] is None:
+        _compensation_done(run, act, (error_type, message))
+        return
+    raise_error(run, act["thread"], error_type, f"activity '{act['name']}' (step '{act['step']}') failed: {message}")
 
 
 def on_activity_failed(run: Run, ev: Event) -> None:
-    act = run.state["activities"].pop(ev.data["activity_id"])
     d = ev.data
-    run.fail(d["error_type"], f"activity '{act['name']}' (step '{act['step']}') failed: {d['message']}")
+    if not activity.retry_or_give_up(run, d["activity_id"], d["error_type"], d["retryable"]):
+        _activity_error(run, d["activity_id"], d["error_type"], d["message"])
+
+
+def on_activity_started(run: Run, ev: Event) -> None:
+    activity.on_started(run, ev.data["activity_id"])
+
+
+def on_heartbeat(run: Run, ev: Event) -> None:
+    activity.on_heartbeat(run, ev.data["activity_id"])
 
 
 def on_timer_fired(run: Run, ev: Event) -> None:
     timer = run.state["timers"].pop(ev.data["timer_id"])
+    purpose = timer["purpose"]
+    if purpose == "execution":
+        limit = run.compiled.spec.timeout.execution if run.compiled.spec.timeout else "?"
+        fail_workflow(run, "WorkflowTimeout", f"the workflow did not finish within {limit}")
+        return
+    if purpose == "retry":
+        activity.on_retry_timer(run, timer["activity"])
+        return
+    if purpose == "activity_timeout":
+        aid, kind = timer["activity"], timer["kind"]
+        act = run.state["activities"][aid]
+        act["timers"].pop(kind, None)
+        run.emit("ActivityTimedOut", {"activity_id": aid, "attempt": act["attempt"], "kind": kind})
+        message = activity.timeout_message(run, act, kind)
+        if kind == "schedule_to_close" or not activity.retry_or_give_up(run, aid, "ActivityTimeout", True):
+            _activity_error(run, aid, "ActivityTimeout", message)
+        return
     tid = timer["thread"]
     th = run.state["threads"][tid]
-    if timer["purpose"] == "sleep":
+    if purpose == "sleep":
         _advance(run, tid, th, None)
     else:
         step = step_of(run.compiled, th)
-        run.fail("Timeout", f"step '{step.id}': no signal '{th['wait']['name']}' arrived within {step.wait.timeout}")  # type: ignore[union-attr]
+        th["wait"]["timer"] = None
+        raise_error(run, tid, "Timeout", f"step '{step.id}': no signal '{th['wait']['name']}' arrived within {step.wait.timeout}")  # type: ignore[union-attr]
 
 
 def on_signal(run: Run, ev: Event) -> None:
@@ -318,7 +488,10 @@ def on_child_completed(run: Run, ev: Event) -> None:
 def on_child_failed(run: Run, ev: Event) -> None:
     child = run.state["children"].pop(ev.data["child_id"])
     d = ev.data
-    run.fail(d["error_type"], f"child workflow {d['child_id']} (step '{child['step']}') failed: {d['message']}")
+    th = run.state["threads"][child["thread"]]
+    th["wait"] = None
+    raise_error(run, child["thread"], d["error_type"],
+                f"child workflow {d['child_id']} (step '{child['step']}') failed: {d['message']}")
 
 
 INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {
@@ -329,10 +502,16 @@ INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {
     "SignalReceived": on_signal,
     "ChildCompleted": on_child_completed,
     "ChildFailed": on_child_failed,
+    "ActivityStarted": on_activity_started,
+    "HeartbeatRecorded": on_heartbeat,
+    "CancelRequested": on_cancel_requested,
 }
 
 
 def apply_input(run: Run, ev: Event) -> None:
     """Deliver one input event to the spec workflow and run it to quiescence."""
-    INPUT_APPLIERS[ev.type](run, ev)
+    try:
+        INPUT_APPLIERS[ev.type](run, ev)
+    except LimitExceeded as e:
+        fail_workflow(run, "LimitExceeded", e.message)
     run_until_blocked(run)

@@ -140,4 +140,4 @@ class Status:
 
     TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"})
     #: Statuses in which activity results and timers are still accepted.
-    ACTIVE = frozenset({"RUNNING", "COMPENSATING", "CANCELLING"})
+    ACTIVE = frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING"})

@@ -109,7 +109,10 @@ class RetrySpec(_Strict):
     jitter: float = Field(default=0.0, ge=0.0, le=1.0)
     non_retryable: list[str] = Field(default_factory=list)
 
-    _d1 = field_validator("initial", "max_interval")(classmethod(lambda cls, v: _duration_field(v)))
+    @field_validator("initial", "max_interval")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return _duration_field(v)
 
 
 class TimeoutSpec(_Strict):
@@ -121,8 +124,10 @@ class TimeoutSpec(_Strict):
     start_to_close: Optional[Union[str, int, float]] = None
     heartbeat: Optional[Union[str, int, float]] = None
 
-    _d2 = field_validator("schedule_to_close", "start_to_close", "heartbeat")(
-        classmethod(lambda cls, v: _duration_field(v)))
+    @field_validator("schedule_to_close", "start_to_close", "heartbeat")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return _duration_field(v)
 
 
 class CompensateSpec(_Strict):
@@ -151,7 +156,10 @@ class WorkflowTimeouts(_Strict):
 
     execution: Optional[Union[str, int, float]] = None
 
-    _d3 = field_validator("execution")(classmethod(lambda cls, v: _duration_field(v)))
+    @field_validator("execution")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return _duration_field(v)
 
 
 class Step(_Strict):

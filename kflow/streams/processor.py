@@ -113,7 +113,17 @@ class EngineProcessor:
         cfg = self.config
         ensure_topics(cfg.client_conf(), self.names, cfg.topic_settings, queues=["default"])
         self._known_queues.add("default")
-        self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, self._compile_code)
+        compile_code, hosted = self._compile_code, []
+        if cfg.workflows:
+            # Code workflows are hosted, not deployed as data: import the modules and register
+            # their definitions before the first command is decided.
+            from kflow._workflow import code_definitions, compile_code as registered_code
+
+            hosted = code_definitions(cfg.workflows)
+            compile_code = compile_code or registered_code
+        self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code)
+        for d in hosted:
+            self.defs.add(d)
         self.defs.catch_up(10)
         tid = f"{self.names.prefix}engine-{cfg.resolved_engine_id()}"
         self.producer = Producer(cfg.producer_conf(**{
@@ -121,7 +131,10 @@ class EngineProcessor:
             "linger.ms": 5, "queue.buffering.max.messages": 1_000_000, "acks": "all"}))
         self.producer.init_transactions(30)
         self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **{
-            "max.poll.interval.ms": 300_000, "fetch.wait.max.ms": 10}))
+            "max.poll.interval.ms": 300_000,
+            # static membership: a restarted engine with the same identity takes its partitions
+            # back at once instead of waiting for the dead member's session to time out
+            "group.instance.id": f"engine-{cfg.resolved_engine_id()}"}))
         self.consumer.subscribe([self.names.commands], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("engine %s started: topics prefix '%s', %d partitions, state dir %s, %d definitions",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
 
-__all__ = ["assert_eventually"]
+__all__ = ["assert_eventually", "replay"]
 
 T = TypeVar("T")
 
@@ -66,3 +66,12 @@ def assert_eventually(
     what = msg or ("condition" if name == "<lambda>" else f"{name}()")
     last = f"last error: {last_error}" if last_error is not None else f"last value: {last_value!r}"
     raise AssertionError(f"waited {seconds:g}s ({attempts} attempts) for {what}; {last}") from last_error
+
+
+def __getattr__(name: str) -> object:
+    # ``replay`` pulls in the code-workflow machinery; import it on first use only.
+    if name == "replay":
+        from kflow.testing._replay import replay
+
+        return replay
+    raise AttributeError(f"module 'kflow.testing' has no attribute {name!r}")

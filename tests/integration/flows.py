@@ -48,3 +48,34 @@ def chain(name: str, n: int = 3, queue: str = "default") -> dict:
         steps.append({"id": f"s{i}", "task": "t.inc", "queue": queue, "input": f"v{i-1}", "output": f"v{i}"})
     steps.append({"id": "done", "succeed": f"v{n-1}"})
     return {"name": name, "version": 1, "steps": steps}
+
+
+FLAKY: dict[str, int] = {}
+UNDONE: dict[str, list[str]] = {}
+
+
+@activity("t.flaky")
+def flaky(req):
+    """Fails the first ``req['fail']`` attempts for ``req['key']``, then returns the attempt count."""
+    with _lock:
+        FLAKY[req["key"]] = n = FLAKY.get(req["key"], 0) + 1
+    if n <= req["fail"]:
+        raise RuntimeError(f"attempt {n} of {req['key']} failed")
+    return n
+
+
+@activity("t.book")
+def book(req):
+    return {"key": req["key"], "what": req["what"]}
+
+
+@activity("t.unbook")
+def unbook(booking):
+    with _lock:
+        UNDONE.setdefault(booking["key"], []).append(booking["what"])
+    return None
+
+
+@activity("t.refuse")
+def refuse(_):
+    raise NonRetryableError("nothing left", type="SoldOut")

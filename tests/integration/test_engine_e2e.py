@@ -214,3 +214,17 @@ def read_events(stack, iid: str, until_type: str):
     seqs = [e.seq for e in events]
     assert seqs == list(range(1, len(seqs) + 1)), f"gap or duplicate in event seqs: {seqs}"
     return events
+
+
+def test_terminate_stops_at_once_and_is_idempotent(stack):
+    c = stack.client
+    c.deploy({"name": "term", "version": 1, "steps": [{"id": "w", "wait": {"signal": "never"}}]})
+    h = c.start("term", None, id=uid("term"))
+    assert_eventually(lambda: (c.status(h.id) or {}).get("status") == "RUNNING", timeout=30)
+    c.terminate(h.id, "runaway")
+    c.terminate(h.id, "again")  # idempotent: recorded as a rejection, state unchanged
+    with pytest.raises(WorkflowFailedError) as ei:
+        h.result(timeout=60)
+    assert ei.value.status == "TERMINATED"
+    events = read_events(stack, h.id, until_type="CommandRejected")
+    assert [e.type for e in events].count("WorkflowTerminated") == 1

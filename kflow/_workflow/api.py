@@ -1,0 +1,109 @@
+"""The authoring API of code workflows: the ``@workflow`` decorator and the engine's registry.
+
+``@kflow.workflow(name="order", version=1)`` on ``async def run(ctx, input)`` validates the function
+and registers a :class:`~kflow.engine.code_replayer.CodeDefinition` in the process registry; an
+engine started with ``--workflows mod`` imports ``mod`` and hosts the workflows it registered. The
+decorated function is returned unchanged (with a ``__kflow_workflow__`` attribute) so it can still
+be called directly in tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Optional, TypeVar
+
+from kflow._workflow.sandbox import Sandbox, sandbox_enabled
+from kflow.engine.code_replayer import REGISTRY, CodeDefinition, query, register
+from kflow.model.errors import DefinitionError
+from kflow.model.messages import Definition
+
+__all__ = ["code_definitions", "compile_code", "definition_of", "query_state", "workflow"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[bool] = None) -> Callable[[F], F]:
+    """Register an ``async def run(ctx, input)`` function as code workflow ``name@version``.
+
+    Example:
+        >>> import kflow
+        >>> @kflow.workflow(name="greet", version=1)
+        ... async def greet(ctx, input):
+        ...     return await ctx.activity("say_hello", input)
+
+    Args:
+        name: The workflow name clients start; defaults to the function's name.
+        version: Running instances stay on the version they started with.
+        sandbox: Refuse clock, randomness, I/O and threads inside the workflow; the default is
+            on unless ``KFLOW_WORKFLOW_SANDBOX=0``.
+
+    Raises:
+        DefinitionError: Every problem with the function at once (not async, wrong parameters,
+            bad name or version).
+    """
+    def decorate(fn: F) -> F:
+        wf_name = name or getattr(fn, "__name__", "")
+        problems: list[tuple[str, str]] = []
+        if not inspect.iscoroutinefunction(fn):
+            problems.append(("", "a code workflow must be an 'async def' function"))
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) != 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            problems.append(("", f"expected parameters (ctx, input), but got ({', '.join(p.name for p in params)})"))
+        if not wf_name or "@" in wf_name:
+            problems.append(("", f"invalid workflow name {wf_name!r}"))
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            problems.append(("", f"version must be a positive integer, not {version!r}"))
+        if problems:
+            raise DefinitionError(wf_name or "<unnamed>", problems)
+        enabled = sandbox_enabled() if sandbox is None else sandbox
+        d = register(CodeDefinition(name=wf_name, version=version, fn=fn, module=getattr(fn, "__module__", ""),
+                                    sandbox=Sandbox(enabled)))
+        fn.__kflow_workflow__ = d  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def definition_of(fn: Any) -> CodeDefinition:
+    """The :class:`CodeDefinition` of a decorated workflow function (or a definition itself)."""
+    if isinstance(fn, CodeDefinition):
+        return fn
+    d = getattr(fn, "__kflow_workflow__", None)
+    if d is None:
+        raise TypeError(f"{fn!r} is not a @kflow.workflow function")
+    return d
+
+
+def query_state(workflow_fn: Any, state: dict[str, Any], name: str, *args: Any) -> Any:
+    """Answer query ``name`` of a code-workflow instance from its state, e.g. ``client.status(id)["internal"]``.
+
+    Example:
+        >>> progress = kflow.query_state(order, client.status("o-1")["internal"], "progress")  # doctest: +SKIP
+
+    Raises:
+        KflowError: The workflow registered no such query.
+        NondeterminismError: The code no longer replays the instance's history.
+    """
+    return query(definition_of(workflow_fn), state, name, *args)
+
+
+def code_definitions(modules: str) -> list[CodeDefinition]:
+    """Import the comma-separated ``modules`` and return the code workflows they registered."""
+    names = [m.strip() for m in modules.split(",") if m.strip()]
+    for m in names:
+        importlib.import_module(m)
+    return [d for d in REGISTRY.values() if d.module in names]
+
+
+def compile_code(d: Definition) -> CodeDefinition:
+    """The definitions-table hook: a ``kind="code"`` record resolves to a workflow hosted here."""
+    found = REGISTRY.get((d.name, d.version))
+    if found is None:
+        raise DefinitionError(d.key, [("", "code workflow not registered in this engine (start it with "
+                                           "--workflows MODULE)")])
+    return found

@@ -1,0 +1,105 @@
+"""Replay a recorded history against (possibly changed) code-workflow code, raising on non-determinism.
+
+Use it in a test before deploying a change: fetch histories of running instances (``kflow history``
+or the events topic), and check that the new code issues exactly the commands they recorded::
+
+    from kflow.testing import replay
+    replay(order_workflow, events)                  # raises NondeterminismError on a mismatch
+    replay(order_workflow, events, state=internal)  # exact: also checks side effects and patches
+
+From events alone, timers match by position (the purpose of a timer is not in its event),
+``ctx.side_effect`` functions run again, and ``ctx.patched()`` returns False (the history is
+treated as recorded before the patch). Passing the instance's internal state (``state`` record
+``internal`` field) replays its recorded commands exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+from kflow._workflow.api import definition_of
+from kflow.engine.code_replayer import (
+    COMMANDS,
+    INPUTS,
+    WORKFLOW_INPUTS,
+    Machine,
+    NondeterminismError,
+    _describe,
+    _Mismatch,
+    _outcome,
+)
+from kflow.model.messages import Event, JSONDict
+
+__all__ = ["replay"]
+
+
+def _as_event(e: Union[Event, JSONDict]) -> Event:
+    if isinstance(e, Event):
+        return e
+    return Event(type=e["type"], instance_id=e.get("instance_id", ""), seq=int(e.get("seq", 0)),
+                 ts=int(e.get("ts", 0)), data=dict(e.get("data") or {}))
+
+
+def _from_events(events: list[Event]) -> tuple[list[list[Any]], list[list[Any]]]:
+    inputs: list[list[Any]] = []
+    commands: list[list[Any]] = []
+    for e in events:
+        d = e.data
+        if e.type in WORKFLOW_INPUTS:
+            inputs.append([e.type, d, e.ts, e.seq])
+        elif e.type == "ActivityScheduled" and d.get("attempt", 1) == 1:
+            commands.append(["activity", d["name"], d["activity_id"]])
+        elif e.type == "TimerStarted":
+            commands.append(["timer", None, d["timer_id"]])
+        elif e.type == "ChildStarted":
+            commands.append(["child", d["workflow"], d["child_id"]])
+    return inputs, commands
+
+
+def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: Optional[JSONDict] = None) -> Any:
+    """Re-run ``workflow_fn`` over ``history`` and check it reproduces every recorded command.
+
+    Args:
+        workflow_fn: A ``@kflow.workflow`` function (or its ``CodeDefinition``).
+        history: The instance's events, in order, as :class:`Event` objects or dicts.
+        state: The instance's internal state; when given, its recorded inputs and commands are used.
+
+    Returns:
+        The workflow's result when the replay finishes it, else None (still running).
+
+    Raises:
+        NondeterminismError: The code issued a different command, or ended differently, than recorded.
+    """
+    definition = definition_of(workflow_fn)
+    events = [_as_event(e) for e in history]
+    instance_id = events[0].instance_id if events else ((state or {}).get("id") or "replay")
+    if state is not None:
+        inputs, commands = state[INPUTS], state[COMMANDS]
+    else:
+        inputs, commands = _from_events(events)
+    closed = next((e for e in events if e.type in ("WorkflowCompleted", "WorkflowFailed")), None)
+    machine = Machine(definition, instance_id, commands)
+    try:
+        for type_, data, ts, seq in inputs:
+            if type_ == "TimerFired" and str(data.get("timer_id", "")).startswith("replay-"):
+                continue
+            machine.deliver(type_, data, ts, seq)
+            if machine.finished:
+                break
+        if machine.cursor != len(commands):
+            raise _Mismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
+        if machine.finished and closed is None:
+            raise _Mismatch(machine.cursor, "a workflow still running", _outcome(machine))
+        if closed is not None and not machine.finished:
+            raise _Mismatch(machine.cursor, closed.type, "a workflow still waiting")
+    except _Mismatch as m:
+        raise NondeterminismError(instance_id, m.index, m.expected, m.actual) from None
+    if machine.finished:
+        assert machine.root is not None
+        fut = machine.root.future
+        want_ok = closed is not None and closed.type == "WorkflowCompleted"
+        if (fut.error is None) != want_ok or (want_ok and closed is not None and fut.value != closed.data.get("result")):
+            raise NondeterminismError(instance_id, machine.cursor, f"{closed.type if closed else '?'} "
+                                      f"{closed.data if closed else ''}", _outcome(machine))
+        return fut.value if fut.error is None else None
+    return None
