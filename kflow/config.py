@@ -83,6 +83,7 @@ class EngineConfig(KafkaConfig):
     cache_size: int = Field(50_000, ge=0, description="Instance states kept in memory per engine (LRU).")
     timer_batch: int = Field(1000, ge=1, description="Most timers fired per partition per transaction.")
     transaction_timeout_ms: int = Field(10_000, ge=1000, description="Kafka transaction timeout; bounds how long a crashed engine's open transaction can block readers.")
+    static_membership: bool = Field(False, description="Join the engine group as a static member (group.instance.id = engine id) so a restarted engine takes its partitions back at once; needs a stable KFLOW_ENGINE_ID.")
     workflows: str = Field("", description="Comma-separated modules of code workflows to host.")
 
     def resolved_engine_id(self) -> str:

@@ -20,6 +20,7 @@ deploying fixed code resumes the instance where it stopped.
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 from collections import OrderedDict, deque
 from contextlib import nullcontext
@@ -470,19 +471,22 @@ class Machine:
 class ReplayCache:
     """A bounded LRU of live machines, keyed by instance and the exact position they reflect.
 
-    The processor is single-threaded per engine, and a machine is taken out while it is used, so
-    a stale machine (e.g. one advanced inside an aborted transaction) is never resumed: its key no
-    longer matches the committed state and the instance is rebuilt by replay instead.
+    A machine is taken out while it is used, so a stale machine (e.g. one advanced inside an
+    aborted transaction) is never resumed: its key no longer matches the committed state and the
+    instance is rebuilt by replay instead. A lock keeps the table consistent when several engines
+    share a process (tests, the dev stack); each instance belongs to one engine at a time.
     """
 
     def __init__(self, max_size: int = 10_000) -> None:
         self.max_size = max_size
         self._items: OrderedDict[str, tuple[tuple[Any, ...], Machine]] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def take(self, instance_id: str, key: tuple[Any, ...]) -> Optional[Machine]:
-        item = self._items.pop(instance_id, None)
+        with self._lock:
+            item = self._items.pop(instance_id, None)
         if item is not None and item[0] == key:
             self.hits += 1
             return item[1]
@@ -492,13 +496,15 @@ class ReplayCache:
     def put(self, instance_id: str, key: tuple[Any, ...], machine: Machine) -> None:
         if self.max_size <= 0:
             return
-        self._items[instance_id] = (key, machine)
-        self._items.move_to_end(instance_id)
-        while len(self._items) > self.max_size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[instance_id] = (key, machine)
+            self._items.move_to_end(instance_id)
+            while len(self._items) > self.max_size:
+                self._items.popitem(last=False)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -35,7 +35,7 @@ from kflow.schemas.codec import decode_command, encode_command, encode_event, en
 from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.partitioner import partition_for
-from kflow.streams.restore import restore_partition
+from kflow.streams.restore import end_offsets, restore_partition
 from kflow.streams.store import EngineStore, timer_key
 from kflow.streams.topics import ensure_task_topic, ensure_topics
 
@@ -130,11 +130,12 @@ class EngineProcessor:
             "transactional.id": tid, "transaction.timeout.ms": cfg.transaction_timeout_ms,
             "linger.ms": 5, "queue.buffering.max.messages": 1_000_000, "acks": "all"}))
         self.producer.init_transactions(30)
-        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **{
-            "max.poll.interval.ms": 300_000,
-            # static membership: a restarted engine with the same identity takes its partitions
-            # back at once instead of waiting for the dead member's session to time out
-            "group.instance.id": f"engine-{cfg.resolved_engine_id()}"}))
+        consumer_extra: dict[str, Any] = {"max.poll.interval.ms": 20_000 if cfg.dev_tuning else 300_000}
+        if cfg.static_membership:
+            # a restarted engine with the same identity takes its partitions back at once
+            # instead of waiting for the dead member's session to time out
+            consumer_extra["group.instance.id"] = f"engine-{cfg.resolved_engine_id()}"
+        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **consumer_extra))
         self.consumer.subscribe([self.names.commands], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("engine %s started: topics prefix '%s', %d partitions, state dir %s, %d definitions",
@@ -154,9 +155,11 @@ class EngineProcessor:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         t0 = time.monotonic()
         per_partition = max(1, self.config.cache_size // max(1, self.config.partitions))
+        conf = self.config.consumer_conf("kflow-restore")
+        marks = end_offsets(conf, self.names.state, [tp.partition for tp in partitions]) if partitions else {}
         for tp in partitions:
             sp = self.store.open(tp.partition, per_partition)
-            stats = restore_partition(self.config.consumer_conf("kflow-restore"), self.names.state, sp)
+            stats = restore_partition(conf, self.names.state, sp, marks=marks[tp.partition])
             metrics.RESTORE_SECONDS.observe(stats.seconds)
             self._next_due[tp.partition] = sp.next_due()
         metrics.REBALANCES.labels("assign").inc()

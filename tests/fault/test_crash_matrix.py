@@ -101,13 +101,24 @@ def describe(st) -> str:
             f"children={internal.get('children')} threads={ {k: v.get('wait') for k, v in internal.get('threads', {}).items()} }")
 
 
-def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, instances: int) -> None:
+def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, instances: int,
+               engines: int = 1) -> None:
+    """With ``engines`` > 1, each engine kill is a rebalance: the group has one member less until the
+    replacement (new process, new state directory) joins, so partitions move while load runs."""
     prefix = f"cm{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
     rnd = random.Random(20261123)
     state_dir = str(tmp_path / "engine")
-    procs = {"engine": engine_process(bootstrap, prefix, state_dir, partitions=PARTITIONS, engine_id="cm").start(),
+    # Restarts of the single engine use static membership (the restarted engine takes its
+    # partitions back at once). Rebalance mode runs engines as dynamic members, so every kill and
+    # every replacement moves partitions between processes.
+    env = {"KFLOW_STATIC_MEMBERSHIP": "false" if engines > 1 else "true"}
+    procs = {"engine": engine_process(bootstrap, prefix, state_dir, partitions=PARTITIONS, engine_id="cm",
+                                      extra_env=env).start(),
              "worker": worker_process(bootstrap, prefix, ["tests.fault.flows"], partitions=PARTITIONS).start()}
+    for n in range(1, engines):
+        procs[f"engine{n}"] = engine_process(bootstrap, prefix, f"{state_dir}-{n}", partitions=PARTITIONS,
+                                             engine_id=f"cm{n}", extra_env=env).start()
     started: dict[str, tuple[str, int]] = {}
     kills = Counter()
     try:
@@ -121,12 +132,25 @@ def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, i
                 rnd.shuffle(plan)
                 for who in plan:
                     time.sleep(rnd.uniform(0.3, 1.2))  # a random moment under load, not synchronisation
+                    if who == "engine" and engines > 1:
+                        victim = rnd.choice(sorted(k for k in procs if k.startswith("engine")))
+                        identity = procs[victim].env["KFLOW_ENGINE_ID"]
+                        procs[victim].kill()
+                        kills[who] += 1
+                        del procs[victim]
+                        n = kills["engine"]
+                        # the replacement takes the victim's identity (a StatefulSet pod coming back
+                        # on a new disk): its transactional id fences the victim's open transaction
+                        procs[f"engine-r{n}"] = engine_process(bootstrap, prefix, f"{state_dir}-r{n}", partitions=PARTITIONS,
+                                                               engine_id=identity, extra_env=env).start()
+                        continue
                     procs[who].kill()
                     kills[who] += 1
                     if who == "engine":
                         fresh = kills["engine"] % 3 == 0  # every third restart also loses its disk
                         d = state_dir + (f"-fresh{kills['engine']}" if fresh else "")
-                        procs[who] = engine_process(bootstrap, prefix, d, partitions=PARTITIONS, engine_id="cm").start()
+                        procs[who] = engine_process(bootstrap, prefix, d, partitions=PARTITIONS, engine_id="cm",
+                                                    extra_env=env).start()
                     else:
                         procs[who] = worker_process(bootstrap, prefix, ["tests.fault.flows"], partitions=PARTITIONS).start()
 
@@ -141,12 +165,12 @@ def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, i
                     break
                 time.sleep(0.02)  # steady load
             k.join()
-            done = client.wait_many(list(started), timeout=240)
+            done = client.wait_many(list(started), timeout=120)
             if len(done) != len(started):
                 lost = sorted(set(started) - set(done))
                 detail = "\n".join(f"{iid}: {describe(client.status(iid))}" for iid in lost[:10])
                 raise AssertionError(f"{len(lost)} instances unfinished after {dict(kills)} kills:\n{detail}\n"
-                                     f"engine log:\n{procs['engine'].log_tail(3000)}")
+                                     "engine logs:\n" + "\n".join(f"--- {k}\n{p.log_tail(1500)}" for k, p in procs.items() if k.startswith("engine")))
         oracle(bootstrap, prefix, started)
         assert kills["engine"] == engine_kills and kills["worker"] == worker_kills
     finally:
@@ -164,6 +188,10 @@ def tansu_gap(kafka_flavor, request):
 
 def test_crash_matrix(kafka_bootstrap, tmp_path, tansu_gap):
     run_matrix(kafka_bootstrap, tmp_path, engine_kills=20, worker_kills=6, instances=400)
+
+
+def test_rebalance_under_load(kafka_bootstrap, tmp_path, tansu_gap):
+    run_matrix(kafka_bootstrap, tmp_path, engine_kills=4, worker_kills=2, instances=200, engines=3)
 
 
 @pytest.mark.slow

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Iterator
 
 import pytest
 
 import kflow
+from kflow.config import EngineConfig
 from kflow.engine import code_replayer
 from kflow.model.errors import WorkflowFailedError
+from kflow.streams.processor import EngineProcessor
 from kflow.testing import assert_eventually
 from tests.integration.conftest import Stack
 
@@ -27,6 +30,25 @@ def code_stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -
         yield s
     finally:
         s.close()
+
+
+def restart_engine(stack: Stack) -> None:
+    """Stop the engine and start it again under the same identity, on an empty state dir.
+
+    The new engine restores its partitions from the changelog, and with the replay cache cleared
+    (as in a fresh process) every instance it resumes is rebuilt by replay.
+    """
+    proc, t = stack.engines.pop(0)
+    proc.stop()
+    t.join(30)
+    code_replayer.CACHE.clear()
+    cfg = stack.kafka_config(EngineConfig, state_dir=f"{stack.state_root}/r{uuid.uuid4().hex[:6]}",
+                             engine_id=proc.config.engine_id, workflows=MODULE)
+    new = EngineProcessor(cfg)
+    thread = threading.Thread(target=new.run, name="engine", daemon=True)
+    thread.start()
+    assert new.ready.wait(60), "restarted engine did not get partitions within 60s"
+    stack.engines.append((new, thread))
 
 
 def uid(tag: str) -> str:
@@ -68,12 +90,8 @@ def test_a_new_engine_resumes_an_instance_by_replay(code_stack: Stack) -> None:
     c = code_stack.client
     h = c.start("code.order", {"sku": "C3", "qty": 1, "price": 5}, id=uid("order"))
     assert_eventually(lambda: waiting_for_signal(c, h.id), timeout=60)
-    proc, t = code_stack.engines.pop(0)
-    proc.stop()
-    t.join(30)
-    code_replayer.CACHE.clear()  # a fresh process: no live coroutine survives
     misses = code_replayer.CACHE.misses
-    code_stack.start_engine(workflows=MODULE)
+    restart_engine(code_stack)
     c.signal(h.id, "ship", {"carrier": "dhl"})
     assert h.result(timeout=60)["tracking"] == "t-r-C3-dhl"
     assert code_replayer.CACHE.misses > misses
@@ -93,21 +111,14 @@ def test_changed_code_blocks_the_instance_until_fixed_code_is_deployed(code_stac
     definition = code_flows.order.__kflow_workflow__
     good = definition.fn
 
-    def restart_engine() -> None:
-        proc, t = code_stack.engines.pop(0)
-        proc.stop()
-        t.join(30)
-        code_replayer.CACHE.clear()
-        code_stack.start_engine(workflows=MODULE)
-
     definition.fn = _order_renamed
     try:
-        restart_engine()
+        restart_engine(code_stack)
         c.signal(h.id, "ship", {"carrier": "fedex"})
         st = assert_eventually(lambda: (s := c.status(h.id)) and s["status"] == "BLOCKED" and s, timeout=60)
         blocked = st["internal"]["blocked"]
         assert (blocked["expected"], blocked["actual"]) == ("activity 'co.reserve'", "activity 'co.reserve_v2'")
     finally:
         definition.fn = good
-    restart_engine()  # the fix: the replay timer retries and the recorded signal is delivered
+    restart_engine(code_stack)  # the fix: the replay timer retries and the recorded signal is delivered
     assert h.result(timeout=60)["tracking"] == "t-r-D4-fedex"

@@ -157,7 +157,7 @@ def test_dev_demo_option_takes_an_optional_name(runner: CliRunner, monkeypatch: 
 def test_bench_passes_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
 
-    def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None):
+    def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None, partitions=4, json_out=None):
         calls.append((bootstrap, n, concurrency, style, prefix, rate))
 
     import types
