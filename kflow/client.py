@@ -29,7 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from kflow.config import KafkaConfig
 from kflow.engine import compile_spec
 from kflow.model.errors import BrokerUnavailable, DefinitionError, KflowError, WorkflowFailedError
-from kflow.model.messages import Command, Definition, JSONValue, Status
+from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, JSONValue, Status
 from kflow.schemas.codec import decode_state, encode_command, encode_definition
 from kflow.streams.partitioner import partition_for
 from kflow.streams.topics import ensure_topics
@@ -407,6 +407,7 @@ class Client:
         self._lock = threading.Lock()
         self._ready = False
         self._producer: Producer | None = None
+        self._deployed_offset = -1  # offset of this client's last deploy on the definitions topic
         self._watcher: StateWatcher | None = None
         self._closed = False
 
@@ -467,18 +468,21 @@ class Client:
 
     # -- producing -------------------------------------------------------------------------
 
-    def _produce(self, topic: str, key: str, value: bytes, *, confirm: bool = True) -> None:
+    def _produce(self, topic: str, key: str, value: bytes, *, confirm: bool = True,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
         producer = self._ensure_ready()
         outcome: list[KafkaError | None] = []
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             outcome.append(err)
+            if err is None and topic == self.names.definitions:
+                self._deployed_offset = max(self._deployed_offset, msg.offset())
             if err is not None and not confirm:
                 log.error("delivery of a record to %s (key %r) failed: %s", topic, key, err)
 
         while True:
             try:
-                producer.produce(topic, value, key.encode(), on_delivery=on_delivery)
+                producer.produce(topic, value, key.encode(), on_delivery=on_delivery, headers=headers)
                 break
             except BufferError:  # the local queue is full: let deliveries drain, then retry
                 producer.poll(0.1)
@@ -570,7 +574,11 @@ class Client:
             watcher.expect(instance_id)
         data = {"workflow": workflow, "version": version, "input": input, "parent_id": None,
                 "parent_ref": None, "id_reuse": id_reuse}
-        self._command(Command("StartWorkflow", instance_id, data), confirm=confirm)
+        cmd = Command("StartWorkflow", instance_id, data, command_id=uuid.uuid4().hex, ts=int(time.time() * 1000))
+        # read-your-deploys: the engine decides this start only after reading the definitions
+        # topic at least up to this client's last deploy, so "latest version" includes it
+        headers = [(DEFS_OFFSET_HEADER, str(self._deployed_offset).encode())] if self._deployed_offset >= 0 else None
+        self._produce(self.names.commands, instance_id, encode_command(cmd), confirm=confirm, headers=headers)
         return WorkflowHandle(self, instance_id)
 
     def handle(self, id: str) -> WorkflowHandle:

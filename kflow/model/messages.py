@@ -53,6 +53,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 COMMAND_TYPES = frozenset(COMMAND_FIELDS)
+
+#: Header on StartWorkflow: the definitions-topic offset of the starting client's last deploy.
+DEFS_OFFSET_HEADER = "kflow.definitions.offset"
 EVENT_TYPES = frozenset(EVENT_FIELDS)
 
 

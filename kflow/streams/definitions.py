@@ -67,5 +67,15 @@ class DefinitionsTable(InMemoryDefinitions):
                 return
             self.poll(0.005)
 
+    def read_through(self, offset: int, timeout: float = 5.0) -> None:
+        """Read until the (single-partition) table has consumed ``offset``; cheap when it already has."""
+        deadline = time.monotonic() + timeout
+        tp = self._tps[0]
+        while self._c.position([TopicPartition(self.topic, tp.partition)])[0].offset <= offset:
+            if time.monotonic() > deadline:
+                log.warning("definitions table did not reach offset %d within %.1fs", offset, timeout)
+                return
+            self.poll(0.005)
+
     def close(self) -> None:
         self._c.close()

@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from kflow.config import EngineConfig
 from kflow.engine import decide
 from kflow.model.errors import DecodeError, KflowError
-from kflow.model.messages import Command, JSONDict
+from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
 from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
@@ -41,8 +41,6 @@ from kflow.streams.topics import ensure_task_topic, ensure_topics
 
 log = logging.getLogger("kflow.engine")
 
-#: How stale the definitions table may be when a start without a version is decided.
-DEFS_SYNC_MS = 250
 
 
 class SystemClock:
@@ -89,7 +87,6 @@ class EngineProcessor:
         self._compile_code = compile_code
         self._known_queues: set[str] = set()
         self._next_due: dict[int, Optional[int]] = {}
-        self._defs_synced_at = 0
         self.defs: DefinitionsTable
         self.consumer: Consumer
         self.producer: Producer
@@ -275,13 +272,8 @@ class EngineProcessor:
         else:
             st = self.store.get(p).get(iid)
             batch.old.setdefault(iid, st)
-        if cmd.type == "StartWorkflow" and not batch.defs_synced and self._defs_stale(cmd, batch.now):
-            # "latest version" means latest deployed when the start is decided: a deploy produced
-            # just before this start must be visible, so read the table to its high watermark
-            # (always for an unknown name or version, at most every DEFS_SYNC_MS otherwise).
-            self.defs.catch_up(2)
-            self._defs_synced_at = batch.now
-            batch.defs_synced = True
+        if cmd.type == "StartWorkflow":
+            self._sync_definitions(batch, cmd, m)
         d = decide(st, cmd, batch.now, self.defs)
         batch.commands += 1
         metrics.command(cmd.type)
@@ -307,13 +299,28 @@ class EngineProcessor:
         for c in d.commands:
             produce(self.names.commands, encode_command(c), c.instance_id.encode())
 
-    def _defs_stale(self, cmd: Command, now: int) -> bool:
+    def _sync_definitions(self, batch: Batch, cmd: Command, m: Optional[Message]) -> None:
+        """Make the definitions table current enough to decide this start.
+
+        A client that deployed puts its deploy's offset in a header: the table is read at least
+        that far (read-your-deploys, no round trip when it already is). A start naming a workflow
+        or version the table does not know reads the table to its high watermark, once per batch.
+        """
+        needed = -1
+        for k, v in (m.headers() or []) if m is not None else []:
+            if k == DEFS_OFFSET_HEADER:
+                try:
+                    needed = int(v)
+                except (TypeError, ValueError):
+                    pass
+        if needed >= 0:
+            self.defs.read_through(needed, 5)
         name, version = cmd.data.get("workflow"), cmd.data.get("version")
         if version is None:
             version = self.defs.latest(name)
-        if version is None or self.defs.get(name, version) is None:
-            return True
-        return cmd.data.get("version") is None and now - self._defs_synced_at >= DEFS_SYNC_MS
+        if not batch.defs_synced and (version is None or self.defs.get(name, version) is None):
+            self.defs.catch_up(2)
+            batch.defs_synced = True
 
     def _produce_states(self, batch: Batch) -> None:
         """One changelog record per changed instance per batch (latest wins), offsets tracked."""
