@@ -128,9 +128,7 @@ def cancel(
 
     Example: kflow cancel order-42 --reason "customer withdrew"
     """
-    with _client(bootstrap, prefix, verbose) as client:
-        client.cancel(id, reason)
-    typer.echo(f"cancel requested for {id}")
+    _stop(id, reason, "cancel", bootstrap, prefix, verbose)
 
 
 def terminate(
@@ -147,9 +145,13 @@ def terminate(
 
     Example: kflow terminate order-42 --reason "runaway loop"
     """
+    _stop(id, reason, "terminate", bootstrap, prefix, verbose)
+
+
+def _stop(id: str, reason: str, how: str, bootstrap: str | None, prefix: str | None, verbose: bool) -> None:
     with _client(bootstrap, prefix, verbose) as client:
-        client.terminate(id, reason)
-    typer.echo(f"terminate requested for {id}")
+        getattr(client, how)(id, reason)
+    typer.echo(f"{how} requested for {id}")
 
 
 def _when(ms: int | None) -> str:

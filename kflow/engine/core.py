@@ -178,14 +178,18 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
                     "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs)
 
 
-def _running(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decision]:
+_ACCEPTING = frozenset({Status.RUNNING, Status.BLOCKED})
+
+
+def _running(state: Optional[JSONDict], cmd: Command, now: int,
+             accepting: frozenset[str] = _ACCEPTING) -> Optional[Decision]:
     """The common guard: a missing instance goes to the DLQ, a closed one is a rejection.
 
     A BLOCKED code instance still accepts input: it is recorded, and each one retries the replay.
     """
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
-    if state["status"] not in (Status.RUNNING, Status.BLOCKED):
+    if state["status"] not in accepting:
         return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
     return None
@@ -193,12 +197,7 @@ def _running(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Deci
 
 def _active(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decision]:
     """Like :func:`_running`, but also admits instances running their saga compensations."""
-    if state is None:
-        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
-    if state["status"] not in Status.ACTIVE:
-        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
-                       f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
-    return None
+    return _running(state, cmd, now, Status.ACTIVE)
 
 
 def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
