@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -62,11 +61,12 @@ def test_deploy_invalid_definition_names_the_step(runner: CliRunner, tmp_path: P
         "  - id: first\n    task: t.inc\n"
         "  - id: broken\n    sleep: forever\n"
     )
-    started = time.monotonic()
     result = runner.invoke(app, ["deploy", str(spec), "--bootstrap", UNREACHABLE])
     line = _one_error_line(result)
+    # validation happens before any connection attempt: the broker is unreachable, yet the
+    # error is about the definition
     assert "broken" in line and "invalid definition 'bad'" in line
-    assert time.monotonic() - started < 5, "validation must happen before any connection attempt"
+    assert "cannot reach Kafka" not in result.output
 
 
 def test_deploy_file_that_is_not_yaml(runner: CliRunner, tmp_path: Path) -> None:
@@ -81,16 +81,14 @@ def test_deploy_file_that_is_not_yaml(runner: CliRunner, tmp_path: Path) -> None
     ["status", "some-id"],
     ["deploy", "SPEC"],
 ])
+@pytest.mark.timeout(60)  # a hang, not slowness, is the failure this guards against
 def test_unreachable_broker_is_a_clear_error(runner: CliRunner, tmp_path: Path, args: list[str]) -> None:
     spec = tmp_path / "ok.yaml"
     spec.write_text("name: ok\nversion: 1\nsteps:\n  - id: done\n    succeed: input\n")
     args = [str(spec) if a == "SPEC" else a for a in args]
-    started = time.monotonic()
     result = runner.invoke(app, [*args, "--bootstrap", UNREACHABLE])
-    elapsed = time.monotonic() - started
     line = _one_error_line(result)
     assert f"cannot reach Kafka at {UNREACHABLE}" in line
-    assert elapsed < 10, f"took {elapsed:.1f}s"
 
 
 def test_unreachable_broker_from_environment(runner: CliRunner) -> None:
