@@ -245,13 +245,10 @@ def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decisi
 
 
 def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    guard = _active(state, cmd, now)
+    guard = _active(state, cmd, now) or _pending_attempt(state, cmd, now)  # type: ignore[arg-type]
     if guard:
         return guard
     assert state is not None
-    stale = _pending_attempt(state, cmd, now)
-    if stale:
-        return stale
     aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
     if cmd.type == "CompleteActivity":
         size, limit = payload_size(cmd.data.get("result")), limits_of(defs).max_payload_bytes
@@ -281,13 +278,10 @@ def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: Definiti
 
 
 def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    guard = _active(state, cmd, now)
+    guard = _active(state, cmd, now) or _pending_attempt(state, cmd, now)  # type: ignore[arg-type]
     if guard:
         return guard
     assert state is not None
-    stale = _pending_attempt(state, cmd, now)
-    if stale:
-        return stale
     act = state["activities"][cmd.data["activity_id"]]
     if "timers" not in act or act.get("phase") == "started":
         # A redelivered start report, or an activity without spec timeouts (code workflows).
