@@ -90,11 +90,9 @@ class Executors:
         try:
             result = job.definition.fn(job.task.input)
         except Exception as exc:  # the activity's failure is reported, not raised
-            job.duration = time.monotonic() - started
-            self._report(job, None, exc)
+            self._done(job, started, None, exc)
         else:
-            job.duration = time.monotonic() - started
-            self._report(job, result, None)
+            self._done(job, started, result, None)
         finally:
             unbind(token)
             self.finished.put(job)
@@ -107,14 +105,16 @@ class Executors:
         except asyncio.CancelledError:
             raise  # shutdown: nothing is reported and the task is re-delivered
         except Exception as exc:
-            job.duration = time.monotonic() - started
-            self._report(job, None, exc)
+            self._done(job, started, None, exc)
         else:
-            job.duration = time.monotonic() - started
-            self._report(job, result, None)
+            self._done(job, started, result, None)
         finally:
             unbind(token)
             self.finished.put(job)
+
+    def _done(self, job: Job, started: float, result: Any, error: BaseException | None) -> None:
+        job.duration = time.monotonic() - started
+        self._report(job, result, error)
 
     def _cancel_all(self) -> None:
         assert self._loop is not None

@@ -351,17 +351,22 @@ def _check_long(what: str, name: str, value: Any) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _avro_body(bodies: dict[str, _Body], what: str, type_: str, data: Mapping[str, Any]) -> tuple[_Body, dict[str, Any]]:
+    """The union branch for ``type_`` and ``data`` converted to it; ValueError names the problem."""
+    body = bodies.get(type_)
+    if body is None:
+        raise ValueError(f"unknown {what} type {type_!r}")
+    try:
+        return body, body.to_avro(data)
+    except TypeError as exc:
+        raise ValueError(f"{type_}: payload is not JSON-serialisable: {exc}") from exc
+
+
 def encode_command(cmd: Command) -> bytes:
     """Encode a command as an Avro single-object value."""
-    body = _COMMAND_BODIES.get(cmd.type)
-    if body is None:
-        raise ValueError(f"unknown command type {cmd.type!r}")
     if type(cmd.ts) is not int:
         raise ValueError(f"{cmd.type}: 'ts' must be int, got {_describe(cmd.ts)}")
-    try:
-        avro_body = body.to_avro(cmd.data)
-    except TypeError as exc:
-        raise ValueError(f"{cmd.type}: payload is not JSON-serialisable: {exc}") from exc
+    body, avro_body = _avro_body(_COMMAND_BODIES, "command", cmd.type, cmd.data)
     record = {
         "format": FORMAT,
         "command_id": cmd.command_id,
@@ -448,15 +453,9 @@ def _json_fields(body: _Body, doc: dict[str, Any]) -> tuple[dict[str, Any], str]
 
 def encode_event(ev: Event) -> bytes:
     """Encode an event as an Avro single-object value."""
-    body = _EVENT_BODIES.get(ev.type)
-    if body is None:
-        raise ValueError(f"unknown event type {ev.type!r}")
     if type(ev.seq) is not int or type(ev.ts) is not int:
         raise ValueError(f"{ev.type}: 'seq' and 'ts' must be int, got {_describe(ev.seq)}, {_describe(ev.ts)}")
-    try:
-        avro_body = body.to_avro(ev.data)
-    except TypeError as exc:
-        raise ValueError(f"{ev.type}: payload is not JSON-serialisable: {exc}") from exc
+    body, avro_body = _avro_body(_EVENT_BODIES, "event", ev.type, ev.data)
     record = {
         "format": FORMAT,
         "instance_id": ev.instance_id,
