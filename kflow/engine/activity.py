@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 import orjson
@@ -77,8 +78,15 @@ def check_pending(run: Run, table: str) -> None:
 
 
 # -- policies ---------------------------------------------------------------------------------
-def policies(run: Run, step_key: str) -> tuple[Optional[RetrySpec], Optional[TimeoutSpec]]:
-    """The retry policy and timeouts of a task step or of its compensation (``compensate:<step>``)."""
+def policies(run: Run, step_key: str, act: Optional[JSONDict] = None) -> tuple[Optional[RetrySpec], Optional[TimeoutSpec]]:
+    """The retry policy and timeouts of an activity.
+
+    A code workflow's activity carries its own (``act["policy"]``: ``{"retry": ..., "timeout": ...}``
+    as JSON); a spec activity takes them from its task step, or from the step's compensation
+    (``compensate:<step>``), falling back to the workflow's default retry policy.
+    """
+    if act is not None and "policy" in act:
+        return _code_policies(orjson.dumps(act["policy"]))
     c = run.compiled
     if step_key.startswith(COMPENSATE_PREFIX):
         step_id = step_key[len(COMPENSATE_PREFIX):]
@@ -88,6 +96,14 @@ def policies(run: Run, step_key: str) -> tuple[Optional[RetrySpec], Optional[Tim
     key, idx = c.where[step_key]
     step = c.lists[key][idx]
     return (step.retry or c.spec.retry), step.timeout
+
+
+@lru_cache(maxsize=1024)
+def _code_policies(policy_json: bytes) -> tuple[Optional[RetrySpec], Optional[TimeoutSpec]]:
+    policy = orjson.loads(policy_json)
+    retry, timeout = policy.get("retry"), policy.get("timeout")
+    return (RetrySpec.model_validate(retry) if retry is not None else None,
+            TimeoutSpec.model_validate(timeout) if timeout is not None else None)
 
 
 def retry_delay_ms(policy: RetrySpec, instance_id: str, activity_id: str, attempt: int) -> int:
@@ -132,16 +148,22 @@ def _cancel_timers(run: Run, act: JSONDict, keep: tuple[str, ...] = ()) -> None:
 
 
 # -- lifecycle --------------------------------------------------------------------------------
-def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Optional[str], step_key: str) -> None:
-    """Schedule attempt 1 of an activity with its timeouts. Raises :class:`LimitExceeded`."""
+def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Optional[str], step_key: str,
+             policy: Optional[JSONDict] = None) -> None:
+    """Schedule attempt 1 of an activity with its timeouts. Raises :class:`LimitExceeded`.
+
+    ``policy`` (code workflows) is the activity's own ``{"retry": ..., "timeout": ...}``.
+    """
     check_pending(run, "activities")
     check_payload(run, f"the input of activity '{name}'", input_)
     run.emit("ActivityScheduled", {"activity_id": aid, "name": name, "queue": queue, "input": input_, "attempt": 1})
     act: JSONDict = {"name": name, "queue": queue, "attempt": 1, "thread": thread, "step": step_key,
                      "input": input_, "phase": "scheduled", "timers": {}}
+    if policy is not None:
+        act["policy"] = policy
     run.state["activities"][aid] = act
     run.task(aid, name, queue, input_, 1, run.state["workflow"])
-    _, timeouts = policies(run, step_key)
+    _, timeouts = policies(run, step_key, act)
     _arm(run, aid, act, "schedule_to_close", _timeout_ms(timeouts, "schedule_to_close"))
     _start_attempt(run, aid, act, timeouts)
 
@@ -158,13 +180,13 @@ def on_started(run: Run, aid: str) -> None:
     """The worker reported the attempt started: ``start_to_close`` and ``heartbeat`` run from now."""
     act = run.state["activities"][aid]
     act["phase"] = "started"
-    _, timeouts = policies(run, act["step"])
+    _, timeouts = policies(run, act["step"], act)
     _start_attempt(run, aid, act, timeouts)
 
 
 def on_heartbeat(run: Run, aid: str) -> None:
     act = run.state["activities"][aid]
-    _, timeouts = policies(run, act["step"])
+    _, timeouts = policies(run, act["step"], act)
     _arm(run, aid, act, "heartbeat", _timeout_ms(timeouts, "heartbeat"))
 
 
@@ -184,7 +206,7 @@ def heartbeat_due(act: JSONDict, timers: JSONDict, now: int) -> bool:
 def retry_or_give_up(run: Run, aid: str, error_type: str, retryable: bool) -> bool:
     """After a failed or timed-out attempt: start a backoff timer and return True, or return False."""
     act = run.state["activities"][aid]
-    policy, _ = policies(run, act["step"])
+    policy, _ = policies(run, act["step"], act)
     attempt = act["attempt"]
     if (not retryable or policy is None or error_type in policy.non_retryable
             or (policy.max_attempts and attempt >= policy.max_attempts)):
@@ -205,18 +227,38 @@ def on_retry_timer(run: Run, aid: str) -> None:
     run.emit("ActivityScheduled", {"activity_id": aid, "name": act["name"], "queue": act["queue"],
                                     "input": act["input"], "attempt": act["attempt"]})
     run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"])
-    _, timeouts = policies(run, act["step"])
+    _, timeouts = policies(run, act["step"], act)
     _start_attempt(run, aid, act, timeouts)
 
 
 def timeout_message(run: Run, act: JSONDict, kind: str) -> str:
-    _, timeouts = policies(run, act["step"])
+    _, timeouts = policies(run, act["step"], act)
     return f"{kind} timeout of {getattr(timeouts, kind)} elapsed (attempt {act['attempt']})"
 
 
-def drop(run: Run, aid: str) -> Optional[JSONDict]:
-    """Forget an activity and its timers (final outcome, or its thread was cancelled)."""
+def drop(run: Run, aid: str, cancel: bool = False) -> Optional[JSONDict]:
+    """Forget an activity and its timers (final outcome, or its thread was cancelled).
+
+    With ``cancel``, the worker running the current attempt is told to stop it.
+    """
     act = run.state["activities"].pop(aid, None)
     if act is not None:
         _cancel_timers(run, act)
+        if cancel:
+            run.cancel_task(aid, act)
     return act
+
+
+def on_timeout(run: Run, aid: str, kind: str) -> tuple[bool, str]:
+    """A timeout timer of ``aid`` fired: record it, stop the attempt, maybe retry.
+
+    Returns ``(retrying, message)``; when not retrying the caller ends the activity with
+    ``ActivityTimeout`` and ``message``.
+    """
+    act = run.state["activities"][aid]
+    act["timers"].pop(kind, None)
+    run.emit("ActivityTimedOut", {"activity_id": aid, "attempt": act["attempt"], "kind": kind})
+    message = timeout_message(run, act, kind)
+    run.cancel_task(aid, act)
+    retrying = kind != "schedule_to_close" and retry_or_give_up(run, aid, "ActivityTimeout", True)
+    return retrying, message

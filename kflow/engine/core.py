@@ -99,7 +99,8 @@ def _close_cancelled(run: Run, reason: str) -> None:
     st["error"] = {"type": "Cancelled", "message": reason}
     for child_id in sorted(st["children"]):
         run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} cancelled"})
-    st["children"], st["activities"], st["timers"], st["threads"], st["signals"] = {}, {}, {}, {}, {}
+    run.cancel_activities()
+    st["children"], st["timers"], st["threads"], st["signals"] = {}, {}, {}, {}
     if st.get("parent_id"):
         run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],
                                                   "error_type": "Cancelled", "message": reason})
@@ -114,7 +115,8 @@ def _close_terminated(run: Run, reason: str) -> None:
     st.pop("closing", None)
     for child_id in sorted(st["children"]):
         run.command("TerminateWorkflow", child_id, {"reason": f"parent {st['id']} terminated"})
-    for table in ("children", "activities", "timers", "threads", "signals"):
+    run.cancel_activities()
+    for table in ("children", "timers", "threads", "signals"):
         st[table] = {}
     if st.get("parent_id"):
         run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],

@@ -68,7 +68,7 @@ class Run:
         for child_id in sorted(st["children"]):
             self.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} closed ({status.lower()})"})
         st["children"] = {}
-        st["activities"] = {}
+        self.cancel_activities()
         st["timers"] = {}
         st["threads"] = {}
         st["signals"] = {}
@@ -87,6 +87,24 @@ class Run:
 
     def fail(self, error_type: str, message: str) -> None:
         self.close(Status.FAILED, "WorkflowFailed", {"error_type": error_type, "message": message})
+
+    def cancel_task(self, activity_id: str, act: JSONDict) -> None:
+        """Tell the workers of ``act``'s queue that its current attempt is no longer wanted.
+
+        Attempts waiting out a retry backoff have nothing running and get no message.
+        """
+        if act.get("phase") == "backoff":
+            return
+        self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=act["attempt"],
+                               name=act["name"], queue=act["queue"], input=None, workflow=self.state["workflow"],
+                               scheduled_ms=self.now, kind="cancel"))
+
+    def cancel_activities(self) -> None:
+        """Forget every pending activity, sending a cancel task for each running attempt."""
+        acts = self.state["activities"]
+        for aid in sorted(acts):
+            self.cancel_task(aid, acts[aid])
+        self.state["activities"] = {}
 
     def task(self, activity_id: str, name: str, queue: str, input_: Any, attempt: int, workflow: str) -> None:
         self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=attempt, name=name,

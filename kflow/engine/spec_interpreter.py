@@ -231,6 +231,8 @@ def run_until_blocked(run: Run) -> None:
                          "ran without blocking (a goto loop that never waits?)")
                 return
             try:
+                if step.search:
+                    _upsert_search(run, th, step)
                 keep_going = HANDLERS[step.kind](run, tid, th, step)
             except ExpressionError as e:
                 fail_workflow(run, "ExpressionError", f"step '{step.id}': {e}")
@@ -242,6 +244,21 @@ def run_until_blocked(run: Run) -> None:
                 break
             if step.goto and step.kind != "choice":
                 _goto(run, th, step.goto)
+
+
+def _upsert_search(run: Run, th: JSONDict, step: Step) -> None:
+    """Evaluate the step's ``search:`` expressions and merge them into the state's ``search`` dict.
+
+    A value of ``null`` removes the attribute. All expressions are evaluated before any is stored.
+    """
+    sc = scope(run, th)
+    values = {name: evaluate(src, sc) for name, src in (step.search or {}).items()}
+    search = run.state.setdefault("search", {})
+    for name, value in values.items():
+        if value is None:
+            search.pop(name, None)
+        else:
+            search[name] = value
 
 
 def _advance(run: Run, tid: str, th: JSONDict, value: Any) -> None:
@@ -303,7 +320,7 @@ def _cancel_wait(run: Run, th: JSONDict, reason: str) -> None:
     if w is None:
         return
     if w["k"] == "activity":
-        activity.drop(run, w["id"])
+        activity.drop(run, w["id"], cancel=True)
     elif w["k"] == "timer":
         run.state["timers"].pop(w["id"], None)
     elif w["k"] == "signal" and w["timer"]:
@@ -353,7 +370,8 @@ def begin_compensation(run: Run, status: str, closing: JSONDict) -> None:
     st = run.state
     for child_id in sorted(st["children"]):
         run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} is compensating"})
-    for table in ("children", "activities", "timers", "threads", "signals"):
+    run.cancel_activities()
+    for table in ("children", "timers", "threads", "signals"):
         st[table].clear()
     run.runnable.clear()
     st["status"] = status
@@ -449,12 +467,9 @@ def on_timer_fired(run: Run, ev: Event) -> None:
         activity.on_retry_timer(run, timer["activity"])
         return
     if purpose == "activity_timeout":
-        aid, kind = timer["activity"], timer["kind"]
-        act = run.state["activities"][aid]
-        act["timers"].pop(kind, None)
-        run.emit("ActivityTimedOut", {"activity_id": aid, "attempt": act["attempt"], "kind": kind})
-        message = activity.timeout_message(run, act, kind)
-        if kind == "schedule_to_close" or not activity.retry_or_give_up(run, aid, "ActivityTimeout", True):
+        aid = timer["activity"]
+        retrying, message = activity.on_timeout(run, aid, timer["kind"])
+        if not retrying:
             _activity_error(run, aid, "ActivityTimeout", message)
         return
     tid = timer["thread"]

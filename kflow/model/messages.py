@@ -98,6 +98,7 @@ class Task:
     input: JSONValue
     workflow: str
     scheduled_ms: int
+    kind: str = "run"  # "run": execute this attempt; "cancel": stop it if it is running
 
 
 @dataclass(slots=True)

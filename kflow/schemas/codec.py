@@ -493,6 +493,7 @@ def encode_task(t: Task) -> bytes:
         "input": _json_text(t.input, "task input"),
         "workflow": t.workflow,
         "scheduled_ms": t.scheduled_ms,
+        "kind": t.kind,
     }
     return _write(_TASK, record)
 

@@ -39,6 +39,8 @@ class EngineHarness:
         self.history: dict[str, list[Event]] = {}
         self.activities: dict[str, Callable[[Any], Any]] = {}
         self.pending_tasks: deque[Task] = deque()
+        #: Cancel messages the engine sent for attempts it no longer wants, in order.
+        self.cancelled_tasks: list[Task] = []
         self.dlq: list[tuple[Command, str]] = []
         self.auto_run_tasks = True
         self._cmds: deque[Command] = deque()
@@ -101,7 +103,8 @@ class EngineHarness:
         if d.state is not None and d.events:
             self.states[cmd.instance_id] = d.state
             self.history.setdefault(cmd.instance_id, []).extend(d.events)
-        self.pending_tasks.extend(d.tasks)
+        for t in d.tasks:
+            (self.cancelled_tasks if t.kind == "cancel" else self.pending_tasks).append(t)
         self._cmds.extend(d.commands)
         return d
 
