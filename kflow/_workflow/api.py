@@ -11,26 +11,43 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
 from kflow._workflow.sandbox import Sandbox, sandbox_enabled
-from kflow.engine.code_replayer import REGISTRY, CodeDefinition, query, register
+from kflow.engine.code_replayer import REGISTRY, CodeDefinition, _policy, query, register
 from kflow.model.errors import DefinitionError
 from kflow.model.messages import Definition
+from kflow.model.spec import parse_duration_ms
 
 __all__ = ["code_definitions", "compile_code", "definition_of", "query_state", "workflow"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[bool] = None) -> Callable[[F], F]:
+def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[bool] = None, *,
+             retry: Any = None, execution_timeout: Any = None) -> Callable[[F], F]:
     """Register an ``async def run(ctx, input)`` function as code workflow ``name@version``.
+
+    A class works too: it is instantiated once per run (with no arguments), its
+    ``async def run(self, ctx, input)`` is the workflow, and methods decorated with
+    ``@kflow.workflow.signal`` / ``@kflow.workflow.query`` handle signals and answer queries.
 
     Example:
         >>> import kflow
         >>> @kflow.workflow(name="greet", version=1)
         ... async def greet(ctx, input):
         ...     return await ctx.activity("say_hello", input)
+        >>> @kflow.workflow(name="approval")
+        ... class Approval:
+        ...     def __init__(self): self.approved = None
+        ...     @kflow.workflow.signal
+        ...     def decide(self, data): self.approved = data["ok"]
+        ...     @kflow.workflow.query
+        ...     def status(self): return self.approved
+        ...     async def run(self, ctx, input):
+        ...         await ctx.wait_condition(lambda: self.approved is not None)
+        ...         return self.approved
 
     Args:
         name: The workflow name clients start; defaults to the function's name.
@@ -44,6 +61,11 @@ def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[boo
     """
     def decorate(fn: F) -> F:
         wf_name = name or getattr(fn, "__name__", "")
+        if inspect.isclass(fn):
+            runner = _class_runner(fn, wf_name)
+            decorate(runner)  # type: ignore[arg-type]
+            fn.__kflow_workflow__ = runner.__kflow_workflow__  # type: ignore[attr-defined]
+            return fn
         problems: list[tuple[str, str]] = []
         if not inspect.iscoroutinefunction(fn):
             problems.append(("", "a code workflow must be an 'async def' function"))
@@ -61,12 +83,60 @@ def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[boo
         if problems:
             raise DefinitionError(wf_name or "<unnamed>", problems)
         enabled = sandbox_enabled() if sandbox is None else sandbox
+        try:
+            policy = _policy(retry, {}, None) if retry is not None else None
+            timeout_ms = parse_duration_ms(execution_timeout.total_seconds() if isinstance(execution_timeout, timedelta)
+                                           else execution_timeout) if execution_timeout is not None else None
+        except (ValueError, TypeError) as e:
+            raise DefinitionError(wf_name, [("retry" if retry is not None else "execution_timeout", str(e))]) from None
         d = register(CodeDefinition(name=wf_name, version=version, fn=fn, module=getattr(fn, "__module__", ""),
-                                    sandbox=Sandbox(enabled)))
+                                    sandbox=Sandbox(enabled), retry=(policy or {}).get("retry"),
+                                    execution_timeout_ms=timeout_ms))
         fn.__kflow_workflow__ = d  # type: ignore[attr-defined]
         return fn
 
     return decorate
+
+
+_SIGNAL, _QUERY = "__kflow_signal__", "__kflow_query__"
+
+
+def _handler_decorator(attr: str) -> Callable[..., Any]:
+    def decorator(fn: Any = None, *, name: Optional[str] = None) -> Any:
+        def mark(f: Any) -> Any:
+            setattr(f, attr, name or f.__name__)
+            return f
+
+        return mark(fn) if fn is not None else mark
+
+    return decorator
+
+
+def _class_runner(cls: type, wf_name: str) -> Callable[[Any, Any], Any]:
+    """The ``async def run(ctx, input)`` that hosts one instance of a class-style workflow."""
+    if not inspect.iscoroutinefunction(getattr(cls, "run", None)):
+        raise DefinitionError(wf_name or cls.__name__, [("run", "a workflow class needs 'async def run(self, ctx, input)'")])
+    signals = {getattr(m, _SIGNAL): n for n, m in inspect.getmembers(cls) if hasattr(m, _SIGNAL)}
+    queries = {getattr(m, _QUERY): n for n, m in inspect.getmembers(cls) if hasattr(m, _QUERY)}
+
+    async def run(ctx: Any, input: Any) -> Any:
+        obj = cls()
+        for sig, attr in signals.items():
+            ctx.set_signal_handler(sig, getattr(obj, attr))
+        for q, attr in queries.items():
+            ctx.set_query_handler(q, getattr(obj, attr))
+        return await obj.run(ctx, input)
+
+    run.__name__ = cls.__name__
+    run.__qualname__ = cls.__qualname__
+    run.__module__ = cls.__module__
+    return run
+
+
+#: ``@kflow.workflow.signal`` / ``@kflow.workflow.signal(name="x")`` on a workflow class's method.
+workflow.signal = _handler_decorator(_SIGNAL)  # type: ignore[attr-defined]
+#: ``@kflow.workflow.query`` / ``@kflow.workflow.query(name="x")`` on a workflow class's method.
+workflow.query = _handler_decorator(_QUERY)  # type: ignore[attr-defined]
 
 
 def definition_of(fn: Any) -> CodeDefinition:

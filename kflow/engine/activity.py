@@ -41,6 +41,7 @@ class Limits:
     max_pending_timers: int = 5_000
     max_pending_children: int = 1_000
     max_payload_bytes: int = 256 * 1024
+    max_history_events: int = 50_000  # per run of a code workflow; continue_as_new starts afresh
 
 
 DEFAULT_LIMITS = Limits()
@@ -85,8 +86,8 @@ def policies(run: Run, step_key: str, act: Optional[JSONDict] = None) -> tuple[O
     as JSON); a spec activity takes them from its task step, or from the step's compensation
     (``compensate:<step>``), falling back to the workflow's default retry policy.
     """
-    if act is not None and "policy" in act:
-        return _code_policies(orjson.dumps(act["policy"]))
+    if act is not None and act.get("thread") == "code":
+        return _code_policies(orjson.dumps(act["policy"])) if "policy" in act else (None, None)
     c = run.compiled
     if step_key.startswith(COMPENSATE_PREFIX):
         step_id = step_key[len(COMPENSATE_PREFIX):]

@@ -30,9 +30,12 @@ from typing import Any, Awaitable, Callable, Coroutine, Generator, Optional
 
 import orjson
 
-from kflow.engine.run import Run
-from kflow.model.errors import KflowError, WorkflowError
+from kflow.engine import activity as activities
+from kflow.engine.activity import LimitExceeded, limits_of
+from kflow.engine.run import Run, new_state
+from kflow.model.errors import ActivityError, CancelledError, KflowError, WorkflowError
 from kflow.model.messages import Event, JSONDict, Status
+from kflow.model.spec import RetrySpec, TimeoutSpec
 
 #: Instance-state fields owned by this module (persisted names, never reused).
 INPUTS, COMMANDS, DELIVERED, BLOCKED_INFO = "inputs", "commands", "delivered", "blocked"
@@ -40,7 +43,10 @@ INPUTS, COMMANDS, DELIVERED, BLOCKED_INFO = "inputs", "commands", "delivered", "
 #: Input events a code workflow reacts to; any other input event (e.g. an attempt that started or a
 #: recorded heartbeat) is history for the shared deciders only and leaves the coroutine untouched.
 WORKFLOW_INPUTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
-                             "SignalReceived", "ChildCompleted", "ChildFailed"})
+                             "SignalReceived", "ChildCompleted", "ChildFailed", "CancelRequested"})
+
+#: Most runs started by ``continue_as_new`` within one decision (a loop that never awaits).
+MAX_CONTINUATIONS_PER_DECISION = 10
 
 #: Back-off of the timer that retries the replay of a BLOCKED instance: first, cap (ms).
 REPLAY_RETRY_MS, REPLAY_RETRY_MAX_MS = 1_000, 300_000
@@ -69,6 +75,8 @@ class CodeDefinition:
     kind: str = "code"
     module: str = ""
     sandbox: Any = None
+    retry: Optional[JSONDict] = None  # the default retry policy of its activities
+    execution_timeout_ms: Optional[int] = None
 
 
 #: Code workflows registered in this process by ``@kflow.workflow`` (name, version) -> definition.
@@ -136,6 +144,14 @@ class _Mismatch(BaseException):
         super().__init__(f"#{index}: expected {expected}, actual {actual}")
 
 
+class ContinueAsNew(BaseException):
+    """Raised by ``ctx.continue_as_new``: end this run and start a fresh one under the same id."""
+
+    def __init__(self, input_: Any) -> None:
+        self.input = input_
+        super().__init__("continue as new")
+
+
 def _describe(entry: Optional[list[Any]]) -> str:
     if entry is None:
         return "no further command"
@@ -150,6 +166,24 @@ def _json(value: Any, what: str) -> Any:
         return orjson.loads(orjson.dumps(value))
     except TypeError as e:
         raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def _policy(retry: Any, timeouts: dict[str, Any], default_retry: Optional[JSONDict]) -> Optional[JSONDict]:
+    """An activity's ``{"retry": ..., "timeout": ...}`` as validated JSON, or None for no policy."""
+    out: JSONDict = {}
+    if isinstance(retry, RetrySpec):
+        retry = retry.model_dump(mode="json", exclude_defaults=True)
+    elif retry is not None and not isinstance(retry, dict):
+        raise TypeError(f"retry must be a dict of retry policy fields or a RetrySpec, not {type(retry).__name__}")
+    retry = default_retry if retry is None else retry
+    if retry is not None:
+        RetrySpec.model_validate(retry)
+        out["retry"] = _json(retry, "a retry policy")
+    given = {k: (v.total_seconds() if isinstance(v, timedelta) else v) for k, v in timeouts.items() if v is not None}
+    if given:
+        TimeoutSpec.model_validate(given)
+        out["timeout"] = given
+    return out or None
 
 
 def _ms(duration: float | timedelta) -> int:
@@ -179,9 +213,24 @@ class WorkflowContext:
         """True while the machine is re-running recorded history (e.g. to skip logging)."""
         return not self._m.live
 
-    def activity(self, name: str, input: Any = None, queue: str = "default") -> Awaitable[Any]:
-        """Schedule activity ``name`` now; await the result (raises :class:`WorkflowError` on failure)."""
-        return self._m.schedule_activity(name, input, queue)
+    def activity(self, name: str, input: Any = None, queue: str = "default", *,
+                 retry: Any = None, start_to_close: Any = None, schedule_to_close: Any = None,
+                 heartbeat: Any = None) -> Awaitable[Any]:
+        """Schedule activity ``name`` now; await its result.
+
+        Args:
+            retry: A retry policy (``{"initial": "1s", "backoff": 2.0, "max_interval": "1m",
+                "max_attempts": 5, "jitter": 0.1, "non_retryable": ["CardDeclined"]}`` or a
+                ``RetrySpec``); defaults to the workflow's ``retry=``, else one attempt.
+            start_to_close / schedule_to_close / heartbeat: Timeouts (seconds, ``timedelta`` or
+                ``"30s"``), each a durable timer; a timeout fails the attempt with ``ActivityTimeout``.
+
+        Raises:
+            ActivityError: the activity failed for good; ``.type``, ``.message``, ``.attempt``.
+        """
+        policy = _policy(retry, {"start_to_close": start_to_close, "schedule_to_close": schedule_to_close,
+                                 "heartbeat": heartbeat}, self._m.definition.retry)
+        return self._m.schedule_activity(name, input, queue, policy)
 
     def gather(self, *aws: Awaitable[Any]) -> Awaitable[list[Any]]:
         """Await several operations or coroutines concurrently; results in argument order."""
@@ -194,6 +243,11 @@ class WorkflowContext:
     def wait_signal(self, name: str, timeout: float | timedelta | None = None) -> Awaitable[Any]:
         """The data of the next signal ``name`` (buffered ones first); raises ``WorkflowError(type="Timeout")``."""
         return self._m.wait_signal(name, None if timeout is None else _ms(timeout))
+
+    def wait_condition(self, predicate: Callable[[], bool], timeout: float | timedelta | None = None) -> Awaitable[None]:
+        """Wait until ``predicate()`` is true (checked after every step of the workflow, e.g. after a
+        signal handler changed a variable); raises ``WorkflowError(type="Timeout")`` after ``timeout``."""
+        return self._m.wait_condition(predicate, None if timeout is None else _ms(timeout))
 
     def child(self, workflow: str, input: Any = None, id: Optional[str] = None,
               version: Optional[int] = None) -> Awaitable[Any]:
@@ -224,6 +278,98 @@ class WorkflowContext:
         """Answer query ``name`` with ``fn(*args)``: a read-only view of the workflow's variables."""
         self._m.queries[name] = fn
 
+    def set_signal_handler(self, name: str, fn: Callable[[Any], Any]) -> None:
+        """Call ``fn(data)`` for every signal ``name`` (instead of buffering it for ``wait_signal``).
+
+        ``fn`` may be a plain function or an ``async`` one (run as a workflow task).
+        """
+        self._m.signal_handlers[name] = fn
+        for data in self._m.signal_buffer.pop(name, []):
+            self._m.call_signal_handler(name, data)
+
+    def saga(self) -> "Saga":
+        """A saga: register compensations as steps complete, run them newest first on failure.
+
+        Example:
+            >>> async with ctx.saga() as saga:  # doctest: +SKIP
+            ...     await ctx.activity("payment.charge", order)
+            ...     saga.add_compensation("payment.refund", order)
+            ...     await ctx.activity("inventory.reserve", order)  # fails -> refund runs
+        """
+        return Saga(self)
+
+    def continue_as_new(self, input: Any = None) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        """End this run and start a fresh one of the workflow (its latest version) under the same
+        id, with ``input`` and an empty history. Pending activities, timers and children of this
+        run are cancelled. Call it before the history limit is reached (see ``history_length``).
+        """
+        raise ContinueAsNew(_json(input, "the input of continue_as_new"))
+
+    @property
+    def run_number(self) -> int:
+        """1 for the first run of this instance, +1 for each ``continue_as_new``."""
+        return self._m.run_number
+
+    @property
+    def history_length(self) -> int:
+        """Events recorded for this run so far (the history limit counts these)."""
+        return self._m.history_length
+
+    @property
+    def continue_as_new_suggested(self) -> bool:
+        """True once the run's history passed 80% of the engine's history limit."""
+        return self._m.history_length >= 0.8 * self._m.history_limit
+
+    def upsert_search_attributes(self, attributes: dict[str, Any]) -> None:
+        """Set search attributes of this instance (visible in its state and the visibility store).
+
+        A value of None removes the attribute.
+        """
+        self._m.upsert_search(_json(attributes, "search attributes"))
+
+
+class Saga:
+    """Compensations registered by a code workflow, run in reverse order by :meth:`compensate`.
+
+    As an ``async with`` block it compensates when the block raises (including on cancellation)
+    and re-raises the error.
+    """
+
+    def __init__(self, ctx: WorkflowContext) -> None:
+        self._ctx = ctx
+        self._steps: list[tuple[Any, Any, dict[str, Any]]] = []
+        self.errors: list[BaseException] = []
+
+    def add_compensation(self, compensation: Any, input: Any = None, **activity_options: Any) -> None:
+        """Register an undo step: an activity name (run with ``input`` and ``activity_options``
+        such as ``queue=`` or ``retry=``) or a zero-argument function returning an awaitable."""
+        if not (isinstance(compensation, str) or callable(compensation)):
+            raise TypeError(f"a compensation is an activity name or a callable, not {type(compensation).__name__}")
+        self._steps.append((compensation, input, activity_options))
+
+    async def compensate(self) -> list[BaseException]:
+        """Run the registered compensations newest first, each once; a failing one is recorded in
+        :attr:`errors` and the rest still run. Returns the errors (empty when all succeeded)."""
+        while self._steps:
+            comp, input_, opts = self._steps.pop()
+            try:
+                if isinstance(comp, str):
+                    await self._ctx.activity(comp, input_, **opts)
+                else:
+                    await comp()
+            except Exception as e:  # a compensation's failure must not stop the others
+                self.errors.append(e)
+        self._ctx._m.compensation_done(bool(self.errors))
+        return list(self.errors)
+
+    async def __aenter__(self) -> "Saga":
+        return self
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> bool:
+        if isinstance(exc, Exception):
+            await self.compensate()
+        return False
+
 
 # -- the machine ---------------------------------------------------------------------------------
 class Machine:
@@ -247,6 +393,12 @@ class Machine:
         self.signal_buffer: dict[str, list[Any]] = {}
         self.patches: dict[str, bool] = {}
         self.queries: dict[str, Callable[..., Any]] = {}
+        self.signal_handlers: dict[str, Callable[[Any], Any]] = {}
+        self.run_number = 1
+        self.history_length = 0
+        self.history_limit = limits_of(None).max_history_events
+        self.cancelled = False
+        self.conditions: list[tuple[Callable[[], bool], _Future, Optional[str]]] = []
         sandbox = definition.sandbox
         self._guard: Callable[[], Any] = sandbox if sandbox is not None else nullcontext
         self._pause: Callable[[], Any] = getattr(sandbox, "paused", nullcontext) if sandbox is not None else nullcontext
@@ -260,42 +412,45 @@ class Machine:
             if rec is None or rec[0] != kind or (rec[1] is not None and rec[1] != name):
                 raise _Mismatch(n, _describe(rec), _describe([kind, name]))
             return rec[2]
-        value = live()
+        try:
+            value = live()
+        except LimitExceeded as e:  # recorded, so replay raises it at the same point
+            value = {"$error": ["LimitExceeded", e.message]}
         self.recorded.append([kind, name, value])
         return value
 
     def _live_run(self) -> Run:
-        assert self.run is not None
+        if self.run is None:
+            # A parked coroutine being closed (evicted, or its instance ended) runs its ``finally``
+            # blocks; a ctx operation there must not do anything, so end the close quietly.
+            raise GeneratorExit
         return self.run
 
-    def schedule_activity(self, name: str, input_: Any, queue: str) -> _Future:
+    def schedule_activity(self, name: str, input_: Any, queue: str, policy: Optional[JSONDict] = None) -> _Future:
         input_ = _json(input_, f"the input of activity '{name}'")
 
         def live() -> str:
             run = self._live_run()
             aid = f"{name}-{run.next_seq()}"
-            run.emit("ActivityScheduled", {"activity_id": aid, "name": name, "queue": queue, "input": input_,
-                                            "attempt": 1})
-            run.state["activities"][aid] = {"name": name, "queue": queue, "attempt": 1, "thread": "code",
-                                            "step": name, "phase": "scheduled", "timers": {}}
-            run.task(aid, name, queue, input_, 1, run.state["workflow"])
+            activities.schedule(run, aid, name, queue, input_, "code", name, policy)
             return aid
 
         aid = self._issue("activity", name, live)
         fut = _Future()
-        self.ops[aid] = ("activity:" + name, fut)
+        if isinstance(aid, dict):
+            fut.set_error(WorkflowError(aid["$error"][1], type=aid["$error"][0]))
+        else:
+            self.ops[aid] = ("activity:" + name, fut)
         return fut
 
     def _timer(self, ms: int, purpose: str) -> str:
         def live() -> str:
-            run = self._live_run()
-            tid = f"t{run.next_seq()}"
-            due = self.now + ms
-            run.emit("TimerStarted", {"timer_id": tid, "due_ms": due})
-            run.state["timers"][tid] = {"due": due, "thread": "code", "purpose": purpose}
-            return tid
+            return activities.start_timer(self._live_run(), "code", self.now + ms, purpose)
 
-        return str(self._issue("timer", purpose, live))
+        tid = self._issue("timer", purpose, live)
+        if isinstance(tid, dict):
+            raise WorkflowError(tid["$error"][1], type=tid["$error"][0])
+        return str(tid)
 
     def start_timer(self, ms: int, purpose: str) -> _Future:
         tid = self._timer(ms, purpose)
@@ -332,7 +487,9 @@ class Machine:
             return cid
 
         cid = self._issue("child", workflow, live)
-        if cid is None:
+        if isinstance(cid, dict):
+            fut.set_error(WorkflowError(cid["$error"][1], type=cid["$error"][0]))
+        elif cid is None:
             what = workflow if version is None else f"{workflow}@{version}"
             fut.set_error(WorkflowError(f"no deployed workflow named '{what}'", type="UnknownWorkflow"))
         else:
@@ -362,6 +519,62 @@ class Machine:
                 self.cursor += 1
         self.patches[change_id] = found
         return found
+
+    def wait_condition(self, predicate: Callable[[], bool], timeout_ms: Optional[int]) -> _Future:
+        fut = _Future()
+        if predicate():
+            fut.set_result(None)
+            return fut
+        tid = self._timer(timeout_ms, "condition") if timeout_ms is not None else None
+        if tid is not None:
+            self.ops[tid] = ("condition", fut)
+        self.conditions.append((predicate, fut, tid))
+        return fut
+
+    def _check_conditions(self) -> None:
+        for entry in list(self.conditions):
+            predicate, fut, tid = entry
+            if fut.done:
+                self.conditions.remove(entry)
+            elif predicate():
+                self.conditions.remove(entry)
+                if tid is not None:
+                    self.ops.pop(tid, None)
+                    if self.live:
+                        self._live_run().state["timers"].pop(tid, None)
+                fut.set_result(None)
+
+    def call_signal_handler(self, name: str, data: Any) -> None:
+        result = self.signal_handlers[name](data)
+        if isinstance(result, Coroutine):
+            self._spawn(result)
+
+    def compensation_done(self, failed: bool) -> None:
+        if self.live:
+            self._live_run().state["compensation"] = "failed" if failed else "completed"
+
+    def upsert_search(self, attributes: JSONDict) -> None:
+        if self.live:
+            search = self._live_run().state.setdefault("search", {})
+            for k, v in attributes.items():
+                if v is None:
+                    search.pop(k, None)
+                else:
+                    search[k] = v
+
+    def cancel(self) -> None:
+        """Fail every pending operation with :class:`CancelledError` (in the order they were issued)."""
+        self.cancelled = True
+        ops, self.ops = self.ops, {}
+        for _label, fut in ops.values():
+            fut.set_error(CancelledError())
+        conditions, self.conditions = self.conditions, []
+        for _p, fut, _tid in conditions:
+            fut.set_error(CancelledError())
+        waiters, self.signal_waiters = self.signal_waiters, {}
+        for name in waiters:
+            for fut, _tid in waiters[name]:
+                fut.set_error(CancelledError())
 
     def entropy(self) -> bytes:
         self.draws += 1
@@ -402,7 +615,7 @@ class Machine:
         except StopIteration as stop:
             task.future.set_result(stop.value)
             return
-        except Exception as e:  # the workflow's own exception decides its outcome
+        except (Exception, ContinueAsNew) as e:  # the workflow's own exception decides its outcome
             task.future.set_error(e)
             return
         if not isinstance(yielded, _Future):
@@ -414,9 +627,16 @@ class Machine:
         yielded.on_done(lambda: self.ready.append(task))
 
     def _run_ready(self) -> None:
-        while self.ready:
-            self._step(self.ready.popleft())
-            if self.root is not None and self.root.future.done:
+        while True:
+            while self.ready:
+                self._step(self.ready.popleft())
+                if self.root is not None and self.root.future.done:
+                    return
+            if not self.conditions:
+                return
+            with self._guard():
+                self._check_conditions()
+            if not self.ready:
                 return
 
     def deliver(self, type_: str, data: JSONDict, ts: int, seq: int, input_: Any = None) -> None:
@@ -435,19 +655,30 @@ class Machine:
             if type_.endswith("Completed"):
                 fut.set_result(data.get("result"))
             else:
-                what = f"activity '{label[9:]}'" if type_ == "ActivityFailed" else f"child workflow {key}"
-                fut.set_error(WorkflowError(f"{what} failed: {data.get('message', '')}", type=data["error_type"]))
+                if type_ == "ActivityFailed":
+                    fut.set_error(ActivityError(f"activity '{label[9:]}' failed: {data.get('message', '')}",
+                                                type=data["error_type"], attempt=data.get("attempt", 0),
+                                                activity=label[9:]))
+                else:
+                    fut.set_error(WorkflowError(f"child workflow {key} failed: {data.get('message', '')}",
+                                                type=data["error_type"]))
         elif type_ == "TimerFired":
             op = self.ops.pop(data["timer_id"], None)
             if op is not None:
                 label, fut = op
                 if label == "sleep":
                     fut.set_result(None)
+                elif label == "condition":
+                    fut.set_error(WorkflowError("the condition did not become true in time", type="Timeout"))
                 else:
                     name = label[7:]
                     waiters = self.signal_waiters.get(name, [])
                     self.signal_waiters[name] = [w for w in waiters if w[0] is not fut]
                     fut.set_error(WorkflowError(f"no signal '{name}' arrived in time", type="Timeout"))
+        elif type_ == "CancelRequested":
+            self.cancel()
+        elif type_ == "SignalReceived" and data["name"] in self.signal_handlers:
+            self.call_signal_handler(data["name"], data.get("data"))
         elif type_ == "SignalReceived":
             name = data["name"]
             waiters = self.signal_waiters.get(name)
@@ -521,65 +752,195 @@ def _key(seq: int, st: JSONDict) -> tuple[Any, ...]:
 
 
 # -- the entry point called by core.evolve -------------------------------------------------------
+def _passthrough(st: JSONDict, prev_key: Optional[tuple[Any, ...]]) -> None:
+    """An event the coroutine does not see: keep the parked machine, re-keyed to the new position."""
+    parked = CACHE.take(st["id"], prev_key) if prev_key is not None else None
+    if parked is not None:
+        CACHE.put(st["id"], _key(st["seq"], st), parked)
+
+
+def _input_of(run: Run, ev: Event) -> Optional[list[Any]]:
+    """Apply an input event's effect on the state; return what the coroutine must be fed, or None.
+
+    Activity lifecycle events (start reports, heartbeats, retries and timeouts that lead to
+    another attempt) are the engine's business, shared with spec workflows; the coroutine only
+    sees an activity's final outcome.
+    """
+    st, d = run.state, ev.data
+    if ev.type == "ActivityCompleted":
+        activities.drop(run, d["activity_id"])
+    elif ev.type == "ActivityFailed":
+        aid = d["activity_id"]
+        if aid in st["activities"] and activities.retry_or_give_up(run, aid, d["error_type"], d["retryable"]):
+            return None
+        activities.drop(run, aid)
+    elif ev.type in ("ActivityStarted", "HeartbeatRecorded"):
+        aid = d["activity_id"]
+        if aid in st["activities"]:
+            (activities.on_started if ev.type == "ActivityStarted" else activities.on_heartbeat)(run, aid)
+        return None
+    elif ev.type in ("ChildCompleted", "ChildFailed"):
+        st["children"].pop(d["child_id"], None)
+    elif ev.type == "TimerFired":
+        timer = st["timers"].pop(d["timer_id"], None) or {}
+        purpose = timer.get("purpose")
+        if purpose == "replay":
+            return []  # retry a blocked replay; nothing new for the coroutine
+        if purpose == "retry":
+            activities.on_retry_timer(run, timer["activity"])
+            return None
+        if purpose == "activity_timeout":
+            aid = timer["activity"]
+            attempt = st["activities"][aid]["attempt"]
+            retrying, message = activities.on_timeout(run, aid, timer["kind"])
+            if retrying:
+                return None
+            activities.drop(run, aid)
+            return ["ActivityFailed", {"activity_id": aid, "attempt": attempt, "error_type": "ActivityTimeout",
+                                       "message": message, "retryable": False}, ev.ts, ev.seq]
+        if purpose == "execution":
+            return ["$timeout", {}, ev.ts, ev.seq]
+    elif ev.type == "CancelRequested":
+        st["status"] = Status.CANCELLING
+        st["cancel_reason"] = d.get("reason", "")
+        for child_id in sorted(st["children"]):
+            run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} is cancelling"})
+        run.cancel_activities()
+        st["children"] = {}
+        st["timers"] = {t: v for t, v in st["timers"].items() if v.get("purpose") == "execution"}
+    elif ev.type not in WORKFLOW_INPUTS:
+        return None
+    return [ev.type, d, ev.ts, ev.seq]
+
+
 def apply_input(run: Run, ev: Event) -> None:
     """Deliver one input event to a code workflow, replaying its history first when needed."""
     st = run.state
     definition: Optional[CodeDefinition] = run.compiled
     if ev.type == "WorkflowStarted":
         st[INPUTS], st[COMMANDS], st[DELIVERED] = [], [], 0
+        if definition is not None and definition.execution_timeout_ms is not None:
+            activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
     # core has already stamped the state with this event's seq; the machine was parked one before.
     prev_key = _key(ev.seq - 1, st) if st[INPUTS] else None
-    if ev.type not in WORKFLOW_INPUTS:
-        parked = CACHE.take(st["id"], prev_key) if prev_key is not None else None
-        if parked is not None:
-            CACHE.put(st["id"], _key(st["seq"], st), parked)
+    fed = _input_of(run, ev)
+    if fed is None:
+        _passthrough(st, prev_key)
+        _check_history(run)
         return
-    replay_timer = False
-    d = ev.data
-    if ev.type in ("ActivityCompleted", "ActivityFailed"):
-        st["activities"].pop(d["activity_id"], None)
-    elif ev.type in ("ChildCompleted", "ChildFailed"):
-        st["children"].pop(d["child_id"], None)
-    elif ev.type == "TimerFired":
-        timer = st["timers"].pop(d["timer_id"], None)
-        replay_timer = timer is not None and timer.get("purpose") == "replay"
-    if not replay_timer:
-        st[INPUTS].append([ev.type, d, ev.ts, ev.seq])
+    if fed and fed[0] == "$timeout":
+        run.fail("WorkflowTimeout", f"the workflow did not finish within {definition.execution_timeout_ms / 1000:g}s"
+                 if definition is not None and definition.execution_timeout_ms else "the workflow timed out")
+        return
+    if fed:
+        st[INPUTS].append(fed)
     if definition is None:
         _block(run, NondeterminismError(st["id"], st[DELIVERED], f"code workflow '{st['workflow']}@{st['version']}'",
                                         "no such workflow registered in this engine"))
         return
-
     machine = None
-    if st["status"] == Status.RUNNING and prev_key is not None:
+    if st["status"] in Status.ACTIVE and prev_key is not None:
         machine = CACHE.take(st["id"], prev_key)
     if machine is None:
-        machine = Machine(definition, st["id"], st[COMMANDS])
-        try:
-            for type_, data, ts, seq in st[INPUTS][:st[DELIVERED]]:
-                machine.deliver(type_, data, ts, seq)
-                if machine.finished:
-                    raise _Mismatch(machine.cursor, _describe(st[COMMANDS][machine.cursor]
-                                                              if machine.cursor < len(st[COMMANDS]) else None)
-                                    + " or a wait for input", _outcome(machine))
-            if machine.cursor != len(st[COMMANDS]):
-                raise _Mismatch(machine.cursor, _describe(st[COMMANDS][machine.cursor]), "no further command")
-        except _Mismatch as m:
-            _block(run, NondeterminismError(st["id"], m.index, m.expected, m.actual))
+        machine = _rebuild(run, definition)
+        if machine is None:
             return
-        if st["status"] == Status.BLOCKED:
-            _unblock(st)
+    _drive(run, machine)
+
+
+def _rebuild(run: Run, definition: CodeDefinition) -> Optional[Machine]:
+    """Replay the delivered inputs into a fresh machine; None (and BLOCKED) on a mismatch."""
+    st = run.state
+    machine = _new_machine(run, definition)
+    try:
+        for type_, data, ts, seq in st[INPUTS][:st[DELIVERED]]:
+            machine.deliver(type_, data, ts, seq)
+            if machine.finished:
+                raise _Mismatch(machine.cursor, _describe(st[COMMANDS][machine.cursor]
+                                                          if machine.cursor < len(st[COMMANDS]) else None)
+                                + " or a wait for input", _outcome(machine))
+        if machine.cursor != len(st[COMMANDS]):
+            raise _Mismatch(machine.cursor, _describe(st[COMMANDS][machine.cursor]), "no further command")
+    except _Mismatch as m:
+        _block(run, NondeterminismError(st["id"], m.index, m.expected, m.actual))
+        return None
+    if st["status"] == Status.BLOCKED:
+        _unblock(st)
+    return machine
+
+
+def _new_machine(run: Run, definition: CodeDefinition) -> Machine:
+    st = run.state
+    machine = Machine(definition, st["id"], st[COMMANDS])
+    machine.run_number = st.get("run", 1)
+    machine.history_limit = limits_of(run.defs).max_history_events
+    return machine
+
+
+def _drive(run: Run, machine: Machine, depth: int = 0) -> None:
+    """Feed the machine the inputs it has not seen, then finish, continue or park it."""
+    st = run.state
     machine.live, machine.run, machine.recorded = True, run, st[COMMANDS]
     for type_, data, ts, seq in st[INPUTS][st[DELIVERED]:]:
+        machine.history_length = st["seq"] - st.get("run_seq", 0)
         machine.deliver(type_, data, ts, seq)
         if machine.finished:
             break
     st[DELIVERED] = len(st[INPUTS])
     machine.run = None
-    if machine.finished:
-        _finish(run, machine)
-    else:
+    if not machine.finished:
         CACHE.put(st["id"], _key(st["seq"], st), machine)
+        _check_history(run)
+        return
+    assert machine.root is not None
+    err = machine.root.future.error
+    if isinstance(err, ContinueAsNew):
+        if depth >= MAX_CONTINUATIONS_PER_DECISION:
+            run.fail("ContinueAsNewLoop", f"continue_as_new was called {depth} times without awaiting anything")
+            return
+        _continue_as_new(run, err.input, depth)
+    else:
+        _finish(run, machine)
+
+
+def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
+    """Close this run's pending work and start the next run of the workflow under the same id."""
+    st = run.state
+    name = st["workflow"]
+    version = run.defs.latest(name) or st["version"]
+    definition = run.defs.get(name, version)
+    if getattr(definition, "kind", None) != "code":
+        version, definition = st["version"], run.compiled
+    for child_id in sorted(st["children"]):
+        run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} continued as new"})
+    run.cancel_activities()
+    number = st.get("run", 1) + 1
+    run.emit("WorkflowContinuedAsNew", {"input": input_, "run": number, "version": version})
+    fresh = new_state(st["id"], name, version, "code", input_, run.now, st.get("parent_id"),
+                      st.get("parent_ref"), st["seq"])
+    fresh["run"], fresh["run_seq"] = number, st["seq"]
+    fresh["runs"] = (st.get("runs") or [])[-9:] + [{"run": number - 1, "version": st["version"],
+                                                      "started_ms": st["started_ms"], "input": st["input"],
+                                                      "continued_with": input_}]
+    if "search" in st:
+        fresh["search"] = st["search"]
+    st.clear()
+    st.update(fresh)
+    st[INPUTS] = [["WorkflowStarted", {"input": input_}, run.now, st["seq"]]]
+    st[COMMANDS], st[DELIVERED] = [], 0
+    run.compiled = definition
+    if definition.execution_timeout_ms is not None:
+        activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
+    _drive(run, _new_machine(run, definition), depth + 1)
+
+
+def _check_history(run: Run) -> None:
+    """Fail a run whose history outgrew the engine's limit (it should have continued as new)."""
+    st = run.state
+    limit = limits_of(run.defs).max_history_events
+    if st["status"] in Status.ACTIVE and st["seq"] - st.get("run_seq", 0) > limit:
+        run.fail("HistoryLimitExceeded", f"expected at most {limit} events per run, but this run has "
+                 f"{st['seq'] - st.get('run_seq', 0)}; call ctx.continue_as_new() before the limit")
 
 
 def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) -> Any:
@@ -620,7 +981,10 @@ def _finish(run: Run, machine: Machine) -> None:
         except TypeError as e:
             run.fail("InvalidResult", f"workflow result is not JSON: {e}")
             return
+        run.state.pop("cancel_reason", None)
         run.complete(result)
+    elif run.state["status"] == Status.CANCELLING:
+        run.close(Status.CANCELLED, "WorkflowCancelled", {"reason": run.state.pop("cancel_reason", "")})
     else:
         e = fut.error
         run.fail(getattr(e, "type", None) or type(e).__name__, str(getattr(e, "message", None) or e))

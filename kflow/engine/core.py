@@ -220,8 +220,9 @@ def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
         return guard
     assert state is not None
     reason = cmd.data.get("reason") or ""
-    if state.get("compensations"):
+    if state.get("compensations") or state["kind"] == "code":
         # Completed compensable steps: undo them first; WorkflowCancelled follows the last one.
+        # A code workflow sees CancelledError at its pending awaits and cleans up in its own code.
         return _accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs)
     return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs)
 

@@ -36,6 +36,7 @@ def _expressions(step: Step) -> list[str]:
     exprs = [e for e in (step.input, step.foreach, step.succeed) if e]
     exprs += [r.when for r in step.choice or []]
     exprs += list((step.set or {}).values())
+    exprs += list((step.search or {}).values())
     if step.child:
         exprs += [e for e in (step.child.input, step.child.id) if e]
     if step.fail and step.fail.message:

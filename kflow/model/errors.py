@@ -53,6 +53,33 @@ class WorkflowError(KflowError):
         super().__init__(message)
 
 
+class ActivityError(WorkflowError):
+    """Raised inside a code workflow when an activity fails for good (after its retries).
+
+    Attributes:
+        type: The activity's error type (``ActivityTimeout`` for timeouts, ``Cancelled`` ...).
+        message: The error message.
+        attempt: The attempt that failed last.
+        activity: The activity's name.
+    """
+
+    def __init__(self, message: str, type: str, attempt: int = 0, activity: str = "") -> None:
+        super().__init__(message, type=type)
+        self.attempt = attempt
+        self.activity = activity
+
+
+class CancelledError(WorkflowError):
+    """Raised inside a code workflow at every pending ``await`` when the instance is cancelled.
+
+    Catch it (or use ``try/finally``) to clean up; re-raising it (or any error) ends the instance
+    CANCELLED, returning normally completes it.
+    """
+
+    def __init__(self, message: str = "the workflow was cancelled") -> None:
+        super().__init__(message, type="Cancelled")
+
+
 class NonRetryableError(KflowError):
     """Raised by an activity to fail its attempt without retry."""
 

@@ -50,6 +50,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "ActivityTimedOut": ("activity_id", "attempt", "kind"),
     "CancelRequested": ("reason",),
     "WorkflowTerminated": ("reason",),
+    "WorkflowContinuedAsNew": ("*input", "run", "version"),
 }
 
 COMMAND_TYPES = frozenset(COMMAND_FIELDS)

@@ -54,7 +54,7 @@ def field_strategy(typ: str, spec: str) -> st.SearchStrategy[Any]:
         return JSON_VALUES
     if name == "version":
         return st.none() | INT32 if typ == "StartWorkflow" else INT32
-    if name == "attempt":
+    if name in ("attempt", "run"):
         return INT32
     if name == "retryable":
         return st.booleans()
