@@ -18,19 +18,21 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import orjson
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from kflow import _tracing
 from kflow.config import KafkaConfig
 from kflow.engine import compile_spec
 from kflow.model.errors import BrokerUnavailable, DefinitionError, KflowError, WorkflowFailedError
-from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, JSONValue, Status
-from kflow.schemas.codec import decode_state, encode_command, encode_definition
+from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event, JSONValue, Status
+from kflow.schemas.codec import decode_event, decode_state, encode_command, encode_definition
 from kflow.streams.partitioner import partition_for
 from kflow.streams.topics import ensure_topics
 
@@ -343,6 +345,10 @@ class WorkflowHandle:
         """The instance's latest state record; see :meth:`Client.status`."""
         return self._client.status(self.id)
 
+    def query(self, name: str, *args: JSONValue, timeout: float = 10.0) -> JSONValue:
+        """Ask this instance query ``name``; see :meth:`Client.query`."""
+        return self._client.query(self.id, name, *args, timeout=timeout)
+
     def signal(self, name: str, data: JSONValue = None) -> None:
         """Send the instance a signal; see :meth:`Client.signal`."""
         self._client.signal(self.id, name, data)
@@ -578,6 +584,9 @@ class Client:
         # read-your-deploys: the engine decides this start only after reading the definitions
         # topic at least up to this client's last deploy, so "latest version" includes it
         headers = [(DEFS_OFFSET_HEADER, str(self._deployed_offset).encode())] if self._deployed_offset >= 0 else None
+        traced = _tracing.client_start(workflow, instance_id)  # W3C traceparent: the instance's trace starts here
+        if traced:
+            headers = (headers or []) + traced
         self._produce(self.names.commands, instance_id, encode_command(cmd), confirm=confirm, headers=headers)
         return WorkflowHandle(self, instance_id)
 
@@ -596,6 +605,50 @@ class Client:
     def terminate(self, id: str, reason: str = "") -> None:
         """Stop instance ``id`` immediately with no cleanup (``TerminateWorkflow``); idempotent."""
         self._command(Command("TerminateWorkflow", id, {"reason": reason}))
+
+    def query(self, id: str, name: str, *args: JSONValue, timeout: float = 10.0) -> JSONValue:
+        """Ask instance ``id`` query ``name`` with ``args`` and return the answer.
+
+        The engine that owns the instance answers it from the live workflow object (code
+        workflows: a ``@workflow.query`` method or ``ctx.set_query_handler``; spec workflows: a
+        variable, or ``vars`` for all of them) without writing to its history.
+
+        Raises:
+            KflowError: the instance does not exist, has no such query, or the handler failed
+                (the message says which).
+            TimeoutError: no engine answered within ``timeout`` seconds.
+        """
+        self._ensure_ready()
+        topic = self.names.replies
+        qid = uuid.uuid4().hex
+        consumer = Consumer(self.config.consumer_conf(
+            f"kflow-client-query-{qid}", **{"isolation.level": "read_committed", **self._conf()}))
+        try:
+            try:
+                meta = consumer.list_topics(topic, timeout=self.connect_timeout)
+                partitions = len(meta.topics[topic].partitions)
+                if partitions == 0:
+                    raise KflowError(f"replies topic '{topic}' does not exist; start an engine (it creates it)")
+                p = partition_for(qid.encode(), partitions)
+                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.connect_timeout,
+                                                            cached=False)
+            except KafkaException as exc:
+                raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
+            consumer.assign([TopicPartition(topic, p, high)])
+            self._command(Command("QueryWorkflow", id, {"query_id": qid, "name": name, "args": list(args)}))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
+                    if msg.error() is not None or msg.key() != qid.encode():
+                        continue
+                    answer = orjson.loads(msg.value())
+                    if "error" in answer:
+                        err = answer["error"]
+                        raise KflowError(f"query '{name}' on {id} failed: {err['type']}: {err['message']}")
+                    return answer.get("result")
+            raise TimeoutError(f"no answer to query '{name}' on {id} within {timeout:g}s (is an engine running?)")
+        finally:
+            consumer.close()
 
     def status(self, id: str) -> dict[str, Any] | None:
         """The latest state record of instance ``id``, or None if the engine never wrote one.
@@ -647,11 +700,44 @@ class Client:
         finally:
             watcher.unregister(waiter)
 
+    def history(self, id: str) -> list[Event]:
+        """Every event recorded for instance ``id``, in order, read from the ``events`` topic.
+
+        Reads the id's partition from the beginning to its high watermark (``read_committed``),
+        so it sees the history up to the engine's last committed batch.
+        """
+        out: list[Event] = []
+
+        def take(msg: Message) -> None:
+            try:
+                out.append(decode_event(msg.value()))
+            except KflowError as exc:
+                log.warning("skipping undecodable event %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+
+        self._read_keys(self.names.events, [id], take)
+        return out
+
     def _scan(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Latest state record per id, read from the ids' state partitions up to the high watermark."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def take(msg: Message) -> None:
+            try:
+                state = decode_state(msg.value())
+            except KflowError as exc:
+                log.warning("skipping undecodable state record %s[%d]@%d: %s", msg.topic(), msg.partition(),
+                            msg.offset(), exc)
+            else:
+                found[state["instance_id"]] = state
+
+        self._read_keys(self.names.state, ids, take)
+        return found
+
+    def _read_keys(self, topic: str, ids: list[str], take: Callable[[Message], None]) -> None:
+        """Call ``take`` for every record keyed by one of ``ids`` in their partitions of ``topic``,
+        from the beginning to the high watermark."""
         self._ensure_ready()
-        topic = self.names.state
-        wanted = set(ids)
+        wanted = {i.encode() for i in ids}
         consumer = Consumer(self.config.consumer_conf(
             f"kflow-client-scan-{uuid.uuid4().hex}",
             **{"enable.partition.eof": True, **self._conf()}))
@@ -660,7 +746,7 @@ class Client:
                 meta = consumer.list_topics(topic, timeout=self.connect_timeout)
                 partitions = len(meta.topics[topic].partitions)
                 if partitions == 0:
-                    raise KflowError(f"state topic '{topic}' has no partitions")
+                    raise KflowError(f"topic '{topic}' has no partitions")
                 ends: dict[int, int] = {}
                 for p in sorted({partition_for(i.encode(), partitions) for i in ids}):
                     low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.connect_timeout,
@@ -668,15 +754,14 @@ class Client:
                     if high > low:
                         ends[p] = high
             except KafkaException as exc:
-                raise BrokerUnavailable(self.config.bootstrap, f"cannot read state offsets: {exc}") from None
-            found: dict[str, dict[str, Any]] = {}
+                raise BrokerUnavailable(self.config.bootstrap, f"cannot read offsets of {topic}: {exc}") from None
             if not ends:
-                return found
+                return
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
             deadline = time.monotonic() + self.request_timeout
             while ends:
                 if time.monotonic() > deadline:
-                    raise BrokerUnavailable(self.config.bootstrap, f"reading state partitions {sorted(ends)} "
+                    raise BrokerUnavailable(self.config.bootstrap, f"reading {topic} partitions {sorted(ends)} "
                                                                    f"took longer than {self.request_timeout:g}s")
                 for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
                     err = msg.error()
@@ -687,17 +772,10 @@ class Client:
                         elif err.fatal():
                             raise KafkaException(err)
                         continue
-                    key = msg.key()
-                    if key is not None and msg.value() is not None and key.decode(errors="replace") in wanted:
-                        try:
-                            state = decode_state(msg.value())
-                        except KflowError as exc:
-                            log.warning("skipping undecodable state record %s[%d]@%d: %s", topic, p, msg.offset(), exc)
-                        else:
-                            found[state["instance_id"]] = state
+                    if msg.key() in wanted and msg.value() is not None:
+                        take(msg)
                     if p in ends and msg.offset() >= ends[p] - 1:
                         ends.pop(p)
-            return found
         finally:
             consumer.close()
 

@@ -943,13 +943,27 @@ def _check_history(run: Run) -> None:
                  f"{st['seq'] - st.get('run_seq', 0)}; call ctx.continue_as_new() before the limit")
 
 
-def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) -> Any:
-    """Rebuild an instance's coroutine from its state by replay and call its query handler ``name``.
+def answer_query(definition: CodeDefinition, state: JSONDict, name: str, args: list[Any]) -> Any:
+    """Answer query ``name`` from the instance's live machine (the engine's path, no history written).
 
-    Runs wherever the workflow's code is importable (a client, a console), on the ``internal``
-    state of the instance's ``state`` record; it never changes the instance.
+    A cached machine at the instance's exact position answers at once; otherwise the instance is
+    replayed (and the rebuilt machine cached, so the next input does not replay again).
     """
+    key = _key(state["seq"], state) if state.get(INPUTS) else None
+    machine = CACHE.take(state["id"], key) if key is not None and state["status"] in Status.ACTIVE else None
+    if machine is None:
+        machine = _replayed(definition, state)
+    try:
+        return _call_query(machine, definition, name, args)
+    finally:
+        if (key is not None and state["status"] in Status.ACTIVE and not machine.finished
+                and machine.cursor == len(state[COMMANDS])):
+            CACHE.put(state["id"], key, machine)
+
+
+def _replayed(definition: CodeDefinition, state: JSONDict) -> Machine:
     machine = Machine(definition, state["id"], state[COMMANDS])
+    machine.run_number = state.get("run", 1)
     try:
         for type_, data, ts, seq in state[INPUTS][:state[DELIVERED]]:
             machine.deliver(type_, data, ts, seq)
@@ -957,6 +971,10 @@ def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) ->
                 break
     except _Mismatch as m:
         raise NondeterminismError(state["id"], m.index, m.expected, m.actual) from None
+    return machine
+
+
+def _call_query(machine: Machine, definition: CodeDefinition, name: str, args: list[Any]) -> Any:
     handler = machine.queries.get(name)
     if handler is None:
         known = ", ".join(sorted(machine.queries)) or "none"
@@ -964,6 +982,15 @@ def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) ->
     with machine._guard():
         value = handler(*args)
     return _json(value, f"the answer to query '{name}'")
+
+
+def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) -> Any:
+    """Rebuild an instance's coroutine from its state by replay and call its query handler ``name``.
+
+    Runs wherever the workflow's code is importable (a client, a console), on the ``internal``
+    state of the instance's ``state`` record; it never changes the instance.
+    """
+    return _call_query(_replayed(definition, state), definition, name, list(args))
 
 
 def _outcome(machine: Machine) -> str:

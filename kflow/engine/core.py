@@ -39,6 +39,7 @@ class Decision:
     timers_set: list[tuple[str, int]] = field(default_factory=list)
     timers_cancel: list[tuple[str, int]] = field(default_factory=list)
     dlq_reason: Optional[str] = None
+    replies: list[tuple[str, JSONDict]] = field(default_factory=list)  # (query id, answer): not history
 
     @property
     def changed(self) -> bool:
@@ -314,6 +315,38 @@ def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: Defin
                                                     "message": cmd.data.get("message") or ""}, defs)
 
 
+def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    """Answer a query from the instance as it is now; nothing is written to its history.
+
+    A code workflow answers from its live object (replayed when it is not cached); a spec
+    workflow answers ``vars`` (all variables) or the name of one variable.
+    """
+    qid, name, args = cmd.data["query_id"], cmd.data["name"], cmd.data.get("args") or []
+    answer: JSONDict
+    if state is None:
+        answer = {"error": {"type": "NotFound", "message": f"no instance '{cmd.instance_id}'"}}
+    elif not isinstance(args, list):
+        answer = {"error": {"type": "InvalidQuery", "message": "query args must be a JSON array"}}
+    elif state["kind"] == "code":
+        compiled = defs.get(state["workflow"], state["version"])
+        if compiled is None:
+            answer = {"error": {"type": "UnknownWorkflow",
+                                "message": f"code workflow '{state['workflow']}@{state['version']}' is not hosted here"}}
+        else:
+            try:
+                answer = {"result": code_replayer.answer_query(compiled, state, name, args)}
+            except Exception as e:  # the handler's (or replay's) error is the answer
+                answer = {"error": {"type": getattr(e, "type", None) or type(e).__name__, "message": str(e)}}
+    elif name == "vars":
+        answer = {"result": state["vars"]}
+    elif name in state["vars"]:
+        answer = {"result": state["vars"][name]}
+    else:
+        answer = {"error": {"type": "UnknownQuery", "message": f"spec workflow '{state['workflow']}' has no variable "
+                            f"'{name}' (known: {', '.join(sorted(state['vars'])) or 'none'}; 'vars' returns all)"}}
+    return Decision(state=state, replies=[(qid, answer)])
+
+
 DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView], Decision]] = {
     "StartWorkflow": _start,
     "SignalWorkflow": _signal,
@@ -326,6 +359,7 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView]
     "FailChild": _child_result,
     "StartActivity": _start_activity,
     "TerminateWorkflow": _terminate,
+    "QueryWorkflow": _query,
 }
 
 

@@ -27,6 +27,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "FailChild": ("child_id", "error_type", "message"),
     "StartActivity": ("activity_id", "attempt"),
     "TerminateWorkflow": ("reason",),
+    "QueryWorkflow": ("query_id", "name", "*args"),
 }
 
 #: Event type -> data fields. Payload fields (JSON documents) are marked with ``*``.

@@ -64,12 +64,21 @@ class TopicNames:
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
 
+    @property
+    def replies(self) -> str:
+        """Answers to queries (key = query id), written by the engine that owns the instance."""
+        return f"{self.prefix}replies"
+
     def tasks(self, queue: str) -> str:
         """The task topic of ``queue``."""
         name = f"{self.prefix}tasks.{queue}"
         if not queue or not _LEGAL_NAME.match(queue) or len(name) > _MAX_NAME:
             raise ValueError(f"queue {queue!r} does not make a legal topic name ({name!r})")
         return name
+
+
+#: Query answers are read within seconds of being written; an hour is plenty.
+REPLIES_RETENTION_MS = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +123,7 @@ def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str
         TopicSpec(names.state, p, "compact", -1),
         TopicSpec(names.definitions, 1, "compact", -1),
         TopicSpec(names.dlq, p, "delete", settings.events_retention_ms),
+        TopicSpec(names.replies, p, "delete", REPLIES_RETENTION_MS),
     ]
     specs += [_task_spec(names, settings, q) for q in dict.fromkeys(queues)]
     return specs

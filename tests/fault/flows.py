@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import kflow
 from kflow.worker import activity
 
 
@@ -38,8 +39,30 @@ DEFS = [
 ]
 
 
+@kflow.workflow(name="f.code_chain", version=1)
+async def code_chain(ctx, x):
+    a = await ctx.activity("f.inc", x)
+    await ctx.sleep(0.3)
+    return await ctx.activity("f.slow", a)
+
+
+@kflow.workflow(name="f.code_fan", version=1)
+async def code_fan(ctx, x):
+    parts = await ctx.gather(*(ctx.activity("f.inc", x + k) for k in (1, 2, 3)))
+    sub = await ctx.child("f.chain", x)
+    return parts + [sub]
+
+
+#: Code workflows of the matrix (hosted by the engines with ``--workflows tests.fault.flows``).
+CODE = [code_chain, code_fan]
+
+
 def expected(workflow: str, x: int):
     """The independent oracle's expectation, computed from the input alone."""
+    if workflow == "f.code_chain":
+        return (x + 1) * 2
+    if workflow == "f.code_fan":
+        return [x + 2, x + 3, x + 4, (x + 2) * 2]
     if workflow == "f.chain":
         return (x + 2) * 2
     if workflow == "f.nap":

@@ -24,10 +24,11 @@ from kflow.engine import InMemoryDefinitions, compile_spec, fold
 from kflow.model.messages import Status
 from kflow.schemas.codec import decode_event, decode_state
 from kflow.testing import assert_eventually
-from tests.fault.flows import DEFS, expected
+from kflow._workflow import definition_of
+from tests.fault.flows import CODE, DEFS, expected
 
 PARTITIONS = 4
-WORKFLOWS = ["f.chain", "f.nap", "f.fan", "f.parent"]
+WORKFLOWS = ["f.chain", "f.nap", "f.fan", "f.parent", "f.code_chain", "f.code_fan"]
 
 
 def read_all(bootstrap: str, topic: str) -> list:
@@ -60,6 +61,8 @@ def oracle(bootstrap: str, prefix: str, started: dict[str, tuple[str, int]]) -> 
     defs = InMemoryDefinitions()
     for d in DEFS:
         defs.add(compile_spec(d))
+    for fn in CODE:
+        defs.add(definition_of(fn))
     events = defaultdict(list)
     for m in read_all(bootstrap, f"{prefix}events"):
         ev = decode_event(m.value())
@@ -114,11 +117,12 @@ def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, i
     # every replacement moves partitions between processes.
     env = {"KFLOW_STATIC_MEMBERSHIP": "false" if engines > 1 else "true"}
     procs = {"engine": engine_process(bootstrap, prefix, state_dir, partitions=PARTITIONS, engine_id="cm",
-                                      extra_env=env).start(),
+                                      workflows="tests.fault.flows", extra_env=env).start(),
              "worker": worker_process(bootstrap, prefix, ["tests.fault.flows"], partitions=PARTITIONS).start()}
     for n in range(1, engines):
         procs[f"engine{n}"] = engine_process(bootstrap, prefix, f"{state_dir}-{n}", partitions=PARTITIONS,
-                                             engine_id=f"cm{n}", extra_env=env).start()
+                                             engine_id=f"cm{n}", workflows="tests.fault.flows",
+                                             extra_env=env).start()
     started: dict[str, tuple[str, int]] = {}
     kills = Counter()
     try:
@@ -142,7 +146,8 @@ def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, i
                         # the replacement takes the victim's identity (a StatefulSet pod coming back
                         # on a new disk): its transactional id fences the victim's open transaction
                         procs[f"engine-r{n}"] = engine_process(bootstrap, prefix, f"{state_dir}-r{n}", partitions=PARTITIONS,
-                                                               engine_id=identity, extra_env=env).start()
+                                                               engine_id=identity, workflows="tests.fault.flows",
+                                                               extra_env=env).start()
                         continue
                     procs[who].kill()
                     kills[who] += 1
@@ -150,7 +155,7 @@ def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, i
                         fresh = kills["engine"] % 3 == 0  # every third restart also loses its disk
                         d = state_dir + (f"-fresh{kills['engine']}" if fresh else "")
                         procs[who] = engine_process(bootstrap, prefix, d, partitions=PARTITIONS, engine_id="cm",
-                                                    extra_env=env).start()
+                                                    workflows="tests.fault.flows", extra_env=env).start()
                     else:
                         procs[who] = worker_process(bootstrap, prefix, ["tests.fault.flows"], partitions=PARTITIONS).start()
 

@@ -52,3 +52,79 @@ async def order(ctx, input):
 @kflow.workflow(name="code.audit", version=1)
 async def audit(ctx, input):
     return f"audited {input['sku']}"
+
+
+# -- more code workflows: fan-out, signals, sleep, children, queries, retries, continue-as-new ----
+@activity("co.square")
+def square(x):
+    return x * x
+
+
+_flaky_calls: dict[str, int] = {}
+
+
+@activity("co.flaky")
+def flaky(key):
+    """Fails the first two calls per key (retryable), then succeeds."""
+    _flaky_calls[key] = _flaky_calls.get(key, 0) + 1
+    if _flaky_calls[key] <= 2:
+        raise RuntimeError(f"transient failure {_flaky_calls[key]}")
+    return _flaky_calls[key]
+
+
+@kflow.workflow(name="code.fanout", version=1)
+async def fanout(ctx, input):
+    return await ctx.gather(*(ctx.activity("co.square", i) for i in range(input)))
+
+
+@kflow.workflow(name="code.signals", version=1)
+async def signals(ctx, input):
+    first = await ctx.wait_signal("early")  # sent before the workflow waits: buffered
+    second = await ctx.wait_signal("late", timeout=60)
+    return [first, second]
+
+
+@kflow.workflow(name="code.sleepy", version=1)
+async def sleepy(ctx, input):
+    before = ctx.now()
+    await ctx.sleep(input)
+    return (ctx.now() - before).total_seconds()
+
+
+@kflow.workflow(name="code.parent", version=1)
+async def parent(ctx, input):
+    spec_result = await ctx.child("spec.child", {"x": input}, id=f"{ctx.instance_id}-spec")
+    code_result = await ctx.child("code.audit", {"sku": f"k{input}"})
+    return {"spec": spec_result, "code": code_result}
+
+
+@kflow.workflow(name="code.approval", version=1)
+class Approval:
+    def __init__(self):
+        self.approvals = []
+
+    @kflow.workflow.signal
+    def approve(self, who):
+        self.approvals.append(who)
+
+    @kflow.workflow.query
+    def approvers(self, prefix=""):
+        return [prefix + a for a in self.approvals]
+
+    async def run(self, ctx, input):
+        await ctx.wait_condition(lambda: len(self.approvals) >= input["needed"])
+        return {"approved_by": self.approvals}
+
+
+@kflow.workflow(name="code.retrying", version=1)
+async def retrying(ctx, input):
+    calls = await ctx.activity("co.flaky", input, retry={"initial": 1, "backoff": 1.0, "max_attempts": 5})
+    return {"calls": calls}
+
+
+@kflow.workflow(name="code.counter", version=1)
+async def counter(ctx, input):
+    total = input["total"] + await ctx.activity("co.square", input["run"])
+    if input["run"] < input["runs"]:
+        ctx.continue_as_new({"run": input["run"] + 1, "runs": input["runs"], "total": total})
+    return {"total": total, "run": ctx.run_number}

@@ -122,3 +122,107 @@ def test_changed_code_blocks_the_instance_until_fixed_code_is_deployed(code_stac
         definition.fn = good
     restart_engine(code_stack)  # the fix: the replay timer retries and the recorded signal is delivered
     assert h.result(timeout=60)["tracking"] == "t-r-D4-fedex"
+
+
+SPEC_CHILD = {"name": "spec.child", "version": 1,
+              "steps": [{"id": "sq", "task": "co.square", "input": "input.x", "output": "y"},
+                        {"id": "done", "succeed": "{'y': y}"}]}
+SPEC_PARENT = {"name": "spec.parent", "version": 1,
+               "steps": [{"id": "kid", "child": {"workflow": "code.fanout", "input": "input"}, "output": "squares"},
+                         {"id": "done", "succeed": "squares"}]}
+
+
+def test_gather_of_ten_activities(code_stack: Stack) -> None:
+    h = code_stack.client.start("code.fanout", 10, id=uid("fan"))
+    assert h.result(timeout=60) == [i * i for i in range(10)]
+    scheduled = [e for e in code_stack.client.history(h.id) if e.type == "ActivityScheduled"]
+    assert len(scheduled) == 10 and len({e.data["activity_id"] for e in scheduled}) == 10
+
+
+def test_signals_before_and_after_wait_signal(code_stack: Stack) -> None:
+    c = code_stack.client
+    iid = uid("sig")
+    h = c.start("code.signals", None, id=iid)
+    c.signal(iid, "early", 1)
+    assert_eventually(lambda: any(t.get("purpose") == "signal:late"
+                                  for t in ((c.status(iid) or {}).get("internal") or {}).get("timers", {}).values()),
+                      timeout=60)
+    c.signal(iid, "late", 2)
+    assert h.result(timeout=60) == [1, 2]
+
+
+def test_sleep_across_an_engine_restart(code_stack: Stack) -> None:
+    c = code_stack.client
+    h = c.start("code.sleepy", 2, id=uid("sleep"))
+    assert_eventually(lambda: ((c.status(h.id) or {}).get("internal") or {}).get("timers"), timeout=60)
+    restart_engine(code_stack)
+    assert h.result(timeout=60) >= 2
+
+
+def test_child_workflows_in_both_directions(code_stack: Stack) -> None:
+    c = code_stack.client
+    c.deploy(SPEC_CHILD)
+    c.deploy(SPEC_PARENT)
+    h = c.start("code.parent", 7, id=uid("parent"))
+    assert h.result(timeout=60) == {"spec": {"y": 49}, "code": "audited k7"}
+    h2 = c.start("spec.parent", 4, id=uid("sparent"))
+    assert h2.result(timeout=60) == [0, 1, 4, 9]
+
+
+def test_queries_are_answered_by_the_owning_engine_without_history(code_stack: Stack) -> None:
+    c = code_stack.client
+    h = c.start("code.approval", {"needed": 2}, id=uid("appr"))
+    c.signal(h.id, "approve", "ann")
+    assert_eventually(lambda: c.query(h.id, "approvers") == ["ann"], timeout=60)
+    seq = c.status(h.id)["seq"]
+    assert c.query(h.id, "approvers", "by ") == ["by ann"]
+    assert c.status(h.id)["seq"] == seq  # a query writes nothing
+    with pytest.raises(kflow.KflowError, match="no query 'nope'"):
+        c.query(h.id, "nope")
+    with pytest.raises(kflow.KflowError, match="NotFound"):
+        c.query("no-such-instance", "approvers")
+    c.signal(h.id, "approve", "bob")
+    assert h.result(timeout=60) == {"approved_by": ["ann", "bob"]}
+
+
+def test_retry_backoff_is_durable_across_an_engine_restart(code_stack: Stack) -> None:
+    c = code_stack.client
+    key = uid("flaky")
+    h = c.start("code.retrying", key, id=key)
+    assert_eventually(lambda: any(t.get("purpose") == "retry" for t in
+                                  ((c.status(key) or {}).get("internal") or {}).get("timers", {}).values()),
+                      timeout=60)
+    restart_engine(code_stack)
+    assert h.result(timeout=60) == {"calls": 3}
+    failed = [e.data["attempt"] for e in c.history(key) if e.type == "ActivityFailed"]
+    assert failed == [1, 2]
+
+
+def test_continue_as_new_keeps_the_id_and_carries_the_chain(code_stack: Stack) -> None:
+    c = code_stack.client
+    h = c.start("code.counter", {"run": 1, "runs": 4, "total": 0}, id=uid("count"))
+    assert h.result(timeout=60) == {"total": 1 + 4 + 9 + 16, "run": 4}
+    st = c.status(h.id)["internal"]
+    assert [r["run"] for r in st["runs"]] == [1, 2, 3] and st["run"] == 4
+    assert [e.data["run"] for e in c.history(h.id) if e.type == "WorkflowContinuedAsNew"] == [2, 3, 4]
+
+
+def _shape(events: list) -> list:
+    return [(e.type, e.seq, e.data) for e in events]
+
+
+def test_forced_replay_gives_the_same_histories_and_results_as_the_cache(code_stack: Stack) -> None:
+    c = code_stack.client
+    runs: dict[str, tuple] = {}
+    for mode, size in (("replayed", 0), ("cached", 10_000)):
+        code_replayer.CACHE.clear()
+        code_replayer.CACHE.max_size = size
+        try:
+            hits = code_replayer.CACHE.hits
+            a = c.start("code.fanout", 5, id=uid(f"fan-{mode}"))
+            b = c.start("code.counter", {"run": 1, "runs": 3, "total": 0}, id=uid(f"count-{mode}"))
+            runs[mode] = (a.result(timeout=60), b.result(timeout=60), _shape(c.history(a.id)), _shape(c.history(b.id)))
+            assert (code_replayer.CACHE.hits > hits) == (mode == "cached")
+        finally:
+            code_replayer.CACHE.max_size = 10_000
+    assert runs["replayed"] == runs["cached"]
