@@ -128,7 +128,7 @@ def _timeout_ms(timeouts: Optional[TimeoutSpec], kind: str) -> Optional[int]:
 def start_timer(run: Run, thread: Optional[str], due: int, purpose: str, **extra: Any) -> str:
     check_pending(run, "timers")
     timer_id = f"t{run.next_seq()}"
-    run.emit("TimerStarted", {"timer_id": timer_id, "due_ms": due})
+    run.emit("TimerStarted", {"timer_id": timer_id, "due_ms": due, "purpose": purpose})
     run.state["timers"][timer_id] = {"due": due, "thread": thread, "purpose": purpose, **extra}
     return timer_id
 

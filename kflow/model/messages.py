@@ -36,7 +36,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "ActivityScheduled": ("activity_id", "name", "queue", "*input", "attempt"),
     "ActivityCompleted": ("activity_id", "attempt", "*result"),
     "ActivityFailed": ("activity_id", "attempt", "error_type", "message", "retryable"),
-    "TimerStarted": ("timer_id", "due_ms"),
+    "TimerStarted": ("timer_id", "due_ms", "purpose"),
     "TimerFired": ("timer_id",),
     "SignalReceived": ("name", "*data"),
     "ChildStarted": ("child_id", "workflow", "version", "*input"),

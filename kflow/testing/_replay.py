@@ -40,16 +40,41 @@ def _as_event(e: Union[Event, JSONDict]) -> Event:
                  ts=int(e.get("ts", 0)), data=dict(e.get("data") or {}))
 
 
+#: Timers the engine starts for activities (timeouts, retry backoff) and for itself; not workflow code's.
+_ENGINE_TIMERS = frozenset({"activity_timeout", "retry", "execution", "replay"})
+
+
 def _from_events(events: list[Event]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """The coroutine's inputs and commands, rebuilt from the events of its last run.
+
+    Only an activity's final outcome is an input (a failure followed by another attempt, or a
+    timeout that was retried, is the engine's business), and only timers the code started count.
+    """
+    last_run = max((i for i, e in enumerate(events) if e.type == "WorkflowContinuedAsNew"), default=None)
+    if last_run is not None:
+        cont = events[last_run]
+        events = [Event("WorkflowStarted", cont.instance_id, cont.seq, cont.ts, {"input": cont.data.get("input")})] + \
+            events[last_run + 1:]
+    retried = {(e.data["activity_id"], e.data["attempt"] - 1) for e in events
+               if e.type == "ActivityScheduled" and e.data.get("attempt", 1) > 1}
+    timers = {e.data["timer_id"]: e.data.get("purpose", "") for e in events if e.type == "TimerStarted"}
     inputs: list[list[Any]] = []
     commands: list[list[Any]] = []
     for e in events:
         d = e.data
-        if e.type in WORKFLOW_INPUTS:
+        if e.type == "ActivityFailed" and (d["activity_id"], d["attempt"]) in retried:
+            continue
+        if e.type == "ActivityTimedOut" and (d["activity_id"], d["attempt"]) not in retried and d["kind"]:
+            inputs.append(["ActivityFailed", {"activity_id": d["activity_id"], "attempt": d["attempt"],
+                                              "error_type": "ActivityTimeout", "message": f"{d['kind']} timeout",
+                                              "retryable": False}, e.ts, e.seq])
+        elif e.type == "TimerFired" and timers.get(d["timer_id"]) in _ENGINE_TIMERS:
+            continue
+        elif e.type in WORKFLOW_INPUTS:
             inputs.append([e.type, d, e.ts, e.seq])
         elif e.type == "ActivityScheduled" and d.get("attempt", 1) == 1:
             commands.append(["activity", d["name"], d["activity_id"]])
-        elif e.type == "TimerStarted":
+        elif e.type == "TimerStarted" and d.get("purpose", "") not in _ENGINE_TIMERS:
             commands.append(["timer", None, d["timer_id"]])
         elif e.type == "ChildStarted":
             commands.append(["child", d["workflow"], d["child_id"]])
@@ -77,8 +102,10 @@ def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: O
         inputs, commands = state[INPUTS], state[COMMANDS]
     else:
         inputs, commands = _from_events(events)
-    closed = next((e for e in events if e.type in ("WorkflowCompleted", "WorkflowFailed")), None)
+    closed = next((e for e in events if e.type in ("WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled")), None)
     machine = Machine(definition, instance_id, commands)
+    continued = [e for e in events if e.type == "WorkflowContinuedAsNew"]
+    machine.run_number = (state or {}).get("run") or (continued[-1].data["run"] if continued else 1)
     try:
         for type_, data, ts, seq in inputs:
             if type_ == "TimerFired" and str(data.get("timer_id", "")).startswith("replay-"):

@@ -361,3 +361,48 @@ def test_upsert_search_attributes_lands_in_state() -> None:
     assert h.states["i1"]["search"] == {"customer": "acme", "stage": "started"}
     h.advance(1)
     assert h.states["i1"]["search"] == {"customer": "acme"}
+
+
+# -- replay from recorded events (what `kflow replay` does) ---------------------------------------
+@kflow.workflow(name="cf.mixed", version=1)
+async def mixed(ctx, input):
+    a = await ctx.activity("flaky", input, retry={"initial": 1, "max_attempts": 3}, start_to_close=30)
+    await ctx.sleep(5)
+    try:
+        await ctx.activity("slow", a, start_to_close=10)
+    except ActivityError as e:
+        a = {"timed_out": e.type}
+    return a
+
+
+def test_replay_from_events_skips_engine_timers_and_retried_attempts() -> None:
+    from kflow.testing import replay
+
+    h = harness(mixed, flaky=Flaky(1))
+    h.auto_run_tasks = True
+    h.activities.pop("slow", None)
+    h.start("cf.mixed", "i1", 3)
+    h.advance(1)  # retry backoff
+    h.auto_run_tasks = False
+    h.advance(5)  # the sleep; "slow" is scheduled and never answered
+    h.advance(10)  # its start_to_close timeout
+    assert h.status("i1") == "COMPLETED" and h.result("i1") == {"timed_out": "ActivityTimeout"}
+    purposes = [e.data["purpose"] for e in h.history["i1"] if e.type == "TimerStarted"]
+    assert purposes == ["activity_timeout", "retry", "activity_timeout", "sleep", "activity_timeout"]
+    assert replay(mixed, h.history["i1"]) == {"timed_out": "ActivityTimeout"}
+
+    @kflow.workflow(name="cf.mixed", version=2)
+    async def changed(ctx, input):
+        await ctx.activity("flaky", input)
+        await ctx.activity("other", None)  # history has the sleep's timer here
+
+    with pytest.raises(cr.NondeterminismError, match="timer"):
+        replay(changed, h.history["i1"])
+
+
+def test_replay_from_events_of_continued_runs_checks_the_last_run() -> None:
+    from kflow.testing import replay
+
+    h = harness(counter, inc=lambda x: x + 1)
+    h.start("cf.counter", "i1", {"n": 0, "until": 6})
+    assert replay(counter, h.history["i1"]) == {"n": 6, "run": 2}
