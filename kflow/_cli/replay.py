@@ -8,9 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, parse_json, setup_logging
 from kflow.model.errors import KflowError
 
-__all__ = ["replay"]
+__all__ = ["query", "replay"]
 
 
 def _histories(doc: Any) -> list[dict[str, Any]]:
@@ -27,24 +28,45 @@ def _histories(doc: Any) -> list[dict[str, Any]]:
 def replay(
     workflows: Annotated[str, typer.Option("--workflows", metavar="MODS",
                                            help="Comma-separated modules of code workflows (the new code).")],
-    file: Annotated[Path, typer.Option("--file", "-f", metavar="FILE", exists=True, dir_okay=False,
-                                       help="JSON history: a list of events, {events, state}, or a list of those.")],
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", exists=True, dir_okay=False,
+                                                 help="JSON history: a list of events, {events, state}, or a list of those.")] = None,
+    instances: Annotated[Optional[list[str]], typer.Option("--instance", "-i", metavar="ID",
+                                                           help="Read this instance's history from the events topic (repeatable).")] = None,
     workflow: Annotated[Optional[str], typer.Option("--workflow", metavar="NAME[@VERSION]",
                                                     help="Replay with this workflow instead of the one the history started.")] = None,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
 ) -> None:
     """Replay recorded histories against code workflows and fail on non-determinism.
 
-    Each history is re-run with the code in --workflows; every command the code issues must equal
-    the one recorded. Exit code 0 when all histories replay, 1 (with the first mismatch) otherwise.
+    Each history (from --file, or from the events topic for each --instance) is re-run with the
+    code in --workflows; every command the code issues must equal the one recorded. Exit code 0
+    when all histories replay, 1 (with the first mismatch) otherwise.
 
-    Example: kflow replay --workflows shop.workflows --file order-42.json
+    Example: kflow replay --workflows shop.workflows --instance order-42 --instance order-43
     """
     from kflow._workflow import code_definitions
     from kflow.engine.code_replayer import REGISTRY
     from kflow.testing import replay as replay_history
 
+    setup_logging(verbose)
+    if (file is None) == (not instances):
+        fail("give either --file FILE or one or more --instance ID")
     code_definitions(workflows)
-    histories = _histories(json.loads(file.read_text()))
+    if file is not None:
+        histories = _histories(json.loads(file.read_text()))
+    else:
+        from kflow.client import Client
+
+        histories = []
+        with Client(bootstrap, topic_prefix=prefix) as client:
+            for iid in instances or []:
+                events = client.history(iid)
+                if not events:
+                    fail(f"no events for instance '{iid}' on the events topic")
+                histories.append({"events": [{"type": e.type, "instance_id": e.instance_id, "seq": e.seq,
+                                              "ts": e.ts, "data": e.data} for e in events]})
     for i, h in enumerate(histories):
         events = h.get("events") or []
         started = next((e for e in events if e.get("type") == "WorkflowStarted"), None)
@@ -61,3 +83,31 @@ def replay(
         replay_history(definition, events, state=h.get("state"))
         iid = events[0].get("instance_id", "?") if events else "?"
         typer.echo(f"ok {iid}: {len(events)} events replay on {name}@{v}")
+
+
+def query(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Query name (a spec workflow: a variable, or 'vars').")],
+    args: Annotated[Optional[list[str]], typer.Argument(metavar="[ARG]...", help="Query arguments, each JSON.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", "-t", min=0, metavar="SECONDS", help="How long to wait.")] = 10.0,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Ask a running workflow a question; the engine that owns it answers from the live object.
+
+    Code workflows answer with a @workflow.query method or ctx.set_query_handler; spec workflows
+    answer with one of their variables ('vars' for all). Nothing is written to the history.
+
+    Example: kflow query order-42 approvers '"by "'
+    """
+    from kflow.client import Client
+
+    setup_logging(verbose)
+    values = [parse_json(a, f"argument {i + 1}") for i, a in enumerate(args or [])]
+    with Client(bootstrap, topic_prefix=prefix) as client:
+        try:
+            answer = client.query(id, name, *values, timeout=timeout)
+        except TimeoutError as exc:
+            fail(str(exc), 2)
+    typer.echo(dump_json(answer))

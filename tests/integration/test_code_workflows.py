@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from typing import Iterator
@@ -226,3 +227,24 @@ def test_forced_replay_gives_the_same_histories_and_results_as_the_cache(code_st
         finally:
             code_replayer.CACHE.max_size = 10_000
     assert runs["replayed"] == runs["cached"]
+
+
+def test_cli_query_and_replay_of_a_live_instance(code_stack: Stack) -> None:
+    from typer.testing import CliRunner
+
+    from kflow.cli import app
+
+    c = code_stack.client
+    h = c.start("code.approval", {"needed": 2}, id=uid("cli"))
+    c.signal(h.id, "approve", "cy")
+    common = ["--bootstrap", code_stack.bootstrap, "--prefix", code_stack.prefix]
+    assert_eventually(lambda: c.query(h.id, "approvers") == ["cy"], timeout=60)
+    runner = CliRunner()
+    out = runner.invoke(app, ["query", h.id, "approvers", '"to "', *common])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["to cy"]
+    out = runner.invoke(app, ["replay", "--workflows", MODULE, "--instance", h.id, *common])
+    assert out.exit_code == 0, out.output
+    assert f"ok {h.id}" in out.output
+    out = runner.invoke(app, ["replay", "--workflows", MODULE, *common])
+    assert out.exit_code != 0 and "--file FILE or one or more --instance" in out.output
