@@ -128,3 +128,11 @@ async def counter(ctx, input):
     if input["run"] < input["runs"]:
         ctx.continue_as_new({"run": input["run"] + 1, "runs": input["runs"], "total": total})
     return {"total": total, "run": ctx.run_number}
+
+
+@kflow.workflow(name="code.slow", version=1)
+async def slow_code(ctx, i):
+    a = await ctx.activity("co.square", i)
+    await ctx.sleep(3)
+    g = await ctx.wait_signal("go", timeout=3600)
+    return await ctx.gather(*(ctx.activity("co.square", a + g + k) for k in (1, 2, 3)))

@@ -36,8 +36,9 @@ def env(kafka_bootstrap, tmp_path):
     worker = Worker(WorkerConfig(**kw), [flows])
     procs = []
 
-    def engine(name: str, engine_id: str):
-        p = engine_process(kafka_bootstrap, prefix, str(tmp_path / name), partitions=PARTITIONS, engine_id=engine_id)
+    def engine(name: str, engine_id: str, workflows: str = ""):
+        p = engine_process(kafka_bootstrap, prefix, str(tmp_path / name), partitions=PARTITIONS, engine_id=engine_id,
+                           workflows=workflows)
         procs.append(p.start())
         return p
 
@@ -120,3 +121,38 @@ def test_two_engines_split_partitions_and_hand_over(env, kafka_bootstrap):
     for i, iid in enumerate(ids):
         assert client.result(iid, timeout=90) == expected(i), e1.log_tail()
     check_histories(kafka_bootstrap, prefix, ids)
+
+
+def test_sigkill_engine_with_code_workflows_mid_flight(env, kafka_bootstrap):
+    """The same kill for code workflows: the new process has no live coroutines, so every instance
+    is restored from the changelog and rebuilt by replay, then completes exactly once."""
+    from tests.integration import code_flows
+
+    client, _worker, engine, prefix = env
+    kw = dict(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
+    worker = Worker(WorkerConfig(**kw), [code_flows])
+    worker.start_in_thread()
+    try:
+        e1 = engine("e1", "node-c", workflows="tests.integration.code_flows")
+        ids = [f"c{i}-{uuid.uuid4().hex[:6]}" for i in range(16)]
+        for i, iid in enumerate(ids):
+            client.start("code.slow", i, id=iid)
+        # every instance ran its first activity and sleeps on its 3 s timer
+        assert_eventually(lambda: all(((client.status(i) or {}).get("internal") or {}).get("timers") for i in ids),
+                          timeout=60)
+        e1.kill()
+        e2 = engine("e2-fresh", "node-c", workflows="tests.integration.code_flows")
+        for iid in ids:
+            client.signal(iid, "go", 10)
+        for i, iid in enumerate(ids):
+            a = i * i
+            assert client.result(iid, timeout=90) == [(a + 10 + k) ** 2 for k in (1, 2, 3)], e2.log_tail()
+        for iid in ids:
+            evs = client.history(iid)
+            seqs = [e.seq for e in evs]
+            assert seqs == list(range(1, len(seqs) + 1)), f"{iid}: seqs {seqs}"
+            kinds = Counter(e.type for e in evs)
+            assert kinds["WorkflowStarted"] == kinds["WorkflowCompleted"] == 1, f"{iid}: {kinds}"
+            assert kinds["ActivityCompleted"] == kinds["ActivityScheduled"] == 4, f"{iid}: {kinds}"
+    finally:
+        worker.stop()
