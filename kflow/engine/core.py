@@ -28,6 +28,11 @@ INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFaile
                           "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated"})
 
 
+#: Command ids of the most recent signals kept per instance, so a redelivered signal (same command
+#: id, e.g. from a trigger re-reading its source) is rejected as a duplicate instead of applied twice.
+SIGNAL_DEDUP_WINDOW = 256
+
+
 @dataclass
 class Decision:
     """Everything one command produced. ``state`` is None when the instance does not exist."""
@@ -74,6 +79,10 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
     compiled = defs.get(st["workflow"], st["version"])
     run = Run(st, ev.ts, defs, compiled)
     _record(run, ev)
+    if ev.type == "SignalReceived" and ev.data.get("signal_id"):
+        ids = st.setdefault("signal_ids", [])
+        ids.append(ev.data["signal_id"])
+        del ids[:-SIGNAL_DEDUP_WINDOW]
     if ev.type == "WorkflowCancelled":
         _close_cancelled(run, ev.data.get("reason", ""))
     elif ev.type == "WorkflowTerminated":
@@ -212,7 +221,11 @@ def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     if size > limit:
         return _reject(state, cmd, now, RejectCode.LIMIT_EXCEEDED,
                        f"expected signal data of at most {limit} bytes, but got {size} bytes")
-    return _accept(state, cmd, now, "SignalReceived", {"name": cmd.data["name"], "data": cmd.data.get("data")}, defs)
+    if cmd.command_id and cmd.command_id in state.get("signal_ids", ()):
+        return _reject(state, cmd, now, RejectCode.DUPLICATE,
+                       f"signal command '{cmd.command_id}' was already applied (a redelivery)")
+    return _accept(state, cmd, now, "SignalReceived",
+                   {"name": cmd.data["name"], "data": cmd.data.get("data"), "signal_id": cmd.command_id}, defs)
 
 
 def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:

@@ -38,7 +38,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "ActivityFailed": ("activity_id", "attempt", "error_type", "message", "retryable"),
     "TimerStarted": ("timer_id", "due_ms", "purpose"),
     "TimerFired": ("timer_id",),
-    "SignalReceived": ("name", "*data"),
+    "SignalReceived": ("name", "*data", "signal_id"),
     "ChildStarted": ("child_id", "workflow", "version", "*input"),
     "ChildCompleted": ("child_id", "*result"),
     "ChildFailed": ("child_id", "error_type", "message"),

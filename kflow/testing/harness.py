@@ -61,8 +61,9 @@ class EngineHarness:
     def start(self, workflow: str, instance_id: str, input: Any = None, version: Optional[int] = None) -> None:
         self.send("StartWorkflow", instance_id, workflow=workflow, version=version, input=input)
 
-    def signal(self, instance_id: str, name: str, data: Any = None) -> None:
-        self.send("SignalWorkflow", instance_id, name=name, data=data)
+    def signal(self, instance_id: str, name: str, data: Any = None, command_id: str = "") -> None:
+        self._cmds.append(Command("SignalWorkflow", instance_id, {"name": name, "data": data}, command_id))
+        self.drain()
 
     def advance(self, seconds: float) -> None:
         """Move the clock and fire every timer that became due, in due order."""

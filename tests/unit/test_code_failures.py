@@ -406,3 +406,15 @@ def test_replay_from_events_of_continued_runs_checks_the_last_run() -> None:
     h = harness(counter, inc=lambda x: x + 1)
     h.start("cf.counter", "i1", {"n": 0, "until": 6})
     assert replay(counter, h.history["i1"]) == {"n": 6, "run": 2}
+
+
+def test_a_redelivered_signal_is_rejected_not_applied_twice() -> None:
+    h = harness(Approval)
+    h.start("cf.approval", "i3", {"needed": 2})
+    h.signal("i3", "vote", "ann", command_id="trigger:telemetry:0:17")
+    h.signal("i3", "vote", "ann", command_id="trigger:telemetry:0:17")  # the same message again
+    assert h.status("i3") == "RUNNING"
+    assert events(h, "i3", "CommandRejected")[-1]["code"] == "DUPLICATE"
+    h.signal("i3", "vote", "bob", command_id="trigger:telemetry:0:18")
+    assert h.result("i3") == {"approved_by": ["ann", "bob"]}
+    replays(h)
