@@ -201,16 +201,25 @@ def status(
     Reads the instance's partition of the state topic (the engine's state-change feed) and shows
     its status, workflow@version, event sequence number, times, and its result or error.
 
+    With KFLOW_API set, asks the visibility API instead. A spec workflow's steps are drawn as a
+    tree marked pending, running, done or failed.
+
     Example: kflow status order-42 --json
     """
-    with _client(bootstrap, prefix, verbose) as client:
-        state = client.status(id)
+    from kflow._cli.visibility import fetch_status, render_step_tree
+
+    setup_logging(verbose)
+    state, steps, body = fetch_status(id, bootstrap, prefix)
     if state is None:
         fail(f"no state for workflow instance '{id}' (never started, or not processed yet)")
     if as_json:
         typer.echo(dump_json(state))
     else:
         _render(state)
+        if body is not None:
+            from rich.console import Console
+
+            Console(soft_wrap=False).print(render_step_tree(body, steps))
 
 
 def result(

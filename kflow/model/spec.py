@@ -188,6 +188,9 @@ class Step(_Strict):
     timeout: Optional[TimeoutSpec] = None
     compensate: Optional[CompensateSpec] = None
     catch: Optional[list[CatchRule]] = None
+    #: Search attributes set when the step runs: attribute name -> CEL expression. The values are
+    #: merged into the instance's ``search`` dict (carried in the state record) for the read side.
+    search: Optional[dict[str, str]] = None
 
     @property
     def kind(self) -> str:
@@ -250,6 +253,9 @@ def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:
     for rule in step.catch or []:
         if rule.output is not None and not _IDENT.match(rule.output):
             problems.append((step.id, f"catch output '{rule.output}' must be an identifier usable in expressions"))
+    for name in step.search or {}:
+        if not _IDENT.match(name):
+            problems.append((step.id, f"search attribute name '{name}' must be an identifier"))
     if kind == "set":
         for name in step.set or {}:
             if not _IDENT.match(name) or name == "input":

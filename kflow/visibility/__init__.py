@@ -1,0 +1,12 @@
+"""The read side: a projection of the ``state``, ``events`` and ``definitions`` topics into a
+visibility store (SQLite or PostgreSQL), an HTTP API over it and a web console.
+
+- :mod:`kflow.visibility.store` — the SQLAlchemy Core tables, indexes and queries.
+- :mod:`kflow.visibility.projection` — the consumer that folds the topics into the store.
+- :mod:`kflow.visibility.api` — the FastAPI application (JSON API, SSE, console, metrics).
+- :mod:`kflow.visibility.server` — runs projection and API in one process (``kflow visibility``).
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,355 @@
+"""The HTTP API and web console over the visibility store (FastAPI; OpenAPI at ``/docs``).
+
+Reads come from the store; actions (start, signal, cancel, terminate) produce commands to Kafka
+through a :class:`~kflow.client.Client`, so they take effect when the engine decides them and
+show up here once the projection has folded the resulting state. Every error is JSON
+``{"error": "...", "status": N}``: malformed filters and bodies are 400, unknown ids 404.
+``/api/stream`` is a server-sent-event stream of changed instance ids fed by the projection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import orjson
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kflow.client import ID_REUSE_POLICIES
+from kflow.model.errors import KflowError
+from kflow.visibility.graph import layout, resolve_steps, step_index, succeed_steps
+from kflow.visibility.live import Changes
+from kflow.visibility.store import FilterError, InstanceFilter, VisibilityStore
+
+__all__ = ["ActionSink", "ApiError", "create_app", "parse_time"]
+
+log = logging.getLogger("kflow.visibility")
+
+STATIC = Path(__file__).with_name("static")
+
+
+class ActionSink(Protocol):
+    """What the API needs to act on instances: the methods of :class:`kflow.client.Client`."""
+
+    def start(self, workflow: str, input: Any = None, *, id: Optional[str] = None, version: Optional[int] = None,
+              id_reuse: Optional[str] = None) -> Any: ...
+
+    def signal(self, id: str, name: str, data: Any = None) -> None: ...
+
+    def cancel(self, id: str, reason: str = "") -> None: ...
+
+    def terminate(self, id: str, reason: str = "") -> None: ...
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message, "status": status}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class StartBody(BaseModel):
+    """Start a workflow instance."""
+
+    workflow: str = Field(min_length=1, description="The definition's name.")
+    input: Any = Field(None, description="The workflow input, any JSON value.")
+    id: Optional[str] = Field(None, min_length=1, description="The instance id; random when omitted.")
+    version: Optional[int] = Field(None, ge=1, description="The version; the latest deployed when omitted.")
+    id_reuse: Optional[str] = Field(None, description="reject_duplicate, allow_if_closed or return_existing.")
+
+
+class SignalBody(BaseModel):
+    """Send a signal."""
+
+    name: str = Field(min_length=1, description="The signal name.")
+    data: Any = Field(None, description="The signal data, any JSON value.")
+
+
+class ReasonBody(BaseModel):
+    """Cancel or terminate an instance."""
+
+    reason: str = Field("", description="Why; recorded in the history.")
+
+
+def parse_time(value: Optional[str], name: str) -> Optional[int]:
+    """Epoch milliseconds from ``value``: an integer (ms) or an ISO 8601 time (UTC when no zone).
+
+    Raises:
+        ApiError: 400 naming the parameter when the value is neither.
+    """
+    if value is None or value == "":
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, f"{name} must be epoch milliseconds or an ISO 8601 time like "
+                            f"2024-05-01T12:00:00Z, but got {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def _filter(status: Optional[str], workflow: Optional[str], version: Optional[int], tenant: Optional[str],
+            started_after: Optional[str], started_before: Optional[str], closed_after: Optional[str],
+            closed_before: Optional[str], search: list[str], id_prefix: Optional[str]) -> InstanceFilter:
+    pairs = []
+    for item in search:
+        name, sep, value = item.partition(":")
+        if not sep or not name:
+            raise ApiError(400, f"search filters are name:value, but got {item!r}")
+        pairs.append((name, value))
+    try:
+        return InstanceFilter(
+            status=[s.strip().upper() for s in status.split(",") if s.strip()] if status else [],
+            workflow=workflow or None, version=version, tenant=tenant or None,
+            started_after=parse_time(started_after, "started_after"),
+            started_before=parse_time(started_before, "started_before"),
+            closed_after=parse_time(closed_after, "closed_after"),
+            closed_before=parse_time(closed_before, "closed_before"),
+            search=pairs, id_prefix=id_prefix or None)
+    except FilterError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _instance_view(row: dict[str, Any], definition: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The API shape of one instance: summary, variables and pending work from its state."""
+    internal = row.pop("internal")
+    pending = [{"activity_id": aid, "name": a.get("name"), "step": a.get("step"), "queue": a.get("queue"),
+                "attempt": a.get("attempt"), "phase": a.get("phase")}
+               for aid, a in sorted((internal.get("activities") or {}).items())]
+    timers = [{"timer_id": tid, "due_ms": t.get("due"), "purpose": t.get("purpose")}
+              for tid, t in sorted((internal.get("timers") or {}).items())]
+    children = sorted(set(row.pop("children_ids")) | set(internal.get("children") or {}))
+    waiting = [w["name"] for th in (internal.get("threads") or {}).values()
+               if isinstance(w := th.get("wait"), dict) and w.get("k") == "signal"]
+    is_spec = definition is not None and definition["kind"] == "spec"
+    if is_spec:
+        body = definition["body"]  # type: ignore[index]
+        row["steps"] = resolve_steps(row["steps"], step_index(body), row["status"], succeed_steps(body))
+    else:
+        row["steps"] = {}
+    return {**row, "input": internal.get("input"), "variables": internal.get("vars") or {},
+            "pending_activities": pending, "timers": timers, "children": children, "waiting_for_signals": waiting,
+            "graph": layout(definition["body"]) if is_spec else None,
+            "state": internal}
+
+
+def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink]] = None, *,
+               changes: Optional[Changes] = None, ready: Callable[[], bool] = lambda: True,
+               lag: Callable[[], int] = lambda: 0) -> FastAPI:
+    """Build the application.
+
+    Args:
+        store: The store to read.
+        actions: Returns the client that produces commands; None makes actions answer 503.
+        changes: Fed by the projection; drives ``/api/stream``.
+        ready: What ``/readyz`` reports.
+        lag: Records not yet folded (shown in ``/api/stats``).
+    """
+    changes = changes or Changes()
+    app = FastAPI(title="kflow visibility", version="1",
+                  description="List, inspect and act on kflow workflow instances.")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
+            parts.append(f"{where or 'request'}: {err.get('msg')}")
+        return JSONResponse({"error": "; ".join(parts), "status": 400}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if exc.status_code != 404 or exc.detail != "Not Found" else "no such endpoint"
+        return JSONResponse({"error": message, "status": exc.status_code}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("visibility API: unexpected error")
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "status": 500}, status_code=500)
+
+    def act() -> ActionSink:
+        if actions is None:
+            raise ApiError(503, "actions are disabled: this server has no Kafka connection")
+        try:
+            return actions()
+        except KflowError as e:
+            raise ApiError(503, f"cannot reach Kafka: {e}") from None
+
+    def known(instance_id: str) -> None:
+        if not store.has_instance(instance_id):
+            raise ApiError(404, f"no workflow instance with id {instance_id!r}")
+
+    # -- instances ----------------------------------------------------------------------------
+
+    @app.get("/api/instances", tags=["instances"], summary="List instances (newest first, cursor-paged)")
+    def list_instances(
+        status: Optional[str] = Query(None, description="Comma-separated statuses, e.g. RUNNING,FAILED."),
+        workflow: Optional[str] = Query(None, description="Workflow name."),
+        version: Optional[int] = Query(None, ge=1, description="Workflow version."),
+        tenant: Optional[str] = Query(None, description="Tenant (state field or search attribute `tenant`)."),
+        started_after: Optional[str] = Query(None, description="Epoch ms or ISO 8601, inclusive."),
+        started_before: Optional[str] = Query(None, description="Epoch ms or ISO 8601, exclusive."),
+        closed_after: Optional[str] = Query(None, description="Epoch ms or ISO 8601, inclusive."),
+        closed_before: Optional[str] = Query(None, description="Epoch ms or ISO 8601, exclusive."),
+        search: list[str] = Query([], description="Search attribute filter name:value (repeatable, ANDed)."),
+        id_prefix: Optional[str] = Query(None, description="Instance ids starting with this."),
+        limit: int = Query(50, ge=1, le=1000, description="Page size."),
+        cursor: Optional[str] = Query(None, description="next_cursor of the previous page."),
+    ) -> dict[str, Any]:
+        f = _filter(status, workflow, version, tenant, started_after, started_before, closed_after, closed_before,
+                    search, id_prefix)
+        try:
+            page = store.list_instances(f, limit, cursor)
+        except FilterError as e:
+            raise ApiError(400, str(e)) from None
+        return {"items": page.items, "next_cursor": page.next_cursor}
+
+    @app.get("/api/instances/counts", tags=["instances"], summary="Instances per status")
+    def counts(
+        workflow: Optional[str] = None, version: Optional[int] = Query(None, ge=1), tenant: Optional[str] = None,
+        started_after: Optional[str] = None, started_before: Optional[str] = None,
+        closed_after: Optional[str] = None, closed_before: Optional[str] = None,
+        search: list[str] = Query([]), id_prefix: Optional[str] = None,
+    ) -> dict[str, Any]:
+        f = _filter(None, workflow, version, tenant, started_after, started_before, closed_after, closed_before,
+                    search, id_prefix)
+        by_status = store.counts(f)
+        return {"counts": by_status, "total": sum(by_status.values())}
+
+    @app.post("/api/instances", tags=["actions"], status_code=202, summary="Start an instance")
+    def start(body: StartBody) -> dict[str, Any]:
+        if body.id_reuse is not None and body.id_reuse not in ID_REUSE_POLICIES:
+            raise ApiError(400, f"id_reuse must be one of {', '.join(sorted(ID_REUSE_POLICIES))}, "
+                                f"not {body.id_reuse!r}")
+        d = store.definition(body.workflow, body.version)
+        if d is None:
+            what = body.workflow if body.version is None else f"{body.workflow}@{body.version}"
+            raise ApiError(404, f"no deployed workflow named {what!r}")
+        handle = act().start(body.workflow, body.input, id=body.id, version=body.version, id_reuse=body.id_reuse)
+        return {"id": handle.id, "workflow": body.workflow, "version": body.version}
+
+    @app.get("/api/instances/{instance_id}", tags=["instances"], summary="One instance with its state")
+    def get_instance(instance_id: str) -> dict[str, Any]:
+        row = store.get_instance(instance_id)
+        if row is None:
+            raise ApiError(404, f"no workflow instance with id {instance_id!r}")
+        return _instance_view(row, store.definition(row["workflow"], row["version"]))
+
+    @app.get("/api/instances/{instance_id}/history", tags=["instances"], summary="Events of an instance (paged)")
+    def history(instance_id: str, after_seq: int = Query(0, ge=0, description="Return events after this seq."),
+                limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        known(instance_id)
+        items = store.history(instance_id, after_seq, limit)
+        return {"items": items, "next_after_seq": items[-1]["seq"] if len(items) == limit else None}
+
+    @app.post("/api/instances/{instance_id}/signal", tags=["actions"], status_code=202, summary="Send a signal")
+    def signal(instance_id: str, body: SignalBody) -> dict[str, Any]:
+        known(instance_id)
+        act().signal(instance_id, body.name, body.data)
+        return {"id": instance_id, "signal": body.name, "accepted": True}
+
+    @app.post("/api/instances/{instance_id}/cancel", tags=["actions"], status_code=202, summary="Cancel")
+    def cancel(instance_id: str, body: Optional[ReasonBody] = None) -> dict[str, Any]:
+        known(instance_id)
+        act().cancel(instance_id, (body or ReasonBody()).reason)
+        return {"id": instance_id, "accepted": True}
+
+    @app.post("/api/instances/{instance_id}/terminate", tags=["actions"], status_code=202, summary="Terminate")
+    def terminate(instance_id: str, body: Optional[ReasonBody] = None) -> dict[str, Any]:
+        known(instance_id)
+        act().terminate(instance_id, (body or ReasonBody()).reason)
+        return {"id": instance_id, "accepted": True}
+
+    # -- definitions --------------------------------------------------------------------------
+
+    @app.get("/api/definitions", tags=["definitions"], summary="Deployed definitions and their versions")
+    def list_definitions() -> dict[str, Any]:
+        return {"items": store.definitions()}
+
+    @app.get("/api/definitions/{name}", tags=["definitions"], summary="The latest version of a definition")
+    def latest_definition(name: str) -> dict[str, Any]:
+        return _definition(name, None)
+
+    @app.get("/api/definitions/{name}/{version}", tags=["definitions"], summary="One version of a definition")
+    def get_definition(name: str, version: int) -> dict[str, Any]:
+        return _definition(name, version)
+
+    def _definition(name: str, version: Optional[int]) -> dict[str, Any]:
+        d = store.definition(name, version)
+        if d is None:
+            what = name if version is None else f"{name}@{version}"
+            raise ApiError(404, f"no deployed workflow named {what!r}")
+        versions = next((x["versions"] for x in store.definitions() if x["name"] == name), [])
+        return {**d, "versions": versions, "graph": layout(d["body"]) if d["kind"] == "spec" else None}
+
+    # -- live, stats, operations ----------------------------------------------------------------
+
+    @app.get("/api/stream", tags=["live"], summary="Server-sent events: changed instance ids")
+    async def stream(request: Request, instance: Optional[str] = None) -> StreamingResponse:
+        async def gen() -> AsyncIterator[bytes]:
+            seen = changes.version
+            yield b"retry: 2000\n\n"
+            idle = 0.0
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+                idle += 0.25
+                current, ids = changes.since(seen)
+                if current == seen:
+                    if idle >= 15:
+                        idle = 0.0
+                        yield b": keep-alive\n\n"
+                    continue
+                seen, idle = current, 0.0
+                if ids is not None and instance is not None and instance not in ids:
+                    continue
+                payload = {"version": current, "ids": None if ids is None else sorted(ids)[:200]}
+                yield b"event: change\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/stats", tags=["live"], summary="Store size and projection lag")
+    def stats() -> dict[str, Any]:
+        return {"instances": store.total(), "lag": lag(), "version": changes.version, "ready": ready()}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> PlainTextResponse:
+        return PlainTextResponse("ok\n")
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> PlainTextResponse:
+        ok = ready()
+        return PlainTextResponse("ready\n" if ok else "not ready\n", status_code=200 if ok else 503)
+
+    # -- the console ----------------------------------------------------------------------------
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def console() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app

@@ -1,0 +1,334 @@
+// The kflow console: a plain script over the visibility API (no build step, no dependencies).
+// Pages (hash routes): #/ instances, #/i/<id> one instance, #/definitions, #/d/<name>/<version>.
+// Live updates come from the server-sent events of /api/stream.
+"use strict";
+
+const view = document.getElementById("view");
+const STATUSES = ["RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED"];
+const SVGNS = "http://www.w3.org/2000/svg";
+let onChange = null;          // the current page's live-update handler
+let pending = null;           // debounce timer for live refreshes
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "onclick" || k === "onchange" || k === "onsubmit") el[k] = v;
+    else if (v !== null && v !== undefined && v !== false) el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function fill(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined));
+}
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+async function api(path, options) {
+  const res = await fetch(path, options);
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error || `${res.status} ${res.statusText}`);
+  return body;
+}
+
+function post(path, body) {
+  return api(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body || {})});
+}
+
+const fmtTime = (ms) => ms ? new Date(ms).toISOString().replace("T", " ").replace("Z", "") : "";
+const statusTag = (s) => h("span", {class: `status s-${s}`, "data-status": s}, s);
+
+// -- live updates ------------------------------------------------------------------------------
+function connectLive() {
+  const dot = document.getElementById("live");
+  const es = new EventSource("/api/stream");
+  es.onopen = () => dot.classList.add("on");
+  es.onerror = () => dot.classList.remove("on");
+  es.addEventListener("change", (e) => {
+    const data = JSON.parse(e.data);
+    if (!onChange) return;
+    clearTimeout(pending);
+    pending = setTimeout(() => onChange(data), 150);
+  });
+}
+
+// -- instances page ----------------------------------------------------------------------------
+const listState = {filters: {}, cursors: [null], page: 0};
+
+function filterQuery(f, withStatus) {
+  const q = new URLSearchParams();
+  if (withStatus && f.status) q.set("status", f.status);
+  if (f.workflow) q.set("workflow", f.workflow);
+  if (f.started_after) q.set("started_after", f.started_after);
+  if (f.started_before) q.set("started_before", f.started_before);
+  if (f.id_prefix) q.set("id_prefix", f.id_prefix);
+  for (const s of (f.search || "").split(/\s+/).filter(Boolean)) q.append("search", s);
+  return q;
+}
+
+async function instancesPage(params) {
+  Object.assign(listState.filters, params);
+  const f = listState.filters;
+  const msg = h("div", {class: "msg", id: "list-msg"});
+  const form = h("form", {class: "filters card", id: "filters", onsubmit: (e) => {
+      e.preventDefault();
+      const data = new FormData(form);
+      for (const k of ["status", "workflow", "started_after", "started_before", "search", "id_prefix"]) {
+        let v = (data.get(k) || "").trim();
+        if ((k === "started_after" || k === "started_before") && v) v = new Date(v).toISOString();
+        f[k] = v;
+      }
+      listState.cursors = [null]; listState.page = 0;
+      refresh();
+    }},
+    h("label", {}, "Status", h("select", {name: "status", id: "f-status"},
+      h("option", {value: ""}, "any"), STATUSES.map((s) => h("option", {value: s, selected: f.status === s}, s)))),
+    h("label", {}, "Workflow", h("input", {name: "workflow", id: "f-workflow", value: f.workflow || "", placeholder: "name"})),
+    h("label", {}, "Started after", h("input", {name: "started_after", type: "datetime-local"})),
+    h("label", {}, "Started before", h("input", {name: "started_before", type: "datetime-local"})),
+    h("label", {}, "Search attributes", h("input", {name: "search", id: "f-search", value: f.search || "", placeholder: "customer:acme tier:gold"})),
+    h("label", {}, "Id prefix", h("input", {name: "id_prefix", id: "f-id", value: f.id_prefix || ""})),
+    h("button", {type: "submit", id: "f-apply"}, "Filter"));
+  const counts = h("div", {class: "counts card", id: "counts"});
+  const table = h("table", {id: "instances"});
+  const pager = h("div", {class: "pager"});
+  fill(view, h("h2", {}, "Workflow instances"), form, counts, msg, table, pager);
+
+  async function refresh() {
+    try {
+      const cursor = listState.cursors[listState.page];
+      const q = filterQuery(f, true);
+      q.set("limit", "50");
+      if (cursor) q.set("cursor", cursor);
+      const [page, c] = await Promise.all([api(`/api/instances?${q}`), api(`/api/instances/counts?${filterQuery(f, false)}`)]);
+      msg.textContent = ""; msg.className = "msg";
+      fill(counts, h("span", {class: "count" + (f.status ? "" : " active"), onclick: () => setStatus("")},
+        "all", h("b", {"data-count": "total"}, c.total)),
+        ...STATUSES.filter((s) => c.counts[s] || s === "RUNNING" || s === "COMPLETED" || s === "FAILED").map((s) =>
+          h("span", {class: "count" + (f.status === s ? " active" : ""), onclick: () => setStatus(s)},
+            s.toLowerCase(), h("b", {"data-count": s}, c.counts[s] || 0))));
+      fill(table, h("tr", {}, ["Instance", "Workflow", "Status", "Started", "Closed", "Search attributes"].map((t) => h("th", {}, t))),
+        ...page.items.map((r) => h("tr", {class: "row", "data-id": r.instance_id, onclick: () => { location.hash = `#/i/${encodeURIComponent(r.instance_id)}`; }},
+          h("td", {class: "mono"}, r.instance_id), h("td", {}, `${r.workflow}@${r.version}`), h("td", {}, statusTag(r.status)),
+          h("td", {}, fmtTime(r.started_ms)), h("td", {}, fmtTime(r.closed_ms)),
+          h("td", {class: "mono"}, Object.entries(r.search || {}).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" ")))));
+      if (!page.items.length) table.append(h("tr", {}, h("td", {colspan: 6, class: "muted"}, "no instances match")));
+      listState.cursors[listState.page + 1] = page.next_cursor;
+      fill(pager, 
+        h("button", {class: "secondary", disabled: listState.page === 0, onclick: () => { listState.page--; refresh(); }}, "Previous"),
+        h("span", {class: "muted"}, `page ${listState.page + 1}`),
+        h("button", {class: "secondary", id: "next-page", disabled: !page.next_cursor, onclick: () => { listState.page++; refresh(); }}, "Next"));
+    } catch (err) {
+      msg.textContent = err.message; msg.className = "msg err";
+    }
+  }
+  function setStatus(s) {
+    f.status = s; listState.cursors = [null]; listState.page = 0;
+    form.querySelector("#f-status").value = s;
+    refresh();
+  }
+  let last = 0;
+  onChange = () => {  // at most one refresh a second, however busy the projection is
+    const wait = Math.max(0, last + 1000 - Date.now());
+    clearTimeout(listState.timer);
+    listState.timer = setTimeout(() => { last = Date.now(); refresh(); }, wait);
+  };
+  await refresh();
+}
+
+// -- the definition graph ----------------------------------------------------------------------
+function drawGraph(graph, steps) {
+  const nodes = Object.fromEntries(graph.nodes.map((n) => [n.id, n]));
+  const root = svg("svg", {width: graph.width, height: graph.height, viewBox: `0 0 ${graph.width} ${graph.height}`, id: "graph"});
+  root.append(svg("defs", {}, svg("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse"},
+    svg("path", {d: "M0,0 L10,5 L0,10 z", fill: "#9aa3b5"}))));
+  for (const e of graph.edges) {
+    const a = nodes[e.source], b = nodes[e.target];
+    if (!a || !b) continue;
+    let d;
+    const ax = a.x + a.w / 2, bx = b.x + b.w / 2;
+    if (b.y > a.y) {
+      const y1 = a.y + a.h, y2 = b.y, my = (y1 + y2) / 2;
+      d = `M${ax},${y1} C${ax},${my} ${bx},${my} ${bx},${y2}`;
+    } else {  // a jump back up: around the right side
+      const x1 = a.x + a.w, x2 = b.x + b.w, out = Math.max(x1, x2) + 30;
+      d = `M${x1},${a.y + a.h / 2} C${out},${a.y + a.h / 2} ${out},${b.y + b.h / 2} ${x2},${b.y + b.h / 2}`;
+    }
+    root.append(svg("path", {d, class: `edge ${e.kind}`, "marker-end": "url(#arrow)"}));
+  }
+  for (const n of graph.nodes) {
+    const st = (steps || {})[n.id] || "pending";
+    const g = svg("g", {class: `node st-${st}`, "data-step": n.id, "data-state": st, transform: `translate(${n.x},${n.y})`});
+    g.append(svg("rect", {width: n.w, height: n.h, rx: 6}), svg("text", {x: 8, y: 16}, n.id), svg("text", {x: 8, y: 30, class: "kind"}, n.label));
+    g.append(svg("title", {}, `${n.id}: ${st}`));
+    root.append(g);
+  }
+  return root;
+}
+
+const legend = () => h("div", {class: "legend"}, [["pending", "#fff"], ["running", "#e3ecfd"], ["done", "#e0f6ec"], ["failed", "#fde6e6"]]
+  .map(([k, c]) => h("span", {}, h("i", {style: `background:${c}`}), k)));
+
+// -- instance page -----------------------------------------------------------------------------
+async function instancePage(id) {
+  const msg = h("div", {class: "msg", id: "action-msg"});
+  const head = h("div", {class: "card", id: "summary"});
+  const graphBox = h("div", {class: "card", id: "graph-box"});
+  const histBox = h("div", {class: "card"}, h("h3", {}, "History"));
+  const timeline = h("ul", {class: "timeline", id: "timeline"});
+  const more = h("button", {class: "secondary", id: "history-more", style: "display:none"}, "Load more");
+  histBox.append(timeline, more);
+  const sigName = h("input", {id: "signal-name", placeholder: "signal name"});
+  const sigData = h("input", {id: "signal-data", placeholder: "data (JSON)", value: ""});
+  const actions = h("div", {class: "card actions"},
+    sigName, sigData,
+    h("button", {id: "btn-signal", onclick: () => act("signal", {name: sigName.value.trim(), data: parseData(sigData.value)})}, "Signal"),
+    h("button", {class: "danger", id: "btn-cancel", onclick: () => confirmAct("cancel")}, "Cancel"),
+    h("button", {class: "danger", id: "btn-terminate", onclick: () => confirmAct("terminate")}, "Terminate"),
+    msg);
+  fill(view, h("h2", {}, h("a", {href: "#/"}, "Instances"), " / ", h("span", {class: "mono"}, id)), head, actions,
+    h("div", {class: "grid2"}, graphBox, histBox));
+  let lastSeq = 0;
+
+  function parseData(text) {
+    if (!text.trim()) return null;
+    try { return JSON.parse(text); } catch (e) { return text; }
+  }
+  function confirmAct(kind) {
+    if (window.confirm(`${kind} ${id}?`)) act(kind, {reason: `${kind} from the console`});
+  }
+  async function act(kind, body) {
+    if (kind === "signal" && !body.name) { msg.textContent = "enter a signal name"; msg.className = "msg err"; return; }
+    try {
+      await post(`/api/instances/${encodeURIComponent(id)}/${kind}`, body);
+      msg.textContent = `${kind} sent`; msg.className = "msg";
+    } catch (err) { msg.textContent = err.message; msg.className = "msg err"; }
+  }
+
+  async function loadHistory() {
+    for (;;) {
+      const page = await api(`/api/instances/${encodeURIComponent(id)}/history?after_seq=${lastSeq}&limit=200`);
+      for (const ev of page.items) {
+        lastSeq = ev.seq;
+        const payload = h("pre", {style: "display:none", class: "payload"}, JSON.stringify(ev.data, null, 2));
+        const cls = /Failed|TimedOut|Rejected|Terminated/.test(ev.type) ? "ev-fail" : /Completed|Fired|Received/.test(ev.type) ? "ev-done" : "";
+        const attempt = ev.data && ev.data.attempt ? ` (attempt ${ev.data.attempt})` : "";
+        const what = ev.data && (ev.data.activity_id || ev.data.name || ev.data.timer_id || ev.data.child_id || "");
+        timeline.append(h("li", {class: cls, "data-type": ev.type},
+          h("b", {}, `#${ev.seq} ${ev.type}`), what ? h("span", {class: "mono"}, ` ${what}`) : null, attempt,
+          h("span", {class: "when"}, fmtTime(ev.ts)),
+          h("button", {class: "secondary", onclick: () => { payload.style.display = payload.style.display === "none" ? "block" : "none"; }}, "payload"),
+          payload));
+      }
+      if (!page.next_after_seq) break;
+    }
+  }
+
+  async function callList() {
+    // the calls of a code workflow, folded from its history
+    const calls = [];
+    const byId = {};
+    let after = 0;
+    for (;;) {
+      const page = await api(`/api/instances/${encodeURIComponent(id)}/history?after_seq=${after}&limit=1000`);
+      for (const ev of page.items) {
+        after = ev.seq;
+        const d = ev.data || {};
+        if (ev.type === "ActivityScheduled" && !byId[d.activity_id]) { byId[d.activity_id] = {call: `activity ${d.name}`, id: d.activity_id, state: "running"}; calls.push(byId[d.activity_id]); }
+        if (ev.type === "TimerStarted") { byId[d.timer_id] = {call: "sleep / timer", id: d.timer_id, state: "running"}; calls.push(byId[d.timer_id]); }
+        if (ev.type === "ChildStarted") { byId[d.child_id] = {call: `child ${d.workflow}`, id: d.child_id, state: "running"}; calls.push(byId[d.child_id]); }
+        if (ev.type === "SignalReceived") calls.push({call: `signal ${d.name}`, id: "", state: "done"});
+        const k = d.activity_id || d.timer_id || d.child_id;
+        if (k && byId[k]) {
+          if (/Completed|Fired/.test(ev.type)) byId[k].state = "done";
+          else if (/Failed|TimedOut/.test(ev.type)) byId[k].state = "failed";
+        }
+      }
+      if (!page.next_after_seq) break;
+    }
+    return h("table", {id: "calls"}, h("tr", {}, h("th", {}, "Call"), h("th", {}, "Id"), h("th", {}, "State")),
+      ...calls.map((c) => h("tr", {"data-state": c.state}, h("td", {}, c.call), h("td", {class: "mono"}, c.id), h("td", {}, c.state))));
+  }
+
+  async function refresh() {
+    let inst;
+    try {
+      inst = await api(`/api/instances/${encodeURIComponent(id)}`);
+    } catch (err) {
+      fill(head, h("div", {class: "msg err", id: "not-found"}, err.message));
+      return;
+    }
+    const kv = [["Status", statusTag(inst.status)], ["Workflow", `${inst.workflow}@${inst.version} (${inst.kind})`],
+      ["Started", fmtTime(inst.started_ms)], ["Closed", fmtTime(inst.closed_ms)],
+      ["Tenant", inst.tenant || ""], ["Search", h("span", {class: "mono"}, JSON.stringify(inst.search))],
+      ["Waiting for", inst.waiting_for_signals.join(", ")],
+      ["Pending", inst.pending_activities.map((a) => `${a.name} (step ${a.step}, attempt ${a.attempt})`).join("; ")],
+      ["Timers", inst.timers.map((t) => `${t.purpose} at ${fmtTime(t.due_ms)}`).join("; ")],
+      ["Children", h("span", {}, inst.children.map((c) => h("a", {href: `#/i/${encodeURIComponent(c)}`, class: "mono", style: "margin-right:8px"}, c)))],
+      ["Error", inst.error_type ? `${inst.error_type}: ${inst.error_message}` : ""]];
+    const vars = h("pre", {id: "variables"}, JSON.stringify(inst.variables, null, 2));
+    const result = inst.result !== null && inst.result !== undefined ? h("pre", {id: "result"}, JSON.stringify(inst.result, null, 2)) : null;
+    fill(head, h("dl", {class: "kv"}, kv.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+      h("h3", {}, "Input"), h("pre", {}, JSON.stringify(inst.input, null, 2)),
+      h("h3", {}, "Variables"), vars, result ? [h("h3", {}, "Result"), result] : null);
+    if (inst.graph) fill(graphBox, h("h3", {}, "Definition graph"), legend(), drawGraph(inst.graph, inst.steps));
+    else fill(graphBox, h("h3", {}, "Calls"), await callList());
+    const terminal = ["COMPLETED", "FAILED", "CANCELLED", "TERMINATED"].includes(inst.status);
+    for (const b of ["btn-signal", "btn-cancel", "btn-terminate"]) document.getElementById(b).disabled = terminal;
+    await loadHistory();
+  }
+  onChange = (data) => { if (data.ids === null || data.ids.includes(id)) refresh(); };
+  await refresh();
+}
+
+// -- definitions -------------------------------------------------------------------------------
+async function definitionsPage() {
+  const defs = await api("/api/definitions");
+  fill(view, h("h2", {}, "Definitions"), h("table", {id: "definitions"},
+    h("tr", {}, h("th", {}, "Name"), h("th", {}, "Kind"), h("th", {}, "Versions")),
+    ...defs.items.map((d) => h("tr", {"data-name": d.name}, h("td", {}, d.name), h("td", {}, d.kind),
+      h("td", {}, d.versions.map((v) => h("a", {href: `#/d/${encodeURIComponent(d.name)}/${v}`, style: "margin-right:8px"}, `v${v}`)))))));
+  onChange = null;
+}
+
+async function definitionPage(name, version) {
+  const d = await api(`/api/definitions/${encodeURIComponent(name)}/${version}`);
+  const versions = h("div", {class: "actions"}, "Versions: ", d.versions.map((v) =>
+    h("a", {href: `#/d/${encodeURIComponent(name)}/${v}`, style: v === d.version ? "font-weight:700" : ""}, `v${v}`)));
+  fill(view, h("h2", {}, h("a", {href: "#/definitions"}, "Definitions"), ` / ${name}@${d.version}`),
+    h("div", {class: "card"}, versions),
+    h("div", {class: "grid2"}, h("div", {class: "card"}, d.graph ? drawGraph(d.graph, {}) : h("span", {class: "muted"}, "code workflow: no graph")),
+      h("div", {class: "card"}, h("h3", {}, "Body"), h("pre", {}, JSON.stringify(d.body, null, 2)))));
+  onChange = null;
+}
+
+// -- routing -----------------------------------------------------------------------------------
+async function route() {
+  const hash = location.hash || "#/";
+  onChange = null;
+  try {
+    let m;
+    if ((m = hash.match(/^#\/i\/(.+)$/))) await instancePage(decodeURIComponent(m[1]));
+    else if (hash === "#/definitions") await definitionsPage();
+    else if ((m = hash.match(/^#\/d\/([^/]+)\/(\d+)$/))) await definitionPage(decodeURIComponent(m[1]), Number(m[2]));
+    else {
+      const q = new URLSearchParams(hash.split("?")[1] || "");
+      await instancesPage(Object.fromEntries(q));
+    }
+  } catch (err) {
+    fill(view, h("div", {class: "card msg err"}, err.message));
+  }
+}
+
+window.addEventListener("hashchange", route);
+connectLive();
+route();
