@@ -27,9 +27,10 @@ if TYPE_CHECKING:
         WorkflowError,
         WorkflowFailedError,
     )
-    from kflow.worker import activity, heartbeat
+    from kflow.worker import ActivityCancelledError, activity, heartbeat
 
 __all__ = [
+    "ActivityCancelledError",
     "Client",
     "DefinitionError",
     "KflowError",
@@ -52,6 +53,7 @@ _HOME = {
     "Client": "kflow.client",
     "WorkflowHandle": "kflow.client",
     "activity": "kflow.worker",
+    "ActivityCancelledError": "kflow.worker",
     "heartbeat": "kflow.worker",
     "DefinitionError": "kflow.model.errors",
     "KflowError": "kflow.model.errors",

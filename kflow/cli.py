@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typer import Typer
 
-from kflow._cli import dlq, processes, replay, workflows
+from kflow._cli import connect, devices, doctor, dlq, processes, replay, triggers, visibility, workflows
 from kflow._cli.common import KflowGroup, Verbose, setup_logging
 
 __all__ = ["app", "main"]
@@ -39,7 +39,16 @@ def _root(verbose: Verbose = False) -> None:
 for _fn in (workflows.deploy, workflows.start, workflows.signal, workflows.cancel, workflows.terminate, workflows.status,
             workflows.result, processes.engine, processes.worker, processes.dev, processes.bench, replay.replay):
     app.command(_fn.__name__, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
+app.command("query")(replay.query)
+app.command("connect")(connect.connect)
+app.command("doctor")(doctor.doctor)
+app.command("visibility")(visibility.visibility)
+app.command("list")(visibility.list_instances)
+app.command("history")(visibility.history)
+app.command("watch")(visibility.watch)
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(devices.app, name="devices")
+app.add_typer(triggers.app, name="triggers")
 
 
 def main() -> None:

@@ -3,24 +3,97 @@
 ``KafkaConfig`` is shared (bootstrap, topic prefix, partitions, librdkafka pass-through);
 ``EngineConfig`` and ``WorkerConfig`` add their own knobs. Values are validated before any
 consumer starts, so a bad setting is a clear start-up error. The README's configuration table is
-generated from these field descriptions (``kflow config --markdown``).
+generated from these field descriptions (``python -m kflow._config_doc``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kflow.model.errors import KflowError
 from kflow.streams.topics import TopicNames, TopicSettings
 
+_C = TypeVar("_C", bound="TelemetryConfig")
 
-class KafkaConfig(BaseSettings):
-    """Settings every kflow process shares."""
+
+#: Prefix of the librdkafka pass-through variables.
+KAFKA_ENV_PREFIX = "KFLOW_KAFKA_"
+_LIBRDKAFKA_NAME = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9]+)*$")
+#: librdkafka settings whose values are secrets: never logged, masked by :func:`redact`.
+SECRET_KAFKA_KEYS = frozenset({"sasl.password", "ssl.key.password", "ssl.keystore.password",
+                               "sasl.oauthbearer.client.secret", "ssl.key.pem"})
+
+
+def kafka_passthrough(environ: Any = None) -> dict[str, str]:
+    """librdkafka settings from ``KFLOW_KAFKA_<NAME>`` variables (``SSL_CA_LOCATION`` → ``ssl.ca.location``).
+
+    Raises:
+        ValueError: a variable's name does not map to a librdkafka property name.
+    """
+    env = os.environ if environ is None else environ
+    own = _own_kafka_variables()
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith(KAFKA_ENV_PREFIX) or key in own:
+            continue
+        name = key[len(KAFKA_ENV_PREFIX):].lower().replace("_", ".")
+        if not _LIBRDKAFKA_NAME.match(name):
+            raise ValueError(f"{key} does not name a librdkafka setting (expected KFLOW_KAFKA_<NAME> with "
+                             "NAME the property in upper case and '_' for '.', e.g. KFLOW_KAFKA_SSL_CA_LOCATION)")
+        out[name] = value
+    return out
+
+
+def _own_kafka_variables() -> set[str]:
+    """``KFLOW_KAFKA_*`` variables that are fields of a settings class (not passed through)."""
+    own: set[str] = set()
+    todo: list[type] = [TelemetryConfig]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        own.update(f"KFLOW_{name.upper()}" for name in getattr(cls, "model_fields", {}) if name.startswith("kafka_"))
+    return own
+
+
+def redact(conf: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a librdkafka configuration that is safe to log."""
+    return {k: ("***" if k in SECRET_KAFKA_KEYS or "password" in k or "secret" in k else v) for k, v in conf.items()}
+
+
+class TelemetryConfig(BaseSettings):
+    """Logging and tracing settings every kflow process (and every CLI command) shares."""
+
+    model_config = SettingsConfigDict(env_prefix="KFLOW_", extra="ignore")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level of kflow's loggers (DEBUG, INFO, WARNING, ERROR).")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log format: `json` (one object per line), `text`, or `auto` (text on a terminal, JSON otherwise).")
+    otlp_endpoint: str = Field(
+        "", description="OTLP/HTTP endpoint spans are exported to (e.g. http://otel-collector:4318); also read from OTEL_EXPORTER_OTLP_ENDPOINT; empty: tracing is a no-op.")
+    service_name: str = Field("", description="service.name of exported spans and logs (default: kflow-<process kind>).")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.upper() if value.lower() not in ("auto", "json", "text") else value.lower()
+        return value
+
+
+class KafkaConfig(TelemetryConfig):
+    """Settings every kflow process shares.
+
+    Besides the fields below, every ``KFLOW_KAFKA_<NAME>`` variable is passed to librdkafka as
+    ``<name>`` (``_`` becomes ``.``), so TLS, SASL/SCRAM and SASL/OAUTHBEARER work unchanged.
+    """
 
     model_config = SettingsConfigDict(env_prefix="KFLOW_", extra="ignore")
 
@@ -33,8 +106,20 @@ class KafkaConfig(BaseSettings):
     kafka_sasl_username: str | None = Field(None, description="SASL username.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
     fetch_wait_ms: int = Field(10, ge=0, le=10_000, description="Most time a broker may hold a fetch when no data is there (fetch.wait.max.ms); low values cut latency.")
-    metrics_port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of engine and worker processes; 0 disables.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of every long-running process; 0 disables.")
     dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts for dev brokers (set by `kflow dev` and tests).")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            server = server.strip()
+            host, sep, port = server.rpartition(":")
+            bracketed = server.startswith("[") and server.endswith("]")  # IPv6 without a port
+            if not server or (sep and not bracketed and (not host or not port.isdigit())):
+                raise ValueError(f"expected host[:port][,host[:port]], but got {value!r}")
+        kafka_passthrough()  # a malformed KFLOW_KAFKA_* name fails here, before any client starts
+        return value
 
     @property
     def names(self) -> TopicNames:
@@ -45,8 +130,11 @@ class KafkaConfig(BaseSettings):
         return TopicSettings(partitions=self.partitions, replication=self.replication)
 
     def client_conf(self) -> dict[str, Any]:
-        """librdkafka settings common to producers, consumers and admin clients."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
+        """librdkafka settings common to producers, consumers and admin clients.
+
+        ``KFLOW_KAFKA_<NAME>`` pass-through settings come first, so the named fields win.
+        """
+        conf: dict[str, Any] = {**kafka_passthrough(), "bootstrap.servers": self.bootstrap}
         if self.kafka_security_protocol:
             conf["security.protocol"] = self.kafka_security_protocol
         if self.kafka_sasl_mechanism:
@@ -85,6 +173,19 @@ class EngineConfig(KafkaConfig):
     transaction_timeout_ms: int = Field(10_000, ge=1000, description="Kafka transaction timeout; bounds how long a crashed engine's open transaction can block readers.")
     static_membership: bool = Field(False, description="Join the engine group as a static member (group.instance.id = engine id) so a restarted engine takes its partitions back at once; needs a stable KFLOW_ENGINE_ID.")
     workflows: str = Field("", description="Comma-separated modules of code workflows to host.")
+    max_history_events: int = Field(50_000, ge=100, description="Most events in one run of a code workflow; beyond it the run fails with HistoryLimitExceeded (use ctx.continue_as_new).")
+    max_pending_activities: int = Field(1_000, ge=1, description="Most activities pending at once per instance; one more fails the workflow with LimitExceeded.")
+    max_pending_timers: int = Field(5_000, ge=1, description="Most timers pending at once per instance.")
+    max_pending_children: int = Field(1_000, ge=1, description="Most child workflows running at once per instance.")
+    max_payload_bytes: int = Field(256 * 1024, ge=1024, description="Largest input, result or signal payload (JSON bytes) an instance accepts.")
+
+    def limits(self) -> "Any":
+        """The per-instance :class:`~kflow.engine.activity.Limits` these settings describe."""
+        from kflow.engine.activity import Limits
+
+        return Limits(max_pending_activities=self.max_pending_activities, max_pending_timers=self.max_pending_timers,
+                      max_pending_children=self.max_pending_children, max_payload_bytes=self.max_payload_bytes,
+                      max_history_events=self.max_history_events)
 
     def resolved_engine_id(self) -> str:
         if self.engine_id:
@@ -98,3 +199,65 @@ class WorkerConfig(KafkaConfig):
 
     concurrency: int = Field(32, ge=1, le=10_000, description="Activities in flight per worker process.")
     heartbeat_interval_ms: int = Field(5_000, ge=100, description="How often long activities heartbeat.")
+    connectors: str = Field("", description="Connectors file (YAML) whose operations this worker also serves (`kflow worker --connectors`).")
+    connector_http_port: int = Field(8089, ge=0, le=65535, description="Port of the connectors' webhook callback server (`POST /callbacks/<token>`); 0 picks a free port.")
+    connector_public_url: str = Field("", description="Base URL external systems reach the webhook callback server at (default http://<hostname>:<port>).")
+
+
+class TriggerConfig(KafkaConfig):
+    """Settings of the trigger runner (``kflow triggers run``)."""
+
+    mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker of triggers with an `mqtt` source that names no host (and of `kflow dev --demo iot`).")
+    trigger_group: str = Field("", description="Consumer group of Kafka trigger sources (default `<prefix>triggers`).")
+
+
+class VisibilityConfig(KafkaConfig):
+    """Settings of the read side (``kflow visibility``): projection, HTTP API and console."""
+
+    state_dir: str = Field("./.kflow", description="Directory of the RocksDB state stores (one per partition).")
+    visibility_url: str = Field("", description="SQLAlchemy URL of the visibility store, e.g. postgresql://user@host/db; empty: SQLite file visibility.db in KFLOW_STATE_DIR.")
+    visibility_host: str = Field("127.0.0.1", description="Address the visibility API and console listen on.")
+    visibility_port: int = Field(8088, ge=0, le=65535, description="Port of the visibility API and console (also serves /metrics, /healthz, /readyz); 0 picks a free port.")
+    visibility_group: str = Field("kflow-visibility", description="Consumer group of the visibility projection; processes sharing one PostgreSQL store share it.")
+    api: str = Field("", description="URL of a visibility API (e.g. http://127.0.0.1:8088) that `kflow list/status/history` use instead of reading Kafka.")
+
+    def store_url(self) -> str:
+        """The configured store URL, or the default SQLite file in the state directory."""
+        if self.visibility_url:
+            return self.visibility_url
+        from pathlib import Path
+
+        path = Path(self.state_dir).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path / 'visibility.db'}"
+
+
+class ConfigError(KflowError):
+    """A setting has a bad value; ``problems`` lists ``(variable, what is wrong)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("bad configuration: " + "; ".join(f"{var}: {what}" for var, what in problems))
+
+
+def load_config(cls: type[_C], **overrides: Any) -> _C:
+    """Build ``cls`` from ``KFLOW_*`` variables and ``overrides``; a bad value is one :class:`ConfigError`.
+
+    The error names the environment variable and what is wrong with it, e.g.
+    ``bad configuration: KFLOW_MAX_BATCH: Input should be greater than or equal to 1 (got '0')``.
+    """
+    unknown = sorted(set(overrides) - set(cls.model_fields))
+    if unknown:
+        raise ConfigError([(f"KFLOW_{n.upper()}", f"no such setting of {cls.__name__} (known: "
+                            f"{', '.join(sorted(cls.model_fields))})") for n in unknown])
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            got = err.get("input")
+            shown = "***" if "password" in name or "secret" in name else repr(got)
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append((f"KFLOW_{name.upper()}", msg if err["type"] == "value_error" else f"{msg} (got {shown})"))
+        raise ConfigError(problems) from None

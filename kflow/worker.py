@@ -6,6 +6,14 @@ attempt's outcome as a ``CompleteActivity`` or ``FailActivity`` command, heartbe
 activities and commits only the contiguous prefix of finished offsets. Execution is
 at-least-once per attempt; the engine de-duplicates results by (activity id, attempt).
 
+Each attempt reports ``StartActivity`` when it begins (the engine's ``start_to_close`` and
+``heartbeat`` timeouts count from it). When the engine no longer wants an attempt (its workflow
+was cancelled or closed, its branch abandoned, or it timed out) the worker gets a cancel task:
+the activity's next :func:`heartbeat` raises :class:`ActivityCancelledError`, an ``async``
+activity is also cancelled at its current ``await``, and a queued attempt never starts. Tasks
+naming no activity of the worker, undecodable tasks and results Kafka rejects for good (e.g. too
+large) go to the ``dlq`` topic; the engine is told the attempt failed.
+
 Example:
     >>> from kflow.worker import Worker, activity
     >>> @activity("inventory.reserve")
@@ -23,7 +31,7 @@ from types import ModuleType
 from typing import Any, Union
 
 from kflow._worker import metrics
-from kflow._worker.context import NotInActivityError, current_task, heartbeat
+from kflow._worker.context import ActivityCancelledError, NotInActivityError, current_task, heartbeat
 from kflow._worker.registry import (
     DEFAULT_QUEUE,
     ActivityDefinition,
@@ -42,6 +50,7 @@ from kflow.streams.topics import ensure_topics
 
 __all__ = [
     "DEFAULT_QUEUE",
+    "ActivityCancelledError",
     "ActivityDefinition",
     "ActivityDefinitionError",
     "DuplicateActivityError",

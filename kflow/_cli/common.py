@@ -62,12 +62,17 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """INFO (DEBUG with ``verbose``) to stderr in a concise format; idempotent."""
-    level = logging.DEBUG if verbose or _ROOT_VERBOSE.get() else logging.INFO
+    """``KFLOW_LOG_LEVEL`` (DEBUG with ``verbose``) to stderr as ``KFLOW_LOG_FORMAT`` (see :mod:`kflow._log`); idempotent."""
+    from kflow._log import ContextFilter, make_formatter
+    from kflow.config import TelemetryConfig, load_config
+
+    telemetry = load_config(TelemetryConfig)
+    level = logging.DEBUG if verbose or _ROOT_VERBOSE.get() else logging.getLevelName(telemetry.log_level)
     root = logging.getLogger()
     if not any(getattr(h, "_kflow", False) for h in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        handler.setFormatter(make_formatter(telemetry.log_format, sys.stderr))
+        handler.addFilter(ContextFilter())
         root.addHandler(handler)
     if level == logging.DEBUG or root.level in (logging.NOTSET, logging.WARNING):
         root.setLevel(level)

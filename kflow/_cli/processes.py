@@ -22,7 +22,8 @@ from typer.core import TyperCommand
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, fail, setup_logging
 
-__all__ = ["DevCommand", "bench", "dev", "engine", "import_modules", "run_until_signalled", "worker"]
+__all__ = ["DevCommand", "bench", "dev", "engine", "import_modules", "parse_settings", "run_until_signalled",
+           "start_telemetry", "worker"]
 
 log = logging.getLogger("kflow.cli")
 
@@ -62,6 +63,41 @@ def run_until_signalled(run: Callable[[threading.Event], None], what: str) -> No
     log.info("%s stopped", what)
 
 
+MetricsPort = Annotated[
+    Optional[int],
+    typer.Option("--metrics-port", min=0, max=65535, envvar="KFLOW_METRICS_PORT", show_envvar=True, metavar="PORT",
+                 help="Port of /metrics, /healthz and /readyz (default 9464; 0 disables)."),
+]
+Setting = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="NAME=VALUE",
+                 help="Any setting of the configuration table by name (e.g. --set max_batch=1000); repeatable."),
+]
+
+
+def parse_settings(items: Optional[list[str]]) -> dict[str, str]:
+    """``--set name=value`` options as config overrides (``KFLOW_`` prefix and case are optional)."""
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set expects NAME=VALUE, not {item!r}")
+        out[name.strip().lower().removeprefix("kflow_")] = value
+    return out
+
+
+def start_telemetry(config: Any, kind: str, ready: Callable[[], bool]) -> Any:
+    """Start span export (when configured) and the operations endpoint; returns the server or None."""
+    from kflow import _tracing
+
+    _tracing.configure(config.service_name or f"kflow-{kind}", config.otlp_endpoint)
+    if not config.metrics_port:
+        return None
+    from kflow._http import serve_operations
+
+    return serve_operations(config.metrics_port, ready, bootstrap=config.bootstrap)
+
+
 def _settings(bootstrap: str | None, prefix: str | None, **fields: Any) -> dict[str, Any]:
     """Config overrides: only options the user gave, so ``KFLOW_*`` variables fill the rest."""
     out = {k: v for k, v in fields.items() if v is not None}
@@ -79,6 +115,8 @@ def engine(
                                                       help="Partition count of topics the engine creates.")] = None,
     workflows: Annotated[Optional[str], typer.Option("--workflows", metavar="MODS", envvar="KFLOW_WORKFLOWS",
                                                      help="Comma-separated modules of code workflows to host.")] = None,
+    metrics_port: MetricsPort = None,
+    settings: Setting = None,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -94,17 +132,13 @@ def engine(
     setup_logging(verbose)
     if workflows:
         import_modules([workflows])
-    from kflow.config import EngineConfig
+    from kflow.config import EngineConfig, load_config
     from kflow.streams.processor import EngineProcessor
 
-    config = EngineConfig(**_settings(bootstrap, prefix, state_dir=state_dir, partitions=partitions,
-                                      workflows=workflows))
+    config = load_config(EngineConfig, **{**parse_settings(settings), **_settings(
+        bootstrap, prefix, state_dir=state_dir, partitions=partitions, workflows=workflows, metrics_port=metrics_port)})
     processor = EngineProcessor(config)
-    server = None
-    if config.metrics_port:
-        from kflow._http import serve_operations
-
-        server = serve_operations(config.metrics_port, processor.ready.is_set)
+    server = start_telemetry(config, "engine", processor.ready.is_set)
     try:
         run_until_signalled(processor.run, "engine")
     finally:
@@ -113,10 +147,14 @@ def engine(
 
 
 def worker(
-    modules: Annotated[list[str], typer.Option("--module", "-m", metavar="MODULE",
-                                               help="Module with @activity functions (repeatable).")],
+    modules: Annotated[Optional[list[str]], typer.Option("--module", "-m", metavar="MODULE",
+                                                         help="Module with @activity functions (repeatable).")] = None,
+    connectors: Annotated[Optional[str], typer.Option("--connectors", metavar="FILE", envvar="KFLOW_CONNECTORS",
+                                                      help="Connectors YAML file whose operations to serve too.")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", "-c", min=1, envvar="KFLOW_CONCURRENCY",
                                                        help="Activities run at once.")] = None,
+    metrics_port: MetricsPort = None,
+    settings: Setting = None,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -130,17 +168,20 @@ def worker(
     Example: kflow worker -m myapp.activities -m myapp.payments --concurrency 64
     """
     setup_logging(verbose)
-    loaded = import_modules(modules)
-    from kflow.config import WorkerConfig
+    if not modules and not connectors:
+        fail("give at least one --module, or --connectors FILE")
+    loaded = import_modules(modules or [])
+    from kflow.config import WorkerConfig, load_config
     from kflow.worker import Worker
 
-    config = WorkerConfig(**_settings(bootstrap, prefix, concurrency=concurrency))
-    runner = Worker(config, loaded)
-    server = None
-    if config.metrics_port:
-        from kflow._http import serve_operations
+    config = load_config(WorkerConfig, **{**parse_settings(settings), **_settings(
+        bootstrap, prefix, concurrency=concurrency, metrics_port=metrics_port)})
+    if connectors:
+        from kflow._cli.connect import run_worker_with_connectors
 
-        server = serve_operations(config.metrics_port, lambda: runner.wait_assigned(0))
+        return run_worker_with_connectors(config, loaded, connectors)
+    runner = Worker(config, loaded)
+    server = start_telemetry(config, "worker", lambda: runner.wait_assigned(0))
     try:
         run_until_signalled(runner.run, "worker")
     finally:
@@ -182,7 +223,9 @@ def dev(
                                                      help="Comma-separated modules of code workflows.")] = None,
     demo: Annotated[Optional[str], typer.Option(
         "--demo", metavar="[NAME]",
-        help=f"Deploy and run a bundled demo (default '{DEFAULT_DEMO}').")] = None,
+        help=f"Deploy and run a bundled demo (default '{DEFAULT_DEMO}'; 'iot' for the device fleet rollout).")] = None,
+    triggers: Annotated[Optional[str], typer.Option("--triggers", metavar="FILE",
+                                                    help="Also run the triggers of this file.")] = None,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -198,7 +241,7 @@ def dev(
     setup_logging(verbose)
     from kflow.dev.stack import run_dev
 
-    _call(run_dev, bootstrap, list(worker_modules or []), demo, prefix, workflows=workflows)
+    _call(run_dev, bootstrap, list(worker_modules or []), demo, prefix, workflows=workflows, triggers=triggers)
 
 
 def bench(

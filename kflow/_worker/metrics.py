@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["ACTIVITY_SECONDS", "CONCURRENCY_LIMIT", "INFLIGHT", "TASKS", "Outcome"]
+from kflow.streams.metrics import DLQ, consumer_lag
+
+__all__ = ["ACTIVITIES_CANCELLED", "ACTIVITY_SECONDS", "CONCURRENCY_LIMIT", "INFLIGHT", "RESULTS_UNDELIVERABLE",
+           "SCHEDULE_TO_START", "TASKS", "Outcome", "dead_lettered", "refresh", "task_started"]
 
 TASKS = Counter(
     "kflow_worker_tasks_total",
@@ -13,12 +19,52 @@ TASKS = Counter(
 )
 INFLIGHT = Gauge("kflow_worker_inflight", "Activities running right now in this process.")
 CONCURRENCY_LIMIT = Gauge("kflow_worker_concurrency_limit", "Most activities a worker runs at once.")
+ACTIVITIES_CANCELLED = Counter(
+    "kflow_worker_activities_cancelled_total",
+    "Attempts the engine cancelled while a worker was running or holding them, by activity.",
+    ["activity"],
+)
+RESULTS_UNDELIVERABLE = Counter(
+    "kflow_worker_results_undeliverable_total",
+    "Results Kafka rejected for good (e.g. too large): task dead-lettered, attempt reported failed.",
+    ["activity"],
+)
 ACTIVITY_SECONDS = Histogram(
     "kflow_activity_duration_seconds",
     "Wall time of one activity attempt, by activity.",
     ["activity"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+SCHEDULE_TO_START = Histogram(
+    "kflow_activity_schedule_to_start_seconds",
+    "Time from the engine scheduling an activity attempt to a worker starting it, by activity.",
+    ["activity"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+
+#: Seconds between two refreshes of the worker's consumer lag.
+REFRESH_SECONDS = 5.0
+_last_refresh = [0.0]
+
+
+def task_started(task: Any) -> None:
+    """Observe the schedule-to-start latency of a task a worker is about to run."""
+    if task.scheduled_ms:
+        SCHEDULE_TO_START.labels(task.name).observe(max(0.0, time.time() - task.scheduled_ms / 1000))
+
+
+def dead_lettered(reason: str) -> None:
+    """Count a record a worker sent to the dead-letter topic (label: the reason's first word)."""
+    DLQ.labels(reason.split(" ")[0].split(":")[0][:32]).inc()
+
+
+def refresh(consumer: Any) -> None:
+    """Refresh ``kflow_consumer_lag`` of the worker's partitions, at most every :data:`REFRESH_SECONDS`."""
+    now = time.monotonic()
+    if now - _last_refresh[0] >= REFRESH_SECONDS:
+        _last_refresh[0] = now
+        consumer_lag("worker", consumer)
 
 
 class Outcome:
@@ -30,6 +76,7 @@ class Outcome:
     INVALID_RESULT = "invalid_result"
     UNKNOWN_ACTIVITY = "unknown_activity"
     UNDECODABLE = "undecodable"
+    CANCELLED = "cancelled"  # stopped after the engine cancelled the attempt
 
 
 #: ``activity`` label for tasks that name no registered activity (keeps label values bounded).

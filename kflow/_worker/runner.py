@@ -1,22 +1,29 @@
 r"""The worker's processing loop: consume tasks, run activities concurrently, report results, commit.
 
 One consumer (group ``<prefix>worker.<queues joined by +>``) reads the ``tasks.<queue>`` topics of
-every queue the worker serves. At most ``concurrency`` activities run at once. Each result is
-produced by the activity's own thread; its delivery report (served by this loop) marks the task's
-offset finished, and only the contiguous prefix of finished offsets per partition is committed,
-so a crash re-runs unfinished tasks and never skips one (at-least-once per attempt).
+every queue the worker serves. At most ``concurrency`` activities run at once, and up to as many
+more fetched tasks wait in a queue for a slot. Each result is produced by the activity's own
+thread; its delivery report (served by this loop) marks the task's offset finished, and only the
+contiguous prefix of finished offsets per partition is committed, so a crash re-runs unfinished
+tasks and never skips one (at-least-once per attempt).
+
+Cancel tasks (``kind="cancel"``, sent by the engine when it no longer wants an attempt) take no
+room: a full worker keeps reading, so a cancel overtakes the tasks queued ahead of it in other
+partitions. A cancel marks the named running attempt cancelled (see :meth:`Executors.cancel`),
+removes a queued one before it starts, and is otherwise ignored; its offset is finished at once.
 
 ::
 
-              slot free: poll up to `free` records
+              room: poll up to `room` records (free slots + free queue places)
              +-----------+
              v           |
-    start -> FETCHING ---+---(in flight == concurrency)---> FULL: wait for a slot
+    start -> FETCHING ---+---(slots and queue full)---> FULL: wait for a slot
                ^                                              |            |
                |<----------------(a slot frees)---------------+            | (none for
                |                                                           |  _FULL_GRACE)
-               +--(a slot frees: resume every partition)--- PAUSED <-------+
-                                                  (polls only to serve rebalances)
+               +--(a slot frees: resume every partition)--- READING ON <---+
+                          (cancels are applied; a task to run is put back and
+                           its partition paused until a slot frees)
 
     any state --(stop requested)--> DRAINING: paused; in-flight activities get
         shutdown_timeout --> flush results --> commit (sync) --> close the consumer
@@ -31,13 +38,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from kflow import _tracing
 from kflow._worker import metrics
-from kflow._worker.context import ActivityContext
+from kflow._worker.context import ActivityCancelledError, ActivityContext
 from kflow._worker.execution import Executors, Job
 from kflow._worker.offsets import PartitionOffsets
 from kflow._worker.output import Out, Outbox, Record, dead_letter_headers, fail_command, result_command, weak_callback
@@ -53,10 +63,12 @@ log = logging.getLogger("kflow.worker")
 _COMMIT_INTERVAL = 0.2  # seconds between asynchronous commits of committable offsets
 _POLL_BUSY = 0.02  # consumer poll timeout while activities run: bounds slot-release latency
 _POLL_IDLE = 0.1  # consumer poll timeout with nothing running
-_FULL_GRACE = 0.5  # a full worker pauses its partitions when no slot frees for this long
-_PAUSED_WAIT = 0.1  # while paused, wait this long for a slot between heartbeat and commit checks
-_PAUSED_POLL_EVERY = 0.5  # while paused, poll this often to serve rebalances and stay in the group
+_FULL_GRACE = 0.5  # a full worker reads on (pausing partitions with tasks to run) when no slot frees for this long
+_PAUSED_WAIT = 0.1  # while full, wait this long for a slot between heartbeat and commit checks
+_FULL_BATCH = 100  # most records read at once by a full worker (to find cancels)
 _FLUSH_SECONDS = 10.0  # how long a stopping worker waits for its results to be delivered
+
+_HEADERS_ALLOWANCE = 1024  # bytes kept free for the key, headers and framing of a DLQ record
 
 TP = tuple[str, int]
 
@@ -93,12 +105,14 @@ class Loop:
         self.should_stop = should_stop
         self.on_assigned = on_assigned
         self._running: dict[int, Job] = {}
+        self._queued: deque[Job] = deque()  # fetched, waiting for a slot (at most `concurrency`)
+        self._rewound: set[TP] = set()  # partitions sought back during the current batch
         self._offsets: dict[TP, PartitionOffsets] = {}
         self._paused = False
         self._full_since: float | None = None
         self._last_commit = 0.0
         self._last_beat_scan = 0.0
-        self._last_paused_poll = 0.0
+        self._draining = False  # stopping: every task to run is put back
         # Incremental (cooperative) rebalancing assigns added partitions; eager replaces the set.
         strategy = str(consumer_conf.get("partition.assignment.strategy", ""))
         self._incremental = "cooperative" in strategy or str(consumer_conf.get("group.protocol", "")) == "consumer"
@@ -124,51 +138,68 @@ class Loop:
     def _step(self) -> None:
         self._settle_finished(0)
         self.outbox.serve()
-        free = self.concurrency - len(self._running)
-        if free > 0:
+        self._dispatch()
+        room = self._room()
+        if room > 0:
             self._full_since = None
             if self._paused:
                 self._resume()
-            self._fetch(free)
+            self._fetch(room)
+            self._dispatch()
         else:
             now = time.monotonic()
             if self._full_since is None:
                 self._full_since = now
-            if not self._paused and now - self._full_since >= _FULL_GRACE:
-                self._pause()
-            if not self._settle_finished(_PAUSED_WAIT) and self._paused:
-                self._poll_while_full()
+            if not self._settle_finished(_PAUSED_WAIT) and now - self._full_since >= _FULL_GRACE:
+                self._read_while_full()
         now = time.monotonic()
         self._auto_heartbeats(now)
+        metrics.refresh(self.consumer)
         if now - self._last_commit >= _COMMIT_INTERVAL:
             self._commit(asynchronous=True)
             self._last_commit = now
 
-    def _fetch(self, free: int) -> None:
+    def _fetch(self, room: int) -> None:
         msg = self.consumer.poll(_POLL_BUSY if self._running else _POLL_IDLE)
         if msg is None:
             return
         batch = [msg]
-        if free > 1:
-            batch.extend(self.consumer.consume(free - 1, 0))
+        if room > 1:
+            batch.extend(self.consumer.consume(room - 1, 0))
+        self._rewound.clear()
         for m in batch:
             self._handle(m)
 
-    def _poll_while_full(self) -> None:
-        """Serve rebalance callbacks while paused; put back anything fetched before the pause."""
-        now = time.monotonic()
-        if now - self._last_paused_poll < _PAUSED_POLL_EVERY:
-            return
-        self._last_paused_poll = now
-        msg = self.consumer.poll(0)
-        if msg is not None and not self._is_error(msg):
-            self._rewind(msg)
+    def _room(self) -> int:
+        """Tasks to run this worker can still take: free slots plus free queue places."""
+        return 2 * self.concurrency - len(self._running) - len(self._queued)
+
+    def _dispatch(self) -> None:
+        """Start queued jobs, oldest first, while slots are free."""
+        while self._queued and len(self._running) < self.concurrency:
+            job = self._queued.popleft()
+            self._running[id(job)] = job
+            metrics.INFLIGHT.inc()
+            metrics.task_started(job.task)
+            _tracing.task_received(id(job), job.msg.headers() if job.msg is not None else None)
+            self.executors.start(job)
+
+    def _read_while_full(self) -> None:
+        """Read what is fetched without room to run it: cancels are applied, tasks put back.
+
+        Also serves rebalance callbacks. Once every partition has a task put back, all are
+        paused and this reads nothing until :meth:`_resume`.
+        """
+        self._rewound.clear()
+        for m in self.consumer.consume(_FULL_BATCH, 0):
+            self._handle(m)
 
     def _rewind(self, msg: Message) -> None:
-        """Put an unwanted message back: its partition is sought to it (and paused if we are)."""
+        """Put a task back for lack of room: its partition is sought to it and paused."""
+        self._rewound.add((msg.topic(), msg.partition()))
         tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-        if self._paused:
-            self.consumer.pause([TopicPartition(msg.topic(), msg.partition())])
+        self.consumer.pause([TopicPartition(msg.topic(), msg.partition())])
+        self._paused = True
         try:
             self.consumer.seek(tp)
         except KafkaException as exc:
@@ -213,27 +244,56 @@ class Loop:
         offsets = self._offsets.get((topic, partition))
         if offsets is None:
             return  # fetched before a revocation took effect: not ours to run or commit
-        if len(self._running) >= self.concurrency:
+        if (topic, partition) in self._rewound:
+            return  # behind a record put back in this batch: it is fetched again after it
+        try:
+            task: Task | None = decode_task(msg.value())
+            problem = ""
+        except DecodeError as exc:
+            task, problem = None, exc.reason
+        if task is not None and task.kind == "cancel":
+            if offsets.add(offset):
+                self._cancel(task)
+                offsets.finish(offset)  # nothing is produced for a cancel
+            return
+        if self._draining or self._room() <= 0:
             self._rewind(msg)
             return
         if not offsets.add(offset):
             return
         record = Record(offsets, offset)
         queue = self.topics[topic]
-        try:
-            task = decode_task(msg.value())
-        except DecodeError as exc:
-            self._dead_letter(msg, record, f"undecodable task: {exc.reason}")
+        if task is None:
+            self._dead_letter(msg, record, f"undecodable task: {problem}")
+            metrics.TASKS.labels(queue, metrics.UNDECODABLE, metrics.Outcome.UNDECODABLE).inc()
+            return
+        if task.kind != "run":
+            self._dead_letter(msg, record, f"unknown task kind '{task.kind}' (expected 'run' or 'cancel')")
             metrics.TASKS.labels(queue, metrics.UNDECODABLE, metrics.Outcome.UNDECODABLE).inc()
             return
         definition = self.registry.get(queue, {}).get(task.name)
         if definition is None:
             self._unknown_activity(msg, record, task, queue)
             return
-        job = Job(definition, task, queue, record, ActivityContext(task, self.outbox.heartbeat))
-        self._running[id(job)] = job
-        metrics.INFLIGHT.inc()
-        self.executors.start(job)
+        self._queued.append(Job(definition, task, queue, record, ActivityContext(task, self.outbox.notify), msg))
+
+    def _cancel(self, task: Task) -> None:
+        """Apply a cancel task to the attempt it names, if this worker has it (running or queued)."""
+        key = (task.instance_id, task.activity_id, task.attempt)
+        where = f"activity {task.name} ({task.activity_id}, attempt {task.attempt})"
+        running = [j for j in self._running.values() if j.attempt_key == key and not j.ctx.cancelled]
+        queued = [j for j in self._queued if j.attempt_key == key]
+        if not running and not queued:
+            log.debug("cancel of %s ignored: not running here", where)
+            return
+        metrics.ACTIVITIES_CANCELLED.labels(task.name).inc()
+        for job in running:
+            log.info("cancelling %s: the engine no longer wants it", where)
+            self.executors.cancel(job)
+        for job in queued:
+            log.info("cancelled %s before it started: the engine no longer wants it", where)
+            self._queued.remove(job)
+            job.record.offsets.finish(job.record.offset)  # never started: nothing to report
 
     def _unknown_activity(self, msg: Message, record: Record, task: Task, queue: str) -> None:
         known = ", ".join(sorted(self.registry.get(queue, {}))) or "none"
@@ -246,17 +306,32 @@ class Loop:
 
     def _dead_letter(self, msg: Message, record: Record, reason: str) -> None:
         log.warning("task %s[%d]@%d sent to %s: %s", msg.topic(), msg.partition(), msg.offset(), self.dlq_topic, reason)
+        metrics.dead_lettered(reason)
         self.outbox.produce(Out(self.dlq_topic, msg.key(), msg.value() or b"", record, dead_letter_headers(msg, reason)))
 
     # ------------------------------------------------------------------ finished activities
 
     def _report(self, job: Job, result: Any, error: BaseException | None) -> None:
-        """Activity thread: encode and produce the outcome of ``job``."""
-        value, job.outcome = result_command(job.task, result, error)
-        if error is not None:
-            log.info("activity %s (%s, attempt %d) failed: %s: %s", job.task.name, job.task.activity_id,
-                     job.task.attempt, type(error).__name__, error)
-        out = Out(self.commands_topic, job.task.instance_id.encode(), value, job.record)
+        """Activity thread: encode and produce the outcome of ``job``.
+
+        An attempt the engine cancelled that ended by raising (``ActivityCancelledError``,
+        ``asyncio.CancelledError`` or anything else) is a non-retryable ``Cancelled`` failure.
+        """
+        t = job.task
+        if error is not None and job.ctx.cancelled:
+            why = str(error) if isinstance(error, ActivityCancelledError) else str(ActivityCancelledError(
+                t.activity_id, t.attempt, t.name))
+            value, job.outcome = fail_command(t, "Cancelled", why, False), metrics.Outcome.CANCELLED
+            log.info("activity %s (%s, attempt %d) stopped after its cancel: %s", t.name, t.activity_id,
+                     t.attempt, type(error).__name__)
+        else:
+            value, job.outcome = result_command(t, result, error)
+            if error is not None:
+                log.info("activity %s (%s, attempt %d) failed: %s: %s", t.name, t.activity_id,
+                         t.attempt, type(error).__name__, error)
+        out = Out(self.commands_topic, job.task.instance_id.encode(), value, job.record,
+                  _tracing.activity_done(id(job), job.task, job.duration, error),
+                  partial(self._undeliverable, job))
         job.record.remaining += 1  # before producing: the delivery report must find it counted
         if not self.outbox.try_produce(out):
             job.unsent = out
@@ -271,6 +346,38 @@ class Loop:
             self._settle(job)
             job = self.executors.next_finished(0)
         return True
+
+    def _undeliverable(self, job: Job, out: Out, reason: str) -> None:
+        """Loop thread: ``out``, the result of ``job``, was rejected for good; replace it.
+
+        The task goes to the DLQ (with the undelivered command as a header when that fits) and
+        the engine gets a small non-retryable ``ResultUndeliverable`` failure of the attempt.
+        """
+        t, msg = job.task, job.msg
+        assert msg is not None, "a result of a job without its task record"
+        cmd_type = "CompleteActivity" if job.outcome == metrics.Outcome.COMPLETED else "FailActivity"
+        why = (f"undeliverable result: the {cmd_type} of activity '{t.name}' ({t.activity_id}, attempt "
+               f"{t.attempt}, {len(out.value)} bytes) was rejected by Kafka: {reason}")
+        log.error("%s; task %s[%d]@%d goes to %s and the attempt is reported failed (ResultUndeliverable)",
+                  why, msg.topic(), msg.partition(), msg.offset(), self.dlq_topic)
+        metrics.RESULTS_UNDELIVERABLE.labels(t.name).inc()
+        metrics.dead_lettered(why)
+        value = msg.value() or b""
+        headers = [*dead_letter_headers(msg, why), ("kflow.undelivered.type", cmd_type.encode())]
+        fallback = None
+        if len(value) + len(out.value) + len(why) + _HEADERS_ALLOWANCE <= self.outbox.max_message_bytes:
+            full = [*headers, ("kflow.undelivered.command", out.value)]
+            fallback = partial(self._dead_letter_plain, headers)
+            self.outbox.produce(Out(self.dlq_topic, msg.key(), value, job.record, full, fallback))
+        else:
+            self.outbox.produce(Out(self.dlq_topic, msg.key(), value, job.record, headers))
+        failed = fail_command(t, "ResultUndeliverable", why, False)
+        self.outbox.produce(Out(self.commands_topic, out.key, failed, job.record))
+
+    def _dead_letter_plain(self, headers: list[tuple[str, bytes]], out: Out, reason: str) -> None:
+        """Loop thread: a DLQ record with the undelivered command did not fit; send it without."""
+        log.warning("dlq record of %r too large with its undelivered command (%s); sent without it", out.key, reason)
+        self.outbox.produce(Out(out.topic, out.key, out.value, out.record, headers))
 
     def _settle(self, job: Job) -> None:
         self._running.pop(id(job), None)
@@ -287,7 +394,7 @@ class Loop:
             return
         self._last_beat_scan = now
         for job in list(self._running.values()):
-            if not job.reported and job.ctx.due(now, self.heartbeat_interval):
+            if not job.reported and not job.ctx.cancelled and job.ctx.due(now, self.heartbeat_interval):
                 job.ctx.beat(None, automatic=True)
 
     # ------------------------------------------------------------------ offsets and rebalances
@@ -340,8 +447,11 @@ class Loop:
         log.warning("lost %s", _describe(partitions))
 
     def _drop(self, tps: list[TP]) -> None:
+        """Forget partitions: their queued tasks never start here (their next owner runs them)."""
         for tp in tps:
             self._offsets.pop(tp, None)
+        gone = set(tps)
+        self._queued = deque(j for j in self._queued if j.msg is None or (j.msg.topic(), j.msg.partition()) not in gone)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -350,12 +460,14 @@ class Loop:
         flushed = False
         try:
             self._pause()
+            self._draining = True
+            self._queued.clear()  # never started: re-delivered to the group's next owner
             deadline = time.monotonic() + self.shutdown_timeout
             while self._running and time.monotonic() < deadline:
                 self._settle_finished(min(0.1, max(0.0, deadline - time.monotonic())))
                 self.outbox.serve()
                 self._auto_heartbeats(time.monotonic())
-                self._poll_while_full()
+                self._read_while_full()
             if self._running:
                 log.warning("%d activities still running after %.1fs; their tasks will be re-delivered",
                             len(self._running), self.shutdown_timeout)

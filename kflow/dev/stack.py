@@ -33,7 +33,7 @@ from kflow.model.messages import Status
 
 log = logging.getLogger("kflow.dev")
 DEMO_MODULES = ["kflow.dev.demo_activities"]
-DEMOS = ("order",)
+DEMOS = ("order", "iot")
 
 
 def bundled_spec(name: str) -> dict[str, Any]:
@@ -54,6 +54,8 @@ class DevStack:
         self.partitions = partitions
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="kflow-dev-")
         self.procs: list[KflowProcess] = []
+        self.triggers: Any = None
+        self.visibility: Any = None
 
     def start(self) -> "DevStack":
         if self.bootstrap is None:
@@ -72,13 +74,48 @@ class DevStack:
         return Client(self.bootstrap, config=KafkaConfig(bootstrap=self.bootstrap or "", topic_prefix=self.prefix,
                                                          partitions=self.partitions, dev_tuning=True))
 
+    def start_triggers(self, triggers: list[Any]) -> None:
+        """Run a trigger runner for ``triggers`` in this process; stopped by :meth:`stop`."""
+        from kflow.config import TriggerConfig, load_config
+        from kflow.connectors.triggers import TriggerRunner
+
+        config = load_config(TriggerConfig, bootstrap=self.bootstrap, topic_prefix=self.prefix,
+                             partitions=self.partitions, dev_tuning=True)
+        self.triggers = TriggerRunner(triggers, config, mqtt_url=config.mqtt_url)
+        self.triggers.start()
+
+    def start_visibility(self) -> str:
+        """Run the visibility projection, API and console in this process; returns the console URL.
+
+        Listens on ``KFLOW_VISIBILITY_PORT`` (8088), or on a free port when that one is taken.
+        """
+        from kflow.config import VisibilityConfig, load_config
+        from kflow.visibility.server import VisibilityServer
+
+        settings = {"bootstrap": self.bootstrap, "topic_prefix": self.prefix, "partitions": self.partitions,
+                    "dev_tuning": True, "state_dir": os.path.join(self.state_dir, "visibility")}
+        self.visibility = VisibilityServer(load_config(VisibilityConfig, **settings))
+        try:
+            self.visibility.start()
+        except KflowError:
+            self.visibility.close()
+            self.visibility = VisibilityServer(load_config(VisibilityConfig, **settings, visibility_port=0))
+            self.visibility.start()
+        return f"{self.visibility.url}/"
+
     def check_alive(self) -> None:
+        if self.triggers is not None and self.triggers.error is not None:
+            raise KflowError(f"the trigger runner failed: {self.triggers.error}")
         for p in self.procs:
             if not p.alive():
                 raise KflowError(f"'kflow {p.args[0]}' exited with code {p.proc.returncode if p.proc else '?'}:\n"
                                  f"{p.log_tail(2000)}")
 
     def stop(self) -> None:
+        if self.visibility is not None:
+            self.visibility.close()
+        if self.triggers is not None:
+            self.triggers.stop()
         for p in reversed(self.procs):
             p.stop()
         if self.broker is not None:
@@ -86,13 +123,19 @@ class DevStack:
 
 
 def run_dev(bootstrap: Optional[str], worker_modules: list[str], demo: Optional[str], prefix: Optional[str],
-            workflows: Optional[str] = None) -> None:
+            workflows: Optional[str] = None, triggers: Optional[str] = None) -> None:
     console = Console(stderr=True)
+    trigger_list = None
+    if triggers:
+        from kflow.connectors.triggers import load_triggers
+
+        trigger_list = load_triggers(triggers)  # a bad file fails before anything starts
     modules = list(worker_modules)
     if demo:
         if demo not in DEMOS:
             raise KflowError(f"unknown demo '{demo}'; available: {', '.join(DEMOS)}")
-        modules += [m for m in DEMO_MODULES if m not in modules]
+        if demo == "order":
+            modules += [m for m in DEMO_MODULES if m not in modules]
         prefix = prefix or f"demo{uuid.uuid4().hex[:6]}."
     stack = DevStack(bootstrap, prefix, modules, workflows or "")
     try:
@@ -101,6 +144,15 @@ def run_dev(bootstrap: Optional[str], worker_modules: list[str], demo: Optional[
                       f"state {stack.state_dir}")
         for p in stack.procs:
             console.print(f"  {p.args[0]:<7} pid {p.pid:<7} log {p.log_path}")
+        console.print(f"  console [cyan]{stack.start_visibility()}[/] (API docs at /docs)")
+        if trigger_list:
+            stack.start_triggers(trigger_list)
+            console.print(f"  triggers {', '.join(t.name for t in trigger_list)} (in this process)")
+        if demo == "iot":
+            from kflow.dev.iot import run_iot_demo
+
+            run_iot_demo(stack, console)
+            return
         if demo:
             run_order_demo(stack, console)
             return

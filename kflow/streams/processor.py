@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+import orjson
 
+from kflow import _tracing
 from kflow.config import EngineConfig
 from kflow.engine import decide
 from kflow.model.errors import DecodeError, KflowError
@@ -62,6 +64,7 @@ class Batch:
     commands: int = 0
     events: int = 0
     defs_synced: bool = False
+    decided: list[tuple[Optional[JSONDict], Any]] = field(default_factory=list)  # (state before, decision) for metrics
 
 
 def state_record(st: JSONDict) -> dict[str, Any]:
@@ -119,6 +122,7 @@ class EngineProcessor:
             hosted = code_definitions(cfg.workflows)
             compile_code = compile_code or registered_code
         self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code)
+        self.defs.limits = cfg.limits()
         for d in hosted:
             self.defs.add(d)
         self.defs.catch_up(10)
@@ -183,6 +187,7 @@ class EngineProcessor:
         if first is not None and self.config.max_batch > 1:
             msgs.extend(self.consumer.consume(self.config.max_batch - 1, 0))
         self.defs.poll(0)
+        metrics.refresh(self)
         now = self.clock.now_ms()
         timers = self._due_timers(now)
         if not msgs and not timers:
@@ -249,6 +254,7 @@ class EngineProcessor:
             self._next_due[p] = sp.next_due()
         metrics.BATCH_SIZE.observe(batch.commands)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        metrics.record_batch(batch.decided, now, time.perf_counter() - t0, batch.commands)
         return batch.commands
 
     def _abort(self, batch: Batch, e: KafkaException) -> None:
@@ -274,6 +280,7 @@ class EngineProcessor:
             batch.old.setdefault(iid, st)
         if cmd.type == "StartWorkflow":
             self._sync_definitions(batch, cmd, m)
+        t_ns = time.time_ns()
         d = decide(st, cmd, batch.now, self.defs)
         batch.commands += 1
         metrics.command(cmd.type)
@@ -281,6 +288,9 @@ class EngineProcessor:
             if m is not None:
                 self._dlq(m, d.dlq_reason, batch.now)
             return
+        for qid, answer in d.replies:  # in this transaction: the asker sees it once the batch commits
+            self.producer.produce(self.names.replies, orjson.dumps({"query_id": qid, "instance_id": iid, **answer}),
+                                  qid.encode())
         if not d.events:
             return
         assert d.state is not None
@@ -291,13 +301,15 @@ class EngineProcessor:
             produce(self.names.events, encode_event(ev), iid.encode(), partition=p)
             metrics.event(ev.type)
         batch.events += len(d.events)
+        batch.decided.append((st, d))
+        headers = _tracing.engine_step(cmd.type, iid, m.headers() if m is not None else None, d.state, d.events, t_ns)
         for task in d.tasks:
             if task.queue not in self._known_queues:
                 ensure_task_topic(self.config.client_conf(), self.names, self.config.topic_settings, task.queue)
                 self._known_queues.add(task.queue)
-            produce(self.names.tasks(task.queue), encode_task(task), iid.encode())
+            produce(self.names.tasks(task.queue), encode_task(task), iid.encode(), headers=headers)
         for c in d.commands:
-            produce(self.names.commands, encode_command(c), c.instance_id.encode())
+            produce(self.names.commands, encode_command(c), c.instance_id.encode(), headers=headers)
 
     def _sync_definitions(self, batch: Batch, cmd: Command, m: Optional[Message]) -> None:
         """Make the definitions table current enough to decide this start.
