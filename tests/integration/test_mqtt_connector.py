@@ -242,8 +242,21 @@ def test_firmware_rollout_over_50_devices(stack, fleet, fleet_worker, triggers):
     fleet.fail_next("r-40", "RollbackFailed", command="rollback")
     fleet.set_online("r-45", False)
     rid = uid("roll")
-    summary = c.start("fleet.rollout", {"rollout_id": rid, "version": "2.0.0", "devices": ROLLOUT_DEVICES},
-                      id=f"rollout-{rid}").result(timeout=120)
+    h = c.start("fleet.rollout", {"rollout_id": rid, "version": "2.0.0", "devices": ROLLOUT_DEVICES},
+                id=f"rollout-{rid}")
+    try:
+        summary = h.result(timeout=120)
+    except TimeoutError:
+        lines = []
+        for d in ROLLOUT_DEVICES:
+            st = c.status(f"rollout-{rid}-{d}")
+            if st is None or st["status"] != "COMPLETED":
+                internal = (st or {}).get("internal") or {}
+                lines.append(f"{d}: {st and st['status']} seq={st and st['seq']} activities={internal.get('activities')}"
+                             f" timers={internal.get('timers')} commands_received={fleet.commands_received(d)}")
+        parent = (c.status(h.id) or {}).get("internal") or {}
+        raise AssertionError(f"rollout did not finish; parent children={parent.get('children')}\n"
+                             + "\n".join(lines)) from None
     rolled_back = ["r-03", "r-08", "r-17", "r-22", "r-31"]
     failed = ["r-40", "r-45"]
     assert summary["rolled_back"] == rolled_back
