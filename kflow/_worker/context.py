@@ -78,7 +78,8 @@ class ActivityContext:
         self.last_beat = self.started
 
     def begin(self) -> None:
-        """The attempt starts executing now: report ``StartActivity`` (fire and forget).
+        """The attempt starts executing now: report ``StartActivity`` (fire and forget) when the
+        task asks for it (``report_start``: it has a start-to-close or heartbeat timeout).
 
         The engine counts the attempt's ``start_to_close`` and ``heartbeat`` timeouts from this
         report. It is produced before the attempt's result, by the same idempotent producer and
@@ -89,13 +90,14 @@ class ActivityContext:
         """
         self.check()
         t = self.task
-        self.send(Command(
-            type="StartActivity",
-            instance_id=t.instance_id,
-            data={"activity_id": t.activity_id, "attempt": t.attempt},
-            command_id=f"{t.activity_id}/{t.attempt}/start",
-            ts=int(time.time() * 1000),
-        ))
+        if t.report_start:  # only attempts with start_to_close or heartbeat timeouts need it
+            self.send(Command(
+                type="StartActivity",
+                instance_id=t.instance_id,
+                data={"activity_id": t.activity_id, "attempt": t.attempt},
+                command_id=f"{t.activity_id}/{t.attempt}/start",
+                ts=int(time.time() * 1000),
+            ))
         with self._lock:
             self.started = self.last_beat = time.monotonic()
 

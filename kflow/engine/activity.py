@@ -163,10 +163,15 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
     if policy is not None:
         act["policy"] = policy
     run.state["activities"][aid] = act
-    run.task(aid, name, queue, input_, 1, run.state["workflow"])
     _, timeouts = policies(run, step_key, act)
+    run.task(aid, name, queue, input_, 1, run.state["workflow"], _reports_start(timeouts))
     _arm(run, aid, act, "schedule_to_close", _timeout_ms(timeouts, "schedule_to_close"))
     _start_attempt(run, aid, act, timeouts)
+
+
+def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:
+    """Whether the worker must report the attempt's start: only timeouts counted from it need it."""
+    return timeouts is not None and (timeouts.start_to_close is not None or timeouts.heartbeat is not None)
 
 
 def _start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
@@ -227,8 +232,9 @@ def on_retry_timer(run: Run, aid: str) -> None:
     act["phase"] = "scheduled"
     run.emit("ActivityScheduled", {"activity_id": aid, "name": act["name"], "queue": act["queue"],
                                     "input": act["input"], "attempt": act["attempt"]})
-    run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"])
     _, timeouts = policies(run, act["step"], act)
+    run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
+             _reports_start(timeouts))
     _start_attempt(run, aid, act, timeouts)
 
 

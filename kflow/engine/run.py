@@ -106,9 +106,11 @@ class Run:
             self.cancel_task(aid, acts[aid])
         self.state["activities"] = {}
 
-    def task(self, activity_id: str, name: str, queue: str, input_: Any, attempt: int, workflow: str) -> None:
+    def task(self, activity_id: str, name: str, queue: str, input_: Any, attempt: int, workflow: str,
+             report_start: bool = False) -> None:
         self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=attempt, name=name,
-                               queue=queue, input=input_, workflow=workflow, scheduled_ms=self.now))
+                               queue=queue, input=input_, workflow=workflow, scheduled_ms=self.now,
+                               report_start=report_start))
 
 
 def new_state(instance_id: str, workflow: str, version: int, kind: str, input_: Any, now: int,

@@ -101,6 +101,7 @@ class Task:
     workflow: str
     scheduled_ms: int
     kind: str = "run"  # "run": execute this attempt; "cancel": stop it if it is running
+    report_start: bool = False  # the worker reports StartActivity (the attempt has start-to-close/heartbeat timeouts)
 
 
 @dataclass(slots=True)

@@ -494,6 +494,7 @@ def encode_task(t: Task) -> bytes:
         "workflow": t.workflow,
         "scheduled_ms": t.scheduled_ms,
         "kind": t.kind,
+        "report_start": t.report_start,
     }
     return _write(_TASK, record)
 

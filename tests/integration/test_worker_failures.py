@@ -171,7 +171,8 @@ def cancelled_count(activity_name: str) -> float:
 
 
 def assert_reported_cancelled(stack: Any, key: str) -> None:
-    """The worker reported the attempt's start, then its non-retryable Cancelled failure."""
+    """The worker reported the attempt's start (its step has a heartbeat timeout), then its
+    non-retryable Cancelled failure."""
     cmds = commands(stack, key, lambda cs: any(c.type == "FailActivity" for c in cs))
     types = [c.type for c in cmds]
     assert "StartActivity" in types and types.index("StartActivity") < types.index("FailActivity"), types
@@ -192,7 +193,7 @@ def one_task_flow(name: str, task: str, queue: str = Q, **step: Any) -> dict[str
 def test_cancelling_a_workflow_interrupts_its_running_activity(stack: Any, workers: Any, name: str) -> None:
     c = stack.client
     flow = f"cancel-{name.split('.')[1]}"
-    c.deploy(one_task_flow(flow, name))
+    c.deploy(one_task_flow(flow, name, timeout={"heartbeat": "30s"}))  # a timeout counted from the start report
     key = uid(flow)
     before = cancelled_count(name)
     h = c.start(flow, key, id=key)

@@ -125,6 +125,7 @@ def test_start_to_close_timeout_retries_then_raises_activity_timeout_and_cancels
     h.auto_run_tasks = False
     h.start("cf.timeout", "i1")
     t1 = h.pending_tasks.popleft()
+    assert t1.report_start  # its start_to_close counts from the worker's start report
     h.send("StartActivity", "i1", activity_id=t1.activity_id, attempt=1)
     assert events(h, "i1", "ActivityStarted") == [{"activity_id": t1.activity_id, "attempt": 1}]
     h.advance(30)
@@ -227,6 +228,7 @@ def test_cancel_sends_cancel_tasks_for_running_attempts_and_runs_finally() -> No
     h.auto_run_tasks = False
     h.start("cf.cancel_activity", "i1", 5)
     long_task = h.pending_tasks.popleft()
+    assert not long_task.report_start  # no timeout counts from its start: no report needed
     h.send("CancelWorkflow", "i1", reason="stop")
     assert [(t.activity_id, t.kind) for t in h.cancelled_tasks] == [(long_task.activity_id, "cancel")]
     cleanup = h.pending_tasks.popleft()

@@ -25,7 +25,7 @@ TIMEOUT = 10.0
 
 
 def make_task(attempt: int = 1) -> Task:
-    return Task("i1", "i1:a1", attempt, "t.act", "default", None, "wf", 0)
+    return Task("i1", "i1:a1", attempt, "t.act", "default", None, "wf", 0, report_start=True)
 
 
 class Sent(list[Command]):
@@ -214,3 +214,11 @@ def test_without_a_fallback_or_for_a_transient_error_the_record_is_produced_agai
     assert outbox.try_produce(plain)
     outbox.serve()  # refused again, and kept: never dropped without a fallback
     assert record.remaining == 2 and not outbox._failed.empty()
+
+
+def test_no_start_report_when_the_task_has_no_timeouts_counted_from_it() -> None:
+    sent: list = []
+    t = Task("i1", "i1:a1", 1, "t.act", "default", None, "wf", 0)  # report_start defaults to False
+    ctx = ActivityContext(t, sent.append)
+    ctx.begin()
+    assert sent == []
