@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from typing import Any, Iterator
@@ -65,3 +66,19 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield s
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def visibility_server(stack: Stack, tmp_path_factory: pytest.TempPathFactory, tag: str) -> Iterator[Any]:
+    """A visibility projection + API + console on a free port, over ``stack``'s topics."""
+    from kflow.config import VisibilityConfig
+    from kflow.visibility.server import VisibilityServer
+
+    cfg = stack.kafka_config(VisibilityConfig, state_dir=str(tmp_path_factory.mktemp(tag)), visibility_port=0,
+                             visibility_group=f"{tag}-{uuid.uuid4().hex[:6]}")
+    server = VisibilityServer(cfg)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

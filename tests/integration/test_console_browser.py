@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kflow.config import VisibilityConfig
 from kflow.visibility.server import VisibilityServer
+from tests.integration.conftest import visibility_server
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "console"
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/lib/chromium/chromium")
@@ -41,14 +41,8 @@ def _chromium() -> str:
 
 @pytest.fixture(scope="module")
 def console(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisibilityServer]:
-    cfg = stack.kafka_config(VisibilityConfig, state_dir=str(tmp_path_factory.mktemp("vis-ui")), visibility_port=0,
-                             visibility_group=f"vis-ui-{uuid.uuid4().hex[:6]}")
-    server = VisibilityServer(cfg)
-    server.start()
-    try:
+    with visibility_server(stack, tmp_path_factory, "vis-ui") as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ be an instance id.
 
 from __future__ import annotations
 
-import socket
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
@@ -20,24 +17,11 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
 from kflow.testing import assert_eventually
+from tests.net import free_port, http_get
 
 PARTITIONS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -56,7 +40,7 @@ def value(found: dict, name: str, **labels: str) -> float | None:
 @pytest.fixture(scope="module")
 def workload(kafka_bootstrap, tmp_path_factory):
     prefix = f"mx{uuid.uuid4().hex[:8]}."
-    eport, wport = _free_port(), _free_port()
+    eport, wport = free_port(), free_port()
     state = str(tmp_path_factory.mktemp("metrics") / "e")
     eng = engine_process(kafka_bootstrap, prefix, state, partitions=PARTITIONS, metrics_port=eport).start()
     wrk = worker_process(kafka_bootstrap, prefix, ["tests.integration.flows"], partitions=PARTITIONS,
@@ -98,7 +82,7 @@ def workload(kafka_bootstrap, tmp_path_factory):
 
 def test_engine_metrics_count_the_workload(workload):
     engine, _, ids = workload
-    status, text = _get(engine + "/metrics")
+    status, text = http_get(engine + "/metrics")
     assert status == 200
     found = samples(text)
     expected = {
@@ -123,7 +107,7 @@ def test_engine_metrics_count_the_workload(workload):
     assert not any(iid in text for iid in ids), "instance ids must never be label values"
 
     def gauges_refreshed() -> bool:
-        g = samples(_get(engine + "/metrics")[1])
+        g = samples(http_get(engine + "/metrics")[1])
         return (all((value(g, "kflow_engine_store_bytes", partition=str(p)) or 0) > 0 for p in range(PARTITIONS))
                 and (value(g, "kflow_engine_cache_hits_total") or 0) > 0
                 and any(name == "kflow_consumer_lag" and dict(lbl).get("consumer") == "engine" for name, lbl in g))
@@ -132,7 +116,7 @@ def test_engine_metrics_count_the_workload(workload):
 
 def test_worker_metrics_count_the_workload(workload):
     _, worker, ids = workload
-    status, text = _get(worker + "/metrics")
+    status, text = http_get(worker + "/metrics")
     assert status == 200
     found = samples(text)
     assert value(found, "kflow_worker_tasks_total", queue="default", activity="t.inc", outcome="completed") == 6
@@ -145,5 +129,5 @@ def test_worker_metrics_count_the_workload(workload):
     assert value(found, "kflow_worker_concurrency_limit") == 32
     assert value(found, "kflow_worker_inflight") == 0
     assert not any(iid in text for iid in ids), "instance ids must never be label values"
-    assert _get(worker + "/healthz")[0] == 200
-    assert _get(worker + "/readyz")[0] == 200
+    assert http_get(worker + "/healthz")[0] == 200
+    assert http_get(worker + "/readyz")[0] == 200

@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from kflow.cli import app
-from kflow.config import VisibilityConfig
 from kflow.testing import assert_eventually
 from kflow.visibility.server import VisibilityServer
+from tests.integration.conftest import visibility_server
 
 WF = {"name": "vis_api", "version": 1, "steps": [
     {"id": "tag", "set": {"n": "input.n"}, "search": {"customer": "input.customer"}},
@@ -29,14 +29,8 @@ WF = {"name": "vis_api", "version": 1, "steps": [
 
 @pytest.fixture(scope="module")
 def vis(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisibilityServer]:
-    cfg = stack.kafka_config(VisibilityConfig, state_dir=str(tmp_path_factory.mktemp("vis")), visibility_port=0,
-                             visibility_group=f"vis-{uuid.uuid4().hex[:6]}")
-    server = VisibilityServer(cfg)
-    server.start()
-    try:
+    with visibility_server(stack, tmp_path_factory, "vis") as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from kflow.engine import code_replayer as cr
 from kflow.engine.activity import DEFAULT_LIMITS, Limits
 from kflow.model.errors import ActivityError
 from kflow.testing.harness import EngineHarness
+from tests.unit.test_code_replayer import harness
 
 
 @pytest.fixture(autouse=True, params=["cached", "replayed"])
@@ -22,15 +23,6 @@ def cache_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     yield request.param
     cr.CACHE.clear()
     cr.CACHE.max_size = 10_000
-
-
-def harness(*fns: Any, **activities: Any) -> EngineHarness:
-    h = EngineHarness()
-    for fn in fns:
-        h.defs.add(kflow._workflow.definition_of(fn))
-    for name, act in activities.items():
-        h.activity(name, act)
-    return h
 
 
 def events(h: EngineHarness, iid: str, type_: str) -> list[dict[str, Any]]:

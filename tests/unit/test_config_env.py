@@ -25,6 +25,7 @@ from kflow._log import ContextFilter, make_formatter
 from kflow.cli import app
 from kflow.config import (ConfigError, EngineConfig, KafkaConfig, TelemetryConfig, WorkerConfig, kafka_passthrough,
                           load_config, redact)
+from tests.net import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -80,11 +81,6 @@ def test_the_table_documents_every_setting_and_the_passthrough():
             assert f"KFLOW_{name.upper()}" in documented
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _serves_metrics(port: int) -> bool:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -105,7 +101,7 @@ def _metrics_port_effect(port_env: str) -> Callable[[Any], bool]:
     return check
 
 
-_PORT = str(_free_port())
+_PORT = str(free_port())
 
 #: (variables, settings class, effect that must hold on the built settings object)
 EFFECTS: list[tuple[dict[str, str], type, Callable[[Any], bool]]] = [
@@ -308,7 +304,7 @@ def test_readyz_needs_assigned_work_and_a_reachable_broker():
         listener.listen()
         good = serve_operations(0, lambda: ready["v"], host="127.0.0.1",
                                 bootstrap=f"127.0.0.1:{listener.getsockname()[1]}")
-        bad = serve_operations(0, lambda: True, host="127.0.0.1", bootstrap=f"127.0.0.1:{_free_port()}")
+        bad = serve_operations(0, lambda: True, host="127.0.0.1", bootstrap=f"127.0.0.1:{free_port()}")
         try:
             gport, bport = good.server_address[1], bad.server_address[1]
             assert get(gport, "/healthz") == (200, "ok\n")

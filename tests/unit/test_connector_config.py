@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 
 import pytest
 
@@ -14,12 +13,7 @@ from kflow.connectors.host import ConnectorHost
 from kflow.model.messages import Task
 from kflow.schemas.codec import decode_command
 from kflow.testing import assert_eventually
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.net import free_port
 
 
 def test_unknown_type_lists_the_known_types():
@@ -132,7 +126,7 @@ def test_failed_connection_is_retried_and_never_logs_the_password(caplog):
 connectors:
   - name: db
     type: sql
-    settings: {{url: "postgresql://ann@127.0.0.1:{_free_port()}/x", password: "pw-SECRET-77", connect_timeout: 1}}
+    settings: {{url: "postgresql://ann@127.0.0.1:{free_port()}/x", password: "pw-SECRET-77", connect_timeout: 1}}
     operations: {{q: {{statement: "SELECT 1"}}}}
 """)
     host.backoff_initial = host.backoff_max = 0.05
