@@ -128,7 +128,7 @@ class AmqpConnector(Connector):
                 raise ConnectorError("ConnectorUnavailable", f"connector '{self.name}' is not connected")
             scope = {"input": input}
             routing_key = c.routing_key.render(scope)
-            body = orjson.dumps(c.body.eval(scope))
+            body = orjson.dumps(c.body.value(scope))
             headers: dict[str, Any] = {k: t.render(scope) for k, t in c.headers.items()}
             correlation_id = reply_to = None
             fut: asyncio.Future[Any] | None = None

@@ -248,7 +248,7 @@ def parse_settings(model: type[BaseModel], data: Any, spec: ConnectorSpec, what:
 
 
 class Expr:
-    """One CEL expression, compiled when declared; :meth:`eval` raises a non-retryable ``ExpressionError``."""
+    """One CEL expression, compiled when declared; :meth:`value` raises a non-retryable ``ExpressionError``."""
 
     __slots__ = ("source", "where")
 
@@ -261,7 +261,7 @@ class Expr:
         except ExpressionError as e:
             raise ConnectorConfigError(f"{where}: {e}") from None
 
-    def eval(self, scope: Mapping[str, Any]) -> Any:
+    def value(self, scope: Mapping[str, Any]) -> Any:
         try:
             return evaluate(self.source, scope)
         except ExpressionError as e:
@@ -333,7 +333,7 @@ class Template:
         self.parts = _split_template(self.source, where)
 
     def render(self, scope: Mapping[str, Any]) -> str:
-        return "".join(p if isinstance(p, str) else _text(p.eval(scope)) for p in self.parts)
+        return "".join(p if isinstance(p, str) else _text(p.value(scope)) for p in self.parts)
 
     def __repr__(self) -> str:
         return f"Template({self.source!r})"

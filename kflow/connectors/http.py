@@ -234,7 +234,7 @@ class HttpConnector(Connector):
         url = c.url.render(scope)
         kwargs: dict[str, Any] = {}
         if c.json is not None:
-            kwargs["content"] = orjson.dumps(c.json.eval(scope))
+            kwargs["content"] = orjson.dumps(c.json.value(scope))
             kwargs["headers"] = {"content-type": "application/json"}
         elif c.body is not None:
             kwargs["content"] = c.body.render(scope).encode()
@@ -257,7 +257,7 @@ class HttpConnector(Connector):
                     "headers": {h: resp.headers[h] for h in c.response_headers if h in resp.headers},
                     "body": body}
         if c.result is not None:
-            return c.result.eval({**scope, "response": response})
+            return c.result.value({**scope, "response": response})
         return response
 
     @staticmethod
@@ -285,5 +285,5 @@ class HttpConnector(Connector):
         finally:
             self.callbacks.forget(pending)
         if c.webhook_result is not None:
-            return c.webhook_result.eval({**scope, "callback": body, "response": response})
+            return c.webhook_result.value({**scope, "callback": body, "response": response})
         return body

@@ -230,7 +230,7 @@ class KafkaConnector(Connector):
             scope = {"input": input}
             topic = c.topic.render(scope)
             key = c.key.render(scope).encode() if c.key is not None else None
-            value = orjson.dumps(c.value.eval(scope))
+            value = orjson.dumps(c.value.value(scope))
             headers: list[tuple[str, str | bytes | None]] = [(k, t.render(scope).encode())
                                                              for k, t in c.headers.items()]
             what = f"connector '{self.name}' operation '{c.name}'"

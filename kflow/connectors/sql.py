@@ -194,15 +194,15 @@ class SqlConnector(Connector):
                 raise ConnectorError("ConnectorUnavailable", f"connector '{self.name}' is not connected")
             scope = {"input": input}
             if c.items is not None:
-                items = c.items.eval(scope)
+                items = c.items.value(scope)
                 if not isinstance(items, list):
                     raise ConnectorError("SqlDataError", f"operation '{c.name}': items must be a list, but is "
                                          f"{type(items).__name__}", retryable=False)
-                params: Any = [{k: e.eval({"input": input, "item": it}) for k, e in c.params.items()} for it in items]
+                params: Any = [{k: e.value({"input": input, "item": it}) for k, e in c.params.items()} for it in items]
                 if not params:
                     return self._shape(c, None, 0, input)
             else:
-                params = {k: e.eval(scope) for k, e in c.params.items()}
+                params = {k: e.value(scope) for k, e in c.params.items()}
             try:
                 rows, rowcount = await self._run(self._execute, c, params)
             except sa_exc.SQLAlchemyError as e:
@@ -222,5 +222,5 @@ class SqlConnector(Connector):
     def _shape(c: _Compiled, rows: list[dict[str, Any]] | None, rowcount: int, input: Any) -> Any:
         out: dict[str, Any] = {"rowcount": rowcount} if rows is None else {"rows": rows, "rowcount": rowcount}
         if c.result is not None:
-            return c.result.eval({"rows": rows or [], "rowcount": rowcount, "input": input})
+            return c.result.value({"rows": rows or [], "rowcount": rowcount, "input": input})
         return out

@@ -50,7 +50,6 @@ def test_sigterm_under_load_loses_nothing(kafka_bootstrap, tmp_path):
                     # stop each process only once it works (its partitions assigned) and load runs
                     while len(started) < 12 * (n + 1) or "assigned" not in old.log_tail(20_000):
                         time.sleep(0.05)  # waits for progress, not for an outcome
-                    old = procs[who]
                     code = old.stop(timeout=30)
                     stopped.append((who, code, old.log_tail(6000)))
                     procs[who] = new_engine() if who == "engine" else new_worker()
