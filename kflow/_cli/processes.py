@@ -253,6 +253,8 @@ def bench(
                                                   help="Start rate of the latency phase (default 50/s).")] = None,
     partitions: Annotated[int, typer.Option("--partitions", min=1, help="Partitions of the bench topics.")] = 4,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Also write the report as JSON.")] = None,
+    breakdown: Annotated[bool, typer.Option("--breakdown", help="Stamp the latency phase's records at every hop and print where the time goes.")] = False,
+    curve: Annotated[bool, typer.Option("--curve", help="Run the throughput phase at 16, 64, 256 and 1,024 in flight instead of -c.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -271,4 +273,5 @@ def bench(
     setup_logging(verbose)
     from kflow.dev.bench import run_bench
 
-    _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out)
+    _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out,
+          breakdown=breakdown, curve=curve)

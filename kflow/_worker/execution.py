@@ -50,6 +50,7 @@ class Job:
     unsent: Out | None = None  # set when the producer queue was full; the loop produces it
     reported: bool = False  # False if cancelled at shutdown: nothing was produced
     inner: asyncio.Future[Any] | None = None  # an async activity's own task, once it runs
+    received_us: int = 0  # wall clock when the task was consumed (hop stamps)
 
     @property
     def attempt_key(self) -> tuple[str, str, int]:

@@ -45,7 +45,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from kflow import _tracing
+from kflow import _hops, _tracing
 from kflow._worker import metrics
 from kflow._worker.context import ActivityCancelledError, ActivityContext
 from kflow._worker.execution import Executors, Job
@@ -275,7 +275,8 @@ class Loop:
         if definition is None:
             self._unknown_activity(msg, record, task, queue)
             return
-        self._queued.append(Job(definition, task, queue, record, ActivityContext(task, self.outbox.notify), msg))
+        self._queued.append(Job(definition, task, queue, record, ActivityContext(task, self.outbox.notify), msg,
+                                received_us=_hops.now_us()))
 
     def _cancel(self, task: Task) -> None:
         """Apply a cancel task to the attempt it names, if this worker has it (running or queued)."""
@@ -329,8 +330,10 @@ class Loop:
             if error is not None:
                 log.info("activity %s (%s, attempt %d) failed: %s: %s", t.name, t.activity_id,
                          t.attempt, type(error).__name__, error)
-        out = Out(self.commands_topic, job.task.instance_id.encode(), value, job.record,
-                  _tracing.activity_done(id(job), job.task, job.duration, error),
+        headers = _tracing.activity_done(id(job), job.task, job.duration, error)
+        if job.msg is not None and _hops.asked(job.msg.headers()):
+            headers = [*(headers or ()), _hops.stamp("W", job.received_us)]
+        out = Out(self.commands_topic, job.task.instance_id.encode(), value, job.record, headers,
                   partial(self._undeliverable, job))
         job.record.remaining += 1  # before producing: the delivery report must find it counted
         if not self.outbox.try_produce(out):

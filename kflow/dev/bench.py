@@ -22,7 +22,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from kflow import _hops
 from kflow.config import KafkaConfig
+from kflow.dev.breakdown import HopRow, as_dicts, offsets_now, read_stamps
+from kflow.dev.breakdown import breakdown as compute_breakdown
 from kflow.dev.stack import DevStack, bundled_spec
 from kflow.model.errors import KflowError
 from kflow.model.messages import Command, Status
@@ -55,6 +58,10 @@ class Driver:
 
     def __init__(self, cfg: KafkaConfig, workflow: str) -> None:
         self.cfg, self.workflow = cfg, workflow
+        #: instance -> (client sent µs, engine stamp of the terminal state record, client seen µs)
+        self.hops: dict[str, tuple[int, Optional[tuple[str, int, int]], int]] = {}
+        self.sent_us: dict[str, int] = {}
+        self.stamping = False  # ask every hop to stamp its records (kflow bench --breakdown)
         self.producer = Producer(cfg.producer_conf(**{"linger.ms": 1}))
         self.consumer = Consumer(cfg.consumer_conf(f"bench-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 5}))
         topic = cfg.names.state
@@ -71,7 +78,11 @@ class Driver:
     def start(self, iid: str, value: int) -> None:
         cmd = Command("StartWorkflow", iid, {"workflow": self.workflow, "version": None, "input": value})
         self.started[iid] = time.perf_counter()
-        self.producer.produce(self.cfg.names.commands, encode_command(cmd), iid.encode())
+        headers = None
+        if self.stamping:
+            sent = self.sent_us[iid] = _hops.now_us()
+            headers = [_hops.stamp("C", sent, sent)]
+        self.producer.produce(self.cfg.names.commands, encode_command(cmd), iid.encode(), headers=headers)
         self.producer.poll(0)
 
     def poll(self, timeout: float) -> int:
@@ -86,6 +97,8 @@ class Driver:
             rec = decode_state(m.value())
             if rec["status"] in Status.TERMINAL:
                 self.latencies.append((time.perf_counter() - t0) * 1000)
+                if self.stamping:
+                    self.hops[iid] = (self.sent_us.pop(iid, 0), _hops.find(m.headers()), _hops.now_us())
                 if rec["status"] != Status.COMPLETED or rec["result"] != int(iid.rsplit("-", 1)[1]) + 3:
                     self.failed += 1
                 del self.started[iid]
@@ -121,9 +134,23 @@ class Driver:
         self.consumer.close()
 
 
+#: In-flight counts of ``kflow bench --curve``.
+CURVE_POINTS = (16, 64, 256, 1024)
+
+
+def _breakdown_table(rows: list[HopRow]) -> Table:
+    table = Table(title="where a chain3 workflow's time goes (latency phase, per hop)")
+    for col in ("hop", "what", "count", "p50 ms", "p99 ms", "per workflow p50 ms"):
+        table.add_column(col, justify="right" if col not in ("hop", "what") else "left")
+    for r in rows:
+        table.add_row(r.hop, r.what, str(r.count), f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.per_workflow_p50_ms:.2f}")
+    return table
+
+
 def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
               prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
-              partitions: int = 4, json_out: Optional[str] = None) -> dict[str, Any]:
+              partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False,
+              curve: bool = False) -> dict[str, Any]:
     console = Console(stderr=True)
     if style not in ("spec", "code"):
         raise KflowError(f"--style must be 'spec' or 'code', not {style!r}")
@@ -143,21 +170,35 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
             warm.result(timeout=120)  # the engine and the worker have joined their groups
         driver = Driver(cfg, workflow)
         results = []
+        hop_rows: list[HopRow] = []
         try:
             driver.run("warm-up", min(200, n), concurrency, None, 120)
-            console.print(f"throughput phase: {n} instances, {concurrency} in flight")
-            results.append(driver.run("throughput", n, concurrency, None, 600))
+            for c in (CURVE_POINTS if curve else (concurrency,)):
+                count = max(n, 6 * c) if curve else n
+                console.print(f"throughput phase: {count} instances, {c} in flight")
+                results.append(driver.run("throughput" if not curve else f"throughput c={c}", count, c, None, 600))
             stack.check_alive()
             lat_rate = rate or 50.0
             lat_n = max(10, int(lat_rate * latency_seconds))
-            console.print(f"latency phase: {lat_n} instances at {lat_rate:g}/s")
+            console.print(f"latency phase: {lat_n} instances at {lat_rate:g}/s"
+                          + (" (hop stamps on)" if breakdown else ""))
+            if breakdown:
+                task_topic, cmd_topic = cfg.names.tasks("bench"), cfg.names.commands
+                since = (offsets_now(cfg, task_topic), offsets_now(cfg, cmd_topic))
+                driver.stamping = True
             results.append(driver.run(f"latency@{lat_rate:g}/s", lat_n, 10**9, lat_rate, 600))
+            if breakdown:
+                keys = set(driver.hops)
+                hop_rows = compute_breakdown(driver.hops, read_stamps(cfg, task_topic, since[0], keys),
+                                             read_stamps(cfg, cmd_topic, since[1], keys))
         finally:
             driver.close()
         rss = {p.args[0]: round(p.rss_mb(), 1) for p in stack.procs}
         report = {"bench": "chain3", "style": style, "partitions": partitions, "cpus": os.cpu_count(),
                   "phases": [asdict(r) for r in results], "rss_mb": rss,
-                  "engine_commands_per_s": round(results[0].completed_per_s * 4, 1)}
+                  "engine_commands_per_s": round(max(r.completed_per_s for r in results[:-1]) * 4, 1)}
+        if hop_rows:
+            report["breakdown"] = as_dicts(hop_rows)
         table = Table(title="kflow bench · chain3 (3 sequential activities per workflow)")
         for col in ("phase", "instances", "completed/s", "p50 ms", "p95 ms", "p99 ms", "failed"):
             table.add_column(col, justify="right")
@@ -165,6 +206,8 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
             table.add_row(r.phase, str(r.instances), f"{r.completed_per_s:,.0f}", f"{r.p50_ms:.1f}",
                           f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", str(r.failed))
         Console().print(table)
+        if hop_rows:
+            Console().print(_breakdown_table(hop_rows))
         Console().print(f"RSS: engine {rss.get('engine', 0):.0f} MiB, worker {rss.get('worker', 0):.0f} MiB; "
                         f"engine commands/s (4 per workflow): {report['engine_commands_per_s']:,.0f}")
         print(json.dumps(report))

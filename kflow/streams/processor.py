@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 import orjson
 
-from kflow import _tracing
+from kflow import _hops, _tracing
 from kflow.config import EngineConfig
 from kflow.engine import decide
 from kflow.model.errors import DecodeError, KflowError
@@ -65,6 +65,8 @@ class Batch:
     events: int = 0
     defs_synced: bool = False
     decided: list[tuple[Optional[JSONDict], Any]] = field(default_factory=list)  # (state before, decision) for metrics
+    polled_us: int = 0  # when the batch's first command was polled (hop stamps)
+    hops: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # instance -> hop stamp of its state record
 
 
 def state_record(st: JSONDict) -> dict[str, Any]:
@@ -89,6 +91,7 @@ class EngineProcessor:
         self._stop = threading.Event()
         self._compile_code = compile_code
         self._known_queues: set[str] = set()
+        self._polled_us = 0
         self._next_due: dict[int, Optional[int]] = {}
         self.defs: DefinitionsTable
         self.consumer: Consumer
@@ -183,6 +186,7 @@ class EngineProcessor:
         # poll() returns as soon as one command is there; consume(n, 0) then drains what the
         # client already fetched. (consume(n, t) alone would wait t whenever fewer than n arrive.)
         first = self.consumer.poll(self.config.poll_timeout_ms / 1000)
+        self._polled_us = _hops.now_us()
         msgs = [first] if first is not None else []
         if first is not None and self.config.max_batch > 1:
             msgs.extend(self.consumer.consume(self.config.max_batch - 1, 0))
@@ -209,7 +213,7 @@ class EngineProcessor:
         the consumed offsets to the transaction, (3) commit, (4) write RocksDB with the changelog
         offsets. Any failure before (3) aborts the transaction and rewinds the consumer."""
         t0 = time.perf_counter()
-        batch = Batch(now)
+        batch = Batch(now, polled_us=self._polled_us)
         self.producer.begin_transaction()
         try:
             for m in msgs:  # (1)
@@ -302,7 +306,12 @@ class EngineProcessor:
             metrics.event(ev.type)
         batch.events += len(d.events)
         batch.decided.append((st, d))
-        headers = _tracing.engine_step(cmd.type, iid, m.headers() if m is not None else None, d.state, d.events, t_ns)
+        in_headers = m.headers() if m is not None else None
+        headers = _tracing.engine_step(cmd.type, iid, in_headers, d.state, d.events, t_ns)
+        if in_headers and _hops.asked(in_headers):
+            hop = _hops.stamp("E", batch.polled_us)
+            headers = [*(headers or ()), hop]
+            batch.hops[iid] = hop
         for task in d.tasks:
             if task.queue not in self._known_queues:
                 ensure_task_topic(self.config.client_conf(), self.names, self.config.topic_settings, task.queue)
@@ -341,8 +350,10 @@ class EngineProcessor:
                 p = msg.partition()
                 batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), msg.offset() + 1)
         for iid, st in batch.states.items():
+            hop = batch.hops.get(iid)
             self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
-                                  partition=batch.partition_of[iid], on_delivery=on_delivery)
+                                  partition=batch.partition_of[iid], on_delivery=on_delivery,
+                                  headers=[hop] if hop is not None else None)
 
     def _dlq(self, m: Message, reason: str, now: int) -> None:
         log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Engine CPU per command, no broker: decode + decide + encode of the outputs + the state record.
+
+Drives chain3 (StartWorkflow, then three CompleteActivity commands per instance) through exactly
+the work the engine processor does per command between ``poll`` and ``produce``: decode the
+command from its Avro bytes, look up the state, ``decide``, encode every event and task, and
+encode the ``state`` changelog record. Also times one step of a code workflow after it has
+already completed 10, 1,000 and 10,000 activities, with the size of its state record, which is
+how "cost flat in history length" is checked.
+
+    python benchmarks/engine_cpu.py [-n 5000] [--profile]
+
+Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kflow.engine import InMemoryDefinitions, compile_spec, decide
+from kflow.model.messages import Command, JSONDict
+from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
+from kflow.streams.processor import state_record
+
+NOW = 1_700_000_000_000
+CHAIN3 = Path(__file__).resolve().parents[1] / "kflow" / "dev" / "chain3.yaml"
+
+
+def _engine_step(defs: Any, states: dict[str, JSONDict], raw: bytes) -> tuple[list[Command], int]:
+    """What the processor does for one command; returns the follow-up commands and state bytes."""
+    cmd = decode_command(raw, None)
+    d = decide(states.get(cmd.instance_id), cmd, NOW, defs)
+    follow: list[Command] = []
+    size = 0
+    for ev in d.events:
+        encode_event(ev)
+    for t in d.tasks:
+        encode_task(t)
+        if t.kind != "cancel":
+            follow.append(Command("CompleteActivity", cmd.instance_id,
+                                  {"activity_id": t.activity_id, "attempt": t.attempt, "result": t.input + 1}))
+    if d.events and d.state is not None:
+        states[cmd.instance_id] = d.state
+        size = len(encode_state(state_record(d.state)))
+    return follow, size
+
+
+def chain3(defs: Any, n: int, workflow: str) -> dict[str, Any]:
+    states: dict[str, JSONDict] = {}
+    # Pre-encode the starts so their encoding is the client's cost, not the engine's.
+    queue = [encode_command(Command("StartWorkflow", f"wf-{i}", {"workflow": workflow, "version": None, "input": i}))
+             for i in range(n)]
+    commands = 0
+    t0 = time.perf_counter()
+    while queue:
+        nxt: list[bytes] = []
+        for raw in queue:
+            follow, _ = _engine_step(defs, states, raw)
+            commands += 1
+            nxt.extend(encode_command(c) for c in follow)  # the worker's cost, excluded below
+        queue = nxt
+    total = time.perf_counter() - t0
+    done = sum(1 for s in states.values() if s["status"] == "COMPLETED")
+    assert done == n, f"only {done}/{n} chain3 instances completed"
+    return {"commands": commands, "seconds": total}
+
+
+def _encode_cost(n: int) -> float:
+    """Time of encoding the CompleteActivity commands (done by workers), subtracted from the total."""
+    cmds = [Command("CompleteActivity", f"wf-{i}", {"activity_id": "a", "attempt": 1, "result": i}) for i in range(n)]
+    t0 = time.perf_counter()
+    for c in cmds:
+        encode_command(c)
+    return time.perf_counter() - t0
+
+
+def code_defs() -> Any:
+    import kflow
+    from kflow._workflow import compile_code, definition_of
+
+    @kflow.workflow(name="cpu.loop", version=1)
+    async def loop(ctx: Any, steps: int) -> int:
+        x = 0
+        for _ in range(steps):
+            x = await ctx.activity("bench.inc", x, queue="bench")
+        return x
+
+    defs = InMemoryDefinitions()
+    defs.add(compile_code(definition_of(loop)))
+    return defs
+
+
+def history_cost(defs: Any, marks: list[int], reps: int = 200) -> list[dict[str, Any]]:
+    """Per-step CPU and state-record bytes of a code workflow after k completed activities."""
+    states: dict[str, JSONDict] = {}
+    iid = "long-1"
+    raw = encode_command(Command("StartWorkflow", iid, {"workflow": "cpu.loop", "version": None, "input": 10**9}))
+    follow, _ = _engine_step(defs, states, raw)
+    out = []
+    done = 0
+    for mark in marks:
+        while done < mark:
+            follow, _ = _engine_step(defs, states, encode_command(follow[0]))
+            done += 1
+        # time `reps` further steps from here (they advance the history by reps; small next to mark)
+        raws = []
+        t0 = time.perf_counter()
+        size = 0
+        for _ in range(reps):
+            r = encode_command(follow[0])
+            raws.append(r)
+            follow, size = _engine_step(defs, states, r)
+        dt = time.perf_counter() - t0
+        done += reps
+        out.append({"completed_activities": mark, "us_per_step": round(dt / reps * 1e6, 1),
+                    "state_record_bytes": size})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=5000, help="chain3 instances (4 commands each)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the spec chain3 run")
+    ap.add_argument("--marks", default="10,1000,10000", help="history lengths for the code-workflow step cost")
+    a = ap.parse_args()
+
+    spec_defs = InMemoryDefinitions()
+    spec_defs.add(compile_spec(yaml.safe_load(CHAIN3.read_text())))
+    cdefs = code_defs()
+    chain3(spec_defs, 200, "bench.chain3")  # warm-up
+    if a.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        chain3(spec_defs, a.n, "bench.chain3")
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    worker_share = _encode_cost(3 * a.n)
+    spec = chain3(spec_defs, a.n, "bench.chain3")
+    code = chain3(cdefs_chain3(cdefs), a.n, "cpu.chain3")
+    rows = {}
+    for label, r in (("spec chain3", spec), ("code chain3", code)):
+        rows[label] = round((r["seconds"] - worker_share) / r["commands"] * 1e6, 1)
+    marks = [int(x) for x in a.marks.split(",")]
+    hist = history_cost(cdefs, marks)
+    for label, us in rows.items():
+        print(f"{label:<14} {us:>8.1f} µs/command")
+    for h in hist:
+        print(f"code step after {h['completed_activities']:>6} activities: {h['us_per_step']:>8.1f} µs, "
+              f"state record {h['state_record_bytes']:>8} bytes")
+    print(json.dumps({"engine_cpu_us_per_command": rows, "code_history_cost": hist, "n": a.n}))
+
+
+def cdefs_chain3(defs: Any) -> Any:
+    import kflow
+    from kflow._workflow import compile_code, definition_of
+
+    @kflow.workflow(name="cpu.chain3", version=1)
+    async def chain(ctx: Any, input: int) -> int:
+        x = input
+        for _ in range(3):
+            x = await ctx.activity("bench.inc", x, queue="bench")
+        return x
+
+    defs.add(compile_code(definition_of(chain)))
+    return defs
+
+
+if __name__ == "__main__":
+    main()
