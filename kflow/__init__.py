@@ -2,7 +2,9 @@
 
 The public surface for applications: :class:`Client` and :class:`WorkflowHandle` to deploy, start,
 signal and await workflows; :func:`workflow` to write code workflows; :func:`activity` and
-:func:`heartbeat` to write activities; and the errors they raise. Names are imported on first use,
+:func:`heartbeat` to write activities; and the errors they raise (every one a :class:`KflowError`:
+:class:`ActivityError` and :class:`CancelledError` inside code workflows, :class:`WorkflowFailedError`
+from a handle's result, :class:`NonRetryableError` from activities ...). Names are imported on first use,
 so ``import kflow.model`` stays free of Kafka.
 
 Example:
@@ -21,25 +23,39 @@ if TYPE_CHECKING:
     from kflow.client import Client, WorkflowHandle
     from kflow.engine.code_replayer import NondeterminismError
     from kflow.model.errors import (
+        ActivityError,
+        BrokerUnavailable,
+        CancelledError,
+        DefinitionConflict,
         DefinitionError,
         KflowError,
         NonRetryableError,
+        StartRejectedError,
+        TopicConfigMismatch,
         WorkflowError,
         WorkflowFailedError,
+        WorkflowNotDeployed,
     )
     from kflow.worker import ActivityCancelledError, activity, heartbeat
 
 __all__ = [
     "ActivityCancelledError",
+    "ActivityError",
+    "BrokerUnavailable",
+    "CancelledError",
     "Client",
+    "DefinitionConflict",
     "DefinitionError",
     "KflowError",
     "NonRetryableError",
     "NondeterminismError",
+    "StartRejectedError",
+    "TopicConfigMismatch",
     "WorkflowContext",
     "WorkflowError",
     "WorkflowFailedError",
     "WorkflowHandle",
+    "WorkflowNotDeployed",
     "WorkflowSandboxError",
     "activity",
     "heartbeat",
@@ -55,11 +71,18 @@ _HOME = {
     "activity": "kflow.worker",
     "ActivityCancelledError": "kflow.worker",
     "heartbeat": "kflow.worker",
+    "ActivityError": "kflow.model.errors",
+    "BrokerUnavailable": "kflow.model.errors",
+    "CancelledError": "kflow.model.errors",
+    "DefinitionConflict": "kflow.model.errors",
     "DefinitionError": "kflow.model.errors",
     "KflowError": "kflow.model.errors",
     "NonRetryableError": "kflow.model.errors",
+    "StartRejectedError": "kflow.model.errors",
+    "TopicConfigMismatch": "kflow.model.errors",
     "WorkflowError": "kflow.model.errors",
     "WorkflowFailedError": "kflow.model.errors",
+    "WorkflowNotDeployed": "kflow.model.errors",
     "workflow": "kflow._workflow",
     "query_state": "kflow._workflow",
     "WorkflowContext": "kflow._workflow",

@@ -6,8 +6,12 @@ the engine's public state-change feed. A :class:`StateWatcher` (one consumer thr
 started lazily) follows every state partition from the moment it starts; :meth:`Client.start`
 makes sure it runs *before* the command is produced, so no result can slip past it. For an id the
 watcher did not see start, :meth:`Client.result` first scans the id's state partition
-(:meth:`Client.status`) and then waits on the watcher. The client never uses transactions; it
-produces with ``acks=all`` and idempotence and confirms delivery before returning.
+(:meth:`Client.status`) and then waits on the watcher. The watcher also follows the ``dlq`` topic:
+when the engine dead-letters a ``StartWorkflow`` this client sent (an unknown workflow, say), that
+start's handle raises :class:`~kflow.model.errors.StartRejectedError` instead of timing out. The client keeps a view of the
+``definitions`` topic, so ``deploy`` refuses to change a deployed ``name@version`` and ``start``
+refuses a workflow that is not deployed, both before anything is written. The client never uses
+transactions; it produces with ``acks=all`` and idempotence and confirms delivery before returning.
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from kflow import _tracing
 from kflow.config import KafkaConfig
 from kflow.engine import compile_spec
-from kflow.model.errors import BrokerUnavailable, DefinitionError, KflowError, WorkflowFailedError
+from kflow.engine.definitions import definition_fingerprint
+from kflow.model.errors import (BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
+                                StartRejectedError, WorkflowFailedError, WorkflowNotDeployed)
 from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event, JSONValue, Status
-from kflow.schemas.codec import decode_event, decode_state, encode_command, encode_definition
+from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
+from kflow.streams.definitions import DefinitionsLog
 from kflow.streams.partitioner import partition_for
 from kflow.streams.topics import ensure_topics
 
-__all__ = ["ID_REUSE_POLICIES", "Client", "StateWatcher", "WorkflowHandle", "load_spec"]
+__all__ = ["ID_REUSE_POLICIES", "Client", "Deployed", "StateWatcher", "WorkflowHandle", "load_spec"]
 
 log = logging.getLogger("kflow.client")
 
@@ -45,6 +52,19 @@ ID_REUSE_POLICIES = frozenset({"reject_duplicate", "allow_if_closed", "return_ex
 
 _CONSUME_BATCH = 500
 _POLL_SECONDS = 0.1
+
+#: Status of the terminal pseudo-state the watcher records for a dead-lettered start (never on the wire).
+REJECTED = "REJECTED"
+
+
+@dataclasses.dataclass(slots=True)
+class Deployed(Definition):
+    """What :meth:`Client.deploy` returns: the definition that counts for ``name@version``.
+
+    ``unchanged`` is True when that exact content was already deployed (nothing was written).
+    """
+
+    unchanged: bool = False
 
 
 class _KafkaLog:
@@ -78,11 +98,17 @@ def load_spec(spec: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     return doc
 
 
+def _same_content(a: Definition, b: Definition) -> bool:
+    return definition_fingerprint(a.kind, a.body) == definition_fingerprint(b.kind, b.body)
+
+
 def _outcome(instance_id: str, state: Mapping[str, Any]) -> JSONValue:
     """The result of a terminal state record, or the error it ended with."""
     if state["status"] == Status.COMPLETED:
         result: JSONValue = state.get("result")
         return result
+    if state["status"] == REJECTED:
+        raise StartRejectedError(instance_id, state.get("error_message") or "")
     raise WorkflowFailedError(instance_id, state["status"], state.get("error_type"), state.get("error_message"))
 
 
@@ -90,12 +116,16 @@ def _outcome(instance_id: str, state: Mapping[str, Any]) -> JSONValue:
 
 
 class _Waiter:
-    """Terminal states awaited for a set of ids; ``event`` is set once every id has one."""
+    """Terminal states awaited for a set of ids; ``event`` is set once every id has one.
 
-    __slots__ = ("pending", "states", "event")
+    ``starts`` maps an id to the command id of the start whose dead-lettering also ends the wait.
+    """
 
-    def __init__(self, ids: Iterable[str]) -> None:
+    __slots__ = ("pending", "states", "event", "starts")
+
+    def __init__(self, ids: Iterable[str], starts: Mapping[str, str] | None = None) -> None:
         self.pending = set(ids)
+        self.starts = dict(starts or {})
         self.states: dict[str, dict[str, Any]] = {}
         self.event = threading.Event()
         if not self.pending:
@@ -110,28 +140,58 @@ class _Waiter:
                 self.event.set()
 
 
+def _rejection(msg: Message) -> dict[str, Any] | None:
+    """The terminal pseudo-state of a dead-lettered ``StartWorkflow`` record, or None for anything else.
+
+    The pseudo-state carries the start's ``command_id`` too (popped before it is handed out).
+    """
+    key, value = msg.key(), msg.value()
+    if key is None or value is None:
+        return None
+    headers = list(msg.headers() or [])
+    try:
+        cmd = decode_command(value, headers)
+    except KflowError:
+        return None
+    if cmd.type != "StartWorkflow":
+        return None
+    reason = next((v.decode("utf-8", "replace") for k, v in headers if k == "kflow.reason" and v), "dead-lettered")
+    return {"instance_id": key.decode("utf-8", "replace"), "workflow": cmd.data.get("workflow"),
+            "version": cmd.data.get("version"), "status": REJECTED, "result": None,
+            "error_type": "StartRejected", "error_message": reason, "command_id": cmd.command_id}
+
+
 class StateWatcher:
     """Follows every partition of the ``state`` topic and hands terminal states to waiters.
 
     One consumer thread, ``assign``-ed (no consumer group membership, no commits) to all state
     partitions at their high watermark as of :meth:`start`. Terminal states are kept per id in a
     bounded LRU dict, so a ``result()`` that comes after the workflow finished still finds them.
+    With ``dlq_topic`` it follows the dead-letter topic too: when the ``StartWorkflow`` a waiter
+    names (by command id, see :meth:`expect`) is dead-lettered, the wait ends with a ``REJECTED``
+    pseudo-state carrying the engine's reason. A rejection belongs to that start command, not to
+    the id: it is forgotten as soon as any state of the id shows up (a replayed start that ran).
 
     Args:
         config: Connection settings (``consumer_conf`` is used, ``read_committed``).
         topic: The state topic.
+        dlq_topic: The dead-letter topic, or None not to follow it.
         cache_size: Most terminal states (and most "expected" ids) remembered.
         timeout: Seconds allowed for the metadata and watermark look-ups in :meth:`start`.
     """
 
-    def __init__(self, config: KafkaConfig, topic: str, *, cache_size: int = 100_000, timeout: float = 10.0) -> None:
+    def __init__(self, config: KafkaConfig, topic: str, *, dlq_topic: str | None = None, cache_size: int = 100_000,
+                 timeout: float = 10.0) -> None:
         self._config = config
         self._topic = topic
+        self._dlq_topic = dlq_topic
         self._cache_size = cache_size
         self._timeout = timeout
         self._lock = threading.Lock()
         self._terminal: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._expected: OrderedDict[str, None] = OrderedDict()
+        self._rejected: OrderedDict[str, dict[str, Any]] = OrderedDict()  # start command id -> pseudo-state
+        self._starts: OrderedDict[str, str] = OrderedDict()  # start command id -> instance id
         self._waiters: dict[str, list[_Waiter]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -161,7 +221,7 @@ class StateWatcher:
             except BaseException:
                 consumer.close()
                 raise
-            self.partitions = len(assignment)
+            self.partitions = sum(1 for tp in assignment if tp.topic == self._topic)
             self._thread = threading.Thread(target=self._run, args=(consumer,), name="kflow-state-watcher",
                                             daemon=True)
             self._thread.start()
@@ -170,18 +230,24 @@ class StateWatcher:
 
     def _positions(self, consumer: Consumer) -> list[TopicPartition]:
         try:
-            meta = consumer.list_topics(self._topic, timeout=self._timeout)
-            topic = meta.topics.get(self._topic)
+            topic = consumer.list_topics(self._topic, timeout=self._timeout).topics.get(self._topic)
             if topic is None or topic.error is not None or not topic.partitions:
                 raise KflowError(f"state topic '{self._topic}' is not available: {topic.error if topic else 'missing'}")
-            out = []
-            for p in sorted(topic.partitions):
-                _low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=self._timeout,
-                                                            cached=False)
-                out.append(TopicPartition(self._topic, p, high))
+            out = self._ends(consumer, self._topic, topic.partitions)
+            if self._dlq_topic:
+                dlq = consumer.list_topics(self._dlq_topic, timeout=self._timeout).topics.get(self._dlq_topic)
+                if dlq is not None and dlq.error is None and dlq.partitions:
+                    out += self._ends(consumer, self._dlq_topic, dlq.partitions)
             return out
         except KafkaException as exc:
             raise BrokerUnavailable(self._config.bootstrap, f"cannot read the state topic offsets: {exc}") from None
+
+    def _ends(self, consumer: Consumer, topic: str, partitions: Iterable[int]) -> list[TopicPartition]:
+        out = []
+        for p in sorted(partitions):
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self._timeout, cached=False)
+            out.append(TopicPartition(topic, p, high))
+        return out
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread and close its consumer. Waiters still waiting time out."""
@@ -192,11 +258,12 @@ class StateWatcher:
 
     # -- waiting ---------------------------------------------------------------------------
 
-    def expect(self, instance_id: str) -> None:
-        """Note that ``instance_id`` is being started now, while the watcher runs.
+    def expect(self, instance_id: str, command_id: str | None = None) -> None:
+        """Note that ``instance_id`` is being started now (by ``command_id``), while the watcher runs.
 
         Any terminal state remembered from an earlier run of the same id is forgotten, so the
-        next terminal state is the new run's.
+        next terminal state is the new run's. With ``command_id``, the dead-lettering of that start
+        is remembered as its rejection.
         """
         with self._lock:
             self._terminal.pop(instance_id, None)
@@ -204,6 +271,10 @@ class StateWatcher:
             self._expected.move_to_end(instance_id)
             while len(self._expected) > self._cache_size:
                 self._expected.popitem(last=False)
+            if command_id is not None:
+                self._starts[command_id] = instance_id
+                while len(self._starts) > self._cache_size:
+                    self._starts.popitem(last=False)
 
     def covers(self, instance_id: str) -> bool:
         """True if every state record of ``instance_id`` that matters passed through this watcher."""
@@ -215,13 +286,18 @@ class StateWatcher:
         with self._lock:
             return self._terminal.get(instance_id)
 
-    def register(self, ids: Iterable[str]) -> _Waiter:
-        """Wait for terminal states of ``ids``; already remembered ones are delivered at once."""
-        waiter = _Waiter(ids)
+    def register(self, ids: Iterable[str], starts: Mapping[str, str] | None = None) -> _Waiter:
+        """Wait for terminal states of ``ids``; already remembered ones are delivered at once.
+
+        ``starts`` maps ids to the command id of their start: its rejection ends the wait too.
+        """
+        waiter = _Waiter(ids, starts)
         with self._lock:
             self._raise_if_failed()
             for iid in list(waiter.pending):
                 state = self._terminal.get(iid)
+                if state is None and iid in waiter.starts:
+                    state = self._rejected.get(waiter.starts[iid])
                 if state is not None:
                     waiter.deliver(iid, state)
                 else:
@@ -300,14 +376,43 @@ class StateWatcher:
         key, value = msg.key(), msg.value()
         if key is None or value is None:
             return  # tombstones and unkeyed records carry no state
+        if msg.topic() != self._topic:
+            self._on_dead_letter(msg)
+            return
         try:
             state = decode_state(value)
         except KflowError as exc:
             log.warning("state watcher: skipping undecodable record %s[%d]@%d: %s",
                         msg.topic(), msg.partition(), msg.offset(), exc)
             return
+        if self._rejected:  # rarely non-empty: the common path takes no lock here
+            iid = state["instance_id"]
+            with self._lock:
+                # the id has state after all (a replayed start ran): its old rejections are void
+                for cid in [c for c, r in self._rejected.items() if r["instance_id"] == iid]:
+                    del self._rejected[cid]
         if state["status"] not in Status.TERMINAL:
             return
+        self._finish(state)
+
+    def _on_dead_letter(self, msg: Message) -> None:
+        iid = (msg.key() or b"").decode("utf-8", "replace")
+        state = _rejection(msg)
+        if state is None:
+            return
+        cid = state.pop("command_id")
+        with self._lock:
+            if self._starts.get(cid) != iid:
+                return
+            self._rejected[cid] = state
+            while len(self._rejected) > self._cache_size:
+                self._rejected.popitem(last=False)
+            for waiter in list(self._waiters.get(iid, ())):
+                if waiter.starts.get(iid) == cid:
+                    waiter.deliver(iid, state)
+
+    def _finish(self, state: dict[str, Any]) -> None:
+        """Remember a terminal state and hand it to the waiters of its id."""
         iid = state["instance_id"]
         with self._lock:
             self._terminal[iid] = state
@@ -331,15 +436,26 @@ class WorkflowHandle:
         >>> handle.result(timeout=60)  # doctest: +SKIP
     """
 
-    __slots__ = ("_client", "id")
+    __slots__ = ("_client", "id", "_start")
 
-    def __init__(self, client: Client, id: str) -> None:
+    def __init__(self, client: Client, id: str, start_command_id: str | None = None) -> None:
         self._client = client
         self.id = id
+        self._start = start_command_id
 
     def result(self, timeout: float = 30) -> JSONValue:
-        """Wait for the instance's result; see :meth:`Client.result`."""
-        return self._client.result(self.id, timeout)
+        """Wait for the instance's result; see :meth:`Client.result`.
+
+        A handle returned by :meth:`Client.start` also knows its start command: if the engine
+        dead-lettered it (an unknown workflow, say), this raises
+        :class:`~kflow.model.errors.StartRejectedError` with the engine's reason instead of
+        waiting for the timeout.
+        """
+        starts = {self.id: self._start} if self._start is not None else None
+        states = self._client._wait([self.id], timeout, starts)
+        if self.id not in states:
+            raise TimeoutError(f"workflow {self.id} did not finish within {timeout:g}s")
+        return _outcome(self.id, states[self.id])
 
     def status(self) -> dict[str, Any] | None:
         """The instance's latest state record; see :meth:`Client.status`."""
@@ -415,6 +531,8 @@ class Client:
         self._producer: Producer | None = None
         self._deployed_offset = -1  # offset of this client's last deploy on the definitions topic
         self._watcher: StateWatcher | None = None
+        self._definitions: DefinitionsLog | None = None
+        self._definitions_lock = threading.Lock()  # one reader of the definitions consumer at a time
         self._closed = False
 
     # -- set-up ----------------------------------------------------------------------------
@@ -466,7 +584,7 @@ class Client:
         self._ensure_ready()
         with self._lock:
             if self._watcher is None:
-                self._watcher = StateWatcher(self.config, self.names.state,
+                self._watcher = StateWatcher(self.config, self.names.state, dlq_topic=self.names.dlq,
                                              timeout=max(self.connect_timeout, 1.0) * 2)
             watcher = self._watcher
         watcher.start()
@@ -522,27 +640,93 @@ class Client:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def deploy(self, spec: Mapping[str, Any] | str | Path) -> Definition:
+    def _definitions_view(self, *, refresh: bool) -> DefinitionsLog:
+        """This client's view of the definitions topic; with ``refresh``, read to its high watermark.
+
+        Raises:
+            BrokerUnavailable: the topic could not be read to its high watermark in time.
+        """
+        self._ensure_ready()
+        with self._lock:
+            if self._definitions is None:
+                self._definitions = DefinitionsLog(self.config.consumer_conf(
+                    f"kflow-client-defs-{uuid.uuid4().hex}", **self._conf()), self.names.definitions)
+            view = self._definitions
+        if refresh and not self._read_definitions(lambda: view.catch_up(self.request_timeout)):
+            raise BrokerUnavailable(self.config.bootstrap, f"could not read {self.names.definitions} to its end "
+                                                           f"within {self.request_timeout:g}s")
+        return view
+
+    def _read_definitions(self, read: Callable[[], bool]) -> bool:
+        with self._definitions_lock:
+            return read()
+
+    def definition(self, name: str, version: int | None = None) -> Definition | None:
+        """The deployed definition ``name@version`` (the latest version when None), or None.
+
+        Reads the definitions topic to its end first; code workflows appear there as ``kind="code"``
+        records once an engine hosting them has started.
+        """
+        view = self._definitions_view(refresh=True)
+        if version is None:
+            versions = view.versions(name)
+            if not versions:
+                return None
+            version = versions[-1]
+        return view.get(name, version)
+
+    def deploy(self, spec: Mapping[str, Any] | str | Path) -> Deployed:
         """Validate a spec workflow locally and publish it to the ``definitions`` topic.
+
+        A deployed ``name@version`` never changes: deploying the same content again writes nothing
+        (the result says ``unchanged``), and other content under a deployed name and version is
+        refused before anything is written. Engines keep the first content per ``name@version``
+        too, so running instances finish on the content they started on.
 
         Args:
             spec: The definition as a dict, or the path of a YAML or JSON file.
 
         Returns:
-            The published definition (key ``name@version``), once the broker confirmed it.
+            The definition that counts for its key (``name@version``), once the broker confirmed it.
 
         Raises:
             DefinitionError: the definition is invalid; every problem is named with its step.
+            DefinitionConflict: ``name@version`` is deployed with other content; bump the version.
             OSError: the file cannot be read.
             BrokerUnavailable: Kafka cannot be reached.
         """
         doc = load_spec(spec)
         compiled = compile_spec(doc)
-        definition = Definition(name=compiled.name, version=compiled.version, kind="spec", body=doc,
-                                deployed_ms=int(time.time() * 1000))
-        self._produce(self.names.definitions, definition.key, encode_definition(definition))
-        log.info("deployed %s", definition.key)
-        return definition
+        definition = Deployed(name=compiled.name, version=compiled.version, kind="spec", body=doc,
+                              deployed_ms=int(time.time() * 1000))
+        view = self._definitions_view(refresh=True)
+        existing = view.get(definition.name, definition.version)
+        if existing is None:
+            self._produce(self.names.definitions, definition.key, encode_definition(definition))
+            # Another deployer may have won the race for this key: the first record is the one that counts.
+            self._read_definitions(lambda: view.read_through(self._deployed_offset, self.request_timeout))
+            existing = view.get(definition.name, definition.version)
+            if existing is None or _same_content(existing, definition):
+                log.info("deployed %s", definition.key)
+                return definition
+        elif _same_content(existing, definition):
+            log.info("%s already deployed, unchanged", definition.key)
+            return Deployed(name=existing.name, version=existing.version, kind=existing.kind, body=existing.body,
+                            deployed_ms=existing.deployed_ms, unchanged=True)
+        raise DefinitionConflict(definition.name, definition.version,
+                                 definition_fingerprint(existing.kind, existing.body),
+                                 definition_fingerprint(definition.kind, definition.body))
+
+    def _require_deployed(self, workflow: str, version: int | None) -> None:
+        """Raise WorkflowNotDeployed unless the definitions topic holds ``workflow`` (at ``version``)."""
+        def known(view: DefinitionsLog) -> bool:
+            return bool(view.versions(workflow)) if version is None else view.get(workflow, version) is not None
+
+        if known(self._definitions_view(refresh=False)):
+            return  # deployed versions never go away: no round trip for a name already seen
+        view = self._definitions_view(refresh=True)
+        if not known(view):
+            raise WorkflowNotDeployed(workflow, version, view.versions(workflow))
 
     def start(
         self,
@@ -553,6 +737,7 @@ class Client:
         version: int | None = None,
         id_reuse: str | None = None,
         confirm: bool = True,
+        require_deployed: bool = True,
     ) -> WorkflowHandle:
         """Start a workflow instance by producing ``StartWorkflow`` to the ``commands`` topic.
 
@@ -565,22 +750,33 @@ class Client:
                 ``allow_if_closed`` or ``return_existing``.
             confirm: Wait for the broker to confirm the command (default). With False the
                 command is only queued; call :meth:`flush` to confirm a batch.
+            require_deployed: Check the definitions topic first and raise
+                :class:`~kflow.model.errors.WorkflowNotDeployed` if the workflow (or version) is
+                not there (default). With False the command is sent anyway; an engine that does
+                not know the workflow dead-letters it, and the handle's ``result()`` raises
+                :class:`~kflow.model.errors.StartRejectedError` with the engine's reason.
 
         Returns:
             A handle to await the result with.
+
+        Raises:
+            WorkflowNotDeployed: the workflow or version is not deployed (unless ``require_deployed=False``).
         """
         if id_reuse is not None and id_reuse not in ID_REUSE_POLICIES:
             raise ValueError(f"id_reuse must be one of {', '.join(sorted(ID_REUSE_POLICIES))}, not {id_reuse!r}")
         if id is not None and not id:
             raise ValueError("a workflow instance id must not be empty")
+        if require_deployed:
+            self._require_deployed(workflow, version)
         instance_id = id or uuid.uuid4().hex
+        command_id = uuid.uuid4().hex
         watcher = self.watcher()  # running before the command exists, so its result cannot be missed
         if id_reuse != "return_existing":
             # With return_existing a closed instance produces no new state record: result() scans.
-            watcher.expect(instance_id)
+            watcher.expect(instance_id, command_id)
         data = {"workflow": workflow, "version": version, "input": input, "parent_id": None,
                 "parent_ref": None, "id_reuse": id_reuse}
-        cmd = Command("StartWorkflow", instance_id, data, command_id=uuid.uuid4().hex, ts=int(time.time() * 1000))
+        cmd = Command("StartWorkflow", instance_id, data, command_id=command_id, ts=int(time.time() * 1000))
         # read-your-deploys: the engine decides this start only after reading the definitions
         # topic at least up to this client's last deploy, so "latest version" includes it
         headers = [(DEFS_OFFSET_HEADER, str(self._deployed_offset).encode())] if self._deployed_offset >= 0 else None
@@ -588,7 +784,7 @@ class Client:
         if traced:
             headers = (headers or []) + traced
         self._produce(self.names.commands, instance_id, encode_command(cmd), confirm=confirm, headers=headers)
-        return WorkflowHandle(self, instance_id)
+        return WorkflowHandle(self, instance_id, command_id)
 
     def handle(self, id: str) -> WorkflowHandle:
         """A handle for an existing instance id."""
@@ -666,6 +862,10 @@ class Client:
         Returns:
             The workflow result (a JSON value) once the instance is COMPLETED.
 
+        An instance whose start was dead-lettered never gets a state, so this waits for the
+        timeout; the :class:`WorkflowHandle` returned by :meth:`start` reports the rejection
+        instead, and :meth:`start_rejection` tells why a start of ``id`` was refused.
+
         Raises:
             WorkflowFailedError: the instance ended FAILED or CANCELLED.
             TimeoutError: it did not finish within ``timeout`` seconds.
@@ -684,11 +884,12 @@ class Client:
         """
         return self._wait(list(dict.fromkeys(ids)), timeout)
 
-    def _wait(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    def _wait(self, ids: list[str], timeout: float,
+              starts: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
         watcher = self.watcher()
         # Registered before the scan: records newer than the scan reach the waiter, older ones the scan.
-        waiter = watcher.register(ids)
+        waiter = watcher.register(ids, starts)
         try:
             pending = watcher.pending(waiter)
             unseen = [i for i in ids if i in pending and not watcher.covers(i)]
@@ -699,6 +900,32 @@ class Client:
             return watcher.wait(waiter, deadline - time.monotonic())
         finally:
             watcher.unregister(waiter)
+
+    def start_rejection(self, id: str) -> str | None:
+        """Why the engine refused to start instance ``id``, if it did and the instance never ran.
+
+        Returns:
+            The engine's reason from the last dead-lettered ``StartWorkflow`` for ``id`` (for
+            example ``unknown workflow 'order': deploy it first``), or None when the instance
+            has state or no start of it was dead-lettered.
+        """
+        if self.status(id) is not None:
+            return None
+        state = self._rejections([id]).get(id)
+        return None if state is None else str(state["error_message"])
+
+    def _rejections(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The last dead-lettered start per id, as ``REJECTED`` pseudo-states, read from the dlq."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def take(msg: Message) -> None:
+            state = _rejection(msg)
+            if state is not None:
+                state.pop("command_id")
+                found[state["instance_id"]] = state
+
+        self._read_keys(self.names.dlq, ids, take)
+        return found
 
     def history(self, id: str) -> list[Event]:
         """Every event recorded for instance ``id``, in order, read from the ``events`` topic.
@@ -787,8 +1014,10 @@ class Client:
             if self._closed:
                 return
             self._closed = True
-            watcher, producer = self._watcher, self._producer
-            self._watcher = self._producer = None
+            watcher, producer, definitions = self._watcher, self._producer, self._definitions
+            self._watcher = self._producer = self._definitions = None
+        if definitions is not None:
+            definitions.close()
         try:
             if producer is not None:
                 left = producer.flush(self.request_timeout)

@@ -1,6 +1,8 @@
 """Run activities for workflows: the ``@activity`` decorator, heartbeats, and the :class:`Worker`.
 
-A worker is a consumer group on one or more ``tasks.<queue>`` topics. It runs activities
+A worker consumes the ``tasks.<queue>`` topic of each queue it serves in that queue's consumer group
+``<prefix>worker.<queue>``, so all workers of a queue share its tasks whatever other queues each
+serves (one consumer per queue, sharing the worker's concurrency limit and result producer). It runs activities
 concurrently (a thread pool for plain functions, one event loop for ``async`` ones), reports each
 attempt's outcome as a ``CompleteActivity`` or ``FailActivity`` command, heartbeats for long
 activities and commits only the contiguous prefix of finished offsets. Execution is
@@ -31,6 +33,7 @@ from types import ModuleType
 from typing import Any, Union
 
 from kflow._worker import metrics
+from kflow._worker.consumers import worker_group
 from kflow._worker.context import ActivityCancelledError, NotInActivityError, current_task, heartbeat
 from kflow._worker.registry import (
     DEFAULT_QUEUE,
@@ -61,6 +64,7 @@ __all__ = [
     "current_task",
     "definition_of",
     "heartbeat",
+    "worker_group",
 ]
 
 log = logging.getLogger("kflow.worker")
@@ -76,6 +80,9 @@ Activities = Union[
 
 class Worker:
     """Consume the task topics of every queue its activities serve and run them.
+
+    Each queue is consumed in its own group (:attr:`group_ids`, ``<prefix>worker.<queue>``), shared
+    with every other worker of that queue.
 
     Example:
         >>> worker = Worker(WorkerConfig(concurrency=8), [my_module])  # doctest: +SKIP
@@ -108,7 +115,7 @@ class Worker:
         self.config = config
         self.registry: Registry = build_registry(activities)
         self.queues: list[str] = sorted(self.registry)
-        self.group_id = f"{config.topic_prefix}worker.{'+'.join(self.queues)}"
+        self.group_ids: dict[str, str] = {q: worker_group(config.topic_prefix, q) for q in self.queues}
         self.shutdown_timeout = shutdown_timeout
         self.create_topics = create_topics
         self.error: BaseException | None = None
@@ -116,6 +123,18 @@ class Worker:
         self._assigned = threading.Event()
         self._started = False
         self._thread: threading.Thread | None = None
+
+    @property
+    def group_id(self) -> str:
+        """The consumer group of a worker serving one queue.
+
+        Raises:
+            KflowError: the worker serves several queues, each in its own group (see :attr:`group_ids`).
+        """
+        if len(self.group_ids) != 1:
+            raise KflowError(f"expected a worker of one queue, but this one serves {len(self.group_ids)} "
+                             f"({', '.join(self.queues)}), each in its own group: use group_ids[queue]")
+        return next(iter(self.group_ids.values()))
 
     @property
     def activities(self) -> dict[str, list[str]]:
@@ -126,7 +145,7 @@ class Worker:
         """Consume and run tasks until :meth:`stop` is called or ``stop`` is set; blocks.
 
         A stop is graceful: fetching stops, running activities get ``shutdown_timeout`` seconds
-        to finish, their results are flushed, finished offsets committed and the group left.
+        to finish, their results are flushed, finished offsets committed and the groups left.
         A sync activity still running after that cannot be interrupted: it keeps its thread
         until it returns, its result is dropped and its task is re-delivered to the group.
 
@@ -147,7 +166,7 @@ class Worker:
             topics={names.tasks(q): q for q in self.queues},
             commands_topic=names.commands,
             dlq_topic=names.dlq,
-            consumer_conf=cfg.consumer_conf(self.group_id),
+            consumer_confs={names.tasks(q): cfg.consumer_conf(g) for q, g in self.group_ids.items()},
             producer_conf=cfg.producer_conf(),
             concurrency=cfg.concurrency,
             heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
@@ -156,15 +175,15 @@ class Worker:
             on_assigned=self._assigned.set,
         )
         log.info(
-            "worker started: group=%s queues=%s activities=%s concurrency=%d",
-            self.group_id, ",".join(self.queues),
+            "worker started: groups=%s activities=%s concurrency=%d",
+            ",".join(self.group_ids.values()),
             "; ".join(f"{q}: {', '.join(names_)}" for q, names_ in self.activities.items()),
             cfg.concurrency,
         )
         try:
             loop.run()
         finally:
-            log.info("worker stopped: group=%s", self.group_id)
+            log.info("worker stopped: groups=%s", ",".join(self.group_ids.values()))
 
     def start_in_thread(self) -> threading.Thread:
         """Run the worker in a daemon thread (handy in tests); stop it with :meth:`stop`."""
@@ -183,7 +202,7 @@ class Worker:
         return self._thread
 
     def wait_assigned(self, timeout: float | None = None) -> bool:
-        """Block until the worker's consumer has been assigned partitions; False on timeout."""
+        """Block until the consumer of every queue has had its first assignment; False on timeout."""
         return self._assigned.wait(timeout)
 
     def stop(self, timeout: float | None = None) -> None:
@@ -205,4 +224,4 @@ class Worker:
             raise error
 
     def __repr__(self) -> str:
-        return f"Worker(group={self.group_id!r}, concurrency={self.config.concurrency})"
+        return f"Worker(groups={list(self.group_ids.values())!r}, concurrency={self.config.concurrency})"

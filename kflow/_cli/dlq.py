@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.padding import Padding
+from rich.text import Text
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, setup_logging
 from kflow.config import KafkaConfig
@@ -33,8 +34,13 @@ def _when(ms: int) -> str:
 def list_(limit: Annotated[int, typer.Option("--limit", min=1, help="Most records to show.")] = 100,
           reason: Annotated[Optional[str], typer.Option("--reason", help="Only records whose reason contains TEXT.")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+          wide: Annotated[bool, typer.Option("--wide", help="One line per record, however long (for grep).")] = False,
           bootstrap: Bootstrap = None, prefix: Prefix = None, verbose: Verbose = False) -> None:
     """List dead-lettered messages: where they came from and why they were refused.
+
+    Each record shows its ref (for `kflow dlq replay --ref`), time, key and origin, then its
+    reason in full: wrapped under the record, at the end of its one line with --wide, and as
+    the "reason" field with --json.
 
     Example: kflow dlq list --reason "unknown workflow"
     """
@@ -46,13 +52,25 @@ def list_(limit: Annotated[int, typer.Option("--limit", min=1, help="Most record
                                   "original": f"{r.original_topic}[{r.original_partition}]@{r.original_offset}",
                                   "time_ms": r.time_ms}))
         return
-    table = Table(title=f"dead letters ({len(records)})")
-    for col in ("ref", "time (UTC)", "key", "origin", "reason"):
-        table.add_column(col)
+    print_records(records, Console(soft_wrap=wide), wide)
+
+
+def print_records(records: list[DlqRecord], console: Console, wide: bool = False) -> None:
+    """Each record as a line of ref, time, key and origin, then its whole reason.
+
+    The reason wraps to the terminal under its record (indented); with ``wide`` it ends the
+    record's line instead, however long, so ``grep`` sees one line per record.
+    """
+    console.print(Text(f"dead letters ({len(records)})", style="bold"))
     for r in records:
-        table.add_row(r.ref, _when(r.time_ms), (r.key or b"").decode("utf-8", "replace")[:40],
-                      f"{r.original_topic}[{r.original_partition}]@{r.original_offset}", r.reason[:120])
-    Console().print(table)
+        line = Text.assemble((r.ref, "bold"), "  ", _when(r.time_ms), " UTC  key ",
+                             ((r.key or b"").decode("utf-8", "replace"), "cyan"),
+                             f"  from {r.original_topic}[{r.original_partition}]@{r.original_offset}")
+        if wide:
+            console.print(line + Text("  ") + Text(r.reason, style="red"), no_wrap=True, overflow="ignore", crop=False)
+        else:
+            console.print(line, overflow="fold")
+            console.print(Padding(Text(r.reason, style="red"), (0, 0, 0, 4), expand=False), overflow="fold")
 
 
 @app.command("replay")

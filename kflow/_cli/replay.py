@@ -97,9 +97,25 @@ def query(
     """Ask a running workflow a question; the engine that owns it answers from the live object.
 
     Code workflows answer with a @workflow.query method or ctx.set_query_handler; spec workflows
-    answer with one of their variables ('vars' for all). Nothing is written to the history.
+    answer with one of their variables ('vars' for all). Nothing is written to the history. The
+    answer is printed as JSON on stdout; exit code 2 when no engine answers within --timeout, 1
+    when the instance or the query does not exist.
 
-    Example: kflow query order-42 approvers '"by "'
+    Example: kflow query approval-7 approved_by asks the README's approval workflow (a class with
+    a @kflow.workflow.query method approved_by) who has approved so far; order-42 is a spec
+    workflow answering with its variables:
+
+        $ kflow query approval-7 approved_by
+        ["ann", "bob"]
+        $ kflow query order-42 vars
+        {"r": {"ok": true, "sku": "A1"}, "paid": {"receipt": "rc-17"}}
+        $ kflow query order-42 paid --timeout 30
+        {"receipt": "rc-17"}
+        $ kflow query approval-7 approvals_by '"ann"'
+        1
+
+    Each ARG is one JSON value passed to the query method (here approvals_by(self, who)), so a
+    string needs its JSON quotes inside the shell quotes.
     """
     from kflow.client import Client
 

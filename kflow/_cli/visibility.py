@@ -113,6 +113,26 @@ def _latest_states(config: Any) -> dict[str, dict[str, Any]]:
     return states
 
 
+def _instance_events(config: Any, id: str) -> list[Any]:
+    """The history of instance ``id``, oldest first, from its partition of the events topic."""
+    from confluent_kafka.admin import AdminClient
+
+    from kflow.schemas.codec import decode_event
+    from kflow.streams.partitioner import partition_for
+
+    meta = AdminClient(config.client_conf()).list_topics(config.names.events, timeout=_TIMEOUT)
+    topic = meta.topics.get(config.names.events)
+    if topic is None or not topic.partitions:
+        fail(f"topic '{config.names.events}' is not available")
+    key = id.encode()
+    by_seq: dict[int, Any] = {}  # a seq written again after an aborted transaction: the later write counts
+    for msg in _read_topic(config, config.names.events, [partition_for(key, len(topic.partitions))]):
+        if msg.key() == key and msg.value() is not None:
+            ev = decode_event(msg.value())
+            by_seq[ev.seq] = ev
+    return [by_seq[seq] for seq in sorted(by_seq)]
+
+
 def _definition_body(config: Any, name: str, version: int) -> Optional[dict[str, Any]]:
     from kflow.schemas.codec import decode_definition
 
@@ -155,7 +175,7 @@ def fetch_status(id: str, bootstrap: Optional[str], prefix: Optional[str], api: 
             body = _api_get(api, f"/api/definitions/{inst['workflow']}/{inst['version']}")["body"]
         return state, inst.get("steps") or {}, body
     from kflow.client import Client
-    from kflow.visibility.graph import resolve_steps, step_index, succeed_steps, track_steps
+    from kflow.visibility.graph import history_steps, resolve_steps, step_index, succeed_steps, track_steps
 
     with Client(bootstrap, topic_prefix=prefix) as client:
         state = client.status(id)
@@ -165,8 +185,13 @@ def fetch_status(id: str, bootstrap: Optional[str], prefix: Optional[str], api: 
     body = _definition_body(config, state["workflow"], state["version"])
     if body is None:
         return state, {}, None
-    tracked = track_steps({}, state["status"], state.get("internal") or {})
-    return state, resolve_steps(tracked, step_index(body), state["status"], succeed_steps(body)), body
+    # the latest state record alone shows only where threads wait now: nothing once the instance
+    # closed, and never the steps that ran inside one decision; the history shows them all
+    steps = history_steps(body, _instance_events(config, id))
+    if steps is None:
+        tracked = track_steps({}, state["status"], state.get("internal") or {})
+        steps = resolve_steps(tracked, step_index(body), state["status"], succeed_steps(body))
+    return state, steps, body
 
 
 def render_step_tree(body: dict[str, Any], steps: dict[str, str]) -> Any:
@@ -324,24 +349,8 @@ def history(
                 break
             after = page["next_after_seq"]
     else:
-        from kflow.schemas.codec import decode_event
-        from kflow.streams.partitioner import partition_for
-
-        config = _config(bootstrap, prefix)
-        from confluent_kafka.admin import AdminClient
-
-        meta = AdminClient(config.client_conf()).list_topics(config.names.events, timeout=_TIMEOUT)
-        topic = meta.topics.get(config.names.events)
-        if topic is None or not topic.partitions:
-            fail(f"topic '{config.names.events}' is not available")
-        p = partition_for(id.encode(), len(topic.partitions))
-        key = id.encode()
-        for msg in _read_topic(config, config.names.events, [p]):
-            if msg.key() == key and msg.value() is not None:
-                ev = decode_event(msg.value())
-                events.append({"instance_id": ev.instance_id, "seq": ev.seq, "type": ev.type, "ts": ev.ts,
-                               "data": ev.data})
-        events.sort(key=lambda e: e["seq"])
+        events = [{"instance_id": ev.instance_id, "seq": ev.seq, "type": ev.type, "ts": ev.ts, "data": ev.data}
+                  for ev in _instance_events(_config(bootstrap, prefix), id)]
     if not events:
         fail(f"no history for workflow instance '{id}'")
     for ev in events:

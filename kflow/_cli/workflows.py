@@ -13,8 +13,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, parse_json, setup_logging
-from kflow.client import ID_REUSE_POLICIES, Client
-from kflow.model.errors import WorkflowFailedError
+from kflow.client import ID_REUSE_POLICIES, Client, WorkflowHandle
+from kflow.model.errors import KflowError, WorkflowFailedError
 from kflow.model.messages import Status
 
 __all__ = ["cancel", "deploy", "result", "signal", "start", "status"]
@@ -30,13 +30,14 @@ def _client(bootstrap: str | None, prefix: str | None, verbose: bool) -> Client:
     return Client(bootstrap, topic_prefix=prefix)
 
 
-def _print_result(instance_id: str, client: Client, timeout: float) -> None:
+def _print_result(handle: WorkflowHandle, timeout: float) -> None:
+    """Print the result of ``handle``; a failure, or a start the engine rejected, exits 1."""
     try:
-        value = client.result(instance_id, timeout)
+        value = handle.result(timeout)
     except WorkflowFailedError as exc:
         fail(str(exc), EXIT_FAILED)
     except TimeoutError:
-        fail(f"workflow {instance_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
+        fail(f"workflow {handle.id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
     typer.echo(dump_json(value))
 
 
@@ -50,13 +51,18 @@ def deploy(
 
     The definition is checked locally first (every invalid step is named) and then produced to
     the compacted definitions topic under the key name@version, where every engine picks it up.
-    Running instances stay on the version they started with.
+    A deployed version never changes: the same content again is a no-op, and other content under
+    a deployed name@version is refused (bump 'version' to deploy a change). Running instances
+    stay on the version, and the content, they started with.
 
     Example: kflow deploy order.yaml --bootstrap localhost:9092
     """
     with _client(bootstrap, prefix, verbose) as client:
         definition = client.deploy(file)
-    typer.echo(f"deployed {definition.key}")
+    if definition.unchanged:
+        typer.echo(f"{definition.key} already deployed, unchanged")
+    else:
+        typer.echo(f"deployed {definition.key}")
 
 
 def start(
@@ -77,9 +83,12 @@ def start(
 ) -> None:
     """Start a workflow instance and print its id (or, with --wait, its result).
 
-    Produces a StartWorkflow command keyed by the instance id to the commands topic. With
-    --wait the command waits for the instance to finish and prints the result as JSON; it exits
-    with 1 if the workflow failed or was cancelled and 2 if it did not finish within --timeout.
+    Checks that the workflow (and --version) is deployed, then produces a StartWorkflow command
+    keyed by the instance id to the commands topic; a workflow that is not deployed is an error
+    (exit 1) and nothing is sent. With --wait the command waits for the instance to finish and
+    prints the result as JSON; it exits with 1 if the workflow failed or was cancelled, or if
+    the engine rejected the start (its reason is printed), and 2 if it did not finish within
+    --timeout.
 
     Example: kflow start order --input '{"sku": "A1", "qty": 2}' --wait --timeout 60
     """
@@ -90,7 +99,7 @@ def start(
             typer.echo(handle.id)
             return
         typer.echo(f"started {handle.id}", err=True)
-        _print_result(handle.id, client, timeout)
+        _print_result(handle, timeout)
 
 
 def signal(
@@ -189,6 +198,15 @@ def _render(state: dict[str, Any]) -> None:
     Console(soft_wrap=False).print(table)
 
 
+def _start_rejection(id: str, bootstrap: str | None, prefix: str | None, verbose: bool) -> str | None:
+    """The engine's reason for dead-lettering the start of ``id``, or None (also when Kafka is unreachable)."""
+    try:
+        with _client(bootstrap, prefix, verbose) as client:
+            return client.start_rejection(id)
+    except KflowError:
+        return None
+
+
 def status(
     id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw state record as JSON.")] = False,
@@ -202,7 +220,8 @@ def status(
     its status, workflow@version, event sequence number, times, and its result or error.
 
     With KFLOW_API set, asks the visibility API instead. A spec workflow's steps are drawn as a
-    tree marked pending, running, done or failed.
+    tree marked pending, running, done or failed, worked out from the instance's history (the
+    events topic): a step whose error a catch route took is failed, the handler's steps done.
 
     Example: kflow status order-42 --json
     """
@@ -211,6 +230,10 @@ def status(
     setup_logging(verbose)
     state, steps, body = fetch_status(id, bootstrap, prefix)
     if state is None:
+        reason = _start_rejection(id, bootstrap, prefix, verbose)
+        if reason is not None:
+            fail(f"workflow instance '{id}' was not started: the engine rejected its start: {reason} "
+                 "(see 'kflow dlq list')")
         fail(f"no state for workflow instance '{id}' (never started, or not processed yet)")
     if as_json:
         typer.echo(dump_json(state))
@@ -237,4 +260,4 @@ def result(
     Example: kflow result order-42 --timeout 120 | jq .tracking
     """
     with _client(bootstrap, prefix, verbose) as client:
-        _print_result(id, client, timeout)
+        _print_result(client.handle(id), timeout)

@@ -1,11 +1,13 @@
 r"""The worker's processing loop: consume tasks, run activities concurrently, report results, commit.
 
-One consumer (group ``<prefix>worker.<queues joined by +>``) reads the ``tasks.<queue>`` topics of
-every queue the worker serves. At most ``concurrency`` activities run at once, and up to as many
-more fetched tasks wait in a queue for a slot. Each result is produced by the activity's own
-thread; its delivery report (served by this loop) marks the task's offset finished, and only the
-contiguous prefix of finished offsets per partition is committed, so a crash re-runs unfinished
-tasks and never skips one (at-least-once per attempt).
+One consumer per queue the worker serves reads its ``tasks.<queue>`` topic in the group
+``<prefix>worker.<queue>`` that every worker of the queue shares, whatever else each serves (see
+:mod:`kflow._worker.consumers`); the consumers share the execution slots and the producer. At
+most ``concurrency`` activities run at once, and up to as many more fetched tasks wait in a
+queue for a slot. Each result is produced by the activity's own thread; its delivery report
+(served by this loop) marks the task's offset finished, and only the contiguous prefix of
+finished offsets per partition is committed (by the consumer of its topic), so a crash re-runs
+unfinished tasks and never skips one (at-least-once per attempt).
 
 Cancel tasks (``kind="cancel"``, sent by the engine when it no longer wants an attempt) take no
 room: a full worker keeps reading, so a cancel overtakes the tasks queued ahead of it in other
@@ -47,6 +49,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from kflow import _hops, _tracing
 from kflow._worker import metrics
+from kflow._worker.consumers import Callback, QueueConsumers
 from kflow._worker.context import ActivityCancelledError, ActivityContext
 from kflow._worker.execution import Executors, Job
 from kflow._worker.offsets import PartitionOffsets
@@ -74,7 +77,7 @@ TP = tuple[str, int]
 
 
 class Loop:
-    """One run of a worker: owns the consumer, the outbox, the executors and offset tracking.
+    """One run of a worker: owns the consumers, the outbox, the executors and offset tracking.
 
     Everything here runs on the thread that called :meth:`run`, except :meth:`_report`, which
     runs on the activity's thread.
@@ -87,7 +90,7 @@ class Loop:
         topics: dict[str, str],
         commands_topic: str,
         dlq_topic: str,
-        consumer_conf: dict[str, Any],
+        consumer_confs: dict[str, dict[str, Any]],
         producer_conf: dict[str, Any],
         concurrency: int,
         heartbeat_interval: float,
@@ -97,6 +100,7 @@ class Loop:
     ) -> None:
         self.registry = registry
         self.topics = topics  # task topic -> queue
+        self._unassigned = set(topics)  # topics whose consumer never had an assignment yet
         self.commands_topic = commands_topic
         self.dlq_topic = dlq_topic
         self.concurrency = concurrency
@@ -114,12 +118,14 @@ class Loop:
         self._last_beat_scan = 0.0
         self._draining = False  # stopping: every task to run is put back
         # Incremental (cooperative) rebalancing assigns added partitions; eager replaces the set.
-        strategy = str(consumer_conf.get("partition.assignment.strategy", ""))
-        self._incremental = "cooperative" in strategy or str(consumer_conf.get("group.protocol", "")) == "consumer"
+        any_conf = next(iter(consumer_confs.values()))
+        strategy = str(any_conf.get("partition.assignment.strategy", ""))
+        self._incremental = "cooperative" in strategy or str(any_conf.get("group.protocol", "")) == "consumer"
         self.outbox = Outbox(producer_conf, commands_topic)
-        self.consumer = Consumer({**consumer_conf, "enable.auto.commit": False,
-                                  "on_commit": weak_callback(self._on_commit),
-                                  "error_cb": weak_callback(self._on_consumer_error)})
+        self.consumer = QueueConsumers({
+            topic: {**conf, "enable.auto.commit": False, "on_commit": weak_callback(self._on_commit),
+                    "error_cb": weak_callback(self._on_consumer_error)}
+            for topic, conf in consumer_confs.items()})
         kinds = {d.is_async for acts in registry.values() for d in acts.values()}
         self.executors = Executors(concurrency, False in kinds, True in kinds, self._report)
 
@@ -128,8 +134,7 @@ class Loop:
     def run(self) -> None:
         """Consume and run tasks until ``should_stop()``, then shut down gracefully."""
         try:
-            self.consumer.subscribe(list(self.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                    on_lost=self._on_lost)
+            self.consumer.subscribe(self._assign_callback, self._on_revoke, self._on_lost)
             while not self.should_stop():
                 self._step()
         finally:
@@ -160,12 +165,9 @@ class Loop:
             self._last_commit = now
 
     def _fetch(self, room: int) -> None:
-        msg = self.consumer.poll(_POLL_BUSY if self._running else _POLL_IDLE)
-        if msg is None:
+        batch = self.consumer.fetch(room, _POLL_BUSY if self._running else _POLL_IDLE)
+        if not batch:
             return
-        batch = [msg]
-        if room > 1:
-            batch.extend(self.consumer.consume(room - 1, 0))
         self._rewound.clear()
         for m in batch:
             self._handle(m)
@@ -191,7 +193,7 @@ class Loop:
         paused and this reads nothing until :meth:`_resume`.
         """
         self._rewound.clear()
-        for m in self.consumer.consume(_FULL_BATCH, 0):
+        for m in self.consumer.consume(_FULL_BATCH):
             self._handle(m)
 
     def _rewind(self, msg: Message) -> None:
@@ -425,7 +427,13 @@ class Loop:
         else:
             log.debug("consumer: %s", err)
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _assign_callback(self, topic: str) -> Callback:
+        """The assign callback of the consumer of ``topic``."""
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            self._on_assign(topic, consumer, partitions)
+        return on_assign
+
+    def _on_assign(self, topic: str, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._offsets[(tp.topic, tp.partition)] = PartitionOffsets()
         if self._incremental:
@@ -434,8 +442,10 @@ class Loop:
             consumer.assign(partitions)
         if self._paused and partitions:
             consumer.pause(partitions)
-        log.info("assigned %s", _describe(partitions))
-        self.on_assigned()
+        log.info("assigned %s", _describe(partitions) if partitions else f"nothing of {topic}")
+        self._unassigned.discard(topic)
+        if not self._unassigned:  # every queue's consumer has joined its group
+            self.on_assigned()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]

@@ -7,7 +7,11 @@ outcome; it carries the current ``attempt``, its ``phase`` (``scheduled``, ``sta
 attempt, ``activity_timeout`` (with its ``kind``) ends the current attempt with ``ActivityTimeout``.
 ``schedule_to_close`` spans every attempt; ``start_to_close`` and ``heartbeat`` belong to one attempt
 and are re-armed under a fresh timer id (never by moving a due time) so the processor's timer index
-stays a plain diff of ids. Retry delays and jitter are pure functions of the instance id, activity
+stays a plain diff of ids. A recorded heartbeat only stamps the attempt (``beat``); when the
+heartbeat timer fires before ``beat + heartbeat`` it is re-armed for that instant, so an attempt
+times out exactly when it was silent for the whole heartbeat timeout. Activities that ended with
+something other than a single recorded attempt are remembered briefly (``ended``) so a late
+result is told apart from a redelivery (``STALE`` vs ``DUPLICATE``). Retry delays and jitter are pure functions of the instance id, activity
 id and attempt, so replay reproduces them. Deciding what the final outcome means for the workflow
 (a thread, a catch route, a saga step) is the interpreter's job, not this module's.
 """
@@ -22,11 +26,18 @@ from typing import Any, Optional
 import orjson
 
 from kflow.engine.run import Run
-from kflow.model.messages import JSONDict
+from kflow.model.messages import Event, JSONDict, RejectCode, Status
 from kflow.model.spec import RetrySpec, TimeoutSpec, parse_duration_ms
 
 COMPENSATE_PREFIX = "compensate:"
 TIMEOUT_KINDS = ("schedule_to_close", "start_to_close", "heartbeat")
+
+#: Heartbeats are recorded at most this many times per heartbeat timeout: one closer than a
+#: ``1/HEARTBEAT_RESOLUTION`` of the timeout after the last recorded one changes nothing.
+HEARTBEAT_RESOLUTION = 10
+
+#: Most ended activities remembered per instance (``state["ended"]``) to classify late results.
+ENDED_WINDOW = 128
 
 
 @dataclass(frozen=True)
@@ -134,12 +145,15 @@ def start_timer(run: Run, thread: Optional[str], due: int, purpose: str, **extra
 
 
 def _arm(run: Run, aid: str, act: JSONDict, kind: str, ms: Optional[int]) -> None:
+    _arm_at(run, aid, act, kind, None if ms is None else run.now + ms)
+
+
+def _arm_at(run: Run, aid: str, act: JSONDict, kind: str, due: Optional[int]) -> None:
     old = act["timers"].pop(kind, None)
     if old is not None:
         run.state["timers"].pop(old, None)
-    if ms is not None:
-        act["timers"][kind] = start_timer(run, act["thread"], run.now + ms, "activity_timeout",
-                                          activity=aid, kind=kind)
+    if due is not None:
+        act["timers"][kind] = start_timer(run, act["thread"], due, "activity_timeout", activity=aid, kind=kind)
 
 
 def _cancel_timers(run: Run, act: JSONDict, keep: tuple[str, ...] = ()) -> None:
@@ -178,6 +192,7 @@ def _start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[Timeout
     _arm(run, aid, act, "start_to_close", _timeout_ms(timeouts, "start_to_close"))
     hb = _timeout_ms(timeouts, "heartbeat")
     _arm(run, aid, act, "heartbeat", hb)
+    act.pop("beat", None)  # heartbeats count per attempt, from its (re)start
     if hb is not None:
         act["hb"] = hb
 
@@ -191,22 +206,30 @@ def on_started(run: Run, aid: str) -> None:
 
 
 def on_heartbeat(run: Run, aid: str) -> None:
-    act = run.state["activities"][aid]
-    _, timeouts = policies(run, act["step"], act)
-    _arm(run, aid, act, "heartbeat", _timeout_ms(timeouts, "heartbeat"))
+    """A heartbeat was recorded: the attempt's silence counts from now (the timer is left alone)."""
+    run.state["activities"][aid]["beat"] = run.now
 
 
 def heartbeat_due(act: JSONDict, timers: JSONDict, now: int) -> bool:
-    """Whether a heartbeat is worth recording: at least half the heartbeat timeout has elapsed.
+    """Whether a heartbeat is worth recording as ``HeartbeatRecorded``.
 
-    Recording every heartbeat would flood the history; re-arming at half-time keeps the timeout
-    honest (a worker that heartbeats at all within the timeout never times out) with at most two
-    events per timeout interval.
+    Only attempts with an armed heartbeat timer record any, and only once a
+    ``1/HEARTBEAT_RESOLUTION`` of the timeout has passed since the last recorded heartbeat (or
+    the arming): at most that many events per timeout, however often the worker heartbeats, and
+    the attempt's silence is known to within that resolution.
     """
     tid = act.get("timers", {}).get("heartbeat")
     if tid is None or tid not in timers or act.get("phase") == "backoff":
         return False
-    return bool(now >= timers[tid]["due"] - act["hb"] // 2)
+    hb = int(act["hb"])
+    since = max(int(act.get("beat", 0)), int(timers[tid]["due"]) - hb)
+    return now >= since + max(1, hb // HEARTBEAT_RESOLUTION)
+
+
+def _heartbeat_deadline(act: JSONDict) -> Optional[int]:
+    """When the attempt's silence reaches its heartbeat timeout, counted from its last recorded heartbeat."""
+    beat = act.get("beat")
+    return None if beat is None or "hb" not in act else int(beat) + int(act["hb"])
 
 
 def retry_or_give_up(run: Run, aid: str, error_type: str, retryable: bool) -> bool:
@@ -224,10 +247,18 @@ def retry_or_give_up(run: Run, aid: str, error_type: str, retryable: bool) -> bo
     return True
 
 
+def duration_text(value: Any) -> str:
+    """A timeout as written in a spec (``"30s"``), or a number of seconds with its unit (``"1.5s"``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}s"
+    return str(value)
+
+
 def on_retry_timer(run: Run, aid: str) -> None:
     """The backoff elapsed: schedule the next attempt under the same activity id."""
     act = run.state["activities"][aid]
     act["timers"].pop("retry", None)
+    act.pop("timed_out", None)
     act["attempt"] += 1
     act["phase"] = "scheduled"
     run.emit("ActivityScheduled", {"activity_id": aid, "name": act["name"], "queue": act["queue"],
@@ -240,7 +271,7 @@ def on_retry_timer(run: Run, aid: str) -> None:
 
 def timeout_message(run: Run, act: JSONDict, kind: str) -> str:
     _, timeouts = policies(run, act["step"], act)
-    return f"{kind} timeout of {getattr(timeouts, kind)} elapsed (attempt {act['attempt']})"
+    return f"{kind} timeout of {duration_text(getattr(timeouts, kind))} elapsed (attempt {act['attempt']})"
 
 
 def drop(run: Run, aid: str, cancel: bool = False) -> Optional[JSONDict]:
@@ -259,13 +290,95 @@ def drop(run: Run, aid: str, cancel: bool = False) -> Optional[JSONDict]:
 def on_timeout(run: Run, aid: str, kind: str) -> tuple[bool, str]:
     """A timeout timer of ``aid`` fired: record it, stop the attempt, maybe retry.
 
-    Returns ``(retrying, message)``; when not retrying the caller ends the activity with
+    A heartbeat timer that fires while the last recorded heartbeat is younger than the timeout
+    is re-armed for the instant the silence reaches it, and nothing else happens.
+
+    Returns ``(pending, message)``: ``pending`` when the activity goes on (a retry is scheduled,
+    or the heartbeat timer was re-armed); otherwise the caller ends the activity with
     ``ActivityTimeout`` and ``message``.
     """
     act = run.state["activities"][aid]
     act["timers"].pop(kind, None)
+    deadline = _heartbeat_deadline(act) if kind == "heartbeat" else None
+    if deadline is not None and deadline > run.now:
+        _arm_at(run, aid, act, kind, deadline)
+        return True, ""
     run.emit("ActivityTimedOut", {"activity_id": aid, "attempt": act["attempt"], "kind": kind})
     message = timeout_message(run, act, kind)
     run.cancel_task(aid, act)
     retrying = kind != "schedule_to_close" and retry_or_give_up(run, aid, "ActivityTimeout", True)
+    if retrying:
+        act["timed_out"] = True  # its late result is STALE, not a redelivery of a recorded one
     return retrying, message
+
+
+# -- late results -----------------------------------------------------------------------------
+def note_ended(run: Run, before: JSONDict, ev: Event) -> None:
+    """Remember how the activities that ``ev`` ended, ended (``state["ended"]``, bounded).
+
+    ``before`` is the activities table before ``ev``. An activity whose only attempt's result was
+    recorded needs no entry: any later result for it is a redelivery. The others (several
+    attempts, or the last one timed out or no longer wanted) are kept as ``[attempt, recorded]``.
+    A closed instance rejects every result anyway and forgets them.
+    """
+    st = run.state
+    if st["status"] in Status.TERMINAL:
+        st.pop("ended", None)
+        return
+    acts = st["activities"]
+    gone = [aid for aid in before if aid not in acts]
+    ended: JSONDict = st.get("ended") or {}
+    for aid in [a for a in ended if a in acts]:  # an id scheduled again (a new run) is pending, not ended
+        del ended[aid]
+    result = ev.type in ("ActivityCompleted", "ActivityFailed")
+    for aid in gone:
+        attempt = before[aid]["attempt"]
+        recorded = result and ev.data["activity_id"] == aid and ev.data["attempt"] == attempt
+        if recorded and attempt == 1:
+            continue
+        ended.pop(aid, None)  # re-inserted last: the window keeps the most recent
+        ended[aid] = [attempt, recorded]
+    for aid in list(ended)[:-ENDED_WINDOW]:
+        del ended[aid]
+    if ended:
+        st["ended"] = ended
+    else:
+        st.pop("ended", None)
+
+
+def late_result(state: JSONDict, aid: str, attempt: int) -> Optional[tuple[str, str]]:
+    """``(code, reason)`` rejecting a result for ``aid``/``attempt`` that is not the pending one, or None.
+
+    ``STALE``: the attempt was superseded by a later one, timed out, or is no longer wanted.
+    ``DUPLICATE``: the attempt's result was already recorded (a redelivery), or the activity is
+    unknown (it ended long ago, or never existed).
+    """
+    act = state["activities"].get(aid)
+    if act is None:
+        return _ended_verdict(state.get("ended", {}).get(aid), aid, attempt)
+    current = act["attempt"]
+    if act.get("phase") != "backoff":
+        if attempt == current:
+            return None
+        return RejectCode.STALE, f"expected a result for attempt {current} of '{aid}', but got attempt {attempt}"
+    if attempt == current and not act.get("timed_out"):
+        return (RejectCode.DUPLICATE, f"expected a result for attempt {current + 1} (after a backoff) of '{aid}', "
+                f"but got attempt {attempt} again, whose failure is already recorded (a redelivery)")
+    why = " (it timed out)" if attempt == current else ""
+    return (RejectCode.STALE, f"expected a result for attempt {current + 1} (after a backoff) of '{aid}', "
+            f"but got attempt {attempt}{why}")
+
+
+def _ended_verdict(entry: Optional[list[Any]], aid: str, attempt: int) -> tuple[str, str]:
+    if entry is None:
+        return (RejectCode.DUPLICATE, f"expected a pending activity '{aid}', but it has no pending attempt "
+                "(its result was already recorded)")
+    last, recorded = entry
+    if attempt == last and recorded:
+        return (RejectCode.DUPLICATE, f"expected a pending activity '{aid}', but its attempt {attempt} "
+                "was already recorded (a redelivery)")
+    if attempt == last:
+        return (RejectCode.STALE, f"expected a pending activity '{aid}', but its attempt {attempt} was given up "
+                "(it timed out or is no longer wanted)")
+    return (RejectCode.STALE, f"expected a result for attempt {last} of '{aid}' (its last), "
+            f"but got attempt {attempt}")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import orjson
 
 from kflow.engine import code_replayer, spec_interpreter
-from kflow.engine.activity import heartbeat_due, limits_of, payload_size
+from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_ended, payload_size
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.run import Run, new_state
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status, Task
@@ -76,6 +76,7 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
     else:
         assert state is not None, f"{ev.type} for an instance without state"
         st = copy_state(state)
+    before = state["activities"] if state is not None and ev.type != "WorkflowStarted" else {}
     compiled = defs.get(st["workflow"], st["version"])
     run = Run(st, ev.ts, defs, compiled)
     _record(run, ev)
@@ -93,6 +94,7 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
         code_replayer.apply_input(run, ev)
     else:
         spec_interpreter.apply_input(run, ev)
+    note_ended(run, before, ev)
     return run.state, run
 
 
@@ -247,18 +249,9 @@ def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: Definiti
 
 
 def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decision]:
-    """Reject a report for an activity attempt that is not the pending one."""
-    aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
-    act = state["activities"].get(aid)
-    if act is None:
-        return _reject(state, cmd, now, RejectCode.DUPLICATE,
-                       f"expected a pending activity '{aid}', but it has no pending attempt (duplicate or late result)")
-    backoff = act.get("phase") == "backoff"
-    if act["attempt"] != attempt or backoff:
-        current = f"attempt {act['attempt'] + 1} (after a backoff)" if backoff else f"attempt {act['attempt']}"
-        return _reject(state, cmd, now, RejectCode.STALE,
-                       f"expected a result for {current} of '{aid}', but got attempt {attempt}")
-    return None
+    """Reject a report for an activity attempt that is not the pending one (``STALE`` or ``DUPLICATE``)."""
+    verdict = late_result(state, cmd.data["activity_id"], cmd.data["attempt"])
+    return None if verdict is None else _reject(state, cmd, now, *verdict)
 
 
 def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
@@ -283,8 +276,9 @@ def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: De
 
 
 def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    # Heartbeats are not history. Only an attempt with a heartbeat timeout records one, and only
-    # once half that timeout has elapsed (HeartbeatRecorded re-arms the timer); the rest change nothing.
+    # Heartbeats are not history. Only an attempt with a heartbeat timeout records one, at most
+    # HEARTBEAT_RESOLUTION per timeout (HeartbeatRecorded stamps the attempt; the timer re-arms
+    # itself from that stamp when it fires); the rest change nothing.
     if state is None or state["status"] not in Status.ACTIVE:
         return Decision(state=state)
     act = state["activities"].get(cmd.data["activity_id"])

@@ -4,15 +4,21 @@
 expression) and flattens its nested step lists into a lookup table so the interpreter can address
 any step by ``(list key, index)``. List keys: ``""`` for the top level, ``"<step>.<i>"`` for branch
 ``i`` of a parallel step, ``"<step>"`` for a foreach body.
+
+A deployed ``name@version`` is immutable: :class:`InMemoryDefinitions` keeps the first content it
+sees per key (compared by :func:`definition_fingerprint`), so a later record with other content
+under the same key, however it reached the table, cannot change what running instances execute.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from kflow.engine.expr import ExpressionError, compile_expr
-from kflow.model.errors import DefinitionError
+from kflow.model.errors import DefinitionConflict, DefinitionError
 from kflow.model.messages import Definition
 from kflow.model.spec import Step, WorkflowSpec, parse_duration_ms, parse_spec
 
@@ -27,9 +33,20 @@ class CompiledSpec:
     lists: dict[str, list[Step]] = field(default_factory=dict)
     where: dict[str, tuple[str, int]] = field(default_factory=dict)
     kind: str = "spec"
+    fingerprint: str = ""  # definition_fingerprint("spec", document); "" when compiled from no document
 
     def index_of(self, list_key: str, step_id: str) -> int:
         return self.where[step_id][1]
+
+
+def definition_fingerprint(kind: str, body: Any) -> str:
+    """SHA-256 (hex) of a definition's content: its kind and body as canonical JSON.
+
+    Key order and YAML formatting do not matter; any change of a value, step or expression does.
+    """
+    canonical = json.dumps({"kind": kind, "body": body}, sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _expressions(step: Step) -> list[str]:
@@ -66,7 +83,7 @@ def _flatten(c: CompiledSpec, key: str, steps: list[Step], problems: list[tuple[
 def compile_spec(doc: dict[str, Any]) -> CompiledSpec:
     """Validate and compile a spec document; raise :class:`DefinitionError` naming each bad step."""
     spec = parse_spec(doc)
-    c = CompiledSpec(name=spec.name, version=spec.version, spec=spec)
+    c = CompiledSpec(name=spec.name, version=spec.version, spec=spec, fingerprint=definition_fingerprint("spec", doc))
     problems: list[tuple[str, str]] = []
     _flatten(c, "", spec.steps, problems)
     if problems:
@@ -82,21 +99,57 @@ class DefinitionsView(Protocol):
     def latest(self, name: str) -> Optional[int]: ...
 
 
+def fingerprint_of(compiled: Any) -> str:
+    """The content fingerprint a compiled definition carries; "" when it has none (code workflows)."""
+    return str(getattr(compiled, "fingerprint", "") or "")
+
+
 class InMemoryDefinitions:
-    """A dict-backed :class:`DefinitionsView`; the engine's global table feeds one of these."""
+    """A dict-backed :class:`DefinitionsView`; the engine's global table feeds one of these.
+
+    Invariant: once ``name@version`` is in the table, its content never changes. Adding the same
+    content again is a no-op; adding other content under that key raises
+    :class:`~kflow.model.errors.DefinitionConflict` and leaves the table as it was. Definitions
+    without a fingerprint (code workflows, which the hosting process supplies) replace their entry.
+    """
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, int], Any] = {}
         self._latest: dict[str, int] = {}
 
-    def add(self, compiled: Any) -> None:
-        self._by_key[(compiled.name, compiled.version)] = compiled
+    def add(self, compiled: Any) -> bool:
+        """Add a compiled definition; True if the table changed, False if it already held this content.
+
+        Raises:
+            DefinitionConflict: ``name@version`` holds other content; the table keeps it.
+        """
+        key = (compiled.name, compiled.version)
+        existing = self._by_key.get(key)
+        if existing is compiled:
+            return False
+        if existing is not None:
+            old, new = fingerprint_of(existing), fingerprint_of(compiled)
+            if old and old == new:
+                return False
+            if old or new:
+                raise DefinitionConflict(compiled.name, compiled.version, old or "(no fingerprint)",
+                                         new or "(no fingerprint)")
+        self._by_key[key] = compiled
         if compiled.version >= self._latest.get(compiled.name, 0):
             self._latest[compiled.name] = compiled.version
+        return True
 
     def add_definition(self, d: Definition) -> Any:
-        """Compile and add a deployed definition record (spec kind); returns the compiled form."""
+        """Compile and add a deployed definition record (spec kind); returns the compiled form.
+
+        Raises:
+            DefinitionError: the record's body does not compile.
+            DefinitionConflict: the record's key is taken by other content (the table keeps that).
+        """
         compiled = compile_spec(d.body)
+        if (compiled.name, compiled.version) != (d.name, d.version):
+            raise DefinitionError(d.key, [("", f"expected a body named {d.key}, but the body says "
+                                               f"{compiled.name}@{compiled.version}")])
         self.add(compiled)
         return compiled
 

@@ -461,7 +461,7 @@ def on_timer_fired(run: Run, ev: Event) -> None:
     purpose = timer["purpose"]
     if purpose == "execution":
         limit = run.compiled.spec.timeout.execution if run.compiled.spec.timeout else "?"
-        fail_workflow(run, "WorkflowTimeout", f"the workflow did not finish within {limit}")
+        fail_workflow(run, "WorkflowTimeout", f"the workflow did not finish within {activity.duration_text(limit)}")
         return
     if purpose == "retry":
         activity.on_retry_timer(run, timer["activity"])
@@ -479,7 +479,7 @@ def on_timer_fired(run: Run, ev: Event) -> None:
     else:
         step = step_of(run.compiled, th)
         th["wait"]["timer"] = None
-        raise_error(run, tid, "Timeout", f"step '{step.id}': no signal '{th['wait']['name']}' arrived within {step.wait.timeout}")  # type: ignore[union-attr]
+        raise_error(run, tid, "Timeout", f"step '{step.id}': no signal '{th['wait']['name']}' arrived within {activity.duration_text(step.wait.timeout)}")  # type: ignore[union-attr]
 
 
 def on_signal(run: Run, ev: Event) -> None:

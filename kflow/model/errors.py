@@ -90,8 +90,84 @@ class NonRetryableError(KflowError):
 
 
 class WorkflowFailedError(KflowError):
-    """Client side: the awaited workflow ended FAILED or CANCELLED."""
+    """Client side: the awaited workflow ended FAILED, CANCELLED or TERMINATED.
+
+    Raised by ``WorkflowHandle.result()`` and ``Client.result()``; ``kflow result`` prints it and
+    exits 1. Decide on the fields, not on the message text.
+
+    Attributes:
+        instance_id: The instance that ended.
+        status: How it ended: ``"FAILED"``, ``"CANCELLED"`` or ``"TERMINATED"``.
+        error_type: The error type it ended with: what a ``fail`` step or an uncaught activity
+            error named (``"CardDeclined"``, ``"ActivityTimeout"``), ``"WorkflowTimeout"`` for an
+            execution timeout, ``"Cancelled"`` or ``"Terminated"``; None if the state carries none.
+        message: The error message (for a cancel or terminate, the reason given); may be None.
+
+    Example:
+        >>> try:  # doctest: +SKIP
+        ...     handle.result(timeout=60)
+        ... except kflow.WorkflowFailedError as e:
+        ...     if e.status == "FAILED" and e.error_type == "CardDeclined":
+        ...         notify_customer(e.instance_id, e.message)
+    """
 
     def __init__(self, instance_id: str, status: str, error_type: str | None, message: str | None) -> None:
         self.instance_id, self.status, self.error_type, self.message = instance_id, status, error_type, message
         super().__init__(f"workflow {instance_id} {status.lower()}: {error_type}: {message}")
+
+
+class DefinitionConflict(KflowError):
+    """``name@version`` is already deployed with different content; a deployed version is immutable.
+
+    Attributes:
+        workflow: The definition's name.
+        version: The version that is taken.
+        existing_fingerprint: Content fingerprint of the deployed definition (the one that counts).
+        new_fingerprint: Content fingerprint of the refused one.
+    """
+
+    def __init__(self, workflow: str, version: int, existing_fingerprint: str, new_fingerprint: str) -> None:
+        self.workflow, self.version = workflow, version
+        self.existing_fingerprint, self.new_fingerprint = existing_fingerprint, new_fingerprint
+        super().__init__(
+            f"{workflow}@{version} is already deployed with different content (deployed {existing_fingerprint[:12]}, "
+            f"new {new_fingerprint[:12]}); a deployed version never changes, so running instances keep it: "
+            f"deploy the change as {workflow}@{version + 1} (or the next free version)")
+
+
+class WorkflowNotDeployed(KflowError):
+    """A start names a workflow (or version) the definitions topic does not hold.
+
+    Attributes:
+        workflow: The name asked for.
+        version: The version asked for, or None for "the latest".
+        deployed_versions: The versions of ``workflow`` that are deployed (empty if none).
+    """
+
+    def __init__(self, workflow: str, version: int | None, deployed_versions: list[int]) -> None:
+        self.workflow, self.version, self.deployed_versions = workflow, version, list(deployed_versions)
+        what = workflow if version is None else f"{workflow}@{version}"
+        if deployed_versions:
+            have = ", ".join(str(v) for v in deployed_versions)
+            hint = f"deployed versions of '{workflow}': {have}"
+        else:
+            hint = (f"deploy it first (kflow deploy FILE), or start an engine hosting code workflow '{workflow}' "
+                    f"(--workflows MODULE)")
+        super().__init__(f"workflow '{what}' is not deployed: {hint}")
+
+
+class StartRejectedError(WorkflowFailedError):
+    """Client side: the engine refused a ``StartWorkflow`` (it was dead-lettered), so no instance ran.
+
+    Attributes:
+        instance_id: The id the start asked for.
+        reason: The engine's reason, e.g. ``unknown workflow 'order': deploy it first``.
+    """
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(instance_id, "REJECTED", "StartRejected", reason)
+        self.args = (f"workflow {instance_id} was not started: the engine rejected its start: {reason}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])

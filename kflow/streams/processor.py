@@ -126,9 +126,8 @@ class EngineProcessor:
             compile_code = compile_code or registered_code
         self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code)
         self.defs.limits = cfg.limits()
-        for d in hosted:
-            self.defs.add(d)
         self.defs.catch_up(10)
+        self.defs.host(hosted, cfg.producer_conf(), self.clock.now_ms())
         tid = f"{self.names.prefix}engine-{cfg.resolved_engine_id()}"
         self.producer = Producer(cfg.producer_conf(**{
             "transactional.id": tid, "transaction.timeout.ms": cfg.transaction_timeout_ms,

@@ -27,9 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kflow.client import ID_REUSE_POLICIES
 from kflow.model.errors import KflowError
-from kflow.visibility.graph import layout, resolve_steps, step_index, succeed_steps
+from kflow.model.messages import Event
+from kflow.visibility.graph import MAX_REPLAY_EVENTS, history_steps, layout, resolve_steps, step_index, succeed_steps
 from kflow.visibility.live import Changes
-from kflow.visibility.store import FilterError, InstanceFilter, VisibilityStore
+from kflow.visibility.store import MAX_PAGE, FilterError, InstanceFilter, VisibilityStore
 
 __all__ = ["ActionSink", "ApiError", "create_app", "parse_time"]
 
@@ -125,8 +126,24 @@ def _filter(status: Optional[str], workflow: Optional[str], version: Optional[in
         raise ApiError(400, str(e)) from None
 
 
-def _instance_view(row: dict[str, Any], definition: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """The API shape of one instance: summary, variables and pending work from its state."""
+def _history_events(store: VisibilityStore, instance_id: str) -> Optional[list[Event]]:
+    """The stored history of an instance, oldest first; None when it is too long to replay."""
+    out: list[Event] = []
+    while len(out) <= MAX_REPLAY_EVENTS:
+        page = store.history(instance_id, out[-1].seq if out else 0, MAX_PAGE)
+        out += [Event(e["type"], e["instance_id"], e["seq"], e["ts"], e["data"]) for e in page]
+        if len(page) < MAX_PAGE:
+            return out
+    return None
+
+
+def _instance_view(row: dict[str, Any], definition: Optional[dict[str, Any]],
+                   events: Optional[list[Event]] = None) -> dict[str, Any]:
+    """The API shape of one instance: summary, variables and pending work from its state.
+
+    A spec instance's step states come from replaying ``events`` (its history) when given and
+    replayable, else from the step positions tracked over its state records.
+    """
     internal = row.pop("internal")
     pending = [{"activity_id": aid, "name": a.get("name"), "step": a.get("step"), "queue": a.get("queue"),
                 "attempt": a.get("attempt"), "phase": a.get("phase")}
@@ -139,7 +156,9 @@ def _instance_view(row: dict[str, Any], definition: Optional[dict[str, Any]]) ->
     is_spec = definition is not None and definition["kind"] == "spec"
     if is_spec:
         body = definition["body"]  # type: ignore[index]
-        row["steps"] = resolve_steps(row["steps"], step_index(body), row["status"], succeed_steps(body))
+        replayed = history_steps(body, events) if events else None
+        row["steps"] = (replayed if replayed is not None
+                        else resolve_steps(row["steps"], step_index(body), row["status"], succeed_steps(body)))
     else:
         row["steps"] = {}
     return {**row, "input": internal.get("input"), "variables": internal.get("vars") or {},
@@ -252,7 +271,9 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
         row = store.get_instance(instance_id)
         if row is None:
             raise ApiError(404, f"no workflow instance with id {instance_id!r}")
-        return _instance_view(row, store.definition(row["workflow"], row["version"]))
+        definition = store.definition(row["workflow"], row["version"])
+        spec = definition is not None and definition["kind"] == "spec"
+        return _instance_view(row, definition, _history_events(store, instance_id) if spec else None)
 
     @app.get("/api/instances/{instance_id}/history", tags=["instances"], summary="Events of an instance (paged)")
     def history(instance_id: str, after_seq: int = Query(0, ge=0, description="Return events after this seq."),

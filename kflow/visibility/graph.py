@@ -1,20 +1,33 @@
-"""Pure helpers for the definition graph: lay a spec's steps out for drawing, and track which
-steps of an instance are done, running or failed as its state records go by.
+"""Pure helpers for the definition graph: lay a spec's steps out for drawing, and work out which
+steps of an instance are done, running, failed or still pending.
 
 The layout is computed here (not in the browser) so the console stays a plain script: every
 step is a box at ``(x, y)``; a ``parallel`` step's branches sit side by side below it, a
 ``foreach`` body is indented under it; edges are sequential flow, ``goto``/``choice`` routes and
-``catch`` routes. Step tracking only reads the public state record: a thread's current step is
-running; a step that was running and no longer is, is done (or failed, when the instance ended
-FAILED, CANCELLED or TERMINATED while on it); in a list without jumps the steps before a
-thread's position are done even if no state record showed them running.
+``catch`` routes.
+
+Step states come from the instance's history when it is at hand (:func:`history_steps`): the
+history is replayed through the engine's own interpreter, which shows every step that ran —
+also those that ran and finished inside one decision (a ``set``, a ``choice``, a catch handler,
+the final ``succeed``), which no state record ever shows. Without a history, the state records
+are tracked (:func:`track_steps`, :func:`resolve_steps`): a thread's current step is running; a
+step that was running and no longer is, is done (or failed, when the instance ended FAILED,
+CANCELLED or TERMINATED while on it); in a list without jumps the steps before a thread's
+position are done even if no state record showed them running.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, Optional
 
-__all__ = ["StepIndex", "layout", "resolve_steps", "step_index", "succeed_steps", "track_steps", "STEP_STATES"]
+from kflow.engine import INPUT_EVENTS, CompiledSpec, compile_spec, evolve
+from kflow.model.messages import Event
+
+__all__ = ["MAX_REPLAY_EVENTS", "STEP_STATES", "StepIndex", "history_steps", "layout", "resolve_steps",
+           "step_index", "succeed_steps", "track_steps"]
 
 #: The states a step can be shown in.
 STEP_STATES = ("pending", "running", "done", "failed")
@@ -206,3 +219,176 @@ def succeed_steps(body: dict[str, Any]) -> frozenset[str]:
 
     walk(list(body.get("steps") or []))
     return frozenset(found)
+
+
+# --------------------------------------------------------------------------- steps from the history
+
+#: Longest history replayed for a step view; beyond it callers fall back to state-record tracking.
+MAX_REPLAY_EVENTS = 20_000
+#: Statuses a decision can leave a RUNNING instance in when it ends (or starts to end) badly.
+_BAD_ENDS = frozenset({"FAILED", "CANCELLED", "TERMINATED", "COMPENSATING", "CANCELLING"})
+_STEP_NAMED = re.compile(r"step '([^']+)'")
+_CHILD_PLACEHOLDER = object()
+
+
+class _SeenSteps(list):  # type: ignore[type-arg]
+    """A compiled step list that notes the id of every step the interpreter reads from it.
+
+    The interpreter addresses steps only as ``lists[key][idx]``, and reads a step exactly when it
+    runs it, resumes it with a result or an error, or looks up its retry and timeout policy.
+    """
+
+    def __init__(self, steps: list[Any], seen: list[str]) -> None:
+        super().__init__(steps)
+        self._seen = seen
+
+    def __getitem__(self, i: Any) -> Any:
+        item = super().__getitem__(i)
+        if isinstance(i, int):
+            self._seen.append(item.id)
+        return item
+
+
+class _ReplayDefinitions:
+    """The definitions view of a replay: the instance's own (watched) definition, and for the
+    workflows it starts as children the version its history recorded — the interpreter only
+    checks that a child's definition exists."""
+
+    def __init__(self, compiled: CompiledSpec, child_versions: dict[str, int]) -> None:
+        self._compiled = compiled
+        self._child_versions = child_versions
+
+    def get(self, name: str, version: int) -> Optional[Any]:
+        if (name, version) == (self._compiled.name, self._compiled.version):
+            return self._compiled
+        return _CHILD_PLACEHOLDER if self._child_versions.get(name) == version else None
+
+    def latest(self, name: str) -> Optional[int]:
+        return self._child_versions.get(name, self._compiled.version if name == self._compiled.name else None)
+
+
+def history_steps(body: dict[str, Any], events: Sequence[Event]) -> Optional[dict[str, str]]:
+    """Step id -> ``running``, ``done`` or ``failed`` for one instance of the spec ``body``.
+
+    ``events`` is the instance's history, oldest first (its last run is used when the id was
+    reused). Steps never reached are absent (pending). A step whose error a ``catch`` route
+    handled is ``failed`` and the handler's steps are ``done``; a step still waiting when the
+    instance failed, was cancelled or terminated is ``failed``; a ``fail`` step that ran is
+    ``failed``. Returns None when the history is longer than :data:`MAX_REPLAY_EVENTS` or does
+    not replay against ``body`` (another definition produced it).
+    """
+    starts = [i for i, ev in enumerate(events) if ev.type == "WorkflowStarted"]
+    if not starts or len(events) > MAX_REPLAY_EVENTS:
+        return None
+    run = list(events[starts[-1]:])
+    seen: list[str] = []
+    try:
+        base = compile_spec(body)
+        watched = dataclasses.replace(base, lists={k: _SeenSteps(v, seen) for k, v in base.lists.items()})
+        defs = _ReplayDefinitions(watched, {ev.data["workflow"]: ev.data["version"]
+                                            for ev in run if ev.type == "ChildStarted"})
+        ids = {key: [s.id for s in steps] for key, steps in base.lists.items()}
+        kinds = {s.id: s for steps in base.lists.values() for s in steps}
+        out: dict[str, str] = {}
+        state: Optional[dict[str, Any]] = None
+        for ev in run:
+            if ev.type == "CommandRejected" and state is not None:
+                state = {**state, "seq": ev.seq}  # as in the engine's fold: a rejection only takes a seq
+            if ev.type not in INPUT_EVENTS:
+                continue
+            seen.clear()
+            before = state
+            state, _ = evolve(state, ev, defs)
+            _account(out, before, state, ev, list(seen), ids, kinds)
+        return out
+    except Exception:  # noqa: BLE001 - a history this definition cannot replay gets the state-record view
+        return None
+
+
+def _account(out: dict[str, str], before: Optional[dict[str, Any]], after: dict[str, Any], ev: Event,
+             seen: list[str], ids: dict[str, list[str]], steps: dict[str, Any]) -> None:
+    """Fold one decision (``before`` -> ``after`` on ``ev``, reading the steps ``seen``) into ``out``."""
+    if before is not None and before["status"] != "RUNNING":
+        return  # compensating or closing: no step of the definition runs (``seen`` are policy look-ups)
+    blocked_before = _blocked(before, ids)
+    blocked_after = _blocked(after, ids)
+    for step in seen:
+        out[step] = "done"
+    failed = _error_path(before, after, ev, ids, steps)
+    # a step that was waiting, was not resumed and waits no more was cut off by an error or the end
+    failed |= blocked_before - blocked_after - set(seen)
+    if after["status"] in _BAD_ENDS:
+        failed |= {s for s in seen if steps[s].kind == "fail"}
+        closing = after.get("error") or (after.get("closing") or {}).get("data") or {}
+        named = _STEP_NAMED.search(str(closing.get("message") or ""))
+        if not failed and named and named.group(1) in seen:
+            failed.add(named.group(1))  # an expression or a limit failed the workflow in that step
+    for step in failed:
+        out[step] = "failed"
+    for step in blocked_after:
+        out[step] = "running"
+
+
+def _blocked(state: Optional[dict[str, Any]], ids: dict[str, list[str]]) -> set[str]:
+    """Steps some thread of ``state`` is blocked on (an activity, timer, signal, child or join)."""
+    found: set[str] = set()
+    for th in ((state or {}).get("threads") or {}).values():
+        step = _step_at(th, ids)
+        if th.get("wait") is not None and step is not None:
+            found.add(step)
+    return found
+
+
+def _step_at(th: dict[str, Any], ids: dict[str, list[str]]) -> Optional[str]:
+    steps = ids.get(th.get("list", ""), [])
+    idx = th.get("idx")
+    return steps[idx] if isinstance(idx, int) and 0 <= idx < len(steps) else None
+
+
+def _error_path(before: Optional[dict[str, Any]], after: dict[str, Any], ev: Event, ids: dict[str, list[str]],
+                steps: dict[str, Any]) -> set[str]:
+    """The step an error hit in this decision, and the enclosing steps it propagated to until a
+    matching ``catch`` took it (or the top level, where it failed the workflow)."""
+    if before is None:
+        return set()
+    site = _error_site(before, after, ev)
+    if site is None:
+        return set()
+    tid, error_type = site
+    path: set[str] = set()
+    while tid is not None and tid in before["threads"]:
+        th = before["threads"][tid]
+        step = _step_at(th, ids)
+        if step is None:
+            break
+        path.add(step)
+        if any(rule.matches(error_type) for rule in steps[step].catch or []):
+            break
+        tid = th.get("parent")
+    return path
+
+
+def _error_site(before: dict[str, Any], after: dict[str, Any], ev: Event) -> Optional[tuple[Optional[str], str]]:
+    """``(thread, error type)`` when ``ev`` ended a step with an error: an activity that failed or
+    timed out for good, a child that failed, a signal wait that timed out."""
+    d = ev.data
+    if ev.type == "ChildFailed":
+        child = before["children"].get(d["child_id"]) or {}
+        return child.get("thread"), d["error_type"]
+    if ev.type == "ActivityFailed":
+        return _activity_gave_up(before, after, d["activity_id"], d["error_type"])
+    if ev.type == "TimerFired":
+        timer = before["timers"].get(d["timer_id"]) or {}
+        if timer.get("purpose") == "activity_timeout":
+            return _activity_gave_up(before, after, timer.get("activity", ""), "ActivityTimeout")
+        if timer.get("purpose") == "wait_timeout":
+            return timer.get("thread"), "Timeout"
+    return None
+
+
+def _activity_gave_up(before: dict[str, Any], after: dict[str, Any], aid: str,
+                      error_type: str) -> Optional[tuple[Optional[str], str]]:
+    act = before["activities"].get(aid)
+    if act is None or act.get("thread") is None or aid in after["activities"]:
+        return None  # a compensation, or an attempt the retry policy tries again
+    return act["thread"], error_type

@@ -110,8 +110,10 @@ def test_deploy_validates_before_connecting() -> None:
 
 
 def test_start_produces_start_workflow_on_the_id_partition(client: Client, config: KafkaConfig) -> None:
-    handle = client.start("greet", {"name": "ada"}, id="order-1", version=3, id_reuse="allow_if_closed")
-    generated = client.start("greet")
+    # no engine and no deploy here: the client's deployed-check is off, the command is what is tested
+    handle = client.start("greet", {"name": "ada"}, id="order-1", version=3, id_reuse="allow_if_closed",
+                          require_deployed=False)
+    generated = client.start("greet", require_deployed=False)
     assert handle.id == "order-1"
     assert len(generated.id) == 32 and int(generated.id, 16) >= 0
 
@@ -212,7 +214,7 @@ def _join(thread: threading.Thread) -> None:
 
 
 def test_result_returns_once_a_terminal_record_arrives(client: Client, producer: Producer) -> None:
-    handle = client.start("greet", {"name": "ada"})
+    handle = client.start("greet", {"name": "ada"}, require_deployed=False)
     thread = _produce_when_waiting(client, producer, handle.id, _state(handle.id, Status.RUNNING, 1),
                                    _state(handle.id, Status.COMPLETED, 5, result="hello ada"))
     assert handle.result(timeout=30) == "hello ada"
@@ -222,7 +224,7 @@ def test_result_returns_once_a_terminal_record_arrives(client: Client, producer:
 
 
 def test_result_that_arrived_before_the_call_is_not_missed(client: Client, producer: Producer) -> None:
-    handle = client.start("greet")
+    handle = client.start("greet", require_deployed=False)
     _write_states(producer, client.names.state, _state(handle.id, Status.COMPLETED, 2, result="early"))
     assert_eventually(lambda: client.watcher().terminal(handle.id), timeout=20, msg="the watcher saw the result")
     assert handle.result(timeout=1) == "early"
@@ -245,7 +247,7 @@ def test_result_of_an_instance_that_finished_before_the_client_existed(config: K
 
 @pytest.mark.parametrize("status", [Status.FAILED, Status.CANCELLED])
 def test_result_raises_when_the_workflow_did_not_complete(client: Client, producer: Producer, status: str) -> None:
-    handle = client.start("greet")
+    handle = client.start("greet", require_deployed=False)
     thread = _produce_when_waiting(client, producer, handle.id,
                                    _state(handle.id, status, 3, error=("CardDeclined", "card declined")))
     with pytest.raises(WorkflowFailedError) as info:
@@ -257,7 +259,7 @@ def test_result_raises_when_the_workflow_did_not_complete(client: Client, produc
 
 
 def test_result_times_out_when_nothing_comes(client: Client, producer: Producer) -> None:
-    handle = client.start("greet")
+    handle = client.start("greet", require_deployed=False)
     _write_states(producer, client.names.state, _state(handle.id, Status.RUNNING, 1))
     started = time.monotonic()
     with pytest.raises(TimeoutError, match=handle.id):
@@ -268,7 +270,7 @@ def test_result_times_out_when_nothing_comes(client: Client, producer: Producer)
 
 def test_wait_many(client: Client, producer: Producer) -> None:
     _write_states(producer, client.names.state, _state("done-before", Status.COMPLETED, 2, result=0))
-    handles = [client.start("greet", i, confirm=False) for i in range(20)]
+    handles = [client.start("greet", i, confirm=False, require_deployed=False) for i in range(20)]
     client.flush()
     ids = [h.id for h in handles]
     finished = [_state(i, Status.COMPLETED, 2, result=n) for n, i in enumerate(ids[:19])]

@@ -18,7 +18,7 @@ def test_dead_letter_list_and_replay_after_fix(stack):
     c = stack.client
     name = f"late{uuid.uuid4().hex[:6]}"
     iid = f"dl-{uuid.uuid4().hex[:8]}"
-    c.start(name, 1, id=iid)
+    c.start(name, 1, id=iid, require_deployed=False)  # the engine has not seen it: it dead-letters the start
     rec = assert_eventually(lambda: next((r for r in read_dlq(c.config) if r.key == iid.encode()), None), timeout=30)
     assert f"unknown workflow '{name}'" in rec.reason
     assert rec.original_topic == c.config.names.commands and rec.original_offset >= 0

@@ -83,3 +83,19 @@ def test_unreachable_bootstrap_fails_fast_with_a_hint():
     assert "no answer from 127.0.0.1:1" in checks[0].detail and "KFLOW_BOOTSTRAP" in checks[0].fix
     result = CliRunner().invoke(app, ["doctor", "-b", "127.0.0.1:1", "--timeout", "2"])
     assert result.exit_code == 1 and "error: 1 check(s) failed: broker reachable" in result.output
+
+
+def test_transactional_topics_are_compared_after_a_workflow_ran(stack):
+    """``events``, ``state`` and ``tasks.*`` end in commit markers: doctor reads back to the last record."""
+    from tests.integration.conftest import PARTITIONS as STACK_PARTITIONS
+    from tests.integration.flows import chain
+
+    stack.client.deploy(chain("doctor_chain", 2))
+    assert stack.client.start("doctor_chain", 1, id=f"dc-{uuid.uuid4().hex[:6]}").result(timeout=60) == 3
+    cfg = stack.kafka_config(KafkaConfig)
+    checks = _by_name(run_checks(cfg.client_conf(), stack.prefix, STACK_PARTITIONS))
+    for topic, avsc in (("events", "event"), ("state", "state"), ("tasks.default", "task")):
+        check = checks[f"schema of {stack.prefix}{topic}"]
+        assert check.status == OK, check
+        assert "newest records match" in check.detail and f"{avsc}.avsc" in check.detail, check
+        assert "no committed record" not in check.detail, check

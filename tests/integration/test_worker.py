@@ -302,7 +302,7 @@ def test_sync_and_async_results_on_two_queues(kafka_bootstrap: str, topic_prefix
     try:
         cmds = Commands(io.reader(cfg.names.commands))
         w = running(cfg, [inc, echo, upper])
-        assert w.group_id == f"{topic_prefix}worker.default+other"
+        assert w.group_ids == {"default": f"{topic_prefix}worker.default", "other": f"{topic_prefix}worker.other"}
         ts = [task("t.inc", i) for i in range(5)]
         te = task("t.echo", {"k": [1, 2]})
         tu = task("t.upper", "abc", queue="other")

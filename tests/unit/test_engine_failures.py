@@ -213,11 +213,13 @@ def test_heartbeat_timeout_and_reset() -> None:
     t = h.pending_tasks.popleft()
     hb = {"activity_id": t.activity_id, "attempt": 1, "details": None}
     h.advance(3)
-    h.send("HeartbeatActivity", "i1", **hb)  # early: not recorded
-    assert "HeartbeatRecorded" not in h.events("i1")
-    h.advance(3)
-    h.send("HeartbeatActivity", "i1", **hb)  # past half-time: recorded, timer re-armed from now
+    h.send("HeartbeatActivity", "i1", **hb)  # recorded: the silence counts from here
+    h.advance(0.5)
+    h.send("HeartbeatActivity", "i1", **hb)  # within a tenth of the timeout of the last one: not recorded
     assert h.events("i1").count("HeartbeatRecorded") == 1
+    h.advance(2.5)
+    h.send("HeartbeatActivity", "i1", **hb)  # recorded; the timer re-arms from it when it fires
+    assert h.events("i1").count("HeartbeatRecorded") == 2
     h.advance(9)
     assert h.status("i1") == "RUNNING"  # 15 s after start, only 9 s after the last heartbeat
     h.advance(1)
@@ -385,7 +387,7 @@ def test_cancel_mid_saga_compensates_completed_steps() -> None:
     h.send("CancelWorkflow", "i1", reason="again")
     assert events_of(h, "i1", "CommandRejected")[-1]["code"] == "INVALID_STATE"
     h.send("CompleteActivity", "i1", activity_id=car.activity_id, attempt=1, result="C1")  # too late
-    assert events_of(h, "i1", "CommandRejected")[-1]["code"] == "DUPLICATE"
+    assert events_of(h, "i1", "CommandRejected")[-1]["code"] == "STALE"  # an abandoned attempt
     while h.pending_tasks:
         h.run_task(h.pending_tasks.popleft())
         h.drain()

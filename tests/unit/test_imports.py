@@ -209,3 +209,38 @@ def test_import_checker(snippet: str, module: str, ok: bool) -> None:
     package = module.split(".")[1]
     third_party, prefixes = ALLOWED[package]
     assert (import_violations(snippet, module, third_party, prefixes) == []) is ok
+
+
+# -- the public surface ------------------------------------------------------------------------------
+#: What ``import kflow`` offers; a name added or removed is a decision, made here on purpose.
+PUBLIC = {
+    "ActivityCancelledError", "ActivityError", "BrokerUnavailable", "CancelledError", "Client", "DefinitionConflict",
+    "DefinitionError", "KflowError", "NonRetryableError", "NondeterminismError", "StartRejectedError",
+    "TopicConfigMismatch", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
+    "WorkflowNotDeployed", "WorkflowSandboxError", "activity", "heartbeat", "query_state", "workflow",
+}
+#: Errors of ``kflow.model.errors`` that stay internal (raised and handled inside kflow's processors).
+INTERNAL_ERRORS = {"DecodeError"}
+
+
+def test_public_surface_is_pinned() -> None:
+    assert set(kflow.__all__) == PUBLIC
+    for name in sorted(PUBLIC):
+        assert getattr(kflow, name) is not None, name
+    assert set(dir(kflow)) >= PUBLIC
+
+
+def test_every_user_facing_error_is_exported() -> None:
+    from kflow.model import errors
+
+    classes = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)
+               and v.__module__ == errors.__name__}
+    assert classes - INTERNAL_ERRORS <= set(kflow.__all__), classes - INTERNAL_ERRORS - set(kflow.__all__)
+    assert issubclass(kflow.ActivityError, kflow.WorkflowError) and issubclass(kflow.CancelledError, kflow.WorkflowError)
+    assert all(issubclass(getattr(kflow, n), kflow.KflowError) for n in PUBLIC if n[0].isupper()
+               and n not in {"Client", "WorkflowHandle", "WorkflowContext"})
+
+
+def test_an_unknown_name_is_a_precise_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="module 'kflow' has no attribute 'ActivityErorr'"):
+        kflow.ActivityErorr  # noqa: B018
