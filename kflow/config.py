@@ -170,6 +170,7 @@ class EngineConfig(KafkaConfig):
     poll_timeout_ms: int = Field(20, ge=1, description="How long one poll waits for commands.")
     cache_size: int = Field(50_000, ge=0, description="Instance states kept in memory per engine (LRU).")
     timer_batch: int = Field(1000, ge=1, description="Most timers fired per partition per transaction.")
+    lanes: int = Field(4, ge=1, le=64, description="Transactions an engine keeps open side by side: partition p commits in lane p % lanes, each with its own transactional producer and thread, so one partition's broker round trips do not hold up another's.")
     transaction_timeout_ms: int = Field(10_000, ge=1000, description="Kafka transaction timeout; bounds how long a crashed engine's open transaction can block readers.")
     static_membership: bool = Field(False, description="Join the engine group as a static member (group.instance.id = engine id) so a restarted engine takes its partitions back at once; needs a stable KFLOW_ENGINE_ID.")
     workflows: str = Field("", description="Comma-separated modules of code workflows to host.")
@@ -199,6 +200,9 @@ class WorkerConfig(KafkaConfig):
 
     concurrency: int = Field(32, ge=1, le=10_000, description="Activities in flight per worker process.")
     heartbeat_interval_ms: int = Field(5_000, ge=100, description="How often long activities heartbeat.")
+    task_isolation: Literal["read_uncommitted", "read_committed"] = Field(
+        "read_uncommitted", description="Isolation level workers read tasks with: `read_uncommitted` starts an activity as soon as the engine decided it, before its transaction commits (activities are at-least-once; a result for an attempt the engine never committed is rejected or re-run); `read_committed` waits for the commit.")
+    result_linger_ms: float = Field(0, ge=0, le=1000, description="linger.ms of the worker's result producer; 0 sends each result at once (librdkafka still batches under load).")
     connectors: str = Field("", description="Connectors file (YAML) whose operations this worker also serves (`kflow worker --connectors`).")
     connector_http_port: int = Field(8089, ge=0, le=65535, description="Port of the connectors' webhook callback server (`POST /callbacks/<token>`); 0 picks a free port.")
     connector_public_url: str = Field("", description="Base URL external systems reach the webhook callback server at (default http://<hostname>:<port>).")

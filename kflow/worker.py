@@ -166,8 +166,9 @@ class Worker:
             topics={names.tasks(q): q for q in self.queues},
             commands_topic=names.commands,
             dlq_topic=names.dlq,
-            consumer_confs={names.tasks(q): cfg.consumer_conf(g) for q, g in self.group_ids.items()},
-            producer_conf=cfg.producer_conf(),
+            consumer_confs={names.tasks(q): cfg.consumer_conf(g, **{"isolation.level": cfg.task_isolation})
+                            for q, g in self.group_ids.items()},
+            producer_conf=cfg.producer_conf(**{"linger.ms": cfg.result_linger_ms}),
             concurrency=cfg.concurrency,
             heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
             shutdown_timeout=self.shutdown_timeout,

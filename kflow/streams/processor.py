@@ -3,18 +3,22 @@
 ::
 
     ┌────────────┐ assign  ┌───────────┐ restored ┌────────────────────────────────────────────┐
-    │ JOINING    ├────────►│ RESTORING ├─────────►│ RUNNING: poll ─► decide ─► produce ─►      │
-    └────────────┘         └───────────┘          │   send offsets ─► commit ─► write RocksDB  │
-          ▲  revoke: close stores, drop caches        └──────┬─────────────────────────────────────┘
-          └───────────────────────────────────────────────┘ stop: finish batch, leave group
+    │ JOINING    ├────────►│ RESTORING ├─────────►│ RUNNING: poll ─► route to lanes; each lane: │
+    └────────────┘         └───────────┘          │   decide ─► produce ─► send offsets ─►      │
+          ▲  revoke: lanes finish, close stores       │   commit ─► write RocksDB ─► cancels        │
+          └───────────────────────────────────────────┴──────┬───────────────────────────────────┘
+                                                              stop: lanes finish, leave group
 
 The consumer that owns partition *p* of ``commands`` is the only writer of the state of every
-instance on *p*. One batch = one Kafka transaction holding the events, the state changelog
-records, the tasks, the commands for other instances, DLQ records and the consumed offsets.
-RocksDB is written only after the commit, with the changelog offset in the same WriteBatch, so a
-crash at any instant is repaired by restoring from the changelog. Due timers are fired by the
-partition owner through the same decide/commit path, at most ``timer_batch`` per partition per
-transaction so a burst of timers cannot starve commands.
+instance on *p*. This thread polls and routes each record to the lane of its partition
+(:mod:`kflow.streams.lane`); a lane runs the commit protocol for its partitions in its own Kafka
+transaction, so partitions commit side by side instead of queueing behind one another's broker
+round trips. One batch = one transaction holding the events, the state changelog records, the
+tasks, the commands for other instances, DLQ records and the consumed offsets. RocksDB is written
+only after the commit, with the changelog offset in the same WriteBatch, so a crash at any instant
+is repaired by restoring from the changelog. Due timers are fired by the lane of their partition
+through the same decide/commit path, at most ``timer_batch`` per partition per transaction so a
+burst of timers cannot starve commands.
 """
 
 from __future__ import annotations
@@ -28,18 +32,17 @@ from typing import Any, Callable, Optional
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 import orjson
 
-from kflow import _hops, _tracing
+from kflow import _hops
 from kflow.config import EngineConfig
-from kflow.engine import decide
-from kflow.model.errors import DecodeError, KflowError
-from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict
-from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
+from kflow.model.errors import KflowError
 from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
-from kflow.streams.partitioner import partition_for
+from kflow.streams.lane import Batch, Lane, state_record
 from kflow.streams.restore import end_offsets, restore_partition
-from kflow.streams.store import EngineStore, timer_key
+from kflow.streams.store import EngineStore
 from kflow.streams.topics import ensure_task_topic, ensure_topics
+
+__all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
 
 log = logging.getLogger("kflow.engine")
 
@@ -48,34 +51,6 @@ log = logging.getLogger("kflow.engine")
 class SystemClock:
     def now_ms(self) -> int:
         return int(time.time() * 1000)
-
-
-@dataclass
-class Batch:
-    """Scratch state of one transaction; discarded on abort."""
-
-    now: int
-    states: dict[str, JSONDict] = field(default_factory=dict)
-    old: dict[str, Optional[JSONDict]] = field(default_factory=dict)
-    partition_of: dict[str, int] = field(default_factory=dict)
-    fired: dict[int, list[bytes]] = field(default_factory=dict)
-    first_offsets: dict[int, int] = field(default_factory=dict)
-    changelog_next: dict[int, int] = field(default_factory=dict)
-    commands: int = 0
-    events: int = 0
-    defs_synced: bool = False
-    decided: list[tuple[Optional[JSONDict], Any]] = field(default_factory=list)  # (state before, decision) for metrics
-    polled_us: int = 0  # when the batch's first command was polled (hop stamps)
-    hops: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # instance -> hop stamp of its state record
-
-
-def state_record(st: JSONDict) -> dict[str, Any]:
-    """The public ``state`` record of an instance (the changelog carries the full state inside)."""
-    err = st.get("error") or {}
-    return {"instance_id": st["id"], "workflow": st["workflow"], "version": st["version"], "status": st["status"],
-            "seq": st["seq"], "started_ms": st["started_ms"], "updated_ms": st["updated_ms"],
-            "closed_ms": st.get("closed_ms"), "result": st.get("result"), "error_type": err.get("type"),
-            "error_message": err.get("message"), "internal": st}
 
 
 class EngineProcessor:
@@ -91,18 +66,29 @@ class EngineProcessor:
         self._stop = threading.Event()
         self._compile_code = compile_code
         self._known_queues: set[str] = set()
-        self._polled_us = 0
-        self._next_due: dict[int, Optional[int]] = {}
+        #: next due timer per owned partition; written by the partition's lane after each commit
+        self.next_due: dict[int, Optional[int]] = {}
+        #: serialises deciding across lanes (the engine, definitions, caches and tracing are shared)
+        self.decide_lock = threading.RLock()
+        self.lanes: list[Lane] = []
+        self.lanes_n = max(1, config.lanes)
+        self._route_lock = threading.Lock()
+        self._blocked: set[int] = set()  # partitions a lane is rewinding: their records are dropped
+        self._seeks: list[TopicPartition] = []
         self.defs: DefinitionsTable
         self.consumer: Consumer
-        self.producer: Producer
+        self.side_producer: Producer  # cancel tasks, produced after the commit that decided them
+        #: the consumer's group metadata for send_offsets_to_transaction, taken by this thread after
+        #: each assignment: asking the consumer from a lane while this thread polls blocks
+        self.group_metadata: Any = None
+        self._metadata_stale = True
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
 
     def run(self, stop_event: Optional[threading.Event] = None) -> None:
-        """Process until ``stop()`` (or ``stop_event``) — finishing the open batch — then leave the group."""
+        """Process until ``stop()`` (or ``stop_event``) — finishing the open batches — then leave the group."""
         if stop_event is not None:
             self._stop = stop_event
         self._setup()
@@ -129,10 +115,14 @@ class EngineProcessor:
         self.defs.catch_up(10)
         self.defs.host(hosted, cfg.producer_conf(), self.clock.now_ms())
         tid = f"{self.names.prefix}engine-{cfg.resolved_engine_id()}"
-        self.producer = Producer(cfg.producer_conf(**{
-            "transactional.id": tid, "transaction.timeout.ms": cfg.transaction_timeout_ms,
-            "linger.ms": 5, "queue.buffering.max.messages": 1_000_000, "acks": "all"}))
-        self.producer.init_transactions(30)
+        for i in range(self.lanes_n):
+            producer = Producer(cfg.producer_conf(**{
+                "transactional.id": f"{tid}-lane{i}", "transaction.timeout.ms": cfg.transaction_timeout_ms,
+                # linger 0: a task leaves for the workers as soon as it is decided, not at the commit
+                "linger.ms": 0, "queue.buffering.max.messages": 1_000_000, "acks": "all"}))
+            producer.init_transactions(30)
+            self.lanes.append(Lane(self, i, producer))
+        self.side_producer = Producer(cfg.producer_conf(**{"linger.ms": 0}))
         consumer_extra: dict[str, Any] = {"max.poll.interval.ms": 20_000 if cfg.dev_tuning else 300_000}
         if cfg.static_membership:
             # a restarted engine with the same identity takes its partitions back at once
@@ -140,21 +130,42 @@ class EngineProcessor:
             consumer_extra["group.instance.id"] = f"engine-{cfg.resolved_engine_id()}"
         self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **consumer_extra))
         self.consumer.subscribe([self.names.commands], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
-        log.info("engine %s started: topics prefix '%s', %d partitions, state dir %s, %d definitions",
-                 tid, self.names.prefix, cfg.partitions, cfg.state_dir, len(self.defs))
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        for lane in self.lanes:
+            lane.thread.start()
+        log.info("engine %s started: topics prefix '%s', %d partitions, %d lanes, state dir %s, %d definitions",
+                 tid, self.names.prefix, cfg.partitions, self.lanes_n, cfg.state_dir, len(self.defs))
 
     def _shutdown(self) -> None:
-        log.info("engine stopping: leaving the group and closing stores")
+        log.info("engine stopping: finishing open batches, leaving the group and closing stores")
         try:
+            for lane in self.lanes:
+                lane.wait_idle(stop=True)
             self.consumer.close()
         finally:
-            self.producer.flush(10)
+            for lane in self.lanes:
+                lane.producer.flush(10)
+            self.side_producer.flush(10)
             self.store.close_all()
             self.defs.close()
             self.ready.clear()
 
+    def known_queue(self, queue: str) -> None:
+        """Create the task topic of a queue the first time a task goes to it (called under decide_lock)."""
+        if queue not in self._known_queues:
+            ensure_task_topic(self.config.client_conf(), self.names, self.config.topic_settings, queue)
+            self._known_queues.add(queue)
+
     # -- rebalances ------------------------------------------------------------------------
+    def _quiesce(self, partitions: list[TopicPartition], drop: bool) -> None:
+        """Let every lane finish what it holds (or, with ``drop``, forget the given partitions' records)."""
+        gone = {tp.partition for tp in partitions}
+        for lane in self.lanes:
+            if drop:
+                lane.drop(gone)
+            lane.wait_idle()
+        self._raise_lane_error()
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         t0 = time.monotonic()
         per_partition = max(1, self.config.cache_size // max(1, self.config.partitions))
@@ -164,201 +175,98 @@ class EngineProcessor:
             sp = self.store.open(tp.partition, per_partition)
             stats = restore_partition(conf, self.names.state, sp, marks=marks[tp.partition])
             metrics.RESTORE_SECONDS.observe(stats.seconds)
-            self._next_due[tp.partition] = sp.next_due()
+            self.next_due[tp.partition] = sp.next_due()
         metrics.REBALANCES.labels("assign").inc()
         metrics.ASSIGNED.set(len(self.store.partitions))
         log.info("assigned partitions %s (restored in %.2fs)", sorted(tp.partition for tp in partitions),
                  time.monotonic() - t0)
+        self._metadata_stale = True
+        for lane in self.lanes:
+            lane.wake()  # timers restored with the stores may already be due
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # still ours until this returns: the lanes commit what they hold before the stores close
+        self._quiesce(partitions, drop=False)
+        self._close(partitions, "revoked")
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # no longer ours: what is queued for them is dropped (a commit would be fenced anyway)
+        self._quiesce(partitions, drop=True)
+        self._close(partitions, "lost")
+
+    def _close(self, partitions: list[TopicPartition], how: str) -> None:
         for tp in partitions:
             self.store.close(tp.partition)
-            self._next_due.pop(tp.partition, None)
+            self.next_due.pop(tp.partition, None)
+        with self._route_lock:
+            self._blocked -= {tp.partition for tp in partitions}
+            self._seeks = [tp for tp in self._seeks if tp.partition not in {x.partition for x in partitions}]
         metrics.REBALANCES.labels("revoke").inc()
         metrics.ASSIGNED.set(len(self.store.partitions))
-        log.info("revoked partitions %s", sorted(tp.partition for tp in partitions))
+        log.info("%s partitions %s", how, sorted(tp.partition for tp in partitions))
 
     # -- the loop ----------------------------------------------------------------------------
     def run_once(self) -> int:
-        """Poll once and, if there is work, process it in one transaction. Returns commands handled."""
+        """Poll once and route what came to the lanes. Returns the records routed."""
+        self._raise_lane_error()
+        self._apply_seeks()
+        self._backpressure()
         # poll() returns as soon as one command is there; consume(n, 0) then drains what the
         # client already fetched. (consume(n, t) alone would wait t whenever fewer than n arrive.)
         first = self.consumer.poll(self.config.poll_timeout_ms / 1000)
-        self._polled_us = _hops.now_us()
+        polled_us = _hops.now_us()
+        if self._metadata_stale:
+            self.group_metadata = self.consumer.consumer_group_metadata()
+            self._metadata_stale = False
         msgs = [first] if first is not None else []
         if first is not None and self.config.max_batch > 1:
             msgs.extend(self.consumer.consume(self.config.max_batch - 1, 0))
+        if msgs:
+            self._route(msgs, polled_us)
         self.defs.poll(0)
         metrics.refresh(self)
-        now = self.clock.now_ms()
-        timers = self._due_timers(now)
-        if not msgs and not timers:
-            return 0
-        return self._process(msgs, timers, now)
+        return len(msgs)
 
-    def _due_timers(self, now: int) -> list[tuple[int, int, str, str]]:
-        out = []
-        for p, nd in list(self._next_due.items()):
-            if nd is None or nd > now or p not in self.store.partitions:
-                continue
-            sp = self.store.get(p)
-            for due, iid, tid in sp.due_timers(now, self.config.timer_batch):
-                out.append((p, due, iid, tid))
-        return out
-
-    def _process(self, msgs: list[Message], timers: list[tuple[int, int, str, str]], now: int) -> int:
-        """The commit protocol, in order: (1) decide the batch and produce its outputs, (2) send
-        the consumed offsets to the transaction, (3) commit, (4) write RocksDB with the changelog
-        offsets. Any failure before (3) aborts the transaction and rewinds the consumer."""
-        t0 = time.perf_counter()
-        batch = Batch(now, polled_us=self._polled_us)
-        self.producer.begin_transaction()
-        try:
-            for m in msgs:  # (1)
-                if m.error():
-                    if m.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", m.error())
-                    continue
+    def _route(self, msgs: list[Message], polled_us: int) -> None:
+        by_lane: dict[int, list[Message]] = {}
+        n = self.lanes_n
+        with self._route_lock:
+            blocked = self._blocked
+            for m in msgs:
                 p = m.partition()
-                batch.first_offsets.setdefault(p, m.offset())
+                if p is None or (blocked and p in blocked):
+                    continue  # a lane is rewinding this partition: the seek brings the record back
+                by_lane.setdefault(p % n, []).append(m)
+        for i, batch in by_lane.items():
+            self.lanes[i].submit(batch, polled_us)
+
+    def request_rewind(self, lane: Lane, first_offsets: dict[int, int]) -> None:
+        """Called by a lane whose transaction aborted: rewind its batch's partitions to their first offsets."""
+        with self._route_lock:
+            self._blocked |= set(first_offsets)
+            self._seeks.extend(TopicPartition(self.names.commands, p, off) for p, off in first_offsets.items())
+        lane.drop(set(first_offsets))
+
+    def _apply_seeks(self) -> None:
+        with self._route_lock:
+            seeks, self._seeks = self._seeks, []
+            for tp in seeks:
                 try:
-                    cmd = decode_command(m.value(), m.headers())
-                except DecodeError as e:
-                    self._dlq(m, e.reason, now)
-                    continue
-                if partition_for(cmd.instance_id, self.config.partitions) != p:
-                    self._dlq(m, f"misrouted: key '{cmd.instance_id}' belongs to partition "
-                                 f"{partition_for(cmd.instance_id, self.config.partitions)}, not {p} "
-                                 "(produce with the murmur2 partitioner)", now)
-                    continue
-                self._decide(batch, p, cmd, m)
-            for p, due, iid, tid in timers:
-                batch.fired.setdefault(p, []).append(timer_key(due, iid, tid))
-                self._decide(batch, p, Command("FireTimer", iid, {"timer_id": tid}, f"timer:{tid}", now), None)
-                metrics.TIMER_LATENESS.observe(max(0, now - due) / 1000)
-            self._produce_states(batch)
-            self.producer.flush()
-            if msgs:  # (2)
-                positions = self.consumer.position(self.consumer.assignment())
-                self.producer.send_offsets_to_transaction(positions, self.consumer.consumer_group_metadata())
-            t1 = time.perf_counter()
-            self.producer.commit_transaction()  # (3)
-            metrics.COMMIT_SECONDS.observe(time.perf_counter() - t1)
-        except KafkaException as e:
-            self._abort(batch, e)
-            return 0
-        for p in set(batch.partition_of.values()) | set(batch.fired):  # (4)
-            if p not in self.store.partitions:
-                continue
-            sp = self.store.get(p)
-            states = {iid: st for iid, st in batch.states.items() if batch.partition_of[iid] == p}
-            sp.write(states, batch.old, batch.changelog_next.get(p), batch.fired.get(p, ()))
-            self._next_due[p] = sp.next_due()
-        metrics.BATCH_SIZE.observe(batch.commands)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
-        metrics.record_batch(batch.decided, now, time.perf_counter() - t0, batch.commands)
-        return batch.commands
+                    self.consumer.seek(tp)
+                except KafkaException as e:
+                    raise KflowError(f"could not rewind {tp.topic}[{tp.partition}] to {tp.offset}: {e}") from e
+                self._blocked.discard(tp.partition)
 
-    def _abort(self, batch: Batch, e: KafkaException) -> None:
-        err = e.args[0] if e.args else None
-        if isinstance(err, KafkaError) and err.fatal():
-            raise KflowError(f"fatal Kafka error, this engine must restart: {err}") from e
-        log.warning("transaction aborted (%s); rewinding %d partitions", err, len(batch.first_offsets))
-        try:
-            self.producer.abort_transaction(30)
-        except KafkaException as e2:
-            raise KflowError(f"could not abort the transaction: {e2}") from e2
-        for p, off in batch.first_offsets.items():
-            self.consumer.seek(TopicPartition(self.names.commands, p, off))
-        metrics.ABORTS.inc()
+    def _backpressure(self) -> None:
+        """Stop polling while the lanes hold more than a few batches (bounded memory, fair latency)."""
+        limit = 4 * self.config.max_batch
+        while sum(lane.pending() for lane in self.lanes) > limit and not self._stop.is_set():
+            self._raise_lane_error()
+            time.sleep(0.001)
 
-    # -- one command ------------------------------------------------------------------------
-    def _decide(self, batch: Batch, p: int, cmd: Command, m: Optional[Message]) -> None:
-        iid = cmd.instance_id
-        if iid in batch.states:
-            st: Optional[JSONDict] = batch.states[iid]
-        else:
-            st = self.store.get(p).get(iid)
-            batch.old.setdefault(iid, st)
-        if cmd.type == "StartWorkflow":
-            self._sync_definitions(batch, cmd, m)
-        t_ns = time.time_ns()
-        d = decide(st, cmd, batch.now, self.defs)
-        batch.commands += 1
-        metrics.command(cmd.type)
-        if d.dlq_reason:
-            if m is not None:
-                self._dlq(m, d.dlq_reason, batch.now)
-            return
-        for qid, answer in d.replies:  # in this transaction: the asker sees it once the batch commits
-            self.producer.produce(self.names.replies, orjson.dumps({"query_id": qid, "instance_id": iid, **answer}),
-                                  qid.encode())
-        if not d.events:
-            return
-        assert d.state is not None
-        batch.states[iid] = d.state
-        batch.partition_of[iid] = p
-        produce = self.producer.produce
-        for ev in d.events:
-            produce(self.names.events, encode_event(ev), iid.encode(), partition=p)
-            metrics.event(ev.type)
-        batch.events += len(d.events)
-        batch.decided.append((st, d))
-        in_headers = m.headers() if m is not None else None
-        headers = _tracing.engine_step(cmd.type, iid, in_headers, d.state, d.events, t_ns)
-        if in_headers and _hops.asked(in_headers):
-            hop = _hops.stamp("E", batch.polled_us)
-            headers = [*(headers or ()), hop]
-            batch.hops[iid] = hop
-        for task in d.tasks:
-            if task.queue not in self._known_queues:
-                ensure_task_topic(self.config.client_conf(), self.names, self.config.topic_settings, task.queue)
-                self._known_queues.add(task.queue)
-            produce(self.names.tasks(task.queue), encode_task(task), iid.encode(), headers=headers)
-        for c in d.commands:
-            produce(self.names.commands, encode_command(c), c.instance_id.encode(), headers=headers)
-
-    def _sync_definitions(self, batch: Batch, cmd: Command, m: Optional[Message]) -> None:
-        """Make the definitions table current enough to decide this start.
-
-        A client that deployed puts its deploy's offset in a header: the table is read at least
-        that far (read-your-deploys, no round trip when it already is). A start naming a workflow
-        or version the table does not know reads the table to its high watermark, once per batch.
-        """
-        needed = -1
-        for k, v in (m.headers() or []) if m is not None else []:
-            if k == DEFS_OFFSET_HEADER:
-                try:
-                    needed = int(v)
-                except (TypeError, ValueError):
-                    pass
-        if needed >= 0:
-            self.defs.read_through(needed, 5)
-        name, version = cmd.data.get("workflow"), cmd.data.get("version")
-        if version is None:
-            version = self.defs.latest(name)
-        if not batch.defs_synced and (version is None or self.defs.get(name, version) is None):
-            self.defs.catch_up(2)
-            batch.defs_synced = True
-
-    def _produce_states(self, batch: Batch) -> None:
-        """One changelog record per changed instance per batch (latest wins), offsets tracked."""
-        def on_delivery(err: Any, msg: Message) -> None:
-            if err is None:
-                p = msg.partition()
-                batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), msg.offset() + 1)
-        for iid, st in batch.states.items():
-            hop = batch.hops.get(iid)
-            self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
-                                  partition=batch.partition_of[iid], on_delivery=on_delivery,
-                                  headers=[hop] if hop is not None else None)
-
-    def _dlq(self, m: Message, reason: str, now: int) -> None:
-        log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
-        headers = [("kflow.reason", reason.encode()), ("kflow.original.topic", m.topic().encode()),
-                   ("kflow.original.partition", str(m.partition()).encode()),
-                   ("kflow.original.offset", str(m.offset()).encode()), ("kflow.time", str(now).encode())]
-        headers += [(k, v) for k, v in (m.headers() or []) if not k.startswith("kflow.")]
-        self.producer.produce(self.names.dlq, m.value() or b"", m.key(), headers=headers)
-        metrics.DLQ.labels(reason.split(" ")[0].split(":")[0][:32]).inc()
+    def _raise_lane_error(self) -> None:
+        for lane in self.lanes:
+            if lane.error is not None:
+                err = lane.error
+                raise err if isinstance(err, KflowError) else KflowError(f"engine lane {lane.index} failed: {err!r}") from err

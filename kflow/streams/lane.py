@@ -1,0 +1,377 @@
+"""A lane: one transactional producer and the thread that runs the commit protocol for its partitions.
+
+The engine splits the partitions it owns over a few lanes (partition *p* goes to lane
+``p % lanes``). Each lane decides, produces and commits its own batches in its own Kafka
+transaction, so one partition's commit round trips never hold up another partition's commands:
+while lane A waits for the broker (librdkafka releases the GIL), lane B decides. Deciding itself
+is serialised by one lock: the pure engine, the definitions table, the code-workflow cache and the
+tracing bookkeeping are shared, and Python runs one thread at a time anyway.
+
+Single writer still holds: a partition belongs to exactly one lane, and a lane processes its
+partitions' commands in offset order. A batch is one transaction holding the events, the state
+changelog records, the tasks, the commands for other instances, the DLQ records and the consumed
+offsets of its partitions. Cancel tasks are produced after the commit, outside the transaction:
+workers may read tasks before they commit, and must never stop an attempt on the word of a
+decision that is later aborted.
+
+Rewinding after an aborted transaction goes through the polling thread (it owns the consumer):
+the lane blocks the batch's partitions (the polling thread drops their records from then on),
+forgets what it holds of them and asks for a seek; the polling thread seeks (which also purges
+what the client had fetched beyond) and unblocks them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from functools import partial
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from kflow import _hops, _tracing
+from kflow.engine import decide
+from kflow.engine.core import EVENTS_OFFSET
+from kflow.model.errors import DecodeError, KflowError
+from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict, Task
+from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
+from kflow.streams import metrics
+from kflow.streams.partitioner import partition_for
+from kflow.streams.store import timer_key
+from kflow.streams.topics import ensure_task_topic
+
+if TYPE_CHECKING:
+    from kflow.streams.processor import EngineProcessor
+
+log = logging.getLogger("kflow.engine")
+
+#: Longest a lane sleeps with nothing queued before it looks for due timers again (seconds).
+IDLE_WAIT = 0.05
+
+
+@dataclass
+class Batch:
+    """Scratch state of one transaction; discarded on abort."""
+
+    now: int
+    polled_us: int = 0  # when the batch's first command was polled (hop stamps)
+    states: dict[str, JSONDict] = field(default_factory=dict)
+    old: dict[str, Optional[JSONDict]] = field(default_factory=dict)
+    partition_of: dict[str, int] = field(default_factory=dict)
+    fired: dict[int, list[bytes]] = field(default_factory=dict)
+    first_offsets: dict[int, int] = field(default_factory=dict)
+    next_offsets: dict[int, int] = field(default_factory=dict)
+    changelog_next: dict[int, int] = field(default_factory=dict)
+    cancels: list[tuple[Task, Optional[list[tuple[str, bytes]]]]] = field(default_factory=list)
+    commands: int = 0
+    events: int = 0
+    defs_synced: bool = False
+    unstamped: bool = False  # an instance started in this batch waits for its first event's offset
+    decided: list[tuple[Optional[JSONDict], Any]] = field(default_factory=list)  # (state before, decision) for metrics
+    hops: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # instance -> hop stamp of its state record
+
+
+def _note_first_event(batch: Batch, err: Any, msg: Message) -> None:
+    """Delivery report of an instance's first event: stamp the instance with that event's offset
+    (``Client.history`` reads the instance's events from there instead of the whole partition)."""
+    st = batch.states.get(msg.key().decode())
+    if err is None and st is not None:
+        st.setdefault(EVENTS_OFFSET, msg.offset())
+
+
+def state_record(st: JSONDict) -> dict[str, Any]:
+    """The public ``state`` record of an instance (the changelog carries the full state inside)."""
+    err = st.get("error") or {}
+    return {"instance_id": st["id"], "workflow": st["workflow"], "version": st["version"], "status": st["status"],
+            "seq": st["seq"], "started_ms": st["started_ms"], "updated_ms": st["updated_ms"],
+            "closed_ms": st.get("closed_ms"), "result": st.get("result"), "error_type": err.get("type"),
+            "error_message": err.get("message"), "internal": st}
+
+
+class Lane:
+    """Runs the commit protocol for the partitions ``p`` with ``p % lanes == index``."""
+
+    def __init__(self, proc: "EngineProcessor", index: int, producer: Producer) -> None:
+        self.proc, self.index, self.producer = proc, index, producer
+        self.names = proc.names
+        self._cond = threading.Condition()
+        self._inbox: deque[tuple[Message, int]] = deque()  # (record, polled µs)
+        self._busy = False
+        self._stopping = False
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name=f"kflow-lane-{index}", daemon=True)
+
+    # -- the polling thread's side -------------------------------------------------------------
+    def submit(self, msgs: list[Message], polled_us: int) -> None:
+        with self._cond:
+            self._inbox.extend((m, polled_us) for m in msgs)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        return len(self._inbox)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def wait_idle(self, stop: bool = False) -> None:
+        """Block until the lane holds nothing and is not in a batch (and, with ``stop``, has exited)."""
+        with self._cond:
+            if stop:
+                self._stopping = True
+            self._cond.notify_all()
+            while (self._inbox or self._busy) and self.thread.is_alive() and self.error is None:
+                self._cond.wait(0.05)
+        if stop:
+            self.thread.join(30)
+
+    def drop(self, partitions: set[int]) -> None:
+        """Forget queued records of partitions this engine no longer owns."""
+        with self._cond:
+            self._inbox = deque(item for item in self._inbox if item[0].partition() not in partitions)
+
+    # -- the lane thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not self._inbox and not self._stopping:
+                        self._cond.wait(self._timeout())
+                    if self._stopping and not self._inbox:
+                        self._cond.notify_all()
+                        return
+                    items = self._take()
+                    self._busy = True
+                try:
+                    self._step(items)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+        except BaseException as e:  # surfaced by the polling thread, which stops the engine
+            self.error = e
+            with self._cond:
+                self._cond.notify_all()
+
+    def _timeout(self) -> float:
+        now = self.proc.clock.now_ms()
+        due = [nd for p, nd in list(self.proc.next_due.items()) if nd is not None and p % self.proc.lanes_n == self.index]
+        if not due:
+            return IDLE_WAIT
+        return max(0.0, min(IDLE_WAIT, (min(due) - now) / 1000))
+
+    def _take(self) -> list[tuple[Message, int]]:
+        n = min(len(self._inbox), self.proc.config.max_batch)
+        return [self._inbox.popleft() for _ in range(n)]
+
+    def _step(self, items: list[tuple[Message, int]]) -> None:
+        msgs = [m for m, _ in items]
+        now = self.proc.clock.now_ms()
+        timers = self._due_timers(now)
+        if not msgs and not timers:
+            return
+        self.process(msgs, timers, now, items[0][1] if items else _hops.now_us())
+
+    def _due_timers(self, now: int) -> list[tuple[int, int, str, str]]:
+        out = []
+        store = self.proc.store
+        for p, nd in list(self.proc.next_due.items()):
+            if nd is None or nd > now or p % self.proc.lanes_n != self.index or p not in store.partitions:
+                continue
+            for due, iid, tid in store.get(p).due_timers(now, self.proc.config.timer_batch):
+                out.append((p, due, iid, tid))
+        return out
+
+    # -- one transaction -------------------------------------------------------------------------
+    def process(self, msgs: list[Message], timers: list[tuple[int, int, str, str]], now: int, polled_us: int) -> int:
+        """The commit protocol, in order: (1) decide the batch and produce its outputs, (2) send
+        the consumed offsets to the transaction, (3) commit, (4) write RocksDB with the changelog
+        offsets, (5) produce the cancel tasks. Any failure before (3) aborts the transaction and
+        rewinds the batch's partitions."""
+        t0 = time.perf_counter()
+        batch = Batch(now, polled_us=polled_us)
+        proc = self.proc
+        self.producer.begin_transaction()
+        try:
+            with proc.decide_lock:  # (1)
+                for m in msgs:
+                    self._one_record(batch, m)
+                for p, due, iid, tid in timers:
+                    batch.fired.setdefault(p, []).append(timer_key(due, iid, tid))
+                    self._decide(batch, p, Command("FireTimer", iid, {"timer_id": tid}, f"timer:{tid}", now), None)
+                    metrics.TIMER_LATENESS.observe(max(0, now - due) / 1000)
+                self._stamp_events_offsets(batch)
+                self._produce_states(batch)
+            if batch.next_offsets:  # (2): what this lane consumed, not the consumer's position
+                offsets = [TopicPartition(self.names.commands, p, off) for p, off in batch.next_offsets.items()]
+                self.producer.send_offsets_to_transaction(offsets, proc.group_metadata)
+            t1 = time.perf_counter()
+            self.producer.commit_transaction()  # (3) flushes, serving the changelog delivery reports
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - t1)
+        except KafkaException as e:
+            self._abort(batch, e)
+            return 0
+        store = proc.store
+        for p in set(batch.partition_of.values()) | set(batch.fired):  # (4)
+            if p not in store.partitions:
+                continue
+            sp = store.get(p)
+            states = {iid: st for iid, st in batch.states.items() if batch.partition_of[iid] == p}
+            sp.write(states, batch.old, batch.changelog_next.get(p), batch.fired.get(p, ()))
+            proc.next_due[p] = sp.next_due()
+        for task, headers in batch.cancels:  # (5)
+            proc.side_producer.produce(self.names.tasks(task.queue), encode_task(task), task.instance_id.encode(),
+                                       headers=headers)
+        if batch.cancels:
+            proc.side_producer.poll(0)
+        metrics.BATCH_SIZE.observe(batch.commands)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        with proc.decide_lock:
+            metrics.record_batch(batch.decided, now, time.perf_counter() - t0, batch.commands)
+        return batch.commands
+
+    def _one_record(self, batch: Batch, m: Message) -> None:
+        if m.error():
+            if m.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", m.error())
+            return
+        p = m.partition()
+        batch.first_offsets.setdefault(p, m.offset())
+        batch.next_offsets[p] = m.offset() + 1
+        try:
+            cmd = decode_command(m.value(), m.headers())
+        except DecodeError as e:
+            self._dlq(m, e.reason, batch.now)
+            return
+        partitions = self.proc.config.partitions
+        if partition_for(cmd.instance_id, partitions) != p:
+            self._dlq(m, f"misrouted: key '{cmd.instance_id}' belongs to partition "
+                         f"{partition_for(cmd.instance_id, partitions)}, not {p} "
+                         "(produce with the murmur2 partitioner)", batch.now)
+            return
+        self._decide(batch, p, cmd, m)
+
+    def _abort(self, batch: Batch, e: KafkaException) -> None:
+        err = e.args[0] if e.args else None
+        if isinstance(err, KafkaError) and err.fatal():
+            raise KflowError(f"fatal Kafka error, this engine must restart: {err}") from e
+        log.warning("transaction aborted (%s); rewinding %d partitions", err, len(batch.first_offsets))
+        try:
+            self.producer.abort_transaction(30)
+        except KafkaException as e2:
+            raise KflowError(f"could not abort the transaction: {e2}") from e2
+        self.proc.request_rewind(self, batch.first_offsets)
+        metrics.ABORTS.inc()
+
+    # -- one command ------------------------------------------------------------------------
+    def _decide(self, batch: Batch, p: int, cmd: Command, m: Optional[Message]) -> None:
+        proc = self.proc
+        iid = cmd.instance_id
+        if iid in batch.states:
+            st: Optional[JSONDict] = batch.states[iid]
+        else:
+            st = proc.store.get(p).get(iid)
+            batch.old.setdefault(iid, st)
+        if cmd.type == "StartWorkflow":
+            self._sync_definitions(batch, cmd, m)
+        t_ns = time.time_ns()
+        d = decide(st, cmd, batch.now, proc.defs)
+        batch.commands += 1
+        metrics.command(cmd.type)
+        if d.dlq_reason:
+            if m is not None:
+                self._dlq(m, d.dlq_reason, batch.now)
+            return
+        produce = self.producer.produce
+        for qid, answer in d.replies:  # in this transaction: the asker sees it once the batch commits
+            produce(self.names.replies, orjson.dumps({"query_id": qid, "instance_id": iid, **answer}), qid.encode())
+        if not d.events:
+            return
+        assert d.state is not None
+        batch.states[iid] = d.state
+        batch.partition_of[iid] = p
+        key = iid.encode()
+        events_topic = self.names.events
+        first = st is None and EVENTS_OFFSET not in d.state
+        for ev in d.events:
+            if first:  # the instance's first event: its offset goes into the state (see _stamp_events_offsets)
+                produce(events_topic, encode_event(ev), key, partition=p, on_delivery=partial(_note_first_event, batch))
+                batch.unstamped = True
+                first = False
+            else:
+                produce(events_topic, encode_event(ev), key, partition=p)
+            metrics.event(ev.type)
+        batch.events += len(d.events)
+        batch.decided.append((st, d))
+        in_headers = m.headers() if m is not None else None
+        headers = _tracing.engine_step(cmd.type, iid, in_headers, d.state, d.events, t_ns)
+        if in_headers and _hops.asked(in_headers):
+            hop = _hops.stamp("E", batch.polled_us)
+            headers = [*(headers or ()), hop]
+            batch.hops[iid] = hop
+        for task in d.tasks:
+            proc.known_queue(task.queue)
+            if task.kind == "cancel":
+                batch.cancels.append((task, headers))
+                continue
+            produce(self.names.tasks(task.queue), encode_task(task), key, headers=headers)
+        for c in d.commands:
+            produce(self.names.commands, encode_command(c), c.instance_id.encode(), headers=headers)
+
+    def _sync_definitions(self, batch: Batch, cmd: Command, m: Optional[Message]) -> None:
+        """Make the definitions table current enough to decide this start.
+
+        A client that deployed puts its deploy's offset in a header: the table is read at least
+        that far (read-your-deploys, no round trip when it already is). A start naming a workflow
+        or version the table does not know reads the table to its high watermark, once per batch.
+        """
+        defs = self.proc.defs
+        needed = -1
+        for k, v in (m.headers() or []) if m is not None else []:
+            if k == DEFS_OFFSET_HEADER:
+                try:
+                    needed = int(v)
+                except (TypeError, ValueError):
+                    pass
+        if needed >= 0:
+            defs.read_through(needed, 5)
+        name, version = cmd.data.get("workflow"), cmd.data.get("version")
+        if version is None:
+            version = defs.latest(name)
+        if not batch.defs_synced and (version is None or defs.get(name, version) is None):
+            defs.catch_up(2)
+            batch.defs_synced = True
+
+    def _stamp_events_offsets(self, batch: Batch) -> None:
+        """Give each instance new in this batch the offset of its first event, before its state is produced.
+
+        The offsets come from the events' delivery reports, so the events are flushed first; only a
+        batch that starts an instance pays that round trip. The state carrying the offset is written
+        in this same transaction as the events."""
+        if batch.unstamped:
+            self.producer.flush()  # serves the delivery reports: _note_first_event stamps the states
+
+    def _produce_states(self, batch: Batch) -> None:
+        """One changelog record per changed instance per batch (latest wins), offsets tracked."""
+        def on_delivery(err: Any, msg: Message) -> None:
+            if err is None:
+                p = msg.partition()
+                batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), msg.offset() + 1)
+        for iid, st in batch.states.items():
+            hop = batch.hops.get(iid)
+            self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
+                                  partition=batch.partition_of[iid], on_delivery=on_delivery,
+                                  headers=[hop] if hop is not None else None)
+
+    def _dlq(self, m: Message, reason: str, now: int) -> None:
+        log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
+        headers = [("kflow.reason", reason.encode()), ("kflow.original.topic", m.topic().encode()),
+                   ("kflow.original.partition", str(m.partition()).encode()),
+                   ("kflow.original.offset", str(m.offset()).encode()), ("kflow.time", str(now).encode())]
+        headers += [(k, v) for k, v in (m.headers() or []) if not k.startswith("kflow.")]
+        self.producer.produce(self.names.dlq, m.value() or b"", m.key(), headers=headers)
+        metrics.DLQ.labels(reason.split(" ")[0].split(":")[0][:32]).inc()
