@@ -9,7 +9,7 @@ from __future__ import annotations
 from typer import Typer
 
 from kflow._cli import connect, devices, doctor, dlq, processes, replay, triggers, visibility, workflows
-from kflow._cli.common import KflowGroup, Verbose, setup_logging
+from kflow._cli.common import KflowGroup, Verbose, current_folder_on_path, setup_logging
 
 __all__ = ["app", "main"]
 
@@ -52,5 +52,6 @@ app.add_typer(triggers.app, name="triggers")
 
 
 def main() -> None:
-    """Console-script entry point (``kflow``)."""
+    """Console-script entry point (``kflow``); user modules import from the current folder, as with ``python -m``."""
+    current_folder_on_path()
     app(prog_name="kflow")

@@ -5,9 +5,11 @@ commands to ``commands`` (key = instance id), and results are read back from the
 the engine's public state-change feed. A :class:`StateWatcher` (one consumer thread per client,
 started lazily) follows every state partition from the moment it starts; :meth:`Client.start`
 makes sure it runs *before* the command is produced, so no result can slip past it. For an id the
-watcher did not see start, :meth:`Client.result` first scans the id's state partition
-(:meth:`Client.status`) and then waits on the watcher. The watcher also follows the ``dlq`` topic:
-when the engine dead-letters a ``StartWorkflow`` this client sent (an unknown workflow, say), that
+watcher did not see start, :meth:`Client.result` first scans the id's state partition and then
+waits on the watcher. :meth:`Client.status` asks the engine that owns the instance (a
+``QueryStatus`` command answered on the ``replies`` topic), and :meth:`Client.history` reads the
+instance's events from where its history starts, so neither reads the topics from the beginning.
+The watcher also follows the ``dlq`` topic: when the engine dead-letters a ``StartWorkflow`` this client sent (an unknown workflow, say), that
 start's handle raises :class:`~kflow.model.errors.StartRejectedError` instead of timing out. The client keeps a view of the
 ``definitions`` topic, so ``deploy`` refuses to change a deployed ``name@version`` and ``start``
 refuses a workflow that is not deployed, both before anything is written. The client never uses
@@ -110,6 +112,17 @@ def _outcome(instance_id: str, state: Mapping[str, Any]) -> JSONValue:
     if state["status"] == REJECTED:
         raise StartRejectedError(instance_id, state.get("error_message") or "")
     raise WorkflowFailedError(instance_id, state["status"], state.get("error_type"), state.get("error_message"))
+
+
+def _drain(consumer: Consumer) -> list[Message]:
+    """The records fetched so far, waiting at most ``_POLL_SECONDS`` for the first one.
+
+    ``consume(n, timeout)`` alone would wait the whole timeout whenever fewer than n arrive.
+    """
+    first = consumer.poll(_POLL_SECONDS)
+    if first is None:
+        return []
+    return [first, *consumer.consume(_CONSUME_BATCH, 0)]
 
 
 # --------------------------------------------------------------------------- the watcher
@@ -457,9 +470,13 @@ class WorkflowHandle:
             raise TimeoutError(f"workflow {self.id} did not finish within {timeout:g}s")
         return _outcome(self.id, states[self.id])
 
-    def status(self) -> dict[str, Any] | None:
-        """The instance's latest state record; see :meth:`Client.status`."""
-        return self._client.status(self.id)
+    def status(self, *, timeout: float = 10.0, scan: bool = False) -> dict[str, Any] | None:
+        """The instance's current state record; see :meth:`Client.status`."""
+        return self._client.status(self.id, timeout=timeout, scan=scan)
+
+    def history(self, *, timeout: float = 10.0, scan: bool = False) -> list[Event]:
+        """The instance's events, oldest first; see :meth:`Client.history`."""
+        return self._client.history(self.id, timeout=timeout, scan=scan)
 
     def query(self, name: str, *args: JSONValue, timeout: float = 10.0) -> JSONValue:
         """Ask this instance query ``name``; see :meth:`Client.query`."""
@@ -533,7 +550,15 @@ class Client:
         self._watcher: StateWatcher | None = None
         self._definitions: DefinitionsLog | None = None
         self._definitions_lock = threading.Lock()  # one reader of the definitions consumer at a time
+        self._reader: Consumer | None = None  # status answers and histories; assigned per read
+        self._marks: Consumer | None = None  # high watermarks, read_uncommitted (see _end_offset)
+        self._reader_lock = threading.Lock()  # one read at a time owns the reader's assignment
+        self._partition_counts: dict[str, int] = {}
+        self._reply_partition = -1  # this client's status answers all land on one replies partition
         self._closed = False
+        self.records_read = 0
+        """Records read from Kafka by :meth:`status`, :meth:`history` and state-topic scans so far
+        (answers, events and state records of every instance on the partitions read)."""
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -846,15 +871,112 @@ class Client:
         finally:
             consumer.close()
 
-    def status(self, id: str) -> dict[str, Any] | None:
-        """The latest state record of instance ``id``, or None if the engine never wrote one.
+    def status(self, id: str, *, timeout: float = 10.0, scan: bool = False) -> dict[str, Any] | None:
+        """The current state record of instance ``id``, or None if there is no such instance.
 
-        Reads the id's partition of the ``state`` topic from the beginning to its high watermark
-        (``read_committed``) and keeps the last record with that key. The record is a dict with
-        ``instance_id, workflow, version, status, seq, started_ms, updated_ms, closed_ms, result,
-        error_type, error_message, internal``.
+        The engine that owns the instance's partition answers (a ``QueryStatus`` command, answered
+        on the ``replies`` topic without writing history), so the cost does not grow with the
+        topics. The record is a dict with ``instance_id, workflow, version, status, seq,
+        started_ms, updated_ms, closed_ms, result, error_type, error_message, events_offset,
+        internal``; ``events_offset`` is where the instance's history starts on its ``events``
+        partition (None for instances started by a kflow version that did not record it).
+
+        Args:
+            id: The instance id.
+            timeout: Seconds to wait for the engine's answer.
+            scan: Read the id's partition of the ``state`` topic from the beginning instead of
+                asking an engine (works with no engine running; slower as the topic grows).
+
+        Raises:
+            TimeoutError: no engine answered within ``timeout`` (none is running, or the
+                partition is being handed over); ``scan=True`` reads without one.
+            BrokerUnavailable: Kafka cannot be reached.
         """
-        return self._scan([id]).get(id)
+        if scan:
+            scanned = self._scan([id]).get(id)
+            if scanned is not None:
+                scanned["events_offset"] = (scanned.get("internal") or {}).get("events_offset")
+            return scanned
+        answer = self._ask(id, "QueryStatus", {}, timeout)
+        if "error" in answer:
+            err = answer["error"]
+            if err.get("type") == "NotFound":
+                return None
+            raise KflowError(f"status of {id} failed: {err.get('type')}: {err.get('message')}")
+        state: dict[str, Any] = answer["result"]
+        return state
+
+    def _ask(self, id: str, command: str, data: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send ``command`` (with a fresh ``query_id``) to instance ``id`` and return the engine's answer.
+
+        The reader is positioned on this client's replies partition at its end *before* the
+        command is produced, so the answer cannot be missed; query ids are drawn until one lands
+        on that partition (the engine keys its answer by it), so only answers produced while this
+        call waits are read.
+        """
+        topic = self.names.replies
+        with self._reader_lock:
+            reader = self._reader_consumer()
+            partitions = self._partition_count(reader, topic)
+            if self._reply_partition < 0:
+                self._reply_partition = uuid.uuid4().int % partitions
+            qid = uuid.uuid4().hex
+            while partition_for(qid.encode(), partitions) != self._reply_partition:
+                qid = uuid.uuid4().hex
+            high = self._end_offset(topic, self._reply_partition)
+            reader.assign([TopicPartition(topic, self._reply_partition, high)])
+            self._command(Command(command, id, {"query_id": qid, **data}))
+            key = qid.encode()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for msg in _drain(reader):
+                    if msg.error() is not None or msg.topic() != topic:
+                        continue
+                    self.records_read += 1
+                    if msg.key() == key and msg.value() is not None:
+                        answer: dict[str, Any] = orjson.loads(msg.value())
+                        return answer
+        raise TimeoutError(f"no engine answered {command} for {id} within {timeout:g}s (is an engine running? "
+                           "status and history can read the topics without one: scan=True, or --scan)")
+
+    def _reader_consumer(self) -> Consumer:
+        """The client's reader (created once); called with ``_reader_lock`` held."""
+        self._ensure_ready()
+        if self._reader is None:
+            self._reader = Consumer(self.config.consumer_conf(
+                f"kflow-client-reader-{uuid.uuid4().hex}", **{"enable.partition.eof": True, **self._conf()}))
+        return self._reader
+
+    def _partition_count(self, consumer: Consumer, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            try:
+                meta = consumer.list_topics(topic, timeout=self.connect_timeout).topics.get(topic)
+            except KafkaException as exc:
+                raise BrokerUnavailable(self.config.bootstrap, f"cannot read metadata of {topic}: {exc}") from None
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise KflowError(f"topic '{topic}' does not exist; start an engine (it creates it)")
+            count = self._partition_counts[topic] = len(meta.partitions)
+        return count
+
+    def _end_offset(self, topic: str, partition: int) -> int:
+        """The high watermark of ``topic[partition]`` as written, committed or not.
+
+        Asked ``read_uncommitted``: a ``read_committed`` answer is the last stable offset, which an
+        engine's open transaction holds back (some brokers then answer 0), and an end offset that
+        low would skip records or send a reader back to the beginning of the partition.
+        """
+        with self._lock:
+            if self._marks is None:
+                self._marks = Consumer(self.config.consumer_conf(
+                    f"kflow-client-marks-{uuid.uuid4().hex}", **{"isolation.level": "read_uncommitted", **self._conf()}))
+            marks = self._marks
+        try:
+            _low, high = marks.get_watermark_offsets(TopicPartition(topic, partition),
+                                                     timeout=self.connect_timeout, cached=False)
+        except KafkaException as exc:
+            raise BrokerUnavailable(self.config.bootstrap, f"cannot read offsets of {topic}: {exc}") from None
+        return int(high)
 
     def result(self, id: str, timeout: float = 30) -> JSONValue:
         """Wait until instance ``id`` finishes and return its result.
@@ -901,15 +1023,19 @@ class Client:
         finally:
             watcher.unregister(waiter)
 
-    def start_rejection(self, id: str) -> str | None:
+    def start_rejection(self, id: str, *, scan: bool = False) -> str | None:
         """Why the engine refused to start instance ``id``, if it did and the instance never ran.
+
+        Args:
+            id: The instance id.
+            scan: Check for the instance's state by scanning the state topic (see :meth:`status`).
 
         Returns:
             The engine's reason from the last dead-lettered ``StartWorkflow`` for ``id`` (for
             example ``unknown workflow 'order': deploy it first``), or None when the instance
             has state or no start of it was dead-lettered.
         """
-        if self.status(id) is not None:
+        if self.status(id, scan=scan) is not None:
             return None
         state = self._rejections([id]).get(id)
         return None if state is None else str(state["error_message"])
@@ -927,22 +1053,95 @@ class Client:
         self._read_keys(self.names.dlq, ids, take)
         return found
 
-    def history(self, id: str) -> list[Event]:
+    def history(self, id: str, *, timeout: float = 10.0, scan: bool = False) -> list[Event]:
         """Every event recorded for instance ``id``, in order, read from the ``events`` topic.
 
-        Reads the id's partition from the beginning to its high watermark (``read_committed``),
-        so it sees the history up to the engine's last committed batch.
+        Asks the owning engine for the instance's status first (see :meth:`status`): it says
+        where the instance's history starts on its ``events`` partition and the sequence number
+        of its last event. The partition is read from there only until that event, so the cost
+        is bounded by the instance's own lifetime (records of other instances written in between
+        are read and skipped), not by the size of the topic. An instance whose state has no
+        ``events_offset`` (started by an older kflow) is read by scanning the partition from the
+        beginning, which is logged.
+
+        Args:
+            id: The instance id.
+            timeout: Seconds to wait for the engine's status answer.
+            scan: Read the id's partition from the beginning to its end instead of asking an
+                engine (works with no engine running).
+
+        Returns:
+            The events, oldest first; empty when the instance does not exist.
+
+        Raises:
+            TimeoutError: no engine answered within ``timeout``; ``scan=True`` reads without one.
+            BrokerUnavailable: Kafka cannot be reached, or the events could not be read in time.
         """
-        out: list[Event] = []
+        if scan:
+            return self._scan_history(id)
+        state = self.status(id, timeout=timeout)
+        if state is None:
+            return []
+        start = state.get("events_offset")
+        if start is None:
+            log.info("instance %s has no recorded events offset (started by an older kflow): "
+                     "scanning its events partition from the beginning", id)
+            return self._scan_history(id)
+        return self._read_history(id, int(start), int(state["seq"]))
+
+    def _read_history(self, id: str, start: int, last_seq: int) -> list[Event]:
+        """The events of ``id`` from offset ``start`` of its partition up to the one numbered ``last_seq``."""
+        topic, key = self.names.events, id.encode()
+        by_seq: dict[int, Event] = {}  # a seq seen again after an aborted transaction: the later one counts
+        with self._reader_lock:
+            reader = self._reader_consumer()
+            p = partition_for(key, self._partition_count(reader, topic))
+            high = self._end_offset(topic, p)
+            if start >= high:
+                return []
+            reader.assign([TopicPartition(topic, p, start)])
+            deadline = time.monotonic() + self.request_timeout
+            while True:
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(self.config.bootstrap, f"reading {topic}[{p}] from offset {start} "
+                                                                   f"took longer than {self.request_timeout:g}s")
+                for msg in _drain(reader):
+                    err = msg.error()
+                    if msg.topic() != topic:
+                        continue  # left over from the reader's previous assignment
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            return [by_seq[s] for s in sorted(by_seq)]
+                        if err.fatal():
+                            raise KafkaException(err)
+                        continue
+                    self.records_read += 1
+                    if msg.key() == key and msg.value() is not None:
+                        ev = self._decode_event(msg)
+                        if ev is not None:
+                            by_seq[ev.seq] = ev
+                    if last_seq in by_seq or msg.offset() >= high - 1:
+                        return [by_seq[s] for s in sorted(by_seq)]
+
+    def _scan_history(self, id: str) -> list[Event]:
+        """The events of ``id`` read from its partition's beginning to the high watermark."""
+        by_seq: dict[int, Event] = {}
 
         def take(msg: Message) -> None:
-            try:
-                out.append(decode_event(msg.value()))
-            except KflowError as exc:
-                log.warning("skipping undecodable event %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            ev = self._decode_event(msg)
+            if ev is not None:
+                by_seq[ev.seq] = ev
 
         self._read_keys(self.names.events, [id], take)
-        return out
+        return [by_seq[s] for s in sorted(by_seq)]
+
+    @staticmethod
+    def _decode_event(msg: Message) -> Event | None:
+        try:
+            return decode_event(msg.value())
+        except KflowError as exc:
+            log.warning("skipping undecodable event %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            return None
 
     def _scan(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Latest state record per id, read from the ids' state partitions up to the high watermark."""
@@ -976,10 +1175,9 @@ class Client:
                     raise KflowError(f"topic '{topic}' has no partitions")
                 ends: dict[int, int] = {}
                 for p in sorted({partition_for(i.encode(), partitions) for i in ids}):
-                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.connect_timeout,
-                                                               cached=False)
-                    if high > low:
-                        ends[p] = high
+                    high = self._end_offset(topic, p)
+                    if high > 0:
+                        ends[p] = high  # EOF ends a partition whose records retention removed
             except KafkaException as exc:
                 raise BrokerUnavailable(self.config.bootstrap, f"cannot read offsets of {topic}: {exc}") from None
             if not ends:
@@ -990,7 +1188,7 @@ class Client:
                 if time.monotonic() > deadline:
                     raise BrokerUnavailable(self.config.bootstrap, f"reading {topic} partitions {sorted(ends)} "
                                                                    f"took longer than {self.request_timeout:g}s")
-                for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
+                for msg in _drain(consumer):
                     err = msg.error()
                     p = msg.partition()
                     if err is not None:
@@ -999,6 +1197,7 @@ class Client:
                         elif err.fatal():
                             raise KafkaException(err)
                         continue
+                    self.records_read += 1
                     if msg.key() in wanted and msg.value() is not None:
                         take(msg)
                     if p in ends and msg.offset() >= ends[p] - 1:
@@ -1018,6 +1217,11 @@ class Client:
             self._watcher = self._producer = self._definitions = None
         if definitions is not None:
             definitions.close()
+        with self._reader_lock:
+            consumers, self._reader, self._marks = (self._reader, self._marks), None, None
+        for consumer in consumers:
+            if consumer is not None:
+                consumer.close()
         try:
             if producer is not None:
                 left = producer.flush(self.request_timeout)

@@ -4,15 +4,25 @@
 ``EngineConfig`` and ``WorkerConfig`` add their own knobs. Values are validated before any
 consumer starts, so a bad setting is a clear start-up error. The README's configuration table is
 generated from these field descriptions (``python -m kflow._config_doc``).
+
+A running ``kflow dev`` writes how to reach it to :data:`DEV_FILE` in the folder it was started in
+(:class:`DevStackFile`); CLI commands started there without a bootstrap use it.
+:func:`fit_to_cluster` makes a long-running process follow the partition count of topics that
+already exist (unless the count was configured explicitly) and use fast group joins on the
+embedded broker.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 import socket
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +31,15 @@ from kflow.model.errors import KflowError
 from kflow.streams.topics import TopicNames, TopicSettings
 
 _C = TypeVar("_C", bound="TelemetryConfig")
+_K = TypeVar("_K", bound="KafkaConfig")
 
+
+#: The logger librdkafka's own log lines go to (levels mapped from syslog: notice → INFO).
+KAFKA_LOGGER = "kflow.kafka"
+#: Group settings for dev brokers: a join takes about 3 s on the embedded broker instead of 20+ s.
+DEV_GROUP_TUNING: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+#: Where a running ``kflow dev`` says how to reach it, relative to the folder it was started in.
+DEV_FILE = Path(".kflow") / "dev.json"
 
 #: Prefix of the librdkafka pass-through variables.
 KAFKA_ENV_PREFIX = "KFLOW_KAFKA_"
@@ -99,7 +117,7 @@ class KafkaConfig(TelemetryConfig):
 
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers (host:port[,host:port]).")
     topic_prefix: str = Field("kflow.", description="Prefix of every kflow topic, so environments can share a cluster.")
-    partitions: int = Field(8, ge=1, le=10_000, description="Partition count of every instance-keyed topic (created at start-up).")
+    partitions: int = Field(8, ge=1, le=10_000, description="Partition count of every instance-keyed topic (created at start-up); when unset, long-running commands use the count of topics that already exist.")
     replication: int = Field(1, ge=1, description="Replication factor of topics kflow creates.")
     kafka_security_protocol: str | None = Field(None, description="librdkafka security.protocol (e.g. SASL_SSL).")
     kafka_sasl_mechanism: str | None = Field(None, description="librdkafka sasl.mechanism (PLAIN, SCRAM-SHA-512, ...).")
@@ -107,7 +125,7 @@ class KafkaConfig(TelemetryConfig):
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
     fetch_wait_ms: int = Field(10, ge=0, le=10_000, description="Most time a broker may hold a fetch when no data is there (fetch.wait.max.ms); low values cut latency.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of every long-running process; 0 disables.")
-    dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts for dev brokers (set by `kflow dev` and tests).")
+    dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts (6 s / 0.5 s) for dev brokers; long-running commands switch it on by themselves against the embedded broker.")
 
     @field_validator("bootstrap")
     @classmethod
@@ -133,8 +151,11 @@ class KafkaConfig(TelemetryConfig):
         """librdkafka settings common to producers, consumers and admin clients.
 
         ``KFLOW_KAFKA_<NAME>`` pass-through settings come first, so the named fields win.
+        librdkafka's own log lines go to the ``kflow.kafka`` logger (formatted and filtered like
+        every other record) instead of raw stderr; they are delivered when the client is polled.
         """
-        conf: dict[str, Any] = {**kafka_passthrough(), "bootstrap.servers": self.bootstrap}
+        conf: dict[str, Any] = {**kafka_passthrough(), "bootstrap.servers": self.bootstrap,
+                                "logger": logging.getLogger(KAFKA_LOGGER)}
         if self.kafka_security_protocol:
             conf["security.protocol"] = self.kafka_security_protocol
         if self.kafka_sasl_mechanism:
@@ -150,7 +171,7 @@ class KafkaConfig(TelemetryConfig):
                 "auto.offset.reset": "earliest", "isolation.level": "read_committed",
                 "enable.partition.eof": False, "fetch.wait.max.ms": self.fetch_wait_ms}
         if self.dev_tuning:
-            conf.update({"session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+            conf.update(DEV_GROUP_TUNING)
         conf.update(extra)
         return conf
 
@@ -265,3 +286,117 @@ def load_config(cls: type[_C], **overrides: Any) -> _C:
             msg = str(err["msg"]).removeprefix("Value error, ")
             problems.append((f"KFLOW_{name.upper()}", msg if err["type"] == "value_error" else f"{msg} (got {shown})"))
         raise ConfigError(problems) from None
+
+
+# --------------------------------------------------------------------------- the dev stack's file
+
+
+@dataclass(frozen=True)
+class DevStackFile:
+    """How to reach a running ``kflow dev`` stack (the contents of :data:`DEV_FILE`)."""
+
+    bootstrap: str
+    prefix: str
+    partitions: int
+    pid: int
+    path: Path = DEV_FILE
+
+    def environ(self) -> dict[str, str]:
+        """The ``KFLOW_*`` variables that point a process at this stack (dev group tuning included)."""
+        return {"KFLOW_BOOTSTRAP": self.bootstrap, "KFLOW_TOPIC_PREFIX": self.prefix,
+                "KFLOW_PARTITIONS": str(self.partitions), "KFLOW_DEV_TUNING": "true"}
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"bootstrap": self.bootstrap, "prefix": self.prefix,
+                                   "partitions": self.partitions, "pid": self.pid}, indent=2) + "\n")
+        tmp.replace(self.path)  # readers never see a half-written file
+
+    def remove(self) -> None:
+        """Delete the file if it is still this stack's (another stack may have replaced it)."""
+        current = read_dev_file(self.path, check_alive=False)
+        if current is not None and current.pid == self.pid:
+            self.path.unlink(missing_ok=True)
+            try:
+                self.path.parent.rmdir()  # only when empty: an engine's default state dir is .kflow too
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_dev_file(path: Path = DEV_FILE, *, check_alive: bool = True) -> Optional[DevStackFile]:
+    """The dev stack described by ``path``, or None when there is none (or its process is gone)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        dev = DevStackFile(str(doc["bootstrap"]), str(doc["prefix"]), int(doc["partitions"]), int(doc["pid"]), path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if check_alive and not _alive(dev.pid):
+        return None  # left behind by a stack that was killed
+    return dev
+
+
+# --------------------------------------------------------------------------- fitting a process to its cluster
+
+#: Cluster ids of the embedded broker (``kflow dev``, tests) start with this.
+DEV_CLUSTER_PREFIX = "kflow-dev-"
+
+
+def cluster_facts(config: KafkaConfig, timeout: float = 10.0) -> tuple[str, Optional[int]]:
+    """The cluster id, and the partition count of the commands topic under ``config``'s prefix (None if absent).
+
+    Raises:
+        BrokerUnavailable: the cluster did not answer within ``timeout``.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from kflow.model.errors import BrokerUnavailable
+
+    admin = AdminClient({**config.client_conf(), "socket.connection.setup.timeout.ms": int(timeout * 1000)})
+    try:
+        meta = admin.list_topics(timeout=timeout)  # all topics: naming one may auto-create it
+    except KafkaException as exc:
+        raise BrokerUnavailable(config.bootstrap, str(exc.args[0].str() if exc.args else exc)) from None
+    found = meta.topics.get(config.names.commands)
+    partitions = len(found.partitions) if found is not None and found.error is None and found.partitions else None
+    return str(meta.cluster_id or ""), partitions
+
+
+def existing_partitions(config: KafkaConfig, timeout: float = 10.0) -> Optional[int]:
+    """Partition count of the commands topic under ``config``'s prefix, or None if it does not exist."""
+    return cluster_facts(config, timeout)[1]
+
+
+def fit_to_cluster(config: _K, timeout: float = 10.0) -> _K:
+    """``config`` adjusted to the cluster it talks to, for settings the user did not set explicitly.
+
+    - ``partitions`` follows the instance topics that already exist, so a process started beside
+      ``kflow dev`` (4 partitions) works; an explicit count (``KFLOW_PARTITIONS``, ``--partitions``)
+      is kept, and a real mismatch stays the start-up error
+      :class:`~kflow.streams.topics.PartitionCountMismatch`.
+    - ``dev_tuning`` is switched on for the embedded broker (its cluster id starts with
+      :data:`DEV_CLUSTER_PREFIX`), whose group joins take 20+ s with librdkafka's defaults.
+
+    Raises:
+        BrokerUnavailable: the cluster did not answer within ``timeout``.
+    """
+    cluster_id, found = cluster_facts(config, timeout)
+    update: dict[str, Any] = {}
+    if "partitions" not in config.model_fields_set and found is not None and found != config.partitions:
+        logging.getLogger("kflow.config").info("topics under prefix '%s' exist with %d partitions; using that count",
+                                               config.topic_prefix, found)
+        update["partitions"] = found
+    if "dev_tuning" not in config.model_fields_set and cluster_id.startswith(DEV_CLUSTER_PREFIX):
+        update["dev_tuning"] = True
+    return config.model_copy(update=update) if update else config

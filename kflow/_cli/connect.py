@@ -29,7 +29,7 @@ def run_worker_with_connectors(config: Any, modules: list[ModuleType], connector
         ConnectorConfigError: the connectors file is invalid (every problem listed).
         FileNotFoundError: it does not exist.
     """
-    from kflow._cli.processes import run_until_signalled, start_telemetry
+    from kflow._cli.processes import describe_worker, log_when_ready, run_until_signalled, start_telemetry
     from kflow.connectors.config import load_connectors, redacted
     from kflow.connectors.host import ConnectorHost
     from kflow.worker import Worker
@@ -49,6 +49,7 @@ def run_worker_with_connectors(config: Any, modules: list[ModuleType], connector
 
             server = serve_operations(config.metrics_port, lambda: runner.wait_assigned(0) and host.ready(),
                                       status=host.describe)
+        log_when_ready(runner.wait_assigned, lambda: describe_worker(runner), "worker")
         run_until_signalled(runner.run, "worker")
     finally:
         if server is not None:
@@ -74,8 +75,8 @@ def connect(
     """
     setup_logging(verbose)
     from kflow._cli.processes import _settings
-    from kflow.config import WorkerConfig, load_config
+    from kflow.config import WorkerConfig, fit_to_cluster, load_config
 
-    config = load_config(WorkerConfig, **_settings(bootstrap, prefix, concurrency=concurrency,
-                                                          metrics_port=metrics_port))
+    config = fit_to_cluster(load_config(WorkerConfig, **_settings(bootstrap, prefix, concurrency=concurrency,
+                                                                             metrics_port=metrics_port)))
     run_worker_with_connectors(config, [], file)

@@ -2,28 +2,28 @@
 
 ``engine`` and ``worker`` run in the foreground until SIGINT or SIGTERM, which set a stop event
 so the processor finishes (or aborts) its open batch and leaves its consumer group cleanly; a
-second signal stops at once. ``dev`` and ``bench`` only parse options and hand over to
+second signal stops at once. Each logs one ``ready: ...`` INFO line once it owns partitions (and
+``/readyz`` answers 200 from then on). ``dev`` and ``bench`` only parse options and hand over to
 ``kflow.dev.stack`` and ``kflow.dev.bench``, imported when the command runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import signal
 import threading
 from collections.abc import Callable
-from types import FrameType, ModuleType
+from types import FrameType
 from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
-from kflow._cli.common import Bootstrap, Prefix, Verbose, fail, setup_logging
+from kflow._cli.common import Bootstrap, Prefix, Verbose, fail, import_modules, setup_logging
 
-__all__ = ["DevCommand", "bench", "dev", "engine", "import_modules", "parse_settings", "run_until_signalled",
-           "start_telemetry", "worker"]
+__all__ = ["DevCommand", "bench", "dev", "engine", "import_modules", "log_when_ready", "parse_settings",
+           "run_until_signalled", "start_telemetry", "worker"]
 
 log = logging.getLogger("kflow.cli")
 
@@ -31,13 +31,20 @@ log = logging.getLogger("kflow.cli")
 DEFAULT_DEMO = "order"
 
 
-def import_modules(names: list[str]) -> list[ModuleType]:
-    """Import each module (``a.b``; comma-separated lists are split); ImportError names the culprit."""
-    out = []
-    for name in (n.strip() for item in names for n in item.split(",")):
-        if name:
-            out.append(importlib.import_module(name))
-    return out
+def log_when_ready(ready: Callable[[float], bool], describe: Callable[[], str], what: str) -> threading.Thread:
+    """Log ``ready: <describe()>`` at INFO once ``ready(timeout)`` is true (a daemon thread).
+
+    ``ready`` blocks up to its timeout and returns whether the process is ready; the thread ends
+    with the process.
+    """
+    def watch() -> None:
+        while not ready(1.0):
+            pass
+        log.info("ready: %s", describe())
+
+    thread = threading.Thread(target=watch, name=f"kflow-{what}-ready", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_until_signalled(run: Callable[[threading.Event], None], what: str) -> None:
@@ -132,13 +139,16 @@ def engine(
     setup_logging(verbose)
     if workflows:
         import_modules([workflows])
-    from kflow.config import EngineConfig, load_config
+    from kflow.config import EngineConfig, fit_to_cluster, load_config
     from kflow.streams.processor import EngineProcessor
 
     config = load_config(EngineConfig, **{**parse_settings(settings), **_settings(
         bootstrap, prefix, state_dir=state_dir, partitions=partitions, workflows=workflows, metrics_port=metrics_port)})
+    config = fit_to_cluster(config)
     processor = EngineProcessor(config)
     server = start_telemetry(config, "engine", processor.ready.is_set)
+    log_when_ready(processor.ready.wait, lambda: f"owns partitions {sorted(processor.store.partitions)} of "
+                   f"{config.names.commands}", "engine")
     try:
         run_until_signalled(processor.run, "engine")
     finally:
@@ -171,22 +181,30 @@ def worker(
     if not modules and not connectors:
         fail("give at least one --module, or --connectors FILE")
     loaded = import_modules(modules or [])
-    from kflow.config import WorkerConfig, load_config
+    from kflow.config import WorkerConfig, fit_to_cluster, load_config
     from kflow.worker import Worker
 
     config = load_config(WorkerConfig, **{**parse_settings(settings), **_settings(
         bootstrap, prefix, concurrency=concurrency, metrics_port=metrics_port)})
+    config = fit_to_cluster(config)
     if connectors:
         from kflow._cli.connect import run_worker_with_connectors
 
         return run_worker_with_connectors(config, loaded, connectors)
     runner = Worker(config, loaded)
     server = start_telemetry(config, "worker", lambda: runner.wait_assigned(0))
+    log_when_ready(runner.wait_assigned, lambda: describe_worker(runner), "worker")
     try:
         run_until_signalled(runner.run, "worker")
     finally:
         if server is not None:
             server.shutdown()
+
+
+def describe_worker(runner: Any) -> str:
+    """``consuming queues a, b (topics ...)`` for a worker's ready line."""
+    queues = sorted(getattr(runner, "queues", []) or [])
+    return f"consuming queues {', '.join(queues) or '(none)'} as group {getattr(runner, 'group_id', '?')}"
 
 
 def _call(fn: Callable[..., Any], *args: Any, **optional: Any) -> Any:
@@ -224,24 +242,35 @@ def dev(
     demo: Annotated[Optional[str], typer.Option(
         "--demo", metavar="[NAME]",
         help=f"Deploy and run a bundled demo (default '{DEFAULT_DEMO}'; 'iot' for the device fleet rollout).")] = None,
+    connectors: Annotated[Optional[str], typer.Option("--connectors", metavar="FILE",
+                                                      help="Also run a worker serving the connectors of this file.")] = None,
     triggers: Annotated[Optional[str], typer.Option("--triggers", metavar="FILE",
                                                     help="Also run the triggers of this file.")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=1, max=65535, metavar="PORT",
+                                                help="Port of the embedded broker on 127.0.0.1 (default: a free one).")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the state and log folder on exit.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
 ) -> None:
     """Run a complete local stack: a broker (unless --bootstrap), an engine and workers.
 
-    Without --bootstrap an embedded in-memory Kafka-protocol broker is started. The engine and
-    the workers run as child processes and stop together on Ctrl-C. --demo deploys a bundled
-    example workflow and starts an instance of it.
+    Without --bootstrap an embedded in-memory Kafka-protocol broker is started (on --port, or a
+    free port). The engine and the workers run as child processes and stop together on Ctrl-C.
+    While it runs, .kflow/dev.json in the current folder says how to reach it, so `kflow worker`,
+    `kflow start` and the other commands started in this folder use it. --demo deploys a bundled
+    example workflow and starts an instance of it. State and logs are removed on exit unless
+    --keep is given or the stack failed.
 
     Example: kflow dev --demo
     """
     setup_logging(verbose)
+    if port is not None and bootstrap is not None:
+        fail("--port is the port of the embedded broker; it cannot be combined with --bootstrap (or KFLOW_BOOTSTRAP)")
     from kflow.dev.stack import run_dev
 
-    _call(run_dev, bootstrap, list(worker_modules or []), demo, prefix, workflows=workflows, triggers=triggers)
+    _call(run_dev, bootstrap, list(worker_modules or []), demo, prefix, workflows=workflows, triggers=triggers,
+          connectors=connectors, port=port, keep=keep or None)
 
 
 def bench(

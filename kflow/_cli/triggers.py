@@ -33,12 +33,12 @@ def run(
     """
     setup_logging(verbose)
     from kflow._cli.processes import run_until_signalled
-    from kflow.config import TriggerConfig, load_config
+    from kflow.config import TriggerConfig, fit_to_cluster, load_config
     from kflow.connectors.triggers import TriggerConfigError, TriggerRunner, load_triggers
 
     overrides = {k: v for k, v in (("bootstrap", bootstrap), ("topic_prefix", prefix), ("mqtt_url", mqtt_url),
                                    ("trigger_group", group)) if v is not None}
-    config = load_config(TriggerConfig, **overrides)
+    config = fit_to_cluster(load_config(TriggerConfig, **overrides))
     try:
         triggers = load_triggers(path)
     except TriggerConfigError as exc:

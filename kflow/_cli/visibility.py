@@ -3,7 +3,9 @@
 
 ``list``, ``history``, ``status`` and ``watch`` ask the visibility API when ``KFLOW_API`` (or
 ``--api``) names one, and otherwise read Kafka directly: the compacted ``state`` topic for
-instances, the instance's partition of ``events`` for a history, ``definitions`` for a graph.
+instances, ``definitions`` for a graph; an instance's status comes from the engine that owns it
+and its history from its events partition, starting where that history starts (``--scan`` reads
+both topics from the beginning instead, without an engine).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import httpx
 import typer
@@ -27,6 +29,7 @@ _MARK = {"running": "▶", "done": "✔", "failed": "✖", "pending": "·"}
 _STATUS_STYLE = {"RUNNING": "blue", "COMPLETED": "green", "FAILED": "red", "TERMINATED": "red",
                  "CANCELLED": "yellow", "CANCELLING": "yellow", "COMPENSATING": "yellow", "BLOCKED": "blue"}
 _TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- the API side
@@ -113,26 +116,6 @@ def _latest_states(config: Any) -> dict[str, dict[str, Any]]:
     return states
 
 
-def _instance_events(config: Any, id: str) -> list[Any]:
-    """The history of instance ``id``, oldest first, from its partition of the events topic."""
-    from confluent_kafka.admin import AdminClient
-
-    from kflow.schemas.codec import decode_event
-    from kflow.streams.partitioner import partition_for
-
-    meta = AdminClient(config.client_conf()).list_topics(config.names.events, timeout=_TIMEOUT)
-    topic = meta.topics.get(config.names.events)
-    if topic is None or not topic.partitions:
-        fail(f"topic '{config.names.events}' is not available")
-    key = id.encode()
-    by_seq: dict[int, Any] = {}  # a seq written again after an aborted transaction: the later write counts
-    for msg in _read_topic(config, config.names.events, [partition_for(key, len(topic.partitions))]):
-        if msg.key() == key and msg.value() is not None:
-            ev = decode_event(msg.value())
-            by_seq[ev.seq] = ev
-    return [by_seq[seq] for seq in sorted(by_seq)]
-
-
 def _definition_body(config: Any, name: str, version: int) -> Optional[dict[str, Any]]:
     from kflow.schemas.codec import decode_definition
 
@@ -151,10 +134,16 @@ def _definition_body(config: Any, name: str, version: int) -> Optional[dict[str,
 StatusView = tuple[Optional[dict[str, Any]], dict[str, str], Optional[dict[str, Any]]]
 
 
-def fetch_status(id: str, bootstrap: Optional[str], prefix: Optional[str], api: Optional[str] = None) -> StatusView:
+Scan = Annotated[bool, typer.Option("--scan", help="Read the topics from the beginning instead of asking the "
+                                                   "engine (works without a running engine; slow on big topics).")]
+
+
+def fetch_status(id: str, bootstrap: Optional[str], prefix: Optional[str], api: Optional[str] = None,
+                 scan: bool = False, timeout: float = _TIMEOUT) -> StatusView:
     """The state record of ``id``, its step states and its spec definition body (None for code workflows).
 
-    Asks the API when ``api`` (or ``KFLOW_API``) is set, Kafka otherwise.
+    Asks the API when ``api`` (or ``KFLOW_API``) is set; otherwise the engine that owns ``id``
+    (within ``timeout`` seconds), or with ``scan`` the state and events topics from the beginning.
     """
     api = api or os.environ.get("KFLOW_API") or None
     if api:
@@ -178,20 +167,29 @@ def fetch_status(id: str, bootstrap: Optional[str], prefix: Optional[str], api: 
     from kflow.visibility.graph import history_steps, resolve_steps, step_index, succeed_steps, track_steps
 
     with Client(bootstrap, topic_prefix=prefix) as client:
-        state = client.status(id)
-        config = client.config
-    if state is None:
-        return None, {}, None
-    body = _definition_body(config, state["workflow"], state["version"])
-    if body is None:
-        return state, {}, None
-    # the latest state record alone shows only where threads wait now: nothing once the instance
-    # closed, and never the steps that ran inside one decision; the history shows them all
-    steps = history_steps(body, _instance_events(config, id))
+        state = _ask_engine(lambda: client.status(id, timeout=timeout, scan=scan), timeout)
+        if state is None:
+            return None, {}, None
+        body = _definition_body(client.config, state["workflow"], state["version"])
+        if body is None:
+            return state, {}, None
+        # the latest state record alone shows only where threads wait now: nothing once the instance
+        # closed, and never the steps that ran inside one decision; the history shows them all
+        events = _ask_engine(lambda: client.history(id, timeout=timeout, scan=scan), timeout)
+    steps = history_steps(body, events)
     if steps is None:
         tracked = track_steps({}, state["status"], state.get("internal") or {})
         steps = resolve_steps(tracked, step_index(body), state["status"], succeed_steps(body))
     return state, steps, body
+
+
+def _ask_engine(read: Callable[[], T], timeout: float) -> T:
+    """``read()``, turning "no engine answered" into an error that names the way out."""
+    try:
+        return read()
+    except TimeoutError:
+        fail(f"no engine answered within {timeout:g}s: is an engine running on these topics? "
+             "(--scan reads the topics without one)")
 
 
 def render_step_tree(body: dict[str, Any], steps: dict[str, str]) -> Any:
@@ -326,6 +324,7 @@ def list_instances(
 def history(
     id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON event per line.")] = False,
+    scan: Scan = False,
     api: Api = None,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
@@ -333,8 +332,9 @@ def history(
 ) -> None:
     """Print the history (events) of a workflow instance, oldest first.
 
-    Asks the visibility API when KFLOW_API is set; otherwise reads the instance's partition of
-    the events topic.
+    Asks the visibility API when KFLOW_API is set. Otherwise asks the engine that owns the
+    instance where its history starts on the events topic and reads from there to its last
+    event; --scan reads the instance's events partition from the beginning (no engine needed).
 
     Example: kflow history order-42 --json | jq .type
     """
@@ -349,8 +349,12 @@ def history(
                 break
             after = page["next_after_seq"]
     else:
+        from kflow.client import Client
+
+        with Client(config=_config(bootstrap, prefix)) as client:
+            found = _ask_engine(lambda: client.history(id, scan=scan), _TIMEOUT)
         events = [{"instance_id": ev.instance_id, "seq": ev.seq, "type": ev.type, "ts": ev.ts, "data": ev.data}
-                  for ev in _instance_events(_config(bootstrap, prefix), id)]
+                  for ev in found]
     if not events:
         fail(f"no history for workflow instance '{id}'")
     for ev in events:

@@ -198,39 +198,47 @@ def _render(state: dict[str, Any]) -> None:
     Console(soft_wrap=False).print(table)
 
 
-def _start_rejection(id: str, bootstrap: str | None, prefix: str | None, verbose: bool) -> str | None:
-    """The engine's reason for dead-lettering the start of ``id``, or None (also when Kafka is unreachable)."""
+def _start_rejection(id: str, bootstrap: str | None, prefix: str | None, verbose: bool,
+                     scan: bool = False) -> str | None:
+    """The engine's reason for dead-lettering the start of ``id``, or None (also when it cannot be read)."""
     try:
         with _client(bootstrap, prefix, verbose) as client:
-            return client.start_rejection(id)
-    except KflowError:
+            return client.start_rejection(id, scan=scan)
+    except (KflowError, TimeoutError):
         return None
 
 
 def status(
     id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw state record as JSON.")] = False,
+    scan: Annotated[bool, typer.Option("--scan", help="Read the state and events topics from the beginning "
+                                                      "instead of asking the engine (no engine needed).")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", "-t", min=0.1, metavar="SECONDS",
+                                           help="How long to wait for the engine's answer.")] = 10.0,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
 ) -> None:
-    """Show the latest state of a workflow instance.
+    """Show the current state of a workflow instance.
 
-    Reads the instance's partition of the state topic (the engine's state-change feed) and shows
-    its status, workflow@version, event sequence number, times, and its result or error.
+    Asks the engine that owns the instance (it answers from its state, writing no history) and
+    shows its status, workflow@version, event sequence number, times, and its result or error.
+    With no engine running this fails after --timeout; --scan reads the instance's partition of
+    the state topic from the beginning instead.
 
     With KFLOW_API set, asks the visibility API instead. A spec workflow's steps are drawn as a
-    tree marked pending, running, done or failed, worked out from the instance's history (the
-    events topic): a step whose error a catch route took is failed, the handler's steps done.
+    tree marked pending, running, done or failed, worked out from the instance's history (read
+    from where it starts on the events topic): a step whose error a catch route took is failed,
+    the handler's steps done.
 
     Example: kflow status order-42 --json
     """
     from kflow._cli.visibility import fetch_status, render_step_tree
 
     setup_logging(verbose)
-    state, steps, body = fetch_status(id, bootstrap, prefix)
+    state, steps, body = fetch_status(id, bootstrap, prefix, scan=scan, timeout=timeout)
     if state is None:
-        reason = _start_rejection(id, bootstrap, prefix, verbose)
+        reason = _start_rejection(id, bootstrap, prefix, verbose, scan)
         if reason is not None:
             fail(f"workflow instance '{id}' was not started: the engine rejected its start: {reason} "
                  "(see 'kflow dlq list')")

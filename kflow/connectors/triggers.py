@@ -10,7 +10,9 @@ Delivery is idempotent by construction: command ids are derived from the source 
 partition and offset for Kafka, a hash of topic and payload for MQTT) and starts use the
 ``reject_duplicate`` id-reuse policy, so a redelivered message cannot start a second instance.
 Kafka sources are consumed at least once: offsets are committed only after every command (and
-dead letter) produced for the consumed records is acknowledged by the broker. A message no
+dead letter) produced for the consumed records is acknowledged by the broker. A source topic that
+does not exist yet is read once it is created: the consumer subscribes by anchored pattern and
+refreshes metadata every :data:`METADATA_REFRESH_MS`. A message no
 trigger's ``when`` accepts, or one that fails (undecodable, an expression error, a missing field),
 goes to the ``dlq`` topic with ``kflow.reason``/``kflow.original.*`` headers and is counted in
 ``kflow_trigger_messages_total{trigger, outcome}``.
@@ -36,7 +38,6 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kflow._worker.output import dead_letter_headers, now_ms
-from kflow.client import _KafkaLog
 from kflow.config import KafkaConfig
 from kflow.engine.expr import ExpressionError, compile_expr, evaluate
 from kflow.model.errors import KflowError
@@ -52,6 +53,16 @@ TRIGGER_MESSAGES = Counter("kflow_trigger_messages_total", "Source messages hand
                            "(started, signalled, unmatched, failed).", ["trigger", "outcome"])
 #: The ``trigger`` label of messages no trigger accepted.
 UNMATCHED = "none"
+#: How often the Kafka source consumer looks for source topics created after it started.
+METADATA_REFRESH_MS = 3000
+
+
+def topic_pattern(topic: str) -> str:
+    """A librdkafka subscription pattern matching exactly ``topic`` (legal names: letters, digits, ``._-``).
+
+    Subscribing by pattern is what makes librdkafka pick a topic up when it is created later.
+    """
+    return "^" + topic.replace(".", "\\.") + "$"
 
 
 class TriggerConfigError(KflowError):
@@ -331,14 +342,27 @@ class TriggerRunner:
     def start(self) -> None:
         """Create the topics and producer, then consume every source in daemon threads."""
         ensure_topics(self.config.client_conf(), self.names, self.config.topic_settings)
-        self._producer = Producer(self.config.producer_conf(acks="all", logger=_KafkaLog("kflow.triggers.kafka")))
+        self._producer = Producer(self.config.producer_conf(acks="all"))
         if self.kafka_triggers:
+            self._note_missing_topics()
             self._spawn(self._kafka_main, "kflow-triggers-kafka")
         else:
             self._kafka_ready.set()
         for broker in self.mqtt_triggers:
             self._spawn(lambda b=broker: asyncio.run(self._mqtt_main(b)), f"kflow-triggers-mqtt-{broker[0]}:{broker[1]}")
         log.info("triggers started: %s", ", ".join(f"{t.name} ({t.action})" for t in self.triggers))
+
+    def _note_missing_topics(self) -> None:
+        """Say which source topics do not exist yet (they are read as soon as they are created)."""
+        assert self._producer is not None
+        try:
+            existing = set(self._producer.list_topics(timeout=10).topics)
+        except KafkaException as exc:
+            log.warning("triggers: cannot list topics (%s)", exc)
+            return
+        for topic in sorted(set(self.kafka_triggers) - existing):
+            log.warning("triggers: source topic '%s' does not exist yet; it is read as soon as it is created "
+                        "(looked for every %.0fs)", topic, METADATA_REFRESH_MS / 1000)
 
     def _spawn(self, target: Any, name: str) -> None:
         def run() -> None:
@@ -492,8 +516,10 @@ class TriggerRunner:
     # -- Kafka sources -------------------------------------------------------------------------
 
     def _kafka_main(self) -> None:
-        consumer = Consumer(self.config.consumer_conf(self.group_id, logger=_KafkaLog("kflow.triggers.kafka")))
-        consumer.subscribe(list(self.kafka_triggers), on_assign=lambda c, parts: self._kafka_ready.set())
+        consumer = Consumer(self.config.consumer_conf(
+            self.group_id, **{"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS}))
+        consumer.subscribe([topic_pattern(t) for t in self.kafka_triggers],
+                           on_assign=lambda c, parts: self._kafka_ready.set())
         try:
             while not self._stop.is_set():
                 msgs = consumer.consume(500, 0.2)
@@ -506,7 +532,7 @@ class TriggerRunner:
                     if err is not None:
                         if err.fatal():
                             raise KafkaException(err)
-                        log.debug("trigger consumer: %s", err)
+                        log.debug("trigger consumer: %s", err)  # e.g. a source topic not created yet
                         continue
                     origin = _Origin("kafka", msg.topic(), msg.key(), msg.value() or b"", msg.partition(),
                                      msg.offset(), msg)

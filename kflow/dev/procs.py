@@ -25,6 +25,7 @@ class KflowProcess:
     proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> "KflowProcess":
+        """Start the child; its output goes to ``log_path`` (a new temporary file when empty)."""
         if not self.log_path:
             fd, self.log_path = tempfile.mkstemp(prefix=f"kflow-{self.args[0]}-", suffix=".log")
             os.close(fd)
@@ -97,10 +98,14 @@ def engine_process(bootstrap: str, prefix: str, state_dir: str, *, partitions: i
 
 
 def worker_process(bootstrap: str, prefix: str, modules: list[str], *, partitions: int = 8,
-                   concurrency: int = 32, dev: bool = True, metrics_port: int = 0) -> KflowProcess:
+                   concurrency: int = 32, dev: bool = True, metrics_port: int = 0,
+                   connectors: str = "") -> KflowProcess:
+    """``kflow worker`` for ``modules`` (and the connectors of the file ``connectors``, if given)."""
     args = ["worker"]
     for m in modules:
         args += ["-m", m]
+    if connectors:
+        args += ["--connectors", os.path.abspath(connectors)]
     env = {"KFLOW_BOOTSTRAP": bootstrap, "KFLOW_TOPIC_PREFIX": prefix, "KFLOW_PARTITIONS": str(partitions),
            "KFLOW_CONCURRENCY": str(concurrency), "KFLOW_DEV_TUNING": "true" if dev else "false",
            "KFLOW_METRICS_PORT": str(metrics_port)}

@@ -1,21 +1,28 @@
 """``kflow dev``: the whole system on one machine — embedded broker, engine, workers — and the demo.
 
-Without ``--bootstrap`` it starts the embedded Tansu broker; it then runs the engine and one
-worker process per set of ``--worker-module`` modules, prints where everything is, and runs until
-Ctrl-C. ``--demo`` runs the bundled order workflow end to end on that stack, shows progress, prints
-the results and exits 0 (non-zero if any demo instance did not complete as expected).
+Without ``--bootstrap`` it starts the embedded Tansu broker (on ``--port`` or a free port); it then
+runs the engine, one worker process for the ``--worker-module`` modules and one for the
+``--connectors`` file, prints where everything is, and runs until Ctrl-C. While it runs,
+``.kflow/dev.json`` in the current folder says how to reach it (bootstrap, prefix, partitions), so
+other ``kflow`` commands started there use the stack; the file is removed on exit. State and
+logs live under one temporary folder, removed on exit unless ``--keep`` is given or the stack
+failed (then its path is printed). ``--demo`` runs the bundled order workflow end to end on that
+stack, shows progress, prints the results and exits 0 (non-zero if any demo instance did not
+complete as expected).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
 import time
 import uuid
 from importlib import resources
+from pathlib import Path
 from typing import Any, Optional
 
 import orjson
@@ -25,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kflow.client import Client
-from kflow.config import KafkaConfig
+from kflow.config import DEV_FILE, DevStackFile, KafkaConfig, existing_partitions
 from kflow.dev.broker import EmbeddedBroker
 from kflow.dev.procs import KflowProcess, engine_process, worker_process
 from kflow.model.errors import KflowError
@@ -42,33 +49,73 @@ def bundled_spec(name: str) -> dict[str, Any]:
 
 
 class DevStack:
-    """Broker (embedded unless given), one engine process and worker processes."""
+    """Broker (embedded unless given), one engine process and worker processes.
+
+    Args:
+        bootstrap: An existing cluster to use; None starts the embedded broker (on ``port``).
+        prefix: Topic prefix (default ``KFLOW_TOPIC_PREFIX`` or ``kflow.``).
+        worker_modules: Activity modules served by one worker process.
+        workflows: Comma-separated code-workflow modules the engine hosts.
+        partitions: Partition count of the topics it creates; topics that already exist on a
+            given cluster keep theirs.
+        state_dir: Where the engine keeps its state; default a folder in the stack's temporary root.
+        port: Port of the embedded broker.
+        connectors: A connectors file served by its own worker process.
+        announce: Write :data:`~kflow.config.DEV_FILE` in the current folder while running.
+        keep: Keep the temporary root on :meth:`stop` (it is also kept when the stack failed).
+    """
 
     def __init__(self, bootstrap: Optional[str], prefix: Optional[str], worker_modules: list[str],
-                 workflows: str = "", partitions: int = 4, state_dir: Optional[str] = None) -> None:
+                 workflows: str = "", partitions: int = 4, state_dir: Optional[str] = None, *,
+                 port: Optional[int] = None, connectors: Optional[str] = None, announce: bool = False,
+                 keep: bool = False) -> None:
         self.broker: Optional[EmbeddedBroker] = None
         self.bootstrap = bootstrap
         self.prefix = prefix or os.environ.get("KFLOW_TOPIC_PREFIX") or "kflow."
         self.worker_modules = worker_modules
         self.workflows = workflows
         self.partitions = partitions
-        self.state_dir = state_dir or tempfile.mkdtemp(prefix="kflow-dev-")
+        self.port = port
+        self.connectors = connectors
+        self.announce = announce
+        self.keep = keep
+        self.failed = False
+        """Set by the caller when the stack failed: :meth:`stop` then keeps the temporary root."""
+        self.root = Path(tempfile.mkdtemp(prefix="kflow-dev-"))
+        self.state_dir = state_dir or str(self.root / "state")
         self.procs: list[KflowProcess] = []
         self.triggers: Any = None
         self.visibility: Any = None
+        self.dev_file: Optional[DevStackFile] = None
 
     def start(self) -> "DevStack":
         if self.bootstrap is None:
-            self.broker = EmbeddedBroker()
-            self.bootstrap = self.broker.start()
+            self.broker = EmbeddedBroker(self.root / "broker")
+            self.bootstrap = self.broker.start(port=self.port)
+        else:
+            # a cluster that already has these topics decides the partition count
+            self.partitions = existing_partitions(KafkaConfig(bootstrap=self.bootstrap, topic_prefix=self.prefix)) \
+                or self.partitions
         assert self.bootstrap is not None
         eng = engine_process(self.bootstrap, self.prefix, os.path.join(self.state_dir, "engine"),
                              partitions=self.partitions, workflows=self.workflows)
-        self.procs.append(eng.start())
+        self._spawn(eng, "engine")
         if self.worker_modules:
-            self.procs.append(worker_process(self.bootstrap, self.prefix, self.worker_modules,
-                                             partitions=self.partitions).start())
+            self._spawn(worker_process(self.bootstrap, self.prefix, self.worker_modules,
+                                       partitions=self.partitions), "worker")
+        if self.connectors:
+            self._spawn(worker_process(self.bootstrap, self.prefix, [], partitions=self.partitions,
+                                       connectors=self.connectors), "connectors")
+        if self.announce:
+            self.dev_file = DevStackFile(self.bootstrap, self.prefix, self.partitions, os.getpid(),
+                                         Path.cwd() / DEV_FILE)
+            self.dev_file.write()
         return self
+
+    def _spawn(self, proc: KflowProcess, name: str) -> None:
+        (self.root / "logs").mkdir(exist_ok=True)
+        proc.log_path = str(self.root / "logs" / f"{name}.log")
+        self.procs.append(proc.start())
 
     def client(self) -> Client:
         return Client(self.bootstrap, config=KafkaConfig(bootstrap=self.bootstrap or "", topic_prefix=self.prefix,
@@ -111,25 +158,40 @@ class DevStack:
                 raise KflowError(f"'kflow {p.args[0]}' exited with code {p.proc.returncode if p.proc else '?'}:\n"
                                  f"{p.log_tail(2000)}")
 
-    def stop(self) -> None:
-        if self.visibility is not None:
-            self.visibility.close()
-        if self.triggers is not None:
-            self.triggers.stop()
-        for p in reversed(self.procs):
-            p.stop()
-        if self.broker is not None:
-            self.broker.stop()
+    def stop(self) -> Optional[Path]:
+        """Stop everything and remove the dev file; returns the temporary root if it was kept."""
+        try:
+            if self.visibility is not None:
+                self.visibility.close()
+            if self.triggers is not None:
+                self.triggers.stop()
+            for p in reversed(self.procs):
+                p.stop()
+            if self.broker is not None:
+                self.broker.stop()
+        finally:
+            if self.dev_file is not None:
+                self.dev_file.remove()
+                self.dev_file = None
+        if self.keep or self.failed:
+            return self.root
+        shutil.rmtree(self.root, ignore_errors=True)
+        return None
 
 
 def run_dev(bootstrap: Optional[str], worker_modules: list[str], demo: Optional[str], prefix: Optional[str],
-            workflows: Optional[str] = None, triggers: Optional[str] = None) -> None:
+            workflows: Optional[str] = None, triggers: Optional[str] = None, connectors: Optional[str] = None,
+            port: Optional[int] = None, keep: bool = False) -> None:
     console = Console(stderr=True)
     trigger_list = None
     if triggers:
         from kflow.connectors.triggers import load_triggers
 
         trigger_list = load_triggers(triggers)  # a bad file fails before anything starts
+    if connectors:
+        from kflow.connectors.config import load_connectors
+
+        load_connectors(connectors)  # likewise
     modules = list(worker_modules)
     if demo:
         if demo not in DEMOS:
@@ -137,35 +199,48 @@ def run_dev(bootstrap: Optional[str], worker_modules: list[str], demo: Optional[
         if demo == "order":
             modules += [m for m in DEMO_MODULES if m not in modules]
         prefix = prefix or f"demo{uuid.uuid4().hex[:6]}."
-    stack = DevStack(bootstrap, prefix, modules, workflows or "")
+    stack = DevStack(bootstrap, prefix, modules, workflows or "", port=port, connectors=connectors, announce=True,
+                     keep=keep)
     try:
-        stack.start()
-        console.print(f"[bold]kflow dev[/] broker [cyan]{stack.bootstrap}[/] · topics [cyan]{stack.prefix}*[/] · "
-                      f"state {stack.state_dir}")
-        for p in stack.procs:
-            console.print(f"  {p.args[0]:<7} pid {p.pid:<7} log {p.log_path}")
-        console.print(f"  console [cyan]{stack.start_visibility()}[/] (API docs at /docs)")
-        if trigger_list:
-            stack.start_triggers(trigger_list)
-            console.print(f"  triggers {', '.join(t.name for t in trigger_list)} (in this process)")
-        if demo == "iot":
-            from kflow.dev.iot import run_iot_demo
-
-            run_iot_demo(stack, console)
-            return
-        if demo:
-            run_order_demo(stack, console)
-            return
-        console.print("running; press Ctrl-C to stop")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(1.0):
-                stack.check_alive()
-        except KeyboardInterrupt:
-            console.print("stopping")
+        _run_stack(stack, console, demo, trigger_list)
+    except BaseException as exc:
+        stack.failed = not isinstance(exc, KeyboardInterrupt)
+        raise
     finally:
-        stack.stop()
+        kept = stack.stop()
+        if kept is not None:
+            console.print(f"state and logs kept in {kept}")
+
+
+def _run_stack(stack: DevStack, console: Console, demo: Optional[str], trigger_list: Optional[list[Any]]) -> None:
+    stack.start()
+    console.print(f"[bold]kflow dev[/] broker [cyan]{stack.bootstrap}[/] · topics [cyan]{stack.prefix}*[/] · "
+                  f"{stack.partitions} partitions")
+    console.print(f"  state and logs in {stack.root} ({'kept' if stack.keep else 'removed'} on exit)")
+    if stack.dev_file is not None:
+        console.print(f"  other kflow commands in this folder use this stack ({stack.dev_file.path})")
+    for p in stack.procs:
+        console.print(f"  {p.args[0]:<7} pid {p.pid:<7} log {p.log_path}")
+    console.print(f"  console [cyan]{stack.start_visibility()}[/] (API docs at /docs)")
+    if trigger_list:
+        stack.start_triggers(trigger_list)
+        console.print(f"  triggers {', '.join(t.name for t in trigger_list)} (in this process)")
+    if demo == "iot":
+        from kflow.dev.iot import run_iot_demo
+
+        run_iot_demo(stack, console)
+        return
+    if demo:
+        run_order_demo(stack, console)
+        return
+    console.print("running; press Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            stack.check_alive()
+    except KeyboardInterrupt:
+        console.print("stopping")
 
 
 def run_order_demo(stack: DevStack, console: Console, count: int = 8) -> None:

@@ -28,6 +28,11 @@ INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFaile
                           "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated"})
 
 
+#: State key of where the instance's history starts on its ``events`` partition: an offset at or
+#: before its first event. The processor stamps it on the instance's first state (it knows offsets,
+#: the engine does not); ``evolve`` carries it over when a run starts afresh under the same id.
+EVENTS_OFFSET = "events_offset"
+
 #: Command ids of the most recent signals kept per instance, so a redelivered signal (same command
 #: id, e.g. from a trigger re-reading its source) is rejected as a duplicate instead of applied twice.
 SIGNAL_DEDUP_WINDOW = 256
@@ -95,6 +100,9 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
     else:
         spec_interpreter.apply_input(run, ev)
     note_ended(run, before, ev)
+    if state is not None and EVENTS_OFFSET in state:
+        # id reuse and continue-as-new build a fresh state: the history still starts where it did
+        run.state[EVENTS_OFFSET] = state[EVENTS_OFFSET]
     return run.state, run
 
 
@@ -354,6 +362,30 @@ def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     return Decision(state=state, replies=[(qid, answer)])
 
 
+def status_record(state: JSONDict) -> JSONDict:
+    """The public state-record fields of ``state``, the full state as ``internal``, and ``events_offset``."""
+    err = state.get("error") or {}
+    return {"instance_id": state["id"], "workflow": state["workflow"], "version": state["version"],
+            "status": state["status"], "seq": state["seq"], "started_ms": state["started_ms"],
+            "updated_ms": state["updated_ms"], "closed_ms": state.get("closed_ms"), "result": state.get("result"),
+            "error_type": err.get("type"), "error_message": err.get("message"),
+            "events_offset": state.get(EVENTS_OFFSET), "internal": state}
+
+
+def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+    """Answer a status query with the instance's state record as it is now; nothing is written.
+
+    The owner answers from the same state it decides on, so the answer includes every command
+    decided before it (also those earlier in the same transaction, committed with the answer).
+    """
+    answer: JSONDict
+    if state is None:
+        answer = {"error": {"type": "NotFound", "message": f"no instance '{cmd.instance_id}'"}}
+    else:
+        answer = {"result": status_record(state)}
+    return Decision(state=state, replies=[(cmd.data["query_id"], answer)])
+
+
 DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView], Decision]] = {
     "StartWorkflow": _start,
     "SignalWorkflow": _signal,
@@ -367,6 +399,7 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView]
     "StartActivity": _start_activity,
     "TerminateWorkflow": _terminate,
     "QueryWorkflow": _query,
+    "QueryStatus": _status,
 }
 
 

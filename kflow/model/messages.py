@@ -28,6 +28,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "StartActivity": ("activity_id", "attempt"),
     "TerminateWorkflow": ("reason",),
     "QueryWorkflow": ("query_id", "name", "*args"),
+    "QueryStatus": ("query_id",),
 }
 
 #: Event type -> data fields. Payload fields (JSON documents) are marked with ``*``.

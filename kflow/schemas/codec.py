@@ -76,6 +76,8 @@ class _Kind:
     label: str
     schema: dict[str, Any]
     header: bytes
+    #: Fingerprints of this schema's earlier versions, read with this schema (see _earlier_fingerprints).
+    earlier: frozenset[bytes] = frozenset()
 
     @property
     def fingerprint(self) -> bytes:
@@ -89,11 +91,31 @@ def _load_raw(name: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _fingerprint(raw: dict[str, Any]) -> bytes:
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(fastavro.parse_schema(raw)), "CRC-64-AVRO"))
+
+
+def _earlier_fingerprints(raw: dict[str, Any]) -> frozenset[bytes]:
+    """Fingerprints of ``raw`` with its ``body`` union cut short.
+
+    New command and event types are only ever appended to the end of the union, so each earlier
+    version of the schema is such a prefix, and its records (whose branch indexes all exist, with
+    the same layout) read correctly with the current schema.
+    """
+    body = next((f for f in raw.get("fields", ()) if f["name"] == "body"), None)
+    if body is None or not isinstance(body["type"], list):
+        return frozenset()
+    out = set()
+    for k in range(1, len(body["type"])):
+        cut = {**raw, "fields": [{**f, "type": f["type"][:k]} if f is body else f for f in raw["fields"]]}
+        out.add(_fingerprint(cut))
+    return frozenset(out)
+
+
 def _load_kind(name: str) -> _Kind:
     """Parse a schema once and compute its single-object header."""
-    parsed = fastavro.parse_schema(_load_raw(name))
-    fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
-    return _Kind(name, parsed, MAGIC + bytes.fromhex(fp))
+    raw = _load_raw(name)
+    return _Kind(name, fastavro.parse_schema(raw), MAGIC + _fingerprint(raw), _earlier_fingerprints(raw))
 
 
 _COMMAND = _load_kind("command")
@@ -290,7 +312,8 @@ def _write_body(kind: _Kind, record: dict[str, Any], body: _Body, data: Mapping[
 
 def _read(kind: _Kind, value: bytes | None) -> dict[str, Any]:
     """Check the single-object header and read one Avro record of ``kind``."""
-    if not value or value[:_HEADER_LEN] != kind.header:
+    if not value or (value[:_HEADER_LEN] != kind.header
+                      and (value[: len(MAGIC)] != MAGIC or bytes(value[len(MAGIC) : _HEADER_LEN]) not in kind.earlier)):
         raise DecodeError(_header_problem(kind, value))
     buf = BytesIO(value)
     buf.seek(_HEADER_LEN)

@@ -25,13 +25,28 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from kflow.model.errors import BrokerUnavailable, KflowError, TopicConfigMismatch
 
-__all__ = ["TopicNames", "TopicSettings", "TopicSpec", "ensure_topics", "ensure_task_topic", "topic_specs"]
+__all__ = ["PartitionCountMismatch", "TopicNames", "TopicSettings", "TopicSpec", "ensure_topics", "ensure_task_topic",
+           "topic_specs"]
 
 _DAY_MS = 24 * 60 * 60 * 1000
 _LEGAL_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _MAX_NAME = 249
 _POLL_S = 0.05  # metadata re-check interval while waiting for new topics to appear
 _UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN})
+
+
+class PartitionCountMismatch(TopicConfigMismatch):
+    """An existing topic has another partition count than the one configured.
+
+    The fix is to configure the count the topics have (the partition count of existing topics
+    cannot be lowered, and raising it moves keys), or to use fresh topics under another prefix.
+    """
+
+    def __init__(self, topic: str, expected: int, actual: int) -> None:
+        super().__init__(topic, "partitions", expected, actual)
+        self.args = (f"topic '{topic}': expected partitions={expected}, but the broker has partitions={actual}; "
+                     f"set KFLOW_PARTITIONS={actual} (or --partitions {actual}) to match the existing topics, "
+                     "or use another prefix (KFLOW_TOPIC_PREFIX) for new ones",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +283,7 @@ def _verify(
     """Raise TopicConfigMismatch if an existing topic has the wrong partitions or cleanup policy."""
     for s in specs:
         if s.name in partitions and partitions[s.name] != s.partitions:
-            raise TopicConfigMismatch(s.name, "partitions", s.partitions, partitions[s.name])
+            raise PartitionCountMismatch(s.name, s.partitions, partitions[s.name])
     policies = _cleanup_policies(admin, bootstrap, [s.name for s in specs], deadline)
     for s in specs:
         actual = policies.get(s.name)

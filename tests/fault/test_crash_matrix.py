@@ -22,6 +22,7 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
 from kflow.engine import InMemoryDefinitions, compile_spec, fold
+from kflow.engine.core import EVENTS_OFFSET
 from kflow.model.messages import Status
 from kflow.schemas.codec import decode_event, decode_state
 from kflow.testing import assert_eventually
@@ -92,7 +93,7 @@ def oracle(bootstrap: str, prefix: str, started: dict[str, tuple[str, int]]) -> 
         st = last_state.get(iid)
         if st is None or st["status"] != Status.COMPLETED:
             problems.append(f"{iid}: last state record {st and st['status']}")
-        elif st["internal"] != fold(evs, defs):
+        elif {k: v for k, v in st["internal"].items() if k != EVENTS_OFFSET} != fold(evs, defs):  # an offset, not folded
             problems.append(f"{iid}: last state record differs from the fold of its events")
     assert not problems, f"{len(problems)} of {len(started)} instances wrong:\n" + "\n".join(problems[:20])
 

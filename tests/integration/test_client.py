@@ -1,7 +1,7 @@
 """The client against a real broker: what it produces, and how it reads the state topic back.
 
 The engine is not involved: tests write the state records themselves (as the engine would, with
-``encode_state``) and check that ``status``/``result``/``wait_many`` see them.
+``encode_state``) and check that ``status(scan=True)``/``result``/``wait_many`` see them.
 """
 
 from __future__ import annotations
@@ -158,24 +158,25 @@ def test_start_rejects_an_unknown_id_reuse_policy(client: Client) -> None:
 
 def test_status_returns_the_latest_record_for_the_id(client: Client, producer: Producer) -> None:
     topic = client.names.state
-    assert client.status("a") is None
+    assert client.status("a", scan=True) is None
     _write_states(producer, topic,
                   _state("a", Status.RUNNING, 1), _state("b", Status.RUNNING, 1),
                   _state("a", Status.RUNNING, 2), _state("a", Status.COMPLETED, 3, result={"ok": True}),
                   _state("b", Status.RUNNING, 2))
-    st = client.status("a")
+    st = client.status("a", scan=True)
     assert st is not None
     assert (st["instance_id"], st["status"], st["seq"], st["result"]) == ("a", "COMPLETED", 3, {"ok": True})
     assert st["workflow"] == "greet" and st["version"] == 3 and st["internal"] == {"seq": 3}
-    assert client.status("b")["seq"] == 2  # type: ignore[index]
-    assert client.status("never") is None
-    assert client.handle("a").status() == st
+    assert st["events_offset"] is None  # a state record without one
+    assert client.status("b", scan=True)["seq"] == 2  # type: ignore[index]
+    assert client.status("never", scan=True) is None
+    assert client.handle("a").status(scan=True) == st
 
 
 def test_status_reads_transactional_records(client: Client, config: KafkaConfig) -> None:
     """The engine writes state in transactions; the scan must end at the commit marker."""
     topic = client.names.state
-    client.status("warm-up")  # creates the topics
+    client.status("warm-up", scan=True)  # creates the topics
     tx = Producer(config.producer_conf(**{"transactional.id": f"test-{uuid.uuid4().hex}"}))
     tx.init_transactions(20)
     tx.begin_transaction()
@@ -183,7 +184,7 @@ def test_status_reads_transactional_records(client: Client, config: KafkaConfig)
     tx.produce(topic, encode_state(_state("t1", Status.FAILED, 2, error=("Boom", "it broke"))), b"t1")
     tx.commit_transaction(20)
     started = time.monotonic()
-    st = client.status("t1")
+    st = client.status("t1", scan=True)
     assert st is not None and st["status"] == "FAILED" and st["seq"] == 2
     assert time.monotonic() - started < 10
     with pytest.raises(WorkflowFailedError, match="it broke"):
@@ -239,7 +240,7 @@ def test_result_for_an_id_started_elsewhere(client: Client, producer: Producer) 
 
 def test_result_of_an_instance_that_finished_before_the_client_existed(config: KafkaConfig, producer: Producer) -> None:
     with Client(config=config) as first:
-        first.status("x")  # creates the topics
+        first.status("x", scan=True)  # creates the topics
     _write_states(producer, config.names.state, _state("old", Status.COMPLETED, 4, result={"n": 4}))
     with Client(config=config) as fresh:
         assert fresh.result("old", timeout=10) == {"n": 4}
@@ -312,17 +313,17 @@ def test_cli_round_trip(config: KafkaConfig, producer: Producer, tmp_path: Path)
     assert started.exit_code == 0, started.output
     assert started.stdout.strip() == "cli-1"
 
-    missing = runner.invoke(app, ["status", "cli-1", *conn])
+    missing = runner.invoke(app, ["status", "cli-1", "--scan", *conn])
     assert missing.exit_code == 1 and "no state for workflow instance 'cli-1'" in missing.stderr
 
     _write_states(producer, config.names.state, _state("cli-1", Status.COMPLETED, 3, result={"n": 1}),
                   _state("cli-2", Status.FAILED, 2, error=("Boom", "it broke")),
                   _state("cli-3", Status.RUNNING, 1))
-    shown = runner.invoke(app, ["status", "cli-1", *conn], terminal_width=200)
+    shown = runner.invoke(app, ["status", "cli-1", "--scan", *conn], terminal_width=200)
     assert shown.exit_code == 0, shown.output
     for text in ("COMPLETED", "greet@3", '{"n": 1}'):
         assert text in shown.stdout
-    raw = runner.invoke(app, ["status", "cli-3", "--json", *conn])
+    raw = runner.invoke(app, ["status", "cli-3", "--json", "--scan", *conn])
     assert raw.exit_code == 0 and '"status": "RUNNING"' in raw.stdout
 
     ok = runner.invoke(app, ["result", "cli-1", "--timeout", "10", *conn])
