@@ -11,6 +11,7 @@ from confluent_kafka import Consumer
 from kflow.client import Client
 from kflow.config import WorkerConfig
 from kflow.dev.procs import engine_process
+from kflow.model.errors import WorkflowNotDeployed
 from kflow.schemas.codec import decode_event
 from kflow.testing import assert_eventually
 from kflow.worker import Worker
@@ -47,6 +48,14 @@ def env(kafka_bootstrap, tmp_path):
     for p in procs:
         p.kill()
     client.close()
+
+
+def deployed(client: Client, workflow: str) -> bool:
+    try:
+        client._require_deployed(workflow, None)
+    except WorkflowNotDeployed:
+        return False
+    return True
 
 
 def expected(i: int) -> list[int]:
@@ -135,6 +144,8 @@ def test_sigkill_engine_with_code_workflows_mid_flight(env, kafka_bootstrap):
     try:
         e1 = engine("e1", "node-c", workflows="tests.integration.code_flows")
         ids = [f"c{i}-{uuid.uuid4().hex[:6]}" for i in range(16)]
+        # the engine publishes its hosted code workflows on start-up; until then the client refuses
+        assert_eventually(lambda: deployed(client, "code.slow"), timeout=60)
         for i, iid in enumerate(ids):
             client.start("code.slow", i, id=iid)
         # every instance ran its first activity and sleeps on its 3 s timer
