@@ -282,6 +282,7 @@ def bench(
                                                   help="Start rate of the latency phase (default 50/s).")] = None,
     partitions: Annotated[int, typer.Option("--partitions", min=1, help="Partitions of the bench topics.")] = 4,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Also write the report as JSON.")] = None,
+    failover: Annotated[bool, typer.Option("--failover", help="Instead: SIGKILL engines under chain3 load and print the pauses, takeover and restore times.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -293,11 +294,19 @@ def bench(
     fixed --rate). Prints completed/s, p50/p95/p99 start-to-result latency and the RSS of the
     engine and worker processes.
 
+    With --failover: two engines under chain3 load, one SIGKILLed (pause per in-flight
+    instance, kill to takeover); one engine replaced on a fresh state directory (spawn to owning
+    to serving, restore time); and restore times of 10,000 to 1,000,000 instances.
+
     Example: kflow bench -n 5000 -c 128 --rate 50
     """
     if style not in ("spec", "code"):
         raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
+    if failover:
+        from kflow.dev.failover import run_failover
+
+        return _call(run_failover, bootstrap, partitions=partitions, prefix=prefix, json_out=json_out)
     from kflow.dev.bench import run_bench
 
     _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out)

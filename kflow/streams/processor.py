@@ -19,6 +19,7 @@ transaction so a burst of timers cannot starve commands.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -31,13 +32,14 @@ import orjson
 from kflow import _tracing
 from kflow.config import EngineConfig
 from kflow.engine import decide
+from kflow.engine.core import EVENTS_OFFSET
 from kflow.model.errors import DecodeError, KflowError
 from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
 from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.partitioner import partition_for
-from kflow.streams.restore import end_offsets, restore_partition
+from kflow.streams.restore import restore_partitions
 from kflow.streams.store import EngineStore, timer_key
 from kflow.streams.topics import ensure_task_topic, ensure_topics
 
@@ -74,6 +76,16 @@ def state_record(st: JSONDict) -> dict[str, Any]:
             "seq": st["seq"], "started_ms": st["started_ms"], "updated_ms": st["updated_ms"],
             "closed_ms": st.get("closed_ms"), "result": st.get("result"), "error_type": err.get("type"),
             "error_message": err.get("message"), "internal": st}
+
+
+def _note_first_event(batch: Batch, err: Any, msg: Message) -> None:
+    """Delivery report of an event: stamp an instance new in ``batch`` with its first event's offset.
+
+    Reports of one partition arrive in offset order, so the first one per instance is its first event."""
+    iid = msg.key().decode()
+    st = batch.states.get(iid)
+    if err is None and st is not None and batch.old.get(iid) is None:
+        st.setdefault(EVENTS_OFFSET, msg.offset())
 
 
 class EngineProcessor:
@@ -130,12 +142,8 @@ class EngineProcessor:
             "transactional.id": tid, "transaction.timeout.ms": cfg.transaction_timeout_ms,
             "linger.ms": 5, "queue.buffering.max.messages": 1_000_000, "acks": "all"}))
         self.producer.init_transactions(30)
-        consumer_extra: dict[str, Any] = {"max.poll.interval.ms": 20_000 if cfg.dev_tuning else 300_000}
-        if cfg.static_membership:
-            # a restarted engine with the same identity takes its partitions back at once
-            # instead of waiting for the dead member's session to time out
-            consumer_extra["group.instance.id"] = f"engine-{cfg.resolved_engine_id()}"
-        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **consumer_extra))
+        # session, heartbeat, poll interval and static identity: EngineConfig.group_conf
+        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **cfg.group_conf()))
         self.consumer.subscribe([self.names.commands], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("engine %s started: topics prefix '%s', %d partitions, state dir %s, %d definitions",
@@ -156,12 +164,13 @@ class EngineProcessor:
         t0 = time.monotonic()
         per_partition = max(1, self.config.cache_size // max(1, self.config.partitions))
         conf = self.config.consumer_conf("kflow-restore")
-        marks = end_offsets(conf, self.names.state, [tp.partition for tp in partitions]) if partitions else {}
-        for tp in partitions:
-            sp = self.store.open(tp.partition, per_partition)
-            stats = restore_partition(conf, self.names.state, sp, marks=marks[tp.partition])
-            metrics.RESTORE_SECONDS.observe(stats.seconds)
-            self._next_due[tp.partition] = sp.next_due()
+        stores = [self.store.open(tp.partition, per_partition) for tp in partitions]
+        # every assigned partition is restored together, by one consumer, before any is processed
+        for stats in restore_partitions(conf, self.names.state, stores).values():
+            if stats.records:
+                metrics.RESTORE_SECONDS.observe(stats.seconds)
+        for sp in stores:
+            self._next_due[sp.partition] = sp.next_due()  # one seek of the due-date index, no scan
         metrics.REBALANCES.labels("assign").inc()
         metrics.ASSIGNED.set(len(self.store.partitions))
         log.info("assigned partitions %s (restored in %.2fs)", sorted(tp.partition for tp in partitions),
@@ -233,6 +242,7 @@ class EngineProcessor:
                 batch.fired.setdefault(p, []).append(timer_key(due, iid, tid))
                 self._decide(batch, p, Command("FireTimer", iid, {"timer_id": tid}, f"timer:{tid}", now), None)
                 metrics.TIMER_LATENESS.observe(max(0, now - due) / 1000)
+            self._stamp_events_offsets(batch)
             self._produce_states(batch)
             self.producer.flush()
             if msgs:  # (2)
@@ -297,7 +307,8 @@ class EngineProcessor:
         batch.partition_of[iid] = p
         produce = self.producer.produce
         for ev in d.events:
-            produce(self.names.events, encode_event(ev), iid.encode(), partition=p)
+            produce(self.names.events, encode_event(ev), iid.encode(), partition=p,
+                    on_delivery=functools.partial(_note_first_event, batch))
             metrics.event(ev.type)
         batch.events += len(d.events)
         batch.decided.append((st, d))
@@ -332,6 +343,15 @@ class EngineProcessor:
         if not batch.defs_synced and (version is None or self.defs.get(name, version) is None):
             self.defs.catch_up(2)
             batch.defs_synced = True
+
+    def _stamp_events_offsets(self, batch: Batch) -> None:
+        """Give each instance new in this batch the offset of its first event, before its state is produced.
+
+        The offsets come from the events' delivery reports, so the events are flushed first; only
+        a batch that starts an instance pays that round trip. The state carrying the offset is
+        written in this same transaction as the events."""
+        if any(batch.old.get(iid) is None and EVENTS_OFFSET not in st for iid, st in batch.states.items()):
+            self.producer.flush()  # serves the delivery reports: _note_first_event stamps the states
 
     def _produce_states(self, batch: Batch) -> None:
         """One changelog record per changed instance per batch (latest wins), offsets tracked."""
