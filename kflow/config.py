@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kflow.model.errors import KflowError
@@ -38,6 +38,8 @@ _K = TypeVar("_K", bound="KafkaConfig")
 KAFKA_LOGGER = "kflow.kafka"
 #: Group settings for dev brokers: a join takes about 3 s on the embedded broker instead of 20+ s.
 DEV_GROUP_TUNING: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+#: max.poll.interval.ms of engines under dev tuning.
+DEV_MAX_POLL_INTERVAL_MS = 20_000
 #: Where a running ``kflow dev`` says how to reach it, relative to the folder it was started in.
 DEV_FILE = Path(".kflow") / "dev.json"
 
@@ -191,15 +193,60 @@ class EngineConfig(KafkaConfig):
     poll_timeout_ms: int = Field(20, ge=1, description="How long one poll waits for commands.")
     cache_size: int = Field(50_000, ge=0, description="Instance states kept in memory per engine (LRU).")
     timer_batch: int = Field(1000, ge=1, description="Most timers fired per partition per transaction.")
-    lanes: int = Field(4, ge=1, le=64, description="Transactions an engine keeps open side by side: partition p commits in lane p % lanes, each with its own transactional producer and thread, so one partition's broker round trips do not hold up another's.")
+    lanes: int = Field(1, ge=1, le=64, description="Transactions an engine keeps open side by side: partition p commits in lane p % lanes, each with its own transactional producer and thread. On Apache Kafka, lanes let one partition decide while another waits for its commit; brokers that serialise transactions (the embedded one) gain nothing, so the default is 1.")
     transaction_timeout_ms: int = Field(10_000, ge=1000, description="Kafka transaction timeout; bounds how long a crashed engine's open transaction can block readers.")
     static_membership: bool = Field(False, description="Join the engine group as a static member (group.instance.id = engine id) so a restarted engine takes its partitions back at once; needs a stable KFLOW_ENGINE_ID.")
+    group_session_timeout_ms: int = Field(10_000, ge=1000, le=3_600_000, description="session.timeout.ms of the engine group: how long after an engine dies (no heartbeat) its partitions move to the others; at least the broker's group.min.session.timeout.ms (6000 by default). Dev tuning: 6000.")
+    group_heartbeat_interval_ms: int = Field(1_000, ge=100, description="heartbeat.interval.ms of the engine group (sent by librdkafka's own thread, so a busy engine still heartbeats); at most a third of the session timeout. Dev tuning: 500.")
+    group_max_poll_interval_ms: int = Field(300_000, ge=1000, description="max.poll.interval.ms of the engine group: an engine whose loop does not poll for this long (stuck, or restoring for longer) leaves the group and its partitions move. Dev tuning: 20000.")
     workflows: str = Field("", description="Comma-separated modules of code workflows to host.")
     max_history_events: int = Field(50_000, ge=100, description="Most events in one run of a code workflow; beyond it the run fails with HistoryLimitExceeded (use ctx.continue_as_new).")
     max_pending_activities: int = Field(1_000, ge=1, description="Most activities pending at once per instance; one more fails the workflow with LimitExceeded.")
     max_pending_timers: int = Field(5_000, ge=1, description="Most timers pending at once per instance.")
     max_pending_children: int = Field(1_000, ge=1, description="Most child workflows running at once per instance.")
     max_payload_bytes: int = Field(256 * 1024, ge=1024, description="Largest input, result or signal payload (JSON bytes) an instance accepts.")
+
+    @field_validator("group_heartbeat_interval_ms")
+    @classmethod
+    def _check_heartbeat(cls, value: int, info: ValidationInfo) -> int:
+        session = info.data.get("group_session_timeout_ms")
+        if session is not None and value * 3 > session:
+            raise ValueError(f"expected at most a third of KFLOW_GROUP_SESSION_TIMEOUT_MS ({session} ms), "
+                             f"but got {value} ms")
+        return value
+
+    @field_validator("group_max_poll_interval_ms")
+    @classmethod
+    def _check_max_poll(cls, value: int, info: ValidationInfo) -> int:
+        session = info.data.get("group_session_timeout_ms")
+        if session is not None and value < session:
+            raise ValueError(f"expected at least KFLOW_GROUP_SESSION_TIMEOUT_MS ({session} ms), but got {value} ms")
+        return value
+
+    def group_conf(self) -> dict[str, Any]:
+        """librdkafka settings of the engine's group membership (see the README's Failover section).
+
+        Explicit ``KFLOW_GROUP_*`` settings win; otherwise dev tuning picks the embedded broker's
+        values. With ``KFLOW_KAFKA_GROUP_PROTOCOL=consumer`` (KIP-848) the broker owns session
+        and heartbeat timing, so only ``max.poll.interval.ms`` is set.
+        """
+        dev = {"group_session_timeout_ms": DEV_GROUP_TUNING["session.timeout.ms"],
+               "group_heartbeat_interval_ms": DEV_GROUP_TUNING["heartbeat.interval.ms"],
+               "group_max_poll_interval_ms": DEV_MAX_POLL_INTERVAL_MS}
+
+        def pick(name: str) -> int:
+            chosen = self.dev_tuning and name not in self.model_fields_set
+            return int(dev[name] if chosen else getattr(self, name))
+
+        conf: dict[str, Any] = {"max.poll.interval.ms": pick("group_max_poll_interval_ms")}
+        if kafka_passthrough().get("group.protocol", "classic") != "consumer":
+            conf["session.timeout.ms"] = pick("group_session_timeout_ms")
+            conf["heartbeat.interval.ms"] = pick("group_heartbeat_interval_ms")
+        if self.static_membership:
+            # a replacement engine with the same identity takes the dead one's partitions back at
+            # once instead of waiting for its session to time out
+            conf["group.instance.id"] = f"engine-{self.resolved_engine_id()}"
+        return conf
 
     def limits(self) -> "Any":
         """The per-instance :class:`~kflow.engine.activity.Limits` these settings describe."""

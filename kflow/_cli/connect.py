@@ -76,7 +76,9 @@ def connect(
     setup_logging(verbose)
     from kflow._cli.processes import _settings
     from kflow.config import WorkerConfig, fit_to_cluster, load_config
+    from kflow.connectors.config import load_connectors
 
+    load_connectors(file)  # a bad connectors file is reported before any broker is asked
     config = fit_to_cluster(load_config(WorkerConfig, **_settings(bootstrap, prefix, concurrency=concurrency,
                                                                              metrics_port=metrics_port)))
     run_worker_with_connectors(config, [], file)

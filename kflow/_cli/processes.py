@@ -186,6 +186,10 @@ def worker(
 
     config = load_config(WorkerConfig, **{**parse_settings(settings), **_settings(
         bootstrap, prefix, concurrency=concurrency, metrics_port=metrics_port)})
+    if connectors:
+        from kflow.connectors.config import load_connectors
+
+        load_connectors(connectors)  # a bad connectors file is reported before any broker is asked
     config = fit_to_cluster(config)
     if connectors:
         from kflow._cli.connect import run_worker_with_connectors
@@ -284,6 +288,7 @@ def bench(
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Also write the report as JSON.")] = None,
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Stamp the latency phase's records at every hop and print where the time goes.")] = False,
     curve: Annotated[bool, typer.Option("--curve", help="Run the throughput phase at 16, 64, 256 and 1,024 in flight instead of -c.")] = False,
+    failover: Annotated[bool, typer.Option("--failover", help="Instead: SIGKILL engines under chain3 load and print the pauses, takeover and restore times.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -295,11 +300,23 @@ def bench(
     fixed --rate). Prints completed/s, p50/p95/p99 start-to-result latency and the RSS of the
     engine and worker processes.
 
-    Example: kflow bench -n 5000 -c 128 --rate 50
+    With --failover: two engines under chain3 load, one SIGKILLed (pause per in-flight
+    instance, kill to takeover); one engine replaced on a fresh state directory (spawn to owning
+    to serving, restore time); and restore times of 10,000 to 1,000,000 instances.
+
+    With --breakdown: the latency phase's records carry hop stamps, and a table shows where a
+    workflow's time goes (client → engine → worker → … → client). With --curve: the
+    throughput phase runs at 16, 64, 256 and 1,024 in flight.
+
+    Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve)
     """
     if style not in ("spec", "code"):
         raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
+    if failover:
+        from kflow.dev.failover import run_failover
+
+        return _call(run_failover, bootstrap, partitions=partitions, prefix=prefix, json_out=json_out)
     from kflow.dev.bench import run_bench
 
     _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out,

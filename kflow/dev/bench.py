@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import time
 import uuid
 from dataclasses import asdict, dataclass

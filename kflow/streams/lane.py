@@ -42,7 +42,6 @@ from kflow.schemas.codec import decode_command, encode_command, encode_event, en
 from kflow.streams import metrics
 from kflow.streams.partitioner import partition_for
 from kflow.streams.store import timer_key
-from kflow.streams.topics import ensure_task_topic
 
 if TYPE_CHECKING:
     from kflow.streams.processor import EngineProcessor

@@ -31,7 +31,12 @@ COMMIT_SECONDS = Histogram("kflow_engine_commit_seconds", "Kafka transaction com
 COMMAND_SECONDS = Histogram("kflow_engine_command_seconds", "Processing time per command (batch time / commands).",
                             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
 TIMER_LATENESS = Histogram("kflow_engine_timer_lateness_seconds", "How late timers fire after their due time.")
-RESTORE_SECONDS = Histogram("kflow_engine_restore_seconds", "Time to restore one partition from its changelog.")
+RESTORE_SECONDS = Histogram("kflow_engine_restore_seconds", "Time to restore one partition from its changelog "
+                            "(partitions of one assignment are restored together).")
+RESTORE_RECORDS = Counter("kflow_engine_restore_records_total", "State records read from the changelog by restores "
+                          "(its rate is the restore speed).")
+RESTORE_PENDING = Gauge("kflow_engine_restore_partitions_pending", "Partitions whose restore has not reached its end "
+                        "mark yet (0 when no restore runs).")
 REBALANCES = Counter("kflow_engine_rebalances_total", "Partition assignments and revocations.", ["kind"])
 ASSIGNED = Gauge("kflow_engine_assigned_partitions", "Partitions of commands owned by this engine.")
 ABORTS = Counter("kflow_engine_transaction_aborts_total", "Transactions aborted and retried.")

@@ -26,11 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-import orjson
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from kflow import _hops
 from kflow.config import EngineConfig
@@ -38,14 +36,13 @@ from kflow.model.errors import KflowError
 from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.lane import Batch, Lane, state_record
-from kflow.streams.restore import end_offsets, restore_partition
+from kflow.streams.restore import restore_partitions
 from kflow.streams.store import EngineStore
 from kflow.streams.topics import ensure_task_topic, ensure_topics
 
 __all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
 
 log = logging.getLogger("kflow.engine")
-
 
 
 class SystemClock:
@@ -123,12 +120,8 @@ class EngineProcessor:
             producer.init_transactions(30)
             self.lanes.append(Lane(self, i, producer))
         self.side_producer = Producer(cfg.producer_conf(**{"linger.ms": 0}))
-        consumer_extra: dict[str, Any] = {"max.poll.interval.ms": 20_000 if cfg.dev_tuning else 300_000}
-        if cfg.static_membership:
-            # a restarted engine with the same identity takes its partitions back at once
-            # instead of waiting for the dead member's session to time out
-            consumer_extra["group.instance.id"] = f"engine-{cfg.resolved_engine_id()}"
-        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **consumer_extra))
+        # session, heartbeat, poll interval and static identity: EngineConfig.group_conf
+        self.consumer = Consumer(cfg.consumer_conf(f"{self.names.prefix}engine", **cfg.group_conf()))
         self.consumer.subscribe([self.names.commands], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         for lane in self.lanes:
@@ -170,12 +163,13 @@ class EngineProcessor:
         t0 = time.monotonic()
         per_partition = max(1, self.config.cache_size // max(1, self.config.partitions))
         conf = self.config.consumer_conf("kflow-restore")
-        marks = end_offsets(conf, self.names.state, [tp.partition for tp in partitions]) if partitions else {}
-        for tp in partitions:
-            sp = self.store.open(tp.partition, per_partition)
-            stats = restore_partition(conf, self.names.state, sp, marks=marks[tp.partition])
-            metrics.RESTORE_SECONDS.observe(stats.seconds)
-            self.next_due[tp.partition] = sp.next_due()
+        stores = [self.store.open(tp.partition, per_partition) for tp in partitions]
+        # every assigned partition is restored together, by one consumer, before any is processed
+        for stats in restore_partitions(conf, self.names.state, stores).values():
+            if stats.records:
+                metrics.RESTORE_SECONDS.observe(stats.seconds)
+        for sp in stores:
+            self.next_due[sp.partition] = sp.next_due()  # one seek of the due-date index, no scan
         metrics.REBALANCES.labels("assign").inc()
         metrics.ASSIGNED.set(len(self.store.partitions))
         log.info("assigned partitions %s (restored in %.2fs)", sorted(tp.partition for tp in partitions),

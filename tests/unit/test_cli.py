@@ -155,8 +155,9 @@ def test_dev_demo_option_takes_an_optional_name(runner: CliRunner, monkeypatch: 
 def test_bench_passes_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
 
-    def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None, partitions=4, json_out=None):
-        calls.append((bootstrap, n, concurrency, style, prefix, rate))
+    def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None, partitions=4, json_out=None,
+                       breakdown=False, curve=False):
+        calls.append((bootstrap, n, concurrency, style, prefix, rate, breakdown, curve))
 
     import types
     import sys
@@ -164,4 +165,6 @@ def test_bench_passes_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "kflow.dev.bench", types.SimpleNamespace(run_bench=fake_run_bench))
     assert runner.invoke(app, ["bench"]).exit_code == 0
     assert runner.invoke(app, ["bench", "-n", "10", "-c", "2", "--style", "code", "--rate", "50"]).exit_code == 0
-    assert calls == [(None, 2000, 64, "spec", None, None), (None, 10, 2, "code", None, 50.0)]
+    assert runner.invoke(app, ["bench", "--breakdown", "--curve"]).exit_code == 0
+    assert calls == [(None, 2000, 64, "spec", None, None, False, False), (None, 10, 2, "code", None, 50.0, False, False),
+                     (None, 2000, 64, "spec", None, None, True, True)]
