@@ -200,6 +200,7 @@ class EngineConfig(KafkaConfig):
     group_heartbeat_interval_ms: int = Field(1_000, ge=100, description="heartbeat.interval.ms of the engine group (sent by librdkafka's own thread, so a busy engine still heartbeats); at most a third of the session timeout. Dev tuning: 500.")
     group_max_poll_interval_ms: int = Field(300_000, ge=1000, description="max.poll.interval.ms of the engine group: an engine whose loop does not poll for this long (stuck, or restoring for longer) leaves the group and its partitions move. Dev tuning: 20000.")
     workflows: str = Field("", description="Comma-separated modules of code workflows to host.")
+    activities: str = Field("", description="Comma-separated modules whose @kflow.activity functions the engine runs itself for local activities (local: true, ctx.local_activity); a local run holds up the engine, so keep them short.")
     max_history_events: int = Field(50_000, ge=100, description="Most events in one run of a code workflow; beyond it the run fails with HistoryLimitExceeded (use ctx.continue_as_new).")
     max_pending_activities: int = Field(1_000, ge=1, description="Most activities pending at once per instance; one more fails the workflow with LimitExceeded.")
     max_pending_timers: int = Field(5_000, ge=1, description="Most timers pending at once per instance.")

@@ -122,6 +122,10 @@ def engine(
                                                       help="Partition count of topics the engine creates.")] = None,
     workflows: Annotated[Optional[str], typer.Option("--workflows", metavar="MODS", envvar="KFLOW_WORKFLOWS",
                                                      help="Comma-separated modules of code workflows to host.")] = None,
+    activities: Annotated[Optional[list[str]], typer.Option(
+        "--activities", metavar="MODULE",
+        help="Module whose @kflow.activity functions the engine runs itself as local activities (repeatable; "
+             "default KFLOW_ACTIVITIES).")] = None,
     metrics_port: MetricsPort = None,
     settings: Setting = None,
     bootstrap: Bootstrap = None,
@@ -134,16 +138,27 @@ def engine(
     from the state changelog, and then decides commands and fires timers, committing every batch
     in one Kafka transaction. Run several to scale out; stopping one hands its partitions over.
 
+    With --activities, tasks marked local (``local: true``, ``ctx.local_activity``) run inside
+    the engine and are recorded in the transaction that scheduled them.
+
     Example: kflow engine --bootstrap kafka:9092 --state-dir /var/lib/kflow --partitions 16
     """
     setup_logging(verbose)
     if workflows:
         import_modules([workflows])
+    modules = ",".join(m.strip() for item in activities or () for m in item.split(",") if m.strip()) or None
+    if modules:
+        import_modules([modules])  # an import error is reported here, with its cause
     from kflow.config import EngineConfig, fit_to_cluster, load_config
+    from kflow.streams.local import local_activities
     from kflow.streams.processor import EngineProcessor
 
     config = load_config(EngineConfig, **{**parse_settings(settings), **_settings(
-        bootstrap, prefix, state_dir=state_dir, partitions=partitions, workflows=workflows, metrics_port=metrics_port)})
+        bootstrap, prefix, state_dir=state_dir, partitions=partitions, workflows=workflows, activities=modules,
+        metrics_port=metrics_port)})
+    if config.activities:
+        found = local_activities(config.activities)  # duplicate names are reported before any consumer starts
+        log.info("local activities: %d from %s", len(found), config.activities)
     config = fit_to_cluster(config)
     processor = EngineProcessor(config)
     server = start_telemetry(config, "engine", processor.ready.is_set)
@@ -289,6 +304,7 @@ def bench(
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Stamp the latency phase's records at every hop and print where the time goes.")] = False,
     curve: Annotated[bool, typer.Option("--curve", help="Run the throughput phase at 16, 64, 256 and 1,024 in flight instead of -c.")] = False,
     failover: Annotated[bool, typer.Option("--failover", help="Instead: SIGKILL engines under chain3 load and print the pauses, takeover and restore times.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Run chain3 with local activities: the engine runs them itself (--activities), one transaction per workflow.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -306,7 +322,8 @@ def bench(
 
     With --breakdown: the latency phase's records carry hop stamps, and a table shows where a
     workflow's time goes (client → engine → worker → … → client). With --curve: the
-    throughput phase runs at 16, 64, 256 and 1,024 in flight.
+    throughput phase runs at 16, 64, 256 and 1,024 in flight. With --local: chain3's three
+    tasks are local activities run by the engine (no worker), one transaction per workflow.
 
     Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve)
     """
@@ -319,5 +336,8 @@ def bench(
         return _call(run_failover, bootstrap, partitions=partitions, prefix=prefix, json_out=json_out)
     from kflow.dev.bench import run_bench
 
+    if local and (style != "spec" or breakdown):
+        raise ValueError("--local runs the spec chain3 without workers: it cannot be combined with --style code "
+                         "or --breakdown")
     _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out,
-          breakdown=breakdown, curve=curve)
+          breakdown=breakdown, curve=curve, local=local or None)

@@ -32,6 +32,9 @@ from kflow.schemas.codec import decode_state, encode_command
 
 log = logging.getLogger("kflow.bench")
 
+#: The module of chain3's activity, served by the bench worker (or, with ``--local``, by the engine).
+BENCH_ACTIVITIES = "kflow.dev.bench_activities"
+
 
 @dataclass
 class PhaseResult:
@@ -149,22 +152,29 @@ def _breakdown_table(rows: list[HopRow]) -> Table:
 def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
               prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
               partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False,
-              curve: bool = False) -> dict[str, Any]:
+              curve: bool = False, local: bool = False) -> dict[str, Any]:
+    """Run the chain3 bench; with ``local`` its tasks are local activities run by the engine (no worker)."""
     console = Console(stderr=True)
     if style not in ("spec", "code"):
         raise KflowError(f"--style must be 'spec' or 'code', not {style!r}")
+    if local and (style != "spec" or breakdown):
+        raise KflowError("--local runs the spec chain3 without workers: not with --style code or --breakdown")
     # The same workload either as a deployed spec or as a code workflow hosted by the engine.
     workflow = "bench.chain3" if style == "spec" else "bench.chain3code"
+    spec_file = "chain3.yaml"
+    if local:
+        workflow, spec_file = "bench.chain3local", "chain3_local.yaml"
     prefix = prefix or f"bench{uuid.uuid4().hex[:6]}."
-    stack = DevStack(bootstrap, prefix, ["kflow.dev.bench_activities"], partitions=partitions,
-                     workflows="kflow.dev.bench_workflows" if style == "code" else "")
+    stack = DevStack(bootstrap, prefix, [] if local else [BENCH_ACTIVITIES], partitions=partitions,
+                     workflows="kflow.dev.bench_workflows" if style == "code" else "",
+                     activities=BENCH_ACTIVITIES if local else "")
     try:
         stack.start()
         console.print(f"bench: broker {stack.bootstrap}, topics {prefix}*, {partitions} partitions")
         cfg = KafkaConfig(bootstrap=stack.bootstrap or "", topic_prefix=prefix, partitions=partitions, dev_tuning=True)
         with stack.client() as client:
             if style == "spec":
-                client.deploy(bundled_spec("chain3.yaml"))
+                client.deploy(bundled_spec(spec_file))
             warm = client.start(workflow, 0, id=f"warm-{uuid.uuid4().hex[:6]}")
             warm.result(timeout=120)  # the engine and the worker have joined their groups
         driver = Driver(cfg, workflow)
@@ -193,12 +203,13 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
         finally:
             driver.close()
         rss = {p.args[0]: round(p.rss_mb(), 1) for p in stack.procs}
-        report = {"bench": "chain3", "style": style, "partitions": partitions, "cpus": os.cpu_count(),
+        per_workflow = 1 if local else 4  # Kafka commands decided: the start, plus three results from a worker
+        report = {"bench": "chain3", "style": style, "local": local, "partitions": partitions, "cpus": os.cpu_count(),
                   "phases": [asdict(r) for r in results], "rss_mb": rss,
-                  "engine_commands_per_s": round(max(r.completed_per_s for r in results[:-1]) * 4, 1)}
+                  "engine_commands_per_s": round(max(r.completed_per_s for r in results[:-1]) * per_workflow, 1)}
         if hop_rows:
             report["breakdown"] = as_dicts(hop_rows)
-        table = Table(title="kflow bench · chain3 (3 sequential activities per workflow)")
+        table = Table(title=f"kflow bench · chain3 (3 sequential {'local ' if local else ''}activities per workflow)")
         for col in ("phase", "instances", "completed/s", "p50 ms", "p95 ms", "p99 ms", "failed"):
             table.add_column(col, justify="right")
         for r in results:
@@ -207,8 +218,8 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
         Console().print(table)
         if hop_rows:
             Console().print(_breakdown_table(hop_rows))
-        Console().print(f"RSS: engine {rss.get('engine', 0):.0f} MiB, worker {rss.get('worker', 0):.0f} MiB; "
-                        f"engine commands/s (4 per workflow): {report['engine_commands_per_s']:,.0f}")
+        Console().print(f"RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in rss.items())}; "
+                        f"engine commands/s ({per_workflow} per workflow): {report['engine_commands_per_s']:,.0f}")
         print(json.dumps(report))
         if json_out:
             with open(json_out, "w") as f:

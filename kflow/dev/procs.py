@@ -85,7 +85,8 @@ class KflowProcess:
 
 def engine_process(bootstrap: str, prefix: str, state_dir: str, *, partitions: int = 8,
                    engine_id: str = "", workflows: str = "", dev: bool = True, metrics_port: int = 0,
-                   extra_env: Optional[dict[str, str]] = None) -> KflowProcess:
+                   extra_env: Optional[dict[str, str]] = None, activities: str = "") -> KflowProcess:
+    """``kflow engine``; ``activities`` are the modules of the local activities it runs itself."""
     env = {"KFLOW_BOOTSTRAP": bootstrap, "KFLOW_TOPIC_PREFIX": prefix, "KFLOW_STATE_DIR": state_dir,
            "KFLOW_PARTITIONS": str(partitions), "KFLOW_DEV_TUNING": "true" if dev else "false",
            "KFLOW_METRICS_PORT": str(metrics_port)}
@@ -93,6 +94,8 @@ def engine_process(bootstrap: str, prefix: str, state_dir: str, *, partitions: i
         env["KFLOW_ENGINE_ID"] = engine_id
     if workflows:
         env["KFLOW_WORKFLOWS"] = workflows
+    if activities:
+        env["KFLOW_ACTIVITIES"] = activities
     env.update(extra_env or {})
     return KflowProcess(["engine"], env)
 

@@ -56,6 +56,7 @@ class DevStack:
         prefix: Topic prefix (default ``KFLOW_TOPIC_PREFIX`` or ``kflow.``).
         worker_modules: Activity modules served by one worker process.
         workflows: Comma-separated code-workflow modules the engine hosts.
+        activities: Comma-separated modules of the local activities the engine runs itself.
         partitions: Partition count of the topics it creates; topics that already exist on a
             given cluster keep theirs.
         state_dir: Where the engine keeps its state; default a folder in the stack's temporary root.
@@ -68,8 +69,9 @@ class DevStack:
     def __init__(self, bootstrap: Optional[str], prefix: Optional[str], worker_modules: list[str],
                  workflows: str = "", partitions: int = 4, state_dir: Optional[str] = None, *,
                  port: Optional[int] = None, connectors: Optional[str] = None, announce: bool = False,
-                 keep: bool = False) -> None:
+                 keep: bool = False, activities: str = "") -> None:
         self.broker: Optional[EmbeddedBroker] = None
+        self.activities = activities
         self.bootstrap = bootstrap
         self.prefix = prefix or os.environ.get("KFLOW_TOPIC_PREFIX") or "kflow."
         self.worker_modules = worker_modules
@@ -98,7 +100,7 @@ class DevStack:
                 or self.partitions
         assert self.bootstrap is not None
         eng = engine_process(self.bootstrap, self.prefix, os.path.join(self.state_dir, "engine"),
-                             partitions=self.partitions, workflows=self.workflows)
+                             partitions=self.partitions, workflows=self.workflows, activities=self.activities)
         self._spawn(eng, "engine")
         if self.worker_modules:
             self._spawn(worker_process(self.bootstrap, self.prefix, self.worker_modules,

@@ -12,8 +12,11 @@ heartbeat timer fires before ``beat + heartbeat`` it is re-armed for that instan
 times out exactly when it was silent for the whole heartbeat timeout. Activities that ended with
 something other than a single recorded attempt are remembered briefly (``ended``) so a late
 result is told apart from a redelivery (``STALE`` vs ``DUPLICATE``). Retry delays and jitter are pure functions of the instance id, activity
-id and attempt, so replay reproduces them. Deciding what the final outcome means for the workflow
-(a thread, a catch route, a saga step) is the interpreter's job, not this module's.
+id and attempt, so replay reproduces them. A *local* activity (``act["local"]``) has the same
+record and events; its task is marked local for the engine process to run in the same transaction,
+so it arms no start-to-close or heartbeat timer, gets no cancel message, and a ``StartActivity``
+for it (the engine deferring the run) emits its task again. Deciding what the final outcome means
+for the workflow (a thread, a catch route, a saga step) is the interpreter's job, not this module's.
 """
 
 from __future__ import annotations
@@ -164,10 +167,12 @@ def _cancel_timers(run: Run, act: JSONDict, keep: tuple[str, ...] = ()) -> None:
 
 # -- lifecycle --------------------------------------------------------------------------------
 def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Optional[str], step_key: str,
-             policy: Optional[JSONDict] = None) -> None:
+             policy: Optional[JSONDict] = None, local: bool = False) -> None:
     """Schedule attempt 1 of an activity with its timeouts. Raises :class:`LimitExceeded`.
 
-    ``policy`` (code workflows) is the activity's own ``{"retry": ..., "timeout": ...}``.
+    ``policy`` (code workflows) is the activity's own ``{"retry": ..., "timeout": ...}``. A
+    ``local`` activity is recorded with the same events; its task is run by the engine process
+    itself (see :func:`_emit_task`).
     """
     check_pending(run, "activities")
     check_payload(run, f"the input of activity '{name}'", input_)
@@ -176,11 +181,28 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
                      "input": input_, "phase": "scheduled", "timers": {}}
     if policy is not None:
         act["policy"] = policy
+    if local:
+        act["local"] = True
     run.state["activities"][aid] = act
     _, timeouts = policies(run, step_key, act)
-    run.task(aid, name, queue, input_, 1, run.state["workflow"], _reports_start(timeouts))
+    _emit_task(run, aid, act, timeouts)
     _arm(run, aid, act, "schedule_to_close", _timeout_ms(timeouts, "schedule_to_close"))
     _start_attempt(run, aid, act, timeouts)
+
+
+def _emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
+    """The task of ``act``'s current attempt, as data.
+
+    A local task carries its ``start_to_close`` as the in-process bound of the run: the engine
+    process runs it synchronously and feeds the outcome back within the same transaction, so no
+    durable start-to-close or heartbeat timer is armed for it.
+    """
+    if act.get("local"):
+        run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
+                 local=True, start_to_close_ms=_timeout_ms(timeouts, "start_to_close"))
+    else:
+        run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
+                 _reports_start(timeouts))
 
 
 def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:
@@ -189,6 +211,8 @@ def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:
 
 
 def _start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
+    if act.get("local"):
+        return  # bounded in process by start_to_close; a local activity cannot heartbeat
     _arm(run, aid, act, "start_to_close", _timeout_ms(timeouts, "start_to_close"))
     hb = _timeout_ms(timeouts, "heartbeat")
     _arm(run, aid, act, "heartbeat", hb)
@@ -198,11 +222,17 @@ def _start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[Timeout
 
 
 def on_started(run: Run, aid: str) -> None:
-    """The worker reported the attempt started: ``start_to_close`` and ``heartbeat`` run from now."""
+    """The worker reported the attempt started: ``start_to_close`` and ``heartbeat`` run from now.
+
+    For a local activity the report comes from the engine itself: a local attempt it deferred
+    (past its per-batch bounds) is due now, so its task is emitted again for the engine to run.
+    """
     act = run.state["activities"][aid]
     act["phase"] = "started"
     _, timeouts = policies(run, act["step"], act)
     _start_attempt(run, aid, act, timeouts)
+    if act.get("local"):
+        _emit_task(run, aid, act, timeouts)
 
 
 def on_heartbeat(run: Run, aid: str) -> None:
@@ -264,8 +294,7 @@ def on_retry_timer(run: Run, aid: str) -> None:
     run.emit("ActivityScheduled", {"activity_id": aid, "name": act["name"], "queue": act["queue"],
                                     "input": act["input"], "attempt": act["attempt"]})
     _, timeouts = policies(run, act["step"], act)
-    run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
-             _reports_start(timeouts))
+    _emit_task(run, aid, act, timeouts)
     _start_attempt(run, aid, act, timeouts)
 
 

@@ -232,6 +232,30 @@ class WorkflowContext:
                                  "heartbeat": heartbeat}, self._m.definition.retry)
         return self._m.schedule_activity(name, input, queue, policy)
 
+    def local_activity(self, name: str, input: Any = None, *, retry: Any = None,
+                       start_to_close: Any = None, schedule_to_close: Any = None) -> Awaitable[Any]:
+        """Run activity ``name`` inside the engine process; await its result.
+
+        The engine (started with ``--activities MODULE``) runs the function itself and records its
+        result in the same transaction as the decision that scheduled it: no task topic, no
+        worker round trip. The events are those of :meth:`activity`. For short work only: the
+        engine waits for it. Execution is at-least-once (an engine crash re-runs it), recording
+        exactly once.
+
+        Args:
+            retry: As for :meth:`activity`; a retry after its backoff waits on a durable timer.
+            start_to_close: Bounds one in-process run (seconds, ``timedelta`` or ``"2s"``); a run
+                exceeding it fails the attempt with ``ActivityTimeout``.
+            schedule_to_close: A durable timer spanning every attempt.
+
+        Raises:
+            ActivityError: the activity failed for good (``UnknownActivity`` when the engine does
+                not have it).
+        """
+        policy = _policy(retry, {"start_to_close": start_to_close, "schedule_to_close": schedule_to_close},
+                         self._m.definition.retry)
+        return self._m.schedule_activity(name, input, "default", policy, local=True)
+
     def gather(self, *aws: Awaitable[Any]) -> Awaitable[list[Any]]:
         """Await several operations or coroutines concurrently; results in argument order."""
         return self._m.gather(aws)
@@ -426,13 +450,14 @@ class Machine:
             raise GeneratorExit
         return self.run
 
-    def schedule_activity(self, name: str, input_: Any, queue: str, policy: Optional[JSONDict] = None) -> _Future:
+    def schedule_activity(self, name: str, input_: Any, queue: str, policy: Optional[JSONDict] = None,
+                          local: bool = False) -> _Future:
         input_ = _json(input_, f"the input of activity '{name}'")
 
         def live() -> str:
             run = self._live_run()
             aid = f"{name}-{run.next_seq()}"
-            activities.schedule(run, aid, name, queue, input_, "code", name, policy)
+            activities.schedule(run, aid, name, queue, input_, "code", name, policy, local=local)
             return aid
 
         aid = self._issue("activity", name, live)

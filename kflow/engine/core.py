@@ -302,8 +302,10 @@ def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: Def
         return guard
     assert state is not None
     act = state["activities"][cmd.data["activity_id"]]
-    if "timers" not in act or act.get("phase") == "started":
+    if "timers" not in act or (act.get("phase") == "started" and not act.get("local")):
         # A redelivered start report, or an activity without spec timeouts (code workflows).
+        # A local attempt's start comes from the engine that deferred it, and every one means
+        # "run it now": it is recorded each time so the attempt is never left without a runner.
         return Decision(state=state)
     return _accept(state, cmd, now, "ActivityStarted",
                    {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs)

@@ -91,9 +91,10 @@ class Run:
     def cancel_task(self, activity_id: str, act: JSONDict) -> None:
         """Tell the workers of ``act``'s queue that its current attempt is no longer wanted.
 
-        Attempts waiting out a retry backoff have nothing running and get no message.
+        Attempts waiting out a retry backoff have nothing running and get no message; neither do
+        local activities, which never outlive the transaction that runs them.
         """
-        if act.get("phase") == "backoff":
+        if act.get("phase") == "backoff" or act.get("local"):
             return
         self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=act["attempt"],
                                name=act["name"], queue=act["queue"], input=None, workflow=self.state["workflow"],
@@ -107,10 +108,10 @@ class Run:
         self.state["activities"] = {}
 
     def task(self, activity_id: str, name: str, queue: str, input_: Any, attempt: int, workflow: str,
-             report_start: bool = False) -> None:
+             report_start: bool = False, *, local: bool = False, start_to_close_ms: Optional[int] = None) -> None:
         self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=attempt, name=name,
                                queue=queue, input=input_, workflow=workflow, scheduled_ms=self.now,
-                               report_start=report_start))
+                               report_start=report_start, local=local, start_to_close_ms=start_to_close_ms))
 
 
 def new_state(instance_id: str, workflow: str, version: int, kind: str, input_: Any, now: int,

@@ -85,7 +85,7 @@ def _set(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
 def _task(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     input_ = evaluate(step.input, scope(run, th)) if step.input else None
     aid = f"{step.id}-{run.next_seq()}"
-    activity.schedule(run, aid, step.task or "", step.queue, input_, tid, step.id)
+    activity.schedule(run, aid, step.task or "", step.queue, input_, tid, step.id, local=step.local)
     th["wait"] = {"k": "activity", "id": aid}
     return BLOCK
 

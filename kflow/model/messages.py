@@ -9,7 +9,7 @@ payload values (input, results, signal data) are JSON documents. The field lists
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
 JSONDict = dict[str, Any]
@@ -103,6 +103,10 @@ class Task:
     scheduled_ms: int
     kind: str = "run"  # "run": execute this attempt; "cancel": stop it if it is running
     report_start: bool = False  # the worker reports StartActivity (the attempt has start-to-close/heartbeat timeouts)
+    #: A local activity: the engine runs it itself, inside the transaction that scheduled it. Local
+    #: tasks never reach a task topic, so these two fields are not part of the wire format.
+    local: bool = False
+    start_to_close_ms: Optional[int] = None  # a local attempt's in-process time bound (None: the engine's default)
 
 
 @dataclass(slots=True)

@@ -188,6 +188,9 @@ class Step(_Strict):
     timeout: Optional[TimeoutSpec] = None
     compensate: Optional[CompensateSpec] = None
     catch: Optional[list[CatchRule]] = None
+    #: Run the task inside the engine process (``kflow engine --activities MODULE``) and record its
+    #: result in the same transaction as the decision that scheduled it: for short work only.
+    local: bool = False
     #: Search attributes set when the step runs: attribute name -> CEL expression. The values are
     #: merged into the instance's ``search`` dict (carried in the state record) for the read side.
     search: Optional[dict[str, str]] = None
@@ -248,6 +251,11 @@ def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:
         for opt in ("retry", "timeout", "compensate"):
             if getattr(step, opt) is not None:
                 problems.append((step.id, f"'{opt}' is only allowed on a task step"))
+    if step.local and kind != "task":
+        problems.append((step.id, "'local' is only allowed on a task step"))
+    if step.local and step.timeout is not None and step.timeout.heartbeat is not None:
+        problems.append((step.id, "a local task cannot heartbeat: drop 'timeout.heartbeat' (local tasks are "
+                                  "bounded by 'timeout.start_to_close') or run it on a worker"))
     if step.catch is not None and kind not in CATCHABLE_KINDS:
         problems.append((step.id, f"'catch' is only allowed on {', '.join(CATCHABLE_KINDS)} steps"))
     for rule in step.catch or []:

@@ -40,6 +40,7 @@ from kflow.model.errors import DecodeError, KflowError
 from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict, Task
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
 from kflow.streams import metrics
+from kflow.streams.local import LocalRuns, local_activities
 from kflow.streams.partitioner import partition_for
 from kflow.streams.store import timer_key
 
@@ -194,6 +195,10 @@ class Lane:
         t0 = time.perf_counter()
         batch = Batch(now, polled_us=polled_us)
         proc = self.proc
+        # local activities run inside this transaction: a quarter of its timeout is theirs, and
+        # one run may take at most half of it (see kflow.streams.local)
+        txn_ms = proc.config.transaction_timeout_ms
+        self._local = LocalRuns(local_activities(proc.config.activities), now, txn_ms // 4, txn_ms // 2)
         self.producer.begin_transaction()
         try:
             with proc.decide_lock:  # (1)
@@ -312,7 +317,11 @@ class Lane:
             hop = _hops.stamp("E", batch.polled_us)
             headers = [*(headers or ()), hop]
             batch.hops[iid] = hop
+        local: list[Task] = []
         for task in d.tasks:
+            if task.local:  # run by this engine below; never produced to a task topic
+                local.append(task)
+                continue
             proc.known_queue(task.queue)
             if task.kind == "cancel":
                 batch.cancels.append((task, headers))
@@ -320,6 +329,10 @@ class Lane:
             produce(self.names.tasks(task.queue), encode_task(task), key, headers=headers)
         for c in d.commands:
             produce(self.names.commands, encode_command(c), c.instance_id.encode(), headers=headers)
+        if local:  # outcomes are decided for this instance now, in this batch, after this decision's outputs
+            self._local.submit(local, lambda c: self._decide(batch, p, c, None),
+                               lambda c: produce(self.names.commands, encode_command(c), c.instance_id.encode(),
+                                                 headers=headers))
 
     def _sync_definitions(self, batch: Batch, cmd: Command, m: Optional[Message]) -> None:
         """Make the definitions table current enough to decide this start.
