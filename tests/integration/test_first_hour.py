@@ -143,6 +143,8 @@ def test_kflow_dev_is_found_by_other_commands_and_cleans_up(tmp_path: Path, spaw
 
     def announced() -> dict[str, Any]:
         assert dev.poll() is None, dev_log.read_text()
+        # the file is written when the stack is up; the banner naming the temporary folder follows it
+        assert "state and logs in" in dev_log.read_text()
         return json.loads(dev_file.read_text()) if dev_file.exists() else {}
 
     info = assert_eventually(announced, timeout=120, msg=".kflow/dev.json written")

@@ -7,6 +7,8 @@ a trigger, and the firmware rollout example over 50 devices.
 
 from __future__ import annotations
 
+import itertools
+
 import threading
 import uuid
 from importlib import resources
@@ -212,11 +214,19 @@ def test_connector_rejects_bad_declarations():
     assert "offline must be 'fail' or 'wait'" in str(ei.value) and "needs a 'topic'" in str(ei.value)
 
 
+_CHILD_VERSIONS = itertools.count(100)
+
+
 def deploy_rollout(c, confirm_timeout: str = "3s") -> None:
+    """Deploy the rollout and, as the latest version of its child, the device update with ``confirm_timeout``.
+
+    A deployed version never changes, so each call deploys the child under a new version; the
+    rollout starts the latest one."""
     child = yaml.safe_load(bundled("iot_device_update.yaml"))
     for step in child["steps"]:
         if step["id"] == "confirm":
             step["wait"]["timeout"] = confirm_timeout
+    child["version"] = next(_CHILD_VERSIONS)
     c.deploy(child)
     c.deploy(yaml.safe_load(bundled("iot_rollout.yaml")))
 
