@@ -26,7 +26,7 @@ from kflow.config import KafkaConfig
 from kflow.dev.breakdown import HopRow, as_dicts, offsets_now, read_stamps
 from kflow.dev.breakdown import breakdown as compute_breakdown
 from kflow.dev.stack import DevStack, bundled_spec
-from kflow.model.errors import KflowError
+from kflow.model.errors import KflowError, WorkflowNotDeployed
 from kflow.model.messages import Command, Status
 from kflow.schemas.codec import decode_state, encode_command
 
@@ -140,6 +140,19 @@ class Driver:
 CURVE_POINTS = (16, 64, 256, 1024)
 
 
+def _wait_published(client: Any, workflow: str, timeout: float) -> None:
+    """Wait until the engine has published its hosted code workflow on the definitions topic."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client._require_deployed(workflow, None)
+            return
+        except WorkflowNotDeployed:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _breakdown_table(rows: list[HopRow]) -> Table:
     table = Table(title="where a chain3 workflow's time goes (latency phase, per hop)")
     for col in ("hop", "what", "count", "p50 ms", "p99 ms", "per workflow p50 ms"):
@@ -175,6 +188,8 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
         with stack.client() as client:
             if style == "spec":
                 client.deploy(bundled_spec(spec_file))
+            else:
+                _wait_published(client, workflow, 60)
             warm = client.start(workflow, 0, id=f"warm-{uuid.uuid4().hex[:6]}")
             warm.result(timeout=120)  # the engine and the worker have joined their groups
         driver = Driver(cfg, workflow)

@@ -58,7 +58,7 @@ class Batch:
     """Scratch state of one transaction; discarded on abort."""
 
     now: int
-    polled_us: int = 0  # when the batch's first command was polled (hop stamps)
+    polled_us: int = 0  # when the command being decided was polled (hop stamps)
     states: dict[str, JSONDict] = field(default_factory=dict)
     old: dict[str, Optional[JSONDict]] = field(default_factory=dict)
     partition_of: dict[str, int] = field(default_factory=dict)
@@ -174,7 +174,7 @@ class Lane:
         timers = self._due_timers(now)
         if not msgs and not timers:
             return
-        self.process(msgs, timers, now, items[0][1] if items else _hops.now_us())
+        self.process(msgs, timers, now, [t for _, t in items])
 
     def _due_timers(self, now: int) -> list[tuple[int, int, str, str]]:
         out = []
@@ -187,13 +187,14 @@ class Lane:
         return out
 
     # -- one transaction -------------------------------------------------------------------------
-    def process(self, msgs: list[Message], timers: list[tuple[int, int, str, str]], now: int, polled_us: int) -> int:
+    def process(self, msgs: list[Message], timers: list[tuple[int, int, str, str]], now: int,
+                polled_us: Optional[list[int]] = None) -> int:
         """The commit protocol, in order: (1) decide the batch and produce its outputs, (2) send
         the consumed offsets to the transaction, (3) commit, (4) write RocksDB with the changelog
         offsets, (5) produce the cancel tasks. Any failure before (3) aborts the transaction and
         rewinds the batch's partitions."""
         t0 = time.perf_counter()
-        batch = Batch(now, polled_us=polled_us)
+        batch = Batch(now)
         proc = self.proc
         # local activities run inside this transaction: a quarter of its timeout is theirs, and
         # one run may take at most half of it (see kflow.streams.local)
@@ -202,7 +203,8 @@ class Lane:
         self.producer.begin_transaction()
         try:
             with proc.decide_lock:  # (1)
-                for m in msgs:
+                for i, m in enumerate(msgs):
+                    batch.polled_us = polled_us[i] if polled_us else 0
                     self._one_record(batch, m)
                 for p, due, iid, tid in timers:
                     batch.fired.setdefault(p, []).append(timer_key(due, iid, tid))
