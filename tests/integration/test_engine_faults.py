@@ -37,9 +37,9 @@ def env(kafka_bootstrap, tmp_path):
     worker = Worker(WorkerConfig(**kw), [flows])
     procs = []
 
-    def engine(name: str, engine_id: str, workflows: str = ""):
+    def engine(name: str, engine_id: str, workflows: str = "", lanes: int = 1):
         p = engine_process(kafka_bootstrap, prefix, str(tmp_path / name), partitions=PARTITIONS, engine_id=engine_id,
-                           workflows=workflows)
+                           workflows=workflows, extra_env={"KFLOW_LANES": str(lanes)})
         procs.append(p.start())
         return p
 
@@ -87,15 +87,17 @@ def check_histories(bootstrap: str, prefix: str, ids: list[str]) -> None:
         assert kinds["ActivityCompleted"] == kinds["ActivityScheduled"] == 5, f"{iid}: {kinds}"
 
 
-def test_sigkill_engine_fresh_state_dir_completes_everything(env, kafka_bootstrap):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_sigkill_engine_fresh_state_dir_completes_everything(env, kafka_bootstrap, lanes):
     """SIGKILL the engine while every instance sleeps on a durable timer (and waits on a signal
     with a 1h timeout timer after it); a new engine on an empty state directory restores every
     instance from the changelog, re-arms the timers, and completes each instance exactly once.
+    With two lanes, two transactions of the engine are open side by side.
 
     The kill lands between transactions: killing *inside* one is the crash matrix's job, which
     needs a broker that hides aborted records from read_committed readers (Tansu does not)."""
     client, worker, engine, prefix = env
-    e1 = engine("e1", "node-a")
+    e1 = engine("e1", "node-a", lanes=lanes)
     client.deploy(SLOW_CHAIN)
     worker.start_in_thread()
     ids = [f"r{i}-{uuid.uuid4().hex[:6]}" for i in range(24)]
@@ -104,7 +106,7 @@ def test_sigkill_engine_fresh_state_dir_completes_everything(env, kafka_bootstra
     # every instance has run its first activity and is asleep on its 3 s timer
     assert_eventually(lambda: all((client.status(i) or {}).get("seq", 0) >= 4 for i in ids), timeout=60)
     e1.kill()
-    e2 = engine("e2-fresh", "node-a")  # same identity, empty state dir: restore from the changelog
+    e2 = engine("e2-fresh", "node-a", lanes=lanes)  # same identity, empty state dir: restore from the changelog
     for iid in ids:
         client.signal(iid, "go", 10)  # buffered while asleep, consumed by the wait step
     for i, iid in enumerate(ids):
