@@ -68,6 +68,17 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         s.close()
 
 
+@pytest.fixture
+def engine_only_stack(kafka_bootstrap: str, tmp_path: Any) -> Iterator[Stack]:
+    """A private stack (own topic prefix) with an engine and no worker: the test starts its own."""
+    s = Stack(kafka_bootstrap, f"e{uuid.uuid4().hex[:8]}.", str(tmp_path))
+    try:
+        s.start_engine()
+        yield s
+    finally:
+        s.close()
+
+
 @contextlib.contextmanager
 def visibility_server(stack: Stack, tmp_path_factory: pytest.TempPathFactory, tag: str) -> Iterator[Any]:
     """A visibility projection + API + console on a free port, over ``stack``'s topics."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,13 +28,8 @@ LATENESS_MS = 1_500  # most a timer may fire after its due time here (poll, batc
 
 
 @pytest.fixture
-def stack(kafka_bootstrap: str, tmp_path: Any) -> Iterator[Stack]:
-    s = Stack(kafka_bootstrap, f"h{uuid.uuid4().hex[:8]}.", str(tmp_path))
-    try:
-        s.start_engine()
-        yield s
-    finally:
-        s.close()
+def stack(engine_only_stack: Stack) -> Stack:
+    return engine_only_stack
 
 
 def test_heartbeat_timeout_fires_a_whole_timeout_after_the_last_heartbeat(stack: Stack) -> None:

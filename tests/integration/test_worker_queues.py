@@ -10,14 +10,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from kflow.testing import assert_eventually
-from kflow.worker import Worker, worker_group
+from kflow.worker import worker_group
 from tests.integration.conftest import PARTITIONS, Stack
 
 N = 24
@@ -25,13 +25,8 @@ DEADLINE = 90.0
 
 
 @pytest.fixture
-def stack(kafka_bootstrap: str, tmp_path: Any) -> Iterator[Stack]:
-    s = Stack(kafka_bootstrap, f"q{uuid.uuid4().hex[:8]}.", str(tmp_path))
-    try:
-        s.start_engine()
-        yield s
-    finally:
-        s.close()
+def stack(engine_only_stack: Stack) -> Stack:
+    return engine_only_stack
 
 
 def counting(tag: str, calls: Counter[str], lock: threading.Lock) -> Callable[[Any], Any]:
