@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -1100,28 +1100,38 @@ class Client:
             if start >= high:
                 return []
             reader.assign([TopicPartition(topic, p, start)])
-            deadline = time.monotonic() + self.request_timeout
-            while True:
-                if time.monotonic() > deadline:
-                    raise BrokerUnavailable(self.config.bootstrap, f"reading {topic}[{p}] from offset {start} "
-                                                                   f"took longer than {self.request_timeout:g}s")
-                for msg in _drain(reader):
-                    err = msg.error()
-                    if msg.topic() != topic:
-                        continue  # left over from the reader's previous assignment
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            return [by_seq[s] for s in sorted(by_seq)]
-                        if err.fatal():
-                            raise KafkaException(err)
-                        continue
-                    self.records_read += 1
-                    if msg.key() == key and msg.value() is not None:
-                        ev = self._decode_event(msg)
-                        if ev is not None:
-                            by_seq[ev.seq] = ev
-                    if last_seq in by_seq or msg.offset() >= high - 1:
-                        return [by_seq[s] for s in sorted(by_seq)]
+            for msg in self._until_end(reader, topic, {p: high}, f"reading {topic}[{p}] from offset {start}"):
+                if msg.key() == key and msg.value() is not None:
+                    ev = self._decode_event(msg)
+                    if ev is not None:
+                        by_seq[ev.seq] = ev
+                        if ev.seq == last_seq:
+                            break
+        return [by_seq[s] for s in sorted(by_seq)]
+
+    def _until_end(self, consumer: Consumer, topic: str, ends: dict[int, int], what: str) -> Iterator[Message]:
+        """The records of ``consumer``'s assigned partitions of ``topic`` until each reaches its end
+        (EOF, or the record before its end offset in ``ends``), counted in ``records_read``."""
+        ends = dict(ends)
+        deadline = time.monotonic() + self.request_timeout
+        while ends:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(self.config.bootstrap, f"{what} took longer than {self.request_timeout:g}s")
+            for msg in _drain(consumer):
+                if msg.topic() != topic:
+                    continue  # left over from the consumer's previous assignment
+                err = msg.error()
+                p = msg.partition()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        ends.pop(p, None)
+                    elif err.fatal():
+                        raise KafkaException(err)
+                    continue
+                self.records_read += 1
+                yield msg
+                if p in ends and msg.offset() >= ends[p] - 1:
+                    ends.pop(p)
 
     def _scan_history(self, id: str) -> list[Event]:
         """The events of ``id`` read from its partition's beginning to the high watermark."""
@@ -1183,25 +1193,9 @@ class Client:
             if not ends:
                 return
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-            deadline = time.monotonic() + self.request_timeout
-            while ends:
-                if time.monotonic() > deadline:
-                    raise BrokerUnavailable(self.config.bootstrap, f"reading {topic} partitions {sorted(ends)} "
-                                                                   f"took longer than {self.request_timeout:g}s")
-                for msg in _drain(consumer):
-                    err = msg.error()
-                    p = msg.partition()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            ends.pop(p, None)
-                        elif err.fatal():
-                            raise KafkaException(err)
-                        continue
-                    self.records_read += 1
-                    if msg.key() in wanted and msg.value() is not None:
-                        take(msg)
-                    if p in ends and msg.offset() >= ends[p] - 1:
-                        ends.pop(p)
+            for msg in self._until_end(consumer, topic, ends, f"reading {topic} partitions {sorted(ends)}"):
+                if msg.key() in wanted and msg.value() is not None:
+                    take(msg)
         finally:
             consumer.close()
 
