@@ -2,8 +2,8 @@
 
 PostgreSQL and RabbitMQ are the local ones (127.0.0.1:5432 trust/``postgres``/``test``, and
 127.0.0.1:5672 ``guest``/``guest``, overridable with ``KFLOW_TEST_POSTGRES_URL`` and
-``KFLOW_TEST_AMQP_URL``); a test that needs one that is not reachable is skipped with the reason
-(SQL tests fall back to SQLite instead). The SMTP server (aiosmtpd) and the HTTP service
+``KFLOW_TEST_AMQP_URL``); PostgreSQL falls back to a server started from the ``pgserver`` wheel, and a test that needs a
+RabbitMQ that is not reachable is skipped with the reason. The SMTP server (aiosmtpd) and the HTTP service
 (``http.server``) are started by the fixtures themselves on free ports.
 """
 
@@ -46,21 +46,36 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str | None:
-    """The local PostgreSQL's URL, or None when it cannot be reached (callers fall back to SQLite)."""
-    if not reachable(POSTGRES_URL):
-        return None
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL: the local one when it answers, otherwise one started from the pgserver wheel."""
+    if _postgres_answers(POSTGRES_URL):
+        yield POSTGRES_URL
+        return
+    import tempfile
+
+    import pgserver  # a real PostgreSQL server from a wheel, for machines that run none
+
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="kflow-pg-"))
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _postgres_answers(url: str) -> bool:
+    if not reachable(url):
+        return False
     import sqlalchemy as sa
 
-    url = sa.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
     try:
-        engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+        engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"),
+                                  connect_args={"connect_timeout": 3})
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         engine.dispose()
     except sa.exc.SQLAlchemyError:
-        return None
-    return POSTGRES_URL
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")

@@ -204,10 +204,12 @@ def recorded(name: str, fn, *args, **kw) -> None:
         raise
 
 
+@pytest.mark.fault
 def test_crash_matrix(kafka_bootstrap, tmp_path, tansu_gap):
     recorded("crash-matrix", run_matrix, kafka_bootstrap, tmp_path, engine_kills=20, worker_kills=6, instances=400)
 
 
+@pytest.mark.fault
 def test_rebalance_under_load(kafka_bootstrap, tmp_path, tansu_gap):
     recorded("rebalance", run_matrix, kafka_bootstrap, tmp_path, engine_kills=4, worker_kills=2, instances=200,
              engines=3)
