@@ -2,8 +2,9 @@
 
 The public surface for applications: :class:`Client` and :class:`WorkflowHandle` to deploy, start,
 signal and await workflows; :func:`workflow` to write code workflows; :func:`activity` and
-:func:`heartbeat` to write activities; and the errors they raise (every one a :class:`KflowError`:
-:class:`ActivityError` and :class:`CancelledError` inside code workflows, :class:`WorkflowFailedError`
+:func:`heartbeat` to write activities and :class:`Worker` to run them; and the errors they raise (every one a :class:`KflowError`:
+:class:`ActivityError` and :class:`WorkflowCancelledError` (also named :class:`CancelledError`) inside
+code workflows, :class:`WorkflowFailedError`
 from a handle's result, :class:`NonRetryableError` from activities ...). Names are imported on first use,
 so ``import kflow.model`` stays free of Kafka.
 
@@ -32,11 +33,12 @@ if TYPE_CHECKING:
         NonRetryableError,
         StartRejectedError,
         TopicConfigMismatch,
+        WorkflowCancelledError,
         WorkflowError,
         WorkflowFailedError,
         WorkflowNotDeployed,
     )
-    from kflow.worker import ActivityCancelledError, activity, heartbeat
+    from kflow.worker import ActivityCancelledError, Worker, activity, heartbeat
 
 __all__ = [
     "ActivityCancelledError",
@@ -51,6 +53,8 @@ __all__ = [
     "NondeterminismError",
     "StartRejectedError",
     "TopicConfigMismatch",
+    "Worker",
+    "WorkflowCancelledError",
     "WorkflowContext",
     "WorkflowError",
     "WorkflowFailedError",
@@ -71,6 +75,8 @@ _HOME = {
     "activity": "kflow.worker",
     "ActivityCancelledError": "kflow.worker",
     "heartbeat": "kflow.worker",
+    "Worker": "kflow.worker",
+    "WorkflowCancelledError": "kflow.model.errors",
     "ActivityError": "kflow.model.errors",
     "BrokerUnavailable": "kflow.model.errors",
     "CancelledError": "kflow.model.errors",

@@ -25,9 +25,12 @@ __all__ = ["code_definitions", "compile_code", "definition_of", "query_state", "
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[bool] = None, *,
-             retry: Any = None, execution_timeout: Any = None) -> Callable[[F], F]:
+def workflow(name: Any = None, version: int = 1, sandbox: Optional[bool] = None, *,
+             retry: Any = None, execution_timeout: Any = None) -> Any:
     """Register an ``async def run(ctx, input)`` function as code workflow ``name@version``.
+
+    Works bare (``@kflow.workflow``: name from the function, version 1) and called
+    (``@kflow.workflow(name="greet", version=2)``), like ``@kflow.activity``.
 
     A class works too: it is instantiated once per run (with no arguments), its
     ``async def run(self, ctx, input)`` is the workflow, and methods decorated with
@@ -59,6 +62,9 @@ def workflow(name: Optional[str] = None, version: int = 1, sandbox: Optional[boo
         DefinitionError: Every problem with the function at once (not async, wrong parameters,
             bad name or version).
     """
+    if callable(name):  # used bare: the "name" is the decorated function or class
+        return workflow()(name)
+
     def decorate(fn: F) -> F:
         wf_name = name or getattr(fn, "__name__", "")
         if inspect.isclass(fn):

@@ -80,6 +80,10 @@ class CancelledError(WorkflowError):
         super().__init__(message, type="Cancelled")
 
 
+#: :class:`CancelledError` under a name that does not shadow :class:`asyncio.CancelledError`.
+WorkflowCancelledError = CancelledError
+
+
 class NonRetryableError(KflowError):
     """Raised by an activity to fail its attempt without retry."""
 

@@ -216,7 +216,7 @@ def test_import_checker(snippet: str, module: str, ok: bool) -> None:
 PUBLIC = {
     "ActivityCancelledError", "ActivityError", "BrokerUnavailable", "CancelledError", "Client", "DefinitionConflict",
     "DefinitionError", "KflowError", "NonRetryableError", "NondeterminismError", "StartRejectedError",
-    "TopicConfigMismatch", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
+    "TopicConfigMismatch", "Worker", "WorkflowCancelledError", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
     "WorkflowNotDeployed", "WorkflowSandboxError", "activity", "heartbeat", "query_state", "workflow",
 }
 #: Errors of ``kflow.model.errors`` that stay internal (raised and handled inside kflow's processors).
@@ -238,7 +238,7 @@ def test_every_user_facing_error_is_exported() -> None:
     assert classes - INTERNAL_ERRORS <= set(kflow.__all__), classes - INTERNAL_ERRORS - set(kflow.__all__)
     assert issubclass(kflow.ActivityError, kflow.WorkflowError) and issubclass(kflow.CancelledError, kflow.WorkflowError)
     assert all(issubclass(getattr(kflow, n), kflow.KflowError) for n in PUBLIC if n[0].isupper()
-               and n not in {"Client", "WorkflowHandle", "WorkflowContext"})
+               and n not in {"Client", "WorkflowHandle", "WorkflowContext", "Worker"})
 
 
 def test_an_unknown_name_is_a_precise_attribute_error() -> None:
