@@ -87,6 +87,10 @@ def redact(conf: dict[str, Any]) -> dict[str, Any]:
     return {k: ("***" if k in SECRET_KAFKA_KEYS or "password" in k or "secret" in k else v) for k, v in conf.items()}
 
 
+#: Default port of /metrics, /healthz and /readyz per kind of process (``KFLOW_METRICS_PORT`` overrides).
+DEFAULT_METRICS_PORTS = {"engine": 9464, "worker": 9465, "connect": 9466}
+
+
 class TelemetryConfig(BaseSettings):
     """Logging and tracing settings every kflow process (and every CLI command) shares."""
 
@@ -126,8 +130,12 @@ class KafkaConfig(TelemetryConfig):
     kafka_sasl_username: str | None = Field(None, description="SASL username.")
     kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
     fetch_wait_ms: int = Field(10, ge=0, le=10_000, description="Most time a broker may hold a fetch when no data is there (fetch.wait.max.ms); low values cut latency.")
-    metrics_port: int = Field(9464, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of every long-running process; 0 disables.")
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of a long-running process; 0 disables. Unset: each kind of process has its own (engine 9464, worker 9465, connect 9466), so they can share a host.")
     dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts (6 s / 0.5 s) for dev brokers; long-running commands switch it on by themselves against the embedded broker.")
+
+    def metrics_port_for(self, kind: str) -> int:
+        """The port of ``kind``'s operations endpoint: ``metrics_port`` when set, else the kind's own."""
+        return self.metrics_port if self.metrics_port is not None else DEFAULT_METRICS_PORTS.get(kind, 9464)
 
     @field_validator("bootstrap")
     @classmethod
@@ -199,6 +207,7 @@ class EngineConfig(KafkaConfig):
     group_session_timeout_ms: int = Field(10_000, ge=1000, le=3_600_000, description="session.timeout.ms of the engine group: how long after an engine dies (no heartbeat) its partitions move to the others; at least the broker's group.min.session.timeout.ms (6000 by default). Dev tuning: 6000.")
     group_heartbeat_interval_ms: int = Field(1_000, ge=100, description="heartbeat.interval.ms of the engine group (sent by librdkafka's own thread, so a busy engine still heartbeats); at most a third of the session timeout. Dev tuning: 500.")
     group_max_poll_interval_ms: int = Field(300_000, ge=1000, description="max.poll.interval.ms of the engine group: an engine whose loop does not poll for this long (stuck, or restoring for longer) leaves the group and its partitions move. Dev tuning: 20000.")
+    standby_replicas: int = Field(0, ge=0, le=100, description="Standby replicas (as Kafka Streams' num.standby.replicas): with N ≥ 1 an engine keeps warm copies of the `commands` partitions it does not own by tailing their `state` changelog into its RocksDB stores, so taking one over replays only the tail it had not applied. Which ones: every partition it does not own when the engine group has at most N+1 members or its members cannot be listed (the embedded broker), otherwise N copies per partition spread over the members by a fixed rule. Costs disk, CPU and a fetch stream per copy; 0 disables.")
     workflows: str = Field("", description="Comma-separated modules of code workflows to host.")
     activities: str = Field("", description="Comma-separated modules whose @kflow.activity functions the engine runs itself for local activities (local: true, ctx.local_activity); a local run holds up the engine, so keep them short.")
     max_history_events: int = Field(50_000, ge=100, description="Most events in one run of a code workflow; beyond it the run fails with HistoryLimitExceeded (use ctx.continue_as_new).")

@@ -44,10 +44,11 @@ def run_worker_with_connectors(config: Any, modules: list[ModuleType], connector
     server = None
     try:
         start_telemetry(config.model_copy(update={"metrics_port": 0}), "worker", host.ready)  # tracing only
-        if config.metrics_port:
+        port = config.metrics_port_for("connect")
+        if port:
             from kflow._http import serve_operations
 
-            server = serve_operations(config.metrics_port, lambda: runner.wait_assigned(0) and host.ready(),
+            server = serve_operations(port, lambda: runner.wait_assigned(0) and host.ready(),
                                       status=host.describe)
         log_when_ready(runner.wait_assigned, lambda: describe_worker(runner), "worker")
         run_until_signalled(runner.run, "worker")

@@ -73,7 +73,7 @@ def run_until_signalled(run: Callable[[threading.Event], None], what: str) -> No
 MetricsPort = Annotated[
     Optional[int],
     typer.Option("--metrics-port", min=0, max=65535, envvar="KFLOW_METRICS_PORT", show_envvar=True, metavar="PORT",
-                 help="Port of /metrics, /healthz and /readyz (default 9464; 0 disables)."),
+                 help="Port of /metrics, /healthz and /readyz (default: engine 9464, worker 9465, connect 9466; 0 disables)."),
 ]
 Setting = Annotated[
     Optional[list[str]],
@@ -98,11 +98,12 @@ def start_telemetry(config: Any, kind: str, ready: Callable[[], bool]) -> Any:
     from kflow import _tracing
 
     _tracing.configure(config.service_name or f"kflow-{kind}", config.otlp_endpoint)
-    if not config.metrics_port:
+    port = config.metrics_port_for(kind)
+    if not port:
         return None
     from kflow._http import serve_operations
 
-    return serve_operations(config.metrics_port, ready, bootstrap=config.bootstrap)
+    return serve_operations(port, ready, bootstrap=config.bootstrap)
 
 
 def _settings(bootstrap: str | None, prefix: str | None, **fields: Any) -> dict[str, Any]:

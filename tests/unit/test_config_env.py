@@ -318,3 +318,13 @@ def test_readyz_needs_assigned_work_and_a_reachable_broker():
             for s in (good, bad):
                 s.shutdown()
                 s.server_close()
+
+
+def test_engine_worker_and_connect_default_to_different_metrics_ports(monkeypatch):
+    """Started side by side on one host with no settings, they must not collide on one port."""
+    monkeypatch.delenv("KFLOW_METRICS_PORT", raising=False)
+    ports = {EngineConfig().metrics_port_for("engine"), WorkerConfig().metrics_port_for("worker"),
+             WorkerConfig().metrics_port_for("connect")}
+    assert len(ports) == 3
+    monkeypatch.setenv("KFLOW_METRICS_PORT", "0")
+    assert EngineConfig().metrics_port_for("engine") == 0 and WorkerConfig().metrics_port_for("worker") == 0
