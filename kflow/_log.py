@@ -1,10 +1,10 @@
 """Log records of every kflow process: JSON lines for log collectors, or concise text on a terminal.
 
 The format is ``KFLOW_LOG_FORMAT`` (``json``, ``text``, or ``auto``: text when stderr is a
-terminal, JSON otherwise) and the level ``KFLOW_LOG_LEVEL``. Every record carries the contextual
-fields of the unit of work it was logged in — ``instance_id``, ``workflow``, ``tenant`` and
-``trace_id`` — bound with :func:`log_context` (context variables, so activity threads and asyncio
-tasks each see their own). Values that look like secrets (``password=…``, ``sasl.password``,
+terminal, JSON otherwise) and the level ``KFLOW_LOG_LEVEL``. A record logged inside a unit of work
+carries that work's contextual fields — ``instance_id``, ``workflow``, ``tenant`` and ``trace_id``
+— bound with :func:`log_context` (context variables, so activity threads and asyncio tasks each
+see their own); a JSON line leaves out the fields that are not bound rather than writing nulls. Values that look like secrets (``password=…``, ``sasl.password``,
 bearer tokens) are masked before a record is written.
 """
 
@@ -98,13 +98,23 @@ class _TextFormatter(logging.Formatter):
         return f"{text} [{iid}]" if iid else text
 
 
+class _JsonFormatter(JsonFormatter):
+    """JSON lines without the contextual fields a record does not have (no ``"tenant": null`` noise)."""
+
+    def process_log_record(self, log_record: dict[str, Any]) -> dict[str, Any]:
+        for name in CONTEXT_FIELDS:
+            if log_record.get(name) is None:
+                log_record.pop(name, None)
+        return log_record
+
+
 def make_formatter(fmt: str, stream: Any = None) -> logging.Formatter:
     """The formatter for ``fmt`` (``json``, ``text`` or ``auto``, which looks at ``stream``)."""
     if fmt == "auto":
         isatty = getattr(stream if stream is not None else sys.stderr, "isatty", None)
         fmt = "text" if isatty is not None and isatty() else "json"
     if fmt == "json":
-        return JsonFormatter(_JSON_FIELDS + list(CONTEXT_FIELDS), rename_fields={"asctime": "time", "levelname": "level",
+        return _JsonFormatter(_JSON_FIELDS + list(CONTEXT_FIELDS), rename_fields={"asctime": "time", "levelname": "level",
                                                                                "name": "logger"},
                              timestamp=False)
     if fmt == "text":

@@ -179,7 +179,7 @@ def test_log_level_and_format(monkeypatch):
             f.filter(record)
         line = handler.format(record)
         assert line.startswith("{") and '"level": "WARNING"' in line and "hunter2" not in line
-        assert '"instance_id": null' in line
+        assert '"instance_id"' not in line and "null" not in line  # unbound context fields are left out
     finally:
         root.handlers = saved
         logging.getLogger("kflow").setLevel(logging.NOTSET)
@@ -284,7 +284,7 @@ def test_log_records_carry_the_instance_context():
     finally:
         unbind(token)
     assert '"instance_id": "inv-9"' in out and '"workflow": "invoice"' in out
-    assert '"instance_id": null' in line()
+    assert '"instance_id"' not in line()  # outside the activity, nothing is bound
 
 
 def test_readyz_needs_assigned_work_and_a_reachable_broker():
