@@ -6,9 +6,11 @@ Commands live in :mod:`kflow._cli`; this module assembles them into :data:`app` 
 
 from __future__ import annotations
 
+from typing import Any
+
 from typer import Typer
 
-from kflow._cli import connect, devices, doctor, dlq, processes, replay, triggers, visibility, workflows
+from kflow._cli import connect, devices, doctor, dlq, processes, replay, topics, triggers, visibility, workflows
 from kflow._cli.common import KflowGroup, Verbose, current_folder_on_path, setup_logging
 
 __all__ = ["app", "main"]
@@ -36,20 +38,24 @@ def _root(verbose: Verbose = False) -> None:
     setup_logging(verbose)
 
 
-for _fn in (workflows.deploy, workflows.start, workflows.signal, workflows.cancel, workflows.terminate, workflows.status,
-            workflows.result, processes.engine, processes.worker, processes.dev, processes.bench, replay.replay):
-    app.command(_fn.__name__, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
-app.command("query")(replay.query)
-app.command("connect")(connect.connect)
-app.command("doctor")(doctor.doctor)
-app.command("visibility")(visibility.visibility)
-app.command("list")(visibility.list_instances)
-app.command("history")(visibility.history)
-app.command("watch")(visibility.watch)
-app.add_typer(dlq.app, name="dlq")
-app.add_typer(devices.app, name="devices")
-app.add_typer(triggers.app, name="triggers")
-
+#: Commands in the order ``kflow --help`` shows them, grouped by what they act on.
+_PANELS: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (
+    ("Instances", (("start", workflows.start), ("signal", workflows.signal), ("query", replay.query),
+                   ("cancel", workflows.cancel), ("terminate", workflows.terminate), ("status", workflows.status),
+                   ("result", workflows.result), ("history", visibility.history), ("list", visibility.list_instances),
+                   ("watch", visibility.watch))),
+    ("Definitions", (("deploy", workflows.deploy), ("replay", replay.replay))),
+    ("Processes", (("engine", processes.engine), ("worker", processes.worker), ("connect", connect.connect),
+                   ("visibility", visibility.visibility), ("dev", processes.dev))),
+    ("Operations", (("doctor", doctor.doctor), ("bench", processes.bench))),
+)
+for _panel, _commands in _PANELS:
+    for _name, _fn in _commands:
+        app.command(_name, rich_help_panel=_panel, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
+app.add_typer(topics.app, name="topics", rich_help_panel="Operations")
+app.add_typer(dlq.app, name="dlq", rich_help_panel="Operations")
+app.add_typer(devices.app, name="devices", rich_help_panel="Processes")
+app.add_typer(triggers.app, name="triggers", rich_help_panel="Processes")
 
 def main() -> None:
     """Console-script entry point (``kflow``); user modules import from the current folder, as with ``python -m``."""

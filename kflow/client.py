@@ -43,7 +43,6 @@ from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event,
 from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
 from kflow.streams.definitions import DefinitionsLog
 from kflow.streams.partitioner import partition_for
-from kflow.streams.topics import ensure_topics
 
 __all__ = ["ID_REUSE_POLICIES", "Client", "Deployed", "StateWatcher", "WorkflowHandle", "load_spec"]
 
@@ -569,18 +568,21 @@ class Client:
                 "logger": _KafkaLog("kflow.client.kafka")}
 
     def _ensure_ready(self) -> Producer:
-        """Create the topics (once per client) and the producer; raise BrokerUnavailable fast."""
+        """Check the broker and kflow's topics (once per client) and create the producer.
+
+        A client never creates topics (that needs rights a producer should not have): an engine
+        does at start-up, or an operator with ``kflow topics ensure``. Raises BrokerUnavailable
+        fast when the broker does not answer, and a KflowError naming the fix when topics are missing.
+        """
         with self._lock:
             if self._closed:
                 raise KflowError("the client is closed")
             if not self._ready:
-                existing = self._check_broker()
-                settings = self.config.topic_settings
-                if existing:
-                    # The engine owns the layout: a client adopts the partition count it finds.
-                    settings = dataclasses.replace(settings, partitions=existing)
-                ensure_topics({**self.config.client_conf(), **self._conf()}, self.names, settings,
-                              timeout=self.request_timeout)
+                missing = self._check_broker()
+                if missing:
+                    raise KflowError(f"kflow's topics do not exist on {self.config.bootstrap} (missing: "
+                                     f"{', '.join(missing)}): start an engine (it creates them) or run "
+                                     f"`kflow topics ensure --prefix {self.names.prefix}`")
                 self._ready = True
             if self._producer is None:
                 self._producer = Producer(self.config.producer_conf(**{
@@ -588,8 +590,8 @@ class Client:
                     **self._conf()}))
             return self._producer
 
-    def _check_broker(self) -> int:
-        """One metadata round trip bounded by ``connect_timeout``; the commands topic's partition count or 0."""
+    def _check_broker(self) -> list[str]:
+        """One metadata round trip bounded by ``connect_timeout``; the topics a client needs that are missing."""
         from confluent_kafka.admin import AdminClient
 
         errors: list[str] = []
@@ -601,8 +603,8 @@ class Client:
             detail = errors[-1] if errors else (exc.args[0].str() if exc.args else str(exc))
             raise BrokerUnavailable(self.config.bootstrap,
                                     f"no answer within {self.connect_timeout:g}s ({detail})") from None
-        commands = meta.topics.get(self.names.commands)
-        return len(commands.partitions) if commands is not None and commands.error is None else 0
+        needed = (self.names.commands, self.names.events, self.names.state, self.names.definitions)
+        return [t for t in needed if t not in meta.topics or meta.topics[t].error is not None]
 
     def watcher(self) -> StateWatcher:
         """The client's state watcher, started if it is not running yet."""

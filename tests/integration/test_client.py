@@ -22,6 +22,7 @@ from kflow.model.errors import BrokerUnavailable, DefinitionError, WorkflowFaile
 from kflow.model.messages import Status
 from kflow.schemas.codec import decode_command, decode_definition, encode_state
 from kflow.streams.partitioner import partition_for
+from kflow.streams.topics import ensure_topics
 from kflow.testing import assert_eventually
 
 PARTITIONS = 4
@@ -33,7 +34,10 @@ SPEC = {"name": "greet", "version": 3, "steps": [
 
 @pytest.fixture
 def config(kafka_bootstrap: str, topic_prefix: str) -> KafkaConfig:
-    return KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, partitions=PARTITIONS, dev_tuning=True)
+    """Topics created as an engine (or ``kflow topics ensure``) would: these tests run the client alone."""
+    cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, partitions=PARTITIONS, dev_tuning=True)
+    ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings, queues=["default"])
+    return cfg
 
 
 @pytest.fixture

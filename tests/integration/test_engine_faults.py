@@ -15,6 +15,7 @@ from kflow.model.errors import WorkflowNotDeployed
 from kflow.schemas.codec import decode_event
 from kflow.testing import assert_eventually
 from kflow.worker import Worker
+from kflow.streams.topics import ensure_topics
 from tests.integration import flows
 
 PARTITIONS = 4
@@ -33,7 +34,9 @@ SLOW_CHAIN = {"name": "slow", "version": 1, "steps": [
 def env(kafka_bootstrap, tmp_path):
     prefix = f"f{uuid.uuid4().hex[:8]}."
     kw = dict(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
-    client = Client(kafka_bootstrap, config=WorkerConfig(**kw))
+    cfg = WorkerConfig(**kw)
+    ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines start later, in the tests
+    client = Client(kafka_bootstrap, config=cfg)
     worker = Worker(WorkerConfig(**kw), [flows])
     procs = []
 

@@ -17,6 +17,7 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
 from kflow.testing import assert_eventually
+from kflow.streams.topics import ensure_topics
 from tests.net import free_port, http_get
 
 PARTITIONS = 2
@@ -48,6 +49,7 @@ def workload(kafka_bootstrap, tmp_path_factory):
     ids: list[str] = []
     try:
         cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # the engine may not have yet
         with Client(kafka_bootstrap, config=cfg) as c:
             c.deploy({"name": "mx.chain", "version": 1, "steps": [
                 {"id": "a", "task": "t.inc", "input": "input", "output": "a"},

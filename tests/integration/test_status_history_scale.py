@@ -25,6 +25,7 @@ from kflow.model.messages import Event
 from kflow.schemas.codec import decode_event, encode_event, encode_state
 from kflow.streams.partitioner import partition_for
 from kflow.testing import assert_eventually
+from kflow.streams.topics import ensure_topics
 from tests.integration.conftest import PARTITIONS, Stack
 
 #: Unrelated records put on each of the instance's events and state partitions before it starts.
@@ -160,6 +161,7 @@ def test_an_unknown_id_is_answered_not_found_without_reading_the_topics(noisy) -
 def test_no_engine_is_a_clear_error_and_scan_reads_without_one(kafka_bootstrap: str) -> None:
     config = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=f"n{uuid.uuid4().hex[:8]}.", partitions=PARTITIONS,
                          dev_tuning=True)
+    ensure_topics(config.client_conf(), config.names, config.topic_settings)  # topics, but no engine
     with Client(config=config) as client:
         with pytest.raises(TimeoutError, match="no engine answered QueryStatus for x within 1s"):
             client.status("x", timeout=1)
