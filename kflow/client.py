@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import orjson
 import yaml
@@ -35,6 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from kflow import _tracing
 from kflow.config import KafkaConfig
+from kflow.converter import from_json, return_type, to_json
 from kflow.engine import compile_spec
 from kflow.engine.definitions import definition_fingerprint
 from kflow.model.errors import (BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
@@ -440,34 +441,56 @@ class StateWatcher:
 # --------------------------------------------------------------------------- the client
 
 
-class WorkflowHandle:
+def _workflow_name(workflow: Any) -> tuple[str, Any]:
+    """A workflow given by name or as a decorated code workflow: (its name, its result type or None)."""
+    if isinstance(workflow, str):
+        return workflow, None
+    definition = getattr(workflow, "__kflow_workflow__", None)
+    if definition is None:
+        raise TypeError(f"expected a workflow name or a function/class decorated with @kflow.workflow, not {workflow!r}")
+    run = getattr(workflow, "run", workflow) if isinstance(workflow, type) else workflow
+    return definition.name, return_type(run)
+
+
+T = TypeVar("T")
+
+
+class WorkflowHandle(Generic[T]):
     """A started (or known) workflow instance: a client plus an instance id.
+
+    A handle from ``client.start(workflow_function, ...)`` is typed by the function's return
+    annotation: ``result()`` converts the JSON result to it (a dataclass, a pydantic model ...).
 
     Example:
         >>> handle = client.start("order", {"sku": "A1", "qty": 2})  # doctest: +SKIP
         >>> handle.result(timeout=60)  # doctest: +SKIP
     """
 
-    __slots__ = ("_client", "id", "_start")
+    __slots__ = ("_client", "id", "_start", "_result_type")
 
-    def __init__(self, client: Client, id: str, start_command_id: str | None = None) -> None:
+    def __init__(self, client: Client, id: str, start_command_id: str | None = None,
+                 result_type: Any = None) -> None:
         self._client = client
         self.id = id
         self._start = start_command_id
+        self._result_type = result_type
 
-    def result(self, timeout: float = 30) -> JSONValue:
+    def result(self, timeout: float = 30, type: Any = None) -> T:
         """Wait for the instance's result; see :meth:`Client.result`.
 
         A handle returned by :meth:`Client.start` also knows its start command: if the engine
         dead-lettered it (an unknown workflow, say), this raises
         :class:`~kflow.model.errors.StartRejectedError` with the engine's reason instead of
-        waiting for the timeout.
+        waiting for the timeout. ``type`` (default: the handle's result type, if any) is what the
+        JSON result is converted to.
         """
         starts = {self.id: self._start} if self._start is not None else None
         states = self._client._wait([self.id], timeout, starts)
         if self.id not in states:
             raise TimeoutError(f"workflow {self.id} did not finish within {timeout:g}s")
-        return _outcome(self.id, states[self.id])
+        value = _outcome(self.id, states[self.id])
+        wanted = type if type is not None else self._result_type
+        return from_json(value, wanted, f"the result of workflow {self.id}") if wanted is not None else value  # type: ignore[no-any-return]
 
     def status(self, *, timeout: float = 10.0, scan: bool = False) -> dict[str, Any] | None:
         """The instance's current state record; see :meth:`Client.status`."""
@@ -757,8 +780,8 @@ class Client:
 
     def start(
         self,
-        workflow: str,
-        input: JSONValue = None,
+        workflow: str | Callable[..., Any] | type,
+        input: Any = None,
         *,
         id: str | None = None,
         version: int | None = None,
@@ -769,8 +792,10 @@ class Client:
         """Start a workflow instance by producing ``StartWorkflow`` to the ``commands`` topic.
 
         Args:
-            workflow: The definition's name.
-            input: The workflow input, any JSON value.
+            workflow: The definition's name, or a code workflow (a function or class decorated
+                with ``@kflow.workflow``): its name, and its return annotation types the handle.
+            input: The workflow input: any JSON value, or a dataclass, pydantic model ... (converted
+                to JSON, see :mod:`kflow.converter`).
             id: The instance id; a random one (uuid4 hex) when omitted.
             version: The definition version; the latest deployed one when omitted.
             id_reuse: What the engine does if the id exists: ``reject_duplicate`` (default),
@@ -789,6 +814,8 @@ class Client:
         Raises:
             WorkflowNotDeployed: the workflow or version is not deployed (unless ``require_deployed=False``).
         """
+        workflow, result_type = _workflow_name(workflow)
+        input = to_json(input, f"the input of workflow '{workflow}'")
         if id_reuse is not None and id_reuse not in ID_REUSE_POLICIES:
             raise ValueError(f"id_reuse must be one of {', '.join(sorted(ID_REUSE_POLICIES))}, not {id_reuse!r}")
         if id is not None and not id:
@@ -811,7 +838,7 @@ class Client:
         if traced:
             headers = (headers or []) + traced
         self._produce(self.names.commands, instance_id, encode_command(cmd), confirm=confirm, headers=headers)
-        return WorkflowHandle(self, instance_id, command_id)
+        return WorkflowHandle(self, instance_id, command_id, result_type)
 
     def handle(self, id: str) -> WorkflowHandle:
         """A handle for an existing instance id."""
@@ -819,7 +846,7 @@ class Client:
 
     def signal(self, id: str, name: str, data: JSONValue = None) -> None:
         """Send signal ``name`` with ``data`` to instance ``id`` (``SignalWorkflow``)."""
-        self._command(Command("SignalWorkflow", id, {"name": name, "data": data}))
+        self._command(Command("SignalWorkflow", id, {"name": name, "data": to_json(data, f"signal '{name}' data")}))
 
     def cancel(self, id: str, reason: str = "") -> None:
         """Ask the engine to cancel instance ``id`` (``CancelWorkflow``): compensations run first."""
@@ -858,7 +885,7 @@ class Client:
             except KafkaException as exc:
                 raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
             consumer.assign([TopicPartition(topic, p, high)])
-            self._command(Command("QueryWorkflow", id, {"query_id": qid, "name": name, "args": list(args)}))
+            self._command(Command("QueryWorkflow", id, {"query_id": qid, "name": name, "args": [to_json(a, f"query '{name}' argument") for a in args]}))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):

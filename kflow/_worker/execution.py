@@ -119,7 +119,7 @@ class Executors:
         started = time.monotonic()
         try:
             job.ctx.begin()
-            result = job.definition.fn(job.task.input)
+            result = job.definition.call(job.task.input)
         except Exception as exc:  # the activity's failure is reported, not raised
             self._done(job, started, None, exc)
         else:
@@ -135,7 +135,7 @@ class Executors:
             job.ctx.begin()
             # The activity runs in a task of its own (inheriting the bound context), so the
             # engine's cancel interrupts the activity and not this wrapper.
-            job.inner = asyncio.ensure_future(job.definition.fn(job.task.input))
+            job.inner = asyncio.ensure_future(job.definition.call(job.task.input))
             result = await job.inner
         except asyncio.CancelledError as exc:
             if self._closing or not job.ctx.cancelled:

@@ -24,6 +24,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from kflow._worker import metrics
 from kflow._worker.offsets import PartitionOffsets
+from kflow.converter import ConversionError, to_json
 from kflow.model.errors import NonRetryableError
 from kflow.model.messages import Command, Task
 from kflow.schemas.codec import encode_command
@@ -109,6 +110,10 @@ def result_command(task: Task, result: Any = None, error: BaseException | None =
     is a non-retryable ``InvalidResult``.
     """
     if error is None:
+        try:
+            result = to_json(result, f"the result of activity '{task.name}'")
+        except ConversionError as exc:
+            return fail_command(task, "InvalidResult", str(exc), False), metrics.Outcome.INVALID_RESULT
         data = {"activity_id": task.activity_id, "attempt": task.attempt, "result": result}
         cmd = Command("CompleteActivity", task.instance_id, data, f"{task.activity_id}/{task.attempt}/result", now_ms())
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
+from kflow.converter import from_json, input_type
 from kflow.model.errors import KflowError
 
 __all__ = [
@@ -67,14 +68,23 @@ class ActivityDefinition:
     Attributes:
         name: The activity name tasks refer to (``Task.name``).
         queue: The task queue (``tasks.<queue>`` topic) the activity is served on.
-        fn: The user function; it takes the task input (a JSON value) and returns a JSON value.
+        fn: The user function; it takes the task input and returns the result. Both travel as
+            JSON; with annotations they may be dataclasses, pydantic models … (:mod:`kflow.converter`).
         is_async: True if ``fn`` is a coroutine function (run on the worker's event loop).
+        input_type: The annotation of ``fn``'s parameter, which the JSON input is converted to
+            (None: the JSON value as it is).
     """
 
     name: str
     queue: str
     fn: Callable[[Any], Any]
     is_async: bool
+    input_type: Any = None
+
+    def call(self, data: Any) -> Any:
+        """Call ``fn`` with the task input converted to its parameter's type."""
+        arg = data if self.input_type is None else from_json(data, self.input_type, f"input of activity '{self.name}'")
+        return self.fn(arg)
 
     @property
     def qualname(self) -> str:
@@ -114,7 +124,7 @@ def _validate(fn: Any, name: Any, queue: Any) -> ActivityDefinition:
             problems.append(arity)
     if problems:
         raise ActivityDefinitionError(problems)
-    return ActivityDefinition(name=name, queue=queue, fn=fn, is_async=_is_async(fn))
+    return ActivityDefinition(name=name, queue=queue, fn=fn, is_async=_is_async(fn), input_type=input_type(fn))
 
 
 def activity(name: str | None = None, queue: str = DEFAULT_QUEUE) -> Callable[[F], F]:

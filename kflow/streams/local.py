@@ -36,6 +36,7 @@ from typing import Any, Optional
 import orjson
 
 from kflow._worker.registry import ActivityDefinition, build_registry
+from kflow.converter import ConversionError, to_json
 from kflow.model.errors import KflowError, NonRetryableError
 from kflow.model.messages import Command, Task
 
@@ -125,14 +126,14 @@ class _Runner:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def run(self, d: ActivityDefinition, arg: Any, timeout_s: float) -> Any:
-        """``d.fn(arg)``'s result; raises what it raised, or :class:`FutureTimeout` past ``timeout_s``."""
+        """``d.call(arg)``'s result; raises what it raised, or :class:`FutureTimeout` past ``timeout_s``."""
         fut: Future[Any]
         if d.is_async:
-            fut = asyncio.run_coroutine_threadsafe(d.fn(arg), self._event_loop())
+            fut = asyncio.run_coroutine_threadsafe(d.call(arg), self._event_loop())
         else:
             fut = Future()
             self._ensure_thread()
-            self._jobs.put((d.fn, arg, fut))
+            self._jobs.put((d.call, arg, fut))
         try:
             return fut.result(timeout_s)
         except FutureTimeout:
@@ -218,9 +219,9 @@ def run_local(activities: LocalActivities, task: Task, timeout_ms: int) -> Outco
                                f"(attempt {task.attempt}, run in the engine)")
     except Exception as e:
         return _failure(e)
-    try:
-        return Outcome(result=orjson.loads(orjson.dumps(result)))  # the JSON document the history records
-    except TypeError as e:
+    try:  # the JSON document the history records
+        return Outcome(result=orjson.loads(orjson.dumps(to_json(result, f"the result of activity '{task.name}'"))))
+    except (TypeError, ConversionError) as e:
         return Outcome(error_type="InvalidResult", retryable=False,
                        message=f"activity '{task.name}' returned a value that is not JSON-serialisable: {e}")
 

@@ -198,7 +198,7 @@ def flaky(_: Any) -> None:
 
 @activity("t.bad_result")
 def bad_result(_: Any) -> Any:
-    return {"a set": {1, 2}}
+    return {"an object": object()}  # no JSON form, even through the data converter
 
 
 @activity("t.hold")
