@@ -1,6 +1,6 @@
 """kflow: a Kafka-native durable workflow engine.
 
-The public surface for applications: :class:`Client` and :class:`WorkflowHandle` to deploy, start,
+The public surface for applications: :class:`Client` (and :class:`AsyncClient` for asyncio) and :class:`WorkflowHandle` to deploy, start,
 signal and await workflows; :func:`workflow` to write code workflows; :func:`activity` and
 :func:`heartbeat` to write activities and :class:`Worker` to run them; and the errors they raise (every one a :class:`KflowError`:
 :class:`ActivityError` and :class:`WorkflowCancelledError` (also named :class:`CancelledError`) inside
@@ -20,6 +20,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kflow.aio import AsyncClient
     from kflow._workflow import WorkflowContext, WorkflowSandboxError, query_state, workflow
     from kflow.client import Client, WorkflowHandle
     from kflow.engine.code_replayer import NondeterminismError
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ActivityCancelledError",
     "ActivityError",
+    "AsyncClient",
     "BrokerUnavailable",
     "CancelledError",
     "Client",
@@ -70,6 +72,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
+    "AsyncClient": "kflow.aio",
     "Client": "kflow.client",
     "WorkflowHandle": "kflow.client",
     "activity": "kflow.worker",

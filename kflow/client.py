@@ -134,15 +134,17 @@ class _Waiter:
     ``starts`` maps an id to the command id of the start whose dead-lettering also ends the wait.
     """
 
-    __slots__ = ("pending", "states", "event", "starts")
+    __slots__ = ("pending", "states", "event", "starts", "on_done")
 
-    def __init__(self, ids: Iterable[str], starts: Mapping[str, str] | None = None) -> None:
+    def __init__(self, ids: Iterable[str], starts: Mapping[str, str] | None = None,
+                 on_done: Callable[[], None] | None = None) -> None:
         self.pending = set(ids)
         self.starts = dict(starts or {})
         self.states: dict[str, dict[str, Any]] = {}
         self.event = threading.Event()
+        self.on_done = on_done  # called once, from whichever thread completes the wait (async waiters)
         if not self.pending:
-            self.event.set()
+            self._done()
 
     def deliver(self, instance_id: str, state: dict[str, Any]) -> None:
         """Record a terminal state (the first one per id wins); called with the watcher's lock held."""
@@ -150,7 +152,12 @@ class _Waiter:
             self.pending.discard(instance_id)
             self.states[instance_id] = state
             if not self.pending:
-                self.event.set()
+                self._done()
+
+    def _done(self) -> None:
+        self.event.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 def _rejection(msg: Message) -> dict[str, Any] | None:
@@ -299,12 +306,14 @@ class StateWatcher:
         with self._lock:
             return self._terminal.get(instance_id)
 
-    def register(self, ids: Iterable[str], starts: Mapping[str, str] | None = None) -> _Waiter:
+    def register(self, ids: Iterable[str], starts: Mapping[str, str] | None = None,
+                 on_done: Callable[[], None] | None = None) -> _Waiter:
         """Wait for terminal states of ``ids``; already remembered ones are delivered at once.
 
         ``starts`` maps ids to the command id of their start: its rejection ends the wait too.
+        ``on_done`` is called once every id has its state (for waiting without a blocked thread).
         """
-        waiter = _Waiter(ids, starts)
+        waiter = _Waiter(ids, starts, on_done)
         with self._lock:
             self._raise_if_failed()
             for iid in list(waiter.pending):
@@ -1049,6 +1058,34 @@ class Client:
                     if state["status"] in Status.TERMINAL:
                         watcher.deliver(waiter, iid, state)
             return watcher.wait(waiter, deadline - time.monotonic())
+        finally:
+            watcher.unregister(waiter)
+
+    async def _wait_async(self, ids: list[str], timeout: float,
+                          starts: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """:meth:`_wait` for asyncio: no thread blocks while waiting (only the scan of unseen ids runs in one)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_done() -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        watcher = await asyncio.to_thread(self.watcher)
+        waiter = watcher.register(ids, starts, on_done)
+        try:
+            pending = watcher.pending(waiter)
+            unseen = [i for i in ids if i in pending and not watcher.covers(i)]
+            if unseen:
+                for iid, state in (await asyncio.to_thread(self._scan, unseen)).items():
+                    if state["status"] in Status.TERMINAL:
+                        watcher.deliver(waiter, iid, state)
+            try:
+                await asyncio.wait_for(asyncio.shield(done), max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                pass
+            return watcher.wait(waiter, 0)
         finally:
             watcher.unregister(waiter)
 

@@ -214,7 +214,7 @@ def test_import_checker(snippet: str, module: str, ok: bool) -> None:
 # -- the public surface ------------------------------------------------------------------------------
 #: What ``import kflow`` offers; a name added or removed is a decision, made here on purpose.
 PUBLIC = {
-    "ActivityCancelledError", "ActivityError", "BrokerUnavailable", "CancelledError", "Client", "DefinitionConflict",
+    "ActivityCancelledError", "ActivityError", "AsyncClient", "BrokerUnavailable", "CancelledError", "Client", "DefinitionConflict",
     "DefinitionError", "KflowError", "NonRetryableError", "NondeterminismError", "StartRejectedError",
     "TopicConfigMismatch", "Worker", "WorkflowCancelledError", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
     "WorkflowNotDeployed", "WorkflowSandboxError", "activity", "heartbeat", "query_state", "workflow",
@@ -238,7 +238,7 @@ def test_every_user_facing_error_is_exported() -> None:
     assert classes - INTERNAL_ERRORS <= set(kflow.__all__), classes - INTERNAL_ERRORS - set(kflow.__all__)
     assert issubclass(kflow.ActivityError, kflow.WorkflowError) and issubclass(kflow.CancelledError, kflow.WorkflowError)
     assert all(issubclass(getattr(kflow, n), kflow.KflowError) for n in PUBLIC if n[0].isupper()
-               and n not in {"Client", "WorkflowHandle", "WorkflowContext", "Worker"})
+               and n not in {"Client", "AsyncClient", "WorkflowHandle", "WorkflowContext", "Worker"})
 
 
 def test_an_unknown_name_is_a_precise_attribute_error() -> None:
