@@ -1,7 +1,9 @@
 """Write deploy/requirements.txt: exact pins of kflow's runtime dependency closure, as installed here.
 
-Run from a virtualenv where kflow is installed (``pip install -e .``) after changing
-``[project].dependencies``; the image installs exactly these versions, and
+Run from a virtualenv where kflow is installed with every extra (``pip install -e '.[all]'``) after
+changing ``[project].dependencies`` or the extras; the image runs every role (engine, worker,
+connectors, visibility), so it pins the closure of the dependencies plus the ``all`` extra. The
+image installs exactly these versions, and
 ``tests/unit/test_deploy_files.py`` fails when a runtime dependency is not pinned.
 """
 
@@ -29,7 +31,7 @@ def closure(requirements: list[str]) -> dict[str, tuple[str, set[str]]]:
         try:
             dist = distribution(req.name)
         except PackageNotFoundError:
-            raise SystemExit(f"{req} is not installed: pip install -e . first") from None
+            raise SystemExit(f"{req} is not installed: pip install -e '.[all]' first") from None
         key = dist.metadata["Name"].lower().replace("_", "-")
         extras = set(req.extras)
         if key in seen and extras <= seen[key][1]:
@@ -43,7 +45,13 @@ def closure(requirements: list[str]) -> dict[str, tuple[str, set[str]]]:
 
 
 def main() -> None:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    deps = list(project["dependencies"])
+    for name in ("all",):
+        for req in extras[name]:  # "kflow[mqtt,sql,...]": the extras it names, expanded
+            r = Requirement(req)
+            deps += [d for extra in r.extras for d in extras[extra]] if r.name == project["name"] else [req]
     pins = closure(deps)
     lines = HEADER + [f"{name}{'[' + ','.join(sorted(extras)) + ']' if extras else ''}=={version}"
                       for name, (version, extras) in sorted(pins.items())]

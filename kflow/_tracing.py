@@ -13,7 +13,8 @@ span from its start to its end.
 Spans are exported with OTLP/HTTP when ``KFLOW_OTLP_ENDPOINT`` (or
 ``OTEL_EXPORTER_OTLP_ENDPOINT``) is set, or to whatever tracer provider the application
 installed; otherwise no span is recorded and headers are forwarded unchanged, at the cost of a
-header lookup per record.
+header lookup per record. OpenTelemetry is the ``otel`` extra: without it nothing is recorded,
+headers are still forwarded, and only asking for an exporter is an error.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+try:
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ModuleNotFoundError as exc:  # the otel extra is not installed: tracing is a no-op
+    if not (exc.name or "").startswith("opentelemetry"):
+        raise
+    trace = None  # type: ignore[assignment]
 
 __all__ = ["TRACEPARENT", "activity_done", "client_start", "configure", "current_trace_id", "engine_step",
            "task_received", "use_provider"]
@@ -41,7 +47,7 @@ TRACEPARENT = "traceparent"
 REMEMBERED_INSTANCES = 20_000
 _TERMINAL_EVENTS = frozenset({"WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled", "WorkflowTerminated"})
 
-_PROPAGATOR = TraceContextTextMapPropagator()
+_PROPAGATOR = TraceContextTextMapPropagator() if trace is not None else None
 _provider: Optional[TracerProvider] = None
 # instance id -> (root traceparent of the start, traceparent of its last step)
 _instances: OrderedDict[str, tuple[Optional[bytes], bytes]] = OrderedDict()
@@ -60,10 +66,14 @@ def configure(service_name: str, endpoint: str = "") -> bool:
     endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     if not endpoint:
         return False
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("exporting spans needs the otel extra: pip install 'kflow[otel]'",
+                                  name=exc.name) from exc
 
     provider = SdkTracerProvider(resource=Resource.create({"service.name": service_name}))
     url = endpoint.rstrip("/")
@@ -75,7 +85,9 @@ def configure(service_name: str, endpoint: str = "") -> bool:
 
 
 def _enabled() -> bool:
-    return _provider is not None or not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    if _provider is not None:
+        return True
+    return trace is not None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def _tracer() -> Tracer:
@@ -103,6 +115,8 @@ def _traceparent(span: Span) -> Optional[bytes]:
 
 def current_trace_id() -> Optional[str]:
     """The hex trace id of the current span, if one is recording (for log records)."""
+    if trace is None:
+        return None
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
@@ -114,6 +128,8 @@ def client_start(workflow: str, instance_id: str) -> Optional[list[tuple[str, by
     A start inside an application span (when the application traces) continues that trace.
     """
     if not _enabled():
+        if trace is None:
+            return None
         parent = trace.get_current_span().get_span_context()
         if not parent.is_valid:
             return None

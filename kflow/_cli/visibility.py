@@ -293,7 +293,7 @@ def list_instances(
         rows = _api_get(api, "/api/instances", status=status, workflow=workflow, limit=limit,
                         search=[f"{n}:{v}" for n, v in pairs] or None)["items"]
     else:
-        from kflow.visibility.store import search_text
+        from kflow.visibility.search import search_text
 
         rows = []
         for st in _latest_states(_config(bootstrap, prefix)).values():

@@ -21,11 +21,16 @@ import asyncio
 import uuid
 from typing import Any, Literal
 
-import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 from pydantic import BaseModel, ConfigDict, Field
-from yarl import URL
+
+try:
+    import aio_pika
+    from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+    from yarl import URL
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the AMQP connector needs the amqp extra: pip install 'kflow[amqp]'",
+                              name=exc.name) from exc
 
 from kflow.connectors.base import Connector, ConnectorError, ConnectorSpec, Operation, connector_type
 from kflow.connectors.config import Duration, Expr, Template, parse_settings

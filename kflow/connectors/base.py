@@ -13,7 +13,7 @@ retry the attempt. Any other exception is a retryable failure typed by its class
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ __all__ = [
     "Operation",
     "connector_type",
     "connector_types",
+    "unknown_type",
 ]
 
 #: An operation: ``await op(input) -> result``.
@@ -112,14 +113,27 @@ def connector_type(cls: type[Connector]) -> type[Connector]:
     return cls
 
 
+#: Built-in types whose optional dependencies (their extra) are not installed -> why not.
+_UNAVAILABLE: dict[str, str] = {}
+
+
 def connector_types() -> dict[str, type[Connector]]:
-    """Every registered connector type (importing the built-in ones first)."""
+    """Every registered connector type (importing the built-in ones whose extra is installed first)."""
     import importlib
 
     for mod in ("mqtt", "http", "sql", "amqp", "kafka", "email"):
         try:
             importlib.import_module(f"kflow.connectors.{mod}")
-        except ModuleNotFoundError as exc:  # a built-in type not (yet) present
-            if exc.name != f"kflow.connectors.{mod}":
+        except ModuleNotFoundError as exc:
+            # a built-in module's import names the extra its missing dependency comes with
+            if (exc.name or "").startswith("kflow"):
                 raise
+            _UNAVAILABLE[mod] = str(exc)
     return dict(_TYPES)
+
+
+def unknown_type(connector: str, type_name: str, known: Iterable[str]) -> str:
+    """The problem with declaring ``connector`` of ``type_name``, a type :func:`connector_types` lacks."""
+    if type_name in _UNAVAILABLE:
+        return f"connector '{connector}': {_UNAVAILABLE[type_name]}"
+    return f"connector '{connector}': unknown type '{type_name}' (known types: {', '.join(sorted(known))})"

@@ -25,7 +25,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from kflow.connectors.base import ConnectorConfigError, ConnectorError, ConnectorSpec, connector_types
+from kflow.connectors.base import ConnectorConfigError, ConnectorError, ConnectorSpec, connector_types, unknown_type
 from kflow.engine.expr import ExpressionError, compile_expr, evaluate
 from kflow.model.spec import parse_duration_ms
 
@@ -175,7 +175,7 @@ def load_connectors(path_or_text: str | Path, env: Mapping[str, str] | None = No
             continue
         seen.add(d.name)
         if d.type not in known:
-            problems.append(f"connector '{d.name}': unknown type '{d.type}' (known types: {', '.join(sorted(known))})")
+            problems.append(unknown_type(d.name, d.type, known))
             continue
         secrets: set[str] = set()
         try:

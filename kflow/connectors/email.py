@@ -16,8 +16,13 @@ import email.utils
 from email.message import EmailMessage
 from typing import Any
 
-import aiosmtplib
 from pydantic import BaseModel, ConfigDict, Field
+
+try:
+    import aiosmtplib
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the email connector needs the email extra: pip install 'kflow[email]'",
+                              name=exc.name) from exc
 
 from kflow.connectors.base import Connector, ConnectorError, ConnectorSpec, Operation, connector_type
 from kflow.connectors.config import Duration, Template, parse_settings

@@ -30,7 +30,15 @@ from typing import Any, Callable
 
 from prometheus_client import Gauge
 
-from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_types
+from kflow.connectors.base import (
+    Connector,
+    ConnectorConfigError,
+    ConnectorError,
+    ConnectorSpec,
+    Operation,
+    connector_types,
+    unknown_type,
+)
 from kflow.connectors.config import load_connectors, scrub
 from kflow.model.errors import KflowError, NonRetryableError
 
@@ -112,8 +120,7 @@ class ConnectorHost:
                 continue
             cls = known.get(spec.type)
             if cls is None:
-                problems.append(f"connector '{spec.name}': unknown type '{spec.type}' "
-                                f"(known types: {', '.join(sorted(known))})")
+                problems.append(unknown_type(spec.name, spec.type, known))
                 continue
             try:
                 connector = cls(spec)

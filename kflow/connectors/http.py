@@ -11,13 +11,13 @@ value of its ``result`` expression over ``input`` and ``response``. Errors: a co
 timeout (``HttpTimeout``), 429 and 5xx are retryable ``HttpError``; any other 4xx is a
 non-retryable ``HttpError``; ``errors: [{status: 404, type: NotFound, retryable: false}]`` rules
 come first. With ``webhook: {timeout: 5m}`` the operation then waits for its callback
-(:mod:`kflow.connectors.webhook`).
+(:mod:`kflow.connectors.webhook`, which needs the ``http`` extra: plain REST calls do not).
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import orjson
@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
 from kflow.connectors.config import Duration, Expr, Template, parse_settings
-from kflow.connectors.webhook import CallbackServer, wait_for_callback
+
+if TYPE_CHECKING:
+    from kflow.connectors.webhook import CallbackServer
 
 __all__ = ["HttpConnector"]
 
@@ -163,6 +165,11 @@ class HttpConnector(Connector):
             where = f"connector '{spec.name}' operation '{name}'"
             op = parse_settings(_Operation, decl, spec, f"operation '{name}'")
             self._ops[name] = _Compiled(name, op, where)
+        if any(c.op.webhook is not None for c in self._ops.values()):
+            try:  # the callback server's aiohttp comes with the http extra: say so at start-up
+                import kflow.connectors.webhook  # noqa: F401
+            except ModuleNotFoundError as exc:
+                raise ConnectorConfigError(f"connector '{spec.name}': {exc}") from None
 
     def _tls(self) -> ssl.SSLContext | bool:
         s = self.settings
@@ -191,6 +198,8 @@ class HttpConnector(Connector):
         self.client = httpx.AsyncClient(base_url=s.base_url, headers=headers, auth=auth, verify=self._tls(),
                                         timeout=s.timeout, limits=limits, follow_redirects=True)
         if any(c.op.webhook is not None for c in self._ops.values()) and self.callbacks is None:
+            from kflow.connectors.webhook import CallbackServer
+
             cb = s.callback
             self.callbacks = await CallbackServer.acquire(cb.host, cb.port, cb.public_url)
         if s.health_url and not await self.health():
@@ -273,6 +282,8 @@ class HttpConnector(Connector):
         raise ConnectorError("HttpError", message, retryable=status == 429 or status >= 500)
 
     async def _webhook(self, c: _Compiled, input: Any) -> Any:
+        from kflow.connectors.webhook import wait_for_callback
+
         assert c.op.webhook is not None
         if self.callbacks is None:
             raise ConnectorError("ConnectorUnavailable", f"connector '{self.name}' is not connected")

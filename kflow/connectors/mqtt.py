@@ -30,8 +30,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import aiomqtt
 import orjson
+
+try:
+    import aiomqtt
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the MQTT connector needs the mqtt extra: pip install 'kflow[mqtt]'",
+                              name=exc.name) from exc
 
 from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
 from kflow.model.spec import parse_duration_ms

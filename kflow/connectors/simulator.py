@@ -24,8 +24,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import aiomqtt
 import orjson
+
+try:
+    import aiomqtt
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the MQTT device simulator needs the mqtt extra: pip install 'kflow[mqtt]'",
+                              name=exc.name) from exc
 
 __all__ = ["DeviceFleet", "LocalMqttBroker", "mqtt_reachable"]
 

@@ -25,9 +25,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import exc as sa_exc
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the SQL connector needs the sql extra: pip install 'kflow[sql]'",
+                              name=exc.name) from exc
 
 from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
 from kflow.connectors.config import Duration, Expr, parse_settings

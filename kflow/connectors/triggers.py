@@ -313,20 +313,24 @@ class TriggerRunner:
                  group_id: Optional[str] = None) -> None:
         if not triggers:
             raise TriggerConfigError("no triggers declared")
-        from kflow.connectors.mqtt import parse_mqtt_url
-
         self.triggers = triggers
         self.config = config
         self.group_id = group_id or f"{config.topic_prefix}triggers"
-        self.mqtt_host, self.mqtt_port, _tls = parse_mqtt_url(mqtt_url)
         self.names = config.names
         self.kafka_triggers: dict[str, list[Trigger]] = {}
         self.mqtt_triggers: dict[tuple[str, int], list[Trigger]] = {}
+        mqtt_sourced: list[tuple[Trigger, MqttSource]] = []
         for t in triggers:
             if isinstance(t.source, KafkaSource):
                 self.kafka_triggers.setdefault(t.source.topic, []).append(t)
             else:
-                broker = (t.source.host or self.mqtt_host, t.source.port or self.mqtt_port)
+                mqtt_sourced.append((t, t.source))
+        if mqtt_sourced:  # only MQTT sources need the mqtt extra
+            from kflow.connectors.mqtt import parse_mqtt_url
+
+            host, port, _tls = parse_mqtt_url(mqtt_url)
+            for t, source in mqtt_sourced:
+                broker = (source.host or host, source.port or port)
                 self.mqtt_triggers.setdefault(broker, []).append(t)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -21,7 +21,12 @@ from collections import OrderedDict
 from typing import Any, ClassVar
 
 import orjson
-from aiohttp import web
+
+try:
+    from aiohttp import web
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("webhook operations of the HTTP connector need the http extra: pip install 'kflow[http]'",
+                              name=exc.name) from exc
 
 from kflow._worker.context import NotInActivityError, heartbeat
 from kflow.connectors.base import ConnectorError

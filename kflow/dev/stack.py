@@ -28,6 +28,7 @@ from typing import Any, Optional
 import orjson
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -114,6 +115,24 @@ class DevStack:
             self.dev_file.write()
         return self
 
+    def wait_for_topics(self, timeout: float = 60.0) -> None:
+        """Wait until the engine has created kflow's topics: clients never create them, and the demo
+        (or a ``kflow start`` in this folder) would otherwise race the engine's start-up."""
+        from confluent_kafka.admin import AdminClient
+
+        from kflow.streams.topics import TopicNames
+
+        names = TopicNames(self.prefix)
+        needed = {names.commands, names.events, names.state, names.definitions}
+        admin = AdminClient({"bootstrap.servers": self.bootstrap or ""})
+        deadline = time.monotonic() + timeout
+        while not needed <= set(admin.list_topics(timeout=5).topics):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise KflowError(f"the engine did not create the topics in {timeout:.0f}s; engine log:\n"
+                                 f"{self.procs[0].log_tail(2000)}")
+            time.sleep(0.1)  # polls a condition with a deadline
+
     def _spawn(self, proc: KflowProcess, name: str) -> None:
         (self.root / "logs").mkdir(exist_ok=True)
         proc.log_path = str(self.root / "logs" / f"{name}.log")
@@ -137,6 +156,9 @@ class DevStack:
         """Run the visibility projection, API and console in this process; returns the console URL.
 
         Listens on ``KFLOW_VISIBILITY_PORT`` (8088), or on a free port when that one is taken.
+
+        Raises:
+            ModuleNotFoundError: the ``visibility`` extra is not installed (the message says so).
         """
         from kflow.config import VisibilityConfig, load_config
         from kflow.visibility.server import VisibilityServer
@@ -200,6 +222,8 @@ def run_dev(bootstrap: Optional[str], worker_modules: list[str], demo: Optional[
             raise KflowError(f"unknown demo '{demo}'; available: {', '.join(DEMOS)}")
         if demo == "order":
             modules += [m for m in DEMO_MODULES if m not in modules]
+        if demo == "iot":
+            import kflow.connectors.simulator  # noqa: F401  (the mqtt extra: missing, fail before anything starts)
         prefix = prefix or f"demo{uuid.uuid4().hex[:6]}."
     stack = DevStack(bootstrap, prefix, modules, workflows or "", port=port, connectors=connectors, announce=True,
                      keep=keep)
@@ -223,7 +247,13 @@ def _run_stack(stack: DevStack, console: Console, demo: Optional[str], trigger_l
         console.print(f"  other kflow commands in this folder use this stack ({stack.dev_file.path})")
     for p in stack.procs:
         console.print(f"  {p.args[0]:<7} pid {p.pid:<7} log {p.log_path}")
-    console.print(f"  console [cyan]{stack.start_visibility()}[/] (API docs at /docs)")
+    stack.wait_for_topics()
+    try:
+        console.print(f"  console [cyan]{stack.start_visibility()}[/] (API docs at /docs)")
+    except ModuleNotFoundError as exc:  # without the visibility extra the stack runs, without its console
+        if (exc.name or "").startswith("kflow"):
+            raise
+        console.print(f"  console not started: {escape(str(exc))}")
     if trigger_list:
         stack.start_triggers(trigger_list)
         console.print(f"  triggers {', '.join(t.name for t in trigger_list)} (in this process)")

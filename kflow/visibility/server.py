@@ -12,7 +12,11 @@ import threading
 import time
 from typing import Any, Optional
 
-import uvicorn
+try:
+    import uvicorn
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the visibility server needs the visibility extra: pip install 'kflow[visibility]'",
+                              name=exc.name) from exc
 
 from kflow.config import VisibilityConfig
 from kflow.model.errors import KflowError

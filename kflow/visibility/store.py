@@ -21,18 +21,23 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import orjson
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+
+try:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection, Engine
+except ModuleNotFoundError as exc:  # name the extra to install rather than the missing module
+    raise ModuleNotFoundError("the visibility store needs the visibility extra: pip install 'kflow[visibility]'",
+                              name=exc.name) from exc
 
 from kflow.model.errors import KflowError
 from kflow.visibility.graph import track_steps
+from kflow.visibility.search import search_text
 
 __all__ = ["InstanceFilter", "FilterError", "Page", "Record", "VisibilityStore", "search_text"]
 
@@ -98,8 +103,6 @@ offsets = sa.Table(
     sa.Column("next_offset", sa.BigInteger, nullable=False),
 )
 
-#: Longest search attribute value indexed; longer values are cut (and still shown in full in ``search``).
-MAX_SEARCH_VALUE = 1024
 #: Most rows one list call returns.
 MAX_PAGE = 1000
 STATUSES = ("RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED")
@@ -107,18 +110,6 @@ STATUSES = ("RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "COMPLETED", "FA
 
 class FilterError(KflowError):
     """A list filter or cursor is malformed; the message says which and why."""
-
-
-def search_text(value: Any) -> str:
-    """The indexed text of a search attribute value: strings as they are, other values as JSON.
-
-    Integral floats are written as integers so ``5`` and ``5.0`` match the same filter.
-    """
-    if isinstance(value, str):
-        return value[:MAX_SEARCH_VALUE]
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    return orjson.dumps(value).decode()[:MAX_SEARCH_VALUE]
 
 
 def _dumps(value: Any) -> str:
