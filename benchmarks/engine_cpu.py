@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Engine CPU per command, no broker: decode + decide + encode of the outputs + the state record.
+"""Engine CPU per command, no broker: decode + decide + encode of the outputs + the changelog records.
 
 Drives chain3 (StartWorkflow, then three CompleteActivity commands per instance) through exactly
 the work the engine processor does per command between ``poll`` and ``produce``: decode the
 command from its Avro bytes, look up the state, ``decide``, encode every event and task, and
-encode the ``state`` changelog record. Also times one step of a code workflow after it has
-already completed 10, 1,000 and 10,000 activities, with the size of its state record, which is
-how "cost flat in history length" is checked.
+encode the ``state`` changelog record and the ``journal`` changelog records (a code workflow's
+history entries). Also times one step of a code workflow after it has already completed 10,
+1,000 and 10,000 activities, with the changelog bytes it writes (state record + journal records)
+and the time to rebuild it by replay after a restart (the cache of live workflows cleared), which
+is how "cost flat in history length, rebuild linear" is checked.
 
     python benchmarks/engine_cpu.py [-n 5000] [--profile]
 
@@ -25,20 +27,28 @@ from typing import Any, Callable
 import yaml
 
 from kflow.engine import InMemoryDefinitions, compile_spec, decide
+from kflow.engine import code_replayer
+from kflow.engine.journal import InMemoryJournal
 from kflow.model.messages import Command, JSONDict
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
 from kflow.streams.processor import state_record
+from kflow.streams.store import journal_records
 
 NOW = 1_700_000_000_000
 CHAIN3 = Path(__file__).resolve().parents[1] / "kflow" / "dev" / "chain3.yaml"
 
 
-def _engine_step(defs: Any, states: dict[str, JSONDict], raw: bytes) -> tuple[list[Command], int]:
-    """What the processor does for one command; returns the follow-up commands and state bytes."""
+def _engine_step(defs: Any, states: dict[str, JSONDict], raw: bytes,
+                 journal: InMemoryJournal) -> tuple[list[Command], int]:
+    """What the processor does for one command; returns the follow-up commands and the changelog
+    bytes (state record + journal records) it writes. ``journal`` stands in for the journal store."""
     cmd = decode_command(raw, None)
-    d = decide(states.get(cmd.instance_id), cmd, NOW, defs)
+    d = decide(states.get(cmd.instance_id), cmd, NOW, defs, journal)
     follow: list[Command] = []
     size = 0
+    for key, value in journal_records(d.journal):
+        size += len(key) + len(value or b"")
+    journal.apply(d.journal)
     for ev in d.events:
         encode_event(ev)
     for t in d.tasks:
@@ -48,12 +58,13 @@ def _engine_step(defs: Any, states: dict[str, JSONDict], raw: bytes) -> tuple[li
                                   {"activity_id": t.activity_id, "attempt": t.attempt, "result": t.input + 1}))
     if d.events and d.state is not None:
         states[cmd.instance_id] = d.state
-        size = len(encode_state(state_record(d.state)))
+        size += len(encode_state(state_record(d.state)))
     return follow, size
 
 
 def chain3(defs: Any, n: int, workflow: str) -> dict[str, Any]:
     states: dict[str, JSONDict] = {}
+    journal = InMemoryJournal()
     # Pre-encode the starts so their encoding is the client's cost, not the engine's.
     queue = [encode_command(Command("StartWorkflow", f"wf-{i}", {"workflow": workflow, "version": None, "input": i}))
              for i in range(n)]
@@ -62,7 +73,7 @@ def chain3(defs: Any, n: int, workflow: str) -> dict[str, Any]:
     while queue:
         nxt: list[bytes] = []
         for raw in queue:
-            follow, _ = _engine_step(defs, states, raw)
+            follow, _ = _engine_step(defs, states, raw, journal)
             commands += 1
             nxt.extend(encode_command(c) for c in follow)  # the worker's cost, excluded below
         queue = nxt
@@ -98,29 +109,37 @@ def code_defs() -> Any:
 
 
 def history_cost(defs: Any, marks: list[int], reps: int = 50) -> list[dict[str, Any]]:
-    """Per-step CPU and state-record bytes of a code workflow after k completed activities."""
+    """Per-step CPU and changelog bytes of a code workflow after k completed activities, and the
+    time of one step that must first rebuild it from its journal (as after a restart)."""
     states: dict[str, JSONDict] = {}
+    journal = InMemoryJournal()
     iid = "long-1"
     raw = encode_command(Command("StartWorkflow", iid, {"workflow": "cpu.loop", "version": None, "input": 10**9}))
-    follow, _ = _engine_step(defs, states, raw)
+    follow, _ = _engine_step(defs, states, raw, journal)
     out = []
     done = 0
     for mark in marks:
         while done < mark:
-            follow, _ = _engine_step(defs, states, encode_command(follow[0]))
+            follow, _ = _engine_step(defs, states, encode_command(follow[0]), journal)
             done += 1
         # time `reps` further steps from here (they advance the history by `reps`, small next to the
         # next mark; the time includes encoding the result commands, a few µs each)
         t0 = time.perf_counter()
         size = 0
         for rep in range(reps):
-            follow, step_size = _engine_step(defs, states, encode_command(follow[0]))
+            follow, step_size = _engine_step(defs, states, encode_command(follow[0]), journal)
             if rep == 0:
-                size = step_size  # the state record written by the step right after `mark` activities
+                size = step_size  # the changelog bytes written by the step right after `mark` activities
         dt = time.perf_counter() - t0
-        done += reps
+        record = len(encode_state(state_record(states[iid])))
+        code_replayer.CACHE.clear()  # a restart: the next step replays the whole run from the journal
+        t1 = time.perf_counter()
+        follow, _ = _engine_step(defs, states, encode_command(follow[0]), journal)
+        rebuild = time.perf_counter() - t1
+        done += reps + 1
         out.append({"completed_activities": mark, "us_per_step": round(dt / reps * 1e6, 1),
-                    "state_record_bytes": size})
+                    "changelog_bytes_per_step": size, "state_record_bytes": record,
+                    "rebuild_ms": round(rebuild * 1e3, 2)})
     return out
 
 
@@ -153,7 +172,8 @@ def main() -> None:
         print(f"{label:<14} {us:>8.1f} µs/command")
     for h in hist:
         print(f"code step after {h['completed_activities']:>6} activities: {h['us_per_step']:>8.1f} µs, "
-              f"state record {h['state_record_bytes']:>8} bytes")
+              f"changelog {h['changelog_bytes_per_step']:>6} bytes (state record {h['state_record_bytes']} "
+              f"+ journal), rebuild after a restart {h['rebuild_ms']:>8.2f} ms")
     print(json.dumps({"engine_cpu_us_per_command": rows, "code_history_cost": hist, "n": a.n}))
 
 

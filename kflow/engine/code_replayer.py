@@ -7,14 +7,19 @@ resolves. Commands become the same consequence events and state entries the spec
 writes (``ActivityScheduled`` + a task, ``TimerStarted`` + ``state["timers"]``, ``ChildStarted`` +
 ``StartWorkflow``), so the deciders in :mod:`kflow.engine.core` handle both kinds alike.
 
-The state of a code instance records its input events (``state["inputs"]``: ``[type, data, ts,
-seq]``) and the commands its code issued (``state["commands"]``: ``[kind, name, value]``). A
-:class:`ReplayCache` keeps live machines keyed by instance and position, so the common case resumes
-a parked coroutine. On a miss (restart, rebalance, eviction) the function is re-run from the start,
-fed the first ``state["delivered"]`` inputs, and every command it issues must equal the recorded
-one. A mismatch is non-determinism: the instance becomes ``BLOCKED`` with a description, nothing
-else changes, and each later input (or the replay timer the block sets) retries the replay, so
-deploying fixed code resumes the instance where it stopped.
+The history of a code instance is its input events (``[type, data, ts, seq]``) and the commands
+its code issued (``[kind, name, value]``). They are entries of the instance's journal
+(:mod:`kflow.engine.journal`), appended by each decision; the state keeps only how many there are,
+how many inputs were delivered and a digest of the inputs, so the state record does not grow with
+the history. A :class:`ReplayCache` keeps live machines keyed by instance and position, so the
+common case resumes a parked coroutine and reads no history. On a miss (restart, rebalance,
+eviction) the run's journal is read once, the function is re-run from the start, fed the first
+``delivered`` inputs, and every command it issues must equal the recorded one. A mismatch is
+non-determinism: the instance becomes ``BLOCKED`` with a description, nothing else changes, and
+each later input (or the replay timer the block sets) retries the replay, so deploying fixed code
+resumes the instance where it stopped. A run's entries are deleted when it continues as new or
+closes. A state written before the journal carries its history as lists (``inputs``,
+``commands``); the first input it receives moves them into the journal.
 """
 
 from __future__ import annotations
@@ -32,13 +37,21 @@ import orjson
 
 from kflow.engine import activity as activities
 from kflow.engine.activity import LimitExceeded, limits_of
+from kflow.engine.journal import COMMAND, INPUT, MEMORY, Append, Entries, Journal, Reset, apply_to
 from kflow.engine.run import Run, new_state
 from kflow.model.errors import ActivityError, CancelledError, KflowError, WorkflowError
 from kflow.model.messages import Event, JSONDict, Status
 from kflow.model.spec import RetrySpec, TimeoutSpec
 
-#: Instance-state fields owned by this module (persisted names, never reused).
-INPUTS, COMMANDS, DELIVERED, BLOCKED_INFO = "inputs", "commands", "delivered", "blocked"
+#: Instance-state fields owned by this module (persisted names, never reused): how many inputs and
+#: commands the run's journal holds, how many inputs the coroutine has been fed, a digest of the
+#: inputs (so a cached machine is resumed only by the exact history it saw), the BLOCKED description.
+INPUT_COUNT, COMMAND_COUNT, DELIVERED, INPUTS_DIGEST, BLOCKED_INFO = (
+    "input_count", "command_count", "delivered", "inputs_digest", "blocked")
+#: The history lists of states written before the journal; only read, and moved into the journal.
+INPUTS, COMMANDS = "inputs", "commands"
+#: Every journal field of a state, dropped when the run's journal is.
+_JOURNAL_FIELDS = (INPUTS, COMMANDS, INPUT_COUNT, COMMAND_COUNT, DELIVERED, INPUTS_DIGEST)
 
 #: Input events a code workflow reacts to; any other input event (e.g. an attempt that started or a
 #: recorded heartbeat) is history for the shared deciders only and leaves the coroutine untouched.
@@ -50,6 +63,17 @@ MAX_CONTINUATIONS_PER_DECISION = 10
 
 #: Back-off of the timer that retries the replay of a BLOCKED instance: first, cap (ms).
 REPLAY_RETRY_MS, REPLAY_RETRY_MAX_MS = 1_000, 300_000
+
+
+class HistoryUnavailable(KflowError):
+    """The history needed to replay ``instance_id`` is not there (a closed instance, or another
+    process's journal)."""
+
+    type = "HistoryUnavailable"
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        self.instance_id, self.reason = instance_id, reason
+        super().__init__(f"instance {instance_id}: cannot replay its history: {reason}")
 
 
 class NondeterminismError(KflowError):
@@ -403,6 +427,7 @@ class Machine:
         self.definition = definition
         self.instance_id = instance_id
         self.ctx = WorkflowContext(self)
+        #: replaying: the run's recorded commands, checked in order; live: where issued ones are appended
         self.recorded = recorded
         self.cursor = 0
         self.live = False
@@ -771,9 +796,93 @@ CACHE = ReplayCache()
 
 
 def _key(seq: int, st: JSONDict) -> tuple[Any, ...]:
-    """Where a machine stands: the instance's seq, history sizes and the last input delivered."""
-    inputs = st[INPUTS]
-    return (seq, len(inputs), len(st[COMMANDS]), inputs[-1] if inputs else None)
+    """Where a machine stands: the instance's seq, its journal counts and the digest of its inputs."""
+    return (seq, st[INPUT_COUNT], st[COMMAND_COUNT], st[INPUTS_DIGEST])
+
+
+# -- the journal of the current run ----------------------------------------------------------------
+def _open_journal(st: JSONDict) -> None:
+    st[INPUT_COUNT], st[COMMAND_COUNT], st[DELIVERED], st[INPUTS_DIGEST] = 0, 0, 0, ""
+
+
+def _digest(prev: str, entry: list[Any]) -> str:
+    return hashlib.blake2b(prev.encode() + orjson.dumps(entry), digest_size=8).hexdigest()
+
+
+def _append_input(run: Run, entry: list[Any]) -> None:
+    st = run.state
+    run.journal_ops.append(Append(st["id"], st.get("run", 1), INPUT, st[INPUT_COUNT], entry))
+    st[INPUT_COUNT] += 1
+    st[INPUTS_DIGEST] = _digest(st[INPUTS_DIGEST], entry)
+
+
+def _append_commands(run: Run, entries: Entries) -> None:
+    st = run.state
+    number = st.get("run", 1)
+    for entry in entries:
+        run.journal_ops.append(Append(st["id"], number, COMMAND, st[COMMAND_COUNT], entry))
+        st[COMMAND_COUNT] += 1
+
+
+def _migrate(run: Run) -> None:
+    """Move the history lists of a state written before the journal into the journal (once)."""
+    st = run.state
+    if INPUTS not in st:
+        return
+    inputs, commands, delivered = st.pop(INPUTS), st.pop(COMMANDS), st[DELIVERED]
+    _open_journal(st)
+    for entry in inputs:
+        _append_input(run, entry)
+    _append_commands(run, commands)
+    st[DELIVERED] = delivered
+
+
+def end_journal(run: Run) -> None:
+    """The current run's history is no longer needed (it closed or continued as new): delete its
+    journal entries and drop the journal fields from the state."""
+    st = run.state
+    if INPUT_COUNT in st:
+        run.journal_ops.append(Reset(st["id"], st.get("run", 1), st[INPUT_COUNT], st[COMMAND_COUNT]))
+    for name in _JOURNAL_FIELDS:
+        st.pop(name, None)
+
+
+def _counted(st: JSONDict, inputs: Entries, commands: Entries) -> tuple[Entries, Entries]:
+    """The first entries the state counts; fewer than that means this is not the instance's journal."""
+    n_inputs, n_commands = st[INPUT_COUNT], st[COMMAND_COUNT]
+    if len(inputs) < n_inputs or len(commands) < n_commands:
+        raise HistoryUnavailable(st["id"], f"its state counts {n_inputs} inputs and {n_commands} commands of run "
+                                           f"{st.get('run', 1)}, but the journal holds {len(inputs)} and "
+                                           f"{len(commands)} (ask the engine that owns it: Client.query)")
+    del inputs[n_inputs:], commands[n_commands:]
+    return inputs, commands
+
+
+def _history(run: Run, journaled: bool) -> tuple[Entries, Entries]:
+    """The current run's inputs and commands: the journal (when entries of it were ``journaled``
+    before this decision), plus what this decision appended."""
+    st = run.state
+    iid, number = st["id"], st.get("run", 1)
+    inputs, commands = run.journal.read(iid, number) if journaled else ([], [])
+    apply_to(inputs, commands, run.journal_ops, iid, number)
+    return _counted(st, inputs, commands)
+
+
+def history_of(state: JSONDict, journal: Optional[Journal] = None) -> tuple[Entries, Entries]:
+    """The recorded (inputs, commands) of an instance's current run, read from ``journal`` (the
+    process's in-memory journal by default), or from the state itself when it predates the journal.
+
+    Raises:
+        HistoryUnavailable: the instance is closed (its history is deleted at close), or the
+            journal does not hold its history.
+    """
+    if INPUTS in state:
+        return state[INPUTS], state[COMMANDS]
+    if INPUT_COUNT not in state:
+        raise HistoryUnavailable(state["id"], f"it is {state['status']}, and the history of a code workflow is "
+                                              "kept for replay only while it runs")
+    journal = journal if journal is not None else MEMORY
+    return _counted(state, *journal.read(state["id"], state.get("run", 1)))
 
 
 # -- the entry point called by core.evolve -------------------------------------------------------
@@ -842,12 +951,16 @@ def apply_input(run: Run, ev: Event) -> None:
     """Deliver one input event to a code workflow, replaying its history first when needed."""
     st = run.state
     definition: Optional[CodeDefinition] = run.compiled
+    # a new run, or one whose history was inside its state, has nothing in the journal to read
+    journaled = ev.type != "WorkflowStarted" and INPUTS not in st
     if ev.type == "WorkflowStarted":
-        st[INPUTS], st[COMMANDS], st[DELIVERED] = [], [], 0
+        _open_journal(st)
         if definition is not None and definition.execution_timeout_ms is not None:
             activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
+    else:
+        _migrate(run)
     # core has already stamped the state with this event's seq; the machine was parked one before.
-    prev_key = _key(ev.seq - 1, st) if st[INPUTS] else None
+    prev_key = _key(ev.seq - 1, st) if st[INPUT_COUNT] else None
     fed = _input_of(run, ev)
     if fed is None:
         _passthrough(st, prev_key)
@@ -858,7 +971,7 @@ def apply_input(run: Run, ev: Event) -> None:
                  if definition is not None and definition.execution_timeout_ms else "the workflow timed out")
         return
     if fed:
-        st[INPUTS].append(fed)
+        _append_input(run, fed)
     if definition is None:
         _block(run, NondeterminismError(st["id"], st[DELIVERED], f"code workflow '{st['workflow']}@{st['version']}'",
                                         "no such workflow registered in this engine"))
@@ -866,26 +979,28 @@ def apply_input(run: Run, ev: Event) -> None:
     machine = None
     if st["status"] in Status.ACTIVE and prev_key is not None:
         machine = CACHE.take(st["id"], prev_key)
-    if machine is None:
-        machine = _rebuild(run, definition)
-        if machine is None:
-            return
-    _drive(run, machine)
+    if machine is not None:  # parked right after the previous input: only this one is new
+        _drive(run, machine, [fed] if fed else [])
+        return
+    inputs, commands = _history(run, journaled)
+    machine = _rebuild(run, definition, inputs, commands)
+    if machine is not None:
+        _drive(run, machine, inputs[st[DELIVERED]:])
 
 
-def _rebuild(run: Run, definition: CodeDefinition) -> Optional[Machine]:
+def _rebuild(run: Run, definition: CodeDefinition, inputs: Entries, commands: Entries) -> Optional[Machine]:
     """Replay the delivered inputs into a fresh machine; None (and BLOCKED) on a mismatch."""
     st = run.state
-    machine = _new_machine(run, definition)
+    machine = _new_machine(run, definition, commands)
     try:
-        for type_, data, ts, seq in st[INPUTS][:st[DELIVERED]]:
+        for type_, data, ts, seq in inputs[:st[DELIVERED]]:
             machine.deliver(type_, data, ts, seq)
             if machine.finished:
-                raise _Mismatch(machine.cursor, _describe(st[COMMANDS][machine.cursor]
-                                                          if machine.cursor < len(st[COMMANDS]) else None)
+                raise _Mismatch(machine.cursor, _describe(commands[machine.cursor]
+                                                          if machine.cursor < len(commands) else None)
                                 + " or a wait for input", _outcome(machine))
-        if machine.cursor != len(st[COMMANDS]):
-            raise _Mismatch(machine.cursor, _describe(st[COMMANDS][machine.cursor]), "no further command")
+        if machine.cursor != len(commands):
+            raise _Mismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
     except _Mismatch as m:
         _block(run, NondeterminismError(st["id"], m.index, m.expected, m.actual))
         return None
@@ -894,24 +1009,27 @@ def _rebuild(run: Run, definition: CodeDefinition) -> Optional[Machine]:
     return machine
 
 
-def _new_machine(run: Run, definition: CodeDefinition) -> Machine:
+def _new_machine(run: Run, definition: CodeDefinition, commands: Entries) -> Machine:
     st = run.state
-    machine = Machine(definition, st["id"], st[COMMANDS])
+    machine = Machine(definition, st["id"], commands)
     machine.run_number = st.get("run", 1)
     machine.history_limit = limits_of(run.defs).max_history_events
     return machine
 
 
-def _drive(run: Run, machine: Machine, depth: int = 0) -> None:
-    """Feed the machine the inputs it has not seen, then finish, continue or park it."""
+def _drive(run: Run, machine: Machine, pending: Entries, depth: int = 0) -> None:
+    """Feed the machine the inputs it has not seen, journal the commands it issues, then finish,
+    continue or park it."""
     st = run.state
-    machine.live, machine.run, machine.recorded = True, run, st[COMMANDS]
-    for type_, data, ts, seq in st[INPUTS][st[DELIVERED]:]:
+    issued: Entries = []
+    machine.live, machine.run, machine.recorded = True, run, issued
+    for type_, data, ts, seq in pending:
         machine.history_length = st["seq"] - st.get("run_seq", 0)
         machine.deliver(type_, data, ts, seq)
         if machine.finished:
             break
-    st[DELIVERED] = len(st[INPUTS])
+    st[DELIVERED] = st[INPUT_COUNT]
+    _append_commands(run, issued)
     machine.run = None
     if not machine.finished:
         CACHE.put(st["id"], _key(st["seq"], st), machine)
@@ -941,6 +1059,7 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
     run.cancel_activities()
     number = st.get("run", 1) + 1
     run.emit("WorkflowContinuedAsNew", {"input": input_, "run": number, "version": version})
+    end_journal(run)
     fresh = new_state(st["id"], name, version, "code", input_, run.now, st.get("parent_id"),
                       st.get("parent_ref"), st["seq"])
     fresh["run"], fresh["run_seq"] = number, st["seq"]
@@ -951,12 +1070,13 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
         fresh["search"] = st["search"]
     st.clear()
     st.update(fresh)
-    st[INPUTS] = [["WorkflowStarted", {"input": input_}, run.now, st["seq"]]]
-    st[COMMANDS], st[DELIVERED] = [], 0
+    _open_journal(st)
+    started = ["WorkflowStarted", {"input": input_}, run.now, st["seq"]]
+    _append_input(run, started)
     run.compiled = definition
     if definition.execution_timeout_ms is not None:
         activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
-    _drive(run, _new_machine(run, definition), depth + 1)
+    _drive(run, _new_machine(run, definition, []), [started], depth + 1)
 
 
 def _check_history(run: Run) -> None:
@@ -968,29 +1088,30 @@ def _check_history(run: Run) -> None:
                  f"{st['seq'] - st.get('run_seq', 0)}; call ctx.continue_as_new() before the limit")
 
 
-def answer_query(definition: CodeDefinition, state: JSONDict, name: str, args: list[Any]) -> Any:
+def answer_query(definition: CodeDefinition, state: JSONDict, name: str, args: list[Any],
+                 journal: Optional[Journal] = None) -> Any:
     """Answer query ``name`` from the instance's live machine (the engine's path, no history written).
 
     A cached machine at the instance's exact position answers at once; otherwise the instance is
-    replayed (and the rebuilt machine cached, so the next input does not replay again).
+    replayed from ``journal`` (and the rebuilt machine cached, so the next input does not replay again).
     """
-    key = _key(state["seq"], state) if state.get(INPUTS) else None
-    machine = CACHE.take(state["id"], key) if key is not None and state["status"] in Status.ACTIVE else None
+    active = state["status"] in Status.ACTIVE
+    key = _key(state["seq"], state) if active and state.get(INPUT_COUNT) else None
+    machine = CACHE.take(state["id"], key) if key is not None else None
     if machine is None:
-        machine = _replayed(definition, state)
+        machine = _replayed(definition, state, *history_of(state, journal))
     try:
         return _call_query(machine, definition, name, args)
     finally:
-        if (key is not None and state["status"] in Status.ACTIVE and not machine.finished
-                and machine.cursor == len(state[COMMANDS])):
+        if key is not None and not machine.finished and machine.cursor == state[COMMAND_COUNT]:
             CACHE.put(state["id"], key, machine)
 
 
-def _replayed(definition: CodeDefinition, state: JSONDict) -> Machine:
-    machine = Machine(definition, state["id"], state[COMMANDS])
+def _replayed(definition: CodeDefinition, state: JSONDict, inputs: Entries, commands: Entries) -> Machine:
+    machine = Machine(definition, state["id"], commands)
     machine.run_number = state.get("run", 1)
     try:
-        for type_, data, ts, seq in state[INPUTS][:state[DELIVERED]]:
+        for type_, data, ts, seq in inputs[:state[DELIVERED]]:
             machine.deliver(type_, data, ts, seq)
             if machine.finished:
                 break
@@ -1009,13 +1130,17 @@ def _call_query(machine: Machine, definition: CodeDefinition, name: str, args: l
     return _json(value, f"the answer to query '{name}'")
 
 
-def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any) -> Any:
-    """Rebuild an instance's coroutine from its state by replay and call its query handler ``name``.
+def query(definition: CodeDefinition, state: JSONDict, name: str, *args: Any,
+          journal: Optional[Journal] = None) -> Any:
+    """Rebuild an instance's coroutine by replay and call its query handler ``name``.
 
-    Runs wherever the workflow's code is importable (a client, a console), on the ``internal``
-    state of the instance's ``state`` record; it never changes the instance.
+    Runs wherever the workflow's code is importable, on the ``internal`` state of the instance's
+    ``state`` record and its history: ``journal`` (by default the in-memory journal of this
+    process, which holds the instances decided here without a journal of their own, e.g. by the
+    test harness), or the state itself when it predates the journal. It never changes the instance.
+    An instance decided by an engine elsewhere is asked through that engine (``Client.query``).
     """
-    return _call_query(_replayed(definition, state), definition, name, list(args))
+    return _call_query(_replayed(definition, state, *history_of(state, journal)), definition, name, list(args))
 
 
 def _outcome(machine: Machine) -> str:

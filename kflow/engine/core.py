@@ -7,6 +7,10 @@ state with the *consequence events* it produced (``ActivityScheduled``, ``TimerS
 ``WorkflowCompleted`` …) and the outputs that are not events (tasks, commands for other instances).
 ``fold`` replays a recorded history through ``evolve`` and checks that every consequence event
 is reproduced exactly, which is how restore-by-replay and determinism checks work. No I/O here.
+
+A code workflow's history lives in its journal (:mod:`kflow.engine.journal`), outside the state:
+``decide`` is handed a reader of it and returns, in ``Decision.journal``, what it appended (or
+deleted); the caller persists those with the state.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import orjson
 from kflow.engine import code_replayer, spec_interpreter
 from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_ended, payload_size
 from kflow.engine.definitions import DefinitionsView
+from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
 from kflow.engine.run import Run, new_state
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status, Task
 
@@ -50,6 +55,7 @@ class Decision:
     timers_cancel: list[tuple[str, int]] = field(default_factory=list)
     dlq_reason: Optional[str] = None
     replies: list[tuple[str, JSONDict]] = field(default_factory=list)  # (query id, answer): not history
+    journal: list[JournalOp] = field(default_factory=list)  # what a code workflow's journal gets, in order
 
     @property
     def changed(self) -> bool:
@@ -70,8 +76,13 @@ def copy_state(state: JSONDict) -> JSONDict:
 
 
 # -- evolve -----------------------------------------------------------------------------------
-def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple[JSONDict, Run]:
-    """Apply one input event to (a copy of) ``state``; the Run holds consequence events and outputs."""
+def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
+           journal: Optional[Journal] = None) -> tuple[JSONDict, Run]:
+    """Apply one input event to (a copy of) ``state``; the Run holds consequence events and outputs.
+
+    ``journal`` is read when a code workflow must be rebuilt (default: the in-memory
+    :data:`~kflow.engine.journal.MEMORY`); what this event appends is in ``Run.journal_ops``.
+    """
     if ev.type == "WorkflowStarted":
         d = ev.data
         seq = state["seq"] if state else 0
@@ -83,7 +94,7 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
         st = copy_state(state)
     before = state["activities"] if state is not None and ev.type != "WorkflowStarted" else {}
     compiled = defs.get(st["workflow"], st["version"])
-    run = Run(st, ev.ts, defs, compiled)
+    run = Run(st, ev.ts, defs, compiled, journal if journal is not None else MEMORY)
     _record(run, ev)
     if ev.type == "SignalReceived" and ev.data.get("signal_id"):
         ids = st.setdefault("signal_ids", [])
@@ -100,6 +111,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView) -> tuple
     else:
         spec_interpreter.apply_input(run, ev)
     note_ended(run, before, ev)
+    if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
+        code_replayer.end_journal(run)  # a closed run is never replayed again
     if state is not None and EVENTS_OFFSET in state:
         # id reuse and continue-as-new build a fresh state: the history still starts where it did
         run.state[EVENTS_OFFSET] = state[EVENTS_OFFSET]
@@ -157,10 +170,11 @@ def _reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> 
 
 
 def _accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: JSONDict,
-            defs: DefinitionsView) -> Decision:
+            defs: DefinitionsView, journal: Journal) -> Decision:
     ev = _event(state, cmd.instance_id, type_, now, data)
-    new, run = evolve(state, ev, defs)
-    d = Decision(state=new, events=[ev, *run.events], tasks=run.tasks, commands=run.commands)
+    new, run = evolve(state, ev, defs, journal)
+    d = Decision(state=new, events=[ev, *run.events], tasks=run.tasks, commands=run.commands,
+                 journal=run.journal_ops)
     before = state["timers"] if state else {}
     after = new["timers"]
     d.timers_set = [(t, v["due"]) for t, v in after.items() if t not in before]
@@ -168,7 +182,8 @@ def _accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data:
     return d
 
 
-def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+           journal: Journal) -> Decision:
     d = cmd.data
     policy = d.get("id_reuse") or "reject_duplicate"
     if state is not None:
@@ -197,7 +212,7 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
         return Decision(state=state, dlq_reason=f"unknown workflow {what}: deploy it first")
     return _accept(state, cmd, now, "WorkflowStarted",
                    {"workflow": name, "version": version, "input": d.get("input"),
-                    "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs)
+                    "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
 
 
 _ACCEPTING = frozenset({Status.RUNNING, Status.BLOCKED})
@@ -222,7 +237,8 @@ def _active(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decis
     return _running(state, cmd, now, Status.ACTIVE)
 
 
-def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+            journal: Journal) -> Decision:
     guard = _running(state, cmd, now)
     if guard:
         return guard
@@ -235,10 +251,11 @@ def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
         return _reject(state, cmd, now, RejectCode.DUPLICATE,
                        f"signal command '{cmd.command_id}' was already applied (a redelivery)")
     return _accept(state, cmd, now, "SignalReceived",
-                   {"name": cmd.data["name"], "data": cmd.data.get("data"), "signal_id": cmd.command_id}, defs)
+                   {"name": cmd.data["name"], "data": cmd.data.get("data"), "signal_id": cmd.command_id}, defs, journal)
 
 
-def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+            journal: Journal) -> Decision:
     guard = _running(state, cmd, now)
     if guard:
         return guard
@@ -247,13 +264,14 @@ def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     if state.get("compensations") or state["kind"] == "code":
         # Completed compensable steps: undo them first; WorkflowCancelled follows the last one.
         # A code workflow sees CancelledError at its pending awaits and cleans up in its own code.
-        return _accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs)
-    return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs)
+        return _accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs, journal)
+    return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
 
 
-def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+               journal: Journal) -> Decision:
     return _active(state, cmd, now) or _accept(state, cmd, now, "WorkflowTerminated",
-                                               {"reason": cmd.data.get("reason") or ""}, defs)
+                                               {"reason": cmd.data.get("reason") or ""}, defs, journal)
 
 
 def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decision]:
@@ -262,7 +280,8 @@ def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decisi
     return None if verdict is None else _reject(state, cmd, now, *verdict)
 
 
-def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+                     journal: Journal) -> Decision:
     guard = _active(state, cmd, now) or _pending_attempt(state, cmd, now)  # type: ignore[arg-type]
     if guard:
         return guard
@@ -274,16 +293,17 @@ def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: De
             return _accept(state, cmd, now, "ActivityFailed",
                            {"activity_id": aid, "attempt": attempt, "error_type": "LimitExceeded",
                             "message": f"expected a result of at most {limit} bytes, but got {size} bytes",
-                            "retryable": False}, defs)
+                            "retryable": False}, defs, journal)
         return _accept(state, cmd, now, "ActivityCompleted",
-                       {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs)
+                       {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs, journal)
     d = cmd.data
     return _accept(state, cmd, now, "ActivityFailed",
                    {"activity_id": aid, "attempt": attempt, "error_type": d.get("error_type") or "ActivityError",
-                    "message": d.get("message") or "", "retryable": bool(d.get("retryable", True))}, defs)
+                    "message": d.get("message") or "", "retryable": bool(d.get("retryable", True))}, defs, journal)
 
 
-def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+               journal: Journal) -> Decision:
     # Heartbeats are not history. Only an attempt with a heartbeat timeout records one, at most
     # HEARTBEAT_RESOLUTION per timeout (HeartbeatRecorded stamps the attempt; the timer re-arms
     # itself from that stamp when it fires); the rest change nothing.
@@ -293,10 +313,11 @@ def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: Definiti
     if act is None or act["attempt"] != cmd.data["attempt"] or not heartbeat_due(act, state["timers"], now):
         return Decision(state=state)
     return _accept(state, cmd, now, "HeartbeatRecorded",
-                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs)
+                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
 
 
-def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+                    journal: Journal) -> Decision:
     guard = _active(state, cmd, now) or _pending_attempt(state, cmd, now)  # type: ignore[arg-type]
     if guard:
         return guard
@@ -308,17 +329,19 @@ def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: Def
         # "run it now": it is recorded each time so the attempt is never left without a runner.
         return Decision(state=state)
     return _accept(state, cmd, now, "ActivityStarted",
-                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs)
+                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
 
 
-def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+                journal: Journal) -> Decision:
     tid = cmd.data["timer_id"]
     if state is None or state["status"] not in Status.ACTIVE or tid not in state["timers"]:
         return Decision(state=state)  # a timer cancelled after it was indexed: nothing to do
-    return _accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs)
+    return _accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs, journal)
 
 
-def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+                  journal: Journal) -> Decision:
     guard = _running(state, cmd, now)
     if guard:
         return guard
@@ -327,12 +350,14 @@ def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: Defin
     if cid not in state["children"]:
         return _reject(state, cmd, now, RejectCode.DUPLICATE, f"expected a running child '{cid}', but there is none")
     if cmd.type == "CompleteChild":
-        return _accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": cmd.data.get("result")}, defs)
+        return _accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": cmd.data.get("result")},
+                       defs, journal)
     return _accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": cmd.data.get("error_type") or "ChildFailed",
-                                                    "message": cmd.data.get("message") or ""}, defs)
+                                                    "message": cmd.data.get("message") or ""}, defs, journal)
 
 
-def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+           journal: Journal) -> Decision:
     """Answer a query from the instance as it is now; nothing is written to its history.
 
     A code workflow answers from its live object (replayed when it is not cached); a spec
@@ -351,7 +376,7 @@ def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
                                 "message": f"code workflow '{state['workflow']}@{state['version']}' is not hosted here"}}
         else:
             try:
-                answer = {"result": code_replayer.answer_query(compiled, state, name, args)}
+                answer = {"result": code_replayer.answer_query(compiled, state, name, args, journal)}
             except Exception as e:  # the handler's (or replay's) error is the answer
                 answer = {"error": {"type": getattr(e, "type", None) or type(e).__name__, "message": str(e)}}
     elif name == "vars":
@@ -374,7 +399,8 @@ def status_record(state: JSONDict) -> JSONDict:
             "events_offset": state.get(EVENTS_OFFSET), "internal": state}
 
 
-def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
+def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+            journal: Journal) -> Decision:
     """Answer a status query with the instance's state record as it is now; nothing is written.
 
     The owner answers from the same state it decides on, so the answer includes every command
@@ -388,7 +414,7 @@ def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     return Decision(state=state, replies=[(cmd.data["query_id"], answer)])
 
 
-DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView], Decision]] = {
+DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView, Journal], Decision]] = {
     "StartWorkflow": _start,
     "SignalWorkflow": _signal,
     "CancelWorkflow": _cancel,
@@ -405,17 +431,33 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView]
 }
 
 
-def decide(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView) -> Decision:
-    """Decide one command against one instance's state at time ``now`` (ms). Never mutates ``state``."""
+def decide(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+           journal: Optional[Journal] = None) -> Decision:
+    """Decide one command against one instance's state at time ``now`` (ms). Never mutates ``state``.
+
+    ``journal`` reads the history of code workflows (only when one must be rebuilt); the caller
+    persists ``Decision.journal`` with the new state. Without one, the process's in-memory
+    :data:`~kflow.engine.journal.MEMORY` is read and the decision is applied to it at once: the
+    mode of in-memory callers that keep no journal of their own.
+    """
     decider = DECIDERS.get(cmd.type)
     if decider is None:
         return Decision(state=state, dlq_reason=f"unknown command type '{cmd.type}'")
-    return decider(state, cmd, now, defs)
+    if journal is not None:
+        return decider(state, cmd, now, defs, journal)
+    d = decider(state, cmd, now, defs, MEMORY)
+    MEMORY.apply(d.journal)
+    return d
 
 
 # -- fold (replay) -------------------------------------------------------------------------------
-def fold(events: list[Event], defs: DefinitionsView) -> Optional[JSONDict]:
-    """Rebuild an instance's state from its history, checking every consequence event matches."""
+def fold(events: list[Event], defs: DefinitionsView, journal: Optional[InMemoryJournal] = None) -> Optional[JSONDict]:
+    """Rebuild an instance's state from its history, checking every consequence event matches.
+
+    The code-workflow journal the history implies is rebuilt alongside, in ``journal`` (a fresh
+    one by default).
+    """
+    journal = journal if journal is not None else InMemoryJournal()
     state: Optional[JSONDict] = None
     i = 0
     while i < len(events):
@@ -428,7 +470,8 @@ def fold(events: list[Event], defs: DefinitionsView) -> Optional[JSONDict]:
             continue
         if ev.type not in INPUT_EVENTS:
             raise DeterminismError(ev.instance_id, ev.seq, ev.type, "no event (consequence without cause)")
-        state, run = evolve(state, ev, defs)
+        state, run = evolve(state, ev, defs, journal)
+        journal.apply(run.journal_ops)
         for produced in run.events:
             i += 1
             recorded = events[i] if i < len(events) else None

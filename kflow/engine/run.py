@@ -2,23 +2,27 @@
 
 A :class:`Run` holds the (copied) state being evolved, the clock reading, the events emitted so
 far (each stamped with the next per-instance sequence number) and the outputs that are not events
-(tasks, commands for other instances). Interpreters only ever change state through a Run, so a
-decision is a pure function of (state, input event, definitions).
+(tasks, commands for other instances, journal entries of code workflows). Interpreters only ever
+change state through a Run, so a decision is a pure function of (state, input event, definitions,
+journal).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from kflow.engine.journal import EmptyJournal, Journal, JournalOp
 from kflow.model.messages import Command, Event, JSONDict, Status, Task
 
 
 class Run:
     """Mutable scratch space for one ``evolve`` call; never outlives it."""
 
-    __slots__ = ("state", "now", "events", "tasks", "commands", "defs", "runnable", "compiled")
+    __slots__ = ("state", "now", "events", "tasks", "commands", "defs", "runnable", "compiled", "journal",
+                 "journal_ops")
 
-    def __init__(self, state: JSONDict, now: int, defs: Any, compiled: Any = None) -> None:
+    def __init__(self, state: JSONDict, now: int, defs: Any, compiled: Any = None,
+                 journal: Optional[Journal] = None) -> None:
         self.state = state
         self.now = now
         self.defs = defs
@@ -27,6 +31,10 @@ class Run:
         self.tasks: list[Task] = []
         self.commands: list[Command] = []
         self.runnable: list[str] = []
+        #: where a code workflow's history is read on a rebuild (this decision's ops not included)
+        self.journal: Journal = journal if journal is not None else EmptyJournal()
+        #: what this decision did to the journal, in order
+        self.journal_ops: list[JournalOp] = []
 
     @property
     def instance_id(self) -> str:

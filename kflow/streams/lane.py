@@ -9,10 +9,11 @@ tracing bookkeeping are shared, and Python runs one thread at a time anyway.
 
 Single writer still holds: a partition belongs to exactly one lane, and a lane processes its
 partitions' commands in offset order. A batch is one transaction holding the events, the state
-changelog records, the tasks, the commands for other instances, the DLQ records and the consumed
-offsets of its partitions. Cancel tasks are produced after the commit, outside the transaction:
-workers may read tasks before they commit, and must never stop an attempt on the word of a
-decision that is later aborted.
+changelog records, the journal changelog records (the history of code workflows, see
+:class:`BatchJournal`), the tasks, the commands for other instances, the DLQ records and the
+consumed offsets of its partitions. Cancel tasks are produced after the commit, outside the
+transaction: workers may read tasks before they commit, and must never stop an attempt on the
+word of a decision that is later aborted.
 
 Rewinding after an aborted transaction goes through the polling thread (it owns the consumer):
 the lane blocks the batch's partitions (the polling thread drops their records from then on),
@@ -36,13 +37,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from kflow import _hops, _tracing
 from kflow.engine import decide
 from kflow.engine.core import EVENTS_OFFSET
+from kflow.engine.journal import Entries, JournalOp, apply_to
 from kflow.model.errors import DecodeError, KflowError
 from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict, Task
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
 from kflow.streams import metrics
 from kflow.streams.local import LocalRuns, local_activities
 from kflow.streams.partitioner import partition_for
-from kflow.streams.store import timer_key
+from kflow.streams.store import JournalRecord, StorePartition, journal_records, timer_key
 
 if TYPE_CHECKING:
     from kflow.streams.processor import EngineProcessor
@@ -66,6 +68,10 @@ class Batch:
     first_offsets: dict[int, int] = field(default_factory=dict)
     next_offsets: dict[int, int] = field(default_factory=dict)
     changelog_next: dict[int, int] = field(default_factory=dict)
+    journal: dict[str, list[JournalOp]] = field(default_factory=dict)  # instance -> its journal ops, in order
+    journal_records: dict[int, list[JournalRecord]] = field(default_factory=dict)  # produced, per partition
+    journal_next: dict[int, int] = field(default_factory=dict)
+    readers: dict[int, "BatchJournal"] = field(default_factory=dict)  # per partition
     cancels: list[tuple[Task, Optional[list[tuple[str, bytes]]]]] = field(default_factory=list)
     commands: int = 0
     events: int = 0
@@ -81,6 +87,20 @@ def _note_first_event(batch: Batch, err: Any, msg: Message) -> None:
     st = batch.states.get(msg.key().decode())
     if err is None and st is not None:
         st.setdefault(EVENTS_OFFSET, msg.offset())
+
+
+class BatchJournal:
+    """The journal as ``decide`` sees it inside a batch: the partition store's committed entries,
+    under the journal ops decided earlier in this batch (produced, not yet committed nor in RocksDB).
+    Read only when a code workflow is rebuilt."""
+
+    def __init__(self, store: StorePartition, pending: dict[str, list[JournalOp]]) -> None:
+        self.store, self.pending = store, pending
+
+    def read(self, instance_id: str, run: int) -> tuple[Entries, Entries]:
+        inputs, commands = self.store.read_journal(instance_id, run)
+        apply_to(inputs, commands, self.pending.get(instance_id, ()), instance_id, run)
+        return inputs, commands
 
 
 def state_record(st: JSONDict) -> dict[str, Any]:
@@ -212,6 +232,7 @@ class Lane:
                     metrics.TIMER_LATENESS.observe(max(0, now - due) / 1000)
                 self._stamp_events_offsets(batch)
                 self._produce_states(batch)
+                self._produce_journal(batch)
             if batch.next_offsets:  # (2): what this lane consumed, not the consumer's position
                 offsets = [TopicPartition(self.names.commands, p, off) for p, off in batch.next_offsets.items()]
                 self.producer.send_offsets_to_transaction(offsets, proc.group_metadata)
@@ -227,7 +248,8 @@ class Lane:
                 continue
             sp = store.get(p)
             states = {iid: st for iid, st in batch.states.items() if batch.partition_of[iid] == p}
-            sp.write(states, batch.old, batch.changelog_next.get(p), batch.fired.get(p, ()))
+            sp.write(states, batch.old, batch.changelog_next.get(p), batch.fired.get(p, ()),
+                     batch.journal_records.get(p, ()), batch.journal_next.get(p))
             proc.next_due[p] = sp.next_due()
         for task, headers in batch.cancels:  # (5)
             proc.side_producer.produce(self.names.tasks(task.queue), encode_task(task), task.instance_id.encode(),
@@ -284,8 +306,11 @@ class Lane:
             batch.old.setdefault(iid, st)
         if cmd.type == "StartWorkflow":
             self._sync_definitions(batch, cmd, m)
+        reader = batch.readers.get(p)
+        if reader is None:
+            reader = batch.readers[p] = BatchJournal(proc.store.get(p), batch.journal)
         t_ns = time.time_ns()
-        d = decide(st, cmd, batch.now, proc.defs)
+        d = decide(st, cmd, batch.now, proc.defs, reader)
         batch.commands += 1
         metrics.command(cmd.type)
         if d.dlq_reason:
@@ -300,6 +325,8 @@ class Lane:
         assert d.state is not None
         batch.states[iid] = d.state
         batch.partition_of[iid] = p
+        if d.journal:
+            batch.journal.setdefault(iid, []).extend(d.journal)
         key = iid.encode()
         events_topic = self.names.events
         first = st is None and EVENTS_OFFSET not in d.state
@@ -380,6 +407,22 @@ class Lane:
             self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
                                   partition=batch.partition_of[iid], on_delivery=on_delivery,
                                   headers=[hop] if hop is not None else None)
+
+    def _produce_journal(self, batch: Batch) -> None:
+        """The journal changelog records of the batch's decisions, in order, on their instances'
+        partitions; the offset after each partition's last record is what its store reflects."""
+        for iid, ops in batch.journal.items():
+            batch.journal_records.setdefault(batch.partition_of[iid], []).extend(journal_records(ops))
+
+        def on_delivery(err: Any, msg: Message) -> None:
+            if err is None:
+                p = msg.partition()
+                batch.journal_next[p] = max(batch.journal_next.get(p, 0), msg.offset() + 1)
+        produce, topic = self.producer.produce, self.names.journal
+        for p, records in batch.journal_records.items():
+            last = len(records) - 1
+            for i, (key, value) in enumerate(records):
+                produce(topic, value, key, partition=p, on_delivery=on_delivery if i == last else None)
 
     def _dlq(self, m: Message, reason: str, now: int) -> None:
         log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)

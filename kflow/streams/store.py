@@ -5,10 +5,14 @@ Layout of a partition store (key prefixes are persisted names; never reuse them)
 * ``s:<instance>`` → orjson state of one instance;
 * ``t:<due ms, 8 bytes big-endian><instance>\\x00<timer id>`` → empty: the due-date index of
   durable timers, scanned in key order up to *now*;
-* ``m:changelog`` → the next offset of the ``state`` changelog partition this store reflects.
+* ``j:<instance>\\x00<run>\\x00<i|c><index, 4 bytes big-endian>`` → orjson of one journal entry of
+  a code workflow's run (``i``: an input event, ``c``: a command; see :mod:`kflow.engine.journal`);
+  the key without ``j:`` is the record key on the ``journal`` changelog;
+* ``m:changelog`` → the next offset of the ``state`` changelog partition this store reflects;
+* ``m:journal`` → the next offset of the ``journal`` changelog partition this store reflects.
 
-The changelog offset is written in the same WriteBatch as the data it describes, so a store is
-always a consistent prefix of its changelog. A store is only opened for an assigned partition;
+The changelog offsets are written in the same WriteBatch as the data they describe, so a store is
+always a consistent prefix of both changelogs. A store is only opened for an assigned partition;
 using a partition that is not open is an error, never a silent create.
 """
 
@@ -19,21 +23,28 @@ import os
 import shutil
 import struct
 from collections import OrderedDict
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import orjson
 from rocksdict import Options, Rdict, WriteBatch
 
+from kflow.engine.journal import COMMAND, INPUT, Append, Entries, JournalOp, put
 from kflow.model.errors import KflowError
 
 log = logging.getLogger("kflow.store")
 
 STATE_PREFIX = b"s:"
 TIMER_PREFIX = b"t:"
+JOURNAL_PREFIX = b"j:"
 CHANGELOG_KEY = b"m:changelog"
+JOURNAL_CHANGELOG_KEY = b"m:journal"
 FORMAT_KEY = b"m:format"
 FORMAT_VERSION = b"1"
 _DUE = struct.Struct(">Q")
+_INDEX = struct.Struct(">I")
+
+#: A record of the ``journal`` changelog: key (a journal key without ``j:``) and value (None: a tombstone).
+JournalRecord = tuple[bytes, Optional[bytes]]
 
 
 class PartitionNotAssigned(KflowError):
@@ -43,6 +54,29 @@ class PartitionNotAssigned(KflowError):
 
 def timer_key(due_ms: int, instance_id: str, timer_id: str) -> bytes:
     return TIMER_PREFIX + _DUE.pack(max(due_ms, 0)) + instance_id.encode() + b"\x00" + timer_id.encode()
+
+
+def journal_run_key(instance_id: str, run: int) -> bytes:
+    """The common beginning of the journal keys of one run of an instance."""
+    return instance_id.encode() + b"\x00" + str(run).encode() + b"\x00"
+
+
+def journal_key(instance_id: str, run: int, kind: str, index: int) -> bytes:
+    """The ``journal`` changelog key of one entry (the store key is ``j:`` + this)."""
+    return journal_run_key(instance_id, run) + kind.encode() + _INDEX.pack(index)
+
+
+def journal_records(ops: list[JournalOp]) -> list[JournalRecord]:
+    """The ``journal`` changelog records of a decision's journal ops, in order: one per appended
+    entry, and a tombstone per entry of a run that was reset (its counts say which keys exist)."""
+    out: list[JournalRecord] = []
+    for op in ops:
+        if isinstance(op, Append):
+            out.append((journal_key(op.instance_id, op.run, op.kind, op.index), orjson.dumps(op.entry)))
+            continue
+        for kind, n in ((INPUT, op.inputs), (COMMAND, op.commands)):
+            out.extend((journal_key(op.instance_id, op.run, kind, i), None) for i in range(n))
+    return out
 
 
 def parse_timer_key(key: bytes) -> tuple[int, str, str]:
@@ -88,6 +122,23 @@ class StorePartition:
         raw = self.db.get(CHANGELOG_KEY)
         return int(raw) if raw is not None else 0
 
+    def journal_offset(self) -> int:
+        raw = self.db.get(JOURNAL_CHANGELOG_KEY)
+        return int(raw) if raw is not None else 0
+
+    def read_journal(self, instance_id: str, run: int) -> tuple[Entries, Entries]:
+        """The (inputs, commands) of one run of a code workflow, in index order: one range scan."""
+        prefix = JOURNAL_PREFIX + journal_run_key(instance_id, run)
+        inputs: Entries = []
+        commands: Entries = []
+        for key, raw in self.db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            kind = key[len(prefix):len(prefix) + 1].decode()
+            index = _INDEX.unpack_from(key, len(prefix) + 1)[0]
+            put(inputs if kind == INPUT else commands, index, orjson.loads(raw))
+        return inputs, commands
+
     def due_timers(self, now_ms: int, limit: int) -> list[tuple[int, str, str]]:
         """Timers due at or before ``now_ms``, earliest first, at most ``limit``."""
         out: list[tuple[int, str, str]] = []
@@ -113,12 +164,20 @@ class StorePartition:
 
     # -- writes (after the Kafka transaction committed) ---------------------------------------
     def write(self, states: dict[str, dict[str, Any]], old: dict[str, Optional[dict[str, Any]]],
-              changelog_next: Optional[int], fired: Any = ()) -> None:
-        """Persist committed states, re-index their timers and advance the changelog offset, atomically.
+              changelog_next: Optional[int], fired: Any = (), journal: Iterable[JournalRecord] = (),
+              journal_next: Optional[int] = None) -> None:
+        """Persist committed states, re-index their timers, apply journal records and advance the
+        changelog offsets, atomically.
 
-        ``fired`` are timer index keys that were fired in this batch and are dropped unconditionally.
+        ``fired`` are timer index keys that were fired in this batch and are dropped unconditionally;
+        ``journal`` are records of the ``journal`` changelog, in offset order.
         """
         wb = WriteBatch(raw_mode=True)
+        for key, value in journal:
+            if value is None:
+                wb.delete(JOURNAL_PREFIX + key)
+            else:
+                wb.put(JOURNAL_PREFIX + key, value)
         for key in fired:
             wb.delete(key)
         for iid, st in states.items():
@@ -133,6 +192,8 @@ class StorePartition:
             self._remember(iid, st)
         if changelog_next is not None:
             wb.put(CHANGELOG_KEY, str(changelog_next).encode())
+        if journal_next is not None:
+            wb.put(JOURNAL_CHANGELOG_KEY, str(journal_next).encode())
         self.db.write(wb)
 
     def _remember(self, iid: str, st: dict[str, Any]) -> None:

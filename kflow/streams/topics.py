@@ -5,9 +5,9 @@ cluster. On start-up :func:`ensure_topics` creates whatever is missing with expl
 (partitions, ``cleanup.policy``, ``retention.ms``, ``max.message.bytes``) and checks that topics
 which already exist have the partition count and cleanup policy kflow needs, raising
 :class:`TopicConfigMismatch` otherwise; an unreachable cluster raises :class:`BrokerUnavailable`
-within the timeout. Every instance-keyed topic (commands, events, state, ``tasks.<queue>``) and
-the DLQ share one partition count so they are co-partitioned; ``definitions`` is a global table
-with a single partition.
+within the timeout. Every instance-keyed topic (commands, events, state, journal,
+``tasks.<queue>``) and the DLQ share one partition count so they are co-partitioned;
+``definitions`` is a global table with a single partition.
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ class TopicNames:
     @property
     def state(self) -> str:
         return f"{self.prefix}state"
+
+    @property
+    def journal(self) -> str:
+        """Changelog of the engine's journal store: the history of each run of a code workflow,
+        one record per entry (key = instance, run, kind and index; see :mod:`kflow.streams.store`)."""
+        return f"{self.prefix}journal"
 
     @property
     def definitions(self) -> str:
@@ -136,6 +142,7 @@ def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str
         TopicSpec(names.commands, p, "delete", settings.commands_retention_ms),
         TopicSpec(names.events, p, "delete", settings.events_retention_ms),
         TopicSpec(names.state, p, "compact", -1),
+        TopicSpec(names.journal, p, "compact", -1),
         TopicSpec(names.definitions, 1, "compact", -1),
         TopicSpec(names.dlq, p, "delete", settings.events_retention_ms),
         TopicSpec(names.replies, p, "delete", REPLIES_RETENTION_MS),

@@ -4,13 +4,15 @@ Use it in a test before deploying a change: fetch histories of running instances
 or the events topic), and check that the new code issues exactly the commands they recorded::
 
     from kflow.testing import replay
-    replay(order_workflow, events)                  # raises NondeterminismError on a mismatch
-    replay(order_workflow, events, state=internal)  # exact: also checks side effects and patches
+    replay(order_workflow, events)                                   # raises NondeterminismError on a mismatch
+    replay(order_workflow, events, state=internal, journal=journal)  # exact: also side effects and patches
 
 From events alone, timers match by position (the purpose of a timer is not in its event),
 ``ctx.side_effect`` functions run again, and ``ctx.patched()`` returns False (the history is
-treated as recorded before the patch). Passing the instance's internal state (``state`` record
-``internal`` field) replays its recorded commands exactly.
+treated as recorded before the patch). Passing a running instance's internal state (``state``
+record ``internal`` field) with the journal holding its history (by default the in-memory journal
+of this process, where the test harness decides) replays its recorded commands exactly; so does a
+state written before the journal existed, which carries them itself.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from typing import Any, Iterable, Optional, Union
 
 from kflow._workflow.api import definition_of
 from kflow.engine.code_replayer import (
-    COMMANDS,
-    INPUTS,
     WORKFLOW_INPUTS,
+    HistoryUnavailable,
     Machine,
     NondeterminismError,
     _describe,
     _Mismatch,
     _outcome,
+    history_of,
 )
+from kflow.engine.journal import Entries, Journal
 from kflow.model.messages import Event, JSONDict
 
 __all__ = ["replay"]
@@ -81,13 +84,27 @@ def _from_events(events: list[Event]) -> tuple[list[list[Any]], list[list[Any]]]
     return inputs, commands
 
 
-def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: Optional[JSONDict] = None) -> Any:
+def _recorded(state: Optional[JSONDict], journal: Optional[Journal]) -> Optional[tuple[Entries, Entries]]:
+    """The exact inputs and commands of ``state``'s run, when its journal (or the state) still has them."""
+    if state is None:
+        return None
+    try:
+        return history_of(state, journal)
+    except HistoryUnavailable:  # closed, or decided elsewhere: the events are what is left
+        return None
+
+
+def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: Optional[JSONDict] = None,
+           journal: Optional[Journal] = None) -> Any:
     """Re-run ``workflow_fn`` over ``history`` and check it reproduces every recorded command.
 
     Args:
         workflow_fn: A ``@kflow.workflow`` function (or its ``CodeDefinition``).
         history: The instance's events, in order, as :class:`Event` objects or dicts.
-        state: The instance's internal state; when given, its recorded inputs and commands are used.
+        state: The instance's internal state; when ``journal`` (default: this process's in-memory
+            journal) holds its run's history, or the state predates the journal and carries it,
+            the recorded inputs and commands are used instead of the events.
+        journal: Where the history of ``state``'s run is read.
 
     Returns:
         The workflow's result when the replay finishes it, else None (still running).
@@ -98,10 +115,7 @@ def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: O
     definition = definition_of(workflow_fn)
     events = [_as_event(e) for e in history]
     instance_id = events[0].instance_id if events else ((state or {}).get("id") or "replay")
-    if state is not None:
-        inputs, commands = state[INPUTS], state[COMMANDS]
-    else:
-        inputs, commands = _from_events(events)
+    inputs, commands = _recorded(state, journal) or _from_events(events)
     closed = next((e for e in events if e.type in ("WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled")), None)
     machine = Machine(definition, instance_id, commands)
     continued = [e for e in events if e.type == "WorkflowContinuedAsNew"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
+import orjson
 import pytest
 
 import kflow
@@ -14,6 +15,8 @@ from kflow.config import EngineConfig
 from kflow.engine import code_replayer
 from kflow.model.errors import WorkflowFailedError
 from kflow.streams.processor import EngineProcessor
+from kflow.streams.restore import restore_partitions
+from kflow.streams.store import EngineStore, StorePartition
 from kflow.testing import assert_eventually
 from tests.integration.conftest import Stack
 
@@ -33,15 +36,22 @@ def code_stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -
         s.close()
 
 
-def restart_engine(stack: Stack) -> None:
-    """Stop the engine and start it again under the same identity, on an empty state dir.
-
-    The new engine restores its partitions from the changelog, and with the replay cache cleared
-    (as in a fresh process) every instance it resumes is rebuilt by replay.
-    """
+def stop_engine(stack: Stack) -> EngineProcessor:
+    """Stop the stack's engine (it finishes its open batches and closes its stores)."""
     proc, t = stack.engines.pop(0)
     proc.stop()
     t.join(30)
+    return proc
+
+
+def restart_engine(stack: Stack, stopped: Optional[EngineProcessor] = None) -> None:
+    """Stop the engine (unless given the one already ``stopped``) and start it again under the same
+    identity, on an empty state dir.
+
+    The new engine restores its partitions from the changelogs, and with the replay cache cleared
+    (as in a fresh process) every instance it resumes is rebuilt by replay from its journal.
+    """
+    proc = stopped or stop_engine(stack)
     code_replayer.CACHE.clear()
     cfg = stack.kafka_config(EngineConfig, state_dir=f"{stack.state_root}/r{uuid.uuid4().hex[:6]}",
                              engine_id=proc.config.engine_id, workflows=MODULE)
@@ -66,9 +76,8 @@ def test_order_saga_with_activities_signal_timer_and_child(code_stack: Stack) ->
     c = code_stack.client
     h = c.start("code.order", {"sku": "A1", "qty": 2, "price": 10}, id=uid("order"))
     assert_eventually(lambda: waiting_for_signal(c, h.id), timeout=60)
-    from tests.integration import code_flows
-
-    assert kflow.query_state(code_flows.order, c.status(h.id)["internal"], "stage") == "awaiting shipment"
+    assert c.query(h.id, "stage") == "awaiting shipment"
+    assert "inputs" not in c.status(h.id)["internal"]  # the history is in the journal, not the state
     c.signal(h.id, "ship", {"carrier": "ups"})
     res = h.result(timeout=60)
     assert res["receipt"] == "p-20" and res["tracking"] == "t-r-A1-ups" and res["audit"] == "audited A1"
@@ -83,7 +92,7 @@ def test_failed_payment_compensates_and_fails_with_the_workflow_error(code_stack
     with pytest.raises(WorkflowFailedError) as ei:
         h.result(timeout=60)
     assert ei.value.error_type == "PaymentFailed" and "card declined" in (ei.value.message or "")
-    cmds = [x[1] for x in c.status(h.id)["internal"]["commands"]]
+    cmds = [e.data["name"] for e in c.history(h.id) if e.type == "ActivityScheduled" and e.data["attempt"] == 1]
     assert cmds == ["co.reserve", "co.charge", "co.release"]
 
 
@@ -96,6 +105,44 @@ def test_a_new_engine_resumes_an_instance_by_replay(code_stack: Stack) -> None:
     c.signal(h.id, "ship", {"carrier": "dhl"})
     assert h.result(timeout=60)["tracking"] == "t-r-C3-dhl"
     assert code_replayer.CACHE.misses > misses
+
+
+def _data(sp: StorePartition) -> dict[bytes, Any]:
+    """A store's states, timer index and journal (not its changelog offsets, which count commit markers)."""
+    return {k: orjson.loads(v) if v else v for k, v in sp.db.items() if k[:2] in (b"s:", b"t:", b"j:")}
+
+
+def test_a_store_restored_from_the_state_and_journal_changelogs_equals_the_engine_store(
+        code_stack: Stack, tmp_path: Any) -> None:
+    c = code_stack.client
+    done = c.start("code.order", {"sku": "E5", "qty": 1, "price": 3}, id=uid("order"))
+    waiting = c.start("code.order", {"sku": "F6", "qty": 1, "price": 4}, id=uid("order"))
+    looped = c.start("code.counter", {"run": 1, "runs": 3, "total": 0}, id=uid("count"))
+    c.signal(done.id, "ship", {"carrier": "ups"})
+    assert done.result(timeout=60)["tracking"] == "t-r-E5-ups" and looped.result(timeout=60)["run"] == 3
+    assert_eventually(lambda: waiting_for_signal(c, waiting.id), timeout=60)
+    proc = stop_engine(code_stack)  # nothing writes the changelogs while the stores are compared
+    try:
+        before, after = EngineStore(proc.config.state_dir, 0), EngineStore(str(tmp_path / "restored"), 0)
+        stores = [after.open(p, 0) for p in range(proc.config.partitions)]
+        stats = restore_partitions(proc.config.consumer_conf("kflow-restore"), proc.names.state, stores)
+        assert sum(s.journal_records for s in stats.values()) > 0
+        merged: dict[bytes, Any] = {}
+        for p in range(proc.config.partitions):
+            expected = _data(before.open(p, 0))
+            assert _data(after.get(p)) == expected, f"partition {p}: restored store differs"
+            merged.update(expected)
+        before.close_all()
+        after.close_all()
+        # a running instance has one entry per input and command; a closed one's entries were deleted
+        st = merged[b"s:" + waiting.id.encode()]
+        assert sum(1 for k in merged if k.startswith(b"j:" + waiting.id.encode() + b"\x00")) == (
+            st["input_count"] + st["command_count"]) > 0
+        assert not [k for k in merged if k.startswith((b"j:" + done.id.encode(), b"j:" + looped.id.encode()))]
+    finally:
+        restart_engine(code_stack, proc)
+    c.signal(waiting.id, "ship", {"carrier": "dhl"})
+    assert waiting.result(timeout=60)["tracking"] == "t-r-F6-dhl"
 
 
 async def _order_renamed(ctx, input):
