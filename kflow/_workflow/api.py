@@ -156,10 +156,14 @@ def definition_of(fn: Any) -> CodeDefinition:
 
 
 def query_state(workflow_fn: Any, state: dict[str, Any], name: str, *args: Any) -> Any:
-    """Answer query ``name`` of a code-workflow instance from its state, e.g. ``client.status(id)["internal"]``.
+    """Answer query ``name`` of a code-workflow instance decided in this process (``kflow.testing``).
+
+    The state record holds counts, not the history (that is the engine's journal), so this
+    replays instances decided here without a journal of their own (the test harness) and states
+    that predate the journal. An instance run by an engine is asked through it: ``Client.query``.
 
     Example:
-        >>> progress = kflow.query_state(order, client.status("o-1")["internal"], "progress")  # doctest: +SKIP
+        >>> progress = kflow.query_state(order, harness.states["o-1"], "progress")  # doctest: +SKIP
 
     Raises:
         KflowError: The workflow registered no such query.
