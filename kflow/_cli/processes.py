@@ -305,6 +305,7 @@ def bench(
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Stamp the latency phase's records at every hop and print where the time goes.")] = False,
     curve: Annotated[bool, typer.Option("--curve", help="Run the throughput phase at 16, 64, 256 and 1,024 in flight instead of -c.")] = False,
     failover: Annotated[bool, typer.Option("--failover", help="Instead: SIGKILL engines under chain3 load and print the pauses, takeover and restore times.")] = False,
+    standby: Annotated[int, typer.Option("--standby", min=0, metavar="N", help="With --failover: both engines keep N standby replicas (KFLOW_STANDBY_REPLICAS); runs the takeover only and also prints the records each promotion replayed.")] = 0,
     local: Annotated[bool, typer.Option("--local", help="Run chain3 with local activities: the engine runs them itself (--activities), one transaction per workflow.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
@@ -319,7 +320,8 @@ def bench(
 
     With --failover: two engines under chain3 load, one SIGKILLed (pause per in-flight
     instance, kill to takeover); one engine replaced on a fresh state directory (spawn to owning
-    to serving, restore time); and restore times of 10,000 to 1,000,000 instances.
+    to serving, restore time); and restore times of 10,000 to 1,000,000 instances. With
+    --failover --standby N: the takeover only, both engines keeping N standby replicas.
 
     With --breakdown: the latency phase's records carry hop stamps, and a table shows where a
     workflow's time goes (client → engine → worker → … → client). With --curve: the
@@ -331,10 +333,13 @@ def bench(
     if style not in ("spec", "code"):
         raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
+    if standby and not failover:
+        raise ValueError("--standby N measures a takeover with standby replicas: use it with --failover")
     if failover:
         from kflow.dev.failover import run_failover
 
-        return _call(run_failover, bootstrap, partitions=partitions, prefix=prefix, json_out=json_out)
+        return _call(run_failover, bootstrap, partitions=partitions, prefix=prefix, json_out=json_out,
+                     standby=standby)
     from kflow.dev.bench import run_bench
 
     if local and (style != "spec" or breakdown):

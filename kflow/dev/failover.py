@@ -6,7 +6,9 @@ with its own state directory):
 * *takeover*: chain3 under steady load on two engines, one SIGKILLed. For every instance in
   flight at the kill, the pause is the gap between its last progress record (a record on the
   ``state`` topic, or its start) before the kill and its first one after; printed as max/p99/p50
-  with the time from the kill to the survivor owning every partition.
+  with the time from the kill to the survivor owning every partition. With ``standby`` replicas
+  (``KFLOW_STANDBY_REPLICAS`` on both engines) it also prints how many changelog records the
+  survivor replayed to promote its warm copies of the dead engine's partitions.
 * *replacement*: one engine SIGKILLed and replaced at once by a process with the same
   ``KFLOW_ENGINE_ID`` on a fresh state directory: spawn → owning its partitions → serving (first
   progress record), and its restore time.
@@ -47,6 +49,8 @@ from kflow.streams.topics import ensure_topics
 WORKFLOW = "bench.chain3"
 _ASSIGNED = re.compile(r"assigned partitions \[([\d, ]*)\]")
 _RESTORED = re.compile(r"restored in ([\d.]+)s")
+_RESTORED_RECORDS = re.compile(r"restored (\d+) state (?:and journal )?records")
+_PROMOTED = re.compile(r"promoted standby partition (\d+): replayed (\d+) records in ([\d.]+)s")
 _TIME = re.compile(r'"time": "([\d-]+ [\d:]+,\d+)"')
 
 
@@ -61,13 +65,25 @@ def _logged_at(line: str, default: float) -> float:
     return datetime.strptime(t.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+@dataclass(frozen=True)
+class Promotion:
+    """A standby copy taken over: the changelog records its promotion replayed, and how long it took."""
+
+    at: float
+    partition: int
+    records: int
+    seconds: float
+
+
 class LogWatch:
-    """Follows an engine's log; records when it first owned every partition after a moment."""
+    """Follows an engine's log; records when it first owned every partition after a moment, and its promotions."""
 
     def __init__(self, proc: KflowProcess) -> None:
         self.proc = proc
         self._pos = 0
         self.events: list[tuple[float, set[int], Optional[float]]] = []  # (seen at, assigned, restore s)
+        self.promotions: list[Promotion] = []
+        self.restores: list[tuple[float, int]] = []  # (seen at, changelog records read)
 
     def scan(self) -> None:
         try:
@@ -80,6 +96,13 @@ class LogWatch:
         self._pos += cut
         now = time.time()
         for line in data[:cut].decode("utf-8", "replace").splitlines():
+            rr = _RESTORED_RECORDS.search(line)
+            if rr:
+                self.restores.append((_logged_at(line, now), int(rr.group(1))))
+            pm = _PROMOTED.search(line)
+            if pm:
+                self.promotions.append(Promotion(_logged_at(line, now), int(pm.group(1)), int(pm.group(2)),
+                                                 float(pm.group(3))))
             m = _ASSIGNED.search(line)
             if m:
                 r = _RESTORED.search(line)
@@ -221,9 +244,10 @@ class _Stack:
         self.cfg = KafkaConfig(bootstrap=bootstrap, topic_prefix=self.prefix, partitions=partitions, dev_tuning=True)
         self.procs: list[KflowProcess] = []
 
-    def engine(self, engine_id: str, state: str, static: bool = False) -> KflowProcess:
+    def engine(self, engine_id: str, state: str, static: bool = False, standby: int = 0) -> KflowProcess:
         p = engine_process(self.bootstrap, self.prefix, os.path.join(self.root, state), partitions=self.partitions,
-                           engine_id=engine_id, extra_env={"KFLOW_STATIC_MEMBERSHIP": str(static).lower()})
+                           engine_id=engine_id, extra_env={"KFLOW_STATIC_MEMBERSHIP": str(static).lower(),
+                                                           "KFLOW_STANDBY_REPLICAS": str(standby)})
         p.log_path = os.path.join(self.root, f"{state}.log")
         self.procs.append(p.start())
         return p
@@ -247,18 +271,20 @@ class _Stack:
 
 
 def run_takeover(stack: _Stack, rate: float = 100.0, seconds: float = 20.0,
-                 blocked_after: float = 30.0) -> FailoverResult:
+                 blocked_after: float = 30.0, standby: int = 0) -> FailoverResult:
     """Two engines share the load; one is SIGKILLed half way (see the module docstring).
 
     When the survivor does not own every partition ``blocked_after`` seconds after the kill, its
     restore is waiting behind the dead engine's open transaction (a broker that never aborts it
-    by timeout): the dead identity is restarted to fence it, and the result says so."""
-    a, b = stack.engine("fo-a", "a"), stack.engine("fo-b", "b")
+    by timeout): the dead identity is restarted to fence it, and the result says so. With
+    ``standby`` replicas the result also holds the records the survivor's promotions replayed."""
+    a, b = stack.engine("fo-a", "a", standby=standby), stack.engine("fo-b", "b", standby=standby)
     stack.worker()
     wa, wb = LogWatch(a), LogWatch(b)
-    stack.warm()
+    # the engines create the topics (a client does not), so they own partitions before the deploy
     wait_for("both engines to own partitions", lambda: wa.owning() and wb.owning()
              and len(wa.owning() | wb.owning()) == stack.partitions, 120, stack.procs)
+    stack.warm()
     load = Load(stack.cfg)
     kill_at: list[float] = []
 
@@ -276,22 +302,38 @@ def run_takeover(stack: _Stack, rate: float = 100.0, seconds: float = 20.0,
             # The survivor's restore waits behind the dead engine's open transaction: a broker
             # that never aborts it by timeout needs the dead identity back to fence it.
             fenced = time.time() - kill_at[0]
-            stack.engine("fo-b", "b-replacement")
+            stack.engine("fo-b", "b-replacement", standby=standby)
             owned = wait_for("the survivor to own every partition",
                              lambda: wa.owned_all_at(stack.partitions, kill_at[0]), 180, [a])
         load.drain(blocked_after)
         if len(load.closed) < len(load.progress) and not fenced:
             # read_committed readers (this one included) wait behind the same open transaction
             fenced = time.time() - kill_at[0]
-            stack.engine("fo-b", "b-replacement")
+            stack.engine("fo-b", "b-replacement", standby=standby)
         load.drain(120)
         gaps, stuck = load.pauses(kill_at[0])
     finally:
         load.close()
-    return FailoverResult("takeover", len(gaps) + len(stuck), round(max(gaps, default=0), 2),
-                          round(_pct(gaps, 0.99), 2), round(_pct(gaps, 0.50), 2), round(owned[0] - kill_at[0], 2),
-                          len(load.progress) - len(load.closed),
-                          {"replacement_needed_after_s": round(fenced, 2)} if fenced else {})
+    extra = {"replacement_needed_after_s": round(fenced, 2)} if fenced else {}
+    wa.scan()
+    extra["restored_records"] = next((n for at, n in wa.restores if at >= kill_at[0]), 0)
+    if standby:
+        extra.update(_promotion_figures(wa, kill_at[0]))
+    return FailoverResult("takeover" if not standby else f"takeover, {standby} standby", len(gaps) + len(stuck),
+                          round(max(gaps, default=0), 2), round(_pct(gaps, 0.99), 2), round(_pct(gaps, 0.50), 2),
+                          round(owned[0] - kill_at[0], 2), len(load.progress) - len(load.closed), extra)
+
+
+def _promotion_figures(watch: LogWatch, kill: float) -> dict[str, float]:
+    """The survivor's first promotion of each partition after the kill: how many, records replayed, longest."""
+    watch.scan()
+    first: dict[int, Promotion] = {}
+    for pr in watch.promotions:
+        if pr.at >= kill:
+            first.setdefault(pr.partition, pr)
+    return {"promoted_partitions": len(first), "replayed_records": sum(p.records for p in first.values()),
+            "replayed_max_records": max((p.records for p in first.values()), default=0),
+            "promotion_max_s": max((p.seconds for p in first.values()), default=0.0)}
 
 
 def run_replacement(stack: _Stack, rate: float = 100.0, seconds: float = 20.0,
@@ -300,8 +342,8 @@ def run_replacement(stack: _Stack, rate: float = 100.0, seconds: float = 20.0,
     a = stack.engine("fo-r", "r0", static)
     stack.worker()
     wa = LogWatch(a)
-    stack.warm()
     wait_for("the engine to own its partitions", lambda: len(wa.owning()) == stack.partitions, 120, stack.procs)
+    stack.warm()
     load = Load(stack.cfg)
     spawned: list[tuple[float, LogWatch]] = []
 
@@ -385,17 +427,23 @@ def run_restore_sizes(stack: _Stack, sizes: tuple[int, ...]) -> list[dict[str, f
 
 def run_failover(bootstrap: Optional[str], partitions: int = 8, prefix: Optional[str] = None, rate: float = 100.0,
                  seconds: float = 20.0, sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
-                 modes: tuple[str, ...] = ("takeover", "replacement"), json_out: Optional[str] = None) -> dict[str, Any]:
-    """All three measurements, each on fresh topics; prints a summary and returns it."""
+                 modes: tuple[str, ...] = ("takeover", "replacement"), json_out: Optional[str] = None,
+                 standby: int = 0) -> dict[str, Any]:
+    """All three measurements, each on fresh topics; prints a summary and returns it.
+
+    With ``standby`` ≥ 1 only the takeover runs, with that many standby replicas on both engines
+    (a replacement on a fresh state directory has no warm copy to promote)."""
     console = Console()
-    report: dict[str, Any] = {"partitions": partitions, "rate": rate}
+    if standby:
+        modes, sizes = ("takeover",), ()
+    report: dict[str, Any] = {"partitions": partitions, "rate": rate, "standby": standby}
     results: list[FailoverResult] = []
     for mode in modes:
         stack = _Stack(bootstrap, partitions, prefix and f"{prefix}{mode}.")
         try:
             console.print(f"failover: {mode}, chain3 at {rate:g}/s for {seconds:g}s, {partitions} partitions, "
-                          f"kill half way")
-            results.append(run_takeover(stack, rate, seconds) if mode == "takeover"
+                          f"kill half way" + (f", {standby} standby replica(s)" if standby else ""))
+            results.append(run_takeover(stack, rate, seconds, standby=standby) if mode == "takeover"
                            else run_replacement(stack, rate, seconds))
             if mode == "replacement" and sizes:
                 console.print(f"failover: restore of {', '.join(f'{n:,}' for n in sizes)} instances")
@@ -410,6 +458,12 @@ def run_failover(bootstrap: Optional[str], partitions: int = 8, prefix: Optional
             line += (f"; the dead engine's open transaction held read_committed readers back until its "
                      f"identity was restarted {r.extra['replacement_needed_after_s']:.0f}s after the kill "
                      "(pauses are from record timestamps)")
+        if r.mode.startswith("takeover"):
+            line += f"; the survivor's restore read {r.extra.get('restored_records', 0):.0f} changelog records"
+        if "promoted_partitions" in r.extra:
+            line += (f"; promoted {r.extra['promoted_partitions']:.0f} standby partitions replaying "
+                     f"{r.extra['replayed_records']:.0f} records (at most {r.extra['replayed_max_records']:.0f} "
+                     f"per partition, {r.extra['promotion_max_s']:.2f}s)")
         if "restore_s" in r.extra:
             line += (f"; spawn → owning {r.extra['spawn_to_owning_s']:.2f}s → serving "
                      f"{r.extra['spawn_to_serving_s']:.2f}s; restore {r.extra['restore_s']:.2f}s")

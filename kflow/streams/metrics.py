@@ -40,6 +40,10 @@ RESTORE_PENDING = Gauge("kflow_engine_restore_partitions_pending", "Partitions w
 REBALANCES = Counter("kflow_engine_rebalances_total", "Partition assignments and revocations.", ["kind"])
 ASSIGNED = Gauge("kflow_engine_assigned_partitions", "Partitions of commands owned by this engine.")
 ABORTS = Counter("kflow_engine_transaction_aborts_total", "Transactions aborted and retried.")
+STANDBY_LAG = Gauge("kflow_standby_lag_records", "Changelog records a standby replica has not applied yet (high "
+                    "watermark - stored changelog offset), by partition it keeps warm.", ["partition"])
+STANDBY_PARTITIONS = Gauge("kflow_standby_partitions", "Partitions of commands this engine keeps warm as a standby "
+                           "replica (KFLOW_STANDBY_REPLICAS).")
 
 WORKFLOWS_STARTED = Counter("kflow_workflows_started_total", "Workflow instances started, by workflow.", ["workflow"])
 WORKFLOWS_COMPLETED = Counter("kflow_workflows_completed_total", "Workflow instances completed, by workflow.",

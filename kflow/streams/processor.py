@@ -19,6 +19,11 @@ only after the commit, with the changelog offset in the same WriteBatch, so a cr
 is repaired by restoring from the changelog. Due timers are fired by the lane of their partition
 through the same decide/commit path, at most ``timer_batch`` per partition per transaction so a
 burst of timers cannot starve commands.
+
+With standby replicas (:mod:`kflow.streams.standby`) the stores of partitions this engine does not
+own are kept warm by a background thread. An assigned partition's store is taken from it before
+restore (so restore replays only the tail the standby had not applied), and a revoked or lost
+partition's store goes back to it instead of being closed.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from kflow.model.errors import KflowError
 from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.lane import Batch, Lane, state_record
-from kflow.streams.restore import restore_partitions
-from kflow.streams.store import EngineStore
+from kflow.streams.restore import RestoreStats, restore_partitions
+from kflow.streams.standby import StandbyReplicas
+from kflow.streams.store import EngineStore, StorePartition
 from kflow.streams.topics import ensure_task_topic, ensure_topics
 
 __all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
@@ -79,6 +85,10 @@ class EngineProcessor:
         #: each assignment: asking the consumer from a lane while this thread polls blocks
         self.group_metadata: Any = None
         self._metadata_stale = True
+        self.per_partition_cache = max(1, config.cache_size // max(1, config.partitions))
+        #: warm copies of the partitions other engines own (KFLOW_STANDBY_REPLICAS ≥ 1)
+        self.standby: Optional[StandbyReplicas] = (
+            StandbyReplicas(config, self.store.root, self.per_partition_cache) if config.standby_replicas else None)
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -126,6 +136,8 @@ class EngineProcessor:
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         for lane in self.lanes:
             lane.thread.start()
+        if self.standby is not None:
+            self.standby.start()
         log.info("engine %s started: topics prefix '%s', %d partitions, %d lanes, state dir %s, %d definitions",
                  tid, self.names.prefix, cfg.partitions, self.lanes_n, cfg.state_dir, len(self.defs))
 
@@ -139,6 +151,8 @@ class EngineProcessor:
             for lane in self.lanes:
                 lane.producer.flush(10)
             self.side_producer.flush(10)
+            if self.standby is not None:
+                self.standby.stop()  # after leaving the group: the revoked stores came back to it
             self.store.close_all()
             self.defs.close()
             self.ready.clear()
@@ -161,13 +175,17 @@ class EngineProcessor:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         t0 = time.monotonic()
-        per_partition = max(1, self.config.cache_size // max(1, self.config.partitions))
         conf = self.config.consumer_conf("kflow-restore")
-        stores = [self.store.open(tp.partition, per_partition) for tp in partitions]
-        # every assigned partition is restored together, by one consumer, before any is processed
-        for stats in restore_partitions(conf, self.names.state, stores).values():
+        # a standby's store is taken over once its tailer has stopped writing it (release waits)
+        promoted = self.standby.release(tp.partition for tp in partitions) if self.standby is not None else {}
+        stores = [self._adopt(tp.partition, promoted.get(tp.partition)) for tp in partitions]
+        # every assigned partition is restored together, by one consumer, before any is processed:
+        # a promoted standby from its stored offset, so only the tail it had not applied
+        restored = restore_partitions(conf, self.names.state, stores)
+        for stats in restored.values():
             if stats.records:
                 metrics.RESTORE_SECONDS.observe(stats.seconds)
+        self._log_promoted(promoted, restored)
         for sp in stores:
             self.next_due[sp.partition] = sp.next_due()  # one seek of the due-date index, no scan
         metrics.REBALANCES.labels("assign").inc()
@@ -177,7 +195,23 @@ class EngineProcessor:
         self._metadata_stale = True
         for lane in self.lanes:
             lane.wake()  # timers restored with the stores may already be due
+        if self.standby is not None:
+            self.standby.rebalanced(consumer.memberid() or "")
         self.ready.set()
+
+    def _adopt(self, partition: int, sp: Optional[StorePartition]) -> StorePartition:
+        """The store of an assigned partition: the standby's when it held one, else opened here."""
+        if sp is None:
+            return self.store.open(partition, self.per_partition_cache)
+        self.store.partitions[partition] = sp
+        return sp
+
+    @staticmethod
+    def _log_promoted(promoted: dict[int, StorePartition], restored: dict[int, RestoreStats]) -> None:
+        for p in sorted(promoted):
+            st = restored[p]
+            log.info("promoted standby partition %d: replayed %d records in %.2fs (changelog offsets %d..%d)",
+                     p, st.records, st.seconds, st.start_offset, st.end_offset)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # still ours until this returns: the lanes commit what they hold before the stores close
@@ -191,8 +225,13 @@ class EngineProcessor:
 
     def _close(self, partitions: list[TopicPartition], how: str) -> None:
         for tp in partitions:
-            self.store.close(tp.partition)
             self.next_due.pop(tp.partition, None)
+            if self.standby is None:
+                self.store.close(tp.partition)
+        if self.standby is not None:
+            # back to standby, open and intact: it is a consistent prefix of its changelog
+            self.standby.take_back([sp for sp in (self.store.partitions.pop(tp.partition, None) for tp in partitions)
+                                    if sp is not None])
         with self._route_lock:
             self._blocked -= {tp.partition for tp in partitions}
             self._seeks = [tp for tp in self._seeks if tp.partition not in {x.partition for x in partitions}]
@@ -264,3 +303,6 @@ class EngineProcessor:
             if lane.error is not None:
                 err = lane.error
                 raise err if isinstance(err, KflowError) else KflowError(f"engine lane {lane.index} failed: {err!r}") from err
+        if self.standby is not None and self.standby.error is not None:
+            err = self.standby.error
+            raise err if isinstance(err, KflowError) else KflowError(f"standby replica thread failed: {err!r}") from err

@@ -104,12 +104,12 @@ def apply_journal_records(store: StorePartition, msgs: list[Message]) -> None:
     store.write({}, {}, None, journal=[(m.key(), m.value()) for m in msgs], journal_next=msgs[-1].offset() + 1)
 
 
-def _mark_state(store: StorePartition, offset: int) -> None:
+def mark_state(store: StorePartition, offset: int) -> None:
     """Record that ``store`` reflects the ``state`` changelog up to ``offset`` (nothing else to write)."""
     store.write({}, {}, max(offset, store.changelog_offset()))
 
 
-def _mark_journal(store: StorePartition, offset: int) -> None:
+def mark_journal(store: StorePartition, offset: int) -> None:
     """Record that ``store`` reflects the ``journal`` changelog up to ``offset``."""
     store.write({}, {}, None, journal_next=max(offset, store.journal_offset()))
 
@@ -180,10 +180,10 @@ def restore_partitions(consumer_conf: dict[str, Any], topic: str, stores: list[S
     journal_topic = journal_topic or journal_topic_of(topic)
     numbers = [s.partition for s in stores]
     changelogs = {
-        topic: (_Changelog(topic, StorePartition.changelog_offset, apply_state_records, _mark_state),
+        topic: (_Changelog(topic, StorePartition.changelog_offset, apply_state_records, mark_state),
                 marks if marks is not None else end_offsets(consumer_conf, topic, numbers)),
         journal_topic: (_Changelog(journal_topic, StorePartition.journal_offset, apply_journal_records,
-                                   _mark_journal),
+                                   mark_journal),
                         journal_marks if journal_marks is not None
                         else end_offsets(consumer_conf, journal_topic, numbers)),
     }

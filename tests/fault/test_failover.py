@@ -14,6 +14,8 @@ import time
 import uuid
 from collections import defaultdict
 
+import pytest
+
 from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.bench import _pct
@@ -23,8 +25,9 @@ from kflow.model.errors import KflowError
 from kflow.schemas.codec import decode_state
 from kflow.streams.partitioner import partition_for
 from kflow.streams.store import EngineStore
+from kflow.streams.topics import ensure_topics
 from tests.fault.flows import DEFS
-from tests.fault.test_crash_matrix import WORKFLOWS, oracle, read_all
+from tests.fault.test_crash_matrix import WORKFLOWS, oracle, read_all, tansu_gap  # noqa: F401 (a fixture)
 from tests.unit.test_restore import assert_store_matches_topic
 
 PARTITIONS = 4
@@ -41,7 +44,8 @@ def pauses(started: dict[str, float], records: dict[str, list[float]], kill: flo
     return gaps
 
 
-def test_takeover_under_load_completes_every_instance_exactly_once(kafka_bootstrap, tmp_path):
+@pytest.mark.fault
+def test_takeover_under_load_completes_every_instance_exactly_once(kafka_bootstrap, tmp_path, tansu_gap):
     prefix = f"fo{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
 
@@ -59,6 +63,7 @@ def test_takeover_under_load_completes_every_instance_exactly_once(kafka_bootstr
     started_at: dict[str, float] = {}
     replaced = False
     try:
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # the engines may not have yet
         with Client(kafka_bootstrap, config=cfg) as client:
             for d in DEFS:
                 client.deploy(d)
