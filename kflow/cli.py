@@ -10,7 +10,7 @@ from typing import Any
 
 from typer import Typer
 
-from kflow._cli import connect, devices, doctor, dlq, processes, replay, topics, triggers, visibility, workflows
+from kflow._cli import connect, devices, doctor, dlq, processes, replay, security, topics, triggers, visibility, workflows
 from kflow._cli.common import KflowGroup, Verbose, current_folder_on_path, setup_logging
 
 __all__ = ["app", "main"]
@@ -54,6 +54,8 @@ for _panel, _commands in _PANELS:
         app.command(_name, rich_help_panel=_panel, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
 app.add_typer(topics.app, name="topics", rich_help_panel="Operations")
 app.add_typer(dlq.app, name="dlq", rich_help_panel="Operations")
+app.add_typer(security.token_app, name="token", rich_help_panel="Security")
+app.add_typer(security.policy_app, name="policy", rich_help_panel="Security")
 app.add_typer(devices.app, name="devices", rich_help_panel="Processes")
 app.add_typer(triggers.app, name="triggers", rich_help_panel="Processes")
 

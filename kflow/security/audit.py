@@ -1,0 +1,97 @@
+"""The audit record: one line of who did what to which resource, and whether it was allowed.
+
+Records travel on the ``audit`` topic (key = resource id) as Avro, in the same single-object
+encoding as every other kflow value (``C3 01``, the CRC-64-AVRO fingerprint of
+``kflow/schemas/audit.avsc``, the schemaless payload), so any consumer holding the ``.avsc``
+file can read them. ``details`` is a JSON object carried as JSON text, like workflow payloads.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Literal
+
+import fastavro
+import orjson
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from kflow.model.errors import DecodeError
+from kflow.schemas.codec import MAGIC
+
+__all__ = ["AUDIT_SCHEMA", "AuditOutcome", "AuditRecord", "decode_audit", "encode_audit"]
+
+#: ``granted``/``denied``: an authorization decision; ``success``: a mutating operation that completed.
+AuditOutcome = Literal["granted", "denied", "success"]
+
+_RAW_SCHEMA: dict[str, Any] = json.loads(
+    (Path(__file__).parent.parent / "schemas" / "audit.avsc").read_text(encoding="utf-8"))
+#: The parsed Avro schema of audit records.
+AUDIT_SCHEMA = fastavro.parse_schema(_RAW_SCHEMA)
+_HEADER = MAGIC + bytes.fromhex(fingerprint(to_parsing_canonical_form(AUDIT_SCHEMA), "CRC-64-AVRO"))
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
+
+
+class AuditRecord(BaseModel):
+    """One audited operation or denial."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, description="Unique id of the record (derived from the command id where there is one).")
+    time: int = Field(ge=_LONG_MIN, le=_LONG_MAX, description="When, in epoch milliseconds.")
+    principal: str = Field(description="Who acted; empty when no valid token named anyone.")
+    tenant: str = Field(description="The tenant the operation was in.")
+    action: str = Field(description="The operation (an ACTIONS name such as start, cancel, dlq_replay).")
+    resource_type: str = Field(description="definition, instance, activity or system.")
+    resource_id: str = Field(description="The resource's id: definition name, instance id, ...")
+    outcome: AuditOutcome = Field(description="granted, denied or success.")
+    details: dict[str, JsonValue] = Field(default_factory=dict, description="Anything else worth keeping: the "
+                                          "reason of a denial, the command id, the rule that allowed it.")
+    source: str = Field("", description="IP and user agent of an HTTP request, or the Kafka client id of a command.")
+
+
+def encode_audit(record: AuditRecord) -> bytes:
+    """An audit record as an Avro single-object value.
+
+    Raises:
+        ValueError: ``details`` is not JSON-serialisable.
+    """
+    data = record.model_dump()
+    try:
+        data["details"] = orjson.dumps(data["details"]).decode()
+    except TypeError as exc:
+        raise ValueError(f"cannot encode audit record {record.id!r}: details are not JSON-serialisable: {exc}") from exc
+    buf = BytesIO()
+    buf.write(_HEADER)
+    fastavro.schemaless_writer(buf, AUDIT_SCHEMA, data)
+    return buf.getvalue()
+
+
+def decode_audit(value: bytes) -> AuditRecord:
+    """Read an audit record value.
+
+    Raises:
+        DecodeError: not an audit record, truncated or garbled, or fields that do not validate.
+    """
+    if not value or bytes(value[: len(_HEADER)]) != _HEADER:
+        raise DecodeError("not an audit record: missing or different single-object header "
+                          f"(expected {_HEADER.hex()}, got {bytes(value[: len(_HEADER)]).hex() if value else 'nothing'})")
+    buf = BytesIO(value)
+    buf.seek(len(_HEADER))
+    try:
+        data: Any = fastavro.schemaless_reader(buf, AUDIT_SCHEMA, None, True)
+    except EOFError:
+        raise DecodeError("truncated Avro audit payload") from None
+    except Exception as exc:  # fastavro reports garbage through many exception types
+        raise DecodeError(f"garbled Avro audit payload: {type(exc).__name__}: {exc}") from None
+    if buf.tell() != len(value):
+        raise DecodeError(f"garbled Avro audit payload: {len(value) - buf.tell()} trailing byte(s)")
+    try:
+        data["details"] = orjson.loads(data["details"])
+        return AuditRecord.model_validate(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"audit record: 'details' is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise DecodeError(f"audit record does not validate: {' '.join(str(exc).split())}") from None

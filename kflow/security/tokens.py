@@ -1,0 +1,584 @@
+"""Tokens: who sent a command, proven by a signature over the record it rides on.
+
+Three kinds of token live here, all built on PyJWT and HMAC-SHA256:
+
+* **Principal tokens** (:func:`issue`, :func:`verify_token`): a JWT naming a principal, its
+  tenant and roles, for the HTTP API and for clients to derive command tokens from.
+* **Command tokens** (:func:`sign_command`, :func:`verify_command`): a short-lived JWT in the
+  :data:`COMMAND_HEADER` record header that binds the principal, tenant, expiry, a token id
+  (``jti``) and ``dig`` = base64url(sha256(key || 0x00 || value)) of the Kafka record. Any
+  producer in any language can make one; the engine verifies it before ``decide``, so a
+  changed key or value, an expired token or a second use of the same token is refused.
+* **Attempt tokens** (:func:`attempt_token`, :func:`check_attempt_token`): an HMAC the engine
+  puts on every task over (instance, activity, attempt); a result must bring it back, so
+  whoever can write to ``commands`` still cannot forge another attempt's result.
+
+The algorithm a token names in its header is never trusted on its own: it must be one the
+configured :class:`Keys` can verify (HS256 for the shared secret, RS256/ES256 for the JWKS
+keys), and only a key of that algorithm is tried, so ``alg: none`` and HS256-with-a-public-key
+confusion are refused before any signature is checked. Every check takes ``now`` (epoch
+seconds, as JWT claims are) as an argument; nothing here reads the clock except :func:`issue`
+and :func:`sign_command` when no ``now`` is given.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from kflow.model.errors import KflowError
+from kflow.security.principal import AuthError, Principal
+
+__all__ = [
+    "COMMAND_HEADER",
+    "MIN_SECRET_BYTES",
+    "KeyConfigError",
+    "Keys",
+    "ReplayCache",
+    "SigningKey",
+    "attempt_token",
+    "check_attempt_token",
+    "command_digest",
+    "issue",
+    "load_jwks",
+    "load_jwks_file",
+    "sign_command",
+    "verify_command",
+    "verify_token",
+]
+
+log = logging.getLogger(__name__)
+
+#: The record header that carries a command token.
+COMMAND_HEADER = "kflow.auth"
+#: Shortest HS256 secret accepted: RFC 7518 asks for a key at least as long as the hash.
+MIN_SECRET_BYTES = 32
+#: Longest token looked at; anything longer is refused before it is parsed.
+MAX_TOKEN_BYTES = 8192
+
+_HS256, _RS256, _ES256 = "HS256", "RS256", "ES256"
+#: The only algorithms a JWKS key may verify (an ``oct`` key in a JWKS would be a shared secret).
+_JWKS_ALGORITHMS = frozenset({_RS256, _ES256})
+_MIN_RSA_BITS = 2048
+_ATTEMPT_DOMAIN = b"kflow.attempt.v1"
+# Expiry is checked against the caller's ``now``, so PyJWT must not look at its own clock; an
+# ``aud`` claim is still refused, as no audience is configured.
+_DECODE_OPTIONS: Any = {"verify_exp": False, "verify_nbf": False, "verify_iat": False}
+_JWT = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+
+#: A key that signs: an HS256 secret, or an RSA (RS256) or P-256 (ES256) private key.
+SigningKey = bytes | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+class KeyConfigError(KflowError):
+    """The configured keys cannot be used; the message names the variable, never the secret."""
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Keys:
+    """The keys a process verifies and signs tokens with.
+
+    Attributes:
+        secret: The HS256 shared secret (verifies, and signs when ``signing_key`` is unset).
+        jwks: Public keys (RS256/ES256) that verify tokens, e.g. an OIDC provider's JWKS.
+        signing_key: What :func:`issue` and :func:`sign_command` sign with: an HS256 secret or
+            an RSA / P-256 private key whose public half is in the verifiers' JWKS.
+    """
+
+    secret: bytes | None = None
+    jwks: tuple[jwt.PyJWK, ...] = ()
+    signing_key: SigningKey | None = None
+    _signer: tuple[Any, str] | None = field(init=False, default=None)
+    _algorithms: frozenset[str] = field(init=False, default=frozenset())  # computed once: read per token
+
+    def __post_init__(self) -> None:
+        if self.secret is not None:
+            _check_secret(self.secret, "the JWT secret")
+        for k in self.jwks:
+            if k.algorithm_name not in _JWKS_ALGORITHMS:
+                raise KeyConfigError(f"a JWKS key must be RS256 or ES256, got {k.algorithm_name}")
+        signer = _signer_for(self.signing_key) if self.signing_key is not None else None
+        if signer is None and self.secret is not None:
+            signer = (self.secret, _HS256)
+        object.__setattr__(self, "_signer", signer)
+        found = {k.algorithm_name for k in self.jwks} | ({_HS256} if self.secret is not None else set())
+        object.__setattr__(self, "_algorithms", frozenset(found))
+
+    def __repr__(self) -> str:
+        return (f"Keys(verifies={sorted(self.algorithms)}, jwks={len(self.jwks)} key(s), "
+                f"signs={self._signer[1] if self._signer else None})")
+
+    @property
+    def algorithms(self) -> frozenset[str]:
+        """The algorithms a token may name: those of the configured verification keys."""
+        return self._algorithms
+
+    @property
+    def signing_algorithm(self) -> str | None:
+        """The algorithm tokens are signed with, or None when these keys cannot sign."""
+        return self._signer[1] if self._signer else None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Keys:
+        """Keys from ``KFLOW_JWT_SECRET``, ``KFLOW_JWKS_FILE`` and ``KFLOW_SIGNING_KEY``.
+
+        ``KFLOW_SIGNING_KEY`` is the path of a PEM private key file (RS256 or ES256) when such a
+        file exists, else an HS256 secret. Unset variables contribute nothing: keys from an
+        empty environment verify nothing and cannot sign.
+
+        Raises:
+            KeyConfigError: a variable is set but unusable (short secret, unreadable or invalid
+                JWKS file, a PEM that is not an RSA or P-256 private key).
+        """
+        env = os.environ if environ is None else environ
+        secret = env.get("KFLOW_JWT_SECRET") or None
+        jwks_file = env.get("KFLOW_JWKS_FILE") or None
+        signing = env.get("KFLOW_SIGNING_KEY") or None
+        return cls(
+            secret=_secret_bytes(secret, "KFLOW_JWT_SECRET") if secret else None,
+            jwks=load_jwks_file(jwks_file) if jwks_file else (),
+            signing_key=_signing_key_from_env(signing) if signing else None,
+        )
+
+    def verifiers(self, alg: str, kid: object) -> list[Any]:
+        """The keys that may verify a token of ``alg`` (and ``kid``, when the token names one)."""
+        if alg == _HS256:
+            return [self.secret] if self.secret is not None else []
+        return [k for k in self.jwks if k.algorithm_name == alg and (kid is None or k.key_id == kid)]
+
+    def signer(self) -> tuple[Any, str]:
+        """The signing key and its algorithm.
+
+        Raises:
+            KeyConfigError: these keys cannot sign.
+        """
+        if self._signer is None:
+            raise KeyConfigError("cannot sign tokens: set KFLOW_JWT_SECRET (HS256) or KFLOW_SIGNING_KEY "
+                                 "(an HS256 secret or a PEM private key file)")
+        return self._signer
+
+
+def _check_secret(secret: bytes, what: str) -> None:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise KeyConfigError(f"{what} must be at least {MIN_SECRET_BYTES} bytes long, got {len(secret)}")
+
+
+def _secret_bytes(text: str, variable: str) -> bytes:
+    raw = text.encode("utf-8")
+    _check_secret(raw, variable)
+    return raw
+
+
+def _signer_for(key: SigningKey) -> tuple[Any, str]:
+    """The algorithm a signing key implies; refuse weak or unsupported keys."""
+    if isinstance(key, bytes):
+        _check_secret(key, "the HS256 signing key")
+        return key, _HS256
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise KeyConfigError(f"an RSA signing key must have at least {_MIN_RSA_BITS} bits, got {key.key_size}")
+        return key, _RS256
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise KeyConfigError(f"an EC signing key must be on P-256 (ES256), got {key.curve.name}")
+        return key, _ES256
+    raise KeyConfigError(f"a signing key must be bytes, an RSA or a P-256 private key, got {type(key).__name__}")
+
+
+def _signing_key_from_env(value: str) -> SigningKey:
+    """``KFLOW_SIGNING_KEY``: a PEM private key file when the path exists, else an HS256 secret."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # a secret too long or odd to be a path
+        is_file = False
+    if not is_file:
+        if len(value.encode("utf-8")) < MIN_SECRET_BYTES:
+            raise KeyConfigError(f"KFLOW_SIGNING_KEY is neither an existing PEM file nor an HS256 secret of at "
+                                 f"least {MIN_SECRET_BYTES} bytes")
+        return value.encode("utf-8")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyConfigError(f"KFLOW_SIGNING_KEY file {path} is not an unencrypted PEM private key: "
+                             f"{type(exc).__name__}") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise KeyConfigError(f"KFLOW_SIGNING_KEY file {path} must hold an RSA or P-256 key, got {type(key).__name__}")
+    return key
+
+
+def load_jwks(doc: Mapping[str, Any], source: str = "JWKS") -> tuple[jwt.PyJWK, ...]:
+    """The RS256/ES256 signature keys of a JWKS document; other keys are skipped with a warning.
+
+    Raises:
+        KeyConfigError: the document has no ``keys`` list or no usable key.
+    """
+    raw = doc.get("keys")
+    if not isinstance(raw, list):
+        raise KeyConfigError(f"{source}: expected an object with a 'keys' list")
+    usable: list[jwt.PyJWK] = []
+    skipped: list[str] = []
+    for i, entry in enumerate(raw):
+        why = _jwk_problem(entry)
+        if why is None:
+            try:
+                key = jwt.PyJWK(entry)
+            except jwt.PyJWTError as exc:
+                why = str(exc).split(":")[0]
+            else:
+                why = None if key.algorithm_name in _JWKS_ALGORITHMS else f"algorithm {key.algorithm_name} is not RS256/ES256"
+                if why is None:
+                    usable.append(key)
+        if why is not None:
+            kid = entry.get("kid") if isinstance(entry, dict) else None
+            skipped.append(f"key {i}" + (f" (kid {kid})" if kid else "") + f": {why}")
+    if not usable:
+        raise KeyConfigError(f"{source}: no usable RS256/ES256 key" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    for reason in skipped:
+        log.warning("%s: skipped %s", source, reason)
+    return tuple(usable)
+
+
+def _jwk_problem(entry: Any) -> str | None:
+    """Why a JWKS entry cannot verify signatures, before PyJWT parses it."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    if entry.get("kty") == "oct":
+        return "a symmetric key does not belong in a JWKS of public keys"
+    if entry.get("use", "sig") != "sig":
+        return f"use is {entry.get('use')!r}, not 'sig'"
+    return None
+
+
+def load_jwks_file(path: str | os.PathLike[str]) -> tuple[jwt.PyJWK, ...]:
+    """:func:`load_jwks` of a JSON file (``KFLOW_JWKS_FILE``).
+
+    Raises:
+        KeyConfigError: the file cannot be read, is not JSON, or has no usable key.
+    """
+    source = f"KFLOW_JWKS_FILE {path}"
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KeyConfigError(f"{source}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise KeyConfigError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise KeyConfigError(f"{source}: expected a JSON object with a 'keys' list")
+    return load_jwks(doc, source)
+
+
+# --------------------------------------------------------------------------- principal tokens
+
+
+def issue(principal: str, tenant: str, roles: Iterable[str], ttl_s: float, keys: Keys, *,
+          now: float | None = None) -> str:
+    """Mint a principal token (claims ``sub``, ``tenant``, ``roles``, ``iat``, ``exp``, ``jti``).
+
+    Args:
+        principal: The principal's name.
+        tenant: Its tenant.
+        roles: Its role names.
+        ttl_s: How long the token is valid, in seconds.
+        keys: Keys that can sign.
+        now: Epoch seconds to issue at (default: the wall clock).
+
+    Raises:
+        ValueError: an empty principal or tenant, or a non-positive ``ttl_s``.
+        KeyConfigError: ``keys`` cannot sign.
+    """
+    if not principal or not tenant:
+        raise ValueError("a token needs a principal and a tenant")
+    if not ttl_s > 0:
+        raise ValueError(f"expected a positive ttl, but got {ttl_s}s")
+    iat = int(time.time() if now is None else now)
+    claims = {"sub": principal, "tenant": tenant, "roles": sorted(set(roles)),
+              "iat": iat, "exp": iat + math.ceil(ttl_s), "jti": _new_jti()}
+    return _sign(claims, keys)
+
+
+def verify_token(token: str | bytes | None, keys: Keys, now: float) -> Principal:
+    """Verify a principal token (e.g. an HTTP bearer token) and return who it names.
+
+    A command token is refused here: it is visible to every reader of the commands topic, so it
+    must not open the HTTP API.
+
+    Raises:
+        AuthError: ``Unauthenticated``, with the reason.
+    """
+    claims = _verified_claims(_token_text(token), keys, now)
+    if "dig" in claims:
+        raise _unauthenticated("expected a principal token, but this is a command token")
+    return _principal(claims)
+
+
+def _new_jti() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def _sign(claims: dict[str, Any], keys: Keys) -> str:
+    key, alg = keys.signer()
+    return _JWT.encode(claims, key, algorithm=alg)
+
+
+# --------------------------------------------------------------------------- command tokens
+
+
+def command_digest(key: bytes | None, value: bytes | None) -> str:
+    """``dig`` of a record: base64url (unpadded) of sha256(key || 0x00 || value); None counts as empty."""
+    h = hashlib.sha256(key or b"")
+    h.update(b"\x00")
+    h.update(value or b"")
+    return _b64(h.digest())
+
+
+def sign_command(key: bytes | None, value: bytes | None, principal_token_or_claims: str | Principal | Mapping[str, Any],
+                 keys: Keys, ttl_s: float, *, now: float | None = None) -> str:
+    """A command token for one record, to put in its :data:`COMMAND_HEADER` header.
+
+    Args:
+        key: The record's key (the instance id).
+        value: The record's value, exactly as produced.
+        principal_token_or_claims: Who sends it: a principal token (verified with ``keys``; the
+            command token never outlives it), a :class:`Principal`, or claims with ``sub``,
+            ``tenant`` and optional ``roles``.
+        keys: Keys that can sign (and verify the principal token).
+        ttl_s: How long the command stays valid, in seconds: at least as long as it may wait in
+            the topic before an engine reads it.
+        now: Epoch seconds to sign at (default: the wall clock).
+
+    Raises:
+        AuthError: the principal token does not verify.
+        KeyConfigError: ``keys`` cannot sign.
+        ValueError: a non-positive ``ttl_s``, or claims without ``sub`` and ``tenant``.
+    """
+    if not ttl_s > 0:
+        raise ValueError(f"expected a positive ttl, but got {ttl_s}s")
+    at = time.time() if now is None else now
+    exp = int(at) + math.ceil(ttl_s)
+    source = principal_token_or_claims
+    if isinstance(source, Principal):
+        who = source
+    elif isinstance(source, Mapping):
+        who = _principal(source)
+    else:
+        claims = _verified_claims(_token_text(source), keys, at)
+        if "dig" in claims:
+            raise _unauthenticated("expected a principal token, but this is a command token")
+        who, exp = _principal(claims), min(exp, claims["exp"])
+    return _sign({"sub": who.name, "tenant": who.tenant, "roles": sorted(who.roles), "iat": int(at), "exp": exp,
+                  "jti": _new_jti(), "dig": command_digest(key, value)}, keys)
+
+
+def verify_command(header_value: str | bytes | None, key: bytes | None, value: bytes | None, keys: Keys, now: float,
+                   seen: ReplayCache) -> Principal:
+    """Verify the command token of one record and return its sender.
+
+    Checks, in order: present and well-formed; its ``alg`` is one ``keys`` verify; signature;
+    claims; not expired at ``now``; ``dig`` matches this key and value; its ``jti`` not seen
+    before (then remembered in ``seen`` until it expires).
+
+    Raises:
+        AuthError: ``Unauthenticated``, with the reason.
+    """
+    claims = _verified_claims(_token_text(header_value), keys, now)
+    who = _principal(claims)
+    dig = claims.get("dig")
+    if not isinstance(dig, str):
+        raise _unauthenticated("expected a command token with a 'dig' claim, but it has none")
+    if not hmac.compare_digest(dig.encode("ascii", "replace"), command_digest(key, value).encode("ascii")):
+        raise _unauthenticated("expected the token's digest to match the record, but the key or value was changed")
+    seen.add(claims["jti"], claims["exp"], now)
+    return who
+
+
+def _token_text(raw: str | bytes | None) -> str:
+    if raw is None or len(raw) == 0:
+        raise _unauthenticated(f"expected a signed token (header {COMMAND_HEADER!r} or a bearer token), but there is none")
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise _unauthenticated(f"expected a token of at most {MAX_TOKEN_BYTES} bytes, but it has {len(raw)}")
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(raw).decode("ascii")
+        except UnicodeDecodeError:
+            raise _unauthenticated("malformed token: not ASCII") from None
+    return raw
+
+
+def _verified_claims(token: str, keys: Keys, now: float) -> dict[str, Any]:
+    """Check the algorithm against ``keys``, the signature, the claim types and the expiry."""
+    header = _unverified_header(token)
+    alg = header.get("alg")
+    allowed = keys.algorithms
+    if not isinstance(alg, str) or alg not in allowed:
+        expected = "/".join(sorted(allowed)) or "a configured key (none is: set KFLOW_JWT_SECRET or KFLOW_JWKS_FILE)"
+        raise _unauthenticated(f"expected a token signed with {expected}, but it names alg {alg!r}")
+    candidates = keys.verifiers(alg, header.get("kid"))
+    if not candidates:
+        raise _unauthenticated(f"expected a token signed by a known key, but no {alg} key has kid {header.get('kid')!r}")
+    claims = _decode(token, alg, candidates)
+    _check_claims(claims, now)
+    return claims
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    """The JOSE header, read only to choose a key (PyJWT then checks the whole token strictly).
+
+    Decoding just the first segment, rather than asking PyJWT for it, halves the parsing cost
+    of every command.
+    """
+    head = token.split(".", 1)[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, binascii.Error):
+        raise _unauthenticated("malformed token: its header is not base64url-encoded JSON") from None
+    if not isinstance(header, dict):
+        raise _unauthenticated("malformed token: its header is not a JSON object")
+    return header
+
+
+def _decode(token: str, alg: str, candidates: list[Any]) -> dict[str, Any]:
+    """Verify ``token`` with the first candidate key whose signature matches; only ``alg`` is allowed."""
+    for k in candidates:
+        try:
+            return _JWT.decode(token, k, algorithms=[alg], options=_DECODE_OPTIONS)  # a dict, or DecodeError
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.DecodeError as exc:
+            raise _unauthenticated(f"malformed token: {exc}") from None
+        except jwt.PyJWTError as exc:
+            raise _unauthenticated(f"invalid token: {exc}") from None
+    raise _unauthenticated("expected a valid signature, but the token was not signed by a configured key")
+
+
+def _check_claims(claims: dict[str, Any], now: float) -> None:
+    for name in ("sub", "tenant", "jti"):
+        if not isinstance(claims.get(name), str) or not claims[name]:
+            raise _unauthenticated(f"expected a non-empty string claim {name!r}, but got {claims.get(name)!r}")
+    for name in ("iat", "exp"):
+        if not _is_number(claims.get(name)):
+            raise _unauthenticated(f"expected a numeric claim {name!r}, but got {claims.get(name)!r}")
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise _unauthenticated("expected claim 'roles' to be a list of strings")
+    if now >= claims["exp"]:
+        raise _unauthenticated(f"expected a token valid at {now:.0f}, but it expired at {claims['exp']}")
+    nbf = claims.get("nbf")
+    if nbf is not None and (not _is_number(nbf) or now < nbf):
+        raise _unauthenticated(f"expected a token valid at {now:.0f}, but its 'nbf' claim is {nbf!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _principal(claims: Mapping[str, Any]) -> Principal:
+    name, tenant, roles = claims.get("sub"), claims.get("tenant"), claims.get("roles", ())
+    if not isinstance(name, str) or not name or not isinstance(tenant, str) or not tenant:
+        raise ValueError("claims need a non-empty 'sub' and 'tenant'")
+    if isinstance(roles, str) or not all(isinstance(r, str) for r in roles):
+        raise ValueError("claim 'roles' must be a list of strings")
+    return Principal(name, tenant, frozenset(roles))
+
+
+def _unauthenticated(reason: str) -> AuthError:
+    return AuthError("Unauthenticated", reason)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+class ReplayCache:
+    """Token ids seen and not yet expired: a second use of a ``jti`` within its lifetime is a replay.
+
+    Bounded by ``capacity``. Expired ids are dropped first; when the cache is still full, the id
+    that expires soonest is forgotten early, and from then on every token expiring no later than
+    it is refused (it might be a replay of a forgotten one): the cache fails closed, never open.
+    Pure: time is the ``now`` argument.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"expected a positive capacity, but got {capacity}")
+        self.capacity = capacity
+        self._exp: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []  # heap of (exp, jti), the same entries as _exp
+        self._horizon = -math.inf  # the latest expiry forgotten before it was due
+
+    def __len__(self) -> int:
+        return len(self._exp)
+
+    def __contains__(self, jti: object) -> bool:
+        return jti in self._exp
+
+    def add(self, jti: str, exp: float, now: float) -> None:
+        """Remember ``jti`` until ``exp``.
+
+        Raises:
+            AuthError: ``Unauthenticated``: ``jti`` was seen, or it expires no later than an id
+                the full cache had to forget.
+        """
+        self._drop_expired(now)
+        if jti in self._exp:
+            raise _unauthenticated(f"expected a new token id, but {jti!r} was already used (replayed command)")
+        if exp <= self._horizon:
+            raise _unauthenticated(f"expected a token expiring after {self._horizon}, as the replay cache is full and "
+                                   f"forgot ids expiring until then, but it expires at {exp}")
+        if len(self._exp) >= self.capacity:
+            forgotten, old = heapq.heappop(self._due)
+            del self._exp[old]
+            self._horizon = max(self._horizon, forgotten)
+        self._exp[jti] = exp
+        heapq.heappush(self._due, (exp, jti))
+
+    def _drop_expired(self, now: float) -> None:
+        due = self._due
+        while due and due[0][0] <= now:
+            del self._exp[heapq.heappop(due)[1]]
+
+
+# --------------------------------------------------------------------------- attempt tokens
+
+
+def attempt_token(secret: bytes, instance_id: str, activity_id: str, attempt: int) -> str:
+    """The capability token of one activity attempt: base64url(HMAC-SHA256(secret, attempt))."""
+    return _b64(hmac.new(secret, _attempt_message(instance_id, activity_id, attempt), hashlib.sha256).digest())
+
+
+def check_attempt_token(secret: bytes, instance_id: str, activity_id: str, attempt: int,
+                        token: str | bytes | None) -> bool:
+    """Whether ``token`` is the capability token of this attempt (a constant-time comparison)."""
+    if not token:
+        return False
+    given = token.encode("utf-8", "replace") if isinstance(token, str) else bytes(token)
+    return hmac.compare_digest(given, attempt_token(secret, instance_id, activity_id, attempt).encode("ascii"))
+
+
+def _attempt_message(instance_id: str, activity_id: str, attempt: int) -> bytes:
+    """Length-prefixed fields behind a domain tag, so no two attempts (or uses) share a message."""
+    parts = [_ATTEMPT_DOMAIN, instance_id.encode("utf-8"), activity_id.encode("utf-8"), str(attempt).encode("ascii")]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
