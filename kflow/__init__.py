@@ -4,8 +4,9 @@ The public surface for applications: :class:`Client` (and :class:`AsyncClient` f
 signal and await workflows; :func:`workflow` to write code workflows; :func:`activity` and
 :func:`heartbeat` to write activities and :class:`Worker` to run them; and the errors they raise (every one a :class:`KflowError`:
 :class:`ActivityError` and :class:`WorkflowCancelledError` (also named :class:`CancelledError`) inside
-code workflows, :class:`WorkflowFailedError`
-from a handle's result, :class:`NonRetryableError` from activities ...). Names are imported on first use,
+code workflows, :class:`WorkflowFailedError` from a handle's result (its ``cause`` the activity failure
+that ended the workflow, if one did), :class:`QueryFailedError` from a query, :class:`NonRetryableError`
+from activities, :class:`DeterminismError` (and its :class:`NondeterminismError`) from replay ...). Names are imported on first use,
 so ``import kflow.model`` stays free of Kafka.
 
 Example:
@@ -30,8 +31,10 @@ if TYPE_CHECKING:
         CancelledError,
         DefinitionConflict,
         DefinitionError,
+        DeterminismError,
         KflowError,
         NonRetryableError,
+        QueryFailedError,
         StartRejectedError,
         TopicConfigMismatch,
         WorkflowCancelledError,
@@ -50,9 +53,11 @@ __all__ = [
     "Client",
     "DefinitionConflict",
     "DefinitionError",
+    "DeterminismError",
     "KflowError",
     "NonRetryableError",
     "NondeterminismError",
+    "QueryFailedError",
     "StartRejectedError",
     "TopicConfigMismatch",
     "Worker",
@@ -85,8 +90,10 @@ _HOME = {
     "CancelledError": "kflow.model.errors",
     "DefinitionConflict": "kflow.model.errors",
     "DefinitionError": "kflow.model.errors",
+    "DeterminismError": "kflow.model.errors",
     "KflowError": "kflow.model.errors",
     "NonRetryableError": "kflow.model.errors",
+    "QueryFailedError": "kflow.model.errors",
     "StartRejectedError": "kflow.model.errors",
     "TopicConfigMismatch": "kflow.model.errors",
     "WorkflowError": "kflow.model.errors",

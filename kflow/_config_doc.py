@@ -43,10 +43,10 @@ def config_table() -> str:
 
 #: Modules that register kflow's metrics (imported to fill the registry).
 METRIC_MODULES = ("kflow.streams.metrics", "kflow._worker.metrics", "kflow.connectors.host", "kflow.connectors.triggers",
-                  "kflow.visibility.projection")
+                  "kflow.visibility.projection", "kflow.subscriptions")
 #: Which processes export a metric, by name prefix (first match wins).
 _EXPORTED_BY = (("kflow_worker_", "worker"), ("kflow_activity_", "worker"), ("kflow_connector_", "connect"),
-                ("kflow_trigger_", "triggers"), ("kflow_visibility_", "visibility"),
+                ("kflow_trigger_", "triggers"), ("kflow_subscription_", "subscriptions"), ("kflow_visibility_", "visibility"),
                 ("kflow_consumer_lag", "engine, worker"), ("kflow_dlq_", "engine, worker"), ("kflow_", "engine"))
 
 

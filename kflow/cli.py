@@ -10,7 +10,8 @@ from typing import Any
 
 from typer import Typer
 
-from kflow._cli import connect, devices, doctor, dlq, processes, replay, security, topics, triggers, visibility, workflows
+from kflow._cli import (connect, devices, doctor, dlq, processes, replay, security, subscriptions, topics, triggers,
+                        visibility, workflows)
 from kflow._cli.common import KflowGroup, Verbose, current_folder_on_path, setup_logging
 
 __all__ = ["app", "main"]
@@ -56,8 +57,10 @@ app.add_typer(topics.app, name="topics", rich_help_panel="Operations")
 app.add_typer(dlq.app, name="dlq", rich_help_panel="Operations")
 app.add_typer(security.token_app, name="token", rich_help_panel="Security")
 app.add_typer(security.policy_app, name="policy", rich_help_panel="Security")
+app.add_typer(security.audit_app, name="audit", rich_help_panel="Security")
 app.add_typer(devices.app, name="devices", rich_help_panel="Processes")
 app.add_typer(triggers.app, name="triggers", rich_help_panel="Processes")
+app.add_typer(subscriptions.app, name="subscriptions", rich_help_panel="Processes")
 
 def main() -> None:
     """Console-script entry point (``kflow``); user modules import from the current folder, as with ``python -m``."""

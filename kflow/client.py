@@ -14,36 +14,41 @@ start's handle raises :class:`~kflow.model.errors.StartRejectedError` instead of
 ``definitions`` topic, so ``deploy`` refuses to change a deployed ``name@version`` and ``start``
 refuses a workflow that is not deployed, both before anything is written. The client never uses
 transactions; it produces with ``acks=all`` and idempotence and confirms delivery before returning.
+With a principal token (``KFLOW_TOKEN``) and keys configured, every command carries a signed
+``kflow.auth`` header bound to its key and value, which engines with auth on require.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import orjson
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from kflow import _tracing
 from kflow.config import KafkaConfig
 from kflow.converter import from_json, return_type, to_json
 from kflow.engine import compile_spec
 from kflow.engine.definitions import definition_fingerprint
-from kflow.model.errors import (BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
-                                StartRejectedError, WorkflowFailedError, WorkflowNotDeployed)
+from kflow.model.errors import (ActivityError, BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
+                                QueryFailedError, StartRejectedError, WorkflowFailedError, WorkflowNotDeployed)
 from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event, JSONValue, Status
 from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
+from kflow.security.tokens import CommandSigner
 from kflow.streams.definitions import DefinitionsLog
 from kflow.streams.partitioner import partition_for
+from kflow.streams.readend import EndReader, at_end, watermarks
 
 __all__ = ["ID_REUSE_POLICIES", "Client", "Deployed", "StateWatcher", "WorkflowHandle", "load_spec"]
 
@@ -111,7 +116,22 @@ def _outcome(instance_id: str, state: Mapping[str, Any]) -> JSONValue:
         return result
     if state["status"] == REJECTED:
         raise StartRejectedError(instance_id, state.get("error_message") or "")
-    raise WorkflowFailedError(instance_id, state["status"], state.get("error_type"), state.get("error_message"))
+    error_type, message = state.get("error_type"), state.get("error_message")
+    raise WorkflowFailedError(instance_id, state["status"], error_type, message, _activity_cause(error_type, message))
+
+
+#: How the engine words a workflow failure that an activity's failure caused: ``activity 'NAME'
+#: failed: MESSAGE`` from code workflows, ``activity 'NAME' (step 'STEP') failed: MESSAGE`` from specs.
+_ACTIVITY_FAILURE = re.compile(r"activity '(?P<activity>[^']*)'(?: \(step '[^']*'\))? failed: (?P<message>.*)",
+                               re.DOTALL)
+
+
+def _activity_cause(error_type: str | None, message: str | None) -> ActivityError | None:
+    """The activity failure a terminal state's error reports, if an activity's failure is what ended it."""
+    found = _ACTIVITY_FAILURE.fullmatch(message or "")
+    if error_type is None or found is None:
+        return None
+    return ActivityError(found["message"], type=error_type, activity=found["activity"])
 
 
 def _drain(consumer: Consumer) -> list[Message]:
@@ -253,21 +273,14 @@ class StateWatcher:
             topic = consumer.list_topics(self._topic, timeout=self._timeout).topics.get(self._topic)
             if topic is None or topic.error is not None or not topic.partitions:
                 raise KflowError(f"state topic '{self._topic}' is not available: {topic.error if topic else 'missing'}")
-            out = self._ends(consumer, self._topic, topic.partitions)
+            out = at_end(consumer, self._topic, topic.partitions, self._timeout)
             if self._dlq_topic:
                 dlq = consumer.list_topics(self._dlq_topic, timeout=self._timeout).topics.get(self._dlq_topic)
                 if dlq is not None and dlq.error is None and dlq.partitions:
-                    out += self._ends(consumer, self._dlq_topic, dlq.partitions)
+                    out += at_end(consumer, self._dlq_topic, dlq.partitions, self._timeout)
             return out
         except KafkaException as exc:
             raise BrokerUnavailable(self._config.bootstrap, f"cannot read the state topic offsets: {exc}") from None
-
-    def _ends(self, consumer: Consumer, topic: str, partitions: Iterable[int]) -> list[TopicPartition]:
-        out = []
-        for p in sorted(partitions):
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self._timeout, cached=False)
-            out.append(TopicPartition(topic, p, high))
-        return out
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread and close its consumer. Waiters still waiting time out."""
@@ -581,11 +594,13 @@ class Client:
         self._watcher: StateWatcher | None = None
         self._definitions: DefinitionsLog | None = None
         self._definitions_lock = threading.Lock()  # one reader of the definitions consumer at a time
-        self._reader: Consumer | None = None  # status answers and histories; assigned per read
+        self._reader: EndReader | None = None  # status answers and histories; assigned per read
         self._marks: Consumer | None = None  # high watermarks, read_uncommitted (see _end_offset)
         self._reader_lock = threading.Lock()  # one read at a time owns the reader's assignment
         self._partition_counts: dict[str, int] = {}
         self._reply_partition = -1  # this client's status answers all land on one replies partition
+        self._signer: CommandSigner | None = None  # signs commands with KFLOW_TOKEN (made on first use)
+        self._signer_made = False
         self._closed = False
         self.records_read = 0
         """Records read from Kafka by :meth:`status`, :meth:`history` and state-topic scans so far
@@ -651,9 +666,24 @@ class Client:
 
     # -- producing -------------------------------------------------------------------------
 
+    def _command_signer(self) -> CommandSigner | None:
+        """The signer of this client's commands: from ``KFLOW_TOKEN`` and the keys, None without a token.
+
+        Raises:
+            KeyConfigError: auth is on without a token, or the keys cannot sign.
+        """
+        with self._lock:
+            if not self._signer_made:
+                self._signer, self._signer_made = self.config.command_signer(), True
+            return self._signer
+
     def _produce(self, topic: str, key: str, value: bytes, *, confirm: bool = True,
                  headers: list[tuple[str, bytes]] | None = None) -> None:
         producer = self._ensure_ready()
+        if topic == self.names.commands:
+            signer = self._command_signer()
+            if signer is not None:  # the engine verifies it against exactly this key and value
+                headers = [*(headers or ()), signer.header(key.encode(), value)]
         outcome: list[KafkaError | None] = []
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
@@ -873,8 +903,9 @@ class Client:
         variable, or ``vars`` for all of them) without writing to its history.
 
         Raises:
-            KflowError: the instance does not exist, has no such query, or the handler failed
-                (the message says which).
+            QueryFailedError: the engine answered with an error: the instance does not exist
+                (``type`` ``"NotFound"``), has no such query (``"UnknownQuery"``), or the handler
+                raised (its error type); ``message`` says more.
             TimeoutError: no engine answered within ``timeout`` seconds.
         """
         self._ensure_ready()
@@ -889,11 +920,9 @@ class Client:
                 if partitions == 0:
                     raise KflowError(f"replies topic '{topic}' does not exist; start an engine (it creates it)")
                 p = partition_for(qid.encode(), partitions)
-                _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.connect_timeout,
-                                                            cached=False)
+                consumer.assign(at_end(consumer, topic, [p], self.connect_timeout))
             except KafkaException as exc:
                 raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
-            consumer.assign([TopicPartition(topic, p, high)])
             self._command(Command("QueryWorkflow", id, {"query_id": qid, "name": name, "args": [to_json(a, f"query '{name}' argument") for a in args]}))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -903,7 +932,7 @@ class Client:
                     answer = orjson.loads(msg.value())
                     if "error" in answer:
                         err = answer["error"]
-                        raise KflowError(f"query '{name}' on {id} failed: {err['type']}: {err['message']}")
+                        raise QueryFailedError(err["type"], err["message"], instance_id=id, query=name)
                     return answer.get("result")
             raise TimeoutError(f"no answer to query '{name}' on {id} within {timeout:g}s (is an engine running?)")
         finally:
@@ -954,7 +983,7 @@ class Client:
         """
         topic = self.names.replies
         with self._reader_lock:
-            reader = self._reader_consumer()
+            reader = self._end_reader().consumer
             partitions = self._partition_count(reader, topic)
             if self._reply_partition < 0:
                 self._reply_partition = uuid.uuid4().int % partitions
@@ -977,12 +1006,12 @@ class Client:
         raise TimeoutError(f"no engine answered {command} for {id} within {timeout:g}s (is an engine running? "
                            "status and history can read the topics without one: scan=True, or --scan)")
 
-    def _reader_consumer(self) -> Consumer:
+    def _end_reader(self) -> EndReader:
         """The client's reader (created once); called with ``_reader_lock`` held."""
         self._ensure_ready()
         if self._reader is None:
-            self._reader = Consumer(self.config.consumer_conf(
-                f"kflow-client-reader-{uuid.uuid4().hex}", **{"enable.partition.eof": True, **self._conf()}))
+            self._reader = EndReader(self.config.consumer_conf(f"kflow-client-reader-{uuid.uuid4().hex}",
+                                                               **self._conf()), timeout=self.connect_timeout)
         return self._reader
 
     def _partition_count(self, consumer: Consumer, topic: str) -> int:
@@ -1010,11 +1039,10 @@ class Client:
                     f"kflow-client-marks-{uuid.uuid4().hex}", **{"isolation.level": "read_uncommitted", **self._conf()}))
             marks = self._marks
         try:
-            _low, high = marks.get_watermark_offsets(TopicPartition(topic, partition),
-                                                     timeout=self.connect_timeout, cached=False)
+            _low, high = watermarks(marks, topic, [partition], self.connect_timeout)[partition]
         except KafkaException as exc:
             raise BrokerUnavailable(self.config.bootstrap, f"cannot read offsets of {topic}: {exc}") from None
-        return int(high)
+        return high
 
     def result(self, id: str, timeout: float = 30) -> JSONValue:
         """Wait until instance ``id`` finishes and return its result.
@@ -1160,44 +1188,21 @@ class Client:
         topic, key = self.names.events, id.encode()
         by_seq: dict[int, Event] = {}  # a seq seen again after an aborted transaction: the later one counts
         with self._reader_lock:
-            reader = self._reader_consumer()
-            p = partition_for(key, self._partition_count(reader, topic))
-            high = self._end_offset(topic, p)
-            if start >= high:
-                return []
-            reader.assign([TopicPartition(topic, p, start)])
-            for msg in self._until_end(reader, topic, {p: high}, f"reading {topic}[{p}] from offset {start}"):
-                if msg.key() == key and msg.value() is not None:
-                    ev = self._decode_event(msg)
-                    if ev is not None:
-                        by_seq[ev.seq] = ev
-                        if ev.seq == last_seq:
-                            break
+            reader = self._end_reader()
+            p = partition_for(key, self._partition_count(reader.consumer, topic))
+            before = reader.records
+            try:
+                for msg in reader.read(topic, start={p: start}, ends={p: self._end_offset(topic, p)},
+                                       timeout=self.request_timeout, what=f"reading {topic}[{p}] from offset {start}"):
+                    if msg.key() == key and msg.value() is not None:
+                        ev = self._decode_event(msg)
+                        if ev is not None:
+                            by_seq[ev.seq] = ev
+                            if ev.seq == last_seq:
+                                break
+            finally:
+                self.records_read += reader.records - before
         return [by_seq[s] for s in sorted(by_seq)]
-
-    def _until_end(self, consumer: Consumer, topic: str, ends: dict[int, int], what: str) -> Iterator[Message]:
-        """The records of ``consumer``'s assigned partitions of ``topic`` until each reaches its end
-        (EOF, or the record before its end offset in ``ends``), counted in ``records_read``."""
-        ends = dict(ends)
-        deadline = time.monotonic() + self.request_timeout
-        while ends:
-            if time.monotonic() > deadline:
-                raise BrokerUnavailable(self.config.bootstrap, f"{what} took longer than {self.request_timeout:g}s")
-            for msg in _drain(consumer):
-                if msg.topic() != topic:
-                    continue  # left over from the consumer's previous assignment
-                err = msg.error()
-                p = msg.partition()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        ends.pop(p, None)
-                    elif err.fatal():
-                        raise KafkaException(err)
-                    continue
-                self.records_read += 1
-                yield msg
-                if p in ends and msg.offset() >= ends[p] - 1:
-                    ends.pop(p)
 
     def _scan_history(self, id: str) -> list[Event]:
         """The events of ``id`` read from its partition's beginning to the high watermark."""
@@ -1240,30 +1245,20 @@ class Client:
         from the beginning to the high watermark."""
         self._ensure_ready()
         wanted = {i.encode() for i in ids}
-        consumer = Consumer(self.config.consumer_conf(
-            f"kflow-client-scan-{uuid.uuid4().hex}",
-            **{"enable.partition.eof": True, **self._conf()}))
-        try:
+        with EndReader(self.config.consumer_conf(f"kflow-client-scan-{uuid.uuid4().hex}", **self._conf()),
+                       timeout=self.connect_timeout) as reader:
+            partitions = reader.partitions(topic)
+            if not partitions:
+                raise KflowError(f"topic '{topic}' has no partitions")
+            wanted_partitions = sorted({partition_for(i.encode(), len(partitions)) for i in ids})
+            ends = {p: self._end_offset(topic, p) for p in wanted_partitions}
             try:
-                meta = consumer.list_topics(topic, timeout=self.connect_timeout)
-                partitions = len(meta.topics[topic].partitions)
-                if partitions == 0:
-                    raise KflowError(f"topic '{topic}' has no partitions")
-                ends: dict[int, int] = {}
-                for p in sorted({partition_for(i.encode(), partitions) for i in ids}):
-                    high = self._end_offset(topic, p)
-                    if high > 0:
-                        ends[p] = high  # EOF ends a partition whose records retention removed
-            except KafkaException as exc:
-                raise BrokerUnavailable(self.config.bootstrap, f"cannot read offsets of {topic}: {exc}") from None
-            if not ends:
-                return
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-            for msg in self._until_end(consumer, topic, ends, f"reading {topic} partitions {sorted(ends)}"):
-                if msg.key() in wanted and msg.value() is not None:
-                    take(msg)
-        finally:
-            consumer.close()
+                for msg in reader.read(topic, ends=ends, timeout=self.request_timeout,
+                                       what=f"reading {topic} partitions {sorted(ends)}"):
+                    if msg.key() in wanted and msg.value() is not None:
+                        take(msg)
+            finally:
+                self.records_read += reader.records
 
     # -- lifecycle -------------------------------------------------------------------------
 

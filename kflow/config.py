@@ -22,13 +22,16 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kflow.model.errors import KflowError
 from kflow.streams.topics import TopicNames, TopicSettings
+
+if TYPE_CHECKING:
+    from kflow.security.tokens import CommandSigner, Keys
 
 _C = TypeVar("_C", bound="TelemetryConfig")
 _K = TypeVar("_K", bound="KafkaConfig")
@@ -132,6 +135,39 @@ class KafkaConfig(TelemetryConfig):
     fetch_wait_ms: int = Field(10, ge=0, le=10_000, description="Most time a broker may hold a fetch when no data is there (fetch.wait.max.ms); low values cut latency.")
     metrics_port: Optional[int] = Field(None, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz of a long-running process; 0 disables. Unset: each kind of process has its own (engine 9464, worker 9465, connect 9466), so they can share a host.")
     dev_tuning: bool = Field(False, description="Short group session/heartbeat timeouts (6 s / 0.5 s) for dev brokers; long-running commands switch it on by themselves against the embedded broker.")
+    auth: bool = Field(False, description="Authenticated commands (`on`/`off`, for every process): engines refuse a command without a valid signed token in its `kflow.auth` header, an activity result without its attempt's token, and whatever the policy (the `policies` topic) does not allow; clients sign with KFLOW_TOKEN. Off: anyone who can write to the commands topic can do anything.")
+    jwt_secret: SecretStr | None = Field(None, description="HS256 secret (at least 32 bytes) that signs and verifies tokens; an engine with auth on needs it (it also signs attempt tokens and its own commands). Never logged.")
+    jwks_file: str = Field("", description="JSON Web Key Set file of RS256/ES256 public keys (e.g. an OIDC provider's) that verify tokens.")
+    signing_key: SecretStr | None = Field(None, description="What clients sign command tokens with: the path of a PEM private key (RS256/ES256, its public key in the engines' JWKS file) or an HS256 secret; default KFLOW_JWT_SECRET. Never logged.")
+    token: SecretStr | None = Field(None, description="The principal token (`kflow token issue`) clients and the CLI sign their commands as; with it set, every command carries a `kflow.auth` header. Never logged.")
+    command_ttl_ms: int = Field(600_000, ge=1000, description="How long a signed command stays valid: at least as long as a command may wait in the commands topic before an engine reads it.")
+
+    def keys(self) -> Keys:
+        """The :class:`~kflow.security.Keys` of ``jwt_secret``, ``jwks_file`` and ``signing_key``.
+
+        Raises:
+            KeyConfigError: a key is set but unusable (the message names the variable, never the secret).
+        """
+        from kflow.security.tokens import Keys
+
+        return Keys.from_values(self.jwt_secret.get_secret_value() if self.jwt_secret else None, self.jwks_file or None,
+                                self.signing_key.get_secret_value() if self.signing_key else None)
+
+    def command_signer(self) -> Optional[CommandSigner]:
+        """The :class:`~kflow.security.CommandSigner` of this process's commands, or None when it
+        has no ``token`` and auth is off (commands go unsigned).
+
+        Raises:
+            KeyConfigError: auth is on without a token, or the keys are unusable.
+        """
+        from kflow.security.tokens import CommandSigner, KeyConfigError
+
+        if self.token is None:
+            if self.auth:
+                raise KeyConfigError("KFLOW_AUTH is on: set KFLOW_TOKEN to a principal token (kflow token issue) "
+                                     "so commands can be signed")
+            return None
+        return CommandSigner(self.token.get_secret_value(), self.keys(), self.command_ttl_ms / 1000)
 
     def metrics_port_for(self, kind: str) -> int:
         """The port of ``kind``'s operations endpoint: ``metrics_port`` when set, else the kind's own."""
@@ -215,6 +251,7 @@ class EngineConfig(KafkaConfig):
     max_pending_timers: int = Field(5_000, ge=1, description="Most timers pending at once per instance.")
     max_pending_children: int = Field(1_000, ge=1, description="Most child workflows running at once per instance.")
     max_payload_bytes: int = Field(256 * 1024, ge=1024, description="Largest input, result or signal payload (JSON bytes) an instance accepts.")
+    replay_cache_size: int = Field(100_000, ge=1000, description="With auth on: token ids an engine remembers per partition until they expire, so a replayed command is refused; when full, tokens expiring before the oldest forgotten one are refused (fail closed).")
 
     @field_validator("group_heartbeat_interval_ms")
     @classmethod

@@ -1,22 +1,24 @@
-"""The dead-letter topic as an operator sees it: list what landed there, and replay it after a fix.
+"""The dead-letter topic: the one shape of its records, listing what landed there, and replaying it.
 
 Every record on ``dlq`` carries its original key and value unchanged plus headers naming why it
 was dead-lettered and where it came from (``kflow.reason``, ``kflow.original.topic``,
-``kflow.original.partition``, ``kflow.original.offset``, ``kflow.time``). Replaying re-sends the
-original key, value and non-kflow headers to the original topic, so the engine (or worker) sees
-exactly the message it refused before.
+``kflow.original.partition``, ``kflow.original.offset``, ``kflow.time``), followed by the original's
+own headers. Every writer (the engine, workers, trigger bridges) builds its records with
+:func:`dlq_record`. Replaying re-sends the original key, value and non-kflow headers to the
+original topic, so the engine (or worker) sees exactly the message it refused before.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 
 from kflow.config import KafkaConfig
-from kflow.model.errors import BrokerUnavailable, KflowError
+from kflow.model.errors import KflowError
+from kflow.streams.readend import EndReader
 
 DLQ_HEADERS = ("kflow.reason", "kflow.original.topic", "kflow.original.partition", "kflow.original.offset",
                "kflow.time")
@@ -43,6 +45,44 @@ class DlqRecord:
         return f"{self.partition}:{self.offset}"
 
 
+@dataclass(frozen=True)
+class Original:
+    """A dead-lettered message that did not come from a Kafka record (an MQTT message, say).
+
+    ``partition`` and ``offset`` are -1: there is no Kafka position to name.
+    """
+
+    topic: str
+    key: Optional[bytes]
+    value: bytes
+    partition: int = -1
+    offset: int = -1
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+def dlq_record(original: Union[Message, Original], reason: str,
+               now: int) -> tuple[bytes, Optional[bytes], list[tuple[str, bytes]]]:
+    """``(value, key, headers)`` of the DLQ record of ``original``, dead-lettered at ``now`` (epoch ms).
+
+    The value and key are the original's; the headers are the ``kflow.*`` ones of
+    :data:`DLQ_HEADERS`, then the original's own headers except any ``kflow.*`` one (so a record
+    dead-lettered twice names its latest reason and origin only).
+    """
+    if isinstance(original, Original):
+        topic, partition, offset, key, value = (original.topic, original.partition, original.offset,
+                                                original.key, original.value)
+        own = list(original.headers)
+    else:
+        topic, partition, offset, key, value = (original.topic(), original.partition(), original.offset(),
+                                                original.key(), original.value() or b"")
+        own = list(original.headers() or [])
+    headers = [("kflow.reason", reason.encode()), ("kflow.original.topic", topic.encode()),
+               ("kflow.original.partition", str(partition).encode()), ("kflow.original.offset", str(offset).encode()),
+               ("kflow.time", str(now).encode())]
+    headers += [(k, v) for k, v in own if not k.startswith("kflow.")]
+    return value, key, headers
+
+
 def _record(m: object) -> DlqRecord:
     hs = list(m.headers() or [])  # type: ignore[attr-defined]
     h = {k: (v or b"").decode("utf-8", "replace") for k, v in hs}
@@ -55,42 +95,19 @@ def _record(m: object) -> DlqRecord:
 
 
 def read_dlq(config: KafkaConfig, limit: int = 1000, timeout: float = 15.0) -> list[DlqRecord]:
-    """Every record on the dlq topic (oldest first, at most ``limit``), read up to the high watermark."""
+    """Every record on the dlq topic (oldest first, at most ``limit``), read up to the high watermark.
+
+    Raises:
+        BrokerUnavailable: the broker cannot be reached, or the read took longer than ``timeout``.
+    """
     topic = config.names.dlq
-    c = Consumer(config.consumer_conf("kflow-dlq-reader", **{"enable.partition.eof": True}))
-    try:
-        try:
-            md = c.list_topics(topic, timeout=min(timeout, 10))
-        except Exception as e:  # KafkaException: the broker cannot be reached
-            raise BrokerUnavailable(config.bootstrap, str(e)) from None
-        if topic not in md.topics or md.topics[topic].error is not None:
-            return []
-        ends: dict[int, int] = {}
-        tps = []
-        for p in md.topics[topic].partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout, cached=False)
-            if high > low:
-                ends[p] = high
-                tps.append(TopicPartition(topic, p, low))
-        if not tps:
-            return []
-        c.assign(tps)
+    with EndReader(config.consumer_conf("kflow-dlq-reader"), timeout=min(timeout, 10)) as reader:
         out: list[DlqRecord] = []
-        deadline = time.monotonic() + timeout
-        while ends and len(out) < limit:
-            if time.monotonic() > deadline:
-                raise KflowError(f"reading {topic} took longer than {timeout:g}s")
-            for m in c.consume(500, 0.2):
-                if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        ends.pop(m.partition(), None)
-                    continue
-                out.append(_record(m))
-                if m.offset() + 1 >= ends.get(m.partition(), 0):
-                    ends.pop(m.partition(), None)
-        return sorted(out, key=lambda r: (r.time_ms, r.partition, r.offset))[:limit]
-    finally:
-        c.close()
+        for m in reader.read(topic, timeout=timeout):
+            out.append(_record(m))
+            if len(out) >= limit:
+                break
+    return sorted(out, key=lambda r: (r.time_ms, r.partition, r.offset))[:limit]
 
 
 def replay(config: KafkaConfig, records: Iterable[DlqRecord]) -> int:

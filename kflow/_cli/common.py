@@ -54,7 +54,7 @@ _FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
 # ``kflow -v CMD`` and ``kflow CMD -v`` both mean DEBUG: the group's flag is kept for the command.
 _ROOT_VERBOSE: ContextVar[bool] = ContextVar("kflow_root_verbose", default=False)
 #: Commands that run until stopped and log as services (JSON lines off a terminal) at KFLOW_LOG_LEVEL.
-SERVICE_COMMANDS = frozenset({"engine", "worker", "dev", "connect", "triggers", "visibility", "devices"})
+SERVICE_COMMANDS = frozenset({"engine", "worker", "dev", "connect", "triggers", "visibility", "devices", "subscriptions"})
 # Whether the command being run is one of SERVICE_COMMANDS (library use counts as a service).
 _SERVICE: ContextVar[bool] = ContextVar("kflow_service_command", default=True)
 #: Commands that never use a running dev stack's file (``dev`` writes it; ``bench`` starts its own).

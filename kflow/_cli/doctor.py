@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from fastavro import parse_schema
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, setup_logging
+from kflow.model.errors import BrokerUnavailable
+from kflow.streams.readend import EndReader, watermarks
 
 __all__ = ["Check", "doctor", "run_checks"]
 
@@ -65,50 +67,27 @@ def _last_records(conf: dict[str, Any], topic: str, partitions: int) -> list[tup
     consumer never sees. So each partition is read from ``high - back`` to its end, and ``back``
     widens (up to :data:`_TAIL_MAX`) for partitions where that window held no record at all.
     """
-    consumer = Consumer({**conf, "group.id": f"kflow-doctor-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-                         "isolation.level": "read_committed", "enable.partition.eof": True})
-    try:
-        marks = {}
-        for p in range(partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_TIMEOUT, cached=False)
-            if high > low:
-                marks[p] = (low, high)
+    with EndReader({**conf, "group.id": f"kflow-doctor-{uuid.uuid4().hex[:8]}"}, timeout=_TIMEOUT) as reader:
+        marks = {p: (low, high) for p, (low, high) in reader.watermarks(topic, range(partitions)).items() if high > low}
         last: dict[int, tuple[bytes, list[tuple[str, bytes]]]] = {}
         back, todo = _TAIL_START, set(marks)
         while todo:
-            last.update(_read_tails(consumer, topic, {p: max(marks[p][0], marks[p][1] - back) for p in todo}))
+            starts = {p: max(marks[p][0], marks[p][1] - back) for p in todo}
+            for m in reader.read(topic, start=starts, ends={p: marks[p][1] for p in todo}, timeout=_TIMEOUT):
+                last[m.partition()] = (m.value() or b"", m.headers() or [])
             # a partition is done once it gave a record, or the window already reaches its low watermark
             todo = {p for p in todo if p not in last and marks[p][1] - back > marks[p][0]}
             if back >= _TAIL_MAX:
                 break
             back *= 8
         return [last[p] for p in sorted(last)]
-    finally:
-        consumer.close()
-
-
-def _read_tails(consumer: Consumer, topic: str, starts: dict[int, int]) -> dict[int, tuple[bytes, list[tuple[str, bytes]]]]:
-    """Read each partition from its start offset to its end; the last record of each (value, headers)."""
-    consumer.assign([TopicPartition(topic, p, off) for p, off in starts.items()])
-    last: dict[int, tuple[bytes, list[tuple[str, bytes]]]] = {}
-    pending = set(starts)
-    for _ in range(100):
-        if not pending:
-            break
-        for m in consumer.consume(500, 0.2):
-            if m.error() is not None:
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    pending.discard(m.partition())
-                continue
-            last[m.partition()] = (m.value() or b"", m.headers() or [])
-    return last
 
 
 def _schema_check(conf: dict[str, Any], topic: str, kind: str, partitions: int, headers: dict[str, bytes]) -> Check:
     name = f"schema of {topic}"
     try:
         records = _last_records(conf, topic, partitions)
-    except KafkaException as exc:
+    except (KafkaException, BrokerUnavailable) as exc:
         return Check(name, WARN, f"could not read the newest records: {exc}")
     if not records:
         return Check(name, OK, "no committed record to compare (an empty topic, or only aborted "
@@ -223,9 +202,8 @@ def _lag_check(admin: AdminClient, conf: dict[str, Any], topic: str, group: str,
     consumer = Consumer({**conf, "group.id": f"kflow-doctor-{uuid.uuid4().hex[:8]}"})
     try:
         lag, unowned = 0, 0
-        for tp in tps:
-            low, high = consumer.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)
-            off = committed.get(tp.partition, -1)
+        for p, (low, high) in watermarks(consumer, topic, range(partitions), _TIMEOUT).items():
+            off = committed.get(p, -1)
             if off < 0:
                 unowned += 1
                 lag += high - low

@@ -1,30 +1,42 @@
-"""``kflow token issue`` and ``kflow policy check|validate``: mint tokens and try policies offline.
+"""``kflow token issue``, ``kflow policy check|validate|apply`` and ``kflow audit list``.
 
-Nothing here talks to Kafka: a token is signed with the local keys (``KFLOW_JWT_SECRET`` or
-``KFLOW_SIGNING_KEY``), and a policy is checked from its file exactly as the engines evaluate it.
+``token issue``, ``policy check`` and ``policy validate`` work offline: a token is signed with the
+local keys (``KFLOW_JWT_SECRET`` or ``KFLOW_SIGNING_KEY``), and a policy is checked from its file
+exactly as the engines evaluate it. ``policy apply`` produces a validated policy to the
+``policies`` topic (signed with ``KFLOW_TOKEN``), where every engine picks it up; ``audit list``
+reads the ``audit`` topic.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import socket
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from confluent_kafka import KafkaException, TopicPartition
 
-from kflow._cli.common import Verbose, describe, fail, setup_logging
-from kflow.model.errors import KflowError
+from kflow._cli.common import Bootstrap, Prefix, Verbose, describe, dump_json, fail, setup_logging
+from kflow.config import KafkaConfig
+from kflow.model.errors import BrokerUnavailable, DecodeError, KflowError
 from kflow.model.spec import parse_duration_ms
+from kflow.security.audit import AuditRecord, decode_audit
 from kflow.security.policy import Policy, Resource, evaluate, load_policy
 from kflow.security.principal import DEFAULT_TENANT, Principal
 from kflow.security.tokens import Keys, issue
+from kflow.streams.policies import publish_policy
+from kflow.streams.readend import EndReader
 
-__all__ = ["policy_app", "token_app"]
+__all__ = ["audit_app", "policy_app", "read_audit", "token_app"]
 
 #: Exit code of ``policy check`` when it cannot answer (0 is granted, 1 denied).
 EXIT_CHECK_ERROR = 2
 
 token_app = typer.Typer(help="Mint signed tokens for operators, services and tests.", no_args_is_help=True)
-policy_app = typer.Typer(help="Validate policy files and check what they allow.", no_args_is_help=True)
+policy_app = typer.Typer(help="Validate policy files, check what they allow, and apply them.", no_args_is_help=True)
+audit_app = typer.Typer(help="Read the audit trail: who did what, granted or denied.", no_args_is_help=True)
 
 PrincipalOpt = Annotated[str, typer.Option("--principal", "-p", help="The principal's name (the token's sub).")]
 TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="The principal's tenant.")]
@@ -100,6 +112,117 @@ def validate(file: Annotated[Path, typer.Argument(help="The policy YAML file.")]
     except (KflowError, OSError) as exc:
         fail(describe(exc))
     typer.echo(f"{file}: valid ({_summary(policy)})")
+
+
+@policy_app.command("apply")
+def apply(file: Annotated[Path, typer.Argument(help="The policy YAML file.")], bootstrap: Bootstrap = None,
+          prefix: Prefix = None, verbose: Verbose = False) -> None:
+    """Validate a policy file and make it the policy every engine enforces, without a restart.
+
+    It is produced to the policies topic with its audit record, signed as KFLOW_TOKEN's principal
+    (engines with auth on accept it from role system_admin, or system:Admin in the default tenant).
+
+    Example: kflow policy apply policy.yaml
+    """
+    setup_logging(verbose)
+    try:
+        policy = load_policy(file)
+        config = _config(bootstrap, prefix)
+        offset = publish_policy(config, policy, f"cli:{socket.gethostname()}")
+    except (KflowError, OSError) as exc:
+        fail(describe(exc))
+    typer.echo(f"{file}: applied ({_summary(policy)}) at offset {offset}")
+    if config.token is None:
+        typer.echo("warning: not signed (KFLOW_TOKEN is not set): engines with auth on ignore it", err=True)
+
+
+@audit_app.callback()
+def _audit() -> None:
+    """Read the audit trail (the audit topic): who did what, granted or denied."""
+
+
+@audit_app.command("list")
+def audit_list(principal: Annotated[Optional[str], typer.Option("--principal", "-p",
+                                                                help="Only this principal's records.")] = None,
+               since: Annotated[Optional[str], typer.Option("--since", metavar="DUR",
+                                                            help="Only records of the last DUR: 30m, 24h, 7d.")] = None,
+               outcome: Annotated[Optional[str], typer.Option("--outcome", "-o", metavar="O",
+                                                              help="Only granted, denied or success.")] = None,
+               limit: Annotated[int, typer.Option("--limit", min=1, help="Most records to show (the latest).")] = 1000,
+               as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+               bootstrap: Bootstrap = None, prefix: Prefix = None, verbose: Verbose = False) -> None:
+    """List audit records, oldest first: time, outcome, principal, tenant, action, resource and why.
+
+    Example: kflow audit list --outcome denied --since 1h
+    """
+    setup_logging(verbose)
+    try:
+        if outcome is not None and outcome not in ("granted", "denied", "success"):
+            raise ValueError(f"expected --outcome granted, denied or success, but got {outcome!r}")
+        since_ms = int(time.time() * 1000) - parse_duration_ms(since) if since else None
+        records = read_audit(_config(bootstrap, prefix), since_ms=since_ms, principal=principal, outcome=outcome)
+    except (KflowError, ValueError) as exc:
+        fail(describe(exc))
+    for r in records[-limit:]:
+        if as_json:
+            typer.echo(dump_json(r.model_dump()))
+            continue
+        why = r.details.get("reason") or r.details.get("rule") or r.details.get("why") or ""
+        typer.echo(f"{_when(r.time)}  {r.outcome:<7}  {r.principal or '-'}@{r.tenant}  {r.action} "
+                   f"{r.resource_type}:{r.resource_id}  {why}")
+
+
+def read_audit(config: KafkaConfig, *, since_ms: Optional[int] = None, principal: Optional[str] = None,
+               outcome: Optional[str] = None, timeout: float = 30.0) -> list[AuditRecord]:
+    """The audit records on the ``audit`` topic (read to its end), filtered, in order.
+
+    Records of one instance are in one partition, in the order their decisions committed; the
+    partitions are merged by time (then partition and offset).
+
+    Raises:
+        BrokerUnavailable: the topic could not be read.
+        KflowError: the topic does not exist.
+    """
+    topic = config.names.audit
+    found: list[tuple[int, int, int, AuditRecord]] = []
+    with EndReader(config.consumer_conf("kflow-audit-reader"), timeout=min(timeout, 10)) as reader:
+        partitions = reader.partitions(topic)
+        if not partitions:
+            raise KflowError(f"topic {topic} does not exist: start an engine (it creates it)")
+        start = _offsets_since(reader, topic, partitions, since_ms) if since_ms is not None else None
+        for m in reader.read(topic, partitions, start=start, timeout=timeout, what="reading the audit trail"):
+            try:
+                r = decode_audit(m.value() or b"")
+            except DecodeError:
+                continue  # not an audit record: nothing to show
+            if ((since_ms is None or r.time >= since_ms) and (principal is None or r.principal == principal)
+                    and (outcome is None or r.outcome == outcome)):
+                found.append((r.time, m.partition() or 0, m.offset() or 0, r))
+    return [r for *_, r in sorted(found, key=lambda f: f[:3])]
+
+
+def _offsets_since(reader: EndReader, topic: str, partitions: list[int], since_ms: int) -> dict[int, int]:
+    """Per partition, the first offset at or after ``since_ms`` (its end when there is none)."""
+    try:
+        found = reader.consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in partitions],
+                                                  timeout=reader.timeout)
+    except KafkaException as exc:
+        raise BrokerUnavailable(reader.bootstrap, f"cannot look up offsets of {topic}: {exc}") from None
+    marks = reader.watermarks(topic, partitions)
+    return {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition][1] for tp in found}
+
+
+def _config(bootstrap: Optional[str], prefix: Optional[str]) -> KafkaConfig:
+    kw: dict[str, Any] = {}
+    if bootstrap:
+        kw["bootstrap"] = bootstrap
+    if prefix:
+        kw["topic_prefix"] = prefix
+    return KafkaConfig(**kw)
+
+
+def _when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def _split(roles: Optional[str]) -> list[str]:

@@ -66,39 +66,17 @@ def _config(bootstrap: Optional[str], prefix: Optional[str]) -> Any:
 
 
 def _read_topic(config: Any, topic: str, partitions: Optional[list[int]] = None) -> list[Any]:
-    """Every record of ``topic`` (or of some partitions) up to the high watermarks, in order per partition."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    """Every record of ``topic`` (or of some partitions) up to the high watermarks, in order per partition.
 
-    consumer = Consumer(config.consumer_conf(f"kflow-cli-{uuid.uuid4().hex}", **{"enable.partition.eof": True}))
-    try:
-        meta = consumer.list_topics(topic, timeout=_TIMEOUT)
-        found = meta.topics.get(topic)
-        if found is None or found.error is not None:
+    A read that takes longer than a minute raises :class:`~kflow.model.errors.BrokerUnavailable`.
+    """
+    from kflow.streams.readend import EndReader
+
+    with EndReader(config.consumer_conf(f"kflow-cli-{uuid.uuid4().hex}"), timeout=_TIMEOUT) as reader:
+        available = reader.partitions(topic)
+        if not available:
             fail(f"topic '{topic}' is not available on {config.bootstrap}")
-        wanted = sorted(found.partitions) if partitions is None else partitions
-        ends = {}
-        for p in wanted:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_TIMEOUT, cached=False)
-            if high > low:
-                ends[p] = high
-        out: list[Any] = []
-        if not ends:
-            return out
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        deadline = time.monotonic() + 60
-        while ends and time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        ends.pop(msg.partition(), None)
-                    continue
-                out.append(msg)
-                if msg.offset() >= ends.get(msg.partition(), 0) - 1:
-                    ends.pop(msg.partition(), None)
-        return out
-    finally:
-        consumer.close()
+        return list(reader.read(topic, available if partitions is None else partitions, timeout=60))
 
 
 def _latest_states(config: Any) -> dict[str, dict[str, Any]]:

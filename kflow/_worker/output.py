@@ -25,11 +25,13 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from kflow._worker import metrics
 from kflow._worker.offsets import PartitionOffsets
 from kflow.converter import ConversionError, to_json
+from kflow.dlq import dlq_record
 from kflow.model.errors import NonRetryableError
 from kflow.model.messages import Command, Task
 from kflow.schemas.codec import encode_command
+from kflow.security.tokens import ATTEMPT_HEADER
 
-__all__ = ["REJECTED", "Out", "Outbox", "Record", "fail_command", "now_ms", "result_command"]
+__all__ = ["REJECTED", "Out", "Outbox", "Record", "attempt_headers", "fail_command", "now_ms", "result_command"]
 
 log = logging.getLogger("kflow.worker")
 
@@ -92,6 +94,12 @@ class Out:
     fallback: Callable[[Out, str], None] | None = None
 
 
+def attempt_headers(task: Task) -> list[tuple[str, bytes]]:
+    """The headers of every report of ``task``'s attempt: its attempt token, returned to the engine
+    (which, with auth on, refuses a report without it); none when the task carries no token."""
+    return [(ATTEMPT_HEADER, task.attempt_token.encode())] if task.attempt_token else []
+
+
 def fail_command(task: Task, error_type: str, message: str, retryable: bool) -> bytes:
     """Encode the ``FailActivity`` command of one attempt."""
     data = {"activity_id": task.activity_id, "attempt": task.attempt, "error_type": error_type,
@@ -132,14 +140,9 @@ def result_command(task: Task, result: Any = None, error: BaseException | None =
 
 
 def dead_letter_headers(msg: Message, reason: str) -> list[tuple[str, bytes]]:
-    """The headers of a DLQ record: why, and where the original came from."""
-    return [
-        ("kflow.reason", reason.encode()),
-        ("kflow.original.topic", msg.topic().encode()),
-        ("kflow.original.partition", str(msg.partition()).encode()),
-        ("kflow.original.offset", str(msg.offset()).encode()),
-        ("kflow.time", str(now_ms()).encode()),
-    ]
+    """The headers of the DLQ record of task record ``msg`` (:func:`kflow.dlq.dlq_record`'s, stamped now);
+    its key and value are the task record's own."""
+    return dlq_record(msg, reason, now_ms())[2]
 
 
 class Outbox:
@@ -181,7 +184,7 @@ class Outbox:
             self._failed.put((out, exc.args[0]))
         return True
 
-    def notify(self, cmd: Command) -> None:
+    def notify(self, cmd: Command, headers: list[tuple[str, bytes]] | None = None) -> None:
         """Produce a ``StartActivity`` or heartbeat command (fire and forget: a lost one is logged).
 
         Raises:
@@ -192,7 +195,7 @@ class Outbox:
             return
         what = f"{cmd.type} of activity {cmd.data.get('activity_id')}"
         try:
-            self.producer.produce(self.commands_topic, value, cmd.instance_id.encode(),
+            self.producer.produce(self.commands_topic, value, cmd.instance_id.encode(), headers=headers,
                                   on_delivery=lambda err, _msg: _on_notified(err, what))
         except BufferError:
             log.warning("producer queue full: %s dropped", what)

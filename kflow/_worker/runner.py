@@ -53,7 +53,8 @@ from kflow._worker.consumers import Callback, QueueConsumers
 from kflow._worker.context import ActivityCancelledError, ActivityContext
 from kflow._worker.execution import Executors, Job
 from kflow._worker.offsets import PartitionOffsets
-from kflow._worker.output import Out, Outbox, Record, dead_letter_headers, fail_command, result_command, weak_callback
+from kflow._worker.output import (Out, Outbox, Record, attempt_headers, dead_letter_headers, fail_command, result_command,
+                                  weak_callback)
 from kflow._worker.registry import Registry
 from kflow.model.errors import DecodeError
 from kflow.model.messages import Task
@@ -277,7 +278,8 @@ class Loop:
         if definition is None:
             self._unknown_activity(msg, record, task, queue)
             return
-        self._queued.append(Job(definition, task, queue, record, ActivityContext(task, self.outbox.notify), msg,
+        notify = partial(self.outbox.notify, headers=attempt_headers(task) or None)  # reports return the attempt token
+        self._queued.append(Job(definition, task, queue, record, ActivityContext(task, notify), msg,
                                 received_us=_hops.now_us()))
 
     def _cancel(self, task: Task) -> None:
@@ -304,7 +306,8 @@ class Loop:
         record.remaining += 1  # the FailActivity, counted before the DLQ record's delivery can finish the record
         self._dead_letter(msg, record, reason)
         value = fail_command(task, "UnknownActivity", reason, False)
-        self.outbox.produce(Out(self.commands_topic, task.instance_id.encode(), value, record), counted=True)
+        self.outbox.produce(Out(self.commands_topic, task.instance_id.encode(), value, record,
+                                attempt_headers(task) or None), counted=True)
         metrics.TASKS.labels(queue, metrics.UNREGISTERED, metrics.Outcome.UNKNOWN_ACTIVITY).inc()
 
     def _dead_letter(self, msg: Message, record: Record, reason: str) -> None:
@@ -335,6 +338,7 @@ class Loop:
         headers = _tracing.activity_done(id(job), job.task, job.duration, error)
         if job.msg is not None and _hops.asked(job.msg.headers()):
             headers = [*(headers or ()), _hops.stamp("W", job.received_us)]
+        headers = [*(headers or ()), *attempt_headers(t)] or None
         out = Out(self.commands_topic, job.task.instance_id.encode(), value, job.record, headers,
                   partial(self._undeliverable, job))
         job.record.remaining += 1  # before producing: the delivery report must find it counted
@@ -377,7 +381,7 @@ class Loop:
         else:
             self.outbox.produce(Out(self.dlq_topic, msg.key(), value, job.record, headers))
         failed = fail_command(t, "ResultUndeliverable", why, False)
-        self.outbox.produce(Out(self.commands_topic, out.key, failed, job.record))
+        self.outbox.produce(Out(self.commands_topic, out.key, failed, job.record, attempt_headers(t) or None))
 
     def _dead_letter_plain(self, headers: list[tuple[str, bytes]], out: Out, reason: str) -> None:
         """Loop thread: a DLQ record with the undelivered command did not fit; send it without."""

@@ -28,11 +28,12 @@ import uuid
 from typing import Any, Literal
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from pydantic import BaseModel, ConfigDict, Field
 
 from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
 from kflow.connectors.config import Duration, Expr, Template, parse_settings
+from kflow.streams.readend import at_end
 
 __all__ = ["CORRELATION_HEADER", "REPLY_TOPIC_HEADER", "KafkaConnector"]
 
@@ -142,11 +143,7 @@ class KafkaConnector(Connector):
         if md is None or md.error is not None or not md.partitions:
             raise ConnectorError("KafkaError", f"reply topic {topic!r} does not exist"
                                  + (f": {md.error}" if md is not None and md.error else ""))
-        tps = []
-        for p in sorted(md.partitions):
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            tps.append(TopicPartition(topic, p, high))
-        self.consumer.assign(tps)
+        self.consumer.assign(at_end(self.consumer, topic, md.partitions, timeout))
 
     def _spawn(self, target: Any, what: str) -> None:
         t = threading.Thread(target=target, args=(self._stop,), name=f"kflow-kafka-{self.name}-{what}", daemon=True)

@@ -37,8 +37,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kflow._worker.output import dead_letter_headers, now_ms
+from kflow._worker.output import now_ms
 from kflow.config import KafkaConfig
+from kflow.dlq import Original, dlq_record
 from kflow.engine.expr import ExpressionError, compile_expr, evaluate
 from kflow.model.errors import KflowError
 from kflow.model.messages import Command
@@ -464,16 +465,11 @@ class TriggerRunner:
             raise ValueError(f"invalid JSON: {exc}") from None
 
     def _dead_letter(self, origin: _Origin, reason: str, trigger: str, batch: _Batch) -> None:
-        if origin.message is not None:
-            headers = dead_letter_headers(origin.message, reason)
-        else:
-            headers = [("kflow.reason", reason.encode()), ("kflow.original.topic", origin.topic.encode()),
-                       ("kflow.original.partition", b"-1"), ("kflow.original.offset", b"-1"),
-                       ("kflow.time", str(now_ms()).encode())]
+        original = origin.message if origin.message is not None else Original(origin.topic, origin.key, origin.value)
+        value, key, headers = dlq_record(original, reason, now_ms())
         headers += [("kflow.source", origin.kind.encode()), ("kflow.trigger", trigger.encode())]
         log.warning("dead-lettering a %s message from %s: %s", origin.kind, origin.topic, reason)
-        self._produce(batch, self.names.dlq, origin.key if origin.key is not None else origin.topic.encode(),
-                      origin.value, headers)
+        self._produce(batch, self.names.dlq, key if key is not None else origin.topic.encode(), value, headers)
 
     def _produce(self, batch: _Batch, topic: str, key: bytes, value: bytes,
                  headers: Optional[list[tuple[str, bytes]]]) -> None:

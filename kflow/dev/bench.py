@@ -17,7 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +29,7 @@ from kflow.dev.stack import DevStack, bundled_spec
 from kflow.model.errors import KflowError, WorkflowNotDeployed
 from kflow.model.messages import Command, Status
 from kflow.schemas.codec import decode_state, encode_command
+from kflow.streams.readend import at_end
 
 log = logging.getLogger("kflow.bench")
 
@@ -69,11 +70,7 @@ class Driver:
         self.consumer = Consumer(cfg.consumer_conf(f"bench-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 5}))
         topic = cfg.names.state
         md = self.consumer.list_topics(topic, timeout=10)
-        tps = []
-        for p in md.topics[topic].partitions:
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-            tps.append(TopicPartition(topic, p, high))
-        self.consumer.assign(tps)
+        self.consumer.assign(at_end(self.consumer, topic, md.topics[topic].partitions, 10))
         self.started: dict[str, float] = {}
         self.latencies: list[float] = []
         self.failed = 0

@@ -14,10 +14,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer
 
 from kflow import _hops
 from kflow.config import KafkaConfig
+from kflow.streams.readend import EndReader, at_end
 
 #: Hop names in the order a chain3 workflow crosses them.
 HOPS = (
@@ -28,6 +29,9 @@ HOPS = (
     ("worker → engine", "result produced; engine polled it (fetch)"),
     ("engine → client", "terminal state produced; client read it (commit + fetch)"),
 )
+
+#: Most seconds reading the stamps of one topic may take.
+_READ_SECONDS = 120.0
 
 
 @dataclass
@@ -49,38 +53,24 @@ def _pct(values: list[float], q: float) -> float:
 
 def read_stamps(cfg: KafkaConfig, topic: str, since: dict[int, int], keys: set[str]) -> dict[str, list[tuple[str, int, int]]]:
     """Every hop stamp on ``topic`` from the offsets ``since`` to the high watermark, by instance."""
-    # A transactional topic ends in a commit marker, so the end is the EOF event, not high - 1.
-    c = Consumer(cfg.consumer_conf(f"bench-breakdown-{uuid.uuid4().hex[:6]}", **{"enable.partition.eof": True}))
     out: dict[str, list[tuple[str, int, int]]] = {}
-    try:
-        highs = {}
-        for p, low in since.items():
-            highs[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-        todo = {p for p in since if highs[p] > since[p]}
-        c.assign([TopicPartition(topic, p, since[p]) for p in todo])
-        while todo:
-            for m in c.consume(1000, 1.0):
-                if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        todo.discard(m.partition())
-                    continue
-                key = (m.key() or b"").decode()
-                if key not in keys:
-                    continue
-                st = _hops.find(m.headers())
-                if st is not None:
-                    out.setdefault(key, []).append(st)
-    finally:
-        c.close()
+    with EndReader(cfg.consumer_conf(f"bench-breakdown-{uuid.uuid4().hex[:6]}")) as reader:
+        for m in reader.read(topic, start=since, timeout=_READ_SECONDS, what=f"reading the hop stamps on {topic}"):
+            key = (m.key() or b"").decode()
+            if key not in keys:
+                continue
+            st = _hops.find(m.headers())
+            if st is not None:
+                out.setdefault(key, []).append(st)
     return out
 
 
 def offsets_now(cfg: KafkaConfig, topic: str) -> dict[int, int]:
+    """``partition -> high watermark`` of ``topic`` now: where :func:`read_stamps` starts later."""
     c = Consumer(cfg.consumer_conf(f"bench-breakdown-{uuid.uuid4().hex[:6]}"))
     try:
         md = c.list_topics(topic, timeout=10)
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-                for p in md.topics[topic].partitions}
+        return {tp.partition: tp.offset for tp in at_end(c, topic, md.topics[topic].partitions, 10)}
     finally:
         c.close()
 

@@ -29,9 +29,9 @@ import threading
 import uuid
 from collections import OrderedDict, deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable, Coroutine, Generator, Optional
+from typing import Any, Awaitable, Callable, Coroutine, Generator, NoReturn, Optional
 
 import orjson
 
@@ -39,7 +39,7 @@ from kflow.engine import activity as activities
 from kflow.engine.activity import LimitExceeded, limits_of
 from kflow.engine.journal import COMMAND, INPUT, MEMORY, Append, Entries, Journal, Reset, apply_to
 from kflow.engine.run import Run, new_state
-from kflow.model.errors import ActivityError, CancelledError, KflowError, WorkflowError
+from kflow.model.errors import ActivityError, CancelledError, DeterminismError, KflowError, WorkflowError
 from kflow.model.messages import Event, JSONDict, Status
 from kflow.model.spec import RetrySpec, TimeoutSpec
 
@@ -76,12 +76,13 @@ class HistoryUnavailable(KflowError):
         super().__init__(f"instance {instance_id}: cannot replay its history: {reason}")
 
 
-class NondeterminismError(KflowError):
+class NondeterminismError(DeterminismError):
     """Workflow code issued a different command than its history recorded at ``event_index``."""
 
     def __init__(self, instance_id: str, event_index: int, expected: str, actual: str) -> None:
-        self.instance_id, self.event_index, self.expected, self.actual = instance_id, event_index, expected, actual
-        super().__init__(f"instance {instance_id}: non-deterministic workflow code at command #{event_index}: "
+        self.event_index = event_index
+        super().__init__(instance_id, None, expected, actual,
+                         f"instance {instance_id}: non-deterministic workflow code at command #{event_index}: "
                          f"history has {expected}, but the code now issues {actual}")
 
 

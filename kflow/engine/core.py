@@ -16,7 +16,7 @@ deleted); the caller persists those with the state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import orjson
 
@@ -25,6 +25,7 @@ from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_en
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
 from kflow.engine.run import Run, new_state
+from kflow.model.errors import DeterminismError
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status, Task
 
 #: Events that carry new information into an instance; all others are consequences of these.
@@ -37,6 +38,13 @@ INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFaile
 #: before its first event. The processor stamps it on the instance's first state (it knows offsets,
 #: the engine does not); ``evolve`` carries it over when a run starts afresh under the same id.
 EVENTS_OFFSET = "events_offset"
+
+#: State keys of the principal that started the instance and of the tenant it belongs to. With
+#: auth on, the processor stamps them on the state of an instance a verified principal started (the
+#: engine knows no principals); ``evolve`` carries them over when a run starts afresh under the
+#: same id, so continue-as-new keeps them. Absent: started with auth off (the default tenant).
+OWNER = "owner"
+TENANT = "tenant"
 
 #: Command ids of the most recent signals kept per instance, so a redelivered signal (same command
 #: id, e.g. from a trigger re-reading its source) is rejected as a duplicate instead of applied twice.
@@ -60,14 +68,6 @@ class Decision:
     @property
     def changed(self) -> bool:
         return bool(self.events)
-
-
-class DeterminismError(Exception):
-    """Replaying a history produced different events than were recorded."""
-
-    def __init__(self, instance_id: str, seq: int, expected: Any, actual: Any) -> None:
-        self.instance_id, self.seq, self.expected, self.actual = instance_id, seq, expected, actual
-        super().__init__(f"instance {instance_id}: at event #{seq} history has {expected}, but replay produced {actual}")
 
 
 def copy_state(state: JSONDict) -> JSONDict:
@@ -113,9 +113,12 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     note_ended(run, before, ev)
     if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
         code_replayer.end_journal(run)  # a closed run is never replayed again
-    if state is not None and EVENTS_OFFSET in state:
-        # id reuse and continue-as-new build a fresh state: the history still starts where it did
-        run.state[EVENTS_OFFSET] = state[EVENTS_OFFSET]
+    if state is not None:
+        # id reuse and continue-as-new build a fresh state: the history still starts where it did,
+        # and the instance still belongs to whom it did (a start re-stamps its new owner)
+        for key in (EVENTS_OFFSET, OWNER, TENANT):
+            if key in state:
+                run.state.setdefault(key, state[key])
     return run.state, run
 
 
@@ -167,6 +170,12 @@ def _reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> 
     st = dict(state)
     st["seq"], st["updated_ms"] = ev.seq, now
     return Decision(state=st, events=[ev])
+
+
+def refuse(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> Decision:
+    """``CommandRejected(code, reason)`` on an existing instance for a command refused before it
+    was decided: with auth on, its sender was not authenticated, or is not allowed it."""
+    return _reject(state, cmd, now, code, reason)
 
 
 def _accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: JSONDict,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class KflowError(Exception):
     """Root of every error kflow raises on purpose."""
@@ -106,6 +108,9 @@ class WorkflowFailedError(KflowError):
             error named (``"CardDeclined"``, ``"ActivityTimeout"``), ``"WorkflowTimeout"`` for an
             execution timeout, ``"Cancelled"`` or ``"Terminated"``; None if the state carries none.
         message: The error message (for a cancel or terminate, the reason given); may be None.
+        cause: When an activity's failure ended the workflow (nothing caught it), that failure as
+            an :class:`ActivityError` (``type``, the activity's own ``message``, ``activity``);
+            None for any other ending.
 
     Example:
         >>> try:  # doctest: +SKIP
@@ -115,9 +120,50 @@ class WorkflowFailedError(KflowError):
         ...         notify_customer(e.instance_id, e.message)
     """
 
-    def __init__(self, instance_id: str, status: str, error_type: str | None, message: str | None) -> None:
+    def __init__(self, instance_id: str, status: str, error_type: str | None, message: str | None,
+                 cause: ActivityError | None = None) -> None:
         self.instance_id, self.status, self.error_type, self.message = instance_id, status, error_type, message
+        self.cause = cause
         super().__init__(f"workflow {instance_id} {status.lower()}: {error_type}: {message}")
+
+
+class QueryFailedError(KflowError):
+    """Client side: the engine answered a query with an error instead of a result.
+
+    Attributes:
+        type: What went wrong: ``"NotFound"`` (no such instance), ``"UnknownQuery"``,
+            ``"InvalidQuery"``, ``"UnknownWorkflow"``, ``"HistoryUnavailable"``, or the type of the
+            error the query handler raised.
+        message: The engine's message.
+        instance_id: The instance asked.
+        query: The query's name.
+    """
+
+    def __init__(self, type: str, message: str, instance_id: str = "", query: str = "") -> None:
+        self.type, self.message, self.instance_id, self.query = type, message, instance_id, query
+        super().__init__(f"query '{query}' on {instance_id} failed: {type}: {message}")
+
+
+class DeterminismError(KflowError):
+    """Replaying an instance's history did not reproduce it: the code or definition changed under it.
+
+    The engine raises it when folding recorded events produces other events than recorded
+    (``seq`` is the event's sequence number); its subclass ``NondeterminismError`` when workflow
+    code issues another command than its history recorded (``seq`` is None there: the position
+    is the command's index, ``event_index``). Catch this class for both.
+
+    Attributes:
+        instance_id: The instance whose history was replayed.
+        seq: Sequence number of the first event that differs, or None (see above).
+        expected: What the history holds there.
+        actual: What the replay produced instead.
+    """
+
+    def __init__(self, instance_id: str, seq: int | None, expected: Any, actual: Any,
+                 message: str | None = None) -> None:
+        self.instance_id, self.seq, self.expected, self.actual = instance_id, seq, expected, actual
+        super().__init__(message or f"instance {instance_id}: at event #{seq} history has {expected}, "
+                                    f"but replay produced {actual}")
 
 
 class DefinitionConflict(KflowError):

@@ -9,6 +9,7 @@ payload values (input, results, signal data) are JSON documents. The field lists
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum, nonmember
 from typing import Any, Optional, Union
 
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
@@ -107,6 +108,9 @@ class Task:
     #: tasks never reach a task topic, so these two fields are not part of the wire format.
     local: bool = False
     start_to_close_ms: Optional[int] = None  # a local attempt's in-process time bound (None: the engine's default)
+    #: With auth on: the attempt's capability token, which the worker returns with every report
+    #: of the attempt (header ``kflow.attempt``); None otherwise.
+    attempt_token: Optional[str] = None
 
 
 @dataclass(slots=True)
@@ -124,8 +128,12 @@ class Definition:
         return f"{self.name}@{self.version}"
 
 
-class RejectCode:
-    """Codes carried by ``CommandRejected``; persisted strings, never reused."""
+class RejectCode(StrEnum):
+    """Codes carried by ``CommandRejected``; persisted strings, never reused.
+
+    A ``StrEnum``: every member is the ``str`` it names, so records, JSON and comparisons with
+    decoded strings see exactly the persisted text.
+    """
 
     NOT_FOUND = "NOT_FOUND"
     INVALID_STATE = "INVALID_STATE"
@@ -134,10 +142,19 @@ class RejectCode:
     INVALID_INPUT = "INVALID_INPUT"
     STALE = "STALE"
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+    #: No valid proof of who sent the command (token missing, expired, tampered, replayed, wrong
+    #: key), or an activity result without its attempt's token.
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    #: The sender is known but the policy does not allow it the command.
+    FORBIDDEN = "FORBIDDEN"
 
 
-class Status:
-    """Instance statuses as they appear in the state record."""
+class Status(StrEnum):
+    """Instance statuses as they appear in the state record.
+
+    A ``StrEnum``, so a decoded state's plain ``"RUNNING"`` and ``Status.RUNNING`` compare (and
+    hash) equal. ``TERMINAL`` and ``ACTIVE`` are frozensets of status strings, not members.
+    """
 
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
@@ -150,6 +167,7 @@ class Status:
     #: Cancel requested; running its saga compensations before ``WorkflowCancelled``.
     CANCELLING = "CANCELLING"
 
-    TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"})
+    #: Statuses an instance never leaves.
+    TERMINAL = nonmember(frozenset({"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"}))
     #: Statuses in which activity results and timers are still accepted.
-    ACTIVE = frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING"})
+    ACTIVE = nonmember(frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING"}))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclasses_field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from kflow.model.errors import DecodeError
 from kflow.model.messages import COMMAND_FIELDS, EVENT_FIELDS, Command, Definition, Event, Task
+from kflow.schemas.fastcodec import CODECS
 
 __all__ = [
     "JSON_HEADER",
@@ -61,7 +63,8 @@ _STATE_NAMES = frozenset(_STATE_FIELDS)
 _STATE_OPTIONAL = frozenset({"closed_ms", "result", "error_type", "error_message"})
 
 _reader = fastavro.schemaless_reader
-_writer = fastavro.schemaless_writer
+#: Avro encoders and decoders compiled from the ``.avsc`` files, by schema full name (see fastcodec).
+_codecs = CODECS
 _dumps = orjson.dumps
 _loads = orjson.loads
 
@@ -76,8 +79,9 @@ class _Kind:
     label: str
     schema: dict[str, Any]
     header: bytes
-    #: Fingerprints of this schema's earlier versions, read with this schema (see _earlier_fingerprints).
-    earlier: frozenset[bytes] = frozenset()
+    #: Fingerprints of this schema's earlier versions -> the writer schema to resolve their records
+    #: with, or None when they read with this schema as they are (see _earlier_versions).
+    earlier: Mapping[bytes, dict[str, Any] | None] = dataclasses_field(default_factory=dict)
 
     @property
     def fingerprint(self) -> bytes:
@@ -95,27 +99,38 @@ def _fingerprint(raw: dict[str, Any]) -> bytes:
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(fastavro.parse_schema(raw)), "CRC-64-AVRO"))
 
 
-def _earlier_fingerprints(raw: dict[str, Any]) -> frozenset[bytes]:
-    """Fingerprints of ``raw`` with its ``body`` union cut short.
+def _earlier_versions(raw: dict[str, Any]) -> dict[bytes, dict[str, Any] | None]:
+    """The earlier versions of schema ``raw`` a reader still accepts: fingerprint -> writer schema.
 
-    New command and event types are only ever appended to the end of the union, so each earlier
-    version of the schema is such a prefix, and its records (whose branch indexes all exist, with
-    the same layout) read correctly with the current schema.
+    Two kinds of change are made, and each leaves its earlier versions recognisable:
+
+    * new command and event types are only ever appended to the end of the ``body`` union, so an
+      earlier version is ``raw`` with the union cut short; its records (whose branch indexes all
+      exist, with the same layout) read with the current schema as they are (None);
+    * new fields of the other records are only ever appended with a default, so an earlier version
+      is ``raw`` without some of its trailing defaulted fields; its records are resolved from that
+      writer schema, the missing fields taking their defaults.
     """
-    body = next((f for f in raw.get("fields", ()) if f["name"] == "body"), None)
-    if body is None or not isinstance(body["type"], list):
-        return frozenset()
-    out = set()
-    for k in range(1, len(body["type"])):
-        cut = {**raw, "fields": [{**f, "type": f["type"][:k]} if f is body else f for f in raw["fields"]]}
-        out.add(_fingerprint(cut))
-    return frozenset(out)
+    fields = raw.get("fields", [])
+    out: dict[bytes, dict[str, Any] | None] = {}
+    body = next((f for f in fields if f["name"] == "body"), None)
+    if body is not None and isinstance(body["type"], list):
+        for k in range(1, len(body["type"])):
+            cut = {**raw, "fields": [{**f, "type": f["type"][:k]} if f is body else f for f in fields]}
+            out[_fingerprint(cut)] = None
+    n = len(fields)
+    while n > 0 and "default" in fields[n - 1]:
+        n -= 1
+        older = {**raw, "fields": fields[:n]}
+        writer: dict[str, Any] = fastavro.parse_schema(older)  # type: ignore[assignment]  # a record schema parses to a dict
+        out[_fingerprint(older)] = writer
+    return out
 
 
 def _load_kind(name: str) -> _Kind:
     """Parse a schema once and compute its single-object header."""
     raw = _load_raw(name)
-    return _Kind(name, fastavro.parse_schema(raw), MAGIC + _fingerprint(raw), _earlier_fingerprints(raw))
+    return _Kind(name, fastavro.parse_schema(raw), MAGIC + _fingerprint(raw), _earlier_versions(raw))
 
 
 _COMMAND = _load_kind("command")
@@ -289,14 +304,11 @@ _EVENT_BY_RECORD = {b.record: b for b in _EVENT_BODIES.values()}
 
 def _write(kind: _Kind, record: dict[str, Any], what: str = "") -> bytes:
     """Serialise ``record`` with ``kind``'s schema behind the single-object header."""
-    buf = BytesIO()
-    buf.write(kind.header)
     try:
-        _writer(buf, kind.schema, record)
-    except (TypeError, ValueError, OverflowError) as exc:
+        return kind.header + _codecs[kind.schema["name"]].encode(record)
+    except (TypeError, ValueError) as exc:
         label = f"{kind.label} {what}".rstrip()
         raise ValueError(f"cannot encode {label}: {exc}") from exc
-    return buf.getvalue()
 
 
 def _write_body(kind: _Kind, record: dict[str, Any], body: _Body, data: Mapping[str, Any]) -> bytes:
@@ -312,22 +324,28 @@ def _write_body(kind: _Kind, record: dict[str, Any], body: _Body, data: Mapping[
 
 def _read(kind: _Kind, value: bytes | None) -> dict[str, Any]:
     """Check the single-object header and read one Avro record of ``kind``."""
-    if not value or (value[:_HEADER_LEN] != kind.header
-                      and (value[: len(MAGIC)] != MAGIC or bytes(value[len(MAGIC) : _HEADER_LEN]) not in kind.earlier)):
-        raise DecodeError(_header_problem(kind, value))
-    buf = BytesIO(value)
-    buf.seek(_HEADER_LEN)
+    writer = None
+    if not value or value[:_HEADER_LEN] != kind.header:
+        if not value or value[: len(MAGIC)] != MAGIC or bytes(value[len(MAGIC) : _HEADER_LEN]) not in kind.earlier:
+            raise DecodeError(_header_problem(kind, value))
+        writer = kind.earlier[bytes(value[len(MAGIC) : _HEADER_LEN])]
+    buf = None
     try:
-        record = _reader(buf, kind.schema, None, True)
+        if writer is None:
+            record, end = _codecs[kind.schema["name"]].decode(value, _HEADER_LEN)
+        else:  # an earlier version: fastavro resolves its records against this schema
+            buf = BytesIO(value)
+            buf.seek(_HEADER_LEN)
+            record, end = _reader(buf, writer, kind.schema, True), buf.tell()
     except EOFError:
         raise DecodeError(f"truncated Avro {kind.label} payload") from None
     except UnicodeDecodeError:
         raise DecodeError(f"garbled Avro {kind.label} payload: invalid UTF-8 in a string") from None
     except Exception as exc:  # fastavro reports garbage through many exception types
-        if buf.tell() >= len(value):  # ran out of input, e.g. inside a varint
+        if buf is not None and buf.tell() >= len(value):  # ran out of input, e.g. inside a varint
             raise DecodeError(f"truncated Avro {kind.label} payload") from None
         raise DecodeError(f"garbled Avro {kind.label} payload: {type(exc).__name__}: {exc}") from None
-    extra = len(value) - buf.tell()
+    extra = len(value) - end
     if extra:
         raise DecodeError(f"garbled Avro {kind.label} payload: {extra} trailing byte(s)")
     return record
@@ -518,6 +536,7 @@ def encode_task(t: Task) -> bytes:
         "scheduled_ms": t.scheduled_ms,
         "kind": t.kind,
         "report_start": t.report_start,
+        "attempt_token": t.attempt_token,
     }
     return _write(_TASK, record)
 

@@ -1,13 +1,15 @@
 """kflow's security foundation: signed tokens, policy evaluation and the audit record.
 
 :mod:`kflow.security.tokens` proves who sent a command or a result; :mod:`kflow.security.policy`
-decides what they may do; :mod:`kflow.security.audit` records both. The processes (engine, API
+decides what they may do; :mod:`kflow.security.audit` records both; :mod:`kflow.security.guard`
+is how the engine applies the three to every command it reads. The processes (engine, API
 server, clients) call these; nothing here touches Kafka.
 """
 
 from __future__ import annotations
 
 from kflow.security.audit import AuditRecord, decode_audit, encode_audit
+from kflow.security.guard import Check, CommandGuard, SeenTokens
 from kflow.security.policy import (
     ACTIONS,
     Grant,
@@ -22,7 +24,9 @@ from kflow.security.policy import (
 )
 from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
 from kflow.security.tokens import (
+    ATTEMPT_HEADER,
     COMMAND_HEADER,
+    CommandSigner,
     KeyConfigError,
     Keys,
     ReplayCache,
@@ -37,11 +41,15 @@ from kflow.security.tokens import (
 
 __all__ = [
     "ACTIONS",
+    "ATTEMPT_HEADER",
     "COMMAND_HEADER",
     "DEFAULT_TENANT",
     "SYSTEM_ADMIN",
     "AuditRecord",
     "AuthError",
+    "Check",
+    "CommandGuard",
+    "CommandSigner",
     "Grant",
     "KeyConfigError",
     "Keys",
@@ -51,6 +59,7 @@ __all__ = [
     "Principal",
     "ReplayCache",
     "Resource",
+    "SeenTokens",
     "Verdict",
     "attempt_token",
     "check_attempt_token",

@@ -32,11 +32,16 @@ class Principal:
         name: The principal's name (the token's ``sub``), unique within its tenant.
         tenant: The tenant it belongs to and may act in.
         roles: Role names the token carries; policy bindings may add more.
+        on_behalf_of: Whom a service acts for (claim ``obo``): the engine signs the commands an
+            instance causes (a child's start, say) as itself, on behalf of the instance's owner,
+            so the child is owned by that owner. Honoured only for principals with role
+            :data:`SYSTEM_ADMIN`.
     """
 
     name: str
     tenant: str = DEFAULT_TENANT
     roles: frozenset[str] = field(default_factory=frozenset)
+    on_behalf_of: str | None = None
 
 
 class AuthError(KflowError):

@@ -47,10 +47,12 @@ from kflow.model.errors import KflowError
 from kflow.security.principal import AuthError, Principal
 
 __all__ = [
+    "ATTEMPT_HEADER",
     "COMMAND_HEADER",
     "MIN_SECRET_BYTES",
     "KeyConfigError",
     "Keys",
+    "CommandSigner",
     "ReplayCache",
     "SigningKey",
     "attempt_token",
@@ -61,6 +63,7 @@ __all__ = [
     "load_jwks_file",
     "sign_command",
     "verify_command",
+    "verify_command_claims",
     "verify_token",
 ]
 
@@ -68,6 +71,8 @@ log = logging.getLogger(__name__)
 
 #: The record header that carries a command token.
 COMMAND_HEADER = "kflow.auth"
+#: The record header in which a worker returns a task's attempt token with the attempt's reports.
+ATTEMPT_HEADER = "kflow.attempt"
 #: Shortest HS256 secret accepted: RFC 7518 asks for a key at least as long as the hash.
 MIN_SECRET_BYTES = 32
 #: Longest token looked at; anything longer is refused before it is parsed.
@@ -151,13 +156,20 @@ class Keys:
                 JWKS file, a PEM that is not an RSA or P-256 private key).
         """
         env = os.environ if environ is None else environ
-        secret = env.get("KFLOW_JWT_SECRET") or None
-        jwks_file = env.get("KFLOW_JWKS_FILE") or None
-        signing = env.get("KFLOW_SIGNING_KEY") or None
+        return cls.from_values(env.get("KFLOW_JWT_SECRET"), env.get("KFLOW_JWKS_FILE"), env.get("KFLOW_SIGNING_KEY"))
+
+    @classmethod
+    def from_values(cls, jwt_secret: str | None, jwks_file: str | None, signing_key: str | None) -> Keys:
+        """Keys from the values of ``KFLOW_JWT_SECRET``, ``KFLOW_JWKS_FILE`` and ``KFLOW_SIGNING_KEY``
+        (as a process's settings hold them); empty or None values contribute nothing.
+
+        Raises:
+            KeyConfigError: as :meth:`from_env`.
+        """
         return cls(
-            secret=_secret_bytes(secret, "KFLOW_JWT_SECRET") if secret else None,
+            secret=_secret_bytes(jwt_secret, "KFLOW_JWT_SECRET") if jwt_secret else None,
             jwks=load_jwks_file(jwks_file) if jwks_file else (),
-            signing_key=_signing_key_from_env(signing) if signing else None,
+            signing_key=_signing_key_from_env(signing_key) if signing_key else None,
         )
 
     def verifiers(self, alg: str, kid: object) -> list[Any]:
@@ -386,8 +398,11 @@ def sign_command(key: bytes | None, value: bytes | None, principal_token_or_clai
         if "dig" in claims:
             raise _unauthenticated("expected a principal token, but this is a command token")
         who, exp = _principal(claims), min(exp, claims["exp"])
-    return _sign({"sub": who.name, "tenant": who.tenant, "roles": sorted(who.roles), "iat": int(at), "exp": exp,
-                  "jti": _new_jti(), "dig": command_digest(key, value)}, keys)
+    claims = {"sub": who.name, "tenant": who.tenant, "roles": sorted(who.roles), "iat": int(at), "exp": exp,
+              "jti": _new_jti(), "dig": command_digest(key, value)}
+    if who.on_behalf_of:
+        claims["obo"] = who.on_behalf_of
+    return _sign(claims, keys)
 
 
 def verify_command(header_value: str | bytes | None, key: bytes | None, value: bytes | None, keys: Keys, now: float,
@@ -401,6 +416,18 @@ def verify_command(header_value: str | bytes | None, key: bytes | None, value: b
     Raises:
         AuthError: ``Unauthenticated``, with the reason.
     """
+    who, jti, exp = verify_command_claims(header_value, key, value, keys, now)
+    seen.add(jti, exp, now)
+    return who
+
+
+def verify_command_claims(header_value: str | bytes | None, key: bytes | None, value: bytes | None, keys: Keys,
+                          now: float) -> tuple[Principal, str, float]:
+    """:func:`verify_command` but the replay check: ``(sender, jti, exp)`` for the caller to check.
+
+    Raises:
+        AuthError: ``Unauthenticated``, with the reason.
+    """
     claims = _verified_claims(_token_text(header_value), keys, now)
     who = _principal(claims)
     dig = claims.get("dig")
@@ -408,8 +435,62 @@ def verify_command(header_value: str | bytes | None, key: bytes | None, value: b
         raise _unauthenticated("expected a command token with a 'dig' claim, but it has none")
     if not hmac.compare_digest(dig.encode("ascii", "replace"), command_digest(key, value).encode("ascii")):
         raise _unauthenticated("expected the token's digest to match the record, but the key or value was changed")
-    seen.add(claims["jti"], claims["exp"], now)
-    return who
+    return who, claims["jti"], claims["exp"]
+
+
+class CommandSigner:
+    """Signs the command records a process produces, as the principal of its token (``KFLOW_TOKEN``).
+
+    The principal token is verified with the local keys once, on first use; each record then gets
+    a command token of its own (:func:`sign_command`), valid for ``ttl_s`` but never beyond the
+    principal token. Thread-safe: verifying twice in a race gives the same answer.
+
+    Args:
+        token: The principal token.
+        keys: Keys that verify the principal token and sign command tokens.
+        ttl_s: How long a command stays valid: at least as long as it may wait in the topic
+            before an engine reads it.
+    """
+
+    def __init__(self, token: str, keys: Keys, ttl_s: float) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"expected a positive ttl, but got {ttl_s}s")
+        self._token, self.keys, self.ttl_s = token, keys, ttl_s
+        self._who: tuple[Principal, float] | None = None
+
+    def __repr__(self) -> str:
+        return f"CommandSigner({self._who[0] if self._who else 'unverified'}, ttl={self.ttl_s:g}s)"
+
+    def principal(self, now: float | None = None) -> Principal:
+        """Who the commands are signed as.
+
+        Raises:
+            AuthError: the principal token does not verify (or has expired).
+        """
+        return self._verified(time.time() if now is None else now)[0]
+
+    def header(self, key: bytes | None, value: bytes | None, *, now: float | None = None) -> tuple[str, bytes]:
+        """The :data:`COMMAND_HEADER` header of the record with this key and value.
+
+        Raises:
+            AuthError: the principal token does not verify, or has expired.
+            KeyConfigError: the keys cannot sign.
+        """
+        at = time.time() if now is None else now
+        who, exp = self._verified(at)
+        if at >= exp:
+            raise _unauthenticated(f"expected KFLOW_TOKEN to be valid at {at:.0f}, but it expired at {exp:.0f}: "
+                                   "issue a new one (kflow token issue)")
+        token = sign_command(key, value, who, self.keys, min(self.ttl_s, exp - at), now=at)
+        return COMMAND_HEADER, token.encode("ascii")
+
+    def _verified(self, now: float) -> tuple[Principal, float]:
+        if self._who is None:
+            claims = _verified_claims(_token_text(self._token), self.keys, now)
+            if "dig" in claims:
+                raise _unauthenticated("expected KFLOW_TOKEN to be a principal token, but it is a command token")
+            self._who = (_principal(claims), float(claims["exp"]))
+        return self._who
 
 
 def _token_text(raw: str | bytes | None) -> str:
@@ -498,7 +579,8 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         raise ValueError("claims need a non-empty 'sub' and 'tenant'")
     if isinstance(roles, str) or not all(isinstance(r, str) for r in roles):
         raise ValueError("claim 'roles' must be a list of strings")
-    return Principal(name, tenant, frozenset(roles))
+    obo = claims.get("obo")
+    return Principal(name, tenant, frozenset(roles), obo if isinstance(obo, str) and obo else None)
 
 
 def _unauthenticated(reason: str) -> AuthError:
@@ -514,7 +596,11 @@ class ReplayCache:
     Bounded by ``capacity``. Expired ids are dropped first; when the cache is still full, the id
     that expires soonest is forgotten early, and from then on every token expiring no later than
     it is refused (it might be a replay of a forgotten one): the cache fails closed, never open.
-    Pure: time is the ``now`` argument.
+
+    Ids added since the last :meth:`commit` are *pending*: a caller that records them in a
+    transaction calls :meth:`commit` once it committed, or :meth:`rollback` when it aborted (the
+    commands are read again, and their ids must not count as seen). Pure: time is the ``now``
+    argument.
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
@@ -522,8 +608,10 @@ class ReplayCache:
             raise ValueError(f"expected a positive capacity, but got {capacity}")
         self.capacity = capacity
         self._exp: dict[str, float] = {}
-        self._due: list[tuple[float, str]] = []  # heap of (exp, jti), the same entries as _exp
+        # heap of (exp, jti); an entry whose jti is gone from _exp, or has another exp there, is stale
+        self._due: list[tuple[float, str]] = []
         self._horizon = -math.inf  # the latest expiry forgotten before it was due
+        self._pending: list[tuple[str, float]] = []
 
     def __len__(self) -> int:
         return len(self._exp)
@@ -532,7 +620,7 @@ class ReplayCache:
         return jti in self._exp
 
     def add(self, jti: str, exp: float, now: float) -> None:
-        """Remember ``jti`` until ``exp``.
+        """Remember ``jti`` until ``exp`` (pending until :meth:`commit`).
 
         Raises:
             AuthError: ``Unauthenticated``: ``jti`` was seen, or it expires no later than an id
@@ -544,17 +632,51 @@ class ReplayCache:
         if exp <= self._horizon:
             raise _unauthenticated(f"expected a token expiring after {self._horizon}, as the replay cache is full and "
                                    f"forgot ids expiring until then, but it expires at {exp}")
+        self._put(jti, exp)
+        self._pending.append((jti, exp))
+
+    def load(self, seen: Iterable[tuple[str, float]], now: float) -> None:
+        """Remember ids recorded earlier (e.g. before a restart); expired ones are skipped, none is pending."""
+        self._drop_expired(now)
+        for jti, exp in seen:
+            if exp > now and jti not in self._exp:
+                self._put(jti, exp)
+
+    def pending(self) -> list[tuple[str, float]]:
+        """``(jti, exp)`` of the ids added since the last :meth:`commit` or :meth:`rollback`, in order."""
+        return list(self._pending)
+
+    def commit(self) -> None:
+        """The pending ids are recorded for good."""
+        self._pending.clear()
+
+    def rollback(self) -> None:
+        """Forget the pending ids: the commands that brought them were not recorded."""
+        for jti, exp in self._pending:
+            if self._exp.get(jti) == exp:
+                del self._exp[jti]
+        self._pending.clear()
+
+    def _put(self, jti: str, exp: float) -> None:
         if len(self._exp) >= self.capacity:
-            forgotten, old = heapq.heappop(self._due)
-            del self._exp[old]
-            self._horizon = max(self._horizon, forgotten)
+            self._forget_soonest()
         self._exp[jti] = exp
         heapq.heappush(self._due, (exp, jti))
+
+    def _forget_soonest(self) -> None:
+        while self._due:
+            exp, jti = heapq.heappop(self._due)
+            if self._exp.get(jti) == exp:
+                del self._exp[jti]
+                self._horizon = max(self._horizon, exp)
+                return
 
     def _drop_expired(self, now: float) -> None:
         due = self._due
         while due and due[0][0] <= now:
-            del self._exp[heapq.heappop(due)[1]]
+            exp, jti = heapq.heappop(due)
+            if self._exp.get(jti) == exp:
+                del self._exp[jti]
 
 
 # --------------------------------------------------------------------------- attempt tokens

@@ -15,6 +15,15 @@ consumed offsets of its partitions. Cancel tasks are produced after the commit, 
 transaction: workers may read tasks before they commit, and must never stop an attempt on the
 word of a decision that is later aborted.
 
+With auth on (``KFLOW_AUTH``), every command read from Kafka passes the engine's
+:class:`~kflow.security.guard.CommandGuard` before ``decide``: a refused one becomes a
+``CommandRejected(UNAUTHENTICATED|FORBIDDEN)`` event of its instance, or a DLQ record when there is
+no instance, and an audit record either way; every granted mutating command is audited too, in
+the same transaction as its decision. The token ids a batch accepted are written to the journal
+changelog in the batch's transaction (see :class:`~kflow.security.guard.SeenTokens`), so a replay
+is refused after a restart as well, and they count as seen only once it commits. Commands decided
+in the batch itself (timers, local activity outcomes) are the engine's own and are not checked.
+
 Rewinding after an aborted transaction goes through the polling thread (it owns the consumer):
 the lane blocks the batch's partitions (the polling thread drops their records from then on),
 forgets what it holds of them and asks for a seek; the polling thread seeks (which also purges
@@ -35,12 +44,16 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from kflow import _hops, _tracing
+from kflow.dlq import dlq_record
 from kflow.engine import decide
-from kflow.engine.core import EVENTS_OFFSET
+from kflow.engine.core import EVENTS_OFFSET, OWNER, TENANT, Decision, refuse
 from kflow.engine.journal import Entries, JournalOp, apply_to
 from kflow.model.errors import DecodeError, KflowError
-from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict, Task
+from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict, RejectCode, Task
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
+from kflow.security.audit import AuditOutcome, encode_audit
+from kflow.security.guard import MUTATING, REPORTS, Check
+from kflow.security.tokens import ATTEMPT_HEADER, COMMAND_HEADER
 from kflow.streams import metrics
 from kflow.streams.local import LocalRuns, local_activities
 from kflow.streams.partitioner import partition_for
@@ -53,6 +66,8 @@ log = logging.getLogger("kflow.engine")
 
 #: Longest a lane sleeps with nothing queued before it looks for due timers again (seconds).
 IDLE_WAIT = 0.05
+#: How a refusal is named in DLQ reasons, query answers and logs.
+_REFUSED: dict[str, str] = {RejectCode.UNAUTHENTICATED: "Unauthenticated", RejectCode.FORBIDDEN: "Forbidden"}
 
 
 @dataclass
@@ -76,6 +91,7 @@ class Batch:
     commands: int = 0
     events: int = 0
     defs_synced: bool = False
+    policies_synced: bool = False  # the policies table was read to its end before a refusal
     unstamped: bool = False  # an instance started in this batch waits for its first event's offset
     decided: list[tuple[Optional[JSONDict], Any]] = field(default_factory=list)  # (state before, decision) for metrics
     hops: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # instance -> hop stamp of its state record
@@ -232,6 +248,7 @@ class Lane:
                     metrics.TIMER_LATENESS.observe(max(0, now - due) / 1000)
                 self._stamp_events_offsets(batch)
                 self._produce_states(batch)
+                self._record_seen(batch)
                 self._produce_journal(batch)
             if batch.next_offsets:  # (2): what this lane consumed, not the consumer's position
                 offsets = [TopicPartition(self.names.commands, p, off) for p, off in batch.next_offsets.items()]
@@ -242,8 +259,11 @@ class Lane:
         except KafkaException as e:
             self._abort(batch, e)
             return 0
+        self._settle_seen(batch, committed=True)
         store = proc.store
-        for p in set(batch.partition_of.values()) | set(batch.fired):  # (4)
+        # (4): also partitions whose only journal records are the seen token ids, so the store
+        # never skips a changelog record it reflects the offset of
+        for p in set(batch.partition_of.values()) | set(batch.fired) | set(batch.journal_records):
             if p not in store.partitions:
                 continue
             sp = store.get(p)
@@ -288,6 +308,7 @@ class Lane:
         if isinstance(err, KafkaError) and err.fatal():
             raise KflowError(f"fatal Kafka error, this engine must restart: {err}") from e
         log.warning("transaction aborted (%s); rewinding %d partitions", err, len(batch.first_offsets))
+        self._settle_seen(batch, committed=False)
         try:
             self.producer.abort_transaction(30)
         except KafkaException as e2:
@@ -304,6 +325,12 @@ class Lane:
         else:
             st = proc.store.get(p).get(iid)
             batch.old.setdefault(iid, st)
+        check = None
+        if m is not None and proc.guard is not None:  # from Kafka: anyone may have produced it
+            check = self._check(batch, p, cmd, st, m)
+            if not check.allowed:
+                self._refuse(batch, p, cmd, st, m, check)
+                return
         if cmd.type == "StartWorkflow":
             self._sync_definitions(batch, cmd, m)
         reader = batch.readers.get(p)
@@ -313,6 +340,15 @@ class Lane:
         d = decide(st, cmd, batch.now, proc.defs, reader)
         batch.commands += 1
         metrics.command(cmd.type)
+        if check is not None:
+            self._granted(batch, p, cmd, m, check, d)
+        self._outputs(batch, p, cmd, st, d, m, t_ns)
+
+    def _outputs(self, batch: Batch, p: int, cmd: Command, st: Optional[JSONDict], d: Decision,
+                 m: Optional[Message], t_ns: int) -> None:
+        """Produce what decision ``d`` of ``cmd`` outputs, in this batch's transaction."""
+        proc = self.proc
+        iid = cmd.instance_id
         if d.dlq_reason:
             if m is not None:
                 self._dlq(m, d.dlq_reason, batch.now)
@@ -355,13 +391,116 @@ class Lane:
             if task.kind == "cancel":
                 batch.cancels.append((task, headers))
                 continue
+            if proc.guard is not None:  # the capability the worker returns with the attempt's reports
+                task.attempt_token = proc.guard.attempt_token(task.instance_id, task.activity_id, task.attempt)
             produce(self.names.tasks(task.queue), encode_task(task), key, headers=headers)
         for c in d.commands:
-            produce(self.names.commands, encode_command(c), c.instance_id.encode(), headers=headers)
+            self._produce_command(batch, c, headers, d.state)
         if local:  # outcomes are decided for this instance now, in this batch, after this decision's outputs
             self._local.submit(local, lambda c: self._decide(batch, p, c, None),
-                               lambda c: produce(self.names.commands, encode_command(c), c.instance_id.encode(),
-                                                 headers=headers))
+                               lambda c: self._produce_command(batch, c, headers, d.state))
+
+    def _produce_command(self, batch: Batch, c: Command, headers: Optional[list[tuple[str, bytes]]],
+                         state: Optional[JSONDict]) -> None:
+        """Produce a command this engine decided to send (to another instance, or to itself later).
+
+        With auth on it passes the same gate as anyone's: an activity report carries its attempt
+        token, anything else a command token the engine signs on behalf of ``state``'s instance."""
+        value, key = encode_command(c), c.instance_id.encode()
+        guard = self.proc.guard
+        if guard is not None:
+            if c.type in REPORTS:
+                auth = (ATTEMPT_HEADER, guard.attempt_token(c.instance_id, c.data["activity_id"],
+                                                            c.data["attempt"]).encode())
+            else:
+                auth = (COMMAND_HEADER, guard.sign(key, value, state, batch.now / 1000))
+            headers = [*(headers or ()), auth]
+        self.producer.produce(self.names.commands, value, key, headers=headers)
+
+    # -- auth ---------------------------------------------------------------------------------
+    def _check(self, batch: Batch, p: int, cmd: Command, st: Optional[JSONDict], m: Message) -> Check:
+        """The guard's answer for a command read from Kafka. Before refusing one as forbidden, the
+        policies table is read to its end (once per batch): a grant applied before the command was
+        sent counts for it, whichever engine decides it."""
+        proc = self.proc
+        assert proc.guard is not None
+        token = attempt = None
+        for k, v in m.headers() or ():
+            if k == COMMAND_HEADER and token is None:
+                token = v
+            elif k == ATTEMPT_HEADER and attempt is None:
+                attempt = v
+        check = proc.guard.check(cmd, st, token, attempt, m.key(), m.value(), batch.now / 1000,
+                                 proc.seen[p].cache)
+        if check.code == RejectCode.FORBIDDEN and check.principal is not None and not batch.policies_synced:
+            batch.policies_synced = True
+            if proc.policies.catch_up(2):
+                check = proc.guard.authorize(check.principal, cmd, st)
+        return check
+
+    def _refuse(self, batch: Batch, p: int, cmd: Command, st: Optional[JSONDict], m: Message, check: Check) -> None:
+        """A command the guard refused: ``CommandRejected`` on its instance (a DLQ record when there is
+        none), an error answer when it asked a query, and the denial's audit record."""
+        assert check.code is not None
+        label = _REFUSED.get(check.code, check.code)
+        reason = f"{label}: {check.reason}"
+        batch.commands += 1
+        self._audit(batch, p, cmd, m, check, "denied")
+        qid = cmd.data.get("query_id")
+        if cmd.type in ("QueryWorkflow", "QueryStatus") and isinstance(qid, str):
+            answer = {"query_id": qid, "instance_id": cmd.instance_id, "error": {"type": label, "message": check.reason}}
+            self.producer.produce(self.names.replies, orjson.dumps(answer), qid.encode())
+        if st is None:
+            self._dlq(m, reason, batch.now)
+            return
+        log.warning("refused %s for '%s' (%s[%d]@%d): %s", cmd.type, cmd.instance_id, m.topic(), p, m.offset(), reason)
+        self._outputs(batch, p, cmd, st, refuse(st, cmd, batch.now, check.code, check.reason), m, time.time_ns())
+
+    def _granted(self, batch: Batch, p: int, cmd: Command, m: Optional[Message], check: Check, d: Decision) -> None:
+        """Stamp the owner and tenant of an instance a principal started; audit a mutating command."""
+        guard = self.proc.guard
+        assert guard is not None and m is not None
+        if check.principal is not None and d.state is not None and d.events and d.events[0].type == "WorkflowStarted":
+            d.state[OWNER], d.state[TENANT] = guard.starter(check.principal)
+        if cmd.type not in MUTATING:
+            return
+        outcome: AuditOutcome = "success"
+        details: dict[str, str] = {}
+        if d.dlq_reason:
+            outcome, details = "granted", {"result": "dead-lettered", "why": d.dlq_reason}
+        elif d.events and d.events[0].type == "CommandRejected":
+            ev = d.events[0].data
+            outcome, details = "granted", {"result": "rejected", "rejected": ev["code"], "why": ev["reason"]}
+        self._audit(batch, p, cmd, m, check, outcome, details)
+
+    def _audit(self, batch: Batch, p: int, cmd: Command, m: Message, check: Check, outcome: AuditOutcome,
+               details: Optional[dict[str, str]] = None) -> None:
+        """An audit record, keyed (and partitioned) by the command's instance, in this transaction."""
+        guard = self.proc.guard
+        assert guard is not None
+        ref = f"{m.topic()}[{m.partition()}]@{m.offset()}"
+        record = guard.audit(check, cmd, outcome, batch.now, ref, details)
+        self.producer.produce(self.names.audit, encode_audit(record), cmd.instance_id.encode(), partition=p)
+
+    def _record_seen(self, batch: Batch) -> None:
+        """The seen-token changelog records of each partition this batch read commands of."""
+        for p, first in batch.first_offsets.items():
+            tokens = self.proc.seen.get(p)
+            if tokens is not None:
+                records = tokens.changelog(first, batch.now / 1000)
+                if records:
+                    batch.journal_records.setdefault(p, []).extend(records)
+
+    def _settle_seen(self, batch: Batch, committed: bool) -> None:
+        """After the transaction: its token ids count as seen (committed), or never did (aborted)."""
+        for p in batch.first_offsets:
+            tokens = self.proc.seen.get(p)
+            if tokens is None:
+                continue
+            if committed:
+                tokens.committed()
+            else:
+                tokens.aborted()
 
     def _sync_definitions(self, batch: Batch, cmd: Command, m: Optional[Message]) -> None:
         """Make the definitions table current enough to decide this start.
@@ -426,9 +565,6 @@ class Lane:
 
     def _dlq(self, m: Message, reason: str, now: int) -> None:
         log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
-        headers = [("kflow.reason", reason.encode()), ("kflow.original.topic", m.topic().encode()),
-                   ("kflow.original.partition", str(m.partition()).encode()),
-                   ("kflow.original.offset", str(m.offset()).encode()), ("kflow.time", str(now).encode())]
-        headers += [(k, v) for k, v in (m.headers() or []) if not k.startswith("kflow.")]
-        self.producer.produce(self.names.dlq, m.value() or b"", m.key(), headers=headers)
+        value, key, headers = dlq_record(m, reason, now)
+        self.producer.produce(self.names.dlq, value, key, headers=headers)
         metrics.DLQ.labels(reason.split(" ")[0].split(":")[0][:32]).inc()

@@ -20,6 +20,11 @@ is repaired by restoring from the changelog. Due timers are fired by the lane of
 through the same decide/commit path, at most ``timer_batch`` per partition per transaction so a
 burst of timers cannot starve commands.
 
+With auth on, each lane checks every command it reads with the engine's
+:class:`~kflow.security.guard.CommandGuard` against the policy of the ``policies`` table
+(:mod:`kflow.streams.policies`, polled by this thread), and the token ids each partition accepted
+(:class:`~kflow.security.guard.SeenTokens`) are loaded from its restored store on assignment.
+
 With standby replicas (:mod:`kflow.streams.standby`) the stores of partitions this engine does not
 own are kept warm by a background thread. An assigned partition's store is taken from it before
 restore (so restore replays only the tail the standby had not applied), and a revoked or lost
@@ -39,11 +44,13 @@ from kflow import _hops
 from kflow.config import EngineConfig
 from kflow.model.errors import KflowError
 from kflow.streams import metrics
+from kflow.security.guard import SEEN_KEY_PREFIX, CommandGuard, SeenTokens
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.lane import Batch, Lane, state_record
+from kflow.streams.policies import PolicyTable
 from kflow.streams.restore import RestoreStats, restore_partitions
 from kflow.streams.standby import StandbyReplicas
-from kflow.streams.store import EngineStore, StorePartition
+from kflow.streams.store import JOURNAL_PREFIX, EngineStore, StorePartition
 from kflow.streams.topics import ensure_task_topic, ensure_topics
 
 __all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
@@ -89,6 +96,11 @@ class EngineProcessor:
         #: warm copies of the partitions other engines own (KFLOW_STANDBY_REPLICAS ≥ 1)
         self.standby: Optional[StandbyReplicas] = (
             StandbyReplicas(config, self.store.root, self.per_partition_cache) if config.standby_replicas else None)
+        #: with auth on: the gate of every command read from Kafka, the policy it enforces, and the
+        #: token ids each owned partition accepted; None / empty with auth off
+        self.guard: Optional[CommandGuard] = None
+        self.policies: PolicyTable
+        self.seen: dict[int, SeenTokens] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -121,6 +133,7 @@ class EngineProcessor:
         self.defs.limits = cfg.limits()
         self.defs.catch_up(10)
         self.defs.host(hosted, cfg.producer_conf(), self.clock.now_ms())
+        self._setup_auth()
         tid = f"{self.names.prefix}engine-{cfg.resolved_engine_id()}"
         for i in range(self.lanes_n):
             producer = Producer(cfg.producer_conf(**{
@@ -141,6 +154,25 @@ class EngineProcessor:
         log.info("engine %s started: topics prefix '%s', %d partitions, %d lanes, state dir %s, %d definitions",
                  tid, self.names.prefix, cfg.partitions, self.lanes_n, cfg.state_dir, len(self.defs))
 
+    def _setup_auth(self) -> None:
+        """With auth on: the guard and the policies table, read to its end before any command.
+        With auth off (and not a dev stack), one warning that says what that means."""
+        cfg = self.config
+        if not cfg.auth:
+            if not cfg.dev_tuning:
+                log.warning("auth is off: anyone who can write to %s can start, signal, cancel or terminate any "
+                            "workflow and complete any activity; set KFLOW_AUTH=on (with KFLOW_JWT_SECRET) on every "
+                            "process, see the README's Security section", self.names.commands)
+            return
+        keys = cfg.keys()
+        # the guard first: a missing or unusable key is a start-up error before anything connects
+        self.guard = CommandGuard(keys, lambda: self.policies.policy, cfg.topic_settings.commands_retention_ms / 1000)
+        self.policies = PolicyTable(cfg.consumer_conf("kflow-policies"), self.names.policies, keys)
+        self.policies.catch_up(10)
+        log.info("auth is on: commands need a signed token (%s), results their attempt's token; policy from %s",
+                 "/".join(sorted(keys.algorithms)),
+                 f"{self.names.policies}@{self.policies.offset}" if self.policies.offset >= 0 else "nowhere yet (empty)")
+
     def _shutdown(self) -> None:
         log.info("engine stopping: finishing open batches, leaving the group and closing stores")
         try:
@@ -155,6 +187,8 @@ class EngineProcessor:
                 self.standby.stop()  # after leaving the group: the revoked stores came back to it
             self.store.close_all()
             self.defs.close()
+            if self.guard is not None:
+                self.policies.close()
             self.ready.clear()
 
     def known_queue(self, queue: str) -> None:
@@ -188,6 +222,8 @@ class EngineProcessor:
         self._log_promoted(promoted, restored)
         for sp in stores:
             self.next_due[sp.partition] = sp.next_due()  # one seek of the due-date index, no scan
+            if self.guard is not None:
+                self.seen[sp.partition] = self._seen_tokens(sp)
         metrics.REBALANCES.labels("assign").inc()
         metrics.ASSIGNED.set(len(self.store.partitions))
         log.info("assigned partitions %s (restored in %.2fs)", sorted(tp.partition for tp in partitions),
@@ -198,6 +234,18 @@ class EngineProcessor:
         if self.standby is not None:
             self.standby.rebalanced(consumer.memberid() or "")
         self.ready.set()
+
+    def _seen_tokens(self, sp: StorePartition) -> SeenTokens:
+        """The token ids partition ``sp`` accepted, from the seen-token records of its restored store."""
+        tokens = SeenTokens(self.config.replay_cache_size)
+        prefix = JOURNAL_PREFIX + SEEN_KEY_PREFIX
+        records: list[tuple[bytes, bytes]] = []
+        for key, value in sp.db.items(from_key=prefix):  # raw mode: bytes keys and values
+            if not key.startswith(prefix):
+                break
+            records.append((key[len(JOURNAL_PREFIX):], value))
+        tokens.load(records, self.clock.now_ms() / 1000)
+        return tokens
 
     def _adopt(self, partition: int, sp: Optional[StorePartition]) -> StorePartition:
         """The store of an assigned partition: the standby's when it held one, else opened here."""
@@ -226,6 +274,7 @@ class EngineProcessor:
     def _close(self, partitions: list[TopicPartition], how: str) -> None:
         for tp in partitions:
             self.next_due.pop(tp.partition, None)
+            self.seen.pop(tp.partition, None)
             if self.standby is None:
                 self.store.close(tp.partition)
         if self.standby is not None:
@@ -258,6 +307,8 @@ class EngineProcessor:
         if msgs:
             self._route(msgs, polled_us)
         self.defs.poll(0)
+        if self.guard is not None:
+            self.policies.poll(0)
         metrics.refresh(self)
         return len(msgs)
 

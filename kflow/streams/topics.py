@@ -6,8 +6,8 @@ cluster. On start-up :func:`ensure_topics` creates whatever is missing with expl
 which already exist have the partition count and cleanup policy kflow needs, raising
 :class:`TopicConfigMismatch` otherwise; an unreachable cluster raises :class:`BrokerUnavailable`
 within the timeout. Every instance-keyed topic (commands, events, state, journal,
-``tasks.<queue>``) and the DLQ share one partition count so they are co-partitioned;
-``definitions`` is a global table with a single partition.
+``tasks.<queue>``), the DLQ and the audit trail share one partition count so they are
+co-partitioned; ``definitions`` and ``policies`` are global tables with a single partition.
 """
 
 from __future__ import annotations
@@ -82,8 +82,18 @@ class TopicNames:
         return f"{self.prefix}definitions"
 
     @property
+    def policies(self) -> str:
+        """The policy in force (key ``policy``), read by every engine as a global table."""
+        return f"{self.prefix}policies"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
+
+    @property
+    def audit(self) -> str:
+        """The audit trail: who did what, granted or denied (key = the instance id the command addressed)."""
+        return f"{self.prefix}audit"
 
     @property
     def replies(self) -> str:
@@ -111,6 +121,7 @@ class TopicSettings:
     events_retention_ms: int = 7 * _DAY_MS
     commands_retention_ms: int = 7 * _DAY_MS
     max_message_bytes: int = 1_048_576
+    audit_retention_ms: int = 365 * _DAY_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +155,9 @@ def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str
         TopicSpec(names.state, p, "compact", -1),
         TopicSpec(names.journal, p, "compact", -1),
         TopicSpec(names.definitions, 1, "compact", -1),
+        TopicSpec(names.policies, 1, "compact", -1),
         TopicSpec(names.dlq, p, "delete", settings.events_retention_ms),
+        TopicSpec(names.audit, p, "delete", settings.audit_retention_ms),
         TopicSpec(names.replies, p, "delete", REPLIES_RETENTION_MS),
     ]
     specs += [_task_spec(names, settings, q) for q in dict.fromkeys(queues)]

@@ -17,7 +17,7 @@ from kflow.model.messages import Command, Event, JSONDict, Task
 
 
 class ManualClock:
-    """A clock that only moves when told to (milliseconds)."""
+    """A :class:`~kflow.clock.Clock` that only moves when told to (milliseconds)."""
 
     def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
         self.ms = start_ms

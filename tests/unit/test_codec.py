@@ -127,7 +127,8 @@ def test_every_schema_parses_and_has_the_documented_fields() -> None:
         "event": ["format", "instance_id", "seq", "ts", "body"],
         "state": ["instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms",
                   "closed_ms", "result", "error_type", "error_message", "internal"],
-        "task": ["instance_id", "activity_id", "attempt", "name", "queue", "input", "workflow", "scheduled_ms", "kind", "report_start"],
+        "task": ["instance_id", "activity_id", "attempt", "name", "queue", "input", "workflow", "scheduled_ms", "kind", "report_start",
+                 "attempt_token"],
         "definition": ["name", "version", "kind", "body", "deployed_ms"],
     }
     for name, fields in expected.items():

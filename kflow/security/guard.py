@@ -1,0 +1,271 @@
+"""The engine's gate for commands read from Kafka: who sent each one, whether they may, and the audit record.
+
+With auth on, the processor asks a :class:`CommandGuard` about every command it reads from the
+``commands`` topic, before ``decide``:
+
+* a workflow command (start, signal, query, status, cancel, terminate, and the engine's own
+  ``FireTimer`` / ``CompleteChild`` / ``FailChild``) needs a command token in its
+  :data:`~kflow.security.tokens.COMMAND_HEADER` header that verifies, has not expired, matches the
+  record's key and value and was not used before; the policy in force must then allow its
+  principal the command's operation on the instance (owner and tenant from the instance's state)
+  or, for a start, on the workflow's definition;
+* an activity report (``CompleteActivity``, ``FailActivity``, ``HeartbeatActivity``,
+  ``StartActivity``) needs the attempt token of its (instance, activity, attempt) in
+  :data:`~kflow.security.tokens.ATTEMPT_HEADER` instead: the capability the engine put on the task.
+
+The engine's own commands (a child's start, a parent's ``FailChild``, a deferred local activity's
+start) pass the same gate: the engine signs them with its HS256 secret as ``system:engine`` (role
+``system_admin``) on behalf of the instance's owner, so a header copied onto a forged record proves
+nothing (its digest binds the record). Their tokens live as long as a command may wait in the
+topic, so that no engine command ever expires unread, and their ids are not remembered: a replayed
+engine command is the byte-identical record, which the engine's own deduplication rejects
+(``DUPLICATE`` or ``INVALID_STATE``: a child started twice, a child result for a child no longer
+pending, a cancel of a closed instance). :class:`SeenTokens` keeps the ids of everyone else's
+tokens a partition accepted across restarts, as changelog records the processor produces in the
+transaction of their commands. Nothing here touches Kafka.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import orjson
+
+from kflow.model.messages import Command, JSONDict, RejectCode
+from kflow.security.audit import AuditOutcome, AuditRecord
+from kflow.security.policy import Policy, Resource, evaluate
+from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
+from kflow.security.tokens import (KeyConfigError, Keys, ReplayCache, attempt_token, check_attempt_token, sign_command,
+                                   verify_command_claims)
+
+__all__ = ["ENGINE_PRINCIPAL", "MUTATING", "REPORTS", "SEEN_KEY_PREFIX", "Check", "CommandGuard", "SeenTokens"]
+
+log = logging.getLogger("kflow.security")
+
+#: The principal the engine signs its own commands as.
+ENGINE_PRINCIPAL = "system:engine"
+#: Activity reports: checked by their attempt token, not by a principal's.
+REPORTS: Mapping[str, str] = {"CompleteActivity": "complete_activity", "FailActivity": "fail_activity",
+                              "HeartbeatActivity": "heartbeat_activity", "StartActivity": "start_activity"}
+#: Commands that change an instance on a user's request: each one granted is audited.
+MUTATING = frozenset({"StartWorkflow", "SignalWorkflow", "CancelWorkflow", "TerminateWorkflow"})
+#: Command type -> (the action audit records name, the operation the policy is asked about).
+#: ``FireTimer``, ``CompleteChild`` and ``FailChild`` are the engine's own: ``system:Admin``.
+_OPERATIONS: Mapping[str, tuple[str, str]] = {
+    "StartWorkflow": ("start", "start"), "SignalWorkflow": ("signal", "signal"), "QueryWorkflow": ("query", "query"),
+    "QueryStatus": ("status", "status"), "CancelWorkflow": ("cancel", "cancel"),
+    "TerminateWorkflow": ("terminate", "terminate"), "FireTimer": ("fire_timer", "system:Admin"),
+    "CompleteChild": ("complete_child", "system:Admin"), "FailChild": ("fail_child", "system:Admin"),
+}
+_ENGINE_RESOURCE = "engine"
+
+#: Changelog key prefix of the records that keep a partition's accepted token ids (on the journal
+#: changelog, beside the journal's own records: those start with an instance id, UTF-8, which never
+#: contains the byte 0xff).
+SEEN_KEY_PREFIX = b"\xffkflow.seen\x00"
+#: Most token ids in one record (about 40 bytes each), so a record stays far below message.max.bytes.
+SEEN_PER_RECORD = 10_000
+
+
+def _tenant(state: Optional[JSONDict]) -> str:
+    return str(state.get("tenant") or DEFAULT_TENANT) if state is not None else DEFAULT_TENANT
+
+
+def _owner(state: Optional[JSONDict]) -> Optional[str]:
+    return state.get("owner") if state is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The gate's answer for one command.
+
+    Attributes:
+        action: What the audit trail calls the operation (``start``, ``cancel``, ``complete_activity`` ...).
+        resource: What it acts on.
+        principal: Who sent it; None when no valid token named anyone (or for an activity report).
+        code: None when allowed; else :attr:`RejectCode.UNAUTHENTICATED` or :attr:`RejectCode.FORBIDDEN`.
+        reason: The rule that allowed it, or why it was refused ("expected ..., but ...").
+    """
+
+    action: str
+    resource: Resource
+    principal: Optional[Principal]
+    code: Optional[str]
+    reason: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.code is None
+
+
+class CommandGuard:
+    """Authenticates and authorizes the commands one engine reads; signs the ones it produces.
+
+    Args:
+        keys: The keys command tokens are verified with; ``keys.secret`` (``KFLOW_JWT_SECRET``)
+            also makes attempt tokens and signs the engine's own commands.
+        policy: Returns the policy in force (the ``policies`` table; read per command, so a new
+            policy counts from the next command).
+        engine_ttl_s: Lifetime of the engine's own command tokens: as long as a command may wait
+            in the topic (its retention), since the engine's commands must never expire unread.
+
+    Raises:
+        KeyConfigError: ``keys`` has no HS256 secret.
+    """
+
+    def __init__(self, keys: Keys, policy: Callable[[], Policy], engine_ttl_s: float) -> None:
+        if keys.secret is None:
+            raise KeyConfigError("KFLOW_AUTH is on: the engine needs KFLOW_JWT_SECRET (it makes attempt tokens "
+                                 "and signs its own commands with it)")
+        self.keys, self._policy, self.engine_ttl_s = keys, policy, engine_ttl_s
+        self._secret: bytes = keys.secret
+        self._engine_keys = Keys(secret=keys.secret)
+
+    # -- checking -----------------------------------------------------------------------------
+    def check(self, cmd: Command, state: Optional[JSONDict], token: str | bytes | None, attempt: str | bytes | None,
+              key: Optional[bytes], value: Optional[bytes], now_s: float, seen: ReplayCache) -> Check:
+        """Authenticate and authorize ``cmd``, read as the record (``key``, ``value``) with these headers.
+
+        Args:
+            cmd: The decoded command.
+            state: The addressed instance's state, or None.
+            token: The :data:`COMMAND_HEADER` header's value, if any.
+            attempt: The :data:`ATTEMPT_HEADER` header's value, if any (activity reports).
+            key: The record's key, as read.
+            value: The record's value, as read.
+            now_s: The engine's clock, in epoch seconds.
+            seen: The partition's token ids: a verified token's id is added (pending until commit),
+                unless it is the engine's own.
+        """
+        if cmd.type in REPORTS:
+            return self._check_report(cmd, state, attempt)
+        action, _ = self._operation(cmd)
+        try:
+            who, jti, exp = verify_command_claims(token, key, value, self.keys, now_s)
+            if who.name != ENGINE_PRINCIPAL:
+                seen.add(jti, exp, now_s)
+        except AuthError as e:
+            return Check(action, self._resource(cmd, state, None), None, RejectCode.UNAUTHENTICATED, e.reason)
+        return self.authorize(who, cmd, state)
+
+    def authorize(self, who: Principal, cmd: Command, state: Optional[JSONDict]) -> Check:
+        """Whether the policy in force allows ``who`` the operation of ``cmd`` (already authenticated)."""
+        action, operation = self._operation(cmd)
+        resource = self._resource(cmd, state, who)
+        verdict = evaluate(self._policy(), who, operation, resource)
+        return Check(action, resource, who, None if verdict.allowed else RejectCode.FORBIDDEN, verdict.reason)
+
+    def _check_report(self, cmd: Command, state: Optional[JSONDict], given: str | bytes | None) -> Check:
+        aid, n = str(cmd.data.get("activity_id")), cmd.data.get("attempt")
+        resource = Resource("activity", aid, _tenant(state), _owner(state))
+        what = f"attempt {n} of activity '{aid}' of '{cmd.instance_id}'"
+        if isinstance(n, int) and check_attempt_token(self._secret, cmd.instance_id, aid, n, given):
+            return Check(REPORTS[cmd.type], resource, None, None, f"the token of {what}")
+        why = ("there is none" if not given else "it is not that attempt's (another attempt's, or forged)")
+        return Check(REPORTS[cmd.type], resource, None, RejectCode.UNAUTHENTICATED,
+                     f"expected the token of {what} in header 'kflow.attempt', but {why}")
+
+    @staticmethod
+    def _operation(cmd: Command) -> tuple[str, str]:
+        return _OPERATIONS.get(cmd.type, (cmd.type, "system:Admin"))
+
+    @staticmethod
+    def _resource(cmd: Command, state: Optional[JSONDict], who: Optional[Principal]) -> Resource:
+        """What ``cmd`` acts on. An instance that does not exist (yet) is in the sender's tenant."""
+        tenant = _tenant(state) if state is not None or who is None else who.tenant
+        if cmd.type == "StartWorkflow":
+            return Resource("definition", str(cmd.data.get("workflow") or ""), tenant)
+        if _OPERATIONS.get(cmd.type, ("", "system:Admin"))[1] == "system:Admin":
+            return Resource("system", _ENGINE_RESOURCE, tenant)
+        return Resource("instance", cmd.instance_id, tenant, _owner(state))
+
+    def starter(self, who: Principal) -> tuple[str, str]:
+        """``(owner, tenant)`` of an instance ``who`` starts: itself, or whom a system_admin acts for."""
+        if who.on_behalf_of and SYSTEM_ADMIN in self._policy().roles_of(who):
+            return who.on_behalf_of, who.tenant
+        return who.name, who.tenant
+
+    # -- what the engine produces -------------------------------------------------------------
+    def attempt_token(self, instance_id: str, activity_id: str, attempt: int) -> str:
+        """The capability token of one activity attempt (put on its task)."""
+        return attempt_token(self._secret, instance_id, activity_id, attempt)
+
+    def sign(self, key: bytes, value: bytes, state: Optional[JSONDict], now_s: float) -> bytes:
+        """The command token of a command the engine produces on behalf of instance ``state``."""
+        who = Principal(ENGINE_PRINCIPAL, _tenant(state), frozenset({SYSTEM_ADMIN}), _owner(state))
+        return sign_command(key, value, who, self._engine_keys, self.engine_ttl_s, now=now_s).encode("ascii")
+
+    @staticmethod
+    def audit(check: Check, cmd: Command, outcome: AuditOutcome, now_ms: int, ref: str,
+              details: Optional[dict[str, Any]] = None) -> AuditRecord:
+        """The audit record of ``check`` on ``cmd`` (record ``ref``: ``topic[partition]@offset``)."""
+        who = check.principal
+        why = {"reason" if check.code else "rule": check.reason}
+        return AuditRecord(
+            id=ref, time=now_ms, principal=who.name if who else "", tenant=who.tenant if who else check.resource.tenant,
+            action=check.action, resource_type=check.resource.type, resource_id=check.resource.id, outcome=outcome,
+            details={"command_type": cmd.type, "command_id": cmd.command_id, "instance_id": cmd.instance_id,
+                     **({"code": check.code} if check.code else {}), **why, **(details or {})},
+            source=f"kafka:{ref}")
+
+
+class SeenTokens:
+    """The token ids one partition accepted, in memory and as changelog records that outlive a restart.
+
+    Each transaction that accepted tokens on the partition writes a record per
+    :data:`SEEN_PER_RECORD` of them (key :data:`SEEN_KEY_PREFIX` + the batch's first offset + the
+    record's number, value the JSON list of ``[jti, exp]``) and a tombstone for each earlier record
+    whose tokens have all expired, so the compacted changelog holds only what can still be replayed. A new owner of the partition :meth:`load`-s the records
+    its restored store holds. The ids a transaction added count only once it commits: an aborted
+    batch is read again, and its tokens must pass again.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.cache = ReplayCache(capacity)
+        self._records: list[tuple[float, bytes]] = []  # heap of (latest expiry, key) of the records written
+        self._dropped: list[tuple[float, bytes]] = []  # tombstoned in the open transaction
+        self._written: list[tuple[float, bytes]] = []  # written in the open transaction
+
+    def load(self, records: Iterable[tuple[bytes, bytes]], now_s: float) -> None:
+        """Remember the records of a restored store (key, value); expired ones are tombstoned next."""
+        for key, value in records:
+            try:
+                entries = [(str(j), float(e)) for j, e in orjson.loads(value)]
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                log.error("skipping unreadable seen-tokens record %r", key)
+                continue
+            self.cache.load(entries, now_s)
+            heapq.heappush(self._records, (max((e for _, e in entries), default=0.0), key))
+
+    def changelog(self, first_offset: int, now_s: float) -> list[tuple[bytes, Optional[bytes]]]:
+        """The records this transaction writes: the ids it accepted and tombstones of expired records."""
+        out: list[tuple[bytes, Optional[bytes]]] = []
+        while self._records and self._records[0][0] <= now_s:
+            dropped = heapq.heappop(self._records)
+            self._dropped.append(dropped)
+            out.append((dropped[1], None))
+        pending = self.cache.pending()
+        for n, i in enumerate(range(0, len(pending), SEEN_PER_RECORD)):
+            chunk = pending[i:i + SEEN_PER_RECORD]
+            key = SEEN_KEY_PREFIX + first_offset.to_bytes(8, "big") + n.to_bytes(4, "big")
+            self._written.append((max(e for _, e in chunk), key))
+            out.append((key, orjson.dumps(chunk)))
+        return out
+
+    def committed(self) -> None:
+        """The transaction committed: its ids count as seen for good."""
+        for written in self._written:
+            heapq.heappush(self._records, written)
+        self.cache.commit()
+        self._written, self._dropped = [], []
+
+    def aborted(self) -> None:
+        """The transaction aborted: its ids are forgotten and its tombstones were not written."""
+        self.cache.rollback()
+        for dropped in self._dropped:
+            heapq.heappush(self._records, dropped)
+        self._written, self._dropped = [], []

@@ -1,0 +1,191 @@
+"""The ``policies`` topic: the policy every engine enforces, read as a global table and replaced live.
+
+The topic is compacted with one partition; its record keyed :data:`POLICY_KEY` holds the policy
+document (JSON or YAML, as :func:`~kflow.security.policy.parse_policy` validates). Every engine
+reads it to the end at start-up and keeps polling it, so ``kflow policy apply`` takes effect
+everywhere without a restart; an engine about to refuse a command reads the table to its high
+watermark first (once per batch), so a grant applied before a command was sent counts for it.
+
+With auth on, a record counts only if it carries a command token (``kflow policy apply`` signs
+it) that verifies at the record's time, was not used before, and names a principal the policy in
+force allows ``policy_apply`` on ``system:policy`` of the default tenant (role ``system_admin``,
+or ``system:Admin`` granted in the default tenant), because the policy governs every tenant. A
+producer that can write to the topic cannot grant itself anything. The record's time is the
+latest record timestamp read so far, so a record produced with a timestamp in the past cannot
+revive an expired token. An invalid or refused record is logged and skipped: the previous policy
+stays in force. Before any record counts, the policy is empty, which allows only ``system_admin``
+and owners.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+import orjson
+import yaml
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from kflow.config import KafkaConfig
+from kflow.model.errors import BrokerUnavailable, KflowError
+from kflow.security.audit import AuditRecord, encode_audit
+from kflow.security.policy import Policy, PolicyError, Resource, evaluate, parse_policy
+from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
+from kflow.security.tokens import COMMAND_HEADER, Keys, ReplayCache, verify_command
+
+__all__ = ["POLICY_KEY", "PolicyTable", "publish_policy"]
+
+log = logging.getLogger("kflow.policies")
+
+#: The key of the policy record.
+POLICY_KEY = b"policy"
+#: What applying a policy needs, on which resource.
+_APPLY = ("policy_apply", Resource("system", "policy", DEFAULT_TENANT))
+_APPLY_NEEDS = "role system_admin, or system:Admin in the default tenant"
+
+
+class PolicyTable:
+    """The policy in force, fed from the ``policies`` topic.
+
+    Args:
+        consumer_conf: librdkafka consumer settings (no group membership: the partition is assigned).
+        topic: The policies topic.
+        keys: With auth on, the keys policy records must be signed with; None: records count unsigned.
+    """
+
+    def __init__(self, consumer_conf: dict[str, Any], topic: str, keys: Optional[Keys] = None) -> None:
+        self.topic, self.keys = topic, keys
+        self._c = Consumer({**consumer_conf, "group.id": f"kflow-policies-{uuid.uuid4().hex}",
+                            "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10,
+                            "enable.partition.eof": True})
+        self._tp = TopicPartition(topic, 0, 0)
+        self._c.assign([self._tp])
+        self._lock = threading.Lock()  # the polling thread polls; a lane about to refuse catches up
+        self._seen = ReplayCache(10_000)
+        self._clock_s = 0.0
+        self.policy = Policy()
+        """The policy in force."""
+        self.offset = -1
+        """Offset of the record the policy in force came from (-1: none yet)."""
+        # where the last end-of-partition event said the partition ended: a read_committed reader's
+        # position stops short of the end when the last offset is a transaction's commit marker
+        self._end = -1
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Apply whatever records arrived; returns how many were read."""
+        with self._lock:
+            return self._poll(timeout)
+
+    def _poll(self, timeout: float) -> int:
+        msgs = self._c.consume(100, timeout)
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._end = max(self._end, m.offset() or 0)
+            elif m.key() == POLICY_KEY and m.value() is not None:
+                self._apply(m)
+        return len(msgs)
+
+    def catch_up(self, timeout: float = 5.0) -> bool:
+        """Read to the high watermark seen now; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            try:
+                low, high = self._c.get_watermark_offsets(self._tp, timeout=timeout, cached=False)
+            except KafkaException as e:
+                log.warning("cannot read the end of %s: %s", self.topic, e)
+                return False
+            while high > low and max(self._c.position([self._tp])[0].offset, self._end) < high:
+                if time.monotonic() > deadline:
+                    log.warning("policies table behind its high watermark after %.1fs", timeout)
+                    return False
+                self._poll(0.005)
+        return True
+
+    def _apply(self, m: Message) -> None:
+        where = f"{self.topic}@{m.offset()}"
+        try:
+            doc = yaml.safe_load(m.value())
+            policy = parse_policy(doc, where)
+            who = self._signer(m)
+        except (yaml.YAMLError, PolicyError, AuthError) as e:
+            log.error("ignoring the policy record at %s (the policy in force stays): %s", where, e)
+            return
+        self.policy, self.offset = policy, m.offset() or 0
+        log.info("policy from %s in force%s: %d role(s), %d tenant(s) with bindings or grants", where,
+                 f" (applied by {who.name} of {who.tenant})" if who else "", len(policy.roles),
+                 len(set(policy.bindings) | set(policy.grants)))
+
+    def _signer(self, m: Message) -> Optional[Principal]:
+        """Who signed the record (None when auth is off).
+
+        Raises:
+            AuthError: auth is on and the record is unsigned, badly signed, replayed, or its
+                signer may not apply policies.
+        """
+        kind, ts_ms = m.timestamp()
+        self._clock_s = max(self._clock_s, time.time() if kind == TIMESTAMP_NOT_AVAILABLE else ts_ms / 1000)
+        if self.keys is None:
+            return None
+        token = next((v for k, v in (m.headers() or []) if k == COMMAND_HEADER), None)
+        who = verify_command(token, m.key(), m.value(), self.keys, self._clock_s, self._seen)
+        self._seen.commit()
+        verdict = evaluate(self.policy, who, *_APPLY)
+        if not verdict.allowed:
+            raise AuthError("Forbidden", f"applying a policy needs {_APPLY_NEEDS}: {verdict.reason}")
+        return who
+
+    def close(self) -> None:
+        self._c.close()
+
+
+def publish_policy(config: KafkaConfig, policy: Policy, source: str, timeout: float = 30.0) -> int:
+    """Produce ``policy`` to the ``policies`` topic with its audit record, in one transaction.
+
+    With ``KFLOW_TOKEN`` set (or auth on) the record is signed as the token's principal, so
+    engines with auth on accept it. Returns the record's offset.
+
+    Raises:
+        KflowError: the topic does not exist, or the transaction failed.
+        BrokerUnavailable: the broker cannot be reached.
+        KeyConfigError, AuthError: auth is on and the record cannot be signed.
+    """
+    names = config.names
+    value = orjson.dumps(policy.model_dump(mode="json"))
+    signer = config.command_signer()
+    headers = [signer.header(POLICY_KEY, value)] if signer is not None else None
+    who = signer.principal() if signer is not None else None
+    producer = Producer(config.producer_conf(**{"transactional.id": f"{names.prefix}policy-apply", "acks": "all"}))
+    try:
+        meta = producer.list_topics(names.policies, timeout=timeout)
+        found = meta.topics.get(names.policies)
+        if found is None or found.error is not None or not found.partitions:
+            raise KflowError(f"topic {names.policies} does not exist: start an engine (it creates it) or run "
+                             f"`kflow topics ensure --prefix {names.prefix}`")
+        offsets: list[int] = []
+        producer.init_transactions(timeout)
+        producer.begin_transaction()
+        producer.produce(names.policies, value, POLICY_KEY, headers=headers,
+                         on_delivery=lambda err, msg: offsets.append(msg.offset() or 0) if err is None else None)
+        now_ms = int(time.time() * 1000)
+        record = AuditRecord(id=f"policy:{uuid.uuid4().hex}", time=now_ms, principal=who.name if who else "",
+                             tenant=who.tenant if who else DEFAULT_TENANT, action="policy_apply", resource_type="system",
+                             resource_id="policy", outcome="success",
+                             details={"roles": len(policy.roles),
+                                      "tenants": ", ".join(sorted(set(policy.bindings) | set(policy.grants)))},
+                             source=source)
+        producer.produce(names.audit, encode_audit(record), b"policy")
+        producer.commit_transaction(timeout)
+    except KafkaException as e:
+        err = e.args[0] if e.args else None
+        if getattr(err, "code", lambda: None)() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+                                                     KafkaError._ALL_BROKERS_DOWN):
+            raise BrokerUnavailable(config.bootstrap, f"applying the policy failed: {err}") from None
+        raise KflowError(f"applying the policy failed: {err or e}") from None
+    if not offsets:
+        raise KflowError("the policy record was not confirmed")
+    return offsets[0]
