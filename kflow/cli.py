@@ -42,7 +42,8 @@ def _root(verbose: Verbose = False) -> None:
 #: Commands in the order ``kflow --help`` shows them, grouped by what they act on.
 _PANELS: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (
     ("Instances", (("start", workflows.start), ("signal", workflows.signal), ("query", replay.query),
-                   ("cancel", workflows.cancel), ("terminate", workflows.terminate), ("status", workflows.status),
+                   ("cancel", workflows.cancel), ("terminate", workflows.terminate), ("suspend", workflows.suspend),
+                   ("resume", workflows.resume), ("retry", workflows.retry), ("status", workflows.status),
                    ("result", workflows.result), ("history", visibility.history), ("list", visibility.list_instances),
                    ("watch", visibility.watch))),
     ("Definitions", (("deploy", workflows.deploy), ("replay", replay.replay))),

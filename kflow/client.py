@@ -43,7 +43,7 @@ from kflow.engine import compile_spec
 from kflow.engine.definitions import definition_fingerprint
 from kflow.model.errors import (ActivityError, BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
                                 QueryFailedError, StartRejectedError, WorkflowFailedError, WorkflowNotDeployed)
-from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event, JSONValue, Status
+from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event, JSONValue, Status, priority_level
 from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
 from kflow.security.tokens import CommandSigner
 from kflow.streams.definitions import DefinitionsLog
@@ -538,6 +538,19 @@ class WorkflowHandle(Generic[T]):
         """Stop the instance at once, without cleanup; see :meth:`Client.terminate`."""
         self._client.terminate(self.id, reason)
 
+    def suspend(self, reason: str = "") -> None:
+        """Pause the instance; see :meth:`Client.suspend`."""
+        self._client.suspend(self.id, reason)
+
+    def resume(self, reason: str = "") -> None:
+        """Resume the suspended instance; see :meth:`Client.resume`."""
+        self._client.resume(self.id, reason)
+
+    def retry(self, from_step: str | None = None, input_patch: dict[str, Any] | None = None, *,
+              force: bool = False, reason: str = "", by: str = "") -> None:
+        """Re-open the failed instance at a step; see :meth:`Client.retry`."""
+        self._client.retry(self.id, from_step, input_patch, force=force, reason=reason, by=by)
+
     def __repr__(self) -> str:
         return f"WorkflowHandle({self.id!r})"
 
@@ -827,6 +840,7 @@ class Client:
         id_reuse: str | None = None,
         confirm: bool = True,
         require_deployed: bool = True,
+        priority: str | None = None,
     ) -> WorkflowHandle:
         """Start a workflow instance by producing ``StartWorkflow`` to the ``commands`` topic.
 
@@ -846,13 +860,18 @@ class Client:
                 not there (default). With False the command is sent anyway; an engine that does
                 not know the workflow dead-letters it, and the handle's ``result()`` raises
                 :class:`~kflow.model.errors.StartRejectedError` with the engine's reason.
+            priority: ``critical``, ``high``, ``normal``, ``low`` or ``background``: the level the
+                instance's tasks are dispatched at (and its children's), unless a step or call
+                sets its own. Default: the definition's ``priority:``, else ``normal``.
 
         Returns:
             A handle to await the result with.
 
         Raises:
             WorkflowNotDeployed: the workflow or version is not deployed (unless ``require_deployed=False``).
+            ValueError: ``priority`` is not one of the five levels.
         """
+        level = priority_level(priority)
         workflow, result_type = _workflow_name(workflow)
         input = to_json(input, f"the input of workflow '{workflow}'")
         if id_reuse is not None and id_reuse not in ID_REUSE_POLICIES:
@@ -868,7 +887,7 @@ class Client:
             # With return_existing a closed instance produces no new state record: result() scans.
             watcher.expect(instance_id, command_id)
         data = {"workflow": workflow, "version": version, "input": input, "parent_id": None,
-                "parent_ref": None, "id_reuse": id_reuse}
+                "parent_ref": None, "id_reuse": id_reuse, "priority": level}
         cmd = Command("StartWorkflow", instance_id, data, command_id=command_id, ts=int(time.time() * 1000))
         # read-your-deploys: the engine decides this start only after reading the definitions
         # topic at least up to this client's last deploy, so "latest version" includes it
@@ -894,6 +913,32 @@ class Client:
     def terminate(self, id: str, reason: str = "") -> None:
         """Stop instance ``id`` immediately with no cleanup (``TerminateWorkflow``); idempotent."""
         self._command(Command("TerminateWorkflow", id, {"reason": reason}))
+
+    def suspend(self, id: str, reason: str = "") -> None:
+        """Pause instance ``id`` (``SuspendWorkflow``): it dispatches no new tasks and fires no timers.
+
+        Running activities finish and their results are recorded; those results, due timers and
+        signals are applied when it is resumed. Suspending a closed instance is rejected.
+        """
+        self._command(Command("SuspendWorkflow", id, {"reason": reason}))
+
+    def resume(self, id: str, reason: str = "") -> None:
+        """Resume suspended instance ``id`` (``ResumeWorkflow``): what it held is applied in arrival order."""
+        self._command(Command("ResumeWorkflow", id, {"reason": reason}))
+
+    def retry(self, id: str, from_step: str | None = None, input_patch: dict[str, Any] | None = None, *,
+              force: bool = False, reason: str = "", by: str = "") -> None:
+        """Re-open FAILED spec instance ``id`` at a top-level step (``RetryWorkflow``).
+
+        It re-opens at ``from_step``, by default the step it failed at (for a failure inside a
+        ``parallel`` or ``foreach``, that whole step), with its variables as they were, updated
+        with ``input_patch`` (its key ``input`` replaces the workflow input). The steps before it
+        do not run again. ``force`` also re-opens a CANCELLED or TERMINATED instance; ``reason``
+        and ``by`` are recorded in ``WorkflowRetried``. Code workflows cannot be retried yet.
+        """
+        self._command(Command("RetryWorkflow", id, {
+            "from_step": from_step, "input_patch": to_json(input_patch, "retry input_patch"), "force": force,
+            "reason": reason, "by": by}))
 
     def query(self, id: str, name: str, *args: JSONValue, timeout: float = 10.0) -> JSONValue:
         """Ask instance ``id`` query ``name`` with ``args`` and return the answer.

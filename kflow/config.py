@@ -318,6 +318,8 @@ class WorkerConfig(KafkaConfig):
     task_isolation: Literal["read_uncommitted", "read_committed"] = Field(
         "read_uncommitted", description="Isolation level workers read tasks with: `read_uncommitted` starts an activity as soon as the engine decided it, before its transaction commits (activities are at-least-once; a result for an attempt the engine never committed is rejected or re-run); `read_committed` waits for the commit.")
     result_linger_ms: float = Field(0, ge=0, le=1000, description="linger.ms of the worker's result producer; 0 sends each result at once (librdkafka still batches under load).")
+    priority_policy: Literal["weighted", "strict"] = Field(
+        "weighted", description="Which priority level a saturated worker serves next: `weighted` (weights 100/50/20/10/5 for critical .. background; every level with work progresses) or `strict` (always the most urgent level with work).")
     connectors: str = Field("", description="Connectors file (YAML) whose operations this worker also serves (`kflow worker --connectors`).")
     connector_http_port: int = Field(8089, ge=0, le=65535, description="Port of the connectors' webhook callback server (`POST /callbacks/<token>`); 0 picks a free port.")
     connector_public_url: str = Field("", description="Base URL external systems reach the webhook callback server at (default http://<hostname>:<port>).")

@@ -170,6 +170,7 @@ class Worker:
                             for q, g in self.group_ids.items()},
             producer_conf=cfg.producer_conf(**{"linger.ms": cfg.result_linger_ms}),
             concurrency=cfg.concurrency,
+            priority_policy=cfg.priority_policy,
             heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
             shutdown_timeout=self.shutdown_timeout,
             should_stop=lambda: self._stop.is_set() or (stop is not None and stop.is_set()),

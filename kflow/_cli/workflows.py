@@ -7,6 +7,7 @@ one thing, and prints machine-friendly output on stdout (ids, JSON); logs go to 
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -15,7 +16,7 @@ import typer
 from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, parse_json, setup_logging
 from kflow.client import ID_REUSE_POLICIES, Client, WorkflowHandle
 from kflow.model.errors import KflowError, WorkflowFailedError
-from kflow.model.messages import Status
+from kflow.model.messages import PRIORITIES, Status, priority_level
 
 __all__ = ["cancel", "deploy", "result", "signal", "start", "status"]
 
@@ -77,6 +78,10 @@ def start(
         help=f"What to do if the id exists: {', '.join(sorted(ID_REUSE_POLICIES))}.")] = None,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait for the result and print it as JSON.")] = False,
     timeout: Timeout = 30.0,
+    priority: Annotated[Optional[str], typer.Option(
+        "--priority", metavar="LEVEL",
+        help=f"Priority of the instance's tasks: {', '.join(PRIORITIES)} (default: the definition's, "
+             "else normal).")] = None,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -93,8 +98,9 @@ def start(
     Example: kflow start order --input '{"sku": "A1", "qty": 2}' --wait --timeout 60
     """
     payload = parse_json(input, "--input")
+    priority_level(priority)  # an unknown level is an error before anything connects
     with _client(bootstrap, prefix, verbose) as client:
-        handle = client.start(name, payload, id=id, version=version, id_reuse=id_reuse)
+        handle = client.start(name, payload, id=id, version=version, id_reuse=id_reuse, priority=priority)
         if not wait:
             typer.echo(handle.id)
             return
@@ -157,6 +163,75 @@ def terminate(
     _stop(id, reason, "terminate", bootstrap, prefix, verbose)
 
 
+def suspend(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", metavar="TEXT", help="Why (recorded in the event).")] = "",
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Pause a workflow instance: it dispatches no new tasks and fires no timers until resumed.
+
+    Activities already running finish and their results are recorded; those results, timers that
+    come due and signals that arrive are applied, in order, by `kflow resume`. The instance shows
+    SUSPENDED. A closed instance cannot be suspended (the command is rejected).
+
+    Example: kflow suspend order-42 --reason "supplier outage"
+    """
+    _stop(id, reason, "suspend", bootstrap, prefix, verbose)
+
+
+def resume(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", metavar="TEXT", help="Why (recorded in the event).")] = "",
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Resume a suspended workflow instance: what it held is applied in arrival order, then it runs on.
+
+    Example: kflow resume order-42
+    """
+    _stop(id, reason, "resume", bootstrap, prefix, verbose)
+
+
+def retry(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    from_step: Annotated[Optional[str], typer.Option("--from", metavar="STEP",
+                                                     help="Top-level step to re-open at (default: where it failed).")] = None,
+    input_patch: Annotated[Optional[str], typer.Option("--input-patch", metavar="JSON",
+                                                       help="JSON object merged into the variables, or @FILE.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Also re-open a CANCELLED or TERMINATED instance.")] = False,
+    reason: Annotated[str, typer.Option("--reason", "-r", metavar="TEXT", help="Why (recorded in the event).")] = "",
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Re-open a FAILED spec workflow instance at the step it failed at, or an earlier one.
+
+    Its variables are as they were when it failed, updated with --input-patch (a key "input"
+    replaces the workflow input). The steps before the re-opened one do not run again. The
+    history keeps everything: a WorkflowRetried event records the step, the patch, who and why.
+    Code workflows cannot be retried yet.
+
+    Example: kflow retry order-42 --from charge --input-patch '{"card": "tok_2"}' --reason "new card"
+    """
+    patch = parse_json(input_patch, "--input-patch")
+    if patch is not None and not isinstance(patch, dict):
+        fail(f"--input-patch must be a JSON object, but got {type(patch).__name__}")
+    with _client(bootstrap, prefix, verbose) as client:
+        client.retry(id, from_step, patch, force=force, reason=reason, by=_operator())
+    typer.echo(f"retry requested for {id}")
+
+
+def _operator() -> str:
+    """The login name of who runs the command, for the history ("" where the system has none)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return ""
+
+
 def _stop(id: str, reason: str, how: str, bootstrap: str | None, prefix: str | None, verbose: bool) -> None:
     with _client(bootstrap, prefix, verbose) as client:
         getattr(client, how)(id, reason)
@@ -170,7 +245,7 @@ def _when(ms: int | None) -> str:
 
 
 _STYLE = {Status.RUNNING: "cyan", Status.COMPLETED: "green", Status.FAILED: "red",
-          Status.CANCELLED: "yellow", Status.BLOCKED: "magenta"}
+          Status.CANCELLED: "yellow", Status.BLOCKED: "magenta", Status.SUSPENDED: "blue"}
 
 
 def _render(state: dict[str, Any]) -> None:

@@ -1,5 +1,8 @@
 """The worker's consumers: one per queue, each in that queue's own group, driven as one by the loop.
 
+A queue's consumer reads every priority level topic of the queue (see
+:meth:`kflow.streams.topics.TopicNames.tasks`); which level is served first is the loop's choice.
+
 Every worker of a queue joins the group ``<prefix>worker.<queue>`` whatever other queues it
 serves, so the workers of a queue share its partitions and each task runs once per attempt. A
 worker serving several queues therefore holds several consumers; :class:`QueueConsumers` gives
@@ -14,7 +17,7 @@ different one each time, so a busy queue never starves a quiet one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -30,17 +33,23 @@ def worker_group(topic_prefix: str, queue: str) -> str:
 
 
 class QueueConsumers:
-    """One consumer per task topic; topics are disjoint, so each partition has exactly one owner.
+    """One consumer per queue; topics are disjoint, so each partition has exactly one owner.
 
     Args:
         confs: ``{task topic: consumer configuration}`` (each with its queue's ``group.id``).
+        levels: ``{task topic: every topic of that queue}``: the consumer of a queue also reads its
+            priority level topics (``tasks.<queue>.p<level>``), in the same group. Default: the
+            task topic alone.
     """
 
-    def __init__(self, confs: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, confs: dict[str, dict[str, Any]], levels: Mapping[str, Sequence[str]] | None = None) -> None:
         if not confs:
             raise ValueError("a worker needs at least one task topic")
-        self._by_topic: dict[str, Consumer] = {topic: Consumer(conf) for topic, conf in confs.items()}
-        self._all = list(self._by_topic.values())
+        self._subscriptions = {topic: list((levels or {}).get(topic, [topic])) for topic in confs}
+        self._by_queue: dict[str, Consumer] = {topic: Consumer(conf) for topic, conf in confs.items()}
+        self._by_topic: dict[str, Consumer] = {t: self._by_queue[topic] for topic, ts in self._subscriptions.items()
+                                               for t in ts}
+        self._all = list(self._by_queue.values())
         self._turn = 0  # index of the consumer polled first by the next fetch
 
     @property
@@ -48,9 +57,11 @@ class QueueConsumers:
         return list(self._by_topic)
 
     def subscribe(self, on_assign: Callable[[str], Callback], on_revoke: Callback, on_lost: Callback) -> None:
-        """Subscribe each consumer to its topic; ``on_assign(topic)`` makes that consumer's assign callback."""
-        for topic, consumer in self._by_topic.items():
-            consumer.subscribe([topic], on_assign=on_assign(topic), on_revoke=on_revoke, on_lost=on_lost)
+        """Subscribe each consumer to its queue's topics; ``on_assign(topic)`` makes the assign callback of
+        the consumer of task topic ``topic``."""
+        for topic, consumer in self._by_queue.items():
+            consumer.subscribe(self._subscriptions[topic], on_assign=on_assign(topic), on_revoke=on_revoke,
+                               on_lost=on_lost)
 
     def fetch(self, room: int, timeout: float) -> list[Message]:
         """Up to ``room`` records (at least one record if any consumer has one within ``timeout``).
@@ -95,6 +106,10 @@ class QueueConsumers:
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [tp for consumer, tps in self._route(partitions) for tp in consumer.position(tps)]
 
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        """The committed offsets of ``partitions``, each from its own group (offset < 0: none)."""
+        return [tp for consumer, tps in self._route(partitions) for tp in consumer.committed(tps, timeout=timeout)]
+
     def seek(self, partition: TopicPartition) -> None:
         self._by_topic[partition.topic].seek(partition)
 
@@ -128,7 +143,8 @@ class QueueConsumers:
             raise error
 
     def _route(self, partitions: Iterable[TopicPartition]) -> list[tuple[Consumer, list[TopicPartition]]]:
-        groups: dict[str, list[TopicPartition]] = {}
+        groups: dict[int, tuple[Consumer, list[TopicPartition]]] = {}
         for tp in partitions:
-            groups.setdefault(tp.topic, []).append(tp)
-        return [(self._by_topic[topic], tps) for topic, tps in groups.items()]
+            consumer = self._by_topic[tp.topic]
+            groups.setdefault(id(consumer), (consumer, []))[1].append(tp)
+        return list(groups.values())

@@ -51,6 +51,7 @@ class Job:
     reported: bool = False  # False if cancelled at shutdown: nothing was produced
     inner: asyncio.Future[Any] | None = None  # an async activity's own task, once it runs
     received_us: int = 0  # wall clock when the task was consumed (hop stamps)
+    level: int = 3  # priority level of the topic the task came from (3: normal)
 
     @property
     def attempt_key(self) -> tuple[str, str, int]:

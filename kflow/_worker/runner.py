@@ -55,10 +55,12 @@ from kflow._worker.execution import Executors, Job
 from kflow._worker.offsets import PartitionOffsets
 from kflow._worker.output import (Out, Outbox, Record, attempt_headers, dead_letter_headers, fail_command, result_command,
                                   weak_callback)
+from kflow._worker.priority import Policy, next_level, served
 from kflow._worker.registry import Registry
 from kflow.model.errors import DecodeError
-from kflow.model.messages import Task
+from kflow.model.messages import NORMAL_PRIORITY, Task
 from kflow.schemas.codec import decode_task
+from kflow.streams.topics import level_topics
 
 __all__ = ["Loop"]
 
@@ -70,6 +72,8 @@ _POLL_IDLE = 0.1  # consumer poll timeout with nothing running
 _FULL_GRACE = 0.5  # a full worker reads on (pausing partitions with tasks to run) when no slot frees for this long
 _PAUSED_WAIT = 0.1  # while full, wait this long for a slot between heartbeat and commit checks
 _FULL_BATCH = 100  # most records read at once by a full worker (to find cancels)
+_COMMITTED_TIMEOUT = 2.0  # seconds to read committed offsets of partitions a choice of level must count
+_UNKNOWN = -1  # the start of a partition whose committed offset could not be read
 _FLUSH_SECONDS = 10.0  # how long a stopping worker waits for its results to be delivered
 
 _HEADERS_ALLOWANCE = 1024  # bytes kept free for the key, headers and framing of a DLQ record
@@ -98,10 +102,13 @@ class Loop:
         shutdown_timeout: float,
         should_stop: Callable[[], bool],
         on_assigned: Callable[[], None],
+        priority_policy: Policy = "weighted",
     ) -> None:
         self.registry = registry
-        self.topics = topics  # task topic -> queue
-        self._unassigned = set(topics)  # topics whose consumer never had an assignment yet
+        levels = {topic: level_topics(topic) for topic in topics}
+        self.topics = {t: queue for topic, queue in topics.items() for t in levels[topic]}  # task topic -> queue
+        self._level_of = {t: level for by_topic in levels.values() for t, level in by_topic.items()}
+        self._unassigned = set(topics)  # queues' task topics whose consumer never had an assignment yet
         self.commands_topic = commands_topic
         self.dlq_topic = dlq_topic
         self.concurrency = concurrency
@@ -114,6 +121,14 @@ class Loop:
         self._rewound: set[TP] = set()  # partitions sought back during the current batch
         self._offsets: dict[TP, PartitionOffsets] = {}
         self._paused = False
+        self._paused_tps: set[TP] = set()  # partitions paused by this loop
+        #: Set by the first task of a level other than normal: from then on a saturated worker
+        #: chooses which level to read and run (until then it works exactly as without levels).
+        self._levels_seen = False
+        self.priority_policy = priority_policy
+        self._credit: dict[int, int] = {}  # weighted policy: credit per level (see kflow._worker.priority)
+        self._lag: dict[int, int] = {}  # tasks known to wait on the broker per level, as of the last choice
+        self._starts: dict[TP, int] = {}  # where partitions not read from yet resume (see _waiting)
         self._full_since: float | None = None
         self._last_commit = 0.0
         self._last_beat_scan = 0.0
@@ -126,7 +141,7 @@ class Loop:
         self.consumer = QueueConsumers({
             topic: {**conf, "enable.auto.commit": False, "on_commit": weak_callback(self._on_commit),
                     "error_cb": weak_callback(self._on_consumer_error)}
-            for topic, conf in consumer_confs.items()})
+            for topic, conf in consumer_confs.items()}, levels)
         kinds = {d.is_async for acts in registry.values() for d in acts.values()}
         self.executors = Executors(concurrency, False in kinds, True in kinds, self._report)
 
@@ -148,7 +163,9 @@ class Loop:
         room = self._room()
         if room > 0:
             self._full_since = None
-            if self._paused:
+            if self._levels_seen:
+                self._choose_level()
+            elif self._paused:
                 self._resume()
             self._fetch(room)
             self._dispatch()
@@ -178,14 +195,30 @@ class Loop:
         return 2 * self.concurrency - len(self._running) - len(self._queued)
 
     def _dispatch(self) -> None:
-        """Start queued jobs, oldest first, while slots are free."""
+        """Start queued jobs while slots are free: oldest first, of the level the policy serves next."""
         while self._queued and len(self._running) < self.concurrency:
-            job = self._queued.popleft()
+            job = self._next_job() if self._levels_seen else self._queued.popleft()
             self._running[id(job)] = job
             metrics.INFLIGHT.inc()
             metrics.task_started(job.task)
             _tracing.task_received(id(job), job.msg.headers() if job.msg is not None else None)
             self.executors.start(job)
+
+    def _next_job(self) -> Job:
+        """Take the oldest queued job of the level the priority policy serves next.
+
+        The choice is among the levels queued here; the credit counts every level known to have
+        work, on the broker too, so a level that waits there is owed its turn at the next choice.
+        """
+        queued: dict[int, int] = {}
+        for job in self._queued:
+            queued[job.level] = queued.get(job.level, 0) + 1
+        level = next_level(queued, self.priority_policy, self._credit)
+        job = next(j for j in self._queued if j.level == level)
+        self._queued.remove(job)
+        waiting = {lv: queued.get(lv, 0) + self._lag.get(lv, 0) for lv in queued.keys() | self._lag.keys()}
+        self._credit = served(job.level, waiting, self._credit)
+        return job
 
     def _read_while_full(self) -> None:
         """Read what is fetched without room to run it: cancels are applied, tasks put back.
@@ -202,6 +235,7 @@ class Loop:
         self._rewound.add((msg.topic(), msg.partition()))
         tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
         self.consumer.pause([TopicPartition(msg.topic(), msg.partition())])
+        self._paused_tps.add((msg.topic(), msg.partition()))
         self._paused = True
         try:
             self.consumer.seek(tp)
@@ -213,21 +247,85 @@ class Loop:
         assignment = self.consumer.assignment()
         if assignment:
             self.consumer.pause(assignment)
+            self._paused_tps.update((tp.topic, tp.partition) for tp in assignment)
         self._paused = True
 
     def _resume(self) -> None:
+        """There is room again: read on from every partition."""
         assignment = self.consumer.assignment()
         if assignment:
             self.consumer.resume(assignment)
-            # librdkafka notices a resume on its fetcher's next wake-up (up to a second away); a
-            # seek to the current position restarts fetching at once, from the same offset.
-            for tp in self.consumer.position(assignment):
-                if tp.offset >= 0:
-                    try:
-                        self.consumer.seek(tp)
-                    except KafkaException as exc:
-                        log.debug("cannot restart fetching %s[%d]: %s", tp.topic, tp.partition, exc)
+            self._restart(assignment)
+        self._paused_tps.clear()
         self._paused = False
+
+    def _restart(self, partitions: list[TopicPartition]) -> None:
+        """Seek ``partitions`` to their current position: a resumed one fetches at once (librdkafka
+        notices a resume on its fetcher's next wake-up, up to a second away), a paused one drops
+        what it had fetched ahead (read again when it is resumed)."""
+        for tp in self.consumer.position(partitions):
+            if tp.offset >= 0:
+                try:
+                    self.consumer.seek(tp)
+                except KafkaException as exc:
+                    log.debug("cannot restart fetching %s[%d]: %s", tp.topic, tp.partition, exc)
+
+    def _choose_level(self) -> None:
+        """Read only the level the priority policy serves next, among the levels with tasks waiting.
+
+        Waiting tasks per partition are its cached high watermark minus its position (a paused
+        partition's watermark is as of its pause: it has at least the task put back). Partitions
+        of the other levels with tasks waiting are paused, so the next fetch brings the chosen
+        level; partitions with nothing waiting stay open, so new work anywhere is noticed.
+        """
+        assignment = self.consumer.assignment()
+        lag = self._waiting(assignment)
+        by_level: dict[int, int] = {}
+        for tp, n in lag.items():
+            by_level[self._level_of[tp[0]]] = by_level.get(self._level_of[tp[0]], 0) + n
+        self._lag = by_level
+        level = next_level(by_level, self.priority_policy, self._credit)
+        hold = {tp for tp, n in lag.items() if n > 0 and self._level_of[tp[0]] != level}
+        resume = [TopicPartition(t, p) for t, p in self._paused_tps - hold]
+        pause = [TopicPartition(t, p) for t, p in hold - self._paused_tps]
+        if resume:
+            self.consumer.resume(resume)
+        if pause:
+            self.consumer.pause(pause)
+        if resume or pause:
+            self._restart(resume + pause)
+        self._paused_tps = hold
+        self._paused = bool(hold)
+
+    def _waiting(self, assignment: list[TopicPartition]) -> dict[TP, int]:
+        """Tasks not yet read per assigned partition, from cached watermarks.
+
+        A partition nothing was read from yet has no position: it is counted from where its
+        group resumes it (its committed offset, else its first offset), asked once. If that cannot
+        be asked, it counts as nothing waiting: it is then never held back, only not preferred.
+        """
+        out: dict[TP, int] = {}
+        unread = []
+        for tp in self.consumer.position(assignment):
+            key = (tp.topic, tp.partition)
+            offset = tp.offset if tp.offset >= 0 else self._starts.get(key)
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+            if offset is None:
+                unread.append(key)
+                continue
+            out[key] = max(high - max(offset, low), 0) if high >= 0 and offset != _UNKNOWN else 0
+        if unread:
+            self._starts.update(self._start_offsets(unread))
+        return out
+
+    def _start_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        """Where the group resumes ``tps``: the committed offset, else (a new group) the first one."""
+        try:
+            committed = self.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=_COMMITTED_TIMEOUT)
+        except KafkaException as exc:
+            log.debug("cannot read committed offsets: %s", exc)
+            return dict.fromkeys(tps, _UNKNOWN)
+        return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
 
     # ------------------------------------------------------------------ one record
 
@@ -254,6 +352,9 @@ class Loop:
             problem = ""
         except DecodeError as exc:
             task, problem = None, exc.reason
+        level = self._level_of[topic]
+        if level != NORMAL_PRIORITY:
+            self._levels_seen = True
         if task is not None and task.kind == "cancel":
             if offsets.add(offset):
                 self._cancel(task)
@@ -280,7 +381,7 @@ class Loop:
             return
         notify = partial(self.outbox.notify, headers=attempt_headers(task) or None)  # reports return the attempt token
         self._queued.append(Job(definition, task, queue, record, ActivityContext(task, notify), msg,
-                                received_us=_hops.now_us()))
+                                received_us=_hops.now_us(), level=level))
 
     def _cancel(self, task: Task) -> None:
         """Apply a cancel task to the attempt it names, if this worker has it (running or queued)."""
@@ -446,6 +547,7 @@ class Loop:
             consumer.assign(partitions)
         if self._paused and partitions:
             consumer.pause(partitions)
+            self._paused_tps.update((tp.topic, tp.partition) for tp in partitions)
         log.info("assigned %s", _describe(partitions) if partitions else f"nothing of {topic}")
         self._unassigned.discard(topic)
         if not self._unassigned:  # every queue's consumer has joined its group
@@ -468,6 +570,9 @@ class Loop:
         for tp in tps:
             self._offsets.pop(tp, None)
         gone = set(tps)
+        self._paused_tps -= gone
+        for tp in gone:
+            self._starts.pop(tp, None)
         self._queued = deque(j for j in self._queued if j.msg is None or (j.msg.topic(), j.msg.partition()) not in gone)
 
     # ------------------------------------------------------------------ shutdown

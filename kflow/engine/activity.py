@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import orjson
 
-from kflow.engine.run import Run
+from kflow.engine.run import PRIORITY, Run
 from kflow.model.messages import Event, JSONDict, RejectCode, Status
 from kflow.model.spec import RetrySpec, TimeoutSpec, parse_duration_ms
 
@@ -167,7 +167,7 @@ def _cancel_timers(run: Run, act: JSONDict, keep: tuple[str, ...] = ()) -> None:
 
 # -- lifecycle --------------------------------------------------------------------------------
 def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Optional[str], step_key: str,
-             policy: Optional[JSONDict] = None, local: bool = False) -> None:
+             policy: Optional[JSONDict] = None, local: bool = False, priority: Optional[int] = None) -> None:
     """Schedule attempt 1 of an activity with its timeouts. Raises :class:`LimitExceeded`.
 
     ``policy`` (code workflows) is the activity's own ``{"retry": ..., "timeout": ...}``. A
@@ -183,6 +183,8 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
         act["policy"] = policy
     if local:
         act["local"] = True
+    if priority is not None:  # the step's or call's own level; without one, the instance's level applies
+        act[PRIORITY] = priority
     run.state["activities"][aid] = act
     _, timeouts = policies(run, step_key, act)
     _emit_task(run, aid, act, timeouts)
@@ -202,7 +204,7 @@ def _emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec
                  local=True, start_to_close_ms=_timeout_ms(timeouts, "start_to_close"))
     else:
         run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
-                 _reports_start(timeouts))
+                 _reports_start(timeouts), priority=act.get(PRIORITY))
 
 
 def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:

@@ -38,9 +38,9 @@ import orjson
 from kflow.engine import activity as activities
 from kflow.engine.activity import LimitExceeded, limits_of
 from kflow.engine.journal import COMMAND, INPUT, MEMORY, Append, Entries, Journal, Reset, apply_to
-from kflow.engine.run import Run, new_state
+from kflow.engine.run import PRIORITY, Run, new_state
 from kflow.model.errors import ActivityError, CancelledError, DeterminismError, KflowError, WorkflowError
-from kflow.model.messages import Event, JSONDict, Status
+from kflow.model.messages import Event, JSONDict, Status, priority_level
 from kflow.model.spec import RetrySpec, TimeoutSpec
 
 #: Instance-state fields owned by this module (persisted names, never reused): how many inputs and
@@ -240,7 +240,7 @@ class WorkflowContext:
 
     def activity(self, name: str, input: Any = None, queue: str = "default", *,
                  retry: Any = None, start_to_close: Any = None, schedule_to_close: Any = None,
-                 heartbeat: Any = None) -> Awaitable[Any]:
+                 heartbeat: Any = None, priority: Optional[str] = None) -> Awaitable[Any]:
         """Schedule activity ``name`` now; await its result.
 
         Args:
@@ -249,13 +249,16 @@ class WorkflowContext:
                 ``RetrySpec``); defaults to the workflow's ``retry=``, else one attempt.
             start_to_close / schedule_to_close / heartbeat: Timeouts (seconds, ``timedelta`` or
                 ``"30s"``), each a durable timer; a timeout fails the attempt with ``ActivityTimeout``.
+            priority: The level its tasks are dispatched at (``"critical"`` .. ``"background"``);
+                defaults to the instance's.
 
         Raises:
             ActivityError: the activity failed for good; ``.type``, ``.message``, ``.attempt``.
+            ValueError: ``priority`` is not one of the five levels.
         """
         policy = _policy(retry, {"start_to_close": start_to_close, "schedule_to_close": schedule_to_close,
                                  "heartbeat": heartbeat}, self._m.definition.retry)
-        return self._m.schedule_activity(name, input, queue, policy)
+        return self._m.schedule_activity(name, input, queue, policy, priority=priority_level(priority))
 
     def local_activity(self, name: str, input: Any = None, *, retry: Any = None,
                        start_to_close: Any = None, schedule_to_close: Any = None) -> Awaitable[Any]:
@@ -477,13 +480,13 @@ class Machine:
         return self.run
 
     def schedule_activity(self, name: str, input_: Any, queue: str, policy: Optional[JSONDict] = None,
-                          local: bool = False) -> _Future:
+                          local: bool = False, priority: Optional[int] = None) -> _Future:
         input_ = _json(input_, f"the input of activity '{name}'")
 
         def live() -> str:
             run = self._live_run()
             aid = f"{name}-{run.next_seq()}"
-            activities.schedule(run, aid, name, queue, input_, "code", name, policy, local=local)
+            activities.schedule(run, aid, name, queue, input_, "code", name, policy, local=local, priority=priority)
             return aid
 
         aid = self._issue("activity", name, live)
@@ -534,7 +537,8 @@ class Machine:
             run.emit("ChildStarted", {"child_id": cid, "workflow": workflow, "version": v, "input": input_})
             run.state["children"][cid] = {"thread": "code", "step": workflow}
             run.command("StartWorkflow", cid, {"workflow": workflow, "version": v, "input": input_,
-                                               "parent_id": self.instance_id, "parent_ref": cid, "id_reuse": None})
+                                               "parent_id": self.instance_id, "parent_ref": cid, "id_reuse": None,
+                                               "priority": run.priority()})
             return cid
 
         cid = self._issue("child", workflow, live)
@@ -1067,8 +1071,9 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
     fresh["runs"] = (st.get("runs") or [])[-9:] + [{"run": number - 1, "version": st["version"],
                                                       "started_ms": st["started_ms"], "input": st["input"],
                                                       "continued_with": input_}]
-    if "search" in st:
-        fresh["search"] = st["search"]
+    for kept in ("search", PRIORITY):  # the next run is the same instance: same attributes, same level
+        if kept in st:
+            fresh[kept] = st[kept]
     st.clear()
     st.update(fresh)
     _open_journal(st)

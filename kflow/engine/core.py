@@ -24,14 +24,25 @@ from kflow.engine import code_replayer, spec_interpreter
 from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_ended, payload_size
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
-from kflow.engine.run import Run, new_state
+from kflow.engine.run import PRIORITY, Run, new_state
 from kflow.model.errors import DeterminismError
-from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status, Task
+from kflow.model.messages import PRIORITIES, Command, Event, JSONDict, RejectCode, Status, Task
 
 #: Events that carry new information into an instance; all others are consequences of these.
 INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
                           "SignalReceived", "ChildCompleted", "ChildFailed", "WorkflowCancelled",
-                          "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated"})
+                          "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated",
+                          "WorkflowSuspended", "WorkflowResumed", "WorkflowRetried"})
+
+#: Input events a suspended instance records but does not apply: each would advance the workflow
+#: (dispatch tasks, start timers, run steps). They are kept in ``state["suspended"]["held"]`` and
+#: applied, in arrival order, when the instance is resumed. Start reports and heartbeats only keep
+#: running attempts' bookkeeping and are applied at once.
+HELD_INPUTS = frozenset({"ActivityCompleted", "ActivityFailed", "TimerFired", "SignalReceived",
+                         "ChildCompleted", "ChildFailed"})
+
+#: State key of a suspended instance: the status it resumes to, and the input events it holds.
+SUSPENDED = "suspended"
 
 
 #: State key of where the instance's history starts on its ``events`` partition: an offset at or
@@ -100,7 +111,16 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         ids = st.setdefault("signal_ids", [])
         ids.append(ev.data["signal_id"])
         del ids[:-SIGNAL_DEDUP_WINDOW]
-    if ev.type == "WorkflowCancelled":
+    if ev.type == "WorkflowResumed":
+        _resume(run)  # notes ended activities per held event
+    elif st["status"] == Status.SUSPENDED and ev.type in HELD_INPUTS:
+        _hold(run, ev)
+    elif ev.type == "WorkflowRetried":
+        spec_interpreter.on_retried(run, ev)
+    elif ev.type == "WorkflowSuspended":
+        st[SUSPENDED] = {"status": st["status"], "reason": ev.data.get("reason", ""), "held": []}
+        st["status"] = Status.SUSPENDED
+    elif ev.type == "WorkflowCancelled":
         _close_cancelled(run, ev.data.get("reason", ""))
     elif ev.type == "WorkflowTerminated":
         _close_terminated(run, ev.data.get("reason", ""))
@@ -110,7 +130,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         code_replayer.apply_input(run, ev)
     else:
         spec_interpreter.apply_input(run, ev)
-    note_ended(run, before, ev)
+    if ev.type != "WorkflowResumed":
+        note_ended(run, before, ev)
     if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
         code_replayer.end_journal(run)  # a closed run is never replayed again
     if state is not None:
@@ -128,8 +149,58 @@ def _record(run: Run, ev: Event) -> None:
     run.state["updated_ms"] = ev.ts
 
 
+def _hold(run: Run, ev: Event) -> None:
+    """Keep an input event of a suspended instance for its resume.
+
+    A fired timer leaves the timers table (it is due and must not fire again) and travels with
+    the event, so the resume can put it back before the event is applied.
+    """
+    entry: JSONDict = {"type": ev.type, "seq": ev.seq, "ts": ev.ts, "data": ev.data}
+    if ev.type == "TimerFired":
+        entry["timer"] = run.state["timers"].pop(ev.data["timer_id"])
+    run.state[SUSPENDED]["held"].append(entry)
+
+
+def _still_applies(state: JSONDict, ev: Event) -> bool:
+    """Whether a held event still means something after the ones held before it were applied.
+
+    A wait's timeout timer is void once its signal was applied, an attempt's result once its
+    timeout gave it up, a child's result once an error elsewhere cancelled it: the instance
+    treats them as it would have had they arrived in that order while it ran.
+    """
+    d = ev.data
+    if ev.type == "TimerFired":
+        return d["timer_id"] in state["timers"]
+    if ev.type in ("ActivityCompleted", "ActivityFailed"):
+        return late_result(state, d["activity_id"], d["attempt"]) is None
+    if ev.type in ("ChildCompleted", "ChildFailed"):
+        return d["child_id"] in state["children"]
+    return True
+
+
+def _resume(run: Run) -> None:
+    """Back to the status it was suspended in; then apply the held input events in arrival order."""
+    st = run.state
+    suspended = st.pop(SUSPENDED)
+    st["status"] = suspended["status"]
+    held = suspended["held"]
+    for entry in held:
+        if "timer" in entry:
+            st["timers"][entry["data"]["timer_id"]] = entry["timer"]
+    apply = code_replayer.apply_input if st["kind"] == "code" else spec_interpreter.apply_input
+    for entry in held:
+        ev = Event(type=entry["type"], instance_id=st["id"], seq=entry["seq"], ts=entry["ts"], data=entry["data"])
+        if run.closed or not _still_applies(st, ev):
+            continue
+        before = st["activities"]
+        st["activities"] = copy_state(before)
+        apply(run, ev)
+        note_ended(run, before, ev)
+
+
 def _close_cancelled(run: Run, reason: str) -> None:
     st = run.state
+    run.note_stop()
     st["status"] = Status.CANCELLED
     st["closed_ms"] = run.now
     st["error"] = {"type": "Cancelled", "message": reason}
@@ -145,10 +216,12 @@ def _close_cancelled(run: Run, reason: str) -> None:
 def _close_terminated(run: Run, reason: str) -> None:
     """Terminate: close at once, no compensation, no cleanup beyond telling children and parent."""
     st = run.state
+    run.note_stop()
     st["status"] = Status.TERMINATED
     st["closed_ms"] = run.now
     st["error"] = {"type": "Terminated", "message": reason}
     st.pop("closing", None)
+    st.pop(SUSPENDED, None)  # what a suspended instance held is dropped with the rest
     for child_id in sorted(st["children"]):
         run.command("TerminateWorkflow", child_id, {"reason": f"parent {st['id']} terminated"})
     run.cancel_activities()
@@ -219,12 +292,38 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     if version is None or defs.get(name, version) is None:
         what = f"'{name}'" if d.get("version") is None else f"'{name}@{d.get('version')}'"
         return Decision(state=state, dlq_reason=f"unknown workflow {what}: deploy it first")
-    return _accept(state, cmd, now, "WorkflowStarted",
-                   {"workflow": name, "version": version, "input": d.get("input"),
-                    "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
+    level = d.get("priority")
+    if level is not None and level not in PRIORITIES.values():  # clients check; a hand-made command may not
+        return Decision(state=state, dlq_reason=f"unknown priority {level!r}: expected 1 (critical) to 5 (background)")
+    if level is None:
+        level = getattr(getattr(defs.get(name, version), "spec", None), "priority", None)
+    decision = _accept(state, cmd, now, "WorkflowStarted",
+                       {"workflow": name, "version": version, "input": d.get("input"),
+                        "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
+    _stamp_priority(decision, level)
+    return decision
+
+
+def _stamp_priority(decision: Decision, level: Optional[int]) -> None:
+    """Record a started instance's level; its first step's work, decided before it was known, inherits it.
+
+    The level is state, not part of ``WorkflowStarted``: later decisions read it from the state
+    (see :meth:`Run.priority`), and continue-as-new carries it over. None (normal) leaves no key.
+    """
+    if level is None:
+        return
+    decision.state[PRIORITY] = level
+    for task in decision.tasks:
+        if task.priority is None:
+            task.priority = level
+    for c in decision.commands:
+        if c.type == "StartWorkflow" and c.data.get("priority") is None:
+            c.data["priority"] = level
 
 
 _ACCEPTING = frozenset({Status.RUNNING, Status.BLOCKED})
+#: Statuses that take signals and child results: a suspended instance records them for its resume.
+_RECEIVING = _ACCEPTING | {Status.SUSPENDED}
 
 
 def _running(state: Optional[JSONDict], cmd: Command, now: int,
@@ -248,7 +347,7 @@ def _active(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decis
 
 def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
-    guard = _running(state, cmd, now)
+    guard = _running(state, cmd, now, _RECEIVING)
     if guard:
         return guard
     assert state is not None
@@ -285,8 +384,101 @@ def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: Definiti
 
 def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decision]:
     """Reject a report for an activity attempt that is not the pending one (``STALE`` or ``DUPLICATE``)."""
-    verdict = late_result(state, cmd.data["activity_id"], cmd.data["attempt"])
+    aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
+    verdict = late_result(state, aid, attempt)
+    if verdict is None and cmd.type in ("CompleteActivity", "FailActivity") and _held_result(state, aid, attempt):
+        verdict = (RejectCode.DUPLICATE, f"expected a result for attempt {attempt} of '{aid}', but its result "
+                   "is already recorded, held until the instance is resumed (a redelivery)")
     return None if verdict is None else _reject(state, cmd, now, *verdict)
+
+
+def _held_result(state: JSONDict, aid: str, attempt: int) -> bool:
+    """Whether a suspended instance already holds a result for this attempt."""
+    held = state.get(SUSPENDED, {}).get("held", ())
+    return any(e["type"] in ("ActivityCompleted", "ActivityFailed") and e["data"]["activity_id"] == aid
+               and e["data"]["attempt"] == attempt for e in held)
+
+
+def _suspend(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+             journal: Journal) -> Decision:
+    """Pause an open instance (``WorkflowSuspended``); a closed or already suspended one is rejected."""
+    if state is None:
+        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    if state["status"] not in Status.ACTIVE:
+        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
+                       f"expected an open instance to suspend, but '{cmd.instance_id}' is closed ({state['status']})")
+    if state["status"] == Status.SUSPENDED:
+        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
+                       f"expected an instance that is not suspended, but '{cmd.instance_id}' already is "
+                       f"(reason: {state[SUSPENDED]['reason'] or 'none given'})")
+    return _accept(state, cmd, now, "WorkflowSuspended", {"reason": cmd.data.get("reason") or ""}, defs, journal)
+
+
+#: Closed statuses a retry re-opens without ``force``; CANCELLED and TERMINATED were someone's choice.
+_RETRYABLE = frozenset({Status.FAILED})
+
+
+def _retry(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+           journal: Journal) -> Decision:
+    """Re-open a failed spec instance at a top-level step (``WorkflowRetried``), or reject why not."""
+    if state is None:
+        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    step, why = _retry_step(state, cmd, defs)
+    if why is not None:
+        return _reject(state, cmd, now, *why)
+    d = cmd.data
+    return _accept(state, cmd, now, "WorkflowRetried",
+                   {"from_step": step, "input_patch": d.get("input_patch"),
+                    "reason": d.get("reason") or "", "by": d.get("by") or "", "attempt": state.get("retries", 0) + 1},
+                   defs, journal)
+
+
+def _retry_step(state: JSONDict, cmd: Command, defs: DefinitionsView) -> tuple[str, Optional[tuple[str, str]]]:
+    """The top-level step ``cmd`` retries ``state`` from, and ``(code, reason)`` when it cannot."""
+    why = _cannot_retry(state, cmd)
+    if why is not None:
+        return "", why
+    spec = defs.get(state["workflow"], state["version"])
+    top = [s.id for s in spec.lists[""]] if spec is not None else []
+    step = cmd.data.get("from_step")
+    if not step:
+        at = state.get("stopped_at")
+        if at is None or at >= len(top):
+            return "", (RejectCode.INVALID_INPUT, f"'{cmd.instance_id}' did not stop at a step: name the step to retry from")
+        step = top[at]
+    if step not in top:
+        return "", (RejectCode.INVALID_INPUT, f"expected a top-level step of '{state['workflow']}@{state['version']}' "
+                     f"({', '.join(top)}), but got '{step}'")
+    return step, None
+
+
+def _cannot_retry(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
+    """``(code, reason)`` when ``state`` cannot be retried whatever the step, else None."""
+    iid, status, d = cmd.instance_id, state["status"], cmd.data
+    if state["kind"] != "spec":
+        return RejectCode.INVALID_STATE, f"expected a spec workflow instance, but '{iid}' runs code (not retryable yet)"
+    if status not in Status.TERMINAL or status == Status.COMPLETED:
+        return RejectCode.INVALID_STATE, f"expected a FAILED instance to retry, but '{iid}' is {status}"
+    if status not in _RETRYABLE and not d.get("force"):
+        return RejectCode.INVALID_STATE, f"expected a FAILED instance to retry, but '{iid}' is {status} (use force)"
+    if state.get("compensation"):
+        return (RejectCode.INVALID_STATE, f"expected an instance whose compensations did not run, but '{iid}' "
+                "compensated its completed steps: start a new instance instead")
+    patch = d.get("input_patch")
+    if patch is not None and not isinstance(patch, dict):
+        return RejectCode.INVALID_INPUT, f"expected input_patch to be a JSON object, but got {type(patch).__name__}"
+    return None
+
+
+def _resume_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+                journal: Journal) -> Decision:
+    """Resume a suspended instance (``WorkflowResumed``): what it held is applied, then it runs on."""
+    if state is None:
+        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    if state["status"] != Status.SUSPENDED:
+        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
+                       f"expected a SUSPENDED instance to resume, but '{cmd.instance_id}' is {state['status']}")
+    return _accept(state, cmd, now, "WorkflowResumed", {"reason": cmd.data.get("reason") or ""}, defs, journal)
 
 
 def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -351,7 +543,7 @@ def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
 
 def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
                   journal: Journal) -> Decision:
-    guard = _running(state, cmd, now)
+    guard = _running(state, cmd, now, _RECEIVING)
     if guard:
         return guard
     assert state is not None
@@ -437,6 +629,9 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView,
     "TerminateWorkflow": _terminate,
     "QueryWorkflow": _query,
     "QueryStatus": _status,
+    "SuspendWorkflow": _suspend,
+    "ResumeWorkflow": _resume_cmd,
+    "RetryWorkflow": _retry,
 }
 
 

@@ -14,6 +14,10 @@ from typing import Any, Optional
 from kflow.engine.journal import EmptyJournal, Journal, JournalOp
 from kflow.model.messages import Command, Event, JSONDict, Status, Task
 
+#: State key of the instance's priority level (1-5): set at start from the command, else from the
+#: definition's default; absent is ``normal``. Tasks and child starts inherit it unless overridden.
+PRIORITY = "priority"
+
 
 class Run:
     """Mutable scratch space for one ``evolve`` call; never outlives it."""
@@ -66,6 +70,8 @@ class Run:
         """End the instance: emit the terminal event, clear pending work, notify parent and children."""
         st = self.state
         self.emit(event_type, data)
+        if status != Status.COMPLETED:
+            self.note_stop()
         st["status"] = status
         st["closed_ms"] = self.now
         st.pop("closing", None)  # a saga's pending terminal event, superseded by this one
@@ -90,6 +96,18 @@ class Run:
                 err = st["error"]
                 self.command("FailChild", parent, {"child_id": ref, "error_type": err["type"], "message": err["message"]})
 
+    def note_stop(self) -> None:
+        """Remember the top-level step a spec instance stands at as it closes (``stopped_at``).
+
+        That is where a retry re-opens it by default: the failing step, or the ``parallel`` or
+        ``foreach`` step enclosing it. Kept as the step's index in the top-level list, not read
+        from the definition here: closing reads no step. Call before the threads are cleared.
+        """
+        st = self.state
+        root = next((t for t in st["threads"].values() if t["parent"] is None), None)
+        if st["kind"] == "spec" and root is not None:
+            st["stopped_at"] = root["idx"]
+
     def complete(self, result: Any) -> None:
         self.close(Status.COMPLETED, "WorkflowCompleted", {"result": result})
 
@@ -106,7 +124,7 @@ class Run:
             return
         self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=act["attempt"],
                                name=act["name"], queue=act["queue"], input=None, workflow=self.state["workflow"],
-                               scheduled_ms=self.now, kind="cancel"))
+                               scheduled_ms=self.now, kind="cancel", priority=self.priority(act.get(PRIORITY))))
 
     def cancel_activities(self) -> None:
         """Forget every pending activity, sending a cancel task for each running attempt."""
@@ -116,10 +134,19 @@ class Run:
         self.state["activities"] = {}
 
     def task(self, activity_id: str, name: str, queue: str, input_: Any, attempt: int, workflow: str,
-             report_start: bool = False, *, local: bool = False, start_to_close_ms: Optional[int] = None) -> None:
+             report_start: bool = False, *, local: bool = False, start_to_close_ms: Optional[int] = None,
+             priority: Optional[int] = None) -> None:
         self.tasks.append(Task(instance_id=self.state["id"], activity_id=activity_id, attempt=attempt, name=name,
                                queue=queue, input=input_, workflow=workflow, scheduled_ms=self.now,
-                               report_start=report_start, local=local, start_to_close_ms=start_to_close_ms))
+                               report_start=report_start, local=local, start_to_close_ms=start_to_close_ms,
+                               priority=self.priority(priority)))
+
+    def priority(self, own: Optional[int] = None) -> Optional[int]:
+        """The level work of this instance is dispatched at: its own override, else the instance's.
+
+        None is ``normal``: the instance was started without a level and inherited none.
+        """
+        return own if own is not None else self.state.get(PRIORITY)
 
 
 def new_state(instance_id: str, workflow: str, version: int, kind: str, input_: Any, now: int,

@@ -85,7 +85,8 @@ def _set(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
 def _task(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     input_ = evaluate(step.input, scope(run, th)) if step.input else None
     aid = f"{step.id}-{run.next_seq()}"
-    activity.schedule(run, aid, step.task or "", step.queue, input_, tid, step.id, local=step.local)
+    activity.schedule(run, aid, step.task or "", step.queue, input_, tid, step.id, local=step.local,
+                      priority=step.priority)
     th["wait"] = {"k": "activity", "id": aid}
     return BLOCK
 
@@ -184,7 +185,7 @@ def _child(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     run.state["children"][child_id] = {"thread": tid, "step": step.id}
     run.command("StartWorkflow", child_id, {"workflow": spec.workflow, "version": version, "input": input_,
                                             "parent_id": run.instance_id, "parent_ref": child_id,
-                                            "id_reuse": None})
+                                            "id_reuse": None, "priority": run.priority()})
     th["wait"] = {"k": "child", "id": child_id}
     return BLOCK
 
@@ -507,6 +508,31 @@ def on_child_failed(run: Run, ev: Event) -> None:
     th["wait"] = None
     raise_error(run, child["thread"], d["error_type"],
                 f"child workflow {d['child_id']} (step '{child['step']}') failed: {d['message']}")
+
+
+def on_retried(run: Run, ev: Event) -> None:
+    """Re-open a closed instance at the top-level step ``from_step``, its variables as they were.
+
+    ``input_patch`` (a JSON object, or null) is merged into the variables; its key ``input``, if
+    any, replaces the workflow input the steps see. The steps before ``from_step`` do not run
+    again; the execution timeout, if the workflow has one, counts afresh from now.
+    """
+    st, d = run.state, ev.data
+    st["status"] = Status.RUNNING
+    st["closed_ms"], st["error"], st["result"] = None, None, None
+    st["retries"] = d["attempt"]
+    st.pop("stopped_at", None)
+    st.pop("ended", None)
+    patch = dict(d.get("input_patch") or {})
+    if "input" in patch:
+        st["input"] = patch.pop("input")
+    st["vars"].update(patch)
+    tid = new_thread(run, "", None, 0, {})
+    _goto(run, st["threads"][tid], d["from_step"])
+    timeouts = run.compiled.spec.timeout
+    if timeouts is not None and timeouts.execution is not None:
+        activity.start_timer(run, None, run.now + parse_duration_ms(timeouts.execution), "execution")
+    run_until_blocked(run)
 
 
 INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {

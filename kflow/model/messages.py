@@ -17,7 +17,7 @@ JSONDict = dict[str, Any]
 
 #: Command type -> required data fields. Payload fields (JSON documents) are marked with ``*``.
 COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
-    "StartWorkflow": ("workflow", "version", "*input", "parent_id", "parent_ref", "id_reuse"),
+    "StartWorkflow": ("workflow", "version", "*input", "parent_id", "parent_ref", "id_reuse", "priority"),
     "SignalWorkflow": ("name", "*data"),
     "CancelWorkflow": ("reason",),
     "CompleteActivity": ("activity_id", "attempt", "*result"),
@@ -30,6 +30,9 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "TerminateWorkflow": ("reason",),
     "QueryWorkflow": ("query_id", "name", "*args"),
     "QueryStatus": ("query_id",),
+    "SuspendWorkflow": ("reason",),
+    "ResumeWorkflow": ("reason",),
+    "RetryWorkflow": ("from_step", "*input_patch", "force", "reason", "by"),
 }
 
 #: Event type -> data fields. Payload fields (JSON documents) are marked with ``*``.
@@ -54,9 +57,31 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "CancelRequested": ("reason",),
     "WorkflowTerminated": ("reason",),
     "WorkflowContinuedAsNew": ("*input", "run", "version"),
+    "WorkflowSuspended": ("reason",),
+    "WorkflowResumed": ("reason",),
+    "WorkflowRetried": ("from_step", "*input_patch", "reason", "by", "attempt"),
 }
 
 COMMAND_TYPES = frozenset(COMMAND_FIELDS)
+
+#: Priority levels by name; the number is what commands, state and tasks carry (1 is served first).
+PRIORITIES: dict[str, int] = {"critical": 1, "high": 2, "normal": 3, "low": 4, "background": 5}
+NORMAL_PRIORITY = PRIORITIES["normal"]
+
+
+def priority_level(value: Union[str, int, None]) -> Optional[int]:
+    """The level number of a priority given by name or number; None stays None (inherit).
+
+    Raises:
+        ValueError: not one of the five levels; the message lists them.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in PRIORITIES:
+        return PRIORITIES[value.strip().lower()]
+    if type(value) is int and value in PRIORITIES.values():
+        return value
+    raise ValueError(f"unknown priority {value!r}: expected one of {', '.join(PRIORITIES)} (or 1-5)")
 
 #: Header on StartWorkflow: the definitions-topic offset of the starting client's last deploy.
 DEFS_OFFSET_HEADER = "kflow.definitions.offset"
@@ -111,6 +136,8 @@ class Task:
     #: With auth on: the attempt's capability token, which the worker returns with every report
     #: of the attempt (header ``kflow.attempt``); None otherwise.
     attempt_token: Optional[str] = None
+    #: The attempt's priority level (1 critical .. 5 background); None is ``normal`` (3).
+    priority: Optional[int] = None
 
 
 @dataclass(slots=True)
@@ -166,8 +193,12 @@ class Status(StrEnum):
     COMPENSATING = "COMPENSATING"
     #: Cancel requested; running its saga compensations before ``WorkflowCancelled``.
     CANCELLING = "CANCELLING"
+    #: Paused by an operator: open, but dispatches no tasks and fires no timers; the activity
+    #: results, timers and signals that arrive are recorded and applied on resume.
+    SUSPENDED = "SUSPENDED"
 
     #: Statuses an instance never leaves.
     TERMINAL = nonmember(frozenset({"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"}))
-    #: Statuses in which activity results and timers are still accepted.
-    ACTIVE = nonmember(frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING"}))
+    #: Statuses in which activity results and timers are still accepted (a suspended instance
+    #: accepts them too: it records them and applies them on resume).
+    ACTIVE = nonmember(frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED"}))

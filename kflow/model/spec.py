@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kflow.model.errors import DefinitionError
+from kflow.model.messages import priority_level
 
 STEP_KINDS = ("task", "choice", "parallel", "foreach", "wait", "sleep", "child", "set", "succeed", "fail")
 #: Step kinds whose errors a ``catch`` list can route.
@@ -194,6 +195,13 @@ class Step(_Strict):
     #: Search attributes set when the step runs: attribute name -> CEL expression. The values are
     #: merged into the instance's ``search`` dict (carried in the state record) for the read side.
     search: Optional[dict[str, str]] = None
+    #: Priority of this task step's activities (a level name), instead of the instance's.
+    priority: Optional[int] = None
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Optional[int]:
+        return priority_level(v)
 
     @property
     def kind(self) -> str:
@@ -213,6 +221,13 @@ class WorkflowSpec(_Strict):
     steps: list[Step]
     retry: Optional[RetrySpec] = None  # default policy for task steps without their own
     timeout: Optional[WorkflowTimeouts] = None
+    #: Priority of instances started without one (a level name; stored as its number 1-5).
+    priority: Optional[int] = None
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Optional[int]:
+        return priority_level(v)
 
 
 def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:

@@ -109,21 +109,47 @@ def _earlier_versions(raw: dict[str, Any]) -> dict[bytes, dict[str, Any] | None]
       exist, with the same layout) read with the current schema as they are (None);
     * new fields of the other records are only ever appended with a default, so an earlier version
       is ``raw`` without some of its trailing defaulted fields; its records are resolved from that
-      writer schema, the missing fields taking their defaults.
+      writer schema, the missing fields taking their defaults. This holds for the records of the
+      ``body`` union too (e.g. ``priority`` on StartWorkflow), with the union cut short or not.
     """
     fields = raw.get("fields", [])
     out: dict[bytes, dict[str, Any] | None] = {}
     body = next((f for f in fields if f["name"] == "body"), None)
     if body is not None and isinstance(body["type"], list):
-        for k in range(1, len(body["type"])):
+        for k in range(1, len(body["type"]) + 1):
             cut = {**raw, "fields": [{**f, "type": f["type"][:k]} if f is body else f for f in fields]}
-            out[_fingerprint(cut)] = None
+            if k < len(body["type"]):
+                out[_fingerprint(cut)] = None
+            for older in _shorter_branches(cut):
+                out[_fingerprint(older)] = fastavro.parse_schema(older)  # type: ignore[assignment]
     n = len(fields)
     while n > 0 and "default" in fields[n - 1]:
         n -= 1
         older = {**raw, "fields": fields[:n]}
         writer: dict[str, Any] = fastavro.parse_schema(older)  # type: ignore[assignment]  # a record schema parses to a dict
         out[_fingerprint(older)] = writer
+    return out
+
+
+#: Body records that gained defaulted fields -> their field count in the oldest version still read
+#: (StartWorkflow before ``priority``). Only these are shortened when listing earlier versions, so
+#: the list stays small.
+_BRANCH_FIELDS_AT_RELEASE = {"StartWorkflow": 6}
+
+
+def _shorter_branches(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """``raw`` with one body record cut back to each of its earlier lengths (appended fields removed)."""
+    fields = raw["fields"]
+    body = next(f for f in fields if f["name"] == "body")
+    out = []
+    for i, branch in enumerate(body["type"]):
+        first = _BRANCH_FIELDS_AT_RELEASE.get(branch.get("name", "")) if isinstance(branch, dict) else None
+        if first is None:
+            continue
+        for n in range(first, len(branch["fields"])):
+            short = {**branch, "fields": branch["fields"][:n]}
+            union = [*body["type"][:i], short, *body["type"][i + 1:]]
+            out.append({**raw, "fields": [{**f, "type": union} if f is body else f for f in fields]})
     return out
 
 
@@ -537,6 +563,7 @@ def encode_task(t: Task) -> bytes:
         "kind": t.kind,
         "report_start": t.report_start,
         "attempt_token": t.attempt_token,
+        "priority": t.priority,
     }
     return _write(_TASK, record)
 

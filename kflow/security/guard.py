@@ -52,13 +52,15 @@ ENGINE_PRINCIPAL = "system:engine"
 REPORTS: Mapping[str, str] = {"CompleteActivity": "complete_activity", "FailActivity": "fail_activity",
                               "HeartbeatActivity": "heartbeat_activity", "StartActivity": "start_activity"}
 #: Commands that change an instance on a user's request: each one granted is audited.
-MUTATING = frozenset({"StartWorkflow", "SignalWorkflow", "CancelWorkflow", "TerminateWorkflow"})
+MUTATING = frozenset({"StartWorkflow", "SignalWorkflow", "CancelWorkflow", "TerminateWorkflow", "SuspendWorkflow",
+                      "ResumeWorkflow", "RetryWorkflow"})
 #: Command type -> (the action audit records name, the operation the policy is asked about).
 #: ``FireTimer``, ``CompleteChild`` and ``FailChild`` are the engine's own: ``system:Admin``.
 _OPERATIONS: Mapping[str, tuple[str, str]] = {
     "StartWorkflow": ("start", "start"), "SignalWorkflow": ("signal", "signal"), "QueryWorkflow": ("query", "query"),
     "QueryStatus": ("status", "status"), "CancelWorkflow": ("cancel", "cancel"),
-    "TerminateWorkflow": ("terminate", "terminate"), "FireTimer": ("fire_timer", "system:Admin"),
+    "TerminateWorkflow": ("terminate", "terminate"), "SuspendWorkflow": ("suspend", "suspend"),
+    "ResumeWorkflow": ("resume", "resume"), "RetryWorkflow": ("retry", "retry"), "FireTimer": ("fire_timer", "system:Admin"),
     "CompleteChild": ("complete_child", "system:Admin"), "FailChild": ("fail_child", "system:Admin"),
 }
 _ENGINE_RESOURCE = "engine"

@@ -88,6 +88,9 @@ ACTIONS: Mapping[str, Permission] = MappingProxyType({
     "history": Permission("instance", "View"),
     "cancel": Permission("instance", "Manage"),
     "terminate": Permission("instance", "Manage"),
+    "suspend": Permission("instance", "Manage"),
+    "resume": Permission("instance", "Manage"),
+    "retry": Permission("instance", "Manage"),
     "dlq_replay": Permission("system", "Admin"),
     "policy_apply": Permission("system", "Admin"),
 })

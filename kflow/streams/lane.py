@@ -49,7 +49,7 @@ from kflow.engine import decide
 from kflow.engine.core import EVENTS_OFFSET, OWNER, TENANT, Decision, refuse
 from kflow.engine.journal import Entries, JournalOp, apply_to
 from kflow.model.errors import DecodeError, KflowError
-from kflow.model.messages import DEFS_OFFSET_HEADER, Command, JSONDict, RejectCode, Task
+from kflow.model.messages import DEFS_OFFSET_HEADER, NORMAL_PRIORITY, Command, JSONDict, RejectCode, Task
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
 from kflow.security.audit import AuditOutcome, encode_audit
 from kflow.security.guard import MUTATING, REPORTS, Check
@@ -58,6 +58,7 @@ from kflow.streams import metrics
 from kflow.streams.local import LocalRuns, local_activities
 from kflow.streams.partitioner import partition_for
 from kflow.streams.store import JournalRecord, StorePartition, journal_records, timer_key
+from kflow.streams.topics import ensure_task_topic
 
 if TYPE_CHECKING:
     from kflow.streams.processor import EngineProcessor
@@ -170,6 +171,14 @@ class Lane:
         with self._cond:
             self._inbox = deque(item for item in self._inbox if item[0].partition() not in partitions)
 
+    def _task_topic(self, task: Task) -> str:
+        """The topic of ``task``'s queue at its level; a level other than normal gets its topic on first use."""
+        if task.priority is None or task.priority == NORMAL_PRIORITY:
+            return self.names.tasks(task.queue)
+        cfg = self.proc.config
+        return ensure_task_topic(cfg.client_conf(), self.names, cfg.topic_settings, task.queue,
+                                 priority=task.priority)
+
     # -- the lane thread -------------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -272,7 +281,7 @@ class Lane:
                      batch.journal_records.get(p, ()), batch.journal_next.get(p))
             proc.next_due[p] = sp.next_due()
         for task, headers in batch.cancels:  # (5)
-            proc.side_producer.produce(self.names.tasks(task.queue), encode_task(task), task.instance_id.encode(),
+            proc.side_producer.produce(self._task_topic(task), encode_task(task), task.instance_id.encode(),
                                        headers=headers)
         if batch.cancels:
             proc.side_producer.poll(0)
@@ -393,7 +402,7 @@ class Lane:
                 continue
             if proc.guard is not None:  # the capability the worker returns with the attempt's reports
                 task.attempt_token = proc.guard.attempt_token(task.instance_id, task.activity_id, task.attempt)
-            produce(self.names.tasks(task.queue), encode_task(task), key, headers=headers)
+            produce(self._task_topic(task), encode_task(task), key, headers=headers)
         for c in d.commands:
             self._produce_command(batch, c, headers, d.state)
         if local:  # outcomes are decided for this instance now, in this batch, after this decision's outputs

@@ -5,8 +5,9 @@ cluster. On start-up :func:`ensure_topics` creates whatever is missing with expl
 (partitions, ``cleanup.policy``, ``retention.ms``, ``max.message.bytes``) and checks that topics
 which already exist have the partition count and cleanup policy kflow needs, raising
 :class:`TopicConfigMismatch` otherwise; an unreachable cluster raises :class:`BrokerUnavailable`
-within the timeout. Every instance-keyed topic (commands, events, state, journal,
-``tasks.<queue>``), the DLQ and the audit trail share one partition count so they are
+within the timeout. A queue has one task topic per priority level: ``tasks.<queue>`` (normal) and
+``tasks.<queue>.p<level>`` (1, 2, 4, 5). Every instance-keyed topic (commands, events, state, journal,
+``tasks.<queue>[.p<level>]``), the DLQ and the audit trail share one partition count so they are
 co-partitioned; ``definitions`` and ``policies`` are global tables with a single partition.
 """
 
@@ -24,14 +25,16 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from kflow.model.errors import BrokerUnavailable, KflowError, TopicConfigMismatch
+from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES
 
 __all__ = ["PartitionCountMismatch", "TopicNames", "TopicSettings", "TopicSpec", "ensure_topics", "ensure_task_topic",
-           "topic_specs"]
+           "level_topics", "topic_specs"]
 
 _DAY_MS = 24 * 60 * 60 * 1000
 _LEGAL_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _MAX_NAME = 249
 _POLL_S = 0.05  # metadata re-check interval while waiting for new topics to appear
+_LEVELS = sorted(PRIORITIES.values())
 _UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN})
 
 
@@ -100,12 +103,23 @@ class TopicNames:
         """Answers to queries (key = query id), written by the engine that owns the instance."""
         return f"{self.prefix}replies"
 
-    def tasks(self, queue: str) -> str:
-        """The task topic of ``queue``."""
+    def tasks(self, queue: str, priority: int | None = None) -> str:
+        """The task topic of ``queue`` at a priority level: ``tasks.<queue>`` for normal (3, or None),
+        ``tasks.<queue>.p<level>`` for the others, so normal work stays where it always was."""
         name = f"{self.prefix}tasks.{queue}"
-        if not queue or not _LEGAL_NAME.match(queue) or len(name) > _MAX_NAME:
+        if not queue or not _LEGAL_NAME.match(queue) or len(name) + 3 > _MAX_NAME:
             raise ValueError(f"queue {queue!r} does not make a legal topic name ({name!r})")
-        return name
+        if priority is None or priority == NORMAL_PRIORITY:
+            return name
+        if priority not in PRIORITIES.values():
+            raise ValueError(f"unknown priority {priority!r}: expected a level from 1 to 5")
+        return f"{name}.p{priority}"
+
+
+def level_topics(task_topic: str) -> dict[str, int]:
+    """Every topic of the queue whose (normal) task topic is ``task_topic`` -> its level, most urgent first."""
+    return {task_topic if level == NORMAL_PRIORITY else f"{task_topic}.p{level}": level
+            for level in _LEVELS}
 
 
 #: Query answers are read within seconds of being written; an hour is plenty.
@@ -142,8 +156,8 @@ class TopicSpec:
         }
 
 
-def _task_spec(names: TopicNames, settings: TopicSettings, queue: str) -> TopicSpec:
-    return TopicSpec(names.tasks(queue), settings.partitions, "delete", settings.commands_retention_ms)
+def _task_spec(names: TopicNames, settings: TopicSettings, queue: str, priority: int | None = None) -> TopicSpec:
+    return TopicSpec(names.tasks(queue, priority), settings.partitions, "delete", settings.commands_retention_ms)
 
 
 def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str] = ()) -> list[TopicSpec]:
@@ -160,7 +174,7 @@ def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str
         TopicSpec(names.audit, p, "delete", settings.audit_retention_ms),
         TopicSpec(names.replies, p, "delete", REPLIES_RETENTION_MS),
     ]
-    specs += [_task_spec(names, settings, q) for q in dict.fromkeys(queues)]
+    specs += [_task_spec(names, settings, q, level) for q in dict.fromkeys(queues) for level in _LEVELS]
     return specs
 
 
@@ -178,7 +192,7 @@ def ensure_topics(
     specs = topic_specs(names, settings, queues)
     admin = AdminClient(dict(admin_conf))
     _ensure(admin, _bootstrap(admin_conf), specs, settings, time.monotonic() + timeout)
-    _known_for(admin_conf).update(names.tasks(q) for q in queues)
+    _known_for(admin_conf).update(names.tasks(q, level) for q in queues for level in _LEVELS)
 
 
 def ensure_task_topic(
@@ -187,9 +201,11 @@ def ensure_task_topic(
     settings: TopicSettings,
     queue: str,
     timeout: float = 15.0,
+    priority: int | None = None,
 ) -> str:
-    """Make sure the task topic of ``queue`` exists (once per admin client or cluster); return its name."""
-    spec = _task_spec(names, settings, queue)
+    """Make sure the task topic of ``queue`` at ``priority`` exists (once per admin client or cluster);
+    return its name."""
+    spec = _task_spec(names, settings, queue, priority)
     known = _known_for(admin)
     if spec.name in known:
         return spec.name

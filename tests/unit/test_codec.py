@@ -56,12 +56,14 @@ def field_strategy(typ: str, spec: str) -> st.SearchStrategy[Any]:
         return st.none() | INT32 if typ == "StartWorkflow" else INT32
     if name in ("attempt", "run"):
         return INT32
-    if name == "retryable":
+    if name in ("retryable", "force"):
         return st.booleans()
     if name == "due_ms":
         return INT64
     if name in ("parent_id", "parent_ref", "id_reuse"):
         return st.none() | TEXT
+    if name == "priority":
+        return st.none() | st.integers(1, 5)
     return TEXT
 
 
@@ -128,7 +130,7 @@ def test_every_schema_parses_and_has_the_documented_fields() -> None:
         "state": ["instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms",
                   "closed_ms", "result", "error_type", "error_message", "internal"],
         "task": ["instance_id", "activity_id", "attempt", "name", "queue", "input", "workflow", "scheduled_ms", "kind", "report_start",
-                 "attempt_token"],
+                 "attempt_token", "priority"],
         "definition": ["name", "version", "kind", "body", "deployed_ms"],
     }
     for name, fields in expected.items():
@@ -210,6 +212,7 @@ def test_absent_optional_and_payload_fields_decode_as_null() -> None:
     cmd = Command("StartWorkflow", "o-1", {"workflow": "order"})
     assert decode_command(encode_command(cmd)).data == {
         "workflow": "order", "version": None, "input": None, "parent_id": None, "parent_ref": None, "id_reuse": None,
+        "priority": None,
     }
 
 
@@ -290,7 +293,8 @@ def test_json_header_variants_select_the_json_path(headers: Any) -> None:
     value = b'{"type":"StartWorkflow","instance_id":"o-1","workflow":"order","input":{"n":1}}'
     cmd = decode_command(value, headers)
     assert cmd == Command("StartWorkflow", "o-1", {"workflow": "order", "version": None, "input": {"n": 1},
-                                                   "parent_id": None, "parent_ref": None, "id_reuse": None})
+                                                   "parent_id": None, "parent_ref": None, "id_reuse": None,
+                                                   "priority": None})
 
 
 def test_signal_data_at_top_level_is_the_payload() -> None:

@@ -231,7 +231,8 @@ def test_the_issue_s_operation_map() -> None:
         "deploy": "definition:Create", "deploy_version": "definition:Edit", "start": "definition:Execute",
         "signal": "instance:Execute", "update": "instance:Execute", "query": "instance:Execute",
         "status": "instance:View", "list": "instance:View", "history": "instance:View",
-        "cancel": "instance:Manage", "terminate": "instance:Manage",
+        "cancel": "instance:Manage", "terminate": "instance:Manage", "suspend": "instance:Manage",
+        "resume": "instance:Manage", "retry": "instance:Manage",
         "dlq_replay": "system:Admin", "policy_apply": "system:Admin",
     }
     assert {a: str(p) for a, p in ACTIONS.items()} == expected
