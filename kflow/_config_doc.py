@@ -1,7 +1,7 @@
-"""Render the README's configuration table (from the settings classes) and metrics table (from the registry).
+"""Render the configuration table (from the settings classes) and the metrics table (from the registry).
 
 ``python -m kflow._config_doc`` prints the configuration table, ``python -m kflow._config_doc
-metrics`` the metrics table; unit tests keep both in sync with the README.
+metrics`` the metrics table; unit tests keep both in sync with docs/configuration.md and docs/operations.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``KafkaConfig`` is shared (bootstrap, topic prefix, partitions, librdkafka pass-through);
 ``EngineConfig`` and ``WorkerConfig`` add their own knobs. Values are validated before any
-consumer starts, so a bad setting is a clear start-up error. The README's configuration table is
+consumer starts, so a bad setting is a clear start-up error. The configuration table (docs/configuration.md) is
 generated from these field descriptions (``python -m kflow._config_doc``).
 
 A running ``kflow dev`` writes how to reach it to :data:`DEV_FILE` in the folder it was started in
@@ -271,7 +271,7 @@ class EngineConfig(KafkaConfig):
         return value
 
     def group_conf(self) -> dict[str, Any]:
-        """librdkafka settings of the engine's group membership (see the README's Failover section).
+        """librdkafka settings of the engine's group membership (see docs/operations.md, Failover).
 
         Explicit ``KFLOW_GROUP_*`` settings win; otherwise dev tuning picks the embedded broker's
         values. With ``KFLOW_KAFKA_GROUP_PROTOCOL=consumer`` (KIP-848) the broker owns session

@@ -101,7 +101,7 @@ def query(
     answer is printed as JSON on stdout; exit code 2 when no engine answers within --timeout, 1
     when the instance or the query does not exist.
 
-    Example: kflow query approval-7 approved_by asks the README's approval workflow (a class with
+    Example: kflow query approval-7 approved_by asks the documentation's approval workflow (a class with
     a @kflow.workflow.query method approved_by) who has approved so far; order-42 is a spec
     workflow answering with its variables:
 

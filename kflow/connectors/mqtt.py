@@ -86,7 +86,7 @@ def _duration_s(value: Any, what: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
-    """The validated connection settings of an MQTT connector (see the README's ``### MQTT devices``)."""
+    """The validated connection settings of an MQTT connector (see docs/connectors.md, MQTT devices)."""
 
     host: str = "127.0.0.1"
     port: int = 1883

@@ -162,7 +162,7 @@ class EngineProcessor:
             if not cfg.dev_tuning:
                 log.warning("auth is off: anyone who can write to %s can start, signal, cancel or terminate any "
                             "workflow and complete any activity; set KFLOW_AUTH=on (with KFLOW_JWT_SECRET) on every "
-                            "process, see the README's Security section", self.names.commands)
+                            "process, see docs/security.md", self.names.commands)
             return
         keys = cfg.keys()
         # the guard first: a missing or unusable key is a start-up error before anything connects

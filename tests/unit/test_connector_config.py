@@ -184,8 +184,9 @@ def test_readme_connector_examples_are_valid():
     import re
     from pathlib import Path
 
-    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
-    section = readme.split("\n## Connectors\n", 1)[1].split("\n## ", 1)[0]
+    from tests.docs import page
+
+    section = page("connectors")
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", section, re.S) if b.startswith("connectors:\n  - name") and "{...}" not in b]
     assert len(blocks) >= 5
     types = set()

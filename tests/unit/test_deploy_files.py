@@ -23,6 +23,8 @@ import yaml
 from packaging.requirements import Requirement
 from prometheus_client import REGISTRY
 
+from tests.docs import page
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"
@@ -154,11 +156,12 @@ def _rules() -> list[dict]:
 def test_alert_rules_cover_the_required_alerts_with_runbooks():
     rules = _rules()
     assert ALERTS <= {r["alert"] for r in rules}
-    readme = (ROOT / "README.md").read_text()
+    readme = page("operations")
     for r in rules:
         assert r["expr"].strip() and r["labels"]["severity"] in ("warning", "critical")
         anchor = r["annotations"]["runbook"].split("#", 1)[1]
-        assert f'<a id="{anchor}"></a>' in readme, f"README has no runbook for {r['alert']}"
+        assert r["annotations"]["runbook"].startswith("docs/operations.md#"), r["annotations"]["runbook"]
+        assert f'<a id="{anchor}"></a>' in readme, f"docs/operations.md has no runbook for {r['alert']}"
 
 
 def test_alerts_and_dashboard_use_only_metrics_the_code_exports():
@@ -183,7 +186,7 @@ def test_readme_metrics_table_is_generated_and_complete():
     from kflow._config_doc import metrics_table
 
     table = metrics_table()
-    assert table in (ROOT / "README.md").read_text(), "regenerate it: python -m kflow._config_doc metrics"
+    assert table in page("operations"), "regenerate it: python -m kflow._config_doc metrics"
     families = {re.sub(r"_(total|bucket|count|sum|created)$", "", n) for n in exported_metric_names()}
     missing = sorted(f for f in families if f"| `{f}" not in table)
     assert not missing, f"add their modules to kflow._config_doc.METRIC_MODULES: {missing}"

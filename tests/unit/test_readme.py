@@ -1,5 +1,6 @@
-"""The README stays true: its configuration table is generated from the settings classes, and every
-Python name it shows (``kflow.X``, ``kflow.sub.X``, ``from kflow.m import X``, ``-m kflow.m``) exists."""
+"""The documentation (README and docs/) stays true: its configuration table is generated from the
+settings classes, and every Python name it shows (``kflow.X``, ``kflow.sub.X``, ``from kflow.m import
+X``, ``-m kflow.m``) exists."""
 
 import ast
 import importlib
@@ -11,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from kflow._config_doc import config_table
+from tests.docs import docs_text, page
 
 
 def test_readme_config_table_matches_settings():
-    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
-    assert config_table() in readme, "regenerate the table with `python -m kflow._config_doc`"
+    assert config_table() in page("configuration"), "regenerate the table with `python -m kflow._config_doc`"
 
 
 def test_every_setting_is_an_env_variable_with_a_description():
@@ -25,7 +26,15 @@ def test_every_setting_is_an_env_variable_with_a_description():
 
 
 # -- every Python name the README shows exists -------------------------------------------------------
-README = Path(__file__).resolve().parents[2].joinpath("README.md")
+class _AllDocs:
+    """README and docs/ read as one text (what the tests below scan)."""
+
+    @staticmethod
+    def read_text() -> str:
+        return docs_text()
+
+
+README = _AllDocs()
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 _CHAIN = re.compile(r"(?<![\w.\-/])kflow(?:\.[A-Za-z_]\w*)+")
 _MODULE = re.compile(r"-m\s+(kflow(?:\.\w+)*)")
