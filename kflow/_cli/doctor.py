@@ -11,6 +11,7 @@ fix; the exit code is 1 when any check failed.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,9 @@ def run_checks(conf: dict[str, Any], prefix: str, partitions: int, groups: bool 
     checks = [Check("broker reachable", OK, f"{bootstrap}: {len(metadata.brokers)} broker(s), cluster id "
                                             f"{metadata.cluster_id}")]
     names = TopicNames(prefix)
-    queues = sorted(t[len(prefix) + len("tasks."):] for t in metadata.topics if t.startswith(f"{prefix}tasks."))
+    # a queue's topics are tasks.<queue> (normal priority) and tasks.<queue>.p<level> (the others)
+    queues = sorted({re.sub(r"\.p[1-5]$", "", t[len(prefix) + len("tasks."):])
+                     for t in metadata.topics if t.startswith(f"{prefix}tasks.")})
     specs = topic_specs(names, TopicSettings(partitions=partitions), queues)
     present = {s.name: len(metadata.topics[s.name].partitions) for s in specs if s.name in metadata.topics}
     missing = [s.name for s in specs if s.name not in present]

@@ -27,6 +27,7 @@ from kflow.model.messages import Status
 from kflow.schemas.codec import decode_event, decode_state
 from kflow.testing import assert_eventually
 from kflow._workflow import definition_of
+from kflow.streams.topics import ensure_topics
 from tests.fault.flows import CODE, DEFS, expected
 
 PARTITIONS = 4
@@ -128,6 +129,7 @@ def run_matrix(bootstrap: str, tmp_path, engine_kills: int, worker_kills: int, i
     started: dict[str, tuple[str, int]] = {}
     kills = Counter()
     try:
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines may not have yet
         with Client(bootstrap, config=cfg) as client:
             for d in DEFS:
                 client.deploy(d)

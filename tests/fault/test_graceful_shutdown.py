@@ -16,6 +16,7 @@ import uuid
 from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
+from kflow.streams.topics import ensure_topics
 from tests.fault.flows import DEFS
 from tests.fault.test_crash_matrix import PARTITIONS, WORKFLOWS, describe, oracle
 
@@ -38,6 +39,7 @@ def test_sigterm_under_load_loses_nothing(kafka_bootstrap, tmp_path):
     stopped: list[tuple[str, int | None, str]] = []
     started: dict[str, tuple[str, int]] = {}
     try:
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines may not have yet
         with Client(kafka_bootstrap, config=cfg) as client:
             for d in DEFS:
                 client.deploy(d)

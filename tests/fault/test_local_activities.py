@@ -22,6 +22,7 @@ from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process
 from kflow.schemas.codec import decode_event
 from kflow.testing import assert_eventually
+from kflow.streams.topics import ensure_topics
 from tests.fault.local_flows import LOCAL3
 from tests.fault.test_crash_matrix import read_all
 
@@ -46,6 +47,7 @@ def test_sigkill_while_local_activities_run(kafka_bootstrap, kafka_flavor, tmp_p
     engine = new_engine("e1")
     kills = 0
     try:
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines may not have yet
         with Client(kafka_bootstrap, config=cfg) as client:
             client.deploy(LOCAL3)
             warm = client.start("fl.local3", {"log": str(tmp_path / "warm.log"), "tag": "warm", "x": 0})

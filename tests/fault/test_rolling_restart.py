@@ -20,6 +20,7 @@ from kflow.config import KafkaConfig
 from kflow.dev.bench import _pct
 from kflow.dev.procs import KflowProcess, engine_process, worker_process
 from kflow.schemas.codec import decode_event
+from kflow.streams.topics import ensure_topics
 from tests.fault.flows import DEFS
 from tests.fault.test_crash_matrix import PARTITIONS, WORKFLOWS, describe, oracle, read_all
 
@@ -57,6 +58,7 @@ def test_rolling_restart_of_three_engines_under_load(kafka_bootstrap, tmp_path):
     baseline: list[str] = []
     rolling: list[str] = []
     try:
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines may not have yet
         with Client(kafka_bootstrap, config=cfg) as client:
             for d in DEFS:
                 client.deploy(d)

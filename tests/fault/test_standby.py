@@ -44,6 +44,7 @@ from kflow.streams.processor import EngineProcessor
 from kflow.streams.restore import end_offsets
 from kflow.streams.store import EngineStore
 from kflow.testing import assert_eventually
+from kflow.streams.topics import ensure_topics
 from tests.fault.flows import DEFS
 from tests.fault.test_crash_matrix import WORKFLOWS, oracle, read_all, tansu_gap  # noqa: F401 (a fixture)
 from tests.fault.test_failover import pauses
@@ -103,6 +104,7 @@ def test_takeover_promotes_warm_copies_replaying_only_the_tail(kafka_bootstrap, 
         wait_for("both engines to own partitions", lambda: wa.owning() and wb.owning()
                  and len(wa.owning() | wb.owning()) == PARTITIONS, 120, procs)
         theirs = wb.owning()
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines may not have yet
         with Client(kafka_bootstrap, config=cfg) as client:
             for d in DEFS:
                 client.deploy(d)
@@ -198,6 +200,7 @@ def test_a_standby_that_fell_behind_is_promoted_only_after_replaying_the_tail(ka
     thread.start()
     try:
         assert standby.ready.wait(120)  # the engines created the topics
+        ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)  # engines may not have yet
         with Client(kafka_bootstrap, config=cfg) as client:
             for d in [*DEFS, WAIT_DEF]:
                 client.deploy(d)

@@ -127,7 +127,7 @@ def test_start_produces_start_workflow_on_the_id_partition(client: Client, confi
     cmd = decode_command(msg.value())
     assert (cmd.type, cmd.instance_id) == ("StartWorkflow", "order-1")
     assert cmd.data == {"workflow": "greet", "version": 3, "input": {"name": "ada"}, "parent_id": None,
-                        "parent_ref": None, "id_reuse": "allow_if_closed"}
+                        "parent_ref": None, "id_reuse": "allow_if_closed", "priority": None}
     assert cmd.command_id and cmd.ts > 0
 
     other = records[generated.id.encode()]
