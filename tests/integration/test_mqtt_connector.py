@@ -255,7 +255,7 @@ def test_firmware_rollout_over_50_devices(stack, fleet, fleet_worker, triggers):
     h = c.start("fleet.rollout", {"rollout_id": rid, "version": "2.0.0", "devices": ROLLOUT_DEVICES},
                 id=f"rollout-{rid}")
     try:
-        summary = h.result(timeout=120)
+        summary = h.result(timeout=300)  # 50 devices, each with confirm waits: generous on a loaded machine
     except TimeoutError:
         lines = []
         for d in ROLLOUT_DEVICES:
