@@ -196,6 +196,7 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
                      activities=BENCH_ACTIVITIES if local else "")
     try:
         stack.start()
+        stack.wait_for_topics()  # the engine creates them; the bench's clients never do
         console.print(f"bench: broker {stack.bootstrap}, topics {prefix}*, {partitions} partitions")
         cfg = KafkaConfig(bootstrap=stack.bootstrap or "", topic_prefix=prefix, partitions=partitions, dev_tuning=True)
         with stack.client() as client:
