@@ -1,4 +1,4 @@
-"""``kflow token issue``, ``kflow policy check|validate|apply`` and ``kflow audit list``.
+"""``kflow token issue|hash-password|apikey``, ``kflow policy check|validate|apply`` and ``kflow audit list``.
 
 ``token issue``, ``policy check`` and ``policy validate`` work offline: a token is signed with the
 local keys (``KFLOW_JWT_SECRET`` or ``KFLOW_SIGNING_KEY``), and a policy is checked from its file
@@ -65,6 +65,49 @@ def issue_(principal: PrincipalOpt, tenant: TenantOpt = DEFAULT_TENANT, roles: R
     except (KflowError, ValueError) as exc:
         fail(describe(exc))
     typer.echo(token)
+
+
+@token_app.command("hash-password")
+def hash_password_(password: Annotated[Optional[str], typer.Option(
+        "--password", help="The password (default: asked for without echo; prefer that, it stays out of "
+                           "the shell history).")] = None) -> None:
+    """Print the argon2id hash of a console user's password, for the users file (KFLOW_USERS_FILE).
+
+    The users file lists each user with this hash, its tenant and its roles:
+
+        users:
+          - {username: alice, password_hash: "$argon2id$...", tenant: acme, roles: [operator]}
+
+    Example: kflow token hash-password
+    """
+    from kflow.security.http import hash_password
+
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        typer.echo(hash_password(password))
+    except ValueError as exc:
+        fail(describe(exc))
+
+
+@token_app.command("apikey")
+def apikey(principal: PrincipalOpt, tenant: TenantOpt = DEFAULT_TENANT, roles: RolesOpt = None) -> None:
+    """Mint an API key: prints the key (hand it over; it is shown once) and the line for the API keys file.
+
+    The API keys file (KFLOW_API_KEYS_FILE) holds only the key's SHA-256 hash; append the printed
+    entry under `api_keys:`. Callers present the key in the X-API-Key header.
+
+    Example: kflow token apikey --principal ci --tenant acme --roles deployer
+    """
+    from kflow.security.http import mint_api_key
+
+    try:
+        key, entry = mint_api_key(principal, tenant, _split(roles))
+    except ValueError as exc:
+        fail(describe(exc))
+    typer.echo(f"key: {key}")
+    typer.echo("api keys file entry (under api_keys:):")
+    typer.echo("  - " + dump_json(entry))
 
 
 @policy_app.command("check")

@@ -329,16 +329,19 @@ def issue(principal: str, tenant: str, roles: Iterable[str], ttl_s: float, keys:
     return _sign(claims, keys)
 
 
-def verify_token(token: str | bytes | None, keys: Keys, now: float) -> Principal:
+def verify_token(token: str | bytes | None, keys: Keys, now: float, *, audience: str | None = None,
+                 issuer: str | None = None) -> Principal:
     """Verify a principal token (e.g. an HTTP bearer token) and return who it names.
 
     A command token is refused here: it is visible to every reader of the commands topic, so it
-    must not open the HTTP API.
+    must not open the HTTP API. With ``audience`` (``issuer``) given, the token must carry that
+    ``aud`` (``iss``) claim, as an OIDC provider's tokens do; without ``audience``, a token with
+    an ``aud`` claim is refused.
 
     Raises:
         AuthError: ``Unauthenticated``, with the reason.
     """
-    claims = _verified_claims(_token_text(token), keys, now)
+    claims = _verified_claims(_token_text(token), keys, now, audience=audience, issuer=issuer)
     if "dig" in claims:
         raise _unauthenticated("expected a principal token, but this is a command token")
     return _principal(claims)
@@ -506,7 +509,8 @@ def _token_text(raw: str | bytes | None) -> str:
     return raw
 
 
-def _verified_claims(token: str, keys: Keys, now: float) -> dict[str, Any]:
+def _verified_claims(token: str, keys: Keys, now: float, *, audience: str | None = None,
+                     issuer: str | None = None) -> dict[str, Any]:
     """Check the algorithm against ``keys``, the signature, the claim types and the expiry."""
     header = _unverified_header(token)
     alg = header.get("alg")
@@ -517,7 +521,7 @@ def _verified_claims(token: str, keys: Keys, now: float) -> dict[str, Any]:
     candidates = keys.verifiers(alg, header.get("kid"))
     if not candidates:
         raise _unauthenticated(f"expected a token signed by a known key, but no {alg} key has kid {header.get('kid')!r}")
-    claims = _decode(token, alg, candidates)
+    claims = _decode(token, alg, candidates, audience, issuer)
     _check_claims(claims, now)
     return claims
 
@@ -538,13 +542,22 @@ def _unverified_header(token: str) -> dict[str, Any]:
     return header
 
 
-def _decode(token: str, alg: str, candidates: list[Any]) -> dict[str, Any]:
+def _decode(token: str, alg: str, candidates: list[Any], audience: str | None = None,
+            issuer: str | None = None) -> dict[str, Any]:
     """Verify ``token`` with the first candidate key whose signature matches; only ``alg`` is allowed."""
     for k in candidates:
-        try:
-            return _JWT.decode(token, k, algorithms=[alg], options=_DECODE_OPTIONS)  # a dict, or DecodeError
+        try:  # a dict, or DecodeError
+            return _JWT.decode(token, k, algorithms=[alg], options=_DECODE_OPTIONS, audience=audience, issuer=issuer)
         except jwt.InvalidSignatureError:
             continue
+        except jwt.InvalidAudienceError:
+            raise _unauthenticated(f"expected audience {audience!r}, but the token's 'aud' claim names another"
+                                   if audience else "expected a token without an 'aud' claim (no audience is "
+                                   "configured: set KFLOW_JWT_AUDIENCE), but it has one") from None
+        except jwt.InvalidIssuerError:
+            raise _unauthenticated(f"expected issuer {issuer!r}, but the token's 'iss' claim names another") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _unauthenticated(f"expected a token with a {exc.claim!r} claim, but it has none") from None
         except jwt.DecodeError as exc:
             raise _unauthenticated(f"malformed token: {exc}") from None
         except jwt.PyJWTError as exc:

@@ -5,6 +5,13 @@ through a :class:`~kflow.client.Client`, so they take effect when the engine dec
 show up here once the projection has folded the resulting state. Every error is JSON
 ``{"error": "...", "status": N}``: malformed filters and bodies are 400, unknown ids 404.
 ``/api/stream`` is a server-sent-event stream of changed instance ids fed by the projection.
+
+With auth on (an :class:`~kflow.visibility.access.Access` with credentials), every ``/api``
+endpoint but the login needs a caller (401 otherwise), each operation the permission
+:data:`~kflow.security.policy.ACTIONS` names for it on the resource (403 otherwise; lists are
+limited to the caller's tenant), and the actions are signed as the caller, so the engine checks
+them again. Bodies are bounded (:class:`~kflow.security.httplimits.BodyLimits`) whether auth is
+on or off.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 
 try:
-    from fastapi import FastAPI, Query, Request
+    from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from fastapi.staticfiles import StaticFiles
@@ -33,9 +40,16 @@ except ModuleNotFoundError as exc:  # name the extra to install rather than the 
 from kflow.client import ID_REUSE_POLICIES
 from kflow.model.errors import KflowError
 from kflow.model.messages import Event
+from kflow.security.audit import AuditRecord
+from kflow.streams.schedules import with_next_runs
+from kflow.security.http import SESSION_COOKIE, Caller, RateLimited
+from kflow.security.httplimits import BodyLimits
+from kflow.security.policy import Resource
+from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
+from kflow.visibility.access import Access, ApiError
 from kflow.visibility.graph import MAX_REPLAY_EVENTS, history_steps, layout, resolve_steps, step_index, succeed_steps
 from kflow.visibility.live import Changes
-from kflow.visibility.store import MAX_PAGE, FilterError, InstanceFilter, VisibilityStore
+from kflow.visibility.store import MAX_PAGE, STATUSES, FilterError, InstanceFilter, VisibilityStore
 
 __all__ = ["ActionSink", "ApiError", "create_app", "parse_time"]
 
@@ -56,14 +70,7 @@ class ActionSink(Protocol):
 
     def terminate(self, id: str, reason: str = "") -> None: ...
 
-
-class ApiError(Exception):
-    """An error answered as ``{"error": message, "status": status}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def schedules(self) -> dict[str, dict[str, Any]]: ...
 
 
 class StartBody(BaseModel):
@@ -87,6 +94,13 @@ class ReasonBody(BaseModel):
     """Cancel or terminate an instance."""
 
     reason: str = Field("", description="Why; recorded in the history.")
+
+
+class LoginBody(BaseModel):
+    """Log in to the console."""
+
+    username: str = Field(min_length=1, max_length=255, description="The user's name in the users file.")
+    password: str = Field(min_length=1, max_length=1024, description="The user's password.")
 
 
 def parse_time(value: Optional[str], name: str) -> Optional[int]:
@@ -172,49 +186,72 @@ def _instance_view(row: dict[str, Any], definition: Optional[dict[str, Any]],
             "state": internal}
 
 
-def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink]] = None, *,
+def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Principal]], ActionSink]] = None, *,
                changes: Optional[Changes] = None, ready: Callable[[], bool] = lambda: True,
-               lag: Callable[[], int] = lambda: 0) -> FastAPI:
+               lag: Callable[[], int] = lambda: 0, access: Optional[Access] = None,
+               audit_reader: Optional[Callable[..., list[AuditRecord]]] = None,
+               max_body_bytes: int = 1_048_576) -> FastAPI:
     """Build the application.
 
     Args:
         store: The store to read.
-        actions: Returns the client that produces commands; None makes actions answer 503.
+        actions: Returns the client that produces commands, signing them as the given principal
+            (None when auth is off); None makes actions answer 503.
         changes: Fed by the projection; drives ``/api/stream``.
         ready: What ``/readyz`` reports.
         lag: Records not yet folded (shown in ``/api/stats``).
+        access: Authentication, authorization and audit; default: auth off.
+        audit_reader: Reads the audit trail (``since_ms``, ``principal``, ``outcome`` keywords)
+            for ``/api/audit``; None makes it answer 503.
+        max_body_bytes: Largest request body read (413 beyond).
     """
     changes = changes or Changes()
+    access = access or Access()
     app = FastAPI(title="kflow visibility", version="1",
                   description="List, inspect and act on kflow workflow instances.")
 
+    def _refused_body(scope: Any, status: int, message: str) -> None:
+        access.refused(Request(scope), status, message)
+
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, on_refuse=_refused_body)
+
+    def _answer(req: Request, status: int, message: str, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+        if status in (400, 413, 422) and req.url.path.startswith("/api/"):
+            access.refused(req, status, message)
+        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
-    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
+    async def _api_error(req: Request, exc: ApiError) -> JSONResponse:
+        return _answer(req, exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(req: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path"))
             parts.append(f"{where or 'request'}: {err.get('msg')}")
-        return JSONResponse({"error": "; ".join(parts), "status": 400}, status_code=400)
+        return _answer(req, 400, "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if exc.status_code != 404 or exc.detail != "Not Found" else "no such endpoint"
-        return JSONResponse({"error": message, "status": exc.status_code}, status_code=exc.status_code)
+        return _answer(req, exc.status_code, message)
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
         log.exception("visibility API: unexpected error")
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "status": 500}, status_code=500)
 
-    def act() -> ActionSink:
+    def caller(request: Request) -> Caller:
+        return access.caller(request)
+
+    Who = Depends(caller)
+
+    def act(who: Caller) -> ActionSink:
         if actions is None:
             raise ApiError(503, "actions are disabled: this server has no Kafka connection")
         try:
-            return actions()
+            return actions(who.principal if access.enabled else None)
         except KflowError as e:
             raise ApiError(503, f"cannot reach Kafka: {e}") from None
 
@@ -222,10 +259,77 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
         if not store.has_instance(instance_id):
             raise ApiError(404, f"no workflow instance with id {instance_id!r}")
 
+    def instance_resource(instance_id: str, row: Optional[dict[str, Any]] = None) -> Resource:
+        """The instance as the policy sees it: its tenant and owner from its state."""
+        if row is None and access.enabled:
+            row = store.get_instance(instance_id)
+        if row is None:
+            return Resource("instance", instance_id, DEFAULT_TENANT)
+        internal = row.get("internal") or {}
+        owner = internal.get("owner")
+        return Resource("instance", instance_id, row.get("tenant") or DEFAULT_TENANT,
+                        owner if isinstance(owner, str) else None)
+
+    def allowed(who: Caller, resource: Resource) -> dict[str, bool]:
+        """Which actions ``who`` may take on an instance (for the console's buttons)."""
+        return {a: access.verdict(who, a, resource, catch_up=False).allowed for a in ("signal", "cancel", "terminate")}
+
+    def tenant_scope(request: Request, who: Caller, tenant: Optional[str]) -> Optional[str]:
+        """The tenant a list is limited to: the caller's (any, for a system_admin); ``""`` lists nothing."""
+        access.require(request, who, "list", Resource("instance", "*", who.principal.tenant))
+        if access.is_admin(who):
+            return tenant
+        own = who.principal.tenant
+        return own if tenant in (None, "", own) else ""
+
+    def done(request: Request, who: Caller, action: str, resource: Resource, **details: Any) -> None:
+        access.record(request, who, action, resource, "success", details)
+
+    # -- session --------------------------------------------------------------------------------
+
+    @app.get("/api/session", tags=["session"], summary="Who is logged in (401 when nobody)")
+    def session(request: Request) -> dict[str, Any]:
+        if not access.enabled:
+            return {"auth": False, "principal": None, "tenant": DEFAULT_TENANT, "roles": [], "admin": True}
+        who = access.caller(request, audit_missing=False)
+        p = who.principal
+        return {"auth": True, "principal": p.name, "tenant": p.tenant, "roles": sorted(p.roles), "via": who.method,
+                "csrf": who.csrf, "admin": access.is_admin(who)}
+
+    @app.post("/api/login", tags=["session"], summary="Console login: sets the session cookie")
+    def login(request: Request, body: LoginBody) -> JSONResponse:
+        if access.auth is None:
+            raise ApiError(404, "login is not needed: auth is off on this server")
+        ip = request.client.host if request.client else "?"
+        target = Resource("system", f"user:{body.username[:64]}")
+        try:
+            who = access.auth.login(body.username, body.password, ip, access.clock())
+        except RateLimited as e:
+            access.record(request, None, "login", target, "denied", {"reason": str(e), "code": "RateLimited"})
+            raise ApiError(429, str(e), {"Retry-After": str(e.retry_after_s)}) from None
+        except AuthError as e:
+            access.record(request, None, "login", target, "denied", {"reason": e.reason, "code": "Unauthenticated"})
+            raise ApiError(401, f"unauthenticated: {e.reason}") from None
+        cookie, csrf = access.auth.sessions.issue(who, access.clock())
+        access.record(request, Caller(who, "password"), "login", Resource("system", f"user:{who.name}", who.tenant),
+                      "success")
+        res = JSONResponse({"auth": True, "principal": who.name, "tenant": who.tenant, "roles": sorted(who.roles),
+                            "via": "session", "csrf": csrf})
+        res.set_cookie(SESSION_COOKIE, cookie, max_age=int(access.auth.sessions.ttl_s), httponly=True,
+                       samesite="strict", secure=request.url.scheme == "https", path="/")
+        return res
+
+    @app.post("/api/logout", tags=["session"], summary="End the console session")
+    def logout() -> JSONResponse:
+        res = JSONResponse({"auth": False})
+        res.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return res
+
     # -- instances ----------------------------------------------------------------------------
 
     @app.get("/api/instances", tags=["instances"], summary="List instances (newest first, cursor-paged)")
     def list_instances(
+        request: Request,
         status: Optional[str] = Query(None, description="Comma-separated statuses, e.g. RUNNING,FAILED."),
         workflow: Optional[str] = Query(None, description="Workflow name."),
         version: Optional[int] = Query(None, ge=1, description="Workflow version."),
@@ -238,9 +342,13 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
         id_prefix: Optional[str] = Query(None, description="Instance ids starting with this."),
         limit: int = Query(50, ge=1, le=1000, description="Page size."),
         cursor: Optional[str] = Query(None, description="next_cursor of the previous page."),
+        who: Caller = Who,
     ) -> dict[str, Any]:
+        tenant = tenant_scope(request, who, tenant)
         f = _filter(status, workflow, version, tenant, started_after, started_before, closed_after, closed_before,
                     search, id_prefix)
+        if tenant == "":
+            return {"items": [], "next_cursor": None}
         try:
             page = store.list_instances(f, limit, cursor)
         except FilterError as e:
@@ -249,74 +357,99 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
 
     @app.get("/api/instances/counts", tags=["instances"], summary="Instances per status")
     def counts(
+        request: Request,
         workflow: Optional[str] = None, version: Optional[int] = Query(None, ge=1), tenant: Optional[str] = None,
         started_after: Optional[str] = None, started_before: Optional[str] = None,
         closed_after: Optional[str] = None, closed_before: Optional[str] = None,
-        search: list[str] = Query([]), id_prefix: Optional[str] = None,
+        search: list[str] = Query([]), id_prefix: Optional[str] = None, who: Caller = Who,
     ) -> dict[str, Any]:
+        tenant = tenant_scope(request, who, tenant)
         f = _filter(None, workflow, version, tenant, started_after, started_before, closed_after, closed_before,
                     search, id_prefix)
-        by_status = store.counts(f)
+        by_status = store.counts(f) if tenant != "" else dict.fromkeys(STATUSES, 0)
         return {"counts": by_status, "total": sum(by_status.values())}
 
     @app.post("/api/instances", tags=["actions"], status_code=202, summary="Start an instance")
-    def start(body: StartBody) -> dict[str, Any]:
+    def start(request: Request, body: StartBody, who: Caller = Who) -> dict[str, Any]:
         if body.id_reuse is not None and body.id_reuse not in ID_REUSE_POLICIES:
             raise ApiError(400, f"id_reuse must be one of {', '.join(sorted(ID_REUSE_POLICIES))}, "
                                 f"not {body.id_reuse!r}")
+        target = Resource("definition", body.workflow, who.principal.tenant)
+        access.require(request, who, "start", target)
         d = store.definition(body.workflow, body.version)
         if d is None:
             what = body.workflow if body.version is None else f"{body.workflow}@{body.version}"
             raise ApiError(404, f"no deployed workflow named {what!r}")
-        handle = act().start(body.workflow, body.input, id=body.id, version=body.version, id_reuse=body.id_reuse)
+        handle = act(who).start(body.workflow, body.input, id=body.id, version=body.version, id_reuse=body.id_reuse)
+        done(request, who, "start", target, instance_id=handle.id)
         return {"id": handle.id, "workflow": body.workflow, "version": body.version}
 
     @app.get("/api/instances/{instance_id}", tags=["instances"], summary="One instance with its state")
-    def get_instance(instance_id: str) -> dict[str, Any]:
+    def get_instance(request: Request, instance_id: str, who: Caller = Who) -> dict[str, Any]:
         row = store.get_instance(instance_id)
         if row is None:
             raise ApiError(404, f"no workflow instance with id {instance_id!r}")
+        resource = instance_resource(instance_id, row)
+        access.require(request, who, "status", resource)
         definition = store.definition(row["workflow"], row["version"])
         spec = definition is not None and definition["kind"] == "spec"
-        return _instance_view(row, definition, _history_events(store, instance_id) if spec else None)
+        view = _instance_view(row, definition, _history_events(store, instance_id) if spec else None)
+        view["allowed"] = allowed(who, resource)
+        return view
 
     @app.get("/api/instances/{instance_id}/history", tags=["instances"], summary="Events of an instance (paged)")
-    def history(instance_id: str, after_seq: int = Query(0, ge=0, description="Return events after this seq."),
-                limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+    def history(request: Request, instance_id: str,
+                after_seq: int = Query(0, ge=0, description="Return events after this seq."),
+                limit: int = Query(100, ge=1, le=1000), who: Caller = Who) -> dict[str, Any]:
         known(instance_id)
+        access.require(request, who, "history", instance_resource(instance_id))
         items = store.history(instance_id, after_seq, limit)
         return {"items": items, "next_after_seq": items[-1]["seq"] if len(items) == limit else None}
 
     @app.post("/api/instances/{instance_id}/signal", tags=["actions"], status_code=202, summary="Send a signal")
-    def signal(instance_id: str, body: SignalBody) -> dict[str, Any]:
+    def signal(request: Request, instance_id: str, body: SignalBody, who: Caller = Who) -> dict[str, Any]:
         known(instance_id)
-        act().signal(instance_id, body.name, body.data)
+        target = instance_resource(instance_id)
+        access.require(request, who, "signal", target)
+        act(who).signal(instance_id, body.name, body.data)
+        done(request, who, "signal", target, signal=body.name)
         return {"id": instance_id, "signal": body.name, "accepted": True}
 
     @app.post("/api/instances/{instance_id}/cancel", tags=["actions"], status_code=202, summary="Cancel")
-    def cancel(instance_id: str, body: Optional[ReasonBody] = None) -> dict[str, Any]:
+    def cancel(request: Request, instance_id: str, body: Optional[ReasonBody] = None,
+               who: Caller = Who) -> dict[str, Any]:
         known(instance_id)
-        act().cancel(instance_id, (body or ReasonBody()).reason)
+        target = instance_resource(instance_id)
+        access.require(request, who, "cancel", target)
+        act(who).cancel(instance_id, (body or ReasonBody()).reason)
+        done(request, who, "cancel", target)
         return {"id": instance_id, "accepted": True}
 
     @app.post("/api/instances/{instance_id}/terminate", tags=["actions"], status_code=202, summary="Terminate")
-    def terminate(instance_id: str, body: Optional[ReasonBody] = None) -> dict[str, Any]:
+    def terminate(request: Request, instance_id: str, body: Optional[ReasonBody] = None,
+                  who: Caller = Who) -> dict[str, Any]:
         known(instance_id)
-        act().terminate(instance_id, (body or ReasonBody()).reason)
+        target = instance_resource(instance_id)
+        access.require(request, who, "terminate", target)
+        act(who).terminate(instance_id, (body or ReasonBody()).reason)
+        done(request, who, "terminate", target)
         return {"id": instance_id, "accepted": True}
 
     # -- definitions --------------------------------------------------------------------------
 
     @app.get("/api/definitions", tags=["definitions"], summary="Deployed definitions and their versions")
-    def list_definitions() -> dict[str, Any]:
+    def list_definitions(request: Request, who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "definition:View", Resource("definition", "*", who.principal.tenant))
         return {"items": store.definitions()}
 
     @app.get("/api/definitions/{name}", tags=["definitions"], summary="The latest version of a definition")
-    def latest_definition(name: str) -> dict[str, Any]:
+    def latest_definition(request: Request, name: str, who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "definition:View", Resource("definition", name, who.principal.tenant))
         return _definition(name, None)
 
     @app.get("/api/definitions/{name}/{version}", tags=["definitions"], summary="One version of a definition")
-    def get_definition(name: str, version: int) -> dict[str, Any]:
+    def get_definition(request: Request, name: str, version: int, who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "definition:View", Resource("definition", name, who.principal.tenant))
         return _definition(name, version)
 
     def _definition(name: str, version: Optional[int]) -> dict[str, Any]:
@@ -327,10 +460,52 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
         versions = next((x["versions"] for x in store.definitions() if x["name"] == name), [])
         return {**d, "versions": versions, "graph": layout(d["body"]) if d["kind"] == "spec" else None}
 
+    # -- schedules ------------------------------------------------------------------------------
+
+    @app.get("/api/schedules", tags=["schedules"], summary="Schedules with their next runs (read from Kafka)")
+    def list_schedules(request: Request, next_runs: int = Query(5, alias="next", ge=0, le=100),
+                       who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "definition:View", Resource("definition", "*", who.principal.tenant))
+        try:
+            table = act(who).schedules()
+        except KflowError as e:
+            raise ApiError(503, f"cannot read the schedules: {e}") from None
+        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        return {"items": [with_next_runs(table[sid], now, next_runs) for sid in sorted(table)]}
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    @app.get("/api/audit", tags=["audit"], summary="The audit trail (oldest first; the latest `limit` records)")
+    def audit(request: Request,
+              principal: Optional[str] = Query(None, description="Only this principal's records."),
+              outcome: Optional[str] = Query(None, pattern="^(granted|denied|success)$",
+                                             description="granted, denied or success."),
+              action: Optional[str] = Query(None, description="Only this operation (start, cancel, login ...)."),
+              resource_id: Optional[str] = Query(None, description="Only records on this resource id."),
+              since: Optional[str] = Query(None, description="Epoch ms or ISO 8601: only records from then on."),
+              limit: int = Query(200, ge=1, le=10_000), who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "system:View", Resource("system", "audit", who.principal.tenant))
+        if audit_reader is None or not access.enabled:
+            raise ApiError(503, "the audit trail is served only with auth on (KFLOW_AUTH=on)")
+        since_ms = parse_time(since, "since")
+        try:
+            records = audit_reader(since_ms=since_ms, principal=principal or None, outcome=outcome)
+        except KflowError as e:
+            raise ApiError(503, f"cannot read the audit trail: {e}") from None
+        admin = access.is_admin(who)
+        items = [r.model_dump() for r in records
+                 if (admin or r.tenant == who.principal.tenant) and (action is None or r.action == action)
+                 and (resource_id is None or r.resource_id == resource_id)]
+        return {"items": items[-limit:]}
+
     # -- live, stats, operations ----------------------------------------------------------------
 
     @app.get("/api/stream", tags=["live"], summary="Server-sent events: changed instance ids")
-    async def stream(request: Request, instance: Optional[str] = None) -> StreamingResponse:
+    async def stream(request: Request, instance: Optional[str] = None, who: Caller = Who) -> StreamingResponse:
+        # another tenant's instance ids are not shown: a caller that may not see every tenant is
+        # told that something changed (ids null), and refreshes what it may read
+        show_ids = access.is_admin(who)
+
         async def gen() -> AsyncIterator[bytes]:
             seen = changes.version
             yield b"retry: 2000\n\n"
@@ -347,14 +522,15 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
                 seen, idle = current, 0.0
                 if ids is not None and instance is not None and instance not in ids:
                     continue
-                payload = {"version": current, "ids": None if ids is None else sorted(ids)[:200]}
+                shown = None if ids is None or not show_ids else sorted(ids)[:200]
+                payload = {"version": current, "ids": shown}
                 yield b"event: change\ndata: " + orjson.dumps(payload) + b"\n\n"
 
         return StreamingResponse(gen(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/api/stats", tags=["live"], summary="Store size and projection lag")
-    def stats() -> dict[str, Any]:
+    def stats(who: Caller = Who) -> dict[str, Any]:
         return {"instances": store.total(), "lag": lag(), "version": changes.version, "ready": ready()}
 
     @app.get("/metrics", include_in_schema=False)
@@ -376,6 +552,12 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[], ActionSink
 
     @app.get("/", include_in_schema=False)
     def console() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        # the console builds its pages from text nodes; the policy also refuses any script or
+        # handler an injected string could smuggle in
+        return FileResponse(STATIC / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'self'; object-src 'none'; "
+                                       "base-uri 'none'; frame-ancestors 'none'; img-src 'self' data:; "
+                                       "style-src 'self' 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     return app

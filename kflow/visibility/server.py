@@ -3,6 +3,11 @@
 :class:`VisibilityServer` is what ``kflow visibility`` and ``kflow dev`` run, and what tests
 start in the background (:meth:`VisibilityServer.start`); :attr:`url` is the console's address
 once it listens (port 0 picks a free one).
+
+With ``KFLOW_AUTH=on`` it also reads the ``policies`` topic (the policy the API enforces, as the
+engines do), writes the API's audit records to the ``audit`` topic, and produces each caller's
+actions through a client of its own that signs them as that caller (the server mints its
+principal token with ``KFLOW_JWT_SECRET`` or ``KFLOW_SIGNING_KEY``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Optional
 
 try:
@@ -18,8 +24,15 @@ except ModuleNotFoundError as exc:  # name the extra to install rather than the 
     raise ModuleNotFoundError("the visibility server needs the visibility extra: pip install 'kflow[visibility]'",
                               name=exc.name) from exc
 
+from pydantic import SecretStr
+
 from kflow.config import VisibilityConfig
 from kflow.model.errors import KflowError
+from kflow.security.audit import AuditRecord, encode_audit
+from kflow.security.http import HttpAuth
+from kflow.security.principal import Principal
+from kflow.security.tokens import issue
+from kflow.visibility.access import Access
 from kflow.visibility.api import create_app
 from kflow.visibility.live import Changes
 from kflow.visibility.projection import LAG, ProjectionProcessor
@@ -28,6 +41,11 @@ from kflow.visibility.store import VisibilityStore
 __all__ = ["VisibilityServer"]
 
 log = logging.getLogger("kflow.visibility")
+
+#: Most per-caller clients kept open (the least recently used is closed first).
+CALLER_CLIENTS = 32
+#: Lifetime of the principal token a per-caller client signs with; renewed at half of it.
+CALLER_TOKEN_TTL_S = 12 * 3600.0
 
 
 class VisibilityServer:
@@ -48,21 +66,84 @@ class VisibilityServer:
                                                   on_change=self.changes.publish)
         self._client: Any = None
         self._client_lock = threading.Lock()
-        self.app = create_app(self.store, self._actions, changes=self.changes, ready=self._ready, lag=self._lag)
-        self._server: Optional[uvicorn.Server] = None
-        self._threads: list[threading.Thread] = []
+        self._callers: OrderedDict[Principal, tuple[Any, float]] = OrderedDict()
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.policies: Any = None
+        self._audit_producer: Any = None
+        access = None
+        if config.auth:
+            access = self._auth_access()
+        self.app = create_app(self.store, self._actions, changes=self.changes, ready=self._ready, lag=self._lag,
+                              access=access, audit_reader=self._read_audit if config.auth else None,
+                              max_body_bytes=config.max_body_bytes)
+        self._server: Optional[uvicorn.Server] = None
         self.failure: Optional[BaseException] = None
+
+    def _auth_access(self) -> Access:
+        """Credentials, the policies table (polled on a thread) and the audit producer."""
+        from confluent_kafka import Producer
+
+        from kflow.streams.policies import PolicyTable
+
+        cfg = self.config
+        auth = HttpAuth.from_config(cfg)
+        keys = auth.keys
+        self.policies = PolicyTable(cfg.consumer_conf("kflow-policies"), cfg.names.policies, keys)
+        self._audit_producer = Producer(cfg.producer_conf(**{"acks": "all", "client.id": "kflow-visibility-audit"}))
+        table = self.policies
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                try:
+                    table.poll(0.5)
+                except Exception:  # the policy in force stays; the log says why it is not refreshed
+                    log.exception("reading the policies topic failed")
+                    self._stop.wait(1.0)
+
+        t = threading.Thread(target=poll, name="kflow-visibility-policies", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return Access(auth, policy=lambda: table.policy, catch_up=lambda: table.catch_up(2.0), audit=self._audit)
+
+    def _audit(self, record: AuditRecord) -> None:
+        producer = self._audit_producer
+        producer.produce(self.config.names.audit, encode_audit(record), record.resource_id.encode("utf-8"))
+        producer.poll(0)
+
+    def _read_audit(self, *, since_ms: Optional[int] = None, principal: Optional[str] = None,
+                    outcome: Optional[str] = None) -> list[AuditRecord]:
+        from kflow._cli.security import read_audit
+
+        if self._audit_producer is not None:
+            self._audit_producer.flush(5)  # this server's own records count
+        return read_audit(self.config, since_ms=since_ms, principal=principal, outcome=outcome)
 
     # -- wiring ------------------------------------------------------------------------------
 
-    def _actions(self) -> Any:
-        with self._client_lock:
-            if self._client is None:
-                from kflow.client import Client
+    def _actions(self, who: Optional[Principal] = None) -> Any:
+        """The client producing actions: one shared (auth off), or one per caller signing as it."""
+        from kflow.client import Client
 
-                self._client = Client(self.config.bootstrap, config=self.config)
-            return self._client
+        with self._client_lock:
+            if who is None:
+                if self._client is None:
+                    self._client = Client(self.config.bootstrap, config=self.config)
+                return self._client
+            now = time.time()
+            found = self._callers.get(who)
+            if found is not None and found[1] > now:
+                self._callers.move_to_end(who)
+                return found[0]
+            if found is not None:
+                found[0].close()
+            token = issue(who.name, who.tenant, who.roles, CALLER_TOKEN_TTL_S, self.config.keys(), now=now)
+            client = Client(config=self.config.model_copy(update={"token": SecretStr(token)}))
+            self._callers[who] = (client, now + CALLER_TOKEN_TTL_S / 2)
+            while len(self._callers) > CALLER_CLIENTS:
+                _, (old, _exp) = self._callers.popitem(last=False)
+                old.close()
+            return client
 
     def _ready(self) -> bool:
         return self.projection is None or self.projection.ready.is_set()
@@ -136,4 +217,11 @@ class VisibilityServer:
             t.join(10)
         if self._client is not None:
             self._client.close()
+        for client, _ in self._callers.values():
+            client.close()
+        self._callers.clear()
+        if self._audit_producer is not None:
+            self._audit_producer.flush(10)
+        if self.policies is not None:
+            self.policies.close()
         self.store.close()

@@ -1,6 +1,9 @@
 // The kflow console: a plain script over the visibility API (no build step, no dependencies).
-// Pages (hash routes): #/ instances, #/i/<id> one instance, #/definitions, #/d/<name>/<version>.
+// Pages (hash routes): #/ instances, #/i/<id> one instance, #/definitions, #/d/<name>/<version>, #/audit.
 // Live updates come from the server-sent events of /api/stream.
+// With auth on, the console asks /api/session who is logged in and shows the login form when
+// nobody is; the session cookie is HttpOnly, so every POST carries the session's CSRF token in
+// the X-CSRF-Token header instead. Every string from the API is added as a text node, never as HTML.
 "use strict";
 
 const view = document.getElementById("view");
@@ -8,6 +11,10 @@ const STATUSES = ["RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "COMPLETED
 const SVGNS = "http://www.w3.org/2000/svg";
 let onChange = null;          // the current page's live-update handler
 let pending = null;           // debounce timer for live refreshes
+let session = null;           // /api/session: {auth, principal, tenant, roles, csrf, admin}
+let live = null;              // the EventSource of /api/stream
+
+class Unauthenticated extends Error {}
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -34,14 +41,17 @@ function svg(tag, attrs, ...children) {
 }
 
 async function api(path, options) {
-  const res = await fetch(path, options);
+  const res = await fetch(path, Object.assign({credentials: "same-origin"}, options));
   const body = await res.json().catch(() => ({}));
+  if (res.status === 401 && session && session.auth) { loginPage(body.error); throw new Unauthenticated(body.error); }
   if (!res.ok) throw new Error(body.error || `${res.status} ${res.statusText}`);
   return body;
 }
 
 function post(path, body) {
-  return api(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body || {})});
+  const headers = {"Content-Type": "application/json"};
+  if (session && session.csrf) headers["X-CSRF-Token"] = session.csrf;
+  return api(path, {method: "POST", headers, body: JSON.stringify(body || {})});
 }
 
 const fmtTime = (ms) => ms ? new Date(ms).toISOString().replace("T", " ").replace("Z", "") : "";
@@ -49,8 +59,9 @@ const statusTag = (s) => h("span", {class: `status s-${s}`, "data-status": s}, s
 
 // -- live updates ------------------------------------------------------------------------------
 function connectLive() {
+  if (live) return;
   const dot = document.getElementById("live");
-  const es = new EventSource("/api/stream");
+  const es = live = new EventSource("/api/stream");
   es.onopen = () => dot.classList.add("on");
   es.onerror = () => dot.classList.remove("on");
   es.addEventListener("change", (e) => {
@@ -283,7 +294,14 @@ async function instancePage(id) {
     if (inst.graph) fill(graphBox, h("h3", {}, "Definition graph"), legend(), drawGraph(inst.graph, inst.steps));
     else fill(graphBox, h("h3", {}, "Calls"), await callList());
     const terminal = ["COMPLETED", "FAILED", "CANCELLED", "TERMINATED"].includes(inst.status);
-    for (const b of ["btn-signal", "btn-cancel", "btn-terminate"]) document.getElementById(b).disabled = terminal;
+    const may = inst.allowed || {};
+    for (const [b, action] of [["btn-signal", "signal"], ["btn-cancel", "cancel"], ["btn-terminate", "terminate"]]) {
+      const button = document.getElementById(b);
+      button.disabled = terminal || may[action] === false;
+      button.hidden = may[action] === false;  // not the caller's to press: neither shown nor pressable
+      button.title = may[action] === false ? `you may not ${action} this instance` : "";
+    }
+    sigName.hidden = sigData.hidden = may.signal === false;
     await loadHistory();
   }
   onChange = (data) => { if (data.ids === null || data.ids.includes(id)) refresh(); };
@@ -311,24 +329,111 @@ async function definitionPage(name, version) {
   onChange = null;
 }
 
+// -- audit trail -------------------------------------------------------------------------------
+async function auditPage() {
+  const f = {};
+  const msg = h("div", {class: "msg", id: "audit-msg"});
+  const table = h("table", {id: "audit"});
+  const form = h("form", {class: "filters card", id: "audit-filters", onsubmit: (e) => {
+      e.preventDefault();
+      const data = new FormData(form);
+      for (const k of ["principal", "outcome", "action"]) f[k] = (data.get(k) || "").trim();
+      refresh();
+    }},
+    h("label", {}, "Principal", h("input", {name: "principal", id: "a-principal"})),
+    h("label", {}, "Outcome", h("select", {name: "outcome", id: "a-outcome"},
+      ["", "granted", "denied", "success"].map((o) => h("option", {value: o}, o || "any")))),
+    h("label", {}, "Action", h("input", {name: "action", id: "a-action", placeholder: "start, cancel, login ..."})),
+    h("button", {type: "submit", id: "a-apply"}, "Filter"));
+  fill(view, h("h2", {}, "Audit trail"), form, msg, table);
+  async function refresh() {
+    const q = new URLSearchParams({limit: "500"});
+    for (const [k, v] of Object.entries(f)) if (v) q.set(k, v);
+    try {
+      const page = await api(`/api/audit?${q}`);
+      msg.textContent = ""; msg.className = "msg";
+      fill(table, h("tr", {}, ["Time", "Outcome", "Principal", "Action", "Resource", "Why", "Source"].map((t) => h("th", {}, t))),
+        ...page.items.slice().reverse().map((r) => h("tr", {class: "audit-row", "data-outcome": r.outcome},
+          h("td", {}, fmtTime(r.time)), h("td", {}, r.outcome), h("td", {}, `${r.principal || "-"}@${r.tenant}`),
+          h("td", {}, r.action), h("td", {class: "mono"}, `${r.resource_type}:${r.resource_id}`),
+          h("td", {}, (r.details && (r.details.reason || r.details.rule)) || ""), h("td", {class: "mono"}, r.source))));
+    } catch (err) {
+      if (!(err instanceof Unauthenticated)) { msg.textContent = err.message; msg.className = "msg err"; }
+    }
+  }
+  onChange = null;
+  await refresh();
+}
+
+// -- login -------------------------------------------------------------------------------------
+function loginPage(reason) {
+  onChange = null;
+  if (live) { live.close(); live = null; }
+  showUser();
+  const msg = h("div", {class: "msg err", id: "login-msg"}, reason && !/expected credentials/.test(reason) ? reason : "");
+  const user = h("input", {id: "login-user", name: "username", autocomplete: "username", required: true});
+  const pass = h("input", {id: "login-password", name: "password", type: "password", autocomplete: "current-password", required: true});
+  const form = h("form", {class: "card login", id: "login-form", onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const res = await fetch("/api/login", {method: "POST", credentials: "same-origin", headers: {"Content-Type": "application/json"},
+          body: JSON.stringify({username: user.value, password: pass.value})});
+        const body = await res.json().catch(() => ({}));
+        if (!res.ok) { msg.textContent = body.error || `${res.status}`; pass.value = ""; return; }
+        session = body; session.auth = true;
+        await start();
+      } catch (err) { msg.textContent = err.message; }
+    }},
+    h("h2", {}, "Log in"),
+    h("label", {}, "Username", user), h("label", {}, "Password", pass),
+    h("button", {type: "submit", id: "login-submit"}, "Log in"), msg);
+  fill(view, form);
+  user.focus();
+}
+
+function showUser() {
+  const who = document.getElementById("whoami");
+  const audit = document.getElementById("nav-audit");
+  const auth = session && session.auth;
+  audit.hidden = !auth;
+  if (!auth || !session.principal) { fill(who); return; }
+  fill(who, h("span", {id: "user", class: "mono"}, `${session.principal}@${session.tenant}`),
+    h("button", {class: "secondary", id: "logout", onclick: async () => {
+      await fetch("/api/logout", {method: "POST", credentials: "same-origin"});
+      session = {auth: true};
+      loginPage("");
+    }}, "Log out"));
+}
+
 // -- routing -----------------------------------------------------------------------------------
 async function route() {
   const hash = location.hash || "#/";
   onChange = null;
+  if (session && session.auth && !session.principal) { loginPage(""); return; }
   try {
     let m;
     if ((m = hash.match(/^#\/i\/(.+)$/))) await instancePage(decodeURIComponent(m[1]));
     else if (hash === "#/definitions") await definitionsPage();
+    else if (hash === "#/audit") await auditPage();
     else if ((m = hash.match(/^#\/d\/([^/]+)\/(\d+)$/))) await definitionPage(decodeURIComponent(m[1]), Number(m[2]));
     else {
       const q = new URLSearchParams(hash.split("?")[1] || "");
       await instancesPage(Object.fromEntries(q));
     }
   } catch (err) {
-    fill(view, h("div", {class: "card msg err"}, err.message));
+    if (!(err instanceof Unauthenticated)) fill(view, h("div", {class: "card msg err"}, err.message));
   }
 }
 
+async function start() {
+  const res = await fetch("/api/session", {credentials: "same-origin"});
+  const body = await res.json().catch(() => ({}));
+  if (res.status === 401) { session = {auth: true}; loginPage(body.error); return; }
+  session = body;
+  showUser();
+  connectLive();
+  await route();
+}
+
 window.addEventListener("hashchange", route);
-connectLive();
-route();
+start();
