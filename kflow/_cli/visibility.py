@@ -27,7 +27,8 @@ Api = Annotated[Optional[str], typer.Option("--api", metavar="URL", envvar="KFLO
 _STYLE = {"running": "bold blue", "done": "green", "failed": "bold red", "pending": "dim"}
 _MARK = {"running": "▶", "done": "✔", "failed": "✖", "pending": "·"}
 _STATUS_STYLE = {"RUNNING": "blue", "COMPLETED": "green", "FAILED": "red", "TERMINATED": "red",
-                 "CANCELLED": "yellow", "CANCELLING": "yellow", "COMPENSATING": "yellow", "BLOCKED": "blue"}
+                 "CANCELLED": "yellow", "CANCELLING": "yellow", "COMPENSATING": "yellow", "BLOCKED": "blue",
+                 "SUSPENDED": "magenta", "INCIDENT": "bold red"}
 _TIMEOUT = 10.0
 T = TypeVar("T")
 

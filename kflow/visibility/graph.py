@@ -26,8 +26,8 @@ from typing import Any, Optional
 from kflow.engine import INPUT_EVENTS, CompiledSpec, compile_spec, evolve
 from kflow.model.messages import Event
 
-__all__ = ["MAX_REPLAY_EVENTS", "STEP_STATES", "StepIndex", "history_steps", "layout", "resolve_steps",
-           "step_index", "succeed_steps", "track_steps"]
+__all__ = ["MAX_REPLAY_EVENTS", "STEP_COLOURS", "STEP_STATES", "StepIndex", "history_steps", "layout", "render_dot",
+           "render_mermaid", "render_svg", "resolve_steps", "step_index", "succeed_steps", "track_steps"]
 
 #: The states a step can be shown in.
 STEP_STATES = ("pending", "running", "done", "failed")
@@ -308,7 +308,7 @@ def history_steps(body: dict[str, Any], events: Sequence[Event]) -> Optional[dic
 def _account(out: dict[str, str], before: Optional[dict[str, Any]], after: dict[str, Any], ev: Event,
              seen: list[str], ids: dict[str, list[str]], steps: dict[str, Any]) -> None:
     """Fold one decision (``before`` -> ``after`` on ``ev``, reading the steps ``seen``) into ``out``."""
-    if before is not None and before["status"] != "RUNNING":
+    if before is not None and before["status"] not in ("RUNNING", "INCIDENT"):
         return  # compensating or closing: no step of the definition runs (``seen`` are policy look-ups)
     blocked_before = _blocked(before, ids)
     blocked_after = _blocked(after, ids)
@@ -392,3 +392,112 @@ def _activity_gave_up(before: dict[str, Any], after: dict[str, Any], aid: str,
     if act is None or act.get("thread") is None or aid in after["activities"]:
         return None  # a compensation, or an attempt the retry policy tries again
     return act["thread"], error_type
+
+
+# --------------------------------------------------------------------------- exported drawings
+
+#: Step state -> (fill, stroke) in the exported drawings; ``incident``: a step waiting for an operator.
+STEP_COLOURS = {"pending": ("#f5f5f5", "#9e9e9e"), "running": ("#bbdefb", "#1e88e5"), "done": ("#c8e6c9", "#43a047"),
+                "failed": ("#ffcdd2", "#e53935"), "incident": ("#ffe0b2", "#fb8c00")}
+#: Edge kinds drawn dashed: jumps rather than the sequential flow.
+_JUMPS = frozenset({"goto", "choice", "catch"})
+
+
+def _state_of(steps: Optional[dict[str, str]], step_id: str) -> Optional[str]:
+    if steps is None:
+        return None
+    state = steps.get(step_id, "pending")
+    return state if state in STEP_COLOURS else "pending"
+
+
+def render_dot(body: dict[str, Any], steps: Optional[dict[str, str]] = None, title: str = "") -> str:
+    """Graphviz DOT text of a spec document; with ``steps`` (step id -> state) each step is coloured."""
+    def esc(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+    def q(text: str) -> str:
+        return f'"{esc(text)}"'
+
+    g = layout(body)
+    lines = [f"digraph {q(title or str(body.get('name', 'workflow')))} {{", "  rankdir=TB;",
+             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fillcolor="#ffffff"];',
+             '  edge [fontname="Helvetica", fontsize=10];']
+    for n in g["nodes"]:
+        attrs = [f'label="{esc(n["id"])}\\n{esc(n["label"])}"']
+        state = _state_of(steps, n["id"])
+        if state is not None:
+            fill, stroke = STEP_COLOURS[state]
+            attrs += [f'fillcolor="{fill}"', f'color="{stroke}"', f"tooltip={q(state)}"]
+        lines.append(f"  {q(n['id'])} [{', '.join(attrs)}];")
+    for e in g["edges"]:
+        attrs = [f"label={q(e['kind'])}", "style=dashed"] if e["kind"] in _JUMPS else []
+        lines.append(f"  {q(e['source'])} -> {q(str(e['target']))}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_mermaid(body: dict[str, Any], steps: Optional[dict[str, str]] = None) -> str:
+    """Mermaid flowchart text of a spec document; with ``steps`` each step gets its state's class."""
+    g = layout(body)
+    ids = {n["id"]: f"n{i}" for i, n in enumerate(g["nodes"])}
+
+    def label(text: str) -> str:
+        return text.replace('"', "#quot;")
+
+    lines = ["flowchart TD"]
+    for n in g["nodes"]:
+        lines.append(f'  {ids[n["id"]]}["{label(n["id"])}<br/>{label(n["label"])}"]')
+    for e in g["edges"]:
+        src, dst = ids[e["source"]], ids.get(str(e["target"]))
+        if dst is None:
+            continue
+        lines.append(f"  {src} -. {e['kind']} .-> {dst}" if e["kind"] in _JUMPS else f"  {src} --> {dst}")
+    if steps is not None:
+        used: dict[str, list[str]] = {}
+        for n in g["nodes"]:
+            used.setdefault(_state_of(steps, n["id"]) or "pending", []).append(ids[n["id"]])
+        for state, members in used.items():
+            fill, stroke = STEP_COLOURS[state]
+            lines.append(f"  classDef {state} fill:{fill},stroke:{stroke};")
+            lines.append(f"  class {','.join(members)} {state};")
+    return "\n".join(lines) + "\n"
+
+
+def render_svg(body: dict[str, Any], steps: Optional[dict[str, str]] = None, title: str = "") -> str:
+    """A standalone SVG drawing of :func:`layout`'s boxes and edges, coloured like :func:`render_dot`."""
+    from xml.sax.saxutils import escape
+
+    g = layout(body)
+    at = {n["id"]: n for n in g["nodes"]}
+    top = 30 if title else 0
+    width, height = g["width"] + 80, g["height"] + top + 10
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+           'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#616161"/></marker></defs>']
+    if title:
+        out.append(f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(title)}</text>')
+    for e in g["edges"]:
+        a, b = at.get(e["source"]), at.get(str(e["target"]))
+        if a is None or b is None:
+            continue
+        if e["kind"] in _JUMPS:  # around the right-hand side, so jumps do not cross the boxes
+            x1, y1 = a["x"] + a["w"], a["y"] + a["h"] // 2 + top
+            x2, y2 = b["x"] + b["w"], b["y"] + b["h"] // 2 + top
+            bend = max(x1, x2) + 40
+            out.append(f'<path d="M {x1} {y1} C {bend} {y1}, {bend} {y2}, {x2} {y2}" fill="none" stroke="#616161" '
+                       f'stroke-dasharray="4 3" marker-end="url(#arrow)"><title>{escape(e["kind"])}</title></path>')
+        else:
+            x1, y1 = a["x"] + a["w"] // 2, a["y"] + a["h"] + top
+            x2, y2 = b["x"] + b["w"] // 2, b["y"] + top
+            out.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#616161" marker-end="url(#arrow)"/>')
+    for n in g["nodes"]:
+        state = _state_of(steps, n["id"])
+        fill, stroke = STEP_COLOURS[state] if state is not None else ("#ffffff", "#616161")
+        x, y = n["x"], n["y"] + top
+        out.append(f'<g class="step {state or ""}"><title>{escape(n["id"])}{": " + state if state else ""}</title>'
+                   f'<rect x="{x}" y="{y}" width="{n["w"]}" height="{n["h"]}" rx="6" fill="{fill}" stroke="{stroke}"/>'
+                   f'<text x="{x + 8}" y="{y + 15}" font-weight="bold">{escape(n["id"])}</text>'
+                   f'<text x="{x + 8}" y="{y + 30}" fill="#424242">{escape(n["label"])}</text></g>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -105,7 +105,8 @@ offsets = sa.Table(
 
 #: Most rows one list call returns.
 MAX_PAGE = 1000
-STATUSES = ("RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED")
+STATUSES = ("RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "COMPLETED", "FAILED",
+            "CANCELLED", "TERMINATED")
 
 
 class FilterError(KflowError):

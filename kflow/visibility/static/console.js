@@ -7,7 +7,7 @@
 "use strict";
 
 const view = document.getElementById("view");
-const STATUSES = ["RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED"];
+const STATUSES = ["RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED"];
 const SVGNS = "http://www.w3.org/2000/svg";
 let onChange = null;          // the current page's live-update handler
 let pending = null;           // debounce timer for live refreshes

@@ -1,0 +1,81 @@
+"""Incidents: an activity whose retries ran out waits for an operator instead of failing its step.
+
+An open incident lives in ``state["incidents"]`` (keyed by incident id) from ``IncidentRaised``
+until ``IncidentResolved``, its timeout timer (purpose ``incident``) or the close of the instance.
+It keeps what a retry needs to schedule the activity again (name, queue, input, priority and, for
+code workflows, the whole activity record) and what an operator is shown (step, error, role,
+instructions). While any is open the status is ``INCIDENT`` and ``error`` describes the newest;
+when the last one closes the instance is ``RUNNING`` again. What resolving means for the workflow
+(a thread of a spec workflow, an awaited activity of a code workflow) is the interpreters' job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from kflow.engine import activity
+from kflow.engine.run import INCIDENTS, PRIORITY, Run
+from kflow.model.messages import JSONDict, Status
+from kflow.model.spec import IncidentSpec, parse_duration_ms
+
+#: Timer purpose of an incident's timeout.
+TIMER_PURPOSE = "incident"
+
+
+def open_incident(run: Run, incident_id: str, thread: Optional[str], step: str, aid: str, act: JSONDict,
+                  error_type: str, message: str, spec: IncidentSpec, **extra: Any) -> JSONDict:
+    """Record ``IncidentRaised`` for the activity ``aid`` (already out of the activities table), arm
+    its timeout, and mark the instance INCIDENT. Returns the incident record (``extra`` merged in)."""
+    run.emit("IncidentRaised", {"incident_id": incident_id, "step": step, "activity_id": aid, "error_type": error_type,
+                                "message": message, "role": spec.role or "", "instructions": spec.instructions})
+    timer = None
+    if spec.timeout is not None:
+        timer = activity.start_timer(run, thread, run.now + parse_duration_ms(spec.timeout), TIMER_PURPOSE,
+                                     incident=incident_id)
+    inc: JSONDict = {"thread": thread, "step": step, "activity": aid, "name": act["name"], "queue": act["queue"],
+                     "input": act["input"], "priority": act.get(PRIORITY), "attempts": act["attempt"],
+                     "error": {"type": error_type, "message": message}, "role": spec.role,
+                     "instructions": spec.instructions, "timeout": spec.timeout, "timer": timer,
+                     "raised_ms": run.now, **extra}
+    st = run.state
+    st.setdefault(INCIDENTS, {})[incident_id] = inc
+    st["status"] = Status.INCIDENT
+    st["error"] = {"type": error_type, "message": f"incident '{incident_id}' at step '{step}': {message}"
+                   + (f" (instructions: {spec.instructions})" if spec.instructions else "")}
+    return inc
+
+
+def close_incident(run: Run, incident_id: str) -> JSONDict:
+    """Forget an open incident and its timer; the last one closed makes the instance RUNNING again."""
+    st = run.state
+    incidents = st[INCIDENTS]
+    inc: JSONDict = incidents.pop(incident_id)
+    if inc["timer"] is not None:
+        st["timers"].pop(inc["timer"], None)
+    if not incidents:
+        del st[INCIDENTS]
+        if st["status"] == Status.INCIDENT:
+            st["status"] = Status.RUNNING
+            st["error"] = None
+    return inc
+
+
+def timed_out(run: Run, timer: JSONDict) -> tuple[JSONDict, str]:
+    """The timeout timer of an incident fired: close it; returns it and the error message to fail with."""
+    incident_id = timer["incident"]
+    inc = close_incident(run, incident_id)
+    err = inc["error"]
+    return inc, (f"incident '{incident_id}' was not resolved within {activity.duration_text(inc['timeout'])}: "
+                 f"{err['type']}: {err['message']}")
+
+
+def fail_message(inc: JSONDict, data: JSONDict) -> str:
+    """The error message of an incident resolved with action ``fail``: the step's, then who and why."""
+    by = f" by {data['by']}" if data.get("by") else ""
+    why = f": {data['reason']}" if data.get("reason") else ""
+    return f"{inc['error']['message']} (incident '{data['incident_id']}' resolved as fail{by}{why})"
+
+
+def patched_input(inc: JSONDict, patch: Optional[JSONDict]) -> Any:
+    """The input a retry schedules: the activity's, updated with ``patch`` (a JSON object)."""
+    return {**(inc["input"] or {}), **patch} if patch else inc["input"]
