@@ -1,0 +1,223 @@
+"""Confluent Schema Registry framing against confluent-kafka's own client and its in-process ``mock://`` registry:
+what kflow writes is read by the stock AvroDeserializer, what the stock AvroSerializer writes is read by kflow,
+plain single-object values keep decoding, and an incompatible registered schema stops registration whole."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pytest
+from confluent_kafka.schema_registry import Schema
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from kflow.config import KafkaConfig
+from kflow.model.errors import DecodeError
+from kflow.model.messages import Command, Definition, Event, Task
+from kflow.schemas import codec, registry
+from kflow.schemas.codec import (
+    decode_command,
+    decode_definition,
+    decode_event,
+    decode_state,
+    decode_task,
+    encode_command,
+    encode_definition,
+    encode_event,
+    encode_state,
+    encode_task,
+)
+from kflow.schemas.registry import SchemaIncompatibleError, activate, client_for, subject
+from kflow.streams.topics import TopicNames
+
+PREVIOUS = Path(__file__).parent.parent / "data" / "schemas" / "previous"
+NAMES = TopicNames("sr.")
+SINGLE_OBJECT = b"\xc3\x01"
+
+COMMAND = Command("StartWorkflow", "order-1", {"workflow": "order", "version": 2, "input": {"n": 1}, "parent_id": None,
+                                               "parent_ref": None, "id_reuse": "reject", "priority": None},
+                  "cmd-1", 1_700_000_000_000)
+EVENT = Event("ActivityScheduled", "order-1", 7, 1_700_000_000_000,
+              {"activity_id": "a1", "name": "charge", "queue": "payments", "input": {"amount": 10}, "attempt": 1})
+STATE = {"instance_id": "order-1", "workflow": "order", "version": 3, "status": "COMPLETED", "seq": 12,
+         "started_ms": 1, "updated_ms": 2, "closed_ms": 3, "result": {"ok": True}, "error_type": None,
+         "error_message": None, "internal": {"steps": {"a": 1}}}
+TASK = Task("order-1", "a1", 1, "charge", "payments", {"amount": 10}, "order", 5)
+DEFINITION = Definition("order", 2, "spec", {"steps": []}, 9)
+
+#: kind -> (topic, encode(), decode, what the decoded value must equal)
+KINDS: dict[str, tuple[str, Any, Any, Any]] = {
+    "command": (NAMES.commands, lambda: encode_command(COMMAND), decode_command, COMMAND),
+    "event": (NAMES.events, lambda: encode_event(EVENT), decode_event, EVENT),
+    "state": (NAMES.state, lambda: encode_state(STATE), decode_state, STATE),
+    "task": (NAMES.tasks("default"), lambda: encode_task(TASK), decode_task, TASK),
+    "definition": (NAMES.definitions, lambda: encode_definition(DEFINITION), decode_definition, DEFINITION),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry() -> Iterator[None]:
+    """Every test starts and ends with single-object framing and no registry client."""
+    registry.reset()
+    yield
+    registry.reset()
+
+
+def url(request: pytest.FixtureRequest) -> str:
+    """A registry of this test's own (one mock registry per URL and process)."""
+    return "mock://" + "".join(c if c.isalnum() else "-" for c in request.node.name)
+
+
+def framed_id(value: bytes) -> int:
+    assert value[0] == 0, f"not Confluent-framed: {value[:5].hex()}"
+    return int.from_bytes(value[1:5], "big")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_round_trip_through_the_registry(kind: str, request: pytest.FixtureRequest) -> None:
+    topic, encode, decode, expected = KINDS[kind]
+    activate(url(request), NAMES)
+    value = encode()
+    client = client_for(url(request))
+    registered = client.get_latest_version(subject(topic))
+    assert framed_id(value) == registered.schema_id
+    assert json.loads(registered.schema.schema_str) == json.loads(codec.schema_text(kind))
+    assert decode(value) == expected
+    # the stock deserializer of confluent-kafka reads it with nothing but the registry
+    stock = AvroDeserializer(client)(value, SerializationContext(topic, MessageField.VALUE))
+    assert stock == fastavro.schemaless_reader(_payload(value), fastavro.parse_schema(json.loads(codec.schema_text(kind))))
+    assert stock[{"command": "command_id", "event": "seq", "state": "status", "task": "activity_id",
+                  "definition": "name"}[kind]] == {"command": "cmd-1", "event": 7, "state": "COMPLETED",
+                                                   "task": "a1", "definition": "order"}[kind]
+
+
+def _payload(value: bytes) -> BytesIO:
+    return BytesIO(value[5:])
+
+
+def test_every_kflow_topic_gets_a_topic_name_subject(request: pytest.FixtureRequest) -> None:
+    activate(url(request), NAMES, [NAMES.tasks("payments"), NAMES.tasks("payments", 1), NAMES.journal, NAMES.dlq])
+    subjects = set(client_for(url(request)).get_subjects())
+    assert subjects == {"sr.commands-value", "sr.events-value", "sr.state-value", "sr.definitions-value",
+                        "sr.tasks.default-value", "sr.tasks.payments-value", "sr.tasks.payments.p1-value"}
+
+
+def test_a_stock_serializer_record_is_read_by_kflow(request: pytest.FixtureRequest) -> None:
+    activate(url(request), NAMES)
+    client = client_for(url(request))
+    serializer = AvroSerializer(client, codec.schema_text("event"), conf={"auto.register.schemas": True})
+    record = {"format": 1, "instance_id": "order-1", "seq": 7, "ts": 1_700_000_000_000,
+              "body": ("kflow.ActivityScheduled", {"activity_id": "a1", "name": "charge", "queue": "payments",
+                                                    "input": '{"amount":10}', "attempt": 1})}
+    value = serializer(record, SerializationContext(NAMES.events, MessageField.VALUE))
+    assert decode_event(value) == EVENT
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_plain_single_object_records_still_decode(kind: str, request: pytest.FixtureRequest) -> None:
+    _, encode, decode, expected = KINDS[kind]
+    plain = encode()
+    assert plain[:2] == SINGLE_OBJECT
+    activate(url(request), NAMES)
+    assert encode()[0] == 0
+    assert decode(plain) == expected
+
+
+def test_without_a_registry_values_stay_single_object() -> None:
+    for _, encode, _, _ in KINDS.values():
+        assert encode()[:2] == SINGLE_OBJECT
+
+
+def test_a_previous_release_record_resolves_through_the_registry(request: pytest.FixtureRequest) -> None:
+    """A reader meets an id it never registered (an older kflow wrote it): it fetches the schema once and
+    resolves the record against the current one."""
+    activate(url(request), NAMES)
+    previous = (PREVIOUS / "command.avsc").read_text(encoding="utf-8")
+    old_id = client_for(url(request)).register_schema("elsewhere-value", Schema(previous, "AVRO"))
+    body = {k: v for k, v in COMMAND.data.items() if k != "priority"} | {"input": '{"n":1}'}
+    out = BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(json.loads(previous)),
+                               {"format": 1, "command_id": "cmd-1", "instance_id": "order-1",
+                                "ts": 1_700_000_000_000, "body": ("kflow.StartWorkflow", body)})
+    value = b"\x00" + old_id.to_bytes(4, "big") + out.getvalue()
+    assert decode_command(value) == COMMAND
+
+
+def test_an_unknown_schema_id_is_a_decode_error(request: pytest.FixtureRequest) -> None:
+    activate(url(request), NAMES)
+    value = b"\x00" + (999_999).to_bytes(4, "big") + encode_command(COMMAND)[5:]
+    with pytest.raises(DecodeError, match=r"unknown Schema Registry id 999999: the registry at mock://.* does not have it"):
+        decode_command(value)
+
+
+def test_an_id_of_another_kind_is_a_decode_error(request: pytest.FixtureRequest) -> None:
+    activate(url(request), NAMES)
+    event_value = encode_event(EVENT)
+    with pytest.raises(DecodeError, match=r"wrong schema: expected command, got a event value \(Schema Registry id"):
+        decode_command(event_value)
+
+
+def test_an_id_of_a_foreign_schema_is_a_decode_error(request: pytest.FixtureRequest) -> None:
+    activate(url(request), NAMES)
+    foreign = json.dumps({"type": "record", "name": "Order", "namespace": "shop", "fields": [{"name": "n", "type": "int"}]})
+    foreign_id = client_for(url(request)).register_schema("shop.orders-value", Schema(foreign, "AVRO"))
+    with pytest.raises(DecodeError, match=r"is the schema of 'shop.Order', not one of kflow's"):
+        decode_command(b"\x00" + foreign_id.to_bytes(4, "big") + b"\x02")
+
+
+def test_a_framed_value_without_a_registry_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match=r"a Confluent Schema Registry value \(id 7\)\? this process has no registry"):
+        decode_state(b"\x00\x00\x00\x00\x07" + b"\x00" * 8)
+
+
+def test_an_incompatible_registered_schema_is_one_error_and_nothing_is_registered(request: pytest.FixtureRequest) -> None:
+    """The state subject already holds a version whose records lack ``workflow`` (no default in kflow's schema):
+    kflow's schema cannot read them, so registration stops before registering anything and values stay plain."""
+    client = client_for(url(request))
+    older = json.loads(codec.schema_text("state"))
+    older["fields"] = [f for f in older["fields"] if f["name"] != "workflow"]
+    client.register_schema(NAMES.state + "-value", Schema(json.dumps(older), "AVRO"))
+    with pytest.raises(SchemaIncompatibleError) as caught:
+        activate(url(request), NAMES)
+    err = caught.value
+    assert (err.topic, err.subject) == ("sr.state", "sr.state-value")
+    assert "reader_field_missing_default_value" in err.reason and "workflow" in err.reason
+    assert "topic 'sr.state'" in str(err) and "nothing was registered or produced" in str(err)
+    assert client.get_subjects() == ["sr.state-value"]
+    assert encode_command(COMMAND)[:2] == SINGLE_OBJECT
+
+
+def test_a_compatible_older_version_gets_a_new_version(request: pytest.FixtureRequest) -> None:
+    client = client_for(url(request))
+    client.register_schema(NAMES.commands + "-value", Schema((PREVIOUS / "command.avsc").read_text(), "AVRO"))
+    activate(url(request), NAMES)
+    versions = client.get_versions(NAMES.commands + "-value")
+    assert len(versions) == (1 if (PREVIOUS / "command.avsc").read_text() == codec.schema_text("command") else 2)
+    assert framed_id(encode_command(COMMAND)) == client.get_latest_version(NAMES.commands + "-value").schema_id
+
+
+def test_a_producer_config_registers_and_frames(request: pytest.FixtureRequest) -> None:
+    config = KafkaConfig(schema_registry_url=url(request), topic_prefix="sr.")
+    config.producer_conf()
+    assert framed_id(encode_command(COMMAND)) == client_for(url(request)).get_latest_version("sr.commands-value").schema_id
+
+
+def test_a_producer_config_with_an_incompatible_subject_fails(request: pytest.FixtureRequest) -> None:
+    client = client_for(url(request))
+    wrong = json.loads(codec.schema_text("command"))
+    next(f for f in wrong["fields"] if f["name"] == "ts")["type"] = "string"
+    client.register_schema("sr.commands-value", Schema(json.dumps(wrong), "AVRO"))
+    with pytest.raises(SchemaIncompatibleError, match=r"topic 'sr.commands'.*subject 'sr.commands-value'.*type_mismatch"):
+        KafkaConfig(schema_registry_url=url(request), topic_prefix="sr.").producer_conf()
+
+
+def test_the_registry_url_is_validated() -> None:
+    with pytest.raises(ValueError, match="expected http\\(s\\)://host\\[:port\\] or mock://name, but got 'registry:8081'"):
+        KafkaConfig(schema_registry_url="registry:8081")
+    assert KafkaConfig(schema_registry_url="https://sr.example:8081").topic_settings.schema_registry_url == \
+        "https://sr.example:8081"
