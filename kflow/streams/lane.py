@@ -45,7 +45,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from kflow import _hops, _tracing
 from kflow.dlq import dlq_record
-from kflow.engine import decide
+from kflow.engine import decide, schedules
 from kflow.engine.core import EVENTS_OFFSET, OWNER, TENANT, Decision, refuse
 from kflow.engine.journal import Entries, JournalOp, apply_to
 from kflow.model.errors import DecodeError, KflowError
@@ -342,6 +342,8 @@ class Lane:
                 return
         if cmd.type == "StartWorkflow":
             self._sync_definitions(batch, cmd, m)
+            if check is not None and check.principal is not None and proc.guard is not None:
+                cmd.data[TENANT] = proc.guard.starter(check.principal)[1]  # per-tenant quotas; not on the wire
         reader = batch.readers.get(p)
         if reader is None:
             reader = batch.readers[p] = BatchJournal(proc.store.get(p), batch.journal)
@@ -370,6 +372,8 @@ class Lane:
         assert d.state is not None
         batch.states[iid] = d.state
         batch.partition_of[iid] = p
+        if d.state.get("kind") == schedules.KIND:  # the schedules table follows the schedule, in this transaction
+            produce(self.names.schedules, schedules.table_record(d.state), d.state["spec"]["id"].encode())
         if d.journal:
             batch.journal.setdefault(iid, []).extend(d.journal)
         key = iid.encode()
@@ -455,9 +459,12 @@ class Lane:
         reason = f"{label}: {check.reason}"
         batch.commands += 1
         self._audit(batch, p, cmd, m, check, "denied")
-        qid = cmd.data.get("query_id")
-        if cmd.type in ("QueryWorkflow", "QueryStatus") and isinstance(qid, str):
-            answer = {"query_id": qid, "instance_id": cmd.instance_id, "error": {"type": label, "message": check.reason}}
+        qid = cmd.data.get("update_id" if cmd.type == "UpdateWorkflow" else "query_id")
+        if cmd.type in ("QueryWorkflow", "QueryStatus", "UpdateWorkflow") and isinstance(qid, str):
+            answer: JSONDict = {"query_id": qid, "instance_id": cmd.instance_id,
+                                "error": {"type": label, "message": check.reason}}
+            if cmd.type == "UpdateWorkflow":  # refused before acceptance: nothing was applied
+                answer["rejected"] = True
             self.producer.produce(self.names.replies, orjson.dumps(answer), qid.encode())
         if st is None:
             self._dlq(m, reason, batch.now)
@@ -469,7 +476,7 @@ class Lane:
         """Stamp the owner and tenant of an instance a principal started; audit a mutating command."""
         guard = self.proc.guard
         assert guard is not None and m is not None
-        if check.principal is not None and d.state is not None and d.events and d.events[0].type == "WorkflowStarted":
+        if check.principal is not None and d.state is not None and d.events and d.events[0].type in ("WorkflowStarted", "WorkflowQueued"):
             d.state[OWNER], d.state[TENANT] = guard.starter(check.principal)
         if cmd.type not in MUTATING:
             return

@@ -26,7 +26,7 @@ from kflow._cli.security import audit_app, policy_app, read_audit
 from kflow.client import Client
 from kflow.config import EngineConfig, KafkaConfig, WorkerConfig
 from kflow.dlq import read_dlq
-from kflow.model.errors import StartRejectedError
+from kflow.model.errors import StartRejectedError, UpdateRejectedError
 from kflow.model.messages import Command, Task
 from kflow.schemas.codec import decode_command, encode_command, encode_task
 from kflow.security.tokens import ATTEMPT_HEADER, COMMAND_HEADER, Keys, attempt_token, issue, sign_command
@@ -329,6 +329,19 @@ def test_a_signal_across_tenants_is_refused(auth: AuthStack) -> None:
     assert handle.result(timeout=30) == "from acme"
     denied = [r for r in audits(auth, handle.id) if r.outcome == "denied"]
     assert [(r.principal, r.tenant) for r in denied] == [("mallory", "globex")]
+
+
+def test_an_update_across_tenants_is_answered_with_the_refusal_and_applies_nothing(auth: AuthStack) -> None:
+    alice, mallory = auth.client("alice"), auth.client("mallory", "globex")
+    handle = alice.start("sec-wait", None, id=uid("upd"))
+    waiting(alice, handle.id)
+    before = [e.type for e in alice.history(handle.id)]
+    with pytest.raises(UpdateRejectedError) as refused:  # answered at once, not left to time out
+        mallory.update(handle.id, "go", "from globex", timeout=30)
+    assert refused.value.type == "Forbidden" and "tenant isolation" in refused.value.message
+    assert [e.type for e in alice.history(handle.id)] == before + ["CommandRejected"]
+    alice.signal(handle.id, "go", "from acme")
+    assert handle.result(timeout=30) == "from acme"
 
 
 # --------------------------------------------------------------------------- activity results
