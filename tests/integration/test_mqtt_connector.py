@@ -241,8 +241,6 @@ def test_telemetry_signals_the_waiting_instance_through_a_trigger(stack, fleet, 
     assert fleet.version("tele-1") == "9.9"
 
 
-@pytest.mark.xfail(reason="known open bug: under a full-suite load some child workflows never start or finish "
-                   "(seen since this release's engine changes; see the closing note)", strict=False)
 def test_firmware_rollout_over_50_devices(stack, fleet, fleet_worker, triggers):
     c = stack.client
     deploy_rollout(c)

@@ -36,9 +36,9 @@ def test_statuses_and_reject_codes_are_the_strings_they_name() -> None:
 def test_terminal_and_active_are_frozensets_not_members() -> None:
     assert isinstance(Status.TERMINAL, frozenset) and isinstance(Status.ACTIVE, frozenset)
     assert [s.value for s in Status] == ["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED", "BLOCKED",
-                                         "COMPENSATING", "CANCELLING", "SUSPENDED"]
+                                         "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "QUEUED"]
     assert Status.TERMINAL == {"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"}
-    assert Status.ACTIVE == {"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED"}
+    assert Status.ACTIVE == {"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "QUEUED"}
     assert Status.COMPLETED in Status.TERMINAL and "COMPLETED" in Status.TERMINAL
     assert Status.RUNNING not in Status.TERMINAL and "BLOCKED" in Status.ACTIVE
 

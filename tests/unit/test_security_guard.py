@@ -82,6 +82,14 @@ def test_the_owner_may_cancel_without_any_role() -> None:
     assert got.allowed and "owns" in got.reason
 
 
+def test_a_priority_change_needs_manage_rights_like_a_suspend() -> None:
+    change = Command("SetPriority", "order-1", {"priority": 1})
+    owner = check(change, state(owner="dora"), {"sub": "dora", "tenant": "acme"})
+    assert owner.allowed and owner.action == "set_priority"
+    starter = check(change, state(owner="dora"), {"sub": "alice", "tenant": "acme"})  # may signal, not manage
+    assert not starter.allowed and starter.action == "set_priority"
+
+
 @pytest.mark.parametrize(("who", "why"), [
     (None, "there is none"),
     ({"sub": "alice", "tenant": "acme", "roles": ["system_admin"]}, None),  # a valid token: the control
