@@ -394,7 +394,11 @@ def stop(batch_id: BatchId, bootstrap: Bootstrap = None, prefix: Prefix = None, 
     typer.echo(f"batch {batch_id}: stop requested")
 
 
-@app.command("migrate", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def migrate() -> None:
-    """Not available: kflow cannot move running instances to another workflow version yet."""
-    fail("batch migrate is not available: kflow cannot move running instances to another workflow version yet")
+def _register_migrate() -> None:
+    """``kflow batch migrate`` is ``kflow migrate`` (what-if, then a batch of MigrateWorkflow)."""
+    from kflow._cli.migrate import migrate
+
+    app.command("migrate")(migrate)
+
+
+_register_migrate()

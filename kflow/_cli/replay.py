@@ -26,31 +26,55 @@ def _histories(doc: Any) -> list[dict[str, Any]]:
 
 
 def replay(
-    workflows: Annotated[str, typer.Option("--workflows", metavar="MODS",
-                                           help="Comma-separated modules of code workflows (the new code).")],
+    workflows: Annotated[Optional[str], typer.Option("--workflows", metavar="MODS",
+                                                     help="Comma-separated modules of code workflows (the new code).")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="FILE", exists=True, dir_okay=False,
                                                  help="JSON history: a list of events, {events, state}, or a list of those.")] = None,
     instances: Annotated[Optional[list[str]], typer.Option("--instance", "-i", metavar="ID",
                                                            help="Read this instance's history from the events topic (repeatable).")] = None,
     workflow: Annotated[Optional[str], typer.Option("--workflow", metavar="NAME[@VERSION]",
                                                     help="Replay with this workflow instead of the one the history started.")] = None,
+    definition: Annotated[Optional[Path], typer.Option(
+        "--definition", "-d", metavar="FILE", exists=True, dir_okay=False,
+        help="A spec workflow version (YAML/JSON, not deployed) to replay the --where instances' histories on.")] = None,
+    where: Annotated[Optional[str], typer.Option(
+        "--where", "-q", metavar="QUERY", help="With --definition: which instances (as for `kflow batch`; "
+                                               "workflow= is the definition's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --definition: one JSON report per instance.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
 ) -> None:
-    """Replay recorded histories against code workflows and fail on non-determinism.
+    """Replay recorded histories against code workflows, or a new spec version, and fail on non-determinism.
+
+    With --definition FILE --where QUERY: each selected instance's history is re-interpreted with
+    that spec version (its inputs fed to it, its consequences compared) and reported as
+    "compatible" or with its first divergence (event index, expected vs got), plus the waiting
+    positions the new version has no step for. Exit code 1 when any diverges. Nothing is deployed
+    or sent: a test before `kflow deploy` and `kflow migrate`.
 
     Each history (from --file, or from the events topic for each --instance) is re-run with the
     code in --workflows; every command the code issues must equal the one recorded. Exit code 0
     when all histories replay, 1 (with the first mismatch) otherwise.
 
     Example: kflow replay --workflows shop.workflows --instance order-42 --instance order-43
+
+    Example: kflow replay --definition order-v2.yaml --where "status=RUNNING"
     """
     from kflow._workflow import code_definitions
     from kflow.engine.code_replayer import REGISTRY
     from kflow.testing import replay as replay_history
 
     setup_logging(verbose)
+    if definition is not None or where is not None:
+        if definition is None or where is None or workflows or file is not None or instances:
+            fail("--definition FILE goes with --where QUERY (and neither with --workflows, --file or --instance)")
+        from kflow._cli.migrate import replay_definition
+
+        replay_definition(definition, where, as_json, None, 100_000, bootstrap, prefix)
+        return
+    if not workflows:
+        fail("give --workflows MODS (code workflows) or --definition FILE --where QUERY (a spec version)")
     if (file is None) == (not instances):
         fail("give either --file FILE or one or more --instance ID")
     code_definitions(workflows)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from kflow.clock import Clock
 from kflow.model.messages import Event
+from kflow.model.versions import version_code
 from kflow.visibility.search import search_text
 
 __all__ = ["OPERATIONS", "Operation", "Outcome", "RateLimiter", "Where", "WhereError", "applied_earlier", "batch_reason",
@@ -48,6 +49,7 @@ OPERATIONS: Mapping[str, Operation] = {op.name: op for op in (
     Operation("suspend", "SuspendWorkflow", frozenset({"WorkflowSuspended"})),
     Operation("resume", "ResumeWorkflow", frozenset({"WorkflowResumed"})),
     Operation("retry", "RetryWorkflow", frozenset({"WorkflowRetried"})),
+    Operation("migrate", "MigrateWorkflow", frozenset({"WorkflowMigrated"})),
 )}
 
 
@@ -353,6 +355,12 @@ def parse_where(query: str) -> Where:
                 raise WhereError(f"unknown status {', '.join(bad) or value!r}: expected one of {', '.join(STATUSES)}")
             values[name] = statuses
         elif name == "version":
+            if value.count(".") == 2:  # a semantic version: matched by its version code
+                try:
+                    values[name] = version_code(value)
+                except ValueError as e:
+                    raise WhereError(f"version: {e}") from None
+                continue
             if not value.isdigit() or int(value) < 1:
                 raise WhereError(f"version must be a whole number from 1, but got {value!r}")
             values[name] = int(value)

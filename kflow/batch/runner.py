@@ -85,7 +85,14 @@ def new_batch(log_: BatchLog, operation: str, where: Where, ids: list[str], args
 def check_operation(operation: str, args: dict[str, Any]) -> None:
     """Raise WhereError when ``operation`` or its arguments cannot make a batch."""
     if operation == "migrate":
-        raise WhereError("migrate is not available: kflow cannot move running instances to another version yet")
+        from kflow._migration import MigrationPlanError, load_plan
+
+        if not isinstance(args.get("plan"), dict):
+            raise WhereError("a migrate batch needs its migration plan (--plan FILE)")
+        try:
+            load_plan(args["plan"])
+        except MigrationPlanError as e:
+            raise WhereError(str(e)) from None
     if operation not in OPERATIONS:
         raise WhereError(f"unknown operation {operation!r}: expected one of {', '.join(OPERATIONS)}")
     if operation == "signal" and not args.get("name"):
@@ -100,6 +107,13 @@ def build_command(header: dict[str, Any], instance_id: str) -> Command:
     bid, op, args = header["id"], OPERATIONS[header["operation"]], header.get("args") or {}
     if op.name == "signal":
         data: dict[str, Any] = {"name": args["name"], "data": args.get("data")}
+    elif op.name == "migrate":
+        from kflow._migration import load_plan, plan_command
+
+        plan = load_plan(args["plan"])
+        return plan_command(plan, instance_id, command_id(bid, instance_id),
+                            reason=batch_reason(bid, args.get("reason") or f"migration plan {plan.id}"),
+                            by=header.get("by") or "")
     elif op.name == "retry":
         data = {"from_step": args.get("from_step"), "input_patch": args.get("input_patch"),
                 "force": bool(args.get("force")), "reason": batch_reason(bid, args.get("reason") or ""),

@@ -27,6 +27,7 @@ from kflow.engine import InMemoryDefinitions
 from kflow.engine.definitions import definition_fingerprint
 from kflow.model.errors import DecodeError, DefinitionConflict, DefinitionError
 from kflow.model.messages import Definition
+from kflow.model.versions import format_version, version_tuple
 from kflow.schemas.codec import decode_definition, encode_definition
 
 __all__ = ["DefinitionsLog", "DefinitionsTable", "code_fingerprint", "code_record"]
@@ -58,11 +59,11 @@ class DefinitionsLog:
 
     def get(self, name: str, version: int) -> Optional[Definition]:
         """The record that counts for ``name@version`` (the first one read), or None."""
-        return self._first.get(f"{name}@{version}")
+        return self._first.get(f"{name}@{format_version(version)}")
 
     def versions(self, name: str) -> list[int]:
-        """Every version of ``name`` read so far, ascending."""
-        return sorted(d.version for d in self._first.values() if d.name == name)
+        """Every version of ``name`` read so far, ascending (semantic order: see :mod:`kflow.model.versions`)."""
+        return sorted((d.version for d in self._first.values() if d.name == name), key=version_tuple)
 
     def note(self, d: Definition) -> None:
         """Remember a record this process wrote before it is read back (the first record still wins)."""

@@ -119,7 +119,7 @@ def test_command_ids_are_deterministic_per_batch_and_instance():
 
 
 def test_operations_are_checked_before_anything_is_selected():
-    with pytest.raises(WhereError, match="migrate is not available"):
+    with pytest.raises(WhereError, match="a migrate batch needs its migration plan"):
         check_operation("migrate", {})
     with pytest.raises(WhereError, match="unknown operation 'pause'"):
         check_operation("pause", {})
@@ -224,7 +224,7 @@ def test_runner_liveness():
     (["signal", "--where", "workfow=x", "--name", "go"], "unknown field 'workfow'"),
     (["cancel", "--where", "status=RUNNING", "--rate", "fast"], "expected a rate like 50/s"),
     (["signal", "--where", "status=RUNNING", "--name", "go", "--data", "{nope"], "--data is not valid JSON"),
-    (["migrate", "--where", "status=RUNNING"], "batch migrate is not available"),
+    (["migrate", "--where", "workfow=x", "--plan", __file__], "migration plan"),
     (["report", "b-1", "--format", "xml"], "--format is table or json"),
 ])
 def test_cli_bad_input_is_one_error_before_any_connection(args, message):
