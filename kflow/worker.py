@@ -35,6 +35,7 @@ from typing import Any, Union
 from kflow._worker import metrics
 from kflow._worker.consumers import worker_group
 from kflow._worker.context import ActivityCancelledError, NotInActivityError, current_task, heartbeat
+from kflow._worker.fairness import FairnessSettings
 from kflow._worker.registry import (
     DEFAULT_QUEUE,
     ActivityDefinition,
@@ -171,6 +172,9 @@ class Worker:
             producer_conf=cfg.producer_conf(**{"linger.ms": cfg.result_linger_ms}),
             concurrency=cfg.concurrency,
             priority_policy=cfg.priority_policy,
+            read_ahead=cfg.read_ahead,
+            fairness=FairnessSettings(weights=cfg.fairness_weights, promote_after_ms=cfg.promote_after_ms,
+                                      max_promotions=cfg.max_promotions),
             heartbeat_interval=cfg.heartbeat_interval_ms / 1000,
             shutdown_timeout=self.shutdown_timeout,
             should_stop=lambda: self._stop.is_set() or (stop is not None and stop.is_set()),

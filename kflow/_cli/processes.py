@@ -307,6 +307,7 @@ def bench(
     failover: Annotated[bool, typer.Option("--failover", help="Instead: SIGKILL engines under chain3 load and print the pauses, takeover and restore times.")] = False,
     standby: Annotated[int, typer.Option("--standby", min=0, metavar="N", help="With --failover: both engines keep N standby replicas (KFLOW_STANDBY_REPLICAS); runs the takeover only and also prints the records each promotion replayed.")] = 0,
     local: Annotated[bool, typer.Option("--local", help="Run chain3 with local activities: the engine runs them itself (--activities), one transaction per workflow.")] = False,
+    mix: Annotated[bool, typer.Option("--mix", help="Instead: overload a slow worker with -n chain3 instances, 20 % critical and 80 % background, started at --rate (default 1.5 × its capacity); print p50/p99 per level.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -328,13 +329,26 @@ def bench(
     throughput phase runs at 16, 64, 256 and 1,024 in flight. With --local: chain3's three
     tasks are local activities run by the engine (no worker), one transaction per workflow.
 
-    Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve)
+    With --mix: dispatch by priority under overload. A worker with 2 slots runs 20 ms tasks
+    (~33 chain3/s); an unloaded run of critical instances gives the baseline, then -n instances
+    (every fifth critical, the rest background) start at --rate (default 1.5 × capacity). The
+    table shows p50/p99 per level and the longest gap between two background completions:
+    critical p99 should stay near the baseline while background absorbs the delay, never stopping.
+
+    Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve); kflow bench --mix -n 600
     """
     if style not in ("spec", "code"):
         raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
     if standby and not failover:
         raise ValueError("--standby N measures a takeover with standby replicas: use it with --failover")
+    if mix:
+        if failover or local or breakdown or curve or style != "spec":
+            raise ValueError("--mix runs its own spec workload: it cannot be combined with --failover, --local, "
+                             "--breakdown, --curve or --style code")
+        from kflow.dev.bench import run_mix
+
+        return _call(run_mix, bootstrap, n, prefix, rate=rate, partitions=partitions, json_out=json_out)
     if failover:
         from kflow.dev.failover import run_failover
 

@@ -9,8 +9,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from kflow.streams.metrics import DLQ, consumer_lag
 
-__all__ = ["ACTIVITIES_CANCELLED", "ACTIVITY_SECONDS", "CONCURRENCY_LIMIT", "INFLIGHT", "RESULTS_UNDELIVERABLE",
-           "SCHEDULE_TO_START", "TASKS", "Outcome", "dead_lettered", "refresh", "task_started"]
+__all__ = ["ACTIVITIES_CANCELLED", "ACTIVITY_SECONDS", "CONCURRENCY_LIMIT", "INFLIGHT", "PROMOTIONS", "QUEUE_WAIT",
+           "READ_AHEAD", "RESULTS_UNDELIVERABLE", "SCHEDULE_TO_START", "TASKS", "Outcome", "dead_lettered",
+           "queue_wait", "refresh", "task_started"]
 
 TASKS = Counter(
     "kflow_worker_tasks_total",
@@ -43,6 +44,27 @@ SCHEDULE_TO_START = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
 
+READ_AHEAD = Gauge("kflow_worker_read_ahead_tasks",
+                   "Tasks workers in this process read and have not started yet (waiting for a slot).")
+PROMOTIONS = Counter(
+    "kflow_worker_task_promotions_total",
+    "Tasks started at a more urgent level than their topic's because they waited longer than KFLOW_PROMOTE_AFTER_MS, "
+    "by queue, topic level and level they were chosen at.",
+    ["queue", "from_level", "to_level"],
+)
+QUEUE_WAIT = Histogram(
+    "kflow_worker_queue_wait_seconds",
+    "Time from a task's record being written to a worker starting it, by queue, priority level (of its topic) "
+    "and fairness key (the first 100 keys seen by the process; later ones are counted as <other>).",
+    ["queue", "level", "key"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+#: Most distinct fairness keys labelled in ``kflow_worker_queue_wait_seconds``: keys are data (a
+#: customer id), so the label set stays bounded.
+MAX_KEY_LABELS = 100
+OTHER_KEYS = "<other>"
+_key_labels: set[str] = set()
+
 #: Seconds between two refreshes of the worker's consumer lag.
 REFRESH_SECONDS = 5.0
 _last_refresh = [0.0]
@@ -52,6 +74,16 @@ def task_started(task: Any) -> None:
     """Observe the schedule-to-start latency of a task a worker is about to run."""
     if task.scheduled_ms:
         SCHEDULE_TO_START.labels(task.name).observe(max(0.0, time.time() - task.scheduled_ms / 1000))
+
+
+def queue_wait(queue: str, level: int, key: str, seconds: float) -> None:
+    """Observe how long a task waited (broker and read-ahead) before a worker started it."""
+    if key not in _key_labels:
+        if len(_key_labels) >= MAX_KEY_LABELS:
+            key = OTHER_KEYS
+        else:
+            _key_labels.add(key)
+    QUEUE_WAIT.labels(queue, str(level), key).observe(seconds)
 
 
 def dead_lettered(reason: str) -> None:

@@ -9,6 +9,11 @@ queue for a slot. Each result is produced by the activity's own thread; its deli
 finished offsets per partition is committed (by the consumer of its topic), so a crash re-runs
 unfinished tasks and never skips one (at-least-once per attempt).
 
+The fetched tasks waiting for a slot (up to ``read_ahead`` of them) are a
+:class:`kflow._worker.fairness.ReadAhead`: each free slot starts the task it picks by priority
+level (with starvation promotion) and, within a queue and level, by weighted round robin across
+fairness keys. Out-of-order starts are safe because only the finished prefix is committed.
+
 Cancel tasks (``kind="cancel"``, sent by the engine when it no longer wants an attempt) take no
 room: a full worker keeps reading, so a cancel overtakes the tasks queued ahead of it in other
 partitions. A cancel marks the named running attempt cancelled (see :meth:`Executors.cancel`),
@@ -38,25 +43,27 @@ of activities still running for them are produced anyway (the engine de-duplicat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from kflow import _hops, _tracing
 from kflow._worker import metrics
 from kflow._worker.consumers import Callback, QueueConsumers
 from kflow._worker.context import ActivityCancelledError, ActivityContext
 from kflow._worker.execution import Executors, Job
+from kflow._worker.fairness import FairnessSettings, Picked, ReadAhead
 from kflow._worker.offsets import PartitionOffsets
 from kflow._worker.output import (Out, Outbox, Record, attempt_headers, dead_letter_headers, fail_command, result_command,
                                   weak_callback)
-from kflow._worker.priority import Policy, next_level, served
+from kflow._worker.priority import Policy, next_level
 from kflow._worker.registry import Registry
+from kflow.clock import Clock, SystemClock
 from kflow.model.errors import DecodeError
 from kflow.model.messages import NORMAL_PRIORITY, Task
 from kflow.schemas.codec import decode_task
@@ -103,6 +110,9 @@ class Loop:
         should_stop: Callable[[], bool],
         on_assigned: Callable[[], None],
         priority_policy: Policy = "weighted",
+        read_ahead: int | None = None,
+        fairness: FairnessSettings | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.registry = registry
         levels = {topic: level_topics(topic) for topic in topics}
@@ -117,7 +127,11 @@ class Loop:
         self.should_stop = should_stop
         self.on_assigned = on_assigned
         self._running: dict[int, Job] = {}
-        self._queued: deque[Job] = deque()  # fetched, waiting for a slot (at most `concurrency`)
+        #: Tasks read ahead (at most ``read_ahead``, default ``concurrency``), waiting for a slot.
+        self.read_ahead = concurrency if read_ahead is None else read_ahead
+        self._clock = clock or SystemClock()
+        self._queued: ReadAhead[Job] = ReadAhead(
+            dataclasses.replace(fairness or FairnessSettings(), policy=priority_policy), self._clock)
         self._rewound: set[TP] = set()  # partitions sought back during the current batch
         self._offsets: dict[TP, PartitionOffsets] = {}
         self._paused = False
@@ -126,7 +140,6 @@ class Loop:
         #: chooses which level to read and run (until then it works exactly as without levels).
         self._levels_seen = False
         self.priority_policy = priority_policy
-        self._credit: dict[int, int] = {}  # weighted policy: credit per level (see kflow._worker.priority)
         self._lag: dict[int, int] = {}  # tasks known to wait on the broker per level, as of the last choice
         self._starts: dict[TP, int] = {}  # where partitions not read from yet resume (see _waiting)
         self._full_since: float | None = None
@@ -192,33 +205,34 @@ class Loop:
 
     def _room(self) -> int:
         """Tasks to run this worker can still take: free slots plus free queue places."""
-        return 2 * self.concurrency - len(self._running) - len(self._queued)
+        return self.concurrency + self.read_ahead - len(self._running) - len(self._queued)
 
     def _dispatch(self) -> None:
-        """Start queued jobs while slots are free: oldest first, of the level the policy serves next."""
+        """Start read-ahead jobs while slots are free, each the one the read-ahead picks next.
+
+        The level choice is among the levels read ahead; its credit counts every level known to
+        have work, on the broker too, so a level that waits there is owed its turn.
+        """
         while self._queued and len(self._running) < self.concurrency:
-            job = self._next_job() if self._levels_seen else self._queued.popleft()
+            picked = self._queued.pop(self._lag if self._levels_seen else None)
+            metrics.READ_AHEAD.dec()
+            job = picked.item
+            self._started(job, picked)
             self._running[id(job)] = job
             metrics.INFLIGHT.inc()
             metrics.task_started(job.task)
             _tracing.task_received(id(job), job.msg.headers() if job.msg is not None else None)
             self.executors.start(job)
 
-    def _next_job(self) -> Job:
-        """Take the oldest queued job of the level the priority policy serves next.
-
-        The choice is among the levels queued here; the credit counts every level known to have
-        work, on the broker too, so a level that waits there is owed its turn at the next choice.
-        """
-        queued: dict[int, int] = {}
-        for job in self._queued:
-            queued[job.level] = queued.get(job.level, 0) + 1
-        level = next_level(queued, self.priority_policy, self._credit)
-        job = next(j for j in self._queued if j.level == level)
-        self._queued.remove(job)
-        waiting = {lv: queued.get(lv, 0) + self._lag.get(lv, 0) for lv in queued.keys() | self._lag.keys()}
-        self._credit = served(job.level, waiting, self._credit)
-        return job
+    def _started(self, job: Job, picked: Picked[Job]) -> None:
+        """Record the queue wait of a starting job, and its promotion if it was chosen at a more urgent level."""
+        metrics.queue_wait(job.queue, picked.level, picked.unit[1], picked.waited_ms / 1000)
+        if picked.promoted:
+            metrics.PROMOTIONS.labels(job.queue, str(picked.level), str(picked.served_at)).inc()
+            t = job.task
+            log.info("activity %s (%s, attempt %d) of instance %s promoted from level %d to %d after waiting %d ms",
+                     t.name, t.activity_id, t.attempt, t.instance_id, picked.level, picked.served_at,
+                     picked.waited_ms)
 
     def _read_while_full(self) -> None:
         """Read what is fetched without room to run it: cancels are applied, tasks put back.
@@ -284,7 +298,7 @@ class Loop:
         for tp, n in lag.items():
             by_level[self._level_of[tp[0]]] = by_level.get(self._level_of[tp[0]], 0) + n
         self._lag = by_level
-        level = next_level(by_level, self.priority_policy, self._credit)
+        level = next_level(by_level, self.priority_policy, self._queued.credit)
         hold = {tp for tp, n in lag.items() if n > 0 and self._level_of[tp[0]] != level}
         resume = [TopicPartition(t, p) for t, p in self._paused_tps - hold]
         pause = [TopicPartition(t, p) for t, p in hold - self._paused_tps]
@@ -380,15 +394,20 @@ class Loop:
             self._unknown_activity(msg, record, task, queue)
             return
         notify = partial(self.outbox.notify, headers=attempt_headers(task) or None)  # reports return the attempt token
-        self._queued.append(Job(definition, task, queue, record, ActivityContext(task, notify), msg,
-                                received_us=_hops.now_us(), level=level))
+        kind, ts = msg.timestamp()
+        self._queued.push(Job(definition, task, queue, record, ActivityContext(task, notify), msg,
+                              received_us=_hops.now_us(), level=level),
+                          level=level, key=task.fairness_key or "", queue=queue,
+                          arrived_ms=ts if kind != TIMESTAMP_NOT_AVAILABLE and ts > 0 else None)
+        metrics.READ_AHEAD.inc()
 
     def _cancel(self, task: Task) -> None:
         """Apply a cancel task to the attempt it names, if this worker has it (running or queued)."""
         key = (task.instance_id, task.activity_id, task.attempt)
         where = f"activity {task.name} ({task.activity_id}, attempt {task.attempt})"
         running = [j for j in self._running.values() if j.attempt_key == key and not j.ctx.cancelled]
-        queued = [j for j in self._queued if j.attempt_key == key]
+        queued = self._queued.remove(lambda j: j.attempt_key == key)
+        metrics.READ_AHEAD.dec(len(queued))
         if not running and not queued:
             log.debug("cancel of %s ignored: not running here", where)
             return
@@ -398,7 +417,6 @@ class Loop:
             self.executors.cancel(job)
         for job in queued:
             log.info("cancelled %s before it started: the engine no longer wants it", where)
-            self._queued.remove(job)
             job.record.offsets.finish(job.record.offset)  # never started: nothing to report
 
     def _unknown_activity(self, msg: Message, record: Record, task: Task, queue: str) -> None:
@@ -573,7 +591,8 @@ class Loop:
         self._paused_tps -= gone
         for tp in gone:
             self._starts.pop(tp, None)
-        self._queued = deque(j for j in self._queued if j.msg is None or (j.msg.topic(), j.msg.partition()) not in gone)
+        dropped = self._queued.remove(lambda j: j.msg is not None and (j.msg.topic(), j.msg.partition()) in gone)
+        metrics.READ_AHEAD.dec(len(dropped))
 
     # ------------------------------------------------------------------ shutdown
 
@@ -583,6 +602,7 @@ class Loop:
         try:
             self._pause()
             self._draining = True
+            metrics.READ_AHEAD.dec(len(self._queued))
             self._queued.clear()  # never started: re-delivered to the group's next owner
             deadline = time.monotonic() + self.shutdown_timeout
             while self._running and time.monotonic() < deadline:

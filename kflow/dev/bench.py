@@ -5,6 +5,10 @@ fast as the stack goes) and *latency* (instances started at a fixed ``rate`` per
 start-to-result latency when the stack is not saturated). Latency is measured client side, from
 producing ``StartWorkflow`` to reading the terminal record on the ``state`` topic. The engine and
 the worker run as separate processes, so their RSS is reported separately.
+
+``--mix`` (:func:`run_mix`) overloads a deliberately slow worker instead: 20 % critical and 80 %
+background chain3 instances started faster than it can finish them, with p50/p99 per level next
+to the critical latency of an unloaded run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -74,9 +79,18 @@ class Driver:
         self.started: dict[str, float] = {}
         self.latencies: list[float] = []
         self.failed = 0
+        #: The priority level of the instance started with a value (``--mix``); None: normal.
+        self.priority_of: Optional[Callable[[int], Optional[int]]] = None
+        self.level_of: dict[str, int] = {}
+        #: Per level: (latency ms, when it finished) of the instances of the current phase.
+        self.by_level: dict[int, list[tuple[float, float]]] = {}
 
     def start(self, iid: str, value: int) -> None:
-        cmd = Command("StartWorkflow", iid, {"workflow": self.workflow, "version": None, "input": value})
+        data: dict[str, Any] = {"workflow": self.workflow, "version": None, "input": value}
+        level = self.priority_of(value) if self.priority_of is not None else None
+        if level is not None:
+            data["priority"] = self.level_of[iid] = level
+        cmd = Command("StartWorkflow", iid, data)
         self.started[iid] = time.perf_counter()
         headers = None
         if self.stamping:
@@ -96,7 +110,9 @@ class Driver:
                 continue
             rec = decode_state(m.value())
             if rec["status"] in Status.TERMINAL:
-                self.latencies.append((time.perf_counter() - t0) * 1000)
+                now = time.perf_counter()
+                self.latencies.append((now - t0) * 1000)
+                self.by_level.setdefault(self.level_of.pop(iid, 3), []).append(((now - t0) * 1000, now))
                 if self.stamping:
                     self.hops[iid] = (self.sent_us.pop(iid, 0), _hops.find(m.headers()), _hops.now_us())
                 if rec["status"] != Status.COMPLETED or rec["result"] != int(iid.rsplit("-", 1)[1]) + 3:
@@ -106,7 +122,7 @@ class Driver:
         return done
 
     def run(self, phase: str, n: int, concurrency: int, rate: Optional[float], timeout: float) -> PhaseResult:
-        self.latencies, self.failed = [], 0
+        self.latencies, self.failed, self.by_level = [], 0, {}
         tag = uuid.uuid4().hex[:6]
         sent = finished = 0
         t0 = last_progress = time.perf_counter()
@@ -249,6 +265,109 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
             Console().print(_breakdown_table(hop_rows))
         Console().print(f"RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in rss.items())}; "
                         f"engine commands/s ({per_workflow} per workflow): {report['engine_commands_per_s']:,.0f}")
+        print(json.dumps(report))
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(report, f, indent=2)
+        return report
+    finally:
+        stack.stop()
+
+
+#: The workflow of ``kflow bench --mix``: chain3 on the slow activity of the mix worker.
+MIX_WORKFLOW: dict[str, Any] = {"name": "bench.mix", "version": 1, "steps": [
+    {"id": "a", "task": "bench.slow_inc", "queue": "benchmix", "input": "input", "output": "a"},
+    {"id": "b", "task": "bench.slow_inc", "queue": "benchmix", "input": "a", "output": "b"},
+    {"id": "c", "task": "bench.slow_inc", "queue": "benchmix", "input": "b", "output": "c"},
+    {"id": "done", "succeed": "c"}]}
+MIX_ACTIVITIES = "kflow.dev.bench_mix_activities"
+MIX_SLOTS = 2  # the mix worker's concurrency: with 20 ms tasks, 100 tasks/s, about 33 chain3/s
+CRITICAL, BACKGROUND = 1, 5
+
+
+def mix_level(value: int) -> int:
+    """Every fifth instance of the mix is critical, the others background (20 % / 80 %)."""
+    return CRITICAL if value % 5 == 0 else BACKGROUND
+
+
+@dataclass
+class LevelResult:
+    phase: str
+    level: str
+    instances: int
+    p50_ms: float
+    p99_ms: float
+    longest_gap_s: float  # most time between two consecutive completions of the level
+
+
+def _level_results(phase: str, by_level: dict[int, list[tuple[float, float]]]) -> list[LevelResult]:
+    out = []
+    for level, name in ((CRITICAL, "critical"), (BACKGROUND, "background")):
+        rows = by_level.get(level, [])
+        done = sorted(t for _, t in rows)
+        gap = max((b - a for a, b in zip(done, done[1:])), default=0.0)
+        lat = [ms for ms, _ in rows]
+        out.append(LevelResult(phase, name, len(rows), round(_pct(lat, 0.5), 1), round(_pct(lat, 0.99), 1),
+                               round(gap, 2)))
+    return out
+
+
+def run_mix(bootstrap: Optional[str], n: int = 2000, prefix: Optional[str] = None, rate: Optional[float] = None,
+            partitions: int = 4, json_out: Optional[str] = None) -> dict[str, Any]:
+    """``kflow bench --mix``: chain3 overload, 20 % critical and 80 % background, p50/p99 per level.
+
+    A worker with :data:`MIX_SLOTS` slots runs the 20 ms activity of
+    :mod:`kflow.dev.bench_mix_activities`, so its capacity is known: ``capacity`` chain3 per
+    second. First *unloaded*: critical instances only at a third of it; then *mix*: ``n``
+    instances started at ``rate`` (default 1.5 × capacity), every fifth critical. Critical p99
+    should stay near the unloaded one while background absorbs the delay and keeps finishing
+    (its longest gap between two completions is printed).
+    """
+    from kflow.dev.bench_mix_activities import WORK_MS
+    from kflow.dev.procs import worker_process
+
+    console = Console(stderr=True)
+    capacity = MIX_SLOTS * 1000 / WORK_MS / 3
+    rate = rate or round(1.5 * capacity, 1)
+    prefix = prefix or f"benchmix{uuid.uuid4().hex[:6]}."
+    stack = DevStack(bootstrap, prefix, [], partitions=partitions)
+    try:
+        stack.start()
+        assert stack.bootstrap is not None
+        stack._spawn(worker_process(stack.bootstrap, prefix, [MIX_ACTIVITIES], partitions=stack.partitions,
+                                    concurrency=MIX_SLOTS), "worker")
+        stack.wait_for_topics()
+        console.print(f"bench --mix: broker {stack.bootstrap}, topics {prefix}*, worker {MIX_SLOTS} slots × "
+                      f"{WORK_MS} ms tasks (~{capacity:.0f} chain3/s)")
+        cfg = KafkaConfig(bootstrap=stack.bootstrap, topic_prefix=prefix, partitions=stack.partitions, dev_tuning=True)
+        with stack.client() as client:
+            client.deploy(MIX_WORKFLOW)
+            client.start("bench.mix", 0, id=f"warm-{uuid.uuid4().hex[:6]}", priority="critical").result(timeout=120)
+        driver = Driver(cfg, "bench.mix")
+        try:
+            driver.priority_of = mix_level  # both levels' topics are fetched before anything is timed
+            driver.run("warm-up", 10, 10**9, capacity / 3, 120)
+            driver.priority_of = lambda value: CRITICAL
+            quiet_n = max(5, n // 10)
+            console.print(f"unloaded phase: {quiet_n} critical instances at {capacity / 3:.1f}/s")
+            quiet = driver.run("unloaded", quiet_n, 10**9, capacity / 3, 600)
+            levels = _level_results("unloaded", driver.by_level)[:1]
+            stack.check_alive()
+            driver.priority_of = mix_level
+            console.print(f"mix phase: {n} instances at {rate:g}/s (20 % critical, 80 % background)")
+            mixed = driver.run(f"mix@{rate:g}/s", n, 10**9, rate, 3600)
+            levels += _level_results(mixed.phase, driver.by_level)
+        finally:
+            driver.close()
+        report = {"bench": "chain3-mix", "capacity_per_s": round(capacity, 1), "rate": rate,
+                  "phases": [asdict(quiet), asdict(mixed)], "levels": [asdict(r) for r in levels]}
+        table = Table(title=f"kflow bench --mix · chain3 at {rate:g}/s on a worker for ~{capacity:.0f}/s")
+        for col in ("phase", "level", "instances", "p50 ms", "p99 ms", "longest gap s"):
+            table.add_column(col, justify="right")
+        for r in levels:
+            table.add_row(r.phase, r.level, str(r.instances), f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
+                          f"{r.longest_gap_s:.2f}")
+        Console().print(table)
         print(json.dumps(report))
         if json_out:
             with open(json_out, "w") as f:
