@@ -6,10 +6,20 @@ was dead-lettered and where it came from (``kflow.reason``, ``kflow.original.top
 own headers. Every writer (the engine, workers, trigger bridges) builds its records with
 :func:`dlq_record`. Replaying re-sends the original key, value and non-kflow headers to the
 original topic, so the engine (or worker) sees exactly the message it refused before.
+
+Replaying is an operator's act on every tenant's records: with ``KFLOW_AUTH=on`` (or a
+``KFLOW_TOKEN`` set) the operator's principal must be allowed ``dlq_replay`` (``system:Admin``:
+role ``system_admin``, or ``system:Admin`` granted in tenant ``default``), checked before anything
+is sent, and every record replayed to the ``commands`` topic is signed again as that principal
+(a dead letter does not keep its original token, which an engine would refuse as used anyway).
+The engine then checks the new signature and the operator's permission for the command itself.
+Each replay, and each refused one, writes an audit record (action ``dlq_replay``).
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
@@ -18,6 +28,9 @@ from confluent_kafka import Message, Producer
 
 from kflow.config import KafkaConfig
 from kflow.model.errors import KflowError
+from kflow.security.audit import AuditOutcome, AuditRecord, encode_audit
+from kflow.security.policy import Policy, Resource, Verdict, evaluate
+from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
 from kflow.streams.readend import EndReader
 
 DLQ_HEADERS = ("kflow.reason", "kflow.original.topic", "kflow.original.partition", "kflow.original.offset",
@@ -110,19 +123,85 @@ def read_dlq(config: KafkaConfig, limit: int = 1000, timeout: float = 15.0) -> l
     return sorted(out, key=lambda r: (r.time_ms, r.partition, r.offset))[:limit]
 
 
-def replay(config: KafkaConfig, records: Iterable[DlqRecord]) -> int:
-    """Re-send each record's original key, value and headers to its original topic; returns the count."""
+#: The policy action replaying dead letters is, and what it acts on: the DLQ holds every tenant's records.
+REPLAY_ACTION = "dlq_replay"
+REPLAY_RESOURCE = Resource("system", "dlq", DEFAULT_TENANT)
+_REPLAY_NEEDS = "role system_admin, or system:Admin granted in tenant 'default'"
+
+
+def replay_verdict(config: KafkaConfig, who: Principal, timeout: float = 10.0) -> Verdict:
+    """Whether ``who`` may replay dead letters: by its token's roles, else by the policy in force.
+
+    The ``policies`` topic is read (to its end, verifying its records with ``config``'s keys as
+    an engine does) only when the token does not carry role ``system_admin`` itself.
+    """
+    policy = Policy()
+    if SYSTEM_ADMIN not in who.roles:
+        # the streams runtime only when the policy is needed
+        from kflow.streams.policies import PolicyTable
+
+        table = PolicyTable(config.consumer_conf("kflow-policies"), config.names.policies, config.keys())
+        try:
+            table.catch_up(timeout)
+            policy = table.policy
+        finally:
+            table.close()
+    return evaluate(policy, who, REPLAY_ACTION, REPLAY_RESOURCE)
+
+
+def replay(config: KafkaConfig, records: Iterable[DlqRecord], *, source: str = "") -> int:
+    """Re-send each record's original key, value and headers to its original topic; returns the count.
+
+    With a signer (``KFLOW_TOKEN``; required with auth on) its principal must be allowed
+    ``dlq_replay`` before anything is sent, and records for the ``commands`` topic are signed as
+    it; see the module docstring.
+
+    Args:
+        config: Connection, topic prefix and the operator's token and keys.
+        records: The dead letters to replay.
+        source: Where the replay was asked from, for the audit record (``cli:<host>``).
+
+    Raises:
+        AuthError: ``Unauthenticated`` (the token does not verify) or ``Forbidden`` (not system:Admin);
+            nothing was sent.
+        KeyConfigError: auth is on without a token, or the keys cannot sign.
+        KflowError: a record has no original topic, or a delivery failed.
+    """
+    chosen = list(records)
+    signer = config.command_signer()
+    who = signer.principal() if signer is not None else None
     p = Producer(config.producer_conf())
+    if who is not None:
+        verdict = replay_verdict(config, who)
+        if not verdict.allowed:
+            _audit(p, config, who, "denied", {"reason": verdict.reason, "records": len(chosen)}, source)
+            p.flush(30)
+            raise AuthError("Forbidden", f"replaying dead letters needs {_REPLAY_NEEDS}: {verdict.reason}")
     failures: list[str] = []
     n = 0
-    for r in records:
+    for r in chosen:
         if not r.original_topic:
             failures.append(f"{r.ref}: no original topic header")
             continue
-        p.produce(r.original_topic, r.value, r.key, headers=r.headers or None,
+        headers = list(r.headers)
+        if signer is not None and r.original_topic == config.names.commands:
+            headers.append(signer.header(r.key, r.value))  # bound to exactly this key and value
+        p.produce(r.original_topic, r.value, r.key, headers=headers or None,
                   on_delivery=lambda err, _m, ref=r.ref: failures.append(f"{ref}: {err}") if err else None)
         n += 1
     p.flush(30)
     if failures:
         raise KflowError("replay failed for " + "; ".join(failures))
+    if who is not None:  # recorded once every replayed record is acknowledged
+        _audit(p, config, who, "success", {"records": n, "refs": ", ".join(r.ref for r in chosen[:100])}, source)
+        p.flush(30)
     return n
+
+
+def _audit(producer: Producer, config: KafkaConfig, who: Principal, outcome: AuditOutcome,
+           details: dict[str, object], source: str) -> None:
+    record = AuditRecord(id=f"dlq:{uuid.uuid4().hex}", time=int(time.time() * 1000), principal=who.name,
+                         tenant=who.tenant, action=REPLAY_ACTION, resource_type=REPLAY_RESOURCE.type,
+                         resource_id=REPLAY_RESOURCE.id, outcome=outcome, details=details,  # type: ignore[arg-type]
+                         source=source)
+    producer.produce(config.names.audit, encode_audit(record), b"dlq")

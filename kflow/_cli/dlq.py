@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from typing import Annotated, Optional
 
 import typer
@@ -10,9 +11,10 @@ from rich.console import Console
 from rich.padding import Padding
 from rich.text import Text
 
-from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, setup_logging
+from kflow._cli.common import Bootstrap, Prefix, Verbose, describe, dump_json, fail, setup_logging
 from kflow.config import KafkaConfig
 from kflow.dlq import DlqRecord, read_dlq, replay
+from kflow.model.errors import KflowError
 
 app = typer.Typer(help="Inspect and replay the dead-letter topic.", no_args_is_help=True)
 
@@ -83,6 +85,10 @@ def replay_(ref: Annotated[Optional[list[str]], typer.Option("--ref", help="part
     Select with --ref (from `kflow dlq list`), --reason or --all. The original key, value and
     headers are sent unchanged; the dlq record stays where it is.
 
+    With KFLOW_AUTH=on, KFLOW_TOKEN must name a principal with system:Admin (role system_admin,
+    or system:Admin granted in tenant default): commands are re-signed as it, and the replay is
+    written to the audit trail.
+
     Example: kflow dlq replay --reason "unknown workflow 'order'"
     """
     setup_logging(verbose)
@@ -96,7 +102,10 @@ def replay_(ref: Annotated[Optional[list[str]], typer.Option("--ref", help="part
     missing = sorted(set(ref or []) - {r.ref for r in records})
     if missing:
         fail(f"no dlq record at {', '.join(missing)}")
-    n = replay(_config(bootstrap, prefix), chosen)
+    try:
+        n = replay(_config(bootstrap, prefix), chosen, source=f"cli:{socket.gethostname()}")
+    except KflowError as exc:
+        fail(describe(exc))
     typer.echo(f"replayed {n} message(s)")
 
 

@@ -16,6 +16,12 @@ refreshes metadata every :data:`METADATA_REFRESH_MS`. A message no
 trigger's ``when`` accepts, or one that fails (undecodable, an expression error, a missing field),
 goes to the ``dlq`` topic with ``kflow.reason``/``kflow.original.*`` headers and is counted in
 ``kflow_trigger_messages_total{trigger, outcome}``.
+
+With a principal token (``KFLOW_TOKEN``, required when ``KFLOW_AUTH=on``) every command carries a
+``kflow.auth`` header signed as that principal by the client's signer
+(:meth:`kflow.config.KafkaConfig.command_signer`): the runner is a principal of its own, which the
+policy grants what its triggers do (``definition:Execute`` to start, ``instance:Execute`` to
+signal) and which the audit trail names. The token is checked when the runner starts.
 """
 
 from __future__ import annotations
@@ -336,6 +342,8 @@ class TriggerRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._producer: Optional[Producer] = None
+        # signs every command as KFLOW_TOKEN's principal; auth on without a token fails here, before any consumer
+        self._signer = config.command_signer()
         self._kafka_ready = threading.Event()
         self._mqtt_ready: dict[tuple[str, int], threading.Event] = {b: threading.Event() for b in self.mqtt_triggers}
         self.error: Optional[BaseException] = None
@@ -345,7 +353,14 @@ class TriggerRunner:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the topics and producer, then consume every source in daemon threads."""
+        """Create the topics and producer, then consume every source in daemon threads.
+
+        Raises:
+            AuthError: the principal token (``KFLOW_TOKEN``) does not verify or has expired.
+        """
+        if self._signer is not None:
+            who = self._signer.principal()
+            log.info("triggers sign their commands as %s of tenant %s", who.name, who.tenant)
         ensure_topics(self.config.client_conf(), self.names, self.config.topic_settings)
         self._producer = Producer(self.config.producer_conf(acks="all"))
         if self.kafka_triggers:
@@ -444,7 +459,10 @@ class TriggerRunner:
             if cmd is None:
                 continue
             handled = True
-            self._produce(batch, self.names.commands, cmd.instance_id.encode(), value, None)
+            key = cmd.instance_id.encode()
+            # the token binds exactly this key and value; a delivery retried later keeps it (same record)
+            auth = [self._signer.header(key, value)] if self._signer is not None else None
+            self._produce(batch, self.names.commands, key, value, auth)
             TRIGGER_MESSAGES.labels(t.name, "started" if t.action == "start" else "signalled").inc()
             log.debug("trigger %s: %s %s (command %s)", t.name, cmd.type, cmd.instance_id, cmd.command_id)
         if not handled:

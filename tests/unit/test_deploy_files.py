@@ -195,3 +195,97 @@ def test_readme_metrics_table_is_generated_and_complete():
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*.y*ml")))
 def test_every_yaml_file_parses(path):
     assert list(yaml.safe_load_all((DEPLOY / path).read_text()))
+
+
+# --------------------------------------------------------------------------- the outer wall and the keys
+
+
+def _acls() -> list[dict[str, object]]:
+    """The ACLs deploy/kafka-acls.sh adds, as the script itself prints them with DRY_RUN=1."""
+    result = subprocess.run(["bash", str(DEPLOY / "kafka-acls.sh")], capture_output=True, text=True, timeout=60,
+                            env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin", "PREFIX": "kflow.",
+                                 "TRIGGER_SOURCES": "orders-in"})
+    assert result.returncode == 0, result.stderr
+    acls = []
+    for line in result.stdout.splitlines():
+        words = line.split()
+        opts: dict[str, list[str]] = {}
+        for i, w in enumerate(words):
+            if w.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--"):
+                opts.setdefault(w[2:], []).append(words[i + 1])
+            elif w.startswith("--"):
+                opts.setdefault(w[2:], [])
+        acls.append({"user": opts["allow-principal"][0].removeprefix("User:"), "ops": set(opts["operation"]),
+                     "topic": (opts.get("topic") or [None])[0], "group": (opts.get("group") or [None])[0],
+                     "txn": (opts.get("transactional-id") or [None])[0],
+                     "prefixed": opts.get("resource-pattern-type") == ["prefixed"]})
+    return acls
+
+
+def _allowed(acls: list[dict[str, object]], user: str, op: str, topic: str) -> bool:
+    return any(a["user"] == user and op in a["ops"] and a["topic"] is not None  # type: ignore[operator]
+               and (a["topic"] == topic or (a["prefixed"] and topic.startswith(str(a["topic"])))) for a in acls)
+
+
+def test_kafka_acls_name_every_topic_and_give_each_principal_what_it_uses():
+    from kflow.streams.topics import TopicNames, TopicSettings, topic_specs
+
+    acls = _acls()
+    names = TopicNames("kflow.")
+    # every topic kflow creates (a queue's task topics included) is named by a read or write grant
+    # of its own, not only by the prefix everyone may describe
+    topics = [s.name for s in topic_specs(names, TopicSettings(), queues=["orders"])] + ["kflow.subscriptions"]
+    named = [a for a in acls if a["topic"] not in (None, "kflow.") and {"Read", "Write"} & a["ops"]]  # type: ignore[operator]
+    for topic in topics:
+        assert any(_allowed([a], str(a["user"]), op, topic) for a in named for op in ("Read", "Write")), (
+            f"no principal is granted {topic} by name")
+    for user in ("kflow-worker", "kflow-connector", "kflow-trigger", "kflow-client", "kflow-visibility",
+                 "kflow-operator"):
+        assert _allowed(acls, user, "Write", names.commands), user
+    assert _allowed(acls, "kflow-engine", "Read", names.commands)
+    for topic in ("kflow.events", "kflow.state", "kflow.journal", "kflow.audit", "kflow.tasks.orders.p1"):
+        assert _allowed(acls, "kflow-engine", "Write", topic), topic
+    assert _allowed(acls, "kflow-worker", "Read", "kflow.tasks.orders")
+    assert _allowed(acls, "kflow-trigger", "Read", "orders-in")
+    # only the engine writes state and events; only the operator writes the policy
+    assert {a["user"] for a in acls if a["topic"] in (names.state, names.events) and "Write" in a["ops"]} == {
+        "kflow-engine"}
+    assert {a["user"] for a in acls if a["topic"] == names.policies and "Write" in a["ops"]} == {"kflow-operator"}
+    assert any(a["user"] == "kflow-engine" and a["txn"] == "kflow.engine-" and a["prefixed"] and "Write" in a["ops"]
+               for a in acls)  # type: ignore[operator]
+    assert any(a["user"] == "kflow-operator" and a["txn"] == "kflow.policy-apply" for a in acls)
+
+
+def _containers() -> dict[str, dict]:
+    docs = [d for p in _manifests() for d in yaml.safe_load_all(p.read_text()) if d]
+    return {c["name"]: c for d in docs if d["kind"] in ("StatefulSet", "Deployment")
+            for c in d["spec"]["template"]["spec"]["containers"]}
+
+
+def _from_secret(container: dict, variable: str) -> str | None:
+    """The Secret ``variable`` is read from in ``container``, or None."""
+    for e in container.get("env", []):
+        if e["name"] == variable:
+            return e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+    return None
+
+
+def test_kubernetes_turns_auth_on_and_reads_the_keys_from_secrets():
+    docs = [d for p in _manifests() for d in yaml.safe_load_all(p.read_text()) if d]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kflow-config")
+    assert config["data"]["KFLOW_AUTH"] == "on"
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    containers = _containers()
+    for name in ("engine", "console", "triggers"):
+        assert _from_secret(containers[name], "KFLOW_JWT_SECRET") == "kflow-auth", name
+    assert "KFLOW_JWT_SECRET" in secrets["kflow-auth"]["stringData"]
+    assert _from_secret(containers["triggers"], "KFLOW_TOKEN") == "kflow-trigger"  # its own principal
+    assert "KFLOW_TOKEN" in secrets["kflow-trigger"]["stringData"]
+    # a key or token never appears in plain configuration
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            assert not {"KFLOW_JWT_SECRET", "KFLOW_TOKEN", "KFLOW_SIGNING_KEY"} & set(d["data"]), d["metadata"]["name"]
+    for name, c in containers.items():
+        for e in c.get("env", []):
+            if e["name"] in ("KFLOW_JWT_SECRET", "KFLOW_TOKEN", "KFLOW_SIGNING_KEY"):
+                assert "value" not in e and _from_secret(c, e["name"]), f"{name} sets {e['name']} in plain text"
