@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kflow.aio import AsyncClient
+    from kflow._migration import migration
     from kflow._workflow import WorkflowContext, WorkflowSandboxError, query_state, workflow
     from kflow.client import Client, WorkflowHandle
     from kflow.engine.code_replayer import NondeterminismError
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
         QueryFailedError,
         StartRejectedError,
         TopicConfigMismatch,
+        UpdateFailedError,
+        UpdateRejectedError,
         WorkflowCancelledError,
         WorkflowError,
         WorkflowFailedError,
@@ -60,6 +63,8 @@ __all__ = [
     "QueryFailedError",
     "StartRejectedError",
     "TopicConfigMismatch",
+    "UpdateFailedError",
+    "UpdateRejectedError",
     "Worker",
     "WorkflowCancelledError",
     "WorkflowContext",
@@ -70,6 +75,7 @@ __all__ = [
     "WorkflowSandboxError",
     "activity",
     "heartbeat",
+    "migration",
     "query_state",
     "workflow",
 ]
@@ -77,6 +83,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
+    "migration": "kflow._migration",
     "AsyncClient": "kflow.aio",
     "Client": "kflow.client",
     "WorkflowHandle": "kflow.client",
@@ -96,6 +103,8 @@ _HOME = {
     "QueryFailedError": "kflow.model.errors",
     "StartRejectedError": "kflow.model.errors",
     "TopicConfigMismatch": "kflow.model.errors",
+    "UpdateFailedError": "kflow.model.errors",
+    "UpdateRejectedError": "kflow.model.errors",
     "WorkflowError": "kflow.model.errors",
     "WorkflowFailedError": "kflow.model.errors",
     "WorkflowNotDeployed": "kflow.model.errors",

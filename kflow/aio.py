@@ -66,6 +66,10 @@ class AsyncWorkflowHandle(Generic[T]):
     async def signal(self, name: str, data: Any = None) -> None:
         await self._client.signal(self.id, name, data)
 
+    async def update(self, name: str, data: Any = None, *, update_id: str | None = None,
+                     timeout: float = 30.0) -> JSONValue:
+        return await self._client.update(self.id, name, data, update_id=update_id, timeout=timeout)
+
     async def cancel(self, reason: str = "") -> None:
         await self._client.cancel(self.id, reason)
 
@@ -112,8 +116,21 @@ class AsyncClient:
     async def terminate(self, id: str, reason: str = "") -> None:
         await asyncio.to_thread(self.sync.terminate, id, reason)
 
+    async def set_priority(self, id: str, level: str | int, reason: str = "") -> None:
+        """Change the priority level of an open instance; see :meth:`kflow.Client.set_priority`."""
+        await asyncio.to_thread(self.sync.set_priority, id, level, reason)
+
+    async def resolve_incident(self, id: str, incident_id: str, action: str, **kw: Any) -> None:
+        """Resolve an open incident; the arguments of :meth:`Client.resolve_incident <kflow.client.Client.resolve_incident>`."""
+        await asyncio.to_thread(lambda: self.sync.resolve_incident(id, incident_id, action, **kw))
+
     async def query(self, id: str, name: str, *args: Any, timeout: float = 10.0) -> JSONValue:
         return await asyncio.to_thread(lambda: self.sync.query(id, name, *args, timeout=timeout))
+
+    async def update(self, id: str, name: str, data: Any = None, *, update_id: str | None = None,
+                     timeout: float = 30.0) -> JSONValue:
+        """Send an update and await its answer; see :meth:`kflow.Client.update`."""
+        return await asyncio.to_thread(lambda: self.sync.update(id, name, data, update_id=update_id, timeout=timeout))
 
     async def status(self, id: str, *, timeout: float = 10.0, scan: bool = False) -> dict[str, Any] | None:
         return await asyncio.to_thread(lambda: self.sync.status(id, timeout=timeout, scan=scan))
@@ -128,3 +145,29 @@ class AsyncClient:
     async def wait_many(self, ids: Iterable[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
         """Terminal state records of the ids that finished within ``timeout`` (failures returned, not raised)."""
         return await self.sync._wait_async(list(dict.fromkeys(ids)), timeout)
+
+    # -- schedules (see Client.create_schedule and docs/schedules.md) ----------------------------
+    async def create_schedule(self, id: str, workflow: str, **kw: Any) -> Any:
+        """Create schedule ``id`` of ``workflow``; the keywords are :meth:`Client.create_schedule`'s."""
+        return await asyncio.to_thread(lambda: self.sync.create_schedule(id, workflow, **kw))
+
+    async def schedules(self) -> dict[str, dict[str, Any]]:
+        return await asyncio.to_thread(self.sync.schedules)
+
+    async def describe_schedule(self, id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.sync.describe_schedule, id)
+
+    async def pause_schedule(self, id: str, note: str = "") -> None:
+        await asyncio.to_thread(self.sync.pause_schedule, id, note)
+
+    async def unpause_schedule(self, id: str, note: str = "") -> None:
+        await asyncio.to_thread(self.sync.unpause_schedule, id, note)
+
+    async def trigger_schedule(self, id: str, overlap: str | None = None) -> None:
+        await asyncio.to_thread(self.sync.trigger_schedule, id, overlap)
+
+    async def backfill_schedule(self, id: str, start: Any, end: Any) -> None:
+        await asyncio.to_thread(self.sync.backfill_schedule, id, start, end)
+
+    async def delete_schedule(self, id: str, reason: str = "") -> None:
+        await asyncio.to_thread(self.sync.delete_schedule, id, reason)

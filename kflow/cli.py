@@ -10,8 +10,11 @@ from typing import Any
 
 from typer import Typer
 
-from kflow._cli import (connect, devices, doctor, dlq, processes, replay, security, subscriptions, topics, triggers,
-                        visibility, workflows)
+from kflow._cli import schedules
+from kflow._cli import batch, migrate
+from kflow._cli import limits
+from kflow._cli import (connect, devices, doctor, dlq, incidents, processes, replay, security, subscriptions, topics,
+                        triggers, visibility, workflows)
 from kflow._cli.common import KflowGroup, Verbose, current_folder_on_path, setup_logging
 
 __all__ = ["app", "main"]
@@ -42,18 +45,21 @@ def _root(verbose: Verbose = False) -> None:
 #: Commands in the order ``kflow --help`` shows them, grouped by what they act on.
 _PANELS: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (
     ("Instances", (("start", workflows.start), ("signal", workflows.signal), ("query", replay.query),
+                   ("update", workflows.update),
                    ("cancel", workflows.cancel), ("terminate", workflows.terminate), ("suspend", workflows.suspend),
-                   ("resume", workflows.resume), ("retry", workflows.retry), ("status", workflows.status),
+                   ("resume", workflows.resume), ("priority", limits.priority), ("retry", workflows.retry),
+                   ("status", workflows.status),
                    ("result", workflows.result), ("history", visibility.history), ("list", visibility.list_instances),
-                   ("watch", visibility.watch))),
-    ("Definitions", (("deploy", workflows.deploy), ("replay", replay.replay))),
+                   ("watch", visibility.watch), ("incidents", incidents.list_incidents), ("migrate", migrate.migrate))),
+    ("Definitions", (("deploy", workflows.deploy), ("replay", replay.replay), ("graph", incidents.graph))),
     ("Processes", (("engine", processes.engine), ("worker", processes.worker), ("connect", connect.connect),
                    ("visibility", visibility.visibility), ("dev", processes.dev))),
-    ("Operations", (("doctor", doctor.doctor), ("bench", processes.bench))),
+    ("Operations", (("doctor", doctor.doctor), ("bench", processes.bench), ("queues", limits.queues))),
 )
 for _panel, _commands in _PANELS:
     for _name, _fn in _commands:
         app.command(_name, rich_help_panel=_panel, cls=processes.DevCommand if _fn is processes.dev else None)(_fn)
+app.add_typer(incidents.app, name="incident", rich_help_panel="Instances")
 app.add_typer(topics.app, name="topics", rich_help_panel="Operations")
 app.add_typer(dlq.app, name="dlq", rich_help_panel="Operations")
 app.add_typer(security.token_app, name="token", rich_help_panel="Security")
@@ -62,6 +68,9 @@ app.add_typer(security.audit_app, name="audit", rich_help_panel="Security")
 app.add_typer(devices.app, name="devices", rich_help_panel="Processes")
 app.add_typer(triggers.app, name="triggers", rich_help_panel="Processes")
 app.add_typer(subscriptions.app, name="subscriptions", rich_help_panel="Processes")
+app.add_typer(schedules.app, name="schedule", rich_help_panel="Definitions")
+app.add_typer(batch.app, name="batch", rich_help_panel="Instances")
+app.add_typer(limits.app, name="limits", rich_help_panel="Operations")
 
 def main() -> None:
     """Console-script entry point (``kflow``); user modules import from the current folder, as with ``python -m``."""

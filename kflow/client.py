@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -41,14 +42,19 @@ from kflow.config import KafkaConfig
 from kflow.converter import from_json, return_type, to_json
 from kflow.engine import compile_spec
 from kflow.engine.definitions import definition_fingerprint
+from kflow.engine.schedules import OVERLAP_POLICIES, ScheduleSpec
+from kflow.engine.schedules import key_of as schedule_key
 from kflow.model.errors import (ActivityError, BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
-                                QueryFailedError, StartRejectedError, WorkflowFailedError, WorkflowNotDeployed)
-from kflow.model.messages import DEFS_OFFSET_HEADER, Command, Definition, Event, JSONValue, Status, priority_level
+                                QueryFailedError, StartRejectedError, UpdateFailedError, UpdateRejectedError,
+                                WorkflowFailedError, WorkflowNotDeployed)
+from kflow.model.messages import (DEFS_OFFSET_HEADER, INCIDENT_ACTIONS, Command, Definition, Event, JSONValue, Status,
+                                  priority_level)
 from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
 from kflow.security.tokens import CommandSigner
 from kflow.streams.definitions import DefinitionsLog
 from kflow.streams.partitioner import partition_for
 from kflow.streams.readend import EndReader, at_end, watermarks
+from kflow.streams.schedules import backfill_command, read_schedules, with_next_runs
 
 __all__ = ["ID_REUSE_POLICIES", "Client", "Deployed", "StateWatcher", "WorkflowHandle", "load_spec"]
 
@@ -530,6 +536,11 @@ class WorkflowHandle(Generic[T]):
         """Send the instance a signal; see :meth:`Client.signal`."""
         self._client.signal(self.id, name, data)
 
+    def update(self, name: str, data: JSONValue = None, *, update_id: str | None = None,
+               timeout: float = 30.0) -> JSONValue:
+        """Send the instance an update and return its answer; see :meth:`Client.update`."""
+        return self._client.update(self.id, name, data, update_id=update_id, timeout=timeout)
+
     def cancel(self, reason: str = "") -> None:
         """Ask the engine to cancel the instance; see :meth:`Client.cancel`."""
         self._client.cancel(self.id, reason)
@@ -546,10 +557,20 @@ class WorkflowHandle(Generic[T]):
         """Resume the suspended instance; see :meth:`Client.resume`."""
         self._client.resume(self.id, reason)
 
+    def set_priority(self, level: str | int, reason: str = "") -> None:
+        """Change the instance's priority level; see :meth:`Client.set_priority`."""
+        self._client.set_priority(self.id, level, reason)
+
     def retry(self, from_step: str | None = None, input_patch: dict[str, Any] | None = None, *,
               force: bool = False, reason: str = "", by: str = "") -> None:
         """Re-open the failed instance at a step; see :meth:`Client.retry`."""
         self._client.retry(self.id, from_step, input_patch, force=force, reason=reason, by=by)
+
+    def resolve_incident(self, incident_id: str, action: str, *, output: Any = None,
+                         input_patch: dict[str, Any] | None = None, reason: str = "", by: str = "") -> None:
+        """Resolve an open incident of the instance; see :meth:`Client.resolve_incident`."""
+        self._client.resolve_incident(self.id, incident_id, action, output=output, input_patch=input_patch,
+                                      reason=reason, by=by)
 
     def __repr__(self) -> str:
         return f"WorkflowHandle({self.id!r})"
@@ -740,6 +761,15 @@ class Client:
         cmd.ts = cmd.ts or int(time.time() * 1000)
         self._produce(self.names.commands, cmd.instance_id, encode_command(cmd), confirm=confirm)
 
+    def send_command(self, cmd: Command, *, confirm: bool = True) -> None:
+        """Produce ``cmd`` as it is, keeping its ``command_id`` (a random one when empty).
+
+        For tools that must re-send a command after a crash under the same id, so the engine
+        tells the redelivery apart (batch operations); ``confirm=False`` returns before delivery
+        (see :meth:`flush`).
+        """
+        self._command(cmd, confirm=confirm)
+
     # -- the API ---------------------------------------------------------------------------
 
     def _definitions_view(self, *, refresh: bool) -> DefinitionsLog:
@@ -776,6 +806,20 @@ class Client:
                 return None
             version = versions[-1]
         return view.get(name, version)
+
+    def resolve_version(self, workflow: str, wanted: int | str | None) -> int:
+        """The deployed version of ``workflow`` a start of ``wanted`` runs (exact, a range, or None: latest).
+
+        Raises:
+            VersionRangeError: ``wanted`` is malformed, or no deployed version matches it (the
+                message lists the deployed ones).
+        """
+        from kflow.engine.migration import VersionRangeError, resolve_version
+
+        try:
+            return resolve_version(workflow, wanted, self._definitions_view(refresh=False).versions(workflow))
+        except VersionRangeError:  # a deploy this process has not read yet may match
+            return resolve_version(workflow, wanted, self._definitions_view(refresh=True).versions(workflow))
 
     def deploy(self, spec: Mapping[str, Any] | str | Path) -> Deployed:
         """Validate a spec workflow locally and publish it to the ``definitions`` topic.
@@ -836,7 +880,7 @@ class Client:
         input: Any = None,
         *,
         id: str | None = None,
-        version: int | None = None,
+        version: int | str | None = None,
         id_reuse: str | None = None,
         confirm: bool = True,
         require_deployed: bool = True,
@@ -850,7 +894,9 @@ class Client:
             input: The workflow input: any JSON value, or a dataclass, pydantic model ... (converted
                 to JSON, see :mod:`kflow.converter`).
             id: The instance id; a random one (uuid4 hex) when omitted.
-            version: The definition version; the latest deployed one when omitted.
+            version: The definition version: exact (``3``, ``"1.4.0"``), a range (``"^1.2"``,
+                ``"~1.4"``, ``">=1.2,<2"``: the newest deployed match, resolved here before anything is
+                sent), or the latest deployed one when omitted.
             id_reuse: What the engine does if the id exists: ``reject_duplicate`` (default),
                 ``allow_if_closed`` or ``return_existing``.
             confirm: Wait for the broker to confirm the command (default). With False the
@@ -870,9 +916,12 @@ class Client:
         Raises:
             WorkflowNotDeployed: the workflow or version is not deployed (unless ``require_deployed=False``).
             ValueError: ``priority`` is not one of the five levels.
+            VersionRangeError: ``version`` is malformed, or no deployed version matches it.
         """
         level = priority_level(priority)
         workflow, result_type = _workflow_name(workflow)
+        if isinstance(version, str):
+            version = self.resolve_version(workflow, version)
         input = to_json(input, f"the input of workflow '{workflow}'")
         if id_reuse is not None and id_reuse not in ID_REUSE_POLICIES:
             raise ValueError(f"id_reuse must be one of {', '.join(sorted(ID_REUSE_POLICIES))}, not {id_reuse!r}")
@@ -926,6 +975,31 @@ class Client:
         """Resume suspended instance ``id`` (``ResumeWorkflow``): what it held is applied in arrival order."""
         self._command(Command("ResumeWorkflow", id, {"reason": reason}))
 
+    def set_priority(self, id: str, level: str | int, reason: str = "") -> None:
+        """Change the priority level of open instance ``id`` (``SetPriority`` -> ``PriorityChanged``).
+
+        Work not dispatched yet moves to the new level: a start or an activity waiting for a
+        quota's permit is re-queued at it, and retries and later steps are dispatched at it.
+        Tasks already on a task topic stay where they are.
+
+        Raises:
+            ValueError: ``level`` is not one of the five levels (nothing is sent).
+        """
+        number = priority_level(level)
+        if number is None:
+            raise ValueError("expected a priority level, but got None")
+        self._command(Command("SetPriority", id, {"priority": number, "reason": reason}))
+
+    def apply_limits(self, doc: Any, source: str = "limits") -> list[Any]:
+        """Validate a limits document and make it the set in force on every engine; returns the limits.
+
+        Raises:
+            LimitSpecError: the document does not validate (nothing is applied).
+        """
+        from kflow.streams.limits import publish_limits
+
+        return publish_limits(self.config, doc, source)[1]
+
     def retry(self, id: str, from_step: str | None = None, input_patch: dict[str, Any] | None = None, *,
               force: bool = False, reason: str = "", by: str = "") -> None:
         """Re-open FAILED spec instance ``id`` at a top-level step (``RetryWorkflow``).
@@ -939,6 +1013,118 @@ class Client:
         self._command(Command("RetryWorkflow", id, {
             "from_step": from_step, "input_patch": to_json(input_patch, "retry input_patch"), "force": force,
             "reason": reason, "by": by}))
+
+    def resolve_incident(self, id: str, incident_id: str, action: str, *, output: Any = None,
+                         input_patch: dict[str, Any] | None = None, reason: str = "", by: str = "") -> None:
+        """Resolve open incident ``incident_id`` of instance ``id`` (``ResolveIncident``).
+
+        ``action`` is ``retry`` (run the step again with a fresh retry policy, its input updated
+        with ``input_patch``), ``skip`` (``output`` becomes the step's output and the workflow goes
+        on) or ``fail`` (fail the workflow with the step's error). ``reason`` and ``by`` are recorded
+        in ``IncidentResolved``. With auth on, the sender needs the role the step names (or
+        ``system_admin``). The engine rejects (``CommandRejected``) a resolve of an incident that is
+        not open, and applies nothing.
+
+        Raises:
+            ValueError: an unknown action, or ``output``/``input_patch`` with an action that takes none.
+        """
+        if action not in INCIDENT_ACTIONS:
+            raise ValueError(f"expected action {', '.join(INCIDENT_ACTIONS)}, but got {action!r}")
+        if input_patch is not None and (action != "retry" or not isinstance(input_patch, dict)):
+            raise ValueError("input_patch is a JSON object, and only for action 'retry'")
+        if output is not None and action != "skip":
+            raise ValueError("output is only for action 'skip'")
+        self._command(Command("ResolveIncident", id, {
+            "incident_id": incident_id, "action": action, "output": to_json(output, "incident output"),
+            "input_patch": to_json(input_patch, "incident input_patch"), "by": by, "reason": reason}))
+
+    # -- schedules -------------------------------------------------------------------------
+
+    def create_schedule(self, id: str, workflow: str, *, cron: str | None = None,
+                        every: str | float | timedelta | None = None, input: Any = None, version: int | None = None,
+                        timezone: str = "UTC", jitter: str | float | timedelta | None = None,
+                        start: str | datetime | None = None, end: str | datetime | None = None,
+                        overlap: str = "skip", catchup_window: str | float | timedelta | None = None,
+                        replace: bool = False) -> ScheduleSpec:
+        """Create schedule ``id``: start ``workflow`` on a cron expression or every interval.
+
+        The declaration is checked here (one :class:`ScheduleSpecError` listing every problem, and
+        nothing is sent) and then sent to the engine that owns the key ``schedule:<id>``, which
+        fires it. Each run's id is ``<id>:<scheduled time, UTC ISO 8601>``. See ``docs/schedules.md``.
+
+        Args:
+            id: The schedule's name (letters, digits, ``.``, ``_``, ``-``).
+            workflow: The workflow each run starts; ``version`` pins one (default: the latest).
+            cron: A 5-field cron expression or ``@daily``-style alias, read in ``timezone``.
+            every: An interval (``"30s"``, ``"1h"``, seconds, a timedelta) instead of ``cron``.
+            input: The JSON input of every run.
+            timezone: IANA time zone of ``cron`` (DST handled; see the docs).
+            jitter: Delay each run by a deterministic offset below this.
+            start: No run before this instant (ISO 8601 with a zone, or an aware datetime).
+            end: No run after this instant.
+            overlap: ``skip``, ``buffer_one``, ``allow_all``, ``cancel_other`` or ``terminate_other``.
+            catchup_window: After downtime, missed runs this recent are still started (default 1h).
+            replace: Replace an existing schedule's declaration instead of refusing.
+
+        Raises:
+            ScheduleSpecError: the declaration is invalid (bad cron, unknown time zone, ...).
+            KflowError: the schedule exists and ``replace`` is False.
+        """
+        spec = ScheduleSpec.build(id, workflow, cron=cron, every=every, input=to_json(input, "schedule input"),
+                                  version=version, timezone=timezone, jitter=jitter, start=start, end=end,
+                                  overlap=overlap, catchup_window=catchup_window)
+        if not replace and id in self.schedules():
+            raise KflowError(f"schedule '{id}' exists: replace it (replace=True, or `kflow schedule create --update`)")
+        self._command(Command("CreateSchedule", schedule_key(id), {"spec": spec.to_dict(), "replace": replace}))
+        return spec
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        """Every schedule, by id, as the schedules table holds it (declaration, paused, running runs...)."""
+        self._ensure_ready()
+        return read_schedules(self.config, self.request_timeout)
+
+    def describe_schedule(self, id: str) -> dict[str, Any] | None:
+        """Schedule ``id`` as the table holds it plus its ``next_runs``; None when there is none."""
+        record = self.schedules().get(id)
+        return None if record is None else with_next_runs(record, int(time.time() * 1000))
+
+    def _schedule(self, id: str) -> dict[str, Any]:
+        known = self.schedules()
+        if id not in known:
+            raise KflowError(f"no schedule '{id}' (schedules: {', '.join(sorted(known)) or 'none'})")
+        return known[id]
+
+    def pause_schedule(self, id: str, note: str = "") -> None:
+        """Pause schedule ``id``: no run starts until it is unpaused, and none is caught up then."""
+        self._schedule(id)
+        self._command(Command("PauseSchedule", schedule_key(id), {"note": note}))
+
+    def unpause_schedule(self, id: str, note: str = "") -> None:
+        """Unpause schedule ``id``: it fires again from its next scheduled time after now."""
+        self._schedule(id)
+        self._command(Command("UnpauseSchedule", schedule_key(id), {"note": note}))
+
+    def trigger_schedule(self, id: str, overlap: str | None = None) -> None:
+        """Start a run of schedule ``id`` now (id ``<id>:<now>``), under its overlap policy or ``overlap``."""
+        if overlap is not None and overlap not in OVERLAP_POLICIES:
+            raise ValueError(f"unknown overlap policy {overlap!r}: expected one of {', '.join(OVERLAP_POLICIES)}")
+        self._schedule(id)
+        self._command(Command("TriggerSchedule", schedule_key(id), {"overlap": overlap}))
+
+    def backfill_schedule(self, id: str, start: str | datetime, end: str | datetime) -> None:
+        """Start one run per scheduled time of schedule ``id`` in ``[start, end)``.
+
+        Times that already have a run (same deterministic id) are not started again.
+
+        Raises:
+            ValueError: a bad range, or more runs than one backfill may start (1000).
+        """
+        self._command(backfill_command(self._schedule(id), start, end))
+
+    def delete_schedule(self, id: str, reason: str = "") -> None:
+        """Delete schedule ``id``: no further runs; runs already started go on."""
+        self._schedule(id)
+        self._command(Command("DeleteSchedule", schedule_key(id), {"reason": reason}))
 
     def query(self, id: str, name: str, *args: JSONValue, timeout: float = 10.0) -> JSONValue:
         """Ask instance ``id`` query ``name`` with ``args`` and return the answer.
@@ -980,6 +1166,62 @@ class Client:
                         raise QueryFailedError(err["type"], err["message"], instance_id=id, query=name)
                     return answer.get("result")
             raise TimeoutError(f"no answer to query '{name}' on {id} within {timeout:g}s (is an engine running?)")
+        finally:
+            consumer.close()
+
+    def update(self, id: str, name: str, data: JSONValue = None, *, update_id: str | None = None,
+               timeout: float = 30.0) -> JSONValue:
+        """Send instance ``id`` update ``name`` with ``data`` and return its handler's answer.
+
+        An update is a signal that returns a result (``UpdateWorkflow``). The engine that owns
+        the instance validates it first (a code workflow's ``@workflow.update`` validator, a spec
+        ``wait: {update: name, validate: ...}`` step): a rejected update writes no history. Once
+        accepted it is recorded (``UpdateAccepted``), its handler runs (an async one may await
+        activities and timers) and the caller is answered when it returns (``UpdateCompleted``).
+
+        An update is idempotent by ``update_id`` (default: a fresh one): sending the same id again,
+        e.g. after a timeout, runs nothing twice and returns the answer the first one got (the
+        instance keeps the answers of its recent updates).
+
+        Raises:
+            UpdateRejectedError: refused before it was accepted: the validator raised (``type`` is
+                its error type), no handler or waiting step takes ``name``, the instance does not
+                exist (``"NotFound"``) or is not running (``"InvalidState"``).
+            UpdateFailedError: accepted, but the handler raised (its error type), or the instance
+                closed before it finished (``"WorkflowClosed"``).
+            TimeoutError: no answer within ``timeout`` seconds (no engine running, or the handler
+                still waits); send the same ``update_id`` again to keep waiting for it.
+        """
+        self._ensure_ready()
+        uid = update_id or uuid.uuid4().hex
+        topic = self.names.replies
+        consumer = Consumer(self.config.consumer_conf(
+            f"kflow-client-update-{uuid.uuid4().hex}", **{"isolation.level": "read_committed", **self._conf()}))
+        try:
+            try:
+                meta = consumer.list_topics(topic, timeout=self.connect_timeout)
+                partitions = len(meta.topics[topic].partitions)
+                if partitions == 0:
+                    raise KflowError(f"replies topic '{topic}' does not exist; start an engine (it creates it)")
+                # positioned at the end before the command is produced, so the answer cannot be missed
+                consumer.assign(at_end(consumer, topic, [partition_for(uid.encode(), partitions)], self.connect_timeout))
+            except KafkaException as exc:
+                raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
+            self._command(Command("UpdateWorkflow", id, {"update_id": uid, "name": name,
+                                                         "data": to_json(data, f"update '{name}' data")}))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
+                    if msg.error() is not None or msg.key() != uid.encode():
+                        continue
+                    answer = orjson.loads(msg.value())
+                    if "error" in answer:
+                        err = answer["error"]
+                        kind = UpdateRejectedError if answer.get("rejected") else UpdateFailedError
+                        raise kind(err["type"], err["message"], instance_id=id, update=name, update_id=uid)
+                    return answer.get("result")  # type: ignore[no-any-return]
+            raise TimeoutError(f"no answer to update '{name}' (id {uid}) on {id} within {timeout:g}s "
+                               "(is an engine running? the same update_id can be sent again)")
         finally:
             consumer.close()
 
@@ -1283,6 +1525,28 @@ class Client:
                 found[state["instance_id"]] = state
 
         self._read_keys(self.names.state, ids, take)
+        return found
+
+    def limit_counters(self) -> dict[str, dict[str, Any]]:
+        """The state of every quota and limit counter (keys ``limit:...``), by key.
+
+        Read from the whole ``state`` topic to its high watermark (an operator's view: ``kflow
+        queues``); each value is the counter's state with ``held``, ``queue`` and ``tokens``.
+        """
+        self._ensure_ready()
+        topic, found = self.names.state, {}
+        with EndReader(self.config.consumer_conf(f"kflow-client-scan-{uuid.uuid4().hex}", **self._conf()),
+                       timeout=self.connect_timeout) as reader:
+            partitions = reader.partitions(topic)
+            ends = {p: self._end_offset(topic, p) for p in partitions}
+            try:
+                for msg in reader.read(topic, ends=ends, timeout=self.request_timeout, what=f"reading {topic}"):
+                    key = msg.key()
+                    if key and key.startswith(b"limit:") and msg.value() is not None:
+                        state = decode_state(msg.value())
+                        found[state["instance_id"]] = state["internal"]
+            finally:
+                self.records_read += reader.records
         return found
 
     def _read_keys(self, topic: str, ids: list[str], take: Callable[[Message], None]) -> None:

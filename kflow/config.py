@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from kflow.model.errors import KflowError
 from kflow.streams.topics import TopicNames, TopicSettings
@@ -141,6 +141,7 @@ class KafkaConfig(TelemetryConfig):
     signing_key: SecretStr | None = Field(None, description="What clients sign command tokens with: the path of a PEM private key (RS256/ES256, its public key in the engines' JWKS file) or an HS256 secret; default KFLOW_JWT_SECRET. Never logged.")
     token: SecretStr | None = Field(None, description="The principal token (`kflow token issue`) clients and the CLI sign their commands as; with it set, every command carries a `kflow.auth` header. Never logged.")
     command_ttl_ms: int = Field(600_000, ge=1000, description="How long a signed command stays valid: at least as long as a command may wait in the commands topic before an engine reads it.")
+    schema_registry_url: str = Field("", description="Confluent Schema Registry URL (`http(s)://host:8081`, credentials as `https://user:pass@host`; `mock://name` for an in-process one in tests). Set: every kflow process registers each topic's value schema under `<topic>-value` (compatibility BACKWARD) and writes Confluent-framed Avro that stock deserializers read; readers accept both framings. Needs the `registry` extra.")
 
     def keys(self) -> Keys:
         """The :class:`~kflow.security.Keys` of ``jwt_secret``, ``jwks_file`` and ``signing_key``.
@@ -189,9 +190,18 @@ class KafkaConfig(TelemetryConfig):
     def names(self) -> TopicNames:
         return TopicNames(self.topic_prefix)
 
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _check_registry_url(cls, value: str) -> str:
+        for url in filter(None, (u.strip() for u in value.split(","))):
+            if not url.startswith(("http://", "https://", "mock://")):
+                raise ValueError(f"expected http(s)://host[:port] or mock://name, but got {url!r}")
+        return value.strip()
+
     @property
     def topic_settings(self) -> TopicSettings:
-        return TopicSettings(partitions=self.partitions, replication=self.replication)
+        return TopicSettings(partitions=self.partitions, replication=self.replication,
+                             schema_registry_url=self.schema_registry_url)
 
     def client_conf(self) -> dict[str, Any]:
         """librdkafka settings common to producers, consumers and admin clients.
@@ -222,6 +232,13 @@ class KafkaConfig(TelemetryConfig):
         return conf
 
     def producer_conf(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka producer settings. With a Schema Registry configured, the value schemas of
+        kflow's topics are registered (once per process) before the first producer exists, so what
+        it writes is Confluent-framed."""
+        if self.schema_registry_url:
+            from kflow.schemas.registry import activate  # the registry extra is needed only then
+
+            activate(self.schema_registry_url, self.names)
         conf = {**self.client_conf(), "partitioner": "murmur2_random", "linger.ms": 2,
                 "enable.idempotence": True, "compression.type": "none"}
         conf.update(extra)
@@ -320,6 +337,18 @@ class WorkerConfig(KafkaConfig):
     result_linger_ms: float = Field(0, ge=0, le=1000, description="linger.ms of the worker's result producer; 0 sends each result at once (librdkafka still batches under load).")
     priority_policy: Literal["weighted", "strict"] = Field(
         "weighted", description="Which priority level a saturated worker serves next: `weighted` (weights 100/50/20/10/5 for critical .. background; every level with work progresses) or `strict` (always the most urgent level with work).")
+    read_ahead: int = Field(1_000, ge=0, le=100_000, description="Tasks a worker reads beyond the ones it runs, to choose among by priority level, starvation promotion and fairness key; a key's burst is shared fairly with other keys only within this window (see docs/priority.md). Memory: up to this many task records.")
+    fairness_weights: dict[str, int] = Field({}, description='Weight per fairness key as a JSON object, e.g. `{"gold": 4, "acme": 2}`: within a queue and level a saturated worker starts tasks of the keys with work in weighted round robin; a key not named weighs 1.')
+    promote_after_ms: int = Field(60_000, ge=0, description="A task waiting longer than this (since its record was written) counts as one level more urgent when a saturated worker chooses, one more after each further period, at most `KFLOW_MAX_PROMOTIONS` levels; 0 never promotes.")
+    max_promotions: int = Field(2, ge=0, le=4, description="Most levels a waiting task is promoted by (see `KFLOW_PROMOTE_AFTER_MS`); 0 never promotes.")
+
+    @field_validator("fairness_weights")
+    @classmethod
+    def _check_weights(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: w for k, w in value.items() if w < 1}
+        if bad:
+            raise ValueError(f"expected integer weights >= 1, but got {bad}")
+        return value
     connectors: str = Field("", description="Connectors file (YAML) whose operations this worker also serves (`kflow worker --connectors`).")
     connector_http_port: int = Field(8089, ge=0, le=65535, description="Port of the connectors' webhook callback server (`POST /callbacks/<token>`); 0 picks a free port.")
     connector_public_url: str = Field("", description="Base URL external systems reach the webhook callback server at (default http://<hostname>:<port>).")
@@ -341,6 +370,14 @@ class VisibilityConfig(KafkaConfig):
     visibility_port: int = Field(8088, ge=0, le=65535, description="Port of the visibility API and console (also serves /metrics, /healthz, /readyz); 0 picks a free port.")
     visibility_group: str = Field("kflow-visibility", description="Consumer group of the visibility projection; processes sharing one PostgreSQL store share it.")
     api: str = Field("", description="URL of a visibility API (e.g. http://127.0.0.1:8088) that `kflow list/status/history` use instead of reading Kafka.")
+    users_file: str = Field("", description="With auth on: YAML file of console users (`users: [{username, password_hash, tenant, roles}]`, argon2 hashes from `kflow token hash-password`) who log in to the console with a password.")
+    api_keys_file: str = Field("", description="With auth on: YAML file of API keys (`api_keys: [{id, hash, principal, tenant, roles}]`, only SHA-256 hashes, lines from `kflow token apikey`) accepted in the `X-API-Key` header.")
+    jwt_audience: str = Field("", description="With auth on: the `aud` an HTTP bearer token must name (e.g. the OIDC client id); empty: tokens with an `aud` claim are refused.")
+    jwt_issuer: str = Field("", description="With auth on: the `iss` an HTTP bearer token must name (e.g. the OIDC provider's URL); empty: not checked.")
+    session_ttl_ms: int = Field(28_800_000, ge=60_000, description="With auth on: how long a console login (the session cookie) lasts.")
+    login_max_failures: int = Field(5, ge=1, description="With auth on: failed console logins allowed per user, and four times as many per client IP, within 15 minutes; more are refused with 429 until the window passes.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest HTTP request body the visibility API reads (413 beyond); JSON bodies may nest at most 64 levels (422 beyond).")
+    subscriptions_url: str = Field("", description="Comma-separated base URLs of the operations endpoints of `kflow subscriptions run` processes (e.g. http://subs:9467); the console's Subscriptions page shows the delivery log each keeps in memory. Empty: the page lists the subscriptions without deliveries.")
 
     def store_url(self) -> str:
         """The configured store URL, or the default SQLite file in the state directory."""
@@ -373,6 +410,11 @@ def load_config(cls: type[_C], **overrides: Any) -> _C:
                             f"{', '.join(sorted(cls.model_fields))})") for n in unknown])
     try:
         return cls(**overrides)
+    except SettingsError as exc:  # a JSON-valued setting (e.g. KFLOW_FAIRNESS_WEIGHTS) is not JSON
+        m = re.search(r'field "(\w+)"', str(exc))
+        name = m.group(1) if m else "?"
+        raise ConfigError([(f"KFLOW_{name.upper()}", "expected a JSON value, e.g. {\"gold\": 4} (got "
+                            f"{os.environ.get(f'KFLOW_{name.upper()}', '')!r})")]) from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -38,6 +38,23 @@ class KafkaUnderTest:
     source: Literal["option", "env", "testcontainers", "embedded"]
 
 
+#: Test files that kill, restart or rebalance processes and judge what happened by when it
+#: happened: under ``pytest -n`` they all run on one worker, one at a time, beside the others.
+_ONE_AT_A_TIME = ("tests/fault/", "tests/integration/test_engine_faults.py", "tests/integration/test_worker.py",
+                  "tests/integration/test_worker_failures.py", "tests/integration/test_heartbeat_timeout.py",
+                  "tests/integration/test_first_hour.py", "tests/integration/test_operations.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests for ``--dist loadgroup``: a file's tests stay on one worker (they share its
+    module fixtures: one engine stack per file), and the files of :data:`_ONE_AT_A_TIME` share one."""
+    root = Path(str(config.rootpath))
+    for item in items:
+        path = Path(str(item.path)).relative_to(root).as_posix()
+        group = "one-at-a-time" if path.startswith(_ONE_AT_A_TIME) else path
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--kafka",

@@ -15,10 +15,10 @@ import typer
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, parse_json, setup_logging
 from kflow.client import ID_REUSE_POLICIES, Client, WorkflowHandle
-from kflow.model.errors import KflowError, WorkflowFailedError
+from kflow.model.errors import KflowError, UpdateFailedError, UpdateRejectedError, WorkflowFailedError
 from kflow.model.messages import PRIORITIES, Status, priority_level
 
-__all__ = ["cancel", "deploy", "result", "signal", "start", "status"]
+__all__ = ["cancel", "deploy", "result", "signal", "start", "status", "update"]
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
@@ -128,6 +128,54 @@ def signal(
     with _client(bootstrap, prefix, verbose) as client:
         client.signal(id, name, payload)
     typer.echo(f"signalled {id}: {name}")
+
+
+EXIT_REJECTED = 3
+
+
+def update(
+    id: Annotated[str, typer.Argument(metavar="ID", help="Instance id.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Update name.")],
+    data: Annotated[Optional[str], typer.Argument(metavar="[DATA_JSON]",
+                                                  help="Update data as JSON, or @FILE (default: null).")] = None,
+    update_id: Annotated[Optional[str], typer.Option("--update-id", "-u", metavar="ID",
+                                                     help="Idempotency key: sending the same id again returns the "
+                                                          "first answer and runs nothing twice (default: a fresh id).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", "-t", min=0, metavar="SECONDS",
+                                           help="How long to wait for the answer.")] = 30.0,
+    bootstrap: Bootstrap = None,
+    prefix: Prefix = None,
+    verbose: Verbose = False,
+) -> None:
+    """Send a running workflow an update (a signal that returns a result) and print the answer.
+
+    The engine that owns the instance validates the update first: a rejected one writes no
+    history. Code workflows handle it with a @kflow.workflow.update method (a validator marked with
+    @METHOD.validator may reject it); spec workflows with a 'wait' step that has 'update: NAME' (and optionally
+    'validate:' and 'reply:' CEL). The answer is printed as JSON on stdout once the handler
+    returns. Exit codes: 1 the handler failed, 2 no answer within --timeout (send the same
+    --update-id again to keep waiting), 3 the update was rejected.
+
+    Example: add an item to a running cart, then retry safely with the same id:
+
+        $ kflow update cart-7 add '{"sku": "A1", "qty": 2}' --update-id add-A1
+        3
+        $ kflow update cart-7 add '{"sku": "A1", "qty": 2}' --update-id add-A1
+        3
+        $ kflow update order-42 approve '{"amount": 500}'
+        error: update 'approve' on order-42 rejected: UpdateRejected: step 'approve': validate ...
+    """
+    payload = parse_json(data, "DATA_JSON")
+    with _client(bootstrap, prefix, verbose) as client:
+        try:
+            answer = client.update(id, name, payload, update_id=update_id, timeout=timeout)
+        except UpdateRejectedError as exc:
+            fail(str(exc), EXIT_REJECTED)
+        except UpdateFailedError as exc:
+            fail(str(exc), EXIT_FAILED)
+        except TimeoutError as exc:
+            fail(str(exc), EXIT_TIMEOUT)
+    typer.echo(dump_json(answer))
 
 
 def cancel(
@@ -245,7 +293,8 @@ def _when(ms: int | None) -> str:
 
 
 _STYLE = {Status.RUNNING: "cyan", Status.COMPLETED: "green", Status.FAILED: "red",
-          Status.CANCELLED: "yellow", Status.BLOCKED: "magenta", Status.SUSPENDED: "blue"}
+          Status.CANCELLED: "yellow", Status.BLOCKED: "magenta", Status.SUSPENDED: "blue",
+          Status.INCIDENT: "bold yellow"}
 
 
 def _render(state: dict[str, Any]) -> None:

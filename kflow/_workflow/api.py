@@ -34,7 +34,9 @@ def workflow(name: Any = None, version: int = 1, sandbox: Optional[bool] = None,
 
     A class works too: it is instantiated once per run (with no arguments), its
     ``async def run(self, ctx, input)`` is the workflow, and methods decorated with
-    ``@kflow.workflow.signal`` / ``@kflow.workflow.query`` handle signals and answer queries.
+    ``@kflow.workflow.signal`` / ``@kflow.workflow.query`` handle signals and answer queries;
+    ``@kflow.workflow.update`` methods handle updates (signals that return a result), each with
+    an optional ``@<method>.validator`` that may reject an update before it is accepted.
 
     Example:
         >>> import kflow
@@ -104,7 +106,7 @@ def workflow(name: Any = None, version: int = 1, sandbox: Optional[bool] = None,
     return decorate
 
 
-_SIGNAL, _QUERY = "__kflow_signal__", "__kflow_query__"
+_SIGNAL, _QUERY, _UPDATE, _VALIDATOR = "__kflow_signal__", "__kflow_query__", "__kflow_update__", "__kflow_validator__"
 
 
 def _handler_decorator(attr: str) -> Callable[..., Any]:
@@ -118,12 +120,50 @@ def _handler_decorator(attr: str) -> Callable[..., Any]:
     return decorator
 
 
+def _update_decorator(fn: Any = None, *, name: Optional[str] = None) -> Any:
+    """``@kflow.workflow.update`` / ``@kflow.workflow.update(name="x")`` on a workflow class's method.
+
+    The method (plain or ``async``) runs for every accepted update and its return value answers
+    the caller. ``@<method>.validator`` marks a method that checks an update's data first, on the
+    workflow as it is: raising (or returning False) rejects the update, and nothing is written to
+    the history. A validator must only read the workflow's variables; give it its own name.
+
+    Example:
+        >>> @kflow.workflow                              # doctest: +SKIP
+        ... class Cart:
+        ...     def __init__(self): self.items = []
+        ...     @kflow.workflow.update
+        ...     def add(self, item): self.items.append(item); return len(self.items)
+        ...     @add.validator
+        ...     def check_add(self, item):
+        ...         if not item.get("sku"): raise ValueError("an item needs a sku")
+        ...     async def run(self, ctx, input): ...
+    """
+    def mark(f: Any) -> Any:
+        if not callable(f):
+            raise TypeError(f"@workflow.update decorates a method, not {type(f).__name__}")
+        setattr(f, _UPDATE, name or f.__name__)
+
+        def validator(v: Any) -> Any:
+            if not callable(v) or inspect.iscoroutinefunction(v):
+                raise TypeError(f"the validator of update '{getattr(f, _UPDATE)}' must be a plain (not async) method")
+            setattr(f, _VALIDATOR, v)
+            return v
+
+        f.validator = validator
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
 def _class_runner(cls: type, wf_name: str) -> Callable[[Any, Any], Any]:
     """The ``async def run(ctx, input)`` that hosts one instance of a class-style workflow."""
     if not inspect.iscoroutinefunction(getattr(cls, "run", None)):
         raise DefinitionError(wf_name or cls.__name__, [("run", "a workflow class needs 'async def run(self, ctx, input)'")])
     signals = {getattr(m, _SIGNAL): n for n, m in inspect.getmembers(cls) if hasattr(m, _SIGNAL)}
     queries = {getattr(m, _QUERY): n for n, m in inspect.getmembers(cls) if hasattr(m, _QUERY)}
+    updates = {getattr(m, _UPDATE): (n, getattr(m, _VALIDATOR, None)) for n, m in inspect.getmembers(cls)
+               if hasattr(m, _UPDATE)}
 
     async def run(ctx: Any, input: Any) -> Any:
         obj = cls()
@@ -131,6 +171,8 @@ def _class_runner(cls: type, wf_name: str) -> Callable[[Any, Any], Any]:
             ctx.set_signal_handler(sig, getattr(obj, attr))
         for q, attr in queries.items():
             ctx.set_query_handler(q, getattr(obj, attr))
+        for u, (attr, check) in updates.items():
+            ctx.set_update_handler(u, getattr(obj, attr), check.__get__(obj, cls) if check is not None else None)
         return await obj.run(ctx, input)
 
     run.__name__ = cls.__name__
@@ -143,6 +185,8 @@ def _class_runner(cls: type, wf_name: str) -> Callable[[Any, Any], Any]:
 workflow.signal = _handler_decorator(_SIGNAL)  # type: ignore[attr-defined]
 #: ``@kflow.workflow.query`` / ``@kflow.workflow.query(name="x")`` on a workflow class's method.
 workflow.query = _handler_decorator(_QUERY)  # type: ignore[attr-defined]
+#: ``@kflow.workflow.update`` / ``@kflow.workflow.update(name="x")``, with ``@<method>.validator``.
+workflow.update = _update_decorator  # type: ignore[attr-defined]
 
 
 def definition_of(fn: Any) -> CodeDefinition:

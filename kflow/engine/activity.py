@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 
@@ -34,6 +34,9 @@ from kflow.model.spec import RetrySpec, TimeoutSpec, parse_duration_ms
 
 COMPENSATE_PREFIX = "compensate:"
 TIMEOUT_KINDS = ("schedule_to_close", "start_to_close", "heartbeat")
+#: Key of an activity's own fairness key (the step's ``fairness_key``, evaluated when scheduled).
+FAIRNESS_KEY = "fairness"
+_TENANT = "tenant"  # state key of the instance's tenant (kflow.engine.core.TENANT)
 
 #: Heartbeats are recorded at most this many times per heartbeat timeout: one closer than a
 #: ``1/HEARTBEAT_RESOLUTION`` of the timeout after the last recorded one changes nothing.
@@ -59,6 +62,10 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+#: Asked before a (non-local) attempt's task is dispatched, with ``(run, activity id, act)``: True
+#: holds the task until the attempt's permits are granted (see :mod:`kflow.engine.limits`).
+TASK_GATES: list[Callable[[Run, str, JSONDict], bool]] = []
 
 
 class LimitExceeded(Exception):
@@ -167,12 +174,14 @@ def _cancel_timers(run: Run, act: JSONDict, keep: tuple[str, ...] = ()) -> None:
 
 # -- lifecycle --------------------------------------------------------------------------------
 def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Optional[str], step_key: str,
-             policy: Optional[JSONDict] = None, local: bool = False, priority: Optional[int] = None) -> None:
+             policy: Optional[JSONDict] = None, local: bool = False, priority: Optional[int] = None,
+             fairness_key: Optional[str] = None) -> None:
     """Schedule attempt 1 of an activity with its timeouts. Raises :class:`LimitExceeded`.
 
     ``policy`` (code workflows) is the activity's own ``{"retry": ..., "timeout": ...}``. A
     ``local`` activity is recorded with the same events; its task is run by the engine process
-    itself (see :func:`_emit_task`).
+    itself (see :func:`_emit_task`). ``fairness_key`` goes on every task of the activity (default:
+    the instance's tenant).
     """
     check_pending(run, "activities")
     check_payload(run, f"the input of activity '{name}'", input_)
@@ -185,6 +194,8 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
         act["local"] = True
     if priority is not None:  # the step's or call's own level; without one, the instance's level applies
         act[PRIORITY] = priority
+    if fairness_key is not None:
+        act[FAIRNESS_KEY] = fairness_key
     run.state["activities"][aid] = act
     _, timeouts = policies(run, step_key, act)
     _emit_task(run, aid, act, timeouts)
@@ -192,7 +203,7 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
     _start_attempt(run, aid, act, timeouts)
 
 
-def _emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
+def _emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec], gate: bool = True) -> None:
     """The task of ``act``'s current attempt, as data.
 
     A local task carries its ``start_to_close`` as the in-process bound of the run: the engine
@@ -202,9 +213,11 @@ def _emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec
     if act.get("local"):
         run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
                  local=True, start_to_close_ms=_timeout_ms(timeouts, "start_to_close"))
-    else:
+    elif not (gate and any(held(run, aid, act) for held in TASK_GATES)):
         run.task(aid, act["name"], act["queue"], act["input"], act["attempt"], run.state["workflow"],
                  _reports_start(timeouts), priority=act.get(PRIORITY))
+        # workers share a saturated queue fairly across this key; absent, the tenant's (auth off: none)
+        run.tasks[-1].fairness_key = act.get(FAIRNESS_KEY) or run.state.get(_TENANT) or None
 
 
 def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:
@@ -213,8 +226,9 @@ def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:
 
 
 def _start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
-    if act.get("local"):
-        return  # bounded in process by start_to_close; a local activity cannot heartbeat
+    if act.get("local") or act.get("waiting_permit"):
+        return  # bounded in process by start_to_close; a local activity cannot heartbeat; a held task
+        # is not running yet (its timers are armed when its permits are granted)
     _arm(run, aid, act, "start_to_close", _timeout_ms(timeouts, "start_to_close"))
     hb = _timeout_ms(timeouts, "heartbeat")
     _arm(run, aid, act, "heartbeat", hb)
@@ -268,7 +282,7 @@ def retry_or_give_up(run: Run, aid: str, error_type: str, retryable: bool) -> bo
     """After a failed or timed-out attempt: start a backoff timer and return True, or return False."""
     act = run.state["activities"][aid]
     policy, _ = policies(run, act["step"], act)
-    attempt = act["attempt"]
+    attempt = act["attempt"] - act.get("base", 0)  # attempts since the first schedule, or since an incident's retry
     if (not retryable or policy is None or error_type in policy.non_retryable
             or (policy.max_attempts and attempt >= policy.max_attempts)):
         return False
@@ -298,6 +312,21 @@ def on_retry_timer(run: Run, aid: str) -> None:
     _, timeouts = policies(run, act["step"], act)
     _emit_task(run, aid, act, timeouts)
     _start_attempt(run, aid, act, timeouts)
+
+
+def reopen(run: Run, aid: str, act: JSONDict, input_: Any) -> None:
+    """Schedule the next attempt of an activity that had ended, under its id, with a fresh retry policy.
+
+    Used when an incident is resolved by retry in a code workflow, whose await waits on the id.
+    Attempt numbers go on from where they were (so a late report of an earlier attempt is still
+    told apart); the retry policy counts from here (``base``), and ``schedule_to_close`` from now.
+    """
+    act = {**act, "input": input_, "base": act["attempt"], "phase": "backoff", "timers": {}}
+    act.pop("timed_out", None)
+    run.state["activities"][aid] = act
+    _, timeouts = policies(run, act["step"], act)
+    _arm(run, aid, act, "schedule_to_close", _timeout_ms(timeouts, "schedule_to_close"))
+    on_retry_timer(run, aid)
 
 
 def timeout_message(run: Run, act: JSONDict, kind: str) -> str:

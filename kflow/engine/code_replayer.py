@@ -36,12 +36,13 @@ from typing import Any, Awaitable, Callable, Coroutine, Generator, NoReturn, Opt
 import orjson
 
 from kflow.engine import activity as activities
+from kflow.engine import incidents
 from kflow.engine.activity import LimitExceeded, limits_of
 from kflow.engine.journal import COMMAND, INPUT, MEMORY, Append, Entries, Journal, Reset, apply_to
-from kflow.engine.run import PRIORITY, Run, new_state
+from kflow.engine.run import PRIORITY, UPDATES, Run, new_state
 from kflow.model.errors import ActivityError, CancelledError, DeterminismError, KflowError, WorkflowError
 from kflow.model.messages import Event, JSONDict, Status, priority_level
-from kflow.model.spec import RetrySpec, TimeoutSpec
+from kflow.model.spec import IncidentSpec, OnFailureSpec, RetrySpec, TimeoutSpec
 
 #: Instance-state fields owned by this module (persisted names, never reused): how many inputs and
 #: commands the run's journal holds, how many inputs the coroutine has been fed, a digest of the
@@ -56,7 +57,8 @@ _JOURNAL_FIELDS = (INPUTS, COMMANDS, INPUT_COUNT, COMMAND_COUNT, DELIVERED, INPU
 #: Input events a code workflow reacts to; any other input event (e.g. an attempt that started or a
 #: recorded heartbeat) is history for the shared deciders only and leaves the coroutine untouched.
 WORKFLOW_INPUTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
-                             "SignalReceived", "ChildCompleted", "ChildFailed", "CancelRequested"})
+                             "SignalReceived", "ChildCompleted", "ChildFailed", "CancelRequested",
+                             "UpdateAccepted"})
 
 #: Most runs started by ``continue_as_new`` within one decision (a loop that never awaits).
 MAX_CONTINUATIONS_PER_DECISION = 10
@@ -211,6 +213,15 @@ def _policy(retry: Any, timeouts: dict[str, Any], default_retry: Optional[JSONDi
     return out or None
 
 
+def _on_failure(value: Any) -> JSONDict:
+    """An activity's ``on_failure`` option as validated JSON; only incidents (catch errors in code)."""
+    spec = OnFailureSpec.model_validate(value)
+    if spec.incident is None:
+        raise ValueError("a code workflow's on_failure is 'incident' or {'incident': {...}}: to skip, catch "
+                         "ActivityError where the activity is awaited")
+    return {"incident": spec.incident.model_dump(mode="json", exclude_none=True)}
+
+
 def _ms(duration: float | timedelta) -> int:
     seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
     if seconds < 0:
@@ -240,7 +251,8 @@ class WorkflowContext:
 
     def activity(self, name: str, input: Any = None, queue: str = "default", *,
                  retry: Any = None, start_to_close: Any = None, schedule_to_close: Any = None,
-                 heartbeat: Any = None, priority: Optional[str] = None) -> Awaitable[Any]:
+                 heartbeat: Any = None, priority: Optional[str] = None, on_failure: Any = None,
+                 fairness_key: Optional[str] = None) -> Awaitable[Any]:
         """Schedule activity ``name`` now; await its result.
 
         Args:
@@ -251,14 +263,25 @@ class WorkflowContext:
                 ``"30s"``), each a durable timer; a timeout fails the attempt with ``ActivityTimeout``.
             priority: The level its tasks are dispatched at (``"critical"`` .. ``"background"``);
                 defaults to the instance's.
+            on_failure: ``"incident"`` or ``{"incident": {"role": "ops", "instructions": "...",
+                "timeout": "4h"}}``: once the retries are exhausted, the instance stays open with
+                an incident (status INCIDENT) instead of raising here, until an operator resolves it:
+                ``retry`` runs the activity again (the await goes on waiting), ``skip`` makes the
+                given output its result, ``fail`` raises the activity's error here; an unresolved
+                incident's ``timeout`` raises ``ActivityError(type="IncidentTimeout")`` here.
+            fairness_key: The key a saturated worker shares the queue and level fairly across
+                (e.g. a customer id); defaults to the instance's tenant.
 
         Raises:
             ActivityError: the activity failed for good; ``.type``, ``.message``, ``.attempt``.
-            ValueError: ``priority`` is not one of the five levels.
+            ValueError: ``priority`` is not one of the five levels, or ``on_failure`` is not an incident.
         """
         policy = _policy(retry, {"start_to_close": start_to_close, "schedule_to_close": schedule_to_close,
                                  "heartbeat": heartbeat}, self._m.definition.retry)
-        return self._m.schedule_activity(name, input, queue, policy, priority=priority_level(priority))
+        if on_failure is not None:
+            policy = {**(policy or {}), "on_failure": _on_failure(on_failure)}
+        return self._m.schedule_activity(name, input, queue, policy, priority=priority_level(priority),
+                                         fairness_key=None if fairness_key is None else str(fairness_key))
 
     def local_activity(self, name: str, input: Any = None, *, retry: Any = None,
                        start_to_close: Any = None, schedule_to_close: Any = None) -> Awaitable[Any]:
@@ -338,6 +361,19 @@ class WorkflowContext:
         self._m.signal_handlers[name] = fn
         for data in self._m.signal_buffer.pop(name, []):
             self._m.call_signal_handler(name, data)
+
+    def set_update_handler(self, name: str, fn: Callable[[Any], Any],
+                           validator: Optional[Callable[[Any], Any]] = None) -> None:
+        """Run ``fn(data)`` for every accepted update ``name``; what it returns answers the caller.
+
+        ``fn`` may be a plain function or an ``async`` one (run as a workflow task: it may await
+        activities, timers and signals, and the caller is answered when it returns); an error it
+        raises is the caller's answer (``UpdateFailedError``), not the workflow's failure.
+        ``validator(data)``, if given, runs before the update is accepted, on the workflow as it
+        is: raising (or returning False) rejects it and nothing is written to the history. A
+        validator must only read the workflow's variables, like a query handler.
+        """
+        self._m.update_handlers[name] = (fn, validator)
 
     def saga(self) -> "Saga":
         """A saga: register compensations as steps complete, run them newest first on failure.
@@ -447,6 +483,7 @@ class Machine:
         self.patches: dict[str, bool] = {}
         self.queries: dict[str, Callable[..., Any]] = {}
         self.signal_handlers: dict[str, Callable[[Any], Any]] = {}
+        self.update_handlers: dict[str, tuple[Callable[[Any], Any], Optional[Callable[[Any], Any]]]] = {}
         self.run_number = 1
         self.history_length = 0
         self.history_limit = limits_of(None).max_history_events
@@ -480,13 +517,15 @@ class Machine:
         return self.run
 
     def schedule_activity(self, name: str, input_: Any, queue: str, policy: Optional[JSONDict] = None,
-                          local: bool = False, priority: Optional[int] = None) -> _Future:
+                          local: bool = False, priority: Optional[int] = None,
+                          fairness_key: Optional[str] = None) -> _Future:
         input_ = _json(input_, f"the input of activity '{name}'")
 
         def live() -> str:
             run = self._live_run()
             aid = f"{name}-{run.next_seq()}"
-            activities.schedule(run, aid, name, queue, input_, "code", name, policy, local=local, priority=priority)
+            activities.schedule(run, aid, name, queue, input_, "code", name, policy, local=local, priority=priority,
+                                fairness_key=fairness_key)
             return aid
 
         aid = self._issue("activity", name, live)
@@ -603,6 +642,37 @@ class Machine:
         result = self.signal_handlers[name](data)
         if isinstance(result, Coroutine):
             self._spawn(result)
+
+    def call_update_handler(self, update_id: str, name: str, data: Any) -> None:
+        """Run the handler of an accepted update; its answer is recorded when it returns."""
+        entry = self.update_handlers.get(name)
+        if entry is None:  # validation saw one; only a handler removed since can get here
+            self._update_done(update_id, {"error": {"type": "UnknownUpdate",
+                                                    "message": f"no handler for update '{name}'"}})
+            return
+        try:
+            with self._guard():
+                result = entry[0](data)
+        except ContinueAsNew:
+            self._update_done(update_id, {"error": {"type": "InvalidUpdateHandler", "message": (
+                f"update handler '{name}' called continue_as_new; only the workflow's run may")}})
+            return
+        except Exception as e:  # the handler's error is the caller's answer, not the workflow's
+            self._update_done(update_id, _error_answer(e))
+            return
+        if isinstance(result, Coroutine):
+            task = _Task(result)
+            self.ready.append(task)
+            task.future.on_done(lambda: self._update_done(
+                update_id, _error_answer(task.future.error) if task.future.error is not None
+                else _result_answer(task.future.value, name)))
+        else:
+            self._update_done(update_id, _result_answer(result, name))
+
+    def _update_done(self, update_id: str, answer: JSONDict) -> None:
+        # Only a live machine answers: a replayed handler finished in a decision already recorded.
+        if self.live and self.run is not None:
+            self.run.answer_update(update_id, answer)
 
     def compensation_done(self, failed: bool) -> None:
         if self.live:
@@ -732,6 +802,8 @@ class Machine:
                     fut.set_error(WorkflowError(f"no signal '{name}' arrived in time", type="Timeout"))
         elif type_ == "CancelRequested":
             self.cancel()
+        elif type_ == "UpdateAccepted":
+            self.call_update_handler(data["update_id"], data["name"], data.get("data"))
         elif type_ == "SignalReceived" and data["name"] in self.signal_handlers:
             self.call_signal_handler(data["name"], data.get("data"))
         elif type_ == "SignalReceived":
@@ -912,6 +984,8 @@ def _input_of(run: Run, ev: Event) -> Optional[list[Any]]:
         aid = d["activity_id"]
         if aid in st["activities"] and activities.retry_or_give_up(run, aid, d["error_type"], d["retryable"]):
             return None
+        if _raise_incident(run, aid, d["error_type"], d["message"]):
+            return None
         activities.drop(run, aid)
     elif ev.type in ("ActivityStarted", "HeartbeatRecorded"):
         aid = d["activity_id"]
@@ -932,13 +1006,20 @@ def _input_of(run: Run, ev: Event) -> Optional[list[Any]]:
             aid = timer["activity"]
             attempt = st["activities"][aid]["attempt"]
             retrying, message = activities.on_timeout(run, aid, timer["kind"])
-            if retrying:
+            if retrying or _raise_incident(run, aid, "ActivityTimeout", message):
                 return None
             activities.drop(run, aid)
             return ["ActivityFailed", {"activity_id": aid, "attempt": attempt, "error_type": "ActivityTimeout",
                                        "message": message, "retryable": False}, ev.ts, ev.seq]
         if purpose == "execution":
             return ["$timeout", {}, ev.ts, ev.seq]
+        if purpose == incidents.TIMER_PURPOSE:
+            inc, message = incidents.timed_out(run, timer)
+            return ["ActivityFailed", {"activity_id": inc["activity"], "attempt": inc["attempts"],
+                                       "error_type": "IncidentTimeout", "message": message, "retryable": False},
+                    ev.ts, ev.seq]
+    elif ev.type == "IncidentResolved":
+        return _incident_resolved(run, ev)
     elif ev.type == "CancelRequested":
         st["status"] = Status.CANCELLING
         st["cancel_reason"] = d.get("reason", "")
@@ -950,6 +1031,39 @@ def _input_of(run: Run, ev: Event) -> Optional[list[Any]]:
     elif ev.type not in WORKFLOW_INPUTS:
         return None
     return [ev.type, d, ev.ts, ev.seq]
+
+
+def _raise_incident(run: Run, aid: str, error_type: str, message: str) -> bool:
+    """An activity failed for good: open an incident instead when its ``on_failure`` asks for one.
+
+    The activity leaves the activities table (a late result for it is rejected) and travels in
+    the incident, so that a retry can schedule its next attempt under the same id: the workflow's
+    await is not fed until the incident is resolved as skip or fail, or times out.
+    """
+    act = run.state["activities"].get(aid)
+    spec = ((act or {}).get("policy") or {}).get("on_failure", {}).get("incident")
+    if act is None or spec is None:
+        return False
+    activities.drop(run, aid)
+    text = f"activity '{act['name']}' failed: {message}"
+    incidents.open_incident(run, f"{act['name']}-{run.next_seq()}", "code", act["name"], aid, act, error_type, text,
+                            IncidentSpec.model_validate(spec), record=act)
+    return True
+
+
+def _incident_resolved(run: Run, ev: Event) -> Optional[list[Any]]:
+    """What resolving an incident feeds the workflow: nothing for a retry (the activity's next attempt
+    is scheduled), the output as the activity's result for a skip, its error for a fail."""
+    d = ev.data
+    inc = incidents.close_incident(run, d["incident_id"])
+    aid, attempt = inc["activity"], inc["attempts"]
+    if d["action"] == "retry":
+        activities.reopen(run, aid, inc["record"], incidents.patched_input(inc, d.get("input_patch")))
+        return None
+    if d["action"] == "skip":
+        return ["ActivityCompleted", {"activity_id": aid, "attempt": attempt, "result": d.get("output")}, ev.ts, ev.seq]
+    return ["ActivityFailed", {"activity_id": aid, "attempt": attempt, "error_type": inc["error"]["type"],
+                               "message": incidents.fail_message(inc, d), "retryable": False}, ev.ts, ev.seq]
 
 
 def apply_input(run: Run, ev: Event) -> None:
@@ -1062,6 +1176,7 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
     for child_id in sorted(st["children"]):
         run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} continued as new"})
     run.cancel_activities()
+    run.abandon_updates(f"'{st['id']}' continued as new before the update's handler finished")
     number = st.get("run", 1) + 1
     run.emit("WorkflowContinuedAsNew", {"input": input_, "run": number, "version": version})
     end_journal(run)
@@ -1071,7 +1186,7 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
     fresh["runs"] = (st.get("runs") or [])[-9:] + [{"run": number - 1, "version": st["version"],
                                                       "started_ms": st["started_ms"], "input": st["input"],
                                                       "continued_with": input_}]
-    for kept in ("search", PRIORITY):  # the next run is the same instance: same attributes, same level
+    for kept in ("search", PRIORITY, UPDATES):  # the next run is the same instance: same attributes, level, updates
         if kept in st:
             fresh[kept] = st[kept]
     st.clear()
@@ -1111,6 +1226,52 @@ def answer_query(definition: CodeDefinition, state: JSONDict, name: str, args: l
     finally:
         if key is not None and not machine.finished and machine.cursor == state[COMMAND_COUNT]:
             CACHE.put(state["id"], key, machine)
+
+
+def validate_update(definition: CodeDefinition, state: JSONDict, name: str, data: Any,
+                    journal: Optional[Journal] = None) -> None:
+    """Check update ``name`` against the instance's live machine: it has a handler, and its
+    validator (if any) neither raises nor returns False. Writes nothing, like a query.
+
+    Raises:
+        WorkflowError: ``type`` ``"UnknownUpdate"`` (no handler) or ``"UpdateRejected"`` (the
+            validator returned False); whatever the validator raised; a replay error.
+    """
+    key = _key(state["seq"], state) if state.get(INPUT_COUNT) else None
+    machine = CACHE.take(state["id"], key) if key is not None else None
+    if machine is None:
+        machine = _replayed(definition, state, *history_of(state, journal))
+    try:
+        entry = machine.update_handlers.get(name)
+        if entry is None:
+            known = ", ".join(sorted(machine.update_handlers)) or "none"
+            raise WorkflowError(f"workflow '{definition.name}' has no update '{name}' (registered: {known})",
+                                type="UnknownUpdate")
+        if entry[1] is not None:
+            try:
+                with machine._guard():
+                    verdict = entry[1](data)
+            except (GeneratorExit, _Mismatch, ContinueAsNew):  # it issued a command: the machine is not reused
+                raise WorkflowError(f"the validator of update '{name}' must only read the workflow's variables, "
+                                    "not start activities, timers or other workflow operations",
+                                    type="InvalidValidator") from None
+            if verdict is False:
+                raise WorkflowError(f"the validator of update '{name}' returned False", type="UpdateRejected")
+    finally:
+        if key is not None and not machine.finished and machine.cursor == state[COMMAND_COUNT]:
+            CACHE.put(state["id"], key, machine)
+
+
+def _error_answer(e: BaseException) -> JSONDict:
+    return {"error": {"type": getattr(e, "type", None) or type(e).__name__,
+                      "message": str(getattr(e, "message", None) or e)}}
+
+
+def _result_answer(value: Any, name: str) -> JSONDict:
+    try:
+        return {"result": orjson.loads(orjson.dumps(value))}
+    except TypeError as e:
+        return {"error": {"type": "InvalidResult", "message": f"the result of update '{name}' is not JSON: {e}"}}
 
 
 def _replayed(definition: CodeDefinition, state: JSONDict, inputs: Entries, commands: Entries) -> Machine:

@@ -24,15 +24,17 @@ from kflow.engine import code_replayer, spec_interpreter
 from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_ended, payload_size
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
-from kflow.engine.run import PRIORITY, Run, new_state
+from kflow.engine.run import INCIDENTS, PRIORITY, UPDATES, Run, new_state
 from kflow.model.errors import DeterminismError
-from kflow.model.messages import PRIORITIES, Command, Event, JSONDict, RejectCode, Status, Task
+from kflow.model.messages import INCIDENT_ACTIONS, PRIORITIES, Command, Event, JSONDict, RejectCode, Status, Task
 
 #: Events that carry new information into an instance; all others are consequences of these.
 INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFailed", "TimerFired",
                           "SignalReceived", "ChildCompleted", "ChildFailed", "WorkflowCancelled",
                           "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated",
-                          "WorkflowSuspended", "WorkflowResumed", "WorkflowRetried"})
+                          "WorkflowSuspended", "WorkflowResumed", "WorkflowRetried", "IncidentResolved",
+                          "UpdateAccepted", "WorkflowQueued", "PermitGranted", "PermitRefused", "PriorityChanged",
+                          "WorkflowMigrated"})
 
 #: Input events a suspended instance records but does not apply: each would advance the workflow
 #: (dispatch tasks, start timers, run steps). They are kept in ``state["suspended"]["held"]`` and
@@ -94,7 +96,7 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     ``journal`` is read when a code workflow must be rebuilt (default: the in-memory
     :data:`~kflow.engine.journal.MEMORY`); what this event appends is in ``Run.journal_ops``.
     """
-    if ev.type == "WorkflowStarted":
+    if ev.type in ("WorkflowStarted", "WorkflowQueued"):
         d = ev.data
         seq = state["seq"] if state else 0
         kind = getattr(defs.get(d["workflow"], d["version"]), "kind", "spec")
@@ -103,7 +105,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     else:
         assert state is not None, f"{ev.type} for an instance without state"
         st = copy_state(state)
-    before = state["activities"] if state is not None and ev.type != "WorkflowStarted" else {}
+    fresh = ev.type in ("WorkflowStarted", "WorkflowQueued")
+    before = state["activities"] if state is not None and not fresh else {}
     compiled = defs.get(st["workflow"], st["version"])
     run = Run(st, ev.ts, defs, compiled, journal if journal is not None else MEMORY)
     _record(run, ev)
@@ -111,6 +114,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         ids = st.setdefault("signal_ids", [])
         ids.append(ev.data["signal_id"])
         del ids[:-SIGNAL_DEDUP_WINDOW]
+    if ev.type == "UpdateAccepted":  # running until its handler (or waiting step) answers it
+        st.setdefault(UPDATES, {})[ev.data["update_id"]] = {"name": ev.data["name"], "answer": None}
     if ev.type == "WorkflowResumed":
         _resume(run)  # notes ended activities per held event
     elif st["status"] == Status.SUSPENDED and ev.type in HELD_INPUTS:
@@ -126,6 +131,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         _close_terminated(run, ev.data.get("reason", ""))
     elif ev.type == "CommandRejected":
         pass
+    elif ev.type in INPUT_APPLIERS:
+        INPUT_APPLIERS[ev.type](run, ev)
     elif st["kind"] == "code":
         code_replayer.apply_input(run, ev)
     else:
@@ -140,6 +147,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         for key in (EVENTS_OFFSET, OWNER, TENANT):
             if key in state:
                 run.state.setdefault(key, state[key])
+    for hook in AFTER_EVOLVE:
+        hook(run, None if fresh else state)
     return run.state, run
 
 
@@ -204,6 +213,8 @@ def _close_cancelled(run: Run, reason: str) -> None:
     st["status"] = Status.CANCELLED
     st["closed_ms"] = run.now
     st["error"] = {"type": "Cancelled", "message": reason}
+    st.pop(INCIDENTS, None)
+    run.abandon_updates(f"'{st['id']}' was cancelled before the update's handler finished")
     for child_id in sorted(st["children"]):
         run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} cancelled"})
     run.cancel_activities()
@@ -222,6 +233,8 @@ def _close_terminated(run: Run, reason: str) -> None:
     st["error"] = {"type": "Terminated", "message": reason}
     st.pop("closing", None)
     st.pop(SUSPENDED, None)  # what a suspended instance held is dropped with the rest
+    st.pop(INCIDENTS, None)
+    run.abandon_updates(f"'{st['id']}' was terminated before the update's handler finished")
     for child_id in sorted(st["children"]):
         run.command("TerminateWorkflow", child_id, {"reason": f"parent {st['id']} terminated"})
     run.cancel_activities()
@@ -256,7 +269,7 @@ def _accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data:
     ev = _event(state, cmd.instance_id, type_, now, data)
     new, run = evolve(state, ev, defs, journal)
     d = Decision(state=new, events=[ev, *run.events], tasks=run.tasks, commands=run.commands,
-                 journal=run.journal_ops)
+                 journal=run.journal_ops, replies=run.replies)
     before = state["timers"] if state else {}
     after = new["timers"]
     d.timers_set = [(t, v["due"]) for t, v in after.items() if t not in before]
@@ -287,6 +300,13 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
             return rejected
     name = d.get("workflow")
     version = d.get("version")
+    if isinstance(version, str):  # an exact version or a range ("^1.2"): the newest deployed match
+        from kflow.engine.migration import VersionRangeError, deployed_versions, resolve_version
+
+        try:
+            version = resolve_version(name, version, deployed_versions(defs, name))
+        except VersionRangeError as e:
+            return Decision(state=state, dlq_reason=str(e))
     if version is None:
         version = defs.latest(name)
     if version is None or defs.get(name, version) is None:
@@ -297,10 +317,19 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
         return Decision(state=state, dlq_reason=f"unknown priority {level!r}: expected 1 (critical) to 5 (background)")
     if level is None:
         level = getattr(getattr(defs.get(name, version), "spec", None), "priority", None)
+    started = {"workflow": name, "version": version, "input": d.get("input"),
+               "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}
+    for gate in START_GATES:  # a start subject to a quota is queued until it is admitted
+        queued = gate(state, cmd, now, defs, journal, started, level)
+        if queued is not None:
+            return queued
     decision = _accept(state, cmd, now, "WorkflowStarted",
                        {"workflow": name, "version": version, "input": d.get("input"),
                         "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
     _stamp_priority(decision, level)
+    if d.get(TENANT):  # with auth on: the default fairness key of the first step's tasks, decided before the
+        for task in decision.tasks:  # tenant is stamped on the state (later ones read it there)
+            task.fairness_key = task.fairness_key or d[TENANT]
     return decision
 
 
@@ -321,7 +350,7 @@ def _stamp_priority(decision: Decision, level: Optional[int]) -> None:
             c.data["priority"] = level
 
 
-_ACCEPTING = frozenset({Status.RUNNING, Status.BLOCKED})
+_ACCEPTING = frozenset({Status.RUNNING, Status.BLOCKED, Status.INCIDENT})
 #: Statuses that take signals and child results: a suspended instance records them for its resume.
 _RECEIVING = _ACCEPTING | {Status.SUSPENDED}
 
@@ -364,11 +393,13 @@ def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
 
 def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
-    guard = _running(state, cmd, now)
+    guard = _running(state, cmd, now, _ACCEPTING | {Status.QUEUED})
     if guard:
         return guard
     assert state is not None
     reason = cmd.data.get("reason") or ""
+    if state["status"] == Status.QUEUED:  # never started: nothing to compensate or clean up
+        return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
     if state.get("compensations") or state["kind"] == "code":
         # Completed compensable steps: undo them first; WorkflowCancelled follows the last one.
         # A code workflow sees CancelledError at its pending awaits and cleans up in its own code.
@@ -407,6 +438,10 @@ def _suspend(state: Optional[JSONDict], cmd: Command, now: int, defs: Definition
     if state["status"] not in Status.ACTIVE:
         return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected an open instance to suspend, but '{cmd.instance_id}' is closed ({state['status']})")
+    if state["status"] == Status.QUEUED:
+        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
+                       f"expected a started instance to suspend, but '{cmd.instance_id}' is QUEUED (it waits for "
+                       "a quota; cancel or terminate it, or change its priority)")
     if state["status"] == Status.SUSPENDED:
         return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected an instance that is not suspended, but '{cmd.instance_id}' already is "
@@ -479,6 +514,50 @@ def _resume_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
         return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected a SUSPENDED instance to resume, but '{cmd.instance_id}' is {state['status']}")
     return _accept(state, cmd, now, "WorkflowResumed", {"reason": cmd.data.get("reason") or ""}, defs, journal)
+
+
+def _resolve_incident(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+                      journal: Journal) -> Decision:
+    """Resolve an open incident (``IncidentResolved``), or reject why not; a rejection changes nothing."""
+    if state is None:
+        return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    why = _cannot_resolve(state, cmd)
+    if why is not None:
+        return _reject(state, cmd, now, *why)
+    d = cmd.data
+    return _accept(state, cmd, now, "IncidentResolved",
+                   {"incident_id": d["incident_id"], "action": d["action"], "output": d.get("output"),
+                    "input_patch": d.get("input_patch"), "by": d.get("by") or "", "reason": d.get("reason") or ""},
+                   defs, journal)
+
+
+def _cannot_resolve(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
+    """``(code, reason)`` when ``cmd`` cannot resolve an incident of ``state``, else None."""
+    iid, status, d = cmd.instance_id, state["status"], cmd.data
+    incident_id, action = d.get("incident_id"), d.get("action")
+    if status in Status.TERMINAL:
+        return RejectCode.INVALID_STATE, f"expected an open instance to resolve incident '{incident_id}' of, but '{iid}' is {status}"
+    if status == Status.SUSPENDED:
+        return (RejectCode.INVALID_STATE, f"expected an instance that is not suspended, but '{iid}' is SUSPENDED: "
+                "resume it first")
+    incidents = state.get(INCIDENTS) or {}
+    inc = incidents.get(incident_id) if isinstance(incident_id, str) else None
+    if inc is None:
+        return RejectCode.NOT_FOUND, (f"expected an open incident of '{iid}' ({', '.join(sorted(incidents)) or 'it has none'}), "
+                                      f"but got '{incident_id}'")
+    if action not in INCIDENT_ACTIONS:
+        return RejectCode.INVALID_INPUT, f"expected action {', '.join(INCIDENT_ACTIONS)}, but got {action!r}"
+    patch, output = d.get("input_patch"), d.get("output")
+    if patch is not None and action != "retry":
+        return RejectCode.INVALID_INPUT, f"expected no input_patch with action {action} (it patches a retry's input)"
+    if output is not None and action != "skip":
+        return RejectCode.INVALID_INPUT, f"expected no output with action {action} (it is the output of a skip)"
+    if patch is not None and not isinstance(patch, dict):
+        return RejectCode.INVALID_INPUT, f"expected input_patch to be a JSON object, but got {type(patch).__name__}"
+    if patch and inc["input"] is not None and not isinstance(inc["input"], dict):
+        return (RejectCode.INVALID_INPUT, f"expected a step whose input is a JSON object to patch, but the input of "
+                f"step '{inc['step']}' is {type(inc['input']).__name__}")
+    return None
 
 
 def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -590,6 +669,52 @@ def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     return Decision(state=state, replies=[(qid, answer)])
 
 
+def _update(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+            journal: Journal) -> Decision:
+    """Validate an update and, if accepted, record ``UpdateAccepted`` and run its handler.
+
+    Nothing is written before the update is accepted: a rejection (no instance, a closed one, no
+    handler or waiting step for the name, the validator raising, data too large) is only an answer
+    with ``"rejected": true``. A repeated update id is answered from the instance's record of it
+    (or, while its handler still runs, left to the answer that handler will send).
+    """
+    uid, name = cmd.data["update_id"], cmd.data["name"]
+    entry = (state.get(UPDATES) or {}).get(uid) if state is not None else None
+    if entry is not None:
+        return Decision(state=state, replies=[(uid, entry["answer"])] if entry["answer"] is not None else [])
+    why = _cannot_update(state, cmd, defs, journal)
+    if why is not None:
+        return Decision(state=state, replies=[(uid, {"error": {"type": why[0], "message": why[1]}, "rejected": True})])
+    return _accept(state, cmd, now, "UpdateAccepted", {"update_id": uid, "name": name, "data": cmd.data.get("data")},
+                   defs, journal)
+
+
+def _cannot_update(state: Optional[JSONDict], cmd: Command, defs: DefinitionsView,
+                   journal: Journal) -> Optional[tuple[str, str]]:
+    """``(error type, message)`` when the update ``cmd`` is rejected, else None (it is accepted)."""
+    iid, name, data = cmd.instance_id, cmd.data["name"], cmd.data.get("data")
+    if state is None:
+        return "NotFound", f"no instance '{iid}'"
+    if state["status"] not in _ACCEPTING:
+        return "InvalidState", f"expected a RUNNING instance to update, but '{iid}' is {state['status']}"
+    if not isinstance(cmd.data.get("update_id"), str) or not cmd.data["update_id"]:
+        return "InvalidUpdate", "expected a non-empty update_id"
+    size, limit = payload_size(data), limits_of(defs).max_payload_bytes
+    if size > limit:
+        return "LimitExceeded", f"expected update data of at most {limit} bytes, but got {size} bytes"
+    compiled = defs.get(state["workflow"], state["version"])
+    if compiled is None:
+        return "UnknownWorkflow", f"workflow '{state['workflow']}@{state['version']}' is not hosted here"
+    try:
+        if state["kind"] == "code":
+            code_replayer.validate_update(compiled, state, name, data, journal)
+        else:
+            spec_interpreter.validate_update(compiled, state, name, data)
+    except Exception as e:  # the validator's (or replay's) error is the rejection
+        return getattr(e, "type", None) or type(e).__name__, str(getattr(e, "message", None) or e)
+    return None
+
+
 def status_record(state: JSONDict) -> JSONDict:
     """The public state-record fields of ``state``, the full state as ``internal``, and ``events_offset``."""
     err = state.get("error") or {}
@@ -632,7 +757,24 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView,
     "SuspendWorkflow": _suspend,
     "ResumeWorkflow": _resume_cmd,
     "RetryWorkflow": _retry,
+    "ResolveIncident": _resolve_incident,
+    "UpdateWorkflow": _update,
 }
+
+#: Deciders of objects that are not workflow instances, by their state's ``kind``: every command
+#: addressed to such a state goes to its kind's decider (schedules register theirs, see
+#: :mod:`kflow.engine.schedules`).
+KIND_DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView, Journal], Decision]] = {}
+
+#: Appliers of input events neither interpreter knows (admission, permits, priority changes), by
+#: event type; :mod:`kflow.engine.limits` registers them.
+INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {}
+#: Called at the end of every ``evolve`` with the run and the state before the event (None for a
+#: fresh start): limits release the permits of the work that ended in it.
+AFTER_EVOLVE: list[Callable[[Run, Optional[JSONDict]], None]] = []
+#: Asked by ``StartWorkflow`` with ``(state, cmd, now, defs, journal, WorkflowStarted data, level)``:
+#: a decision that queues the start instead (quotas), or None to start it now.
+START_GATES: list[Callable[..., Optional[Decision]]] = []
 
 
 def decide(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -645,6 +787,8 @@ def decide(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     mode of in-memory callers that keep no journal of their own.
     """
     decider = DECIDERS.get(cmd.type)
+    if state is not None and state.get("kind") in KIND_DECIDERS:
+        decider = KIND_DECIDERS[state["kind"]]
     if decider is None:
         return Decision(state=state, dlq_reason=f"unknown command type '{cmd.type}'")
     if journal is not None:

@@ -21,6 +21,7 @@ from kflow.engine.expr import ExpressionError, compile_expr
 from kflow.model.errors import DefinitionConflict, DefinitionError
 from kflow.model.messages import Definition
 from kflow.model.spec import Step, WorkflowSpec, parse_duration_ms, parse_spec
+from kflow.model.versions import version_tuple
 
 
 @dataclass
@@ -50,16 +51,20 @@ def definition_fingerprint(kind: str, body: Any) -> str:
 
 
 def _expressions(step: Step) -> list[str]:
-    exprs = [e for e in (step.input, step.foreach, step.succeed) if e]
+    exprs = [e for e in (step.input, step.foreach, step.succeed, step.fairness_key) if e]
     exprs += [r.when for r in step.choice or []]
     exprs += list((step.set or {}).values())
     exprs += list((step.search or {}).values())
     if step.child:
         exprs += [e for e in (step.child.input, step.child.id) if e]
+    if step.wait:
+        exprs += [e for e in (step.wait.reply, step.wait.validate_) if e]
     if step.fail and step.fail.message:
         exprs.append(step.fail.message)
     if step.compensate and step.compensate.input:
         exprs.append(step.compensate.input)
+    if step.on_failure and step.on_failure.skip and step.on_failure.skip.output:
+        exprs.append(step.on_failure.skip.output)
     return exprs
 
 
@@ -135,7 +140,7 @@ class InMemoryDefinitions:
                 raise DefinitionConflict(compiled.name, compiled.version, old or "(no fingerprint)",
                                          new or "(no fingerprint)")
         self._by_key[key] = compiled
-        if compiled.version >= self._latest.get(compiled.name, 0):
+        if version_tuple(compiled.version) >= version_tuple(self._latest.get(compiled.name, 0)):
             self._latest[compiled.name] = compiled.version
         return True
 
@@ -158,6 +163,10 @@ class InMemoryDefinitions:
 
     def latest(self, name: str) -> Optional[int]:
         return self._latest.get(name)
+
+    def versions(self, name: str) -> list[int]:
+        """Every version of ``name`` in the table, in semantic order (oldest first)."""
+        return sorted((v for (n, v) in self._by_key if n == name), key=version_tuple)
 
     def __len__(self) -> int:
         return len(self._by_key)

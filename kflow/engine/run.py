@@ -18,12 +18,25 @@ from kflow.model.messages import Command, Event, JSONDict, Status, Task
 #: definition's default; absent is ``normal``. Tasks and child starts inherit it unless overridden.
 PRIORITY = "priority"
 
+#: State key of a spec instance's open incidents: incident id -> the step's thread, step, activity
+#: (name, queue, input, priority), error, role, instructions, timer and when it was raised. Absent
+#: when none is open. While one is, the status is INCIDENT and ``error`` describes the newest.
+INCIDENTS = "incidents"
+
+#: State key of the instance's recent updates: update id -> ``{"name", "answer"}``, oldest first.
+#: ``answer`` is None while the update's handler runs, then ``{"result": ...}`` or ``{"error":
+#: {"type", "message"}}``; a repeated update id is answered from here without running it again.
+UPDATES = "updates"
+#: Most answered updates an instance keeps (running ones are always kept); each keeps its answer,
+#: so this bounds what updates add to the state.
+UPDATE_WINDOW = 64
+
 
 class Run:
     """Mutable scratch space for one ``evolve`` call; never outlives it."""
 
     __slots__ = ("state", "now", "events", "tasks", "commands", "defs", "runnable", "compiled", "journal",
-                 "journal_ops")
+                 "journal_ops", "replies")
 
     def __init__(self, state: JSONDict, now: int, defs: Any, compiled: Any = None,
                  journal: Optional[Journal] = None) -> None:
@@ -39,6 +52,8 @@ class Run:
         self.journal: Journal = journal if journal is not None else EmptyJournal()
         #: what this decision did to the journal, in order
         self.journal_ops: list[JournalOp] = []
+        #: answers to updates, (update id, answer): sent by the live processor, never by a replay
+        self.replies: list[tuple[str, JSONDict]] = []
 
     @property
     def instance_id(self) -> str:
@@ -75,6 +90,8 @@ class Run:
         st["status"] = status
         st["closed_ms"] = self.now
         st.pop("closing", None)  # a saga's pending terminal event, superseded by this one
+        if st.pop(INCIDENTS, None) is not None:
+            st["error"] = None  # the open incidents' error; a failure sets its own below
         if status == Status.COMPLETED:
             st["result"] = data.get("result")
         else:
@@ -87,6 +104,7 @@ class Run:
         st["threads"] = {}
         st["signals"] = {}
         self.runnable.clear()
+        self.abandon_updates(f"'{st['id']}' closed ({status}) before the update's handler finished")
         parent = st.get("parent_id")
         if parent:
             ref = st.get("parent_ref") or st["id"]
@@ -95,6 +113,35 @@ class Run:
             else:
                 err = st["error"]
                 self.command("FailChild", parent, {"child_id": ref, "error_type": err["type"], "message": err["message"]})
+
+    # -- updates -------------------------------------------------------------------------
+    def answer_update(self, update_id: str, answer: JSONDict) -> None:
+        """An accepted update's handler finished: ``UpdateCompleted``, its answer kept and sent.
+
+        ``answer`` is ``{"result": value}`` or ``{"error": {"type", "message"}}``. An update that
+        is no longer running (the instance closed or continued meanwhile) is not answered twice.
+        """
+        entry = self.state.get(UPDATES, {}).get(update_id)
+        if entry is None or entry["answer"] is not None:
+            return
+        err = answer.get("error")
+        self.emit("UpdateCompleted", {"update_id": update_id, "result": answer.get("result"),
+                                      "error_type": err["type"] if err else None,
+                                      "message": err["message"] if err else None})
+        entry["answer"] = answer
+        self.replies.append((update_id, answer))
+        trim_updates(self.state)
+
+    def abandon_updates(self, why: str) -> None:
+        """Answer every update still running with a ``WorkflowClosed`` error (the instance is ending).
+
+        Only the answers are sent; no event is written (the closing event says what happened).
+        """
+        for update_id, entry in self.state.get(UPDATES, {}).items():
+            if entry["answer"] is None:
+                entry["answer"] = {"error": {"type": "WorkflowClosed", "message": why}}
+                self.replies.append((update_id, entry["answer"]))
+        trim_updates(self.state)
 
     def note_stop(self) -> None:
         """Remember the top-level step a spec instance stands at as it closes (``stopped_at``).
@@ -159,3 +206,13 @@ def new_state(instance_id: str, workflow: str, version: int, kind: str, input_: 
         "parent_id": parent_id, "parent_ref": parent_ref,
         "threads": {}, "next_tid": 0, "activities": {}, "timers": {}, "children": {}, "signals": {},
     }
+
+
+def trim_updates(state: JSONDict) -> None:
+    """Keep at most :data:`UPDATE_WINDOW` answered updates, dropping the oldest answered first."""
+    updates = state.get(UPDATES)
+    if not updates:
+        return
+    answered = [k for k, v in updates.items() if v["answer"] is not None]
+    for k in answered[:max(0, len(answered) - UPDATE_WINDOW)]:
+        del updates[k]

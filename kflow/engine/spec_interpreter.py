@@ -9,18 +9,23 @@ threads run in a deterministic order, so replaying the same input events reprodu
 events and state exactly. An error in a step (a final activity failure or timeout, a failed child,
 a wait timeout) takes the step's matching ``catch`` route or propagates to the enclosing
 ``parallel``/``foreach`` step; uncaught, it fails the workflow, after running the recorded saga
-compensations newest first. Attempts, retries and timeouts live in :mod:`kflow.engine.activity`.
+compensations newest first. A task step's ``on_failure`` comes between the two: when no catch
+route takes the error, the step is skipped with an output (``StepSkipped``) or its thread waits
+on an *incident* (``IncidentRaised``, status INCIDENT) until an operator resolves it
+(``IncidentResolved``: run the step again, skip it, or fail the workflow) or its timeout fails
+the workflow. Attempts, retries and timeouts live in :mod:`kflow.engine.activity`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from kflow.engine import activity
+from kflow.engine import activity, incidents
 from kflow.engine.activity import COMPENSATE_PREFIX, LimitExceeded
 from kflow.engine.definitions import CompiledSpec
 from kflow.engine.expr import ExpressionError, evaluate
-from kflow.engine.run import Run
+from kflow.engine.run import INCIDENTS, Run
+from kflow.model.errors import WorkflowError
 from kflow.model.messages import Event, JSONDict, Status
 from kflow.model.spec import Step, parse_duration_ms
 
@@ -46,7 +51,11 @@ def new_thread(run: Run, list_key: str, parent: Optional[str], slot: int, local:
 
 def scope(run: Run, th: JSONDict) -> JSONDict:
     """Variables visible to a thread: input, workflow variables, then enclosing branch locals."""
-    st = run.state
+    return scope_in(run.state, th)
+
+
+def scope_in(st: JSONDict, th: JSONDict) -> JSONDict:
+    """:func:`scope` over an instance state (for checks made before any event, e.g. an update's)."""
     chain = []
     t: Optional[JSONDict] = th
     while t is not None:
@@ -86,9 +95,19 @@ def _task(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     input_ = evaluate(step.input, scope(run, th)) if step.input else None
     aid = f"{step.id}-{run.next_seq()}"
     activity.schedule(run, aid, step.task or "", step.queue, input_, tid, step.id, local=step.local,
-                      priority=step.priority)
+                      priority=step.priority, fairness_key=_fairness_key(run, th, step))
     th["wait"] = {"k": "activity", "id": aid}
     return BLOCK
+
+
+def _fairness_key(run: Run, th: JSONDict, step: Step) -> Optional[str]:
+    """The step's ``fairness_key`` evaluated now (a string or number); None without one."""
+    if step.fairness_key is None:
+        return None
+    value = evaluate(step.fairness_key, scope(run, th))
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ExpressionError(step.fairness_key, f"fairness_key: expected a string or number, but got {value!r}")
+    return str(value)
 
 
 def _goto(run: Run, th: JSONDict, target: str) -> None:
@@ -144,6 +163,12 @@ def _timer(run: Run, tid: str, due: int, purpose: str) -> str:
 
 def _wait(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
     assert step.wait is not None
+    if step.wait.update is not None:  # updates are not buffered: one arriving while none waits is rejected
+        timer = None
+        if step.wait.timeout is not None:
+            timer = _timer(run, tid, run.now + parse_duration_ms(step.wait.timeout), "wait_timeout")
+        th["wait"] = {"k": "update", "name": step.wait.update, "timer": timer}
+        return BLOCK
     name = step.wait.signal
     buffered = run.state["signals"].get(name)
     if buffered:
@@ -294,7 +319,7 @@ def _finish_thread(run: Run, tid: str, th: JSONDict) -> None:
 # -- errors, catch routes and cancellation of pending work --------------------------------------
 def fail_workflow(run: Run, error_type: str, message: str) -> None:
     """Fail the instance; with completed compensable steps the saga runs first (see ``begin_compensation``)."""
-    if run.state["status"] == Status.RUNNING and run.state.get("compensations"):
+    if run.state["status"] in (Status.RUNNING, Status.INCIDENT) and run.state.get("compensations"):
         begin_compensation(run, Status.COMPENSATING,
                            {"status": Status.FAILED, "event": "WorkflowFailed",
                             "data": {"error_type": error_type, "message": message}})
@@ -324,11 +349,13 @@ def _cancel_wait(run: Run, th: JSONDict, reason: str) -> None:
         activity.drop(run, w["id"], cancel=True)
     elif w["k"] == "timer":
         run.state["timers"].pop(w["id"], None)
-    elif w["k"] == "signal" and w["timer"]:
+    elif w["k"] in ("signal", "update") and w["timer"]:
         run.state["timers"].pop(w["timer"], None)
     elif w["k"] == "child":
         run.state["children"].pop(w["id"], None)
         run.command("CancelWorkflow", w["id"], {"reason": reason})
+    elif w["k"] == "incident":
+        incidents.close_incident(run, w["id"])
 
 
 def raise_error(run: Run, tid: str, error_type: str, message: str) -> None:
@@ -374,6 +401,8 @@ def begin_compensation(run: Run, status: str, closing: JSONDict) -> None:
     run.cancel_activities()
     for table in ("children", "timers", "threads", "signals"):
         st[table].clear()
+    if st.pop(INCIDENTS, None) is not None:
+        st["error"] = None
     run.runnable.clear()
     st["status"] = status
     st["closing"] = closing
@@ -440,7 +469,69 @@ def _activity_error(run: Run, aid: str, error_type: str, message: str) -> None:
     if act["thread"] is None:
         _compensation_done(run, act, (error_type, message))
         return
-    raise_error(run, act["thread"], error_type, f"activity '{act['name']}' (step '{act['step']}') failed: {message}")
+    text = f"activity '{act['name']}' (step '{act['step']}') failed: {message}"
+    if not _on_failure(run, aid, act, error_type, text):
+        raise_error(run, act["thread"], error_type, text)
+
+
+# -- on_failure: skip, or an incident an operator resolves ----------------------------------------
+def _on_failure(run: Run, aid: str, act: JSONDict, error_type: str, message: str) -> bool:
+    """Apply the step's ``on_failure`` to its final error, unless a ``catch`` route takes it first.
+
+    Returns False when the error is to be raised as usual.
+    """
+    tid = act["thread"]
+    th = run.state["threads"][tid]
+    step = step_of(run.compiled, th)
+    policy = step.on_failure
+    if policy is None or any(r.matches(error_type) for r in step.catch or []):
+        return False
+    error = {"type": error_type, "message": message}
+    if policy.skip is not None:
+        try:
+            output = evaluate(policy.skip.output, {**scope(run, th), "error": error}) if policy.skip.output else None
+        except ExpressionError as e:
+            fail_workflow(run, "ExpressionError", f"step '{step.id}' (on_failure skip output): {e}")
+            return True
+        run.emit("StepSkipped", {"step": step.id, "activity_id": aid, "error_type": error_type, "message": message,
+                                 "output": output})
+        _advance(run, tid, th, output)
+        return True
+    assert policy.incident is not None
+    incident_id = f"{step.id}-{run.next_seq()}"
+    incidents.open_incident(run, incident_id, tid, step.id, aid, act, error_type, message, policy.incident)
+    th["wait"] = {"k": "incident", "id": incident_id}
+    return True
+
+
+def on_incident_resolved(run: Run, ev: Event) -> None:
+    """An operator resolved an incident: run its step again, skip it with an output, or fail the workflow.
+
+    A retry schedules the step's activity afresh (a new activity id, a full retry policy) with its
+    input updated with ``input_patch``; a skip makes ``output`` the step's output; a fail fails the
+    workflow with the step's error.
+    """
+    d = ev.data
+    inc = incidents.close_incident(run, d["incident_id"])
+    tid = inc["thread"]
+    th = run.state["threads"][tid]
+    step = step_of(run.compiled, th)
+    th["wait"] = None
+    if d["action"] == "retry":
+        aid = f"{step.id}-{run.next_seq()}"
+        th["wait"] = {"k": "activity", "id": aid}
+        activity.schedule(run, aid, inc["name"], inc["queue"], incidents.patched_input(inc, d.get("input_patch")),
+                          tid, step.id, local=step.local, priority=inc["priority"])
+    elif d["action"] == "skip":
+        _advance(run, tid, th, d.get("output"))
+    else:
+        fail_workflow(run, inc["error"]["type"], incidents.fail_message(inc, d))
+
+
+def _incident_timed_out(run: Run, timer: JSONDict) -> None:
+    inc, message = incidents.timed_out(run, timer)
+    run.state["threads"][inc["thread"]]["wait"] = None
+    fail_workflow(run, "IncidentTimeout", message)
 
 
 def on_activity_failed(run: Run, ev: Event) -> None:
@@ -467,6 +558,9 @@ def on_timer_fired(run: Run, ev: Event) -> None:
     if purpose == "retry":
         activity.on_retry_timer(run, timer["activity"])
         return
+    if purpose == incidents.TIMER_PURPOSE:
+        _incident_timed_out(run, timer)
+        return
     if purpose == "activity_timeout":
         aid = timer["activity"]
         retrying, message = activity.on_timeout(run, aid, timer["kind"])
@@ -480,7 +574,8 @@ def on_timer_fired(run: Run, ev: Event) -> None:
     else:
         step = step_of(run.compiled, th)
         th["wait"]["timer"] = None
-        raise_error(run, tid, "Timeout", f"step '{step.id}': no signal '{th['wait']['name']}' arrived within {activity.duration_text(step.wait.timeout)}")  # type: ignore[union-attr]
+        what = "update" if th["wait"]["k"] == "update" else "signal"
+        raise_error(run, tid, "Timeout", f"step '{step.id}': no {what} '{th['wait']['name']}' arrived within {activity.duration_text(step.wait.timeout)}")  # type: ignore[union-attr]
 
 
 def on_signal(run: Run, ev: Event) -> None:
@@ -494,6 +589,62 @@ def on_signal(run: Run, ev: Event) -> None:
             _advance(run, tid, threads[tid], ev.data["data"])
             return
     run.state["signals"].setdefault(name, []).append(ev.data["data"])
+
+
+def _update_waiter(state: JSONDict, name: str) -> Optional[str]:
+    """The first thread (in thread order) waiting for update ``name``, or None."""
+    threads = state["threads"]
+    for tid in sorted(threads, key=int):
+        w = threads[tid]["wait"]
+        if w is not None and w["k"] == "update" and w["name"] == name:
+            return tid
+    return None
+
+
+def validate_update(c: CompiledSpec, state: JSONDict, name: str, data: Any) -> None:
+    """Check update ``name`` before it is accepted: a thread waits for it and its ``validate`` holds.
+
+    Raises:
+        WorkflowError: ``type`` ``"UpdateRejected"``, saying why.
+        ExpressionError: the step's ``validate`` expression failed to evaluate.
+    """
+    tid = _update_waiter(state, name)
+    if tid is None:
+        waiting = sorted({th["wait"]["name"] for th in state["threads"].values()
+                          if th["wait"] is not None and th["wait"]["k"] == "update"})
+        raise WorkflowError(f"expected a step of '{state['workflow']}' waiting for update '{name}', but "
+                            + (f"it waits for {', '.join(repr(w) for w in waiting)}" if waiting else "none waits for an update now"),
+                            type="UpdateRejected")
+    th = state["threads"][tid]
+    step = step_of(c, th)
+    rule = step.wait.validate_ if step.wait is not None else None
+    if rule:
+        verdict = evaluate(rule, {**scope_in(state, th), "update": data})
+        if verdict is not True:
+            raise WorkflowError(f"step '{step.id}': validate {rule!r} is {verdict!r} for this update", type="UpdateRejected")
+
+
+def on_update(run: Run, ev: Event) -> None:
+    """An accepted update: its waiting step completes with the data, and ``reply`` answers it."""
+    d = ev.data
+    tid = _update_waiter(run.state, d["name"])
+    if tid is None:  # validated against this very state, so only a changed definition gets here
+        run.answer_update(d["update_id"], {"error": {"type": "UpdateRejected",
+                                                     "message": f"no step waits for update '{d['name']}'"}})
+        return
+    th = run.state["threads"][tid]
+    step = step_of(run.compiled, th)
+    if th["wait"]["timer"]:
+        run.state["timers"].pop(th["wait"]["timer"], None)
+    _advance(run, tid, th, d.get("data"))
+    rule = step.wait.reply if step.wait is not None else None
+    try:
+        value = evaluate(rule, {**scope(run, th), "update": d.get("data")}) if rule else None
+    except ExpressionError as e:
+        run.answer_update(d["update_id"], {"error": {"type": "ExpressionError", "message": str(e)}})
+        fail_workflow(run, "ExpressionError", f"step '{step.id}' (update reply): {e}")
+        return
+    run.answer_update(d["update_id"], {"result": value})
 
 
 def on_child_completed(run: Run, ev: Event) -> None:
@@ -546,6 +697,8 @@ INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {
     "ActivityStarted": on_activity_started,
     "HeartbeatRecorded": on_heartbeat,
     "CancelRequested": on_cancel_requested,
+    "IncidentResolved": on_incident_resolved,
+    "UpdateAccepted": on_update,
 }
 
 

@@ -144,6 +144,35 @@ class QueryFailedError(KflowError):
         super().__init__(f"query '{query}' on {instance_id} failed: {type}: {message}")
 
 
+class UpdateFailedError(KflowError):
+    """Client side: the engine answered an update with an error instead of a result.
+
+    Attributes:
+        type: What went wrong: the type of the error the update handler raised, ``"NotFound"``
+            (no such instance), ``"WorkflowClosed"`` (it closed before the handler finished), …
+        message: The engine's message.
+        instance_id: The instance updated.
+        update: The update's name.
+        update_id: The update's id (sending it again returns the same answer).
+    """
+
+    def __init__(self, type: str, message: str, instance_id: str = "", update: str = "", update_id: str = "") -> None:
+        self.type, self.message, self.instance_id, self.update, self.update_id = type, message, instance_id, update, update_id
+        super().__init__(f"update '{update}' on {instance_id} failed: {type}: {message}")
+
+
+class UpdateRejectedError(UpdateFailedError):
+    """Client side: the update was refused before it was accepted, so it left no history.
+
+    Its validator raised (``type`` is the raised error's type), the instance does not exist or is
+    closed, no handler or waiting step takes the update's name, or its data is too large.
+    """
+
+    def __init__(self, type: str, message: str, instance_id: str = "", update: str = "", update_id: str = "") -> None:
+        super().__init__(type, message, instance_id, update, update_id)
+        self.args = (f"update '{update}' on {instance_id} rejected: {type}: {message}",)
+
+
 class DeterminismError(KflowError):
     """Replaying an instance's history did not reproduce it: the code or definition changed under it.
 

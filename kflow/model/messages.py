@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum, nonmember
 from typing import Any, Optional, Union
 
+from kflow.model.versions import format_version
+
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
 JSONDict = dict[str, Any]
 
@@ -33,6 +35,20 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "SuspendWorkflow": ("reason",),
     "ResumeWorkflow": ("reason",),
     "RetryWorkflow": ("from_step", "*input_patch", "force", "reason", "by"),
+    "ResolveIncident": ("incident_id", "action", "*output", "*input_patch", "by", "reason"),
+    "CreateSchedule": ("*spec", "replace"),
+    "PauseSchedule": ("note",),
+    "UnpauseSchedule": ("note",),
+    "TriggerSchedule": ("overlap",),
+    "BackfillSchedule": ("start_ms", "end_ms"),
+    "DeleteSchedule": ("reason",),
+    "UpdateWorkflow": ("update_id", "name", "*data"),
+    "AcquirePermit": ("holder", "ref", "priority"),
+    "ReleasePermit": ("holder", "ref"),
+    "GrantPermit": ("limit", "ref"),
+    "RefusePermit": ("limit", "ref", "reason"),
+    "SetPriority": ("priority", "reason"),
+    "MigrateWorkflow": ("plan_id", "from_range", "to_version", "*step_map", "*vars", "transform", "reason", "by"),
 }
 
 #: Event type -> data fields. Payload fields (JSON documents) are marked with ``*``.
@@ -60,7 +76,31 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "WorkflowSuspended": ("reason",),
     "WorkflowResumed": ("reason",),
     "WorkflowRetried": ("from_step", "*input_patch", "reason", "by", "attempt"),
+    "StepSkipped": ("step", "activity_id", "error_type", "message", "*output"),
+    "IncidentRaised": ("incident_id", "step", "activity_id", "error_type", "message", "role", "instructions"),
+    "IncidentResolved": ("incident_id", "action", "*output", "*input_patch", "by", "reason"),
+    "ScheduleCreated": ("*spec", "replaced"),
+    "SchedulePaused": ("note",),
+    "ScheduleUnpaused": ("note",),
+    "ScheduleFired": ("trigger", "*outcome"),
+    "ScheduleRunClosed": ("run_id", "status"),
+    "ScheduleDeleted": ("reason",),
+    "UpdateAccepted": ("update_id", "name", "*data"),
+    "UpdateCompleted": ("update_id", "*result", "error_type", "message"),
+    "WorkflowQueued": ("workflow", "version", "*input", "parent_id", "parent_ref", "*limits", "priority"),
+    "PermitGranted": ("limit", "ref"),
+    "PermitRefused": ("limit", "ref", "reason"),
+    "PriorityChanged": ("priority", "reason"),
+    "PermitQueued": ("holder", "ref", "priority"),
+    "PermitIssued": ("holder", "ref", "priority"),
+    "PermitDenied": ("holder", "ref", "reason"),
+    "PermitReleased": ("holder", "ref"),
+    "WorkflowMigrated": ("from_version", "to_version", "plan_id", "*step_map", "*vars", "reason", "by"),
 }
+
+#: How an operator resolves an incident (``ResolveIncident.action``): run the step again, skip it
+#: with a given output, or fail the workflow.
+INCIDENT_ACTIONS = ("retry", "skip", "fail")
 
 COMMAND_TYPES = frozenset(COMMAND_FIELDS)
 
@@ -138,6 +178,9 @@ class Task:
     attempt_token: Optional[str] = None
     #: The attempt's priority level (1 critical .. 5 background); None is ``normal`` (3).
     priority: Optional[int] = None
+    #: The key workers share the queue and level across fairly (the step's ``fairness_key``, else the
+    #: instance's tenant); None is the empty key.
+    fairness_key: Optional[str] = None
 
 
 @dataclass(slots=True)
@@ -152,7 +195,7 @@ class Definition:
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return f"{self.name}@{format_version(self.version)}"
 
 
 class RejectCode(StrEnum):
@@ -196,9 +239,15 @@ class Status(StrEnum):
     #: Paused by an operator: open, but dispatches no tasks and fires no timers; the activity
     #: results, timers and signals that arrive are recorded and applied on resume.
     SUSPENDED = "SUSPENDED"
+    #: Open, with at least one step whose retries are exhausted waiting for an operator to resolve
+    #: its incident (``on_failure: {incident: ...}``); the rest of the workflow goes on.
+    INCIDENT = "INCIDENT"
+    #: Started, but waiting for a quota (max running instances, starts per second) to admit it.
+    QUEUED = "QUEUED"
 
     #: Statuses an instance never leaves.
     TERMINAL = nonmember(frozenset({"COMPLETED", "FAILED", "CANCELLED", "TERMINATED"}))
     #: Statuses in which activity results and timers are still accepted (a suspended instance
     #: accepts them too: it records them and applies them on resume).
-    ACTIVE = nonmember(frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED"}))
+    ACTIVE = nonmember(frozenset({"RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT",
+                                  "QUEUED"}))

@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kflow.model.errors import DefinitionError
 from kflow.model.messages import priority_level
+from kflow.model.versions import version_code
 
 STEP_KINDS = ("task", "choice", "parallel", "foreach", "wait", "sleep", "child", "set", "succeed", "fail")
 #: Step kinds whose errors a ``catch`` list can route.
@@ -58,10 +59,28 @@ class Branch(_Strict):
 
 
 class WaitSpec(_Strict):
-    """Wait for a signal by name; the signal's data becomes the step output."""
+    """Wait for a signal, or an update, by name; its data becomes the step output.
 
-    signal: str
+    With ``update:`` the step waits for an update (a signal that returns a result): an update of
+    that name is rejected while no thread waits on it, or when ``validate`` (CEL over the
+    thread's variables and ``update``, the update's data) is false; accepted, the step completes
+    with the data as its output and ``reply`` (CEL over the same variables, the output included)
+    answers the caller (null without one).
+    """
+
+    signal: Optional[str] = None
+    update: Optional[str] = None
+    reply: Optional[str] = None
+    validate_: Optional[str] = Field(default=None, alias="validate")
     timeout: Optional[Union[str, int, float]] = None
+
+    @model_validator(mode="after")
+    def _one_name(self) -> "WaitSpec":
+        if (self.signal is None) == (self.update is None):
+            raise ValueError("expected exactly one of 'signal' or 'update' (the name to wait for)")
+        if self.signal is not None and (self.reply is not None or self.validate_ is not None):
+            raise ValueError("'reply' and 'validate' are only allowed when waiting for an 'update'")
+        return self
 
     @field_validator("timeout")
     @classmethod
@@ -75,9 +94,19 @@ class ChildSpec(_Strict):
     """Start a child workflow and wait for its result."""
 
     workflow: str
-    version: Optional[int] = None
+    version: Optional[int] = None  # an integer or "MAJOR.MINOR.PATCH" (stored as its version code)
     input: Optional[str] = None
     id: Optional[str] = None  # CEL expression for the child's instance id
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _semver(cls, v: Any) -> Any:
+        return _version_field(v)
+
+
+def _version_field(v: Any) -> Any:
+    """A ``MAJOR.MINOR.PATCH`` text becomes its version code (:mod:`kflow.model.versions`); ints pass as-is."""
+    return version_code(v) if isinstance(v, str) else v
 
 
 class FailSpec(_Strict):
@@ -152,6 +181,54 @@ class CatchRule(_Strict):
         return not self.errors or "*" in self.errors or error_type in self.errors
 
 
+class SkipSpec(_Strict):
+    """Skip the step: ``output`` (CEL, with the step's error as ``error``: ``{type, message}``) is its output."""
+
+    output: Optional[str] = None
+
+
+class IncidentSpec(_Strict):
+    """Keep the instance open with an incident until an operator resolves it (or ``timeout`` fails it).
+
+    ``role`` is who may resolve it when auth is on (besides ``system_admin``); ``instructions`` are
+    shown to the operator; ``timeout``, a duration, fails the workflow when nobody resolved it by then.
+    """
+
+    role: Optional[str] = None
+    instructions: str = ""
+    timeout: Optional[Union[str, int, float]] = None
+
+    @field_validator("timeout")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return _duration_field(v)
+
+
+class OnFailureSpec(_Strict):
+    """What a task step does once its retries are exhausted and no ``catch`` route took the error:
+    ``skip`` (written ``on_failure: skip``, or ``{skip: {output: EXPR}}``) or ``incident``."""
+
+    skip: Optional[SkipSpec] = None
+    incident: Optional[IncidentSpec] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, v: Any) -> Any:
+        if v in ("skip", "incident"):
+            return {v: {}}
+        if isinstance(v, str):
+            raise ValueError(f"expected 'skip', 'incident' or a mapping with one of them, but got {v!r}")
+        if isinstance(v, dict):
+            return {k: ({} if body is None else body) if k in ("skip", "incident") else body for k, body in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> "OnFailureSpec":
+        if (self.skip is None) == (self.incident is None):
+            raise ValueError("expected exactly one of 'skip' or 'incident'")
+        return self
+
+
 class WorkflowTimeouts(_Strict):
     """Workflow-level timeouts: ``execution`` fails the instance with ``WorkflowTimeout``."""
 
@@ -189,6 +266,8 @@ class Step(_Strict):
     timeout: Optional[TimeoutSpec] = None
     compensate: Optional[CompensateSpec] = None
     catch: Optional[list[CatchRule]] = None
+    #: What happens once the task's retries are exhausted and no ``catch`` route took the error.
+    on_failure: Optional[OnFailureSpec] = None
     #: Run the task inside the engine process (``kflow engine --activities MODULE``) and record its
     #: result in the same transaction as the decision that scheduled it: for short work only.
     local: bool = False
@@ -197,6 +276,10 @@ class Step(_Strict):
     search: Optional[dict[str, str]] = None
     #: Priority of this task step's activities (a level name), instead of the instance's.
     priority: Optional[int] = None
+    #: CEL expression (e.g. ``input.customer``, or a quoted literal ``"'gold'"``) naming the fairness
+    #: key of this task step's activities: a saturated worker shares a queue and level across keys
+    #: in weighted round robin. Default: the instance's tenant.
+    fairness_key: Optional[str] = None
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -216,6 +299,8 @@ class WorkflowSpec(_Strict):
     """A whole spec workflow definition."""
 
     name: str
+    #: An integer (kept as-is; ``N`` compares as ``N.0.0``) or a semantic version ``"1.4.0"``, stored
+    #: as its version code (see :mod:`kflow.model.versions`).
     version: int = 1
     description: Optional[str] = None
     steps: list[Step]
@@ -228,6 +313,11 @@ class WorkflowSpec(_Strict):
     @classmethod
     def _level(cls, v: Any) -> Optional[int]:
         return priority_level(v)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _semver(cls, v: Any) -> Any:
+        return _version_field(v)
 
 
 def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:
@@ -263,7 +353,7 @@ def _step_problems(step: Step, path: str) -> list[tuple[str, str]]:
         except ValueError as e:
             problems.append((step.id, str(e)))
     if kind != "task":
-        for opt in ("retry", "timeout", "compensate"):
+        for opt in ("retry", "timeout", "compensate", "on_failure", "fairness_key"):
             if getattr(step, opt) is not None:
                 problems.append((step.id, f"'{opt}' is only allowed on a task step"))
     if step.local and kind != "task":

@@ -6,14 +6,16 @@ schema's Parsing Canonical Form, then the schemaless Avro payload, so any consum
 ``.avsc`` files can decode it. Workflow payloads (input, results, signal data, state internals)
 travel as JSON text inside Avro ``string`` fields; this module does that conversion with orjson.
 Commands may also arrive as JSON (header ``content-type: application/json``) and are validated
-exactly like Avro ones. Anything that cannot be decoded raises :class:`DecodeError` with a
+exactly like Avro ones. With a Confluent Schema Registry in use (:mod:`kflow.schemas.registry` calls
+:func:`use_registry`) values are written with Confluent framing instead (``00``, the 4-byte big-endian
+schema id, the same Avro payload); readers accept both framings at any time. Anything that cannot be decoded raises :class:`DecodeError` with a
 precise reason; anything that cannot be encoded raises :class:`ValueError`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclasses_field
 from io import BytesIO
@@ -42,6 +44,10 @@ __all__ = [
     "decode_definition",
     "encode_state",
     "decode_state",
+    "KINDS",
+    "schema_text",
+    "use_registry",
+    "use_single_object",
 ]
 
 #: The Kafka header that marks a command value as JSON instead of Avro.
@@ -165,6 +171,14 @@ _STATE = _load_kind("state")
 _TASK = _load_kind("task")
 _DEFINITION = _load_kind("definition")
 _BY_FINGERPRINT = {k.fingerprint: k for k in (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION)}
+_BY_LABEL = {k.label: k for k in (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION)}
+#: The message kinds, by the name of their ``.avsc`` file.
+KINDS = tuple(_BY_LABEL)
+
+
+def schema_text(label: str) -> str:
+    """The ``.avsc`` text of message kind ``label`` (one of :data:`KINDS`), as shipped."""
+    return Path(__file__).with_name(f"{label}.avsc").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- field checks
@@ -327,11 +341,80 @@ _EVENT_BY_RECORD = {b.record: b for b in _EVENT_BODIES.values()}
 
 # --------------------------------------------------------------------------- framing
 
+#: Confluent framing: this byte, then the schema id as a 4-byte big-endian int.
+CONFLUENT_MAGIC = 0
+_FRAMED_LEN = 5
+#: What the values of each kind start with: the single-object header, or the Confluent framing of
+#: the kind's registered schema id while a registry is in use.
+_prefix: dict[str, bytes] = {k.label: k.header for k in _BY_LABEL.values()}
+#: Registry schema id -> (kind label, writer schema to resolve with, or None for the current schema).
+_framed: dict[int, tuple[str, dict[str, Any] | None]] = {}
+#: Looks up an id this process has not seen (set by :func:`use_registry`); raises DecodeError when
+#: the registry does not know it or it is not a kflow schema.
+_resolve_id: Callable[[int], tuple[str, str]] | None = None
+_MAX_FRAMED_IDS = 1024  # schema ids remembered; a reader meets a handful (one per schema version)
+
+
+def use_registry(ids: Mapping[str, int], resolve: Callable[[int], tuple[str, str]] | None = None) -> None:
+    """Write Confluent-framed values from now on, in this process.
+
+    Args:
+        ids: Message kind (``command``, ``event``, ``state``, ``task``, ``definition``) -> the
+            registry's id of the current schema of that kind. Kinds left out keep their framing.
+        resolve: Called with a schema id met while reading that is not known yet; returns the kind
+            label and the schema text the registry holds for that id.
+    """
+    global _resolve_id
+    for label, schema_id in ids.items():
+        known_schema_id(schema_id, label, None)
+        _prefix[label] = bytes([CONFLUENT_MAGIC]) + schema_id.to_bytes(4, "big")
+    if resolve is not None:
+        _resolve_id = resolve
+
+
+def known_schema_id(schema_id: int, label: str, schema: str | None) -> None:
+    """Remember that registry id ``schema_id`` is a version of kind ``label``'s schema (None: the current one)."""
+    if label not in _BY_LABEL:
+        raise ValueError(f"unknown message kind {label!r} (known: {', '.join(KINDS)})")
+    writer = None
+    if schema is not None:
+        raw = json.loads(schema)
+        if _fingerprint(raw) != _BY_LABEL[label].fingerprint:
+            writer = fastavro.parse_schema(raw)
+    if len(_framed) >= _MAX_FRAMED_IDS:
+        _framed.pop(next(iter(_framed)))
+    _framed[schema_id] = (label, writer)
+
+
+def use_single_object() -> None:
+    """Go back to writing Avro single-object values and forget every registry schema id."""
+    global _resolve_id
+    _prefix.update({k.label: k.header for k in _BY_LABEL.values()})
+    _framed.clear()
+    _resolve_id = None
+
+
+def _framed_writer(kind: _Kind, value: bytes) -> dict[str, Any] | None:
+    """The writer schema of a Confluent-framed value of ``kind`` (None: the current schema)."""
+    if len(value) < _FRAMED_LEN:
+        raise DecodeError(f"truncated Schema Registry header for {kind.label} ({len(value)} of {_FRAMED_LEN} bytes)")
+    schema_id = int.from_bytes(value[1:_FRAMED_LEN], "big")
+    entry = _framed.get(schema_id)
+    if entry is None:
+        if _resolve_id is None:
+            raise DecodeError(_header_problem(kind, value))
+        label, text = _resolve_id(schema_id)
+        known_schema_id(schema_id, label, text)
+        entry = _framed[schema_id]
+    if entry[0] != kind.label:
+        raise DecodeError(f"wrong schema: expected {kind.label}, got a {entry[0]} value (Schema Registry id {schema_id})")
+    return entry[1]
+
 
 def _write(kind: _Kind, record: dict[str, Any], what: str = "") -> bytes:
-    """Serialise ``record`` with ``kind``'s schema behind the single-object header."""
+    """Serialise ``record`` with ``kind``'s schema behind its framing (single-object or Confluent)."""
     try:
-        return kind.header + _codecs[kind.schema["name"]].encode(record)
+        return _prefix[kind.label] + _codecs[kind.schema["name"]].encode(record)
     except (TypeError, ValueError) as exc:
         label = f"{kind.label} {what}".rstrip()
         raise ValueError(f"cannot encode {label}: {exc}") from exc
@@ -349,19 +432,23 @@ def _write_body(kind: _Kind, record: dict[str, Any], body: _Body, data: Mapping[
 
 
 def _read(kind: _Kind, value: bytes | None) -> dict[str, Any]:
-    """Check the single-object header and read one Avro record of ``kind``."""
+    """Check the framing (single-object or Confluent) and read one Avro record of ``kind``."""
     writer = None
+    start = _HEADER_LEN
     if not value or value[:_HEADER_LEN] != kind.header:
-        if not value or value[: len(MAGIC)] != MAGIC or bytes(value[len(MAGIC) : _HEADER_LEN]) not in kind.earlier:
+        if value and value[0] == CONFLUENT_MAGIC:
+            writer, start = _framed_writer(kind, value), _FRAMED_LEN
+        elif not value or value[: len(MAGIC)] != MAGIC or bytes(value[len(MAGIC) : _HEADER_LEN]) not in kind.earlier:
             raise DecodeError(_header_problem(kind, value))
-        writer = kind.earlier[bytes(value[len(MAGIC) : _HEADER_LEN])]
+        else:
+            writer = kind.earlier[bytes(value[len(MAGIC) : _HEADER_LEN])]
     buf = None
     try:
         if writer is None:
-            record, end = _codecs[kind.schema["name"]].decode(value, _HEADER_LEN)
+            record, end = _codecs[kind.schema["name"]].decode(value, start)
         else:  # an earlier version: fastavro resolves its records against this schema
             buf = BytesIO(value)
-            buf.seek(_HEADER_LEN)
+            buf.seek(start)
             record, end = _reader(buf, writer, kind.schema, True), buf.tell()
     except EOFError:
         raise DecodeError(f"truncated Avro {kind.label} payload") from None
@@ -381,6 +468,10 @@ def _header_problem(kind: _Kind, value: bytes | None) -> str:
     """Explain why ``value`` does not start with ``kind``'s single-object header."""
     if not value:
         return f"empty {kind.label} value"
+    if value[0] == CONFLUENT_MAGIC and len(value) >= _FRAMED_LEN:
+        schema_id = int.from_bytes(value[1:_FRAMED_LEN], "big")
+        return (f"not a kflow {kind.label}: bad magic {bytes(value[:2]).hex()} (expected {MAGIC.hex()}); a Confluent "
+                f"Schema Registry value (id {schema_id})? this process has no registry (KFLOW_SCHEMA_REGISTRY_URL)")
     if not MAGIC.startswith(bytes(value[:2])):
         return f"not a kflow {kind.label}: bad magic {bytes(value[:2]).hex()} (expected {MAGIC.hex()})"
     if len(value) < _HEADER_LEN:
@@ -564,6 +655,7 @@ def encode_task(t: Task) -> bytes:
         "report_start": t.report_start,
         "attempt_token": t.attempt_token,
         "priority": t.priority,
+        "fairness_key": t.fairness_key,
     }
     return _write(_TASK, record)
 

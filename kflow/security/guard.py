@@ -52,16 +52,23 @@ ENGINE_PRINCIPAL = "system:engine"
 REPORTS: Mapping[str, str] = {"CompleteActivity": "complete_activity", "FailActivity": "fail_activity",
                               "HeartbeatActivity": "heartbeat_activity", "StartActivity": "start_activity"}
 #: Commands that change an instance on a user's request: each one granted is audited.
-MUTATING = frozenset({"StartWorkflow", "SignalWorkflow", "CancelWorkflow", "TerminateWorkflow", "SuspendWorkflow",
-                      "ResumeWorkflow", "RetryWorkflow"})
+MUTATING = frozenset({"StartWorkflow", "SignalWorkflow", "UpdateWorkflow", "CancelWorkflow", "TerminateWorkflow",
+                      "SuspendWorkflow", "ResumeWorkflow", "RetryWorkflow", "ResolveIncident", "MigrateWorkflow",
+                      "SetPriority"})
 #: Command type -> (the action audit records name, the operation the policy is asked about).
 #: ``FireTimer``, ``CompleteChild`` and ``FailChild`` are the engine's own: ``system:Admin``.
 _OPERATIONS: Mapping[str, tuple[str, str]] = {
     "StartWorkflow": ("start", "start"), "SignalWorkflow": ("signal", "signal"), "QueryWorkflow": ("query", "query"),
+    "UpdateWorkflow": ("update", "signal"),  # an update is a signal that answers: the same permission
     "QueryStatus": ("status", "status"), "CancelWorkflow": ("cancel", "cancel"),
     "TerminateWorkflow": ("terminate", "terminate"), "SuspendWorkflow": ("suspend", "suspend"),
-    "ResumeWorkflow": ("resume", "resume"), "RetryWorkflow": ("retry", "retry"), "FireTimer": ("fire_timer", "system:Admin"),
+    "ResumeWorkflow": ("resume", "resume"),
+    "SetPriority": ("set_priority", "suspend"),  # changes how its work is scheduled: instance:Manage, like suspend
+    "RetryWorkflow": ("retry", "retry"), "FireTimer": ("fire_timer", "system:Admin"),
     "CompleteChild": ("complete_child", "system:Admin"), "FailChild": ("fail_child", "system:Admin"),
+    # an incident whose step names a role needs that role instead (see CommandGuard.authorize)
+    "ResolveIncident": ("resolve_incident", "instance:Manage"),
+    "MigrateWorkflow": ("migrate", "instance:Manage"),  # moves an instance to another version of its workflow
 }
 _ENGINE_RESOURCE = "engine"
 
@@ -79,6 +86,14 @@ def _tenant(state: Optional[JSONDict]) -> str:
 
 def _owner(state: Optional[JSONDict]) -> Optional[str]:
     return state.get("owner") if state is not None else None
+
+
+def _incident_role(cmd: Command, state: Optional[JSONDict]) -> Optional[str]:
+    """The role an open incident's step names, for a ``ResolveIncident`` of it; else None."""
+    if cmd.type != "ResolveIncident" or state is None:
+        return None
+    inc = (state.get("incidents") or {}).get(cmd.data.get("incident_id"))
+    return (inc.get("role") or None) if isinstance(inc, dict) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +173,24 @@ class CommandGuard:
         """Whether the policy in force allows ``who`` the operation of ``cmd`` (already authenticated)."""
         action, operation = self._operation(cmd)
         resource = self._resource(cmd, state, who)
+        role = _incident_role(cmd, state)
+        if role is not None:
+            return Check(action, resource, who, *self._role_verdict(who, role, resource))
         verdict = evaluate(self._policy(), who, operation, resource)
         return Check(action, resource, who, None if verdict.allowed else RejectCode.FORBIDDEN, verdict.reason)
+
+    def _role_verdict(self, who: Principal, role: str, resource: Resource) -> tuple[Optional[str], str]:
+        """``(code, reason)`` for resolving an incident of a step that names ``role``: that role in the
+        instance's tenant, or ``system_admin``; owning the instance or other grants do not count."""
+        roles = self._policy().roles_of(who)
+        if SYSTEM_ADMIN in roles:
+            return None, f"role {SYSTEM_ADMIN!r} allows everything"
+        if role in roles and who.tenant == resource.tenant:
+            return None, f"role {role!r} resolves the incident"
+        where = "" if who.tenant == resource.tenant else f" in tenant {resource.tenant!r}"
+        return (RejectCode.FORBIDDEN, f"expected role {role!r} (named by the incident's step) or {SYSTEM_ADMIN!r} to "
+                f"resolve incidents of {resource.id!r}{where}, but {who.name!r} of tenant {who.tenant!r} has "
+                f"{', '.join(sorted(roles)) or 'no roles'}")
 
     def _check_report(self, cmd: Command, state: Optional[JSONDict], given: str | bytes | None) -> Check:
         aid, n = str(cmd.data.get("activity_id")), cmd.data.get("attempt")

@@ -55,6 +55,10 @@ WORKFLOW_SECONDS = Histogram(
     "kflow_workflow_duration_seconds", "Start to close of workflow instances, by workflow and final status.",
     ["workflow", "status"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600))
+INCIDENTS_RAISED = Counter("kflow_incidents_raised_total", "Incidents raised (a step's retries ran out under "
+                           "on_failure: incident), by workflow.", ["workflow"])
+INCIDENTS_RESOLVED = Counter("kflow_incidents_resolved_total", "Incidents closed by an operator (retry, skip, fail) "
+                             "or by their timeout (timeout), by workflow and action.", ["workflow", "action"])
 ACTIVITIES_SCHEDULED = Counter("kflow_activities_scheduled_total", "Activity attempts scheduled, by activity.",
                                ["activity"])
 ACTIVITIES_COMPLETED = Counter("kflow_activities_completed_total", "Activities completed, by activity.", ["activity"])
@@ -64,6 +68,14 @@ ACTIVITIES_RETRIED = Counter("kflow_activities_retried_total", "Activity retries
 ACTIVITIES_TIMED_OUT = Counter("kflow_activities_timed_out_total", "Activity attempts timed out, by activity and kind.",
                                ["activity", "kind"])
 
+LIMIT_PERMITS = Counter("kflow_limit_permits_total", "Permit requests decided by quota and limit counters, by "
+                        "counter key (limit:<name>[:<tenant or key>]) and outcome: granted (an admission or a "
+                        "dispatch), queued, refused (a rejection).", ["key", "outcome"])
+LIMIT_IN_USE = Gauge("kflow_limit_in_use", "Permits a quota or concurrency limit has out, by counter key (counters "
+                     "owned by this engine).", ["key"])
+LIMIT_QUEUED = Gauge("kflow_limit_queued", "Requests waiting at a quota or limit counter, by counter key.", ["key"])
+LIMIT_SATURATION = Gauge("kflow_limit_saturation", "Permits out / the limit's maximum (1 = full; above 1 while a "
+                         "burst policy admits beyond it), by counter key.", ["key"])
 TIMERS_PENDING = Gauge("kflow_engine_timers_pending", "Durable timers waiting in the due-date index, by partition "
                        "(counted up to 1000 per partition).", ["partition"])
 CACHE_HITS = Counter("kflow_engine_cache_hits_total", "Instance state reads served by the in-memory cache.")
@@ -153,12 +165,32 @@ def record_batch(decisions: Iterable[tuple[Optional[dict[str, Any]], Any]], now_
                 ACTIVITIES_TIMED_OUT.labels(name, str(data.get("kind") or "unknown")).inc()
             elif t == "WorkflowStarted":
                 WORKFLOWS_STARTED.labels(str(data.get("workflow") or workflow)).inc()
+            elif t in _PERMIT_OUTCOMES and after is not None:
+                LIMIT_PERMITS.labels(str(after["id"]), _PERMIT_OUTCOMES[t]).inc()
+            elif t == "IncidentRaised":
+                INCIDENTS_RAISED.labels(workflow).inc()
+            elif t == "IncidentResolved":
+                INCIDENTS_RESOLVED.labels(workflow, str(data.get("action") or "unknown")).inc()
             elif t in _TERMINAL:
                 counter, status = _TERMINAL[t]
                 counter.labels(workflow).inc()
+                if data.get("error_type") == "IncidentTimeout":
+                    INCIDENTS_RESOLVED.labels(workflow, "timeout").inc()
                 started = (after or {}).get("started_ms")
                 if started is not None:
                     WORKFLOW_SECONDS.labels(workflow, status).observe(max(0, now_ms - int(started)) / 1000)
+
+
+        if after is not None and after.get("kind") == "limit":
+            key, in_use = str(after["id"]), len(after["held"])
+            LIMIT_IN_USE.labels(key).set(in_use)
+            LIMIT_QUEUED.labels(key).set(len(after["queue"]))
+            if after.get("max"):
+                LIMIT_SATURATION.labels(key).set(in_use / after["max"])
+
+
+#: Counter events of quota and limit counters -> the outcome label of ``kflow_limit_permits_total``.
+_PERMIT_OUTCOMES = {"PermitIssued": "granted", "PermitQueued": "queued", "PermitDenied": "refused"}
 
 
 def _due(kind: str) -> bool:

@@ -48,6 +48,7 @@ from kflow.security.guard import SEEN_KEY_PREFIX, CommandGuard, SeenTokens
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.lane import Batch, Lane, state_record
 from kflow.streams.policies import PolicyTable
+from kflow.streams.limits import LimitsTable
 from kflow.streams.restore import RestoreStats, restore_partitions
 from kflow.streams.standby import StandbyReplicas
 from kflow.streams.store import JOURNAL_PREFIX, EngineStore, StorePartition
@@ -86,6 +87,7 @@ class EngineProcessor:
         self._blocked: set[int] = set()  # partitions a lane is rewinding: their records are dropped
         self._seeks: list[TopicPartition] = []
         self.defs: DefinitionsTable
+        self.quotas: LimitsTable
         self.consumer: Consumer
         self.side_producer: Producer  # cancel tasks, produced after the commit that decided them
         #: the consumer's group metadata for send_offsets_to_transaction, taken by this thread after
@@ -131,6 +133,9 @@ class EngineProcessor:
             compile_code = compile_code or registered_code
         self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code)
         self.defs.limits = cfg.limits()
+        self.quotas = LimitsTable(cfg.consumer_conf("kflow-limits"), self.names.limits)
+        self.quotas.catch_up(10)
+        self.defs.quotas = self.quotas  # the limit counters and gates read it at decision time
         self.defs.catch_up(10)
         self.defs.host(hosted, cfg.producer_conf(), self.clock.now_ms())
         self._setup_auth()
@@ -187,6 +192,7 @@ class EngineProcessor:
                 self.standby.stop()  # after leaving the group: the revoked stores came back to it
             self.store.close_all()
             self.defs.close()
+            self.quotas.close()
             if self.guard is not None:
                 self.policies.close()
             self.ready.clear()
@@ -307,6 +313,7 @@ class EngineProcessor:
         if msgs:
             self._route(msgs, polled_us)
         self.defs.poll(0)
+        self.quotas.poll(0)
         if self.guard is not None:
             self.policies.poll(0)
         metrics.refresh(self)

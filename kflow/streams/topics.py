@@ -8,7 +8,9 @@ which already exist have the partition count and cleanup policy kflow needs, rai
 within the timeout. A queue has one task topic per priority level: ``tasks.<queue>`` (normal) and
 ``tasks.<queue>.p<level>`` (1, 2, 4, 5). Every instance-keyed topic (commands, events, state, journal,
 ``tasks.<queue>[.p<level>]``), the DLQ and the audit trail share one partition count so they are
-co-partitioned; ``definitions`` and ``policies`` are global tables with a single partition.
+co-partitioned; ``definitions``, ``policies``, ``schedules`` and ``batches`` are global tables with a single partition.
+With a Schema Registry configured (``TopicSettings.schema_registry_url``), ensuring topics also registers
+their value schemas (:mod:`kflow.schemas.registry`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,23 @@ class TopicNames:
         return f"{self.prefix}policies"
 
     @property
+    def limits(self) -> str:
+        """The declared quotas and activity limits (key ``limits``), read by every engine as a global table."""
+        return f"{self.prefix}limits"
+
+    @property
+    def schedules(self) -> str:
+        """The schedules table (key = schedule id, value = JSON, a tombstone deletes), written by the
+        engine that owns each schedule's key in the transaction that changed it; read as a table."""
+        return f"{self.prefix}schedules"
+
+    @property
+    def batches(self) -> str:
+        """Batch operations (key = batch id, or ``<batch id>/<part>``, value = JSON; see :mod:`kflow.batch.log`),
+        written by the process running each batch; read as a table."""
+        return f"{self.prefix}batches"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
 
@@ -136,6 +155,7 @@ class TopicSettings:
     commands_retention_ms: int = 7 * _DAY_MS
     max_message_bytes: int = 1_048_576
     audit_retention_ms: int = 365 * _DAY_MS
+    schema_registry_url: str = ""  # Confluent Schema Registry of the value schemas; "" = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +190,9 @@ def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str
         TopicSpec(names.journal, p, "compact", -1),
         TopicSpec(names.definitions, 1, "compact", -1),
         TopicSpec(names.policies, 1, "compact", -1),
+        TopicSpec(names.schedules, 1, "compact", -1),
+        TopicSpec(names.limits, 1, "compact", -1),
+        TopicSpec(names.batches, 1, "compact", -1),
         TopicSpec(names.dlq, p, "delete", settings.events_retention_ms),
         TopicSpec(names.audit, p, "delete", settings.audit_retention_ms),
         TopicSpec(names.replies, p, "delete", REPLIES_RETENTION_MS),
@@ -192,6 +215,7 @@ def ensure_topics(
     specs = topic_specs(names, settings, queues)
     admin = AdminClient(dict(admin_conf))
     _ensure(admin, _bootstrap(admin_conf), specs, settings, time.monotonic() + timeout)
+    _register_schemas(settings, names, [s.name for s in specs])
     _known_for(admin_conf).update(names.tasks(q, level) for q in queues for level in _LEVELS)
 
 
@@ -212,8 +236,17 @@ def ensure_task_topic(
     client = admin if isinstance(admin, AdminClient) else AdminClient(dict(admin))
     bootstrap = "the configured brokers" if isinstance(admin, AdminClient) else _bootstrap(admin)
     _ensure(client, bootstrap, [spec], settings, time.monotonic() + timeout)
+    _register_schemas(settings, names, [spec.name])
     known.add(spec.name)
     return spec.name
+
+
+def _register_schemas(settings: TopicSettings, names: TopicNames, topics: list[str]) -> None:
+    """Register the value schemas of ``topics`` when a Schema Registry is configured (all or none)."""
+    if settings.schema_registry_url:
+        from kflow.schemas.registry import activate  # the registry extra is needed only then
+
+        activate(settings.schema_registry_url, names, topics)
 
 
 # --------------------------------------------------------------------------- cache of ensured task topics

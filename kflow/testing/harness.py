@@ -43,6 +43,8 @@ class EngineHarness:
         self.cancelled_tasks: list[Task] = []
         self.dlq: list[tuple[Command, str]] = []
         self.auto_run_tasks = True
+        #: Answers the engine sent (to queries and updates), by query or update id.
+        self.replies: dict[str, JSONDict] = {}
         self._cmds: deque[Command] = deque()
 
     # -- setup ------------------------------------------------------------------------------
@@ -64,6 +66,19 @@ class EngineHarness:
     def signal(self, instance_id: str, name: str, data: Any = None, command_id: str = "") -> None:
         self._cmds.append(Command("SignalWorkflow", instance_id, {"name": name, "data": data}, command_id))
         self.drain()
+
+    def update(self, instance_id: str, name: str, data: Any = None, update_id: str = "") -> Optional[JSONDict]:
+        """Send update ``name`` and process what it causes; return its answer, or None if there is none yet.
+
+        The answer is ``{"result": ...}``, or ``{"error": {"type", "message"}}`` (with ``"rejected":
+        True`` when the update was refused before it was accepted). An async handler waiting on an
+        activity or a timer answers later: read ``replies[update_id]`` once they have run.
+        """
+        uid = update_id or f"{instance_id}:update-{len(self.replies)}-{len(self.history.get(instance_id, ()))}"
+        self.replies.pop(uid, None)
+        self._cmds.append(Command("UpdateWorkflow", instance_id, {"update_id": uid, "name": name, "data": data}, uid))
+        self.drain()
+        return self.replies.get(uid)
 
     def advance(self, seconds: float) -> None:
         """Move the clock and fire every timer that became due, in due order."""
@@ -101,6 +116,7 @@ class EngineHarness:
         if d.dlq_reason:
             self.dlq.append((cmd, d.dlq_reason))
             return d
+        self.replies.update(d.replies)
         if d.state is not None and d.events:
             self.states[cmd.instance_id] = d.state
             self.history.setdefault(cmd.instance_id, []).extend(d.events)

@@ -207,7 +207,7 @@ def waiting(c: Client, iid: str) -> None:
         threads = ((c.status(iid) or {}).get("internal") or {}).get("threads") or {}
         return any((t.get("wait") or {}).get("k") == "signal" for t in threads.values())
 
-    assert_eventually(waits, timeout=30, msg=f"{iid} never waited for its signal")
+    assert_eventually(waits, timeout=60, msg=f"{iid} never waited for its signal")
 
 
 def audits(s: AuthStack, iid: str) -> list[Any]:
@@ -232,8 +232,6 @@ def alg_none(command: Command) -> tuple[bytes, list[tuple[str, bytes]]]:
 # --------------------------------------------------------------------------- signed commands succeed
 
 
-@pytest.mark.xfail(reason="known open bug: under a full-suite load some child workflows never start or finish "
-                   "(seen since this release's engine changes; see the closing note)", strict=False)
 def test_signed_commands_from_the_client_run_workflows_with_children_timers_and_signals(auth: AuthStack) -> None:
     alice = auth.client("alice")
     handle = alice.start("sec-parent", 4, id=uid("parent"))

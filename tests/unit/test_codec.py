@@ -54,13 +54,15 @@ def field_strategy(typ: str, spec: str) -> st.SearchStrategy[Any]:
         return JSON_VALUES
     if name == "version":
         return st.none() | INT32 if typ == "StartWorkflow" else INT32
-    if name in ("attempt", "run"):
+    if name in ("attempt", "run", "from_version", "to_version"):
         return INT32
-    if name in ("retryable", "force"):
+    if name in ("retryable", "force", "replace", "replaced"):
         return st.booleans()
-    if name == "due_ms":
+    if name in ("due_ms", "start_ms", "end_ms"):
         return INT64
-    if name in ("parent_id", "parent_ref", "id_reuse"):
+    if name in ("parent_id", "parent_ref", "id_reuse") or (name, typ) in (("overlap", "TriggerSchedule"),
+                                                                        ("transform", "MigrateWorkflow")) \
+            or (typ == "UpdateCompleted" and name in ("error_type", "message")):
         return st.none() | TEXT
     if name == "priority":
         return st.none() | st.integers(1, 5)
@@ -130,7 +132,7 @@ def test_every_schema_parses_and_has_the_documented_fields() -> None:
         "state": ["instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms",
                   "closed_ms", "result", "error_type", "error_message", "internal"],
         "task": ["instance_id", "activity_id", "attempt", "name", "queue", "input", "workflow", "scheduled_ms", "kind", "report_start",
-                 "attempt_token", "priority"],
+                 "attempt_token", "priority", "fairness_key"],
         "definition": ["name", "version", "kind", "body", "deployed_ms"],
     }
     for name, fields in expected.items():

@@ -51,7 +51,7 @@ def _candidates(field: Any) -> list[str]:
         out += [str(default + 1), str(default - 1)]
     elif isinstance(default, str) and "://" in default:
         out.append(default.split("://", 1)[0] + "://other-host:1")
-    return out + ["other-host:19092", "set-by-test", "1", "true", "http://other-host:1", '["x"]', '{"a": "b"}']
+    return out + ["other-host:19092", "set-by-test", "1", "true", "http://other-host:1", '["x"]', '{"a": "b"}', '{"a": 2}']
 
 
 CLASSES = {f"KFLOW_{name.upper()}": (cls, name) for cls, _ in reversed(PROCESSES) for name in cls.model_fields}

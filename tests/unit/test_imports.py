@@ -1,7 +1,7 @@
 """Import direction and purity of the core, checked by parsing source with ``ast``.
 
 ``kflow.model`` may import only the standard library, pydantic and itself; ``kflow.engine`` only the
-standard library, ``kflow.model``, itself and the pure libraries ``cel`` and ``orjson``. Neither
+standard library, ``kflow.model``, itself and the pure libraries ``cel``, ``orjson``, ``croniter`` and ``semantic_version``. Neither
 may read the wall clock, randomness, fresh uuids, the environment or sleep: time, ids and
 randomness are inputs to the engine. Modules every layer leans on are held to their own rules:
 ``kflow.clock`` is standard library only, ``kflow.streams.readend`` adds confluent_kafka and
@@ -24,7 +24,7 @@ STDLIB = frozenset(sys.stdlib_module_names)
 
 ALLOWED = {
     "model": ({"pydantic"}, ("kflow.model",)),
-    "engine": ({"cel", "orjson"}, ("kflow.model", "kflow.engine")),
+    "engine": ({"cel", "orjson", "croniter", "semantic_version"}, ("kflow.model", "kflow.engine")),
 }
 
 #: Single modules (path under kflow/) -> (third-party packages, kflow prefixes) they may import.
@@ -248,8 +248,8 @@ PUBLIC = {
     "ActivityCancelledError", "ActivityError", "AsyncClient", "BrokerUnavailable", "CancelledError", "Client", "DefinitionConflict",
     "DefinitionError", "DeterminismError", "KflowError", "NonRetryableError", "NondeterminismError", "QueryFailedError",
     "StartRejectedError",
-    "TopicConfigMismatch", "Worker", "WorkflowCancelledError", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
-    "WorkflowNotDeployed", "WorkflowSandboxError", "activity", "heartbeat", "query_state", "workflow",
+    "TopicConfigMismatch", "UpdateFailedError", "UpdateRejectedError", "Worker", "WorkflowCancelledError", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
+    "WorkflowNotDeployed", "WorkflowSandboxError", "activity", "heartbeat", "migration", "query_state", "workflow",
 }
 #: Errors of ``kflow.model.errors`` that stay internal (raised and handled inside kflow's processors).
 INTERNAL_ERRORS = {"DecodeError"}
