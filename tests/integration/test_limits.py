@@ -5,8 +5,7 @@ counters, and `kflow priority` records a PriorityChanged."""
 
 from __future__ import annotations
 
-import threading
-import time
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,9 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from kflow.cli import app
+from kflow.dev.procs import worker_process
 from kflow.testing import assert_eventually
+from tests.integration.conftest import PARTITIONS
 
 SLOW = {"name": "lim_slow", "version": 1, "steps": [{"id": "call", "task": "lim.erp", "input": "input"}]}
 WAIT = {"name": "lim_wait", "version": 1, "steps": [{"id": "w", "wait": {"signal": "done"}}]}
@@ -30,25 +31,8 @@ def _in_force(stack: Any, name: str) -> None:
     assert_eventually(lambda: all(proc.quotas.get(name) is not None for proc, _ in stack.engines), timeout=30)
 
 
-class InFlight:
-    """Counts the attempts running at once across every worker (they share this process)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.now = self.max = self.done = 0
-
-    def activity(self, order: Any) -> Any:
-        with self.lock:
-            self.now += 1
-            self.max = max(self.max, self.now)
-        time.sleep(0.15)  # the call's own duration: attempts must overlap for a limit to matter
-        with self.lock:
-            self.now -= 1
-            self.done += 1
-        return order
-
-
-def test_activity_limit_of_5_holds_with_3_workers(engine_only_stack: Any, tmp_path: Path) -> None:
+def test_activity_limit_of_5_holds_with_3_worker_processes(engine_only_stack: Any, tmp_path: Path,
+                                                           monkeypatch: Any) -> None:
     stack = engine_only_stack
     client = stack.client
     client.deploy(SLOW)
@@ -57,14 +41,24 @@ def test_activity_limit_of_5_holds_with_3_workers(engine_only_stack: Any, tmp_pa
     out = _cli(stack, "limits", "apply", str(limits))
     assert out.exit_code == 0 and "erp: activity lim.erp: in flight <= 5" in out.output, out.output
     _in_force(stack, "erp")
-    counter = InFlight()
-    for _ in range(3):  # each its own consumer in the group, each able to run 10 at once
-        stack.start_worker({"default": {"lim.erp": counter.activity}}, concurrency=10)
-    ids = [client.start("lim_slow", {"n": n}).id for n in range(30)]
-    assert_eventually(lambda: all((client.status(i) or {}).get("status") == "COMPLETED" for i in ids), timeout=120)
-    assert counter.done == 30
-    assert counter.max <= 5, f"{counter.max} attempts ran at once under a limit of 5"
-    assert counter.max >= 2  # the workers did run attempts side by side
+    counter = tmp_path / "inflight.json"
+    counter.write_text(json.dumps({"now": 0, "max": 0, "done": 0, "pids": []}))
+    monkeypatch.setenv("KFLOW_TEST_INFLIGHT_FILE", str(counter))
+    # three `kflow worker` processes, each its own consumer in the group, each able to run 10 at once
+    workers = [worker_process(stack.bootstrap, stack.prefix, ["tests.integration.limit_activities"],
+                              partitions=PARTITIONS, concurrency=10).start() for _ in range(3)]
+    try:
+        ids = [client.start("lim_slow", {"n": n}).id for n in range(30)]
+        assert_eventually(lambda: all((client.status(i) or {}).get("status") == "COMPLETED" for i in ids),
+                          timeout=120, msg="the 30 limited calls did not all complete")
+    finally:
+        for w in workers:
+            w.kill()
+    seen = json.loads(counter.read_text())
+    assert seen["done"] == 30
+    assert seen["max"] <= 5, f"{seen['max']} attempts ran at once under a limit of 5"
+    assert seen["max"] >= 2  # attempts did run side by side
+    assert len(seen["pids"]) >= 2, seen  # and more than one worker process ran them
 
     granted = REGISTRY.get_sample_value("kflow_limit_permits_total", {"key": "limit:erp", "outcome": "granted"})
     assert granted is not None and granted >= 30
@@ -92,7 +86,7 @@ def test_quota_of_2_per_tenant_runs_2_and_admits_the_queued_as_runs_complete(eng
 
     assert_eventually(lambda: sorted(statuses()) == ["QUEUED"] * 4 + ["RUNNING"] * 2, timeout=60)
     # starts on other partitions reach the counter in their own order: FIFO is by arrival there
-    first = [i for i, s in zip(ids, statuses()) if s == "RUNNING"]
+    first = [i for i, s in zip(ids, statuses(), strict=True) if s == "RUNNING"]
     queued = [i for i in ids if i not in first]
     shown = _cli(stack, "queues")
     assert shown.exit_code == 0, shown.output
@@ -105,7 +99,7 @@ def test_quota_of_2_per_tenant_runs_2_and_admits_the_queued_as_runs_complete(eng
     while len(done) < 6:
         now = statuses()
         assert sum(s == "RUNNING" for s in now) <= 2
-        running = [i for i, s in zip(ids, now) if s == "RUNNING" and i not in done]
+        running = [i for i, s in zip(ids, now, strict=True) if s == "RUNNING" and i not in done]
         if not running:
             continue
         closing = running[0]
