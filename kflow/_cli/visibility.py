@@ -28,7 +28,7 @@ _STYLE = {"running": "bold blue", "done": "green", "failed": "bold red", "pendin
 _MARK = {"running": "▶", "done": "✔", "failed": "✖", "pending": "·"}
 _STATUS_STYLE = {"RUNNING": "blue", "COMPLETED": "green", "FAILED": "red", "TERMINATED": "red",
                  "CANCELLED": "yellow", "CANCELLING": "yellow", "COMPENSATING": "yellow", "BLOCKED": "blue",
-                 "SUSPENDED": "magenta", "INCIDENT": "bold red"}
+                 "SUSPENDED": "magenta", "INCIDENT": "bold red", "QUEUED": "cyan"}
 _TIMEOUT = 10.0
 T = TypeVar("T")
 

@@ -102,6 +102,10 @@ class Access:
     def is_admin(self, caller: Caller) -> bool:
         return self.auth is None or SYSTEM_ADMIN in self._policy().roles_of(caller.principal)
 
+    def roles(self, caller: Caller) -> frozenset[str]:
+        """The caller's roles: its credential's plus those the policy in force binds to it."""
+        return frozenset() if self.auth is None else self._policy().roles_of(caller.principal)
+
     def verdict(self, caller: Caller, action: str, resource: Resource, *, catch_up: bool = True) -> Verdict:
         """Whether ``caller`` may ``action`` on ``resource`` (auth off: always).
 

@@ -49,6 +49,7 @@ from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
 from kflow.visibility.access import Access, ApiError
 from kflow.visibility.graph import MAX_REPLAY_EVENTS, history_steps, layout, resolve_steps, step_index, succeed_steps
 from kflow.visibility.live import Changes
+from kflow.visibility.objects import incident_rows, limit_key_part, limit_rows, queued_by_level
 from kflow.visibility.store import MAX_PAGE, STATUSES, FilterError, InstanceFilter, VisibilityStore
 
 __all__ = ["ActionSink", "ApiError", "create_app", "parse_time"]
@@ -56,6 +57,8 @@ __all__ = ["ActionSink", "ApiError", "create_app", "parse_time"]
 log = logging.getLogger("kflow.visibility")
 
 STATIC = Path(__file__).with_name("static")
+#: What pausing, unpausing or triggering a schedule needs: the engine checks schedule commands so.
+SCHEDULE_PERMISSION = "system:Admin"
 
 
 class ActionSink(Protocol):
@@ -71,6 +74,15 @@ class ActionSink(Protocol):
     def terminate(self, id: str, reason: str = "") -> None: ...
 
     def schedules(self) -> dict[str, dict[str, Any]]: ...
+
+    def pause_schedule(self, id: str, note: str = "") -> None: ...
+
+    def unpause_schedule(self, id: str, note: str = "") -> None: ...
+
+    def trigger_schedule(self, id: str, overlap: Optional[str] = None) -> None: ...
+
+    def resolve_incident(self, id: str, incident_id: str, action: str, *, output: Any = None,
+                         input_patch: Optional[dict[str, Any]] = None, reason: str = "", by: str = "") -> None: ...
 
 
 class StartBody(BaseModel):
@@ -94,6 +106,43 @@ class ReasonBody(BaseModel):
     """Cancel or terminate an instance."""
 
     reason: str = Field("", description="Why; recorded in the history.")
+
+
+class ResolveBody(BaseModel):
+    """Resolve an open incident."""
+
+    action: str = Field(description="retry (run the step again), skip (go on with `output`) or fail.")
+    output: Any = Field(None, description="The step's output, any JSON value (action skip).")
+    input_patch: Optional[dict[str, Any]] = Field(None, description="Merged into the activity input (action retry).")
+    reason: str = Field("", max_length=4096, description="Why; recorded in IncidentResolved.")
+
+
+class NoteBody(BaseModel):
+    """Pause or unpause a schedule."""
+
+    note: str = Field("", max_length=4096, description="Why; shown with the schedule.")
+
+
+class TriggerBody(BaseModel):
+    """Start a run of a schedule now."""
+
+    overlap: Optional[str] = Field(None, description="Overlap policy of this run; the schedule's when omitted.")
+
+
+class BatchBody(BaseModel):
+    """Create a batch: one operation on every instance a visibility query selects."""
+
+    operation: str = Field(description="signal, cancel, terminate, suspend, resume or retry.")
+    where: str = Field(min_length=1, description="The query, as `kflow batch --where` takes it, e.g. "
+                                                 "\"workflow=order AND status=RUNNING\".")
+    signal: Optional[str] = Field(None, min_length=1, description="The signal name (operation signal).")
+    data: Any = Field(None, description="The signal data, any JSON value (operation signal).")
+    reason: str = Field("", description="Why; recorded in each instance's history with the batch id.")
+    from_step: Optional[str] = Field(None, description="Step to re-open at (operation retry).")
+    input_patch: Optional[dict[str, Any]] = Field(None, description="Merged into the variables (operation retry).")
+    force: bool = Field(False, description="Also re-open CANCELLED and TERMINATED instances (operation retry).")
+    rate: str = Field("50/s", description="Most commands sent per second: 50/s, 600/m.")
+    max: int = Field(100_000, ge=1, description="Refuse the batch if more instances than this match.")
 
 
 class LoginBody(BaseModel):
@@ -190,7 +239,8 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Prin
                changes: Optional[Changes] = None, ready: Callable[[], bool] = lambda: True,
                lag: Callable[[], int] = lambda: 0, access: Optional[Access] = None,
                audit_reader: Optional[Callable[..., list[AuditRecord]]] = None,
-               max_body_bytes: int = 1_048_576) -> FastAPI:
+               max_body_bytes: int = 1_048_576,
+               subscriptions: Optional[Callable[[], dict[str, Any]]] = None) -> FastAPI:
     """Build the application.
 
     Args:
@@ -204,6 +254,9 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Prin
         audit_reader: Reads the audit trail (``since_ms``, ``principal``, ``outcome`` keywords)
             for ``/api/audit``; None makes it answer 503.
         max_body_bytes: Largest request body read (413 beyond).
+        subscriptions: Reads the webhook subscriptions with their recent deliveries (see
+            :class:`~kflow.visibility.deliveries.SubscriptionsView`); None makes
+            ``/api/subscriptions`` answer 503.
     """
     changes = changes or Changes()
     access = access or Access()
@@ -435,6 +488,115 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Prin
         done(request, who, "terminate", target)
         return {"id": instance_id, "accepted": True}
 
+    # -- batches --------------------------------------------------------------------------------
+
+    batch_threads: dict[str, Any] = {}
+
+    def batch_log(who: Caller) -> Any:
+        from kflow.batch import BatchLog
+
+        return BatchLog(getattr(act(who), "config"))
+
+    def batch_visible(who: Caller, header: dict[str, Any]) -> bool:
+        return access.is_admin(who) or (header.get("tenant") or DEFAULT_TENANT) == who.principal.tenant
+
+    @app.post("/api/batches", tags=["batches"], status_code=202,
+              summary="Create and start a batch operation over the instances a query selects")
+    def create_batch(request: Request, body: BatchBody, who: Caller = Who) -> dict[str, Any]:
+        import threading
+
+        from kflow.batch import BatchRunner, WhereError, new_batch, parse_rate, parse_where
+        from kflow.batch.runner import check_operation
+
+        args: dict[str, Any] = ({"name": body.signal, "data": body.data} if body.operation == "signal" else
+                                {"from_step": body.from_step, "input_patch": body.input_patch, "force": body.force,
+                                 "reason": body.reason} if body.operation == "retry" else {"reason": body.reason})
+        try:
+            check_operation(body.operation, args)
+            where, rate = parse_where(body.where), parse_rate(body.rate)
+        except WhereError as e:
+            raise ApiError(400, str(e)) from None
+        tenant = tenant_scope(request, who, where.tenant)
+        f = _filter(",".join(where.status) or None, where.workflow, where.version, tenant, None, None, None, None,
+                    [f"{n}:{v}" for n, v in where.search], where.id_prefix)
+        f.started_after, f.started_before = where.started_after, where.started_before
+        f.closed_after, f.closed_before = where.closed_after, where.closed_before
+        rows: list[dict[str, Any]] = []
+        cursor: Optional[str] = None
+        while tenant != "":
+            try:
+                page = store.list_instances(f, MAX_PAGE, cursor)
+            except FilterError as e:
+                raise ApiError(400, str(e)) from None
+            rows += page.items
+            if len(rows) > body.max:
+                raise ApiError(400, f"the query matches more than {body.max} instances: narrow it, or raise max "
+                                    "(nothing was sent)")
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        if access.enabled:  # the operation's permission on every instance, or no batch at all
+            for row in rows:
+                access.require(request, who, body.operation, instance_resource(row["instance_id"]))
+        ids = [r["instance_id"] for r in rows]
+        client = act(who)
+        log_ = batch_log(who)
+        try:
+            rec = new_batch(log_, body.operation, where, ids, args, rate, who.principal.name,
+                            tenant=who.principal.tenant)
+        except WhereError as e:
+            log_.close()
+            raise ApiError(400, str(e)) from None
+        except KflowError as e:
+            log_.close()
+            raise ApiError(503, f"cannot record the batch: {e}") from None
+
+        def run() -> None:
+            try:
+                BatchRunner(client, log_).run(rec.id)  # type: ignore[arg-type]
+            except Exception:  # the batch stays RUNNING on its topic; `kflow batch continue` carries on
+                log.exception("batch %s failed", rec.id)
+            finally:
+                log_.close()
+                batch_threads.pop(rec.id, None)
+
+        thread = threading.Thread(target=run, name=f"kflow-batch-{rec.id}", daemon=True)
+        batch_threads[rec.id] = thread
+        thread.start()
+        done(request, who, body.operation, Resource("instance", "*", who.principal.tenant), batch_id=rec.id,
+             instances=len(ids), where=where.text())
+        return {"id": rec.id, "operation": body.operation, "where": where.text(), "total": len(ids),
+                "status": rec.header["status"]}
+
+    @app.get("/api/batches", tags=["batches"], summary="Batches, newest first, with their status and counts")
+    def list_batches(request: Request, who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "list", Resource("instance", "*", who.principal.tenant))
+        try:
+            headers = batch_log(who).headers()
+        except KflowError as e:
+            raise ApiError(503, f"cannot read the batches: {e}") from None
+        return {"items": [h for h in headers if batch_visible(who, h)]}
+
+    @app.get("/api/batches/{batch_id}", tags=["batches"], summary="One batch with the outcome of each instance")
+    def get_batch(request: Request, batch_id: str, offset: int = Query(0, ge=0, description="First instance shown."),
+                  limit: int = Query(1000, ge=1, le=10_000, description="Instances shown."),
+                  who: Caller = Who) -> dict[str, Any]:
+        from kflow.batch import BatchNotFound
+
+        access.require(request, who, "list", Resource("instance", "*", who.principal.tenant))
+        try:
+            rec = batch_log(who).load(batch_id)
+        except BatchNotFound as e:
+            raise ApiError(404, str(e)) from None
+        except KflowError as e:
+            raise ApiError(503, f"cannot read the batch: {e}") from None
+        if not batch_visible(who, rec.header):
+            raise ApiError(404, f"no batch with id {batch_id!r}")
+        items = [{"instance_id": iid, **(rec.outcomes[iid].to_json() if iid in rec.outcomes else {"result": "pending"})}
+                 for iid in rec.ids[offset:offset + limit]]
+        return {**rec.header, "counts": rec.counts(), "instances": items,
+                "next_offset": offset + limit if offset + limit < len(rec.ids) else None}
+
     # -- definitions --------------------------------------------------------------------------
 
     @app.get("/api/definitions", tags=["definitions"], summary="Deployed definitions and their versions")
@@ -471,7 +633,143 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Prin
         except KflowError as e:
             raise ApiError(503, f"cannot read the schedules: {e}") from None
         now = int(datetime.now(timezone.utc).timestamp() * 1000)
-        return {"items": [with_next_runs(table[sid], now, next_runs) for sid in sorted(table)]}
+        may = access.verdict(who, SCHEDULE_PERMISSION, engine_resource(who), catch_up=False).allowed
+        return {"items": [with_next_runs(table[sid], now, next_runs) for sid in sorted(table)],
+                "allowed": dict.fromkeys(("pause", "unpause", "trigger"), may)}
+
+    def engine_resource(who: Caller) -> Resource:
+        """What the engine checks a schedule command against (``system:Admin`` on the engine)."""
+        return Resource("system", "engine", who.principal.tenant)
+
+    def schedule_action(request: Request, who: Caller, schedule_id: str, action: str,
+                        call: Callable[[ActionSink], None], **details: Any) -> dict[str, Any]:
+        access.require(request, who, SCHEDULE_PERMISSION, engine_resource(who))
+        client = act(who)
+        try:
+            known_ids = client.schedules()
+        except KflowError as e:
+            raise ApiError(503, f"cannot read the schedules: {e}") from None
+        if schedule_id not in known_ids:
+            raise ApiError(404, f"no schedule {schedule_id!r}")
+        try:
+            call(client)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        except KflowError as e:
+            raise ApiError(503, f"cannot send the command: {e}") from None
+        done(request, who, f"schedule_{action}", Resource("system", f"schedule:{schedule_id}", who.principal.tenant),
+             **details)
+        return {"id": schedule_id, "action": action, "accepted": True}
+
+    @app.post("/api/schedules/{schedule_id}/pause", tags=["schedules"], status_code=202, summary="Pause a schedule")
+    def pause_schedule(request: Request, schedule_id: str, body: Optional[NoteBody] = None,
+                       who: Caller = Who) -> dict[str, Any]:
+        note = (body or NoteBody()).note
+        return schedule_action(request, who, schedule_id, "pause", lambda c: c.pause_schedule(schedule_id, note),
+                               note=note)
+
+    @app.post("/api/schedules/{schedule_id}/unpause", tags=["schedules"], status_code=202,
+              summary="Unpause a schedule")
+    def unpause_schedule(request: Request, schedule_id: str, body: Optional[NoteBody] = None,
+                         who: Caller = Who) -> dict[str, Any]:
+        note = (body or NoteBody()).note
+        return schedule_action(request, who, schedule_id, "unpause", lambda c: c.unpause_schedule(schedule_id, note),
+                               note=note)
+
+    @app.post("/api/schedules/{schedule_id}/trigger", tags=["schedules"], status_code=202,
+              summary="Start a run of a schedule now")
+    def trigger_schedule(request: Request, schedule_id: str, body: Optional[TriggerBody] = None,
+                         who: Caller = Who) -> dict[str, Any]:
+        overlap = (body or TriggerBody()).overlap
+        return schedule_action(request, who, schedule_id, "trigger",
+                               lambda c: c.trigger_schedule(schedule_id, overlap), overlap=overlap)
+
+    # -- incidents ------------------------------------------------------------------------------
+
+    def resolve_verdict(who: Caller, role: Optional[str], resource: Resource, *,
+                        catch_up: bool = True) -> tuple[bool, str]:
+        """Whether ``who`` may resolve an incident whose step names ``role`` (the engine's rule: that
+        role in the instance's tenant, or system_admin; with no role, ``instance:Manage``)."""
+        if not access.enabled:
+            return True, "auth is off"
+        if role:
+            if access.is_admin(who):
+                return True, "role 'system_admin' allows everything"
+            if role in access.roles(who) and who.principal.tenant == resource.tenant:
+                return True, f"role {role!r} resolves the incident"
+            return False, (f"expected role {role!r} (named by the incident's step) or 'system_admin' to resolve "
+                           f"incidents of {resource.id!r}, but {who.principal.name!r} of tenant "
+                           f"{who.principal.tenant!r} has {', '.join(sorted(access.roles(who))) or 'no roles'}")
+        verdict = access.verdict(who, "instance:Manage", resource, catch_up=catch_up)
+        return verdict.allowed, verdict.reason
+
+    @app.get("/api/incidents", tags=["incidents"], summary="Open incidents (oldest first)")
+    def list_incidents(request: Request, workflow: Optional[str] = Query(None, description="Workflow name."),
+                       role: Optional[str] = Query(None, description="Only incidents whose step names this role."),
+                       tenant: Optional[str] = Query(None, description="Tenant."),
+                       who: Caller = Who) -> dict[str, Any]:
+        tenant = tenant_scope(request, who, tenant)
+        if tenant == "":
+            return {"items": []}
+        states = store.incident_states(InstanceFilter(workflow=workflow or None, tenant=tenant or None))
+        by_id = {st["instance_id"]: st for st in states}
+        items = incident_rows(states, role or None)
+        for row in items:
+            st = by_id[row["instance_id"]]
+            resource = instance_resource(row["instance_id"], st)
+            row["allowed"] = resolve_verdict(who, row["role"], resource, catch_up=False)[0]
+        return {"items": items}
+
+    @app.post("/api/instances/{instance_id}/incidents/{incident_id}", tags=["incidents"], status_code=202,
+              summary="Resolve an open incident: retry, skip or fail")
+    def resolve_incident(request: Request, instance_id: str, incident_id: str, body: ResolveBody,
+                         who: Caller = Who) -> dict[str, Any]:
+        row = store.get_instance(instance_id)
+        if row is None:
+            raise ApiError(404, f"no workflow instance with id {instance_id!r}")
+        target = instance_resource(instance_id, row)
+        access.require(request, who, "status", target)
+        open_ = (row.get("internal") or {}).get("incidents") or {}
+        inc = open_.get(incident_id)
+        if not isinstance(inc, dict):
+            raise ApiError(404, f"instance {instance_id!r} ({row['status']}) has no open incident {incident_id!r} "
+                                f"(open: {', '.join(sorted(open_)) or 'none'})")
+        allowed_, reason = resolve_verdict(who, inc.get("role"), target)
+        if not allowed_:
+            access.record(request, who, "resolve_incident", target, "denied", {"reason": reason, "code": "Forbidden"})
+            raise ApiError(403, f"forbidden: {reason}")
+        by = who.principal.name if access.enabled else "console"
+        try:
+            act(who).resolve_incident(instance_id, incident_id, body.action, output=body.output,
+                                      input_patch=body.input_patch, reason=body.reason, by=by)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        done(request, who, "resolve_incident", target, incident_id=incident_id, resolution=body.action)
+        return {"id": instance_id, "incident_id": incident_id, "action": body.action, "accepted": True}
+
+    # -- limits and queues ----------------------------------------------------------------------
+
+    @app.get("/api/limits", tags=["limits"],
+             summary="Quota and limit counters (in use / allowed / queued) and queued work by priority level")
+    def list_limits(request: Request, who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "list", Resource("instance", "*", who.principal.tenant))
+        states = store.objects("limit")
+        if not access.is_admin(who):  # a tenant sees the counters keyed by its own name (its quotas)
+            states = [st for st in states if limit_key_part(st) == who.principal.tenant]
+        return {"levels": queued_by_level(states), "items": limit_rows(states)}
+
+    # -- webhook subscriptions ------------------------------------------------------------------
+
+    @app.get("/api/subscriptions", tags=["subscriptions"],
+             summary="Webhook subscriptions with their recent deliveries (from the delivery processes)")
+    def list_subscriptions(request: Request, who: Caller = Who) -> dict[str, Any]:
+        access.require(request, who, "system:View", Resource("system", "subscriptions", who.principal.tenant))
+        if subscriptions is None:
+            raise ApiError(503, "this server does not read the subscriptions")
+        try:
+            return subscriptions()
+        except KflowError as e:
+            raise ApiError(503, f"cannot read the subscriptions: {e}") from None
 
     # -- audit ----------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from kflow.security.principal import Principal
 from kflow.security.tokens import issue
 from kflow.visibility.access import Access
 from kflow.visibility.api import create_app
+from kflow.visibility.deliveries import SubscriptionsView, parse_urls
 from kflow.visibility.live import Changes
 from kflow.visibility.projection import LAG, ProjectionProcessor
 from kflow.visibility.store import VisibilityStore
@@ -74,9 +75,10 @@ class VisibilityServer:
         access = None
         if config.auth:
             access = self._auth_access()
+        subscriptions = SubscriptionsView(config, parse_urls(config.subscriptions_url))
         self.app = create_app(self.store, self._actions, changes=self.changes, ready=self._ready, lag=self._lag,
                               access=access, audit_reader=self._read_audit if config.auth else None,
-                              max_body_bytes=config.max_body_bytes)
+                              max_body_bytes=config.max_body_bytes, subscriptions=subscriptions.read)
         self._server: Optional[uvicorn.Server] = None
         self.failure: Optional[BaseException] = None
 

@@ -9,7 +9,11 @@ One schema serves SQLite (the default, a file in the state directory) and Postgr
   ``(name, value)`` for filters;
 - ``events`` — the history, keyed ``(instance_id, seq)``;
 - ``definitions`` — every deployed ``name@version``;
-- ``offsets`` — the next offset to read per ``(topic, partition)``.
+- ``offsets`` — the next offset to read per ``(topic, partition)``;
+- ``objects`` — the latest state of every engine object that is not a workflow instance (schedules
+  ``schedule:<id>``, limit counters ``limit:<name>[:<key>]``): they are decided like instances and
+  share the ``state`` topic, but never appear in instance lists, counts or searches;
+- ``meta`` — one-off facts about the store itself (which upgrades were applied).
 
 :meth:`VisibilityStore.apply` writes a batch of records **and** the offsets after them in one
 database transaction, so a crash leaves both or neither: on restart the projection resumes from
@@ -39,7 +43,8 @@ from kflow.model.errors import KflowError
 from kflow.visibility.graph import track_steps
 from kflow.visibility.search import search_text
 
-__all__ = ["InstanceFilter", "FilterError", "Page", "Record", "VisibilityStore", "search_text"]
+__all__ = ["InstanceFilter", "FilterError", "OBJECT_PREFIXES", "Page", "Record", "VisibilityStore", "is_object",
+           "search_text"]
 
 log = logging.getLogger("kflow.visibility")
 
@@ -103,10 +108,33 @@ offsets = sa.Table(
     sa.Column("next_offset", sa.BigInteger, nullable=False),
 )
 
+objects = sa.Table(
+    "kflow_objects", metadata,
+    sa.Column("key", sa.String(512), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Index("ix_kflow_objects_kind", "kind", "key"),
+)
+
+meta = sa.Table(
+    "kflow_meta", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+#: Key prefixes of the engine objects that are not workflow instances.
+OBJECT_PREFIXES = ("schedule:", "limit:")
+#: State ``kind`` of a workflow instance; any other kind is an object.
+INSTANCE_KINDS = ("spec", "code")
+_OBJECTS_SPLIT = "objects_split"
+
 #: Most rows one list call returns.
 MAX_PAGE = 1000
-STATUSES = ("RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "COMPLETED", "FAILED",
-            "CANCELLED", "TERMINATED")
+STATUSES = ("RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "QUEUED", "COMPLETED",
+            "FAILED", "CANCELLED", "TERMINATED")
 
 
 class FilterError(KflowError):
@@ -193,6 +221,28 @@ class VisibilityStore:
         if self.dialect == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self._split_objects()
+
+    def _split_objects(self) -> None:
+        """Move object rows folded as instances by an older release into ``objects`` (once per store)."""
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(meta.c.value).where(meta.c.name == _OBJECTS_SPLIT)).first() is not None:
+                return
+            c = instances.c
+            moved = conn.execute(sa.select(c.instance_id, c.kind, c.status, c.seq, c.updated_ms, c.state).where(
+                sa.or_(c.kind.not_in(INSTANCE_KINDS),
+                       *(c.instance_id.startswith(p, autoescape=True) for p in OBJECT_PREFIXES)))).all()
+            for r in moved:
+                doc = orjson.loads(r.state)
+                self._upsert(conn, objects, {"key": r.instance_id, "kind": r.kind, "status": r.status, "seq": r.seq,
+                                             "updated_ms": r.updated_ms, "state": _dumps(doc.get("internal") or {})},
+                             ("key",), ("kind", "status", "seq", "updated_ms", "state"))
+                conn.execute(search_attributes.delete().where(search_attributes.c.instance_id == r.instance_id))
+                conn.execute(instances.delete().where(c.instance_id == r.instance_id))
+            stmt = self._insert(meta).values(name=_OBJECTS_SPLIT, value=str(len(moved))).on_conflict_do_nothing()
+            conn.execute(stmt)
+            if moved:
+                log.info("visibility store: moved %d schedule/limit row(s) out of the instances", len(moved))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -217,9 +267,14 @@ class VisibilityStore:
         with self.engine.begin() as conn:
             for rec in records:
                 if rec.kind == "state":
-                    if rec.value is None:  # a tombstone: the instance's state was deleted
+                    if rec.value is None:  # a tombstone: the instance's (or object's) state was deleted
                         conn.execute(search_attributes.delete().where(search_attributes.c.instance_id == rec.key))
                         if conn.execute(instances.delete().where(instances.c.instance_id == rec.key)).rowcount:
+                            changed.add(rec.key)
+                        if conn.execute(objects.delete().where(objects.c.key == rec.key)).rowcount:
+                            changed.add(rec.key)
+                    elif is_object(rec.key, rec.value):
+                        if self._put_object(conn, rec.value):
                             changed.add(rec.key)
                     elif self._put_state(conn, rec.value):
                         changed.add(rec.key)
@@ -276,6 +331,21 @@ class VisibilityStore:
         if search:
             rows = [{"instance_id": iid, "name": str(k)[:255], "value": search_text(v)} for k, v in search.items()]
             conn.execute(search_attributes.insert(), rows)
+        return True
+
+    def _put_object(self, conn: Connection, st: dict[str, Any]) -> bool:
+        key = st["instance_id"]
+        old = conn.execute(sa.select(objects.c.seq).where(objects.c.key == key)).first()
+        if old is not None and st["seq"] <= old.seq:
+            return False
+        internal = st.get("internal") or {}
+        kind = str(internal.get("kind") or key.split(":", 1)[0])[:16]
+        row = {"key": key, "kind": kind, "status": st["status"], "seq": st["seq"], "updated_ms": st["updated_ms"],
+               "state": _dumps(internal)}
+        if old is None:
+            conn.execute(objects.insert().values(**row))
+        else:
+            conn.execute(objects.update().where(objects.c.key == key).values(**row))
         return True
 
     def _put_event(self, conn: Connection, ev: Any) -> bool:
@@ -447,9 +517,37 @@ class VisibilityStore:
             row = conn.execute(q.limit(1)).mappings().first()
         return None if row is None else dict(row) | {"body": orjson.loads(row["body"])}
 
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        """The latest state (the engine's full state document) of every object of ``kind``, by key."""
+        q = sa.select(objects.c.state).where(objects.c.kind == kind).order_by(objects.c.key)
+        with self._read() as conn:
+            return [orjson.loads(r.state) for r in conn.execute(q)]
+
+    def incident_states(self, f: InstanceFilter, limit: int = MAX_PAGE) -> list[dict[str, Any]]:
+        """Instances in status INCIDENT matching ``f`` (its status filter ignored), oldest update first:
+        the row's summary fields and the engine's state document as ``internal``."""
+        c = instances.c
+        f2 = InstanceFilter(**{**f.__dict__, "status": ["INCIDENT"]})
+        q = (sa.select(c.instance_id, c.workflow, c.version, c.status, c.tenant, c.updated_ms, c.state)
+             .where(*self._where(f2)).order_by(c.updated_ms, c.instance_id).limit(limit))
+        with self._read() as conn:
+            rows = conn.execute(q).mappings().all()
+        out = []
+        for r in rows:
+            doc = orjson.loads(r["state"])
+            out.append({k: r[k] for k in ("instance_id", "workflow", "version", "status", "tenant", "updated_ms")}
+                       | {"internal": doc.get("internal") or {}})
+        return out
+
     def total(self) -> int:
         with self._read() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one())
+
+
+def is_object(key: str, state: dict[str, Any]) -> bool:
+    """Whether a ``state`` record is of an engine object (schedule, limit counter), not a workflow instance."""
+    kind = (state.get("internal") or {}).get("kind")
+    return (kind is not None and kind not in INSTANCE_KINDS) or key.startswith(OBJECT_PREFIXES)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,5 +1,6 @@
 // The kflow console: a plain script over the visibility API (no build step, no dependencies).
-// Pages (hash routes): #/ instances, #/i/<id> one instance, #/definitions, #/d/<name>/<version>, #/audit.
+// Pages (hash routes): #/ instances, #/i/<id> one instance, #/definitions, #/d/<name>/<version>, #/audit,
+// #/schedules, #/incidents, #/queues (limits and quotas), #/subscriptions (webhook delivery logs).
 // Live updates come from the server-sent events of /api/stream.
 // With auth on, the console asks /api/session who is logged in and shows the login form when
 // nobody is; the session cookie is HttpOnly, so every POST carries the session's CSRF token in
@@ -7,7 +8,7 @@
 "use strict";
 
 const view = document.getElementById("view");
-const STATUSES = ["RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED"];
+const STATUSES = ["RUNNING", "BLOCKED", "COMPENSATING", "CANCELLING", "SUSPENDED", "INCIDENT", "QUEUED", "COMPLETED", "FAILED", "CANCELLED", "TERMINATED"];
 const SVGNS = "http://www.w3.org/2000/svg";
 let onChange = null;          // the current page's live-update handler
 let pending = null;           // debounce timer for live refreshes
@@ -365,6 +366,159 @@ async function auditPage() {
   await refresh();
 }
 
+// -- schedules, incidents, queues, subscriptions ------------------------------------------------
+const fmtMs = (ms) => {
+  if (!ms) return "";
+  for (const [unit, n] of [["d", 86400000], ["h", 3600000], ["m", 60000], ["s", 1000]]) if (ms % n === 0) return `${ms / n}${unit}`;
+  return `${ms}ms`;
+};
+const errText = (err) => err instanceof Unauthenticated ? null : err.message;
+
+// Refresh on live changes of keys matching `wanted` (all when the server hides ids), at most once a second.
+function liveRefresh(refresh, wanted) {
+  let last = 0, timer = null;
+  onChange = (data) => {
+    if (data.ids !== null && !data.ids.some(wanted)) return;
+    clearTimeout(timer);
+    timer = setTimeout(() => { last = Date.now(); refresh(); }, Math.max(0, last + 1000 - Date.now()));
+  };
+}
+
+async function schedulesPage() {
+  const msg = h("div", {class: "msg", id: "schedules-msg"});
+  const note = h("input", {id: "schedule-note", placeholder: "note for pause / unpause"});
+  const table = h("table", {id: "schedules"});
+  fill(view, h("h2", {}, "Schedules"), h("div", {class: "card actions"}, note, msg), table);
+  async function act(sid, kind, body) {
+    try {
+      await post(`/api/schedules/${encodeURIComponent(sid)}/${kind}`, body);
+      msg.textContent = `${kind} sent for ${sid}`; msg.className = "msg";
+    } catch (err) { msg.textContent = errText(err) || ""; msg.className = "msg err"; }
+  }
+  async function refresh() {
+    let data;
+    try { data = await api("/api/schedules?next=5"); } catch (err) { msg.textContent = errText(err) || ""; msg.className = "msg err"; return; }
+    const may = data.allowed || {};
+    fill(table, h("tr", {}, ["Schedule", "Workflow", "Spec", "State", "Next runs", "Last runs", "Actions"].map((t) => h("th", {}, t))),
+      ...data.items.map((s) => {
+        const spec = s.spec || {};
+        const when = spec.cron ? `cron ${spec.cron}` : `every ${fmtMs(spec.every_ms)}`;
+        const recent = (s.recent || []).slice().reverse().slice(0, 5);
+        return h("tr", {class: "schedule-row", "data-id": s.id},
+          h("td", {class: "mono"}, s.id),
+          h("td", {}, spec.version ? `${spec.workflow}@${spec.version}` : spec.workflow),
+          h("td", {class: "spec"}, when, h("div", {class: "muted"}, `tz ${spec.timezone || "UTC"}, overlap ${spec.overlap || "skip"}`)),
+          h("td", {class: "state"}, s.paused ? h("span", {class: "status s-SUSPENDED"}, "paused") : h("span", {class: "status s-RUNNING"}, "active"),
+            s.note ? h("div", {class: "note"}, s.note) : null,
+            (s.running || []).length ? h("div", {class: "muted"}, `${s.running.length} run(s) open`) : null),
+          h("td", {class: "next mono"}, (s.next_runs || []).map((t) => h("div", {}, t.replace("T", " ").replace("Z", "")))),
+          h("td", {class: "last"}, recent.map((r) => h("div", {},
+            h("span", {class: "mono"}, fmtTime(r.at_ms)), ` ${r.trigger}`,
+            (r.started || []).length ? h("span", {class: "muted"}, ` started ${r.started.length}`) : null,
+            (r.skipped || []).length ? h("span", {class: "muted"}, ` skipped ${r.skipped.length}`) : null,
+            r.missed ? h("span", {class: "muted"}, ` missed ${r.missed}`) : null))),
+          h("td", {class: "sched-actions"},
+            may.pause && !s.paused ? h("button", {class: "secondary sched-pause", onclick: () => act(s.id, "pause", {note: note.value})}, "Pause") : null,
+            may.unpause && s.paused ? h("button", {class: "secondary sched-unpause", onclick: () => act(s.id, "unpause", {note: note.value})}, "Unpause") : null,
+            may.trigger ? h("button", {class: "sched-trigger", onclick: () => act(s.id, "trigger", {})}, "Trigger") : null));
+      }));
+    if (!data.items.length) table.append(h("tr", {}, h("td", {colspan: 7, class: "muted"}, "no schedules")));
+  }
+  liveRefresh(refresh, (id) => id.startsWith("schedule:"));
+  await refresh();
+}
+
+async function incidentsPage() {
+  const msg = h("div", {class: "msg", id: "incidents-msg"});
+  const table = h("table", {id: "incidents"});
+  fill(view, h("h2", {}, "Open incidents"), msg, table);
+  let shown = new Set();  // instances listed now: a change of one refreshes the page
+  function resolveForm(r) {
+    const action = h("select", {class: "inc-action"}, ["retry", "skip", "fail"].map((a) => h("option", {value: a}, a)));
+    const data = h("input", {class: "inc-data", placeholder: "input patch (retry) / output (skip), JSON"});
+    const reason = h("input", {class: "inc-reason", placeholder: "reason"});
+    const form = h("form", {class: "resolve", onsubmit: async (e) => {
+        e.preventDefault();
+        const body = {action: action.value, reason: reason.value};
+        const text = data.value.trim();
+        if (text) {
+          let value;
+          try { value = JSON.parse(text); } catch (err) { msg.textContent = `not JSON: ${text}`; msg.className = "msg err"; return; }
+          if (action.value === "retry") body.input_patch = value; else if (action.value === "skip") body.output = value;
+        }
+        try {
+          await post(`/api/instances/${encodeURIComponent(r.instance_id)}/incidents/${encodeURIComponent(r.incident_id)}`, body);
+          msg.textContent = `${action.value} sent for ${r.instance_id}`; msg.className = "msg";
+        } catch (err) { msg.textContent = errText(err) || ""; msg.className = "msg err"; }
+      }}, action, data, reason, h("button", {type: "submit", class: "inc-resolve"}, "Resolve"));
+    return form;
+  }
+  async function refresh() {
+    let data;
+    try { data = await api("/api/incidents"); } catch (err) { msg.textContent = errText(err) || ""; msg.className = "msg err"; return; }
+    shown = new Set(data.items.map((r) => r.instance_id));
+    fill(table, h("tr", {}, ["Instance", "Step", "Error", "Instructions", "Role", "Raised", "Resolve"].map((t) => h("th", {}, t))),
+      ...data.items.map((r) => h("tr", {class: "incident-row", "data-id": r.instance_id, "data-incident": r.incident_id},
+        h("td", {}, h("a", {href: `#/i/${encodeURIComponent(r.instance_id)}`, class: "mono"}, r.instance_id),
+          h("div", {class: "muted"}, `${r.workflow}@${r.version}`)),
+        h("td", {class: "step"}, r.step, h("div", {class: "muted"}, `${r.activity || ""} after ${r.attempts || 0} attempt(s)`)),
+        h("td", {class: "error"}, h("b", {}, r.error_type || ""), " ", r.message || ""),
+        h("td", {class: "instructions"}, r.instructions),
+        h("td", {class: "role"}, r.role || ""),
+        h("td", {}, fmtTime(r.raised_ms)),
+        h("td", {}, r.allowed ? resolveForm(r) : h("span", {class: "muted"}, "not yours to resolve")))));
+    if (!data.items.length) table.append(h("tr", {}, h("td", {colspan: 7, class: "muted"}, "no open incidents")));
+  }
+  liveRefresh(refresh, (id) => shown.has(id) || !/^(schedule|limit):/.test(id));
+  await refresh();
+}
+
+async function queuesPage() {
+  const msg = h("div", {class: "msg", id: "queues-msg"});
+  const levels = h("table", {id: "levels"});
+  const limits = h("table", {id: "limits"});
+  fill(view, h("h2", {}, "Queues & quotas"), msg, h("div", {class: "grid2"},
+    h("div", {class: "card"}, h("h3", {}, "Queued by priority level"), levels),
+    h("div", {class: "card"}, h("h3", {}, "Limits (per tenant or key)"), limits)));
+  async function refresh() {
+    let data;
+    try { data = await api("/api/limits"); } catch (err) { msg.textContent = errText(err) || ""; msg.className = "msg err"; return; }
+    fill(levels, h("tr", {}, ["Level", "Starts", "Activities"].map((t) => h("th", {}, t))),
+      ...data.levels.map((l) => h("tr", {"data-level": l.name}, h("td", {}, `${l.level} ${l.name}`),
+        h("td", {class: "starts"}, l.starts), h("td", {class: "activities"}, l.activities))));
+    fill(limits, h("tr", {}, ["Limit", "Tenant / key", "In use", "Allowed", "Queued", "Granted", "Refused"].map((t) => h("th", {}, t))),
+      ...data.items.map((r) => h("tr", {class: "limit-row", "data-key": r.key},
+        h("td", {}, r.limit), h("td", {class: "mono"}, r.key_part === null ? "-" : r.key_part),
+        h("td", {class: "in-use"}, r.in_use), h("td", {class: "allowed"}, r.allowed === null ? "unbounded" : r.allowed),
+        h("td", {class: "queued"}, r.queued, r.queued ? h("span", {class: "muted"}, ` (${r.queued_starts} starts, ${r.queued_activities} activities)`) : null),
+        h("td", {}, r.granted), h("td", {}, r.refused))));
+    if (!data.items.length) limits.append(h("tr", {}, h("td", {colspan: 7, class: "muted"}, "no limit has been used yet")));
+  }
+  liveRefresh(refresh, (id) => id.startsWith("limit:"));
+  await refresh();
+}
+
+async function subscriptionsPage() {
+  const msg = h("div", {class: "msg", id: "subscriptions-msg"});
+  const box = h("div", {id: "subscriptions"});
+  fill(view, h("h2", {}, "Webhook subscriptions"), msg, box);
+  onChange = null;
+  let data;
+  try { data = await api("/api/subscriptions"); } catch (err) { msg.textContent = errText(err) || ""; msg.className = "msg err"; return; }
+  const down = data.sources.filter((s) => !s.ok);
+  msg.textContent = !data.deliveries ? "no delivery process is configured (KFLOW_SUBSCRIPTIONS_URL): deliveries are not shown"
+    : down.map((s) => `${s.url}: ${s.error}`).join("; ");
+  msg.className = down.length ? "msg err" : "msg";
+  fill(box, data.items.map((s) => h("div", {class: "card subscription", "data-id": s.id},
+    h("h3", {}, s.id, " ", h("span", {class: "mono muted"}, s.url)),
+    h("div", {class: "muted"}, `workflows: ${(s.filter.workflows || []).join(", ") || "any"}; statuses: ${(s.filter.statuses || []).join(", ") || "any"}; tenant: ${s.filter.tenant || "any"}; max attempts ${s.max_attempts}`),
+    h("table", {class: "deliveries"}, h("tr", {}, ["Time", "Instance", "Status", "Outcome", "HTTP", "Attempts", "Error"].map((t) => h("th", {}, t))),
+      s.deliveries.map((d) => h("tr", {class: "delivery", "data-outcome": d.outcome},
+        h("td", {}, fmtTime(d.time_ms)), h("td", {class: "mono"}, `${d.instance_id} #${d.seq}`), h("td", {}, d.status),
+        h("td", {}, d.outcome), h("td", {}, d.http_status === null ? "-" : d.http_status), h("td", {}, d.attempts), h("td", {}, d.error || "")))))),
+    data.items.length ? null : h("div", {class: "card muted"}, "no subscriptions"));
+}
+
 // -- login -------------------------------------------------------------------------------------
 function loginPage(reason) {
   onChange = null;
@@ -415,6 +569,10 @@ async function route() {
     if ((m = hash.match(/^#\/i\/(.+)$/))) await instancePage(decodeURIComponent(m[1]));
     else if (hash === "#/definitions") await definitionsPage();
     else if (hash === "#/audit") await auditPage();
+    else if (hash === "#/schedules") await schedulesPage();
+    else if (hash === "#/incidents") await incidentsPage();
+    else if (hash === "#/queues") await queuesPage();
+    else if (hash === "#/subscriptions") await subscriptionsPage();
     else if ((m = hash.match(/^#\/d\/([^/]+)\/(\d+)$/))) await definitionPage(decodeURIComponent(m[1]), Number(m[2]));
     else {
       const q = new URLSearchParams(hash.split("?")[1] || "");
