@@ -16,6 +16,12 @@ from uuid import uuid4
 
 import pytest
 from confluent_kafka import KafkaException
+from hypothesis import HealthCheck, settings
+
+# Tests never judge speed: a property test is not failed for one slow example on a busy machine
+# (hypothesis' default 200 ms deadline), nor for slow data generation.
+settings.register_profile("kflow", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("kflow")
 from confluent_kafka.admin import AdminClient
 
 from kflow.dev.broker import EmbeddedBroker
