@@ -501,3 +501,48 @@ def test_attempt_token_fields_cannot_be_shifted() -> None:
 def test_attempt_token_is_base64url_hmac_sha256() -> None:
     token = attempt_token(SECRET, "i", "a", 1)
     assert len(token) == 43 and set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+# --------------------------------------------------------------------------- the HS256 fast path
+
+
+def _pyjwt_verdict(token: str, secret: bytes) -> object:
+    try:
+        return jwt.PyJWT(options={"enforce_minimum_key_length": True}).decode(
+            token, secret, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False, "verify_iat": False})
+    except jwt.InvalidSignatureError:
+        return "bad signature"
+    except jwt.PyJWTError:
+        return "refused"
+
+
+def _fast_verdict(token: str, secret: bytes) -> object:
+    from kflow.security.tokens import _decode_hs256
+
+    try:
+        got = _decode_hs256(token, [secret])
+    except AuthError:
+        return "bad signature"
+    return "refused" if got is None else got  # None: left to PyJWT, which refuses what it is given here
+
+
+_claim_values = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
+                          st.lists(st.text(max_size=4), max_size=3))
+
+
+@settings(max_examples=200)
+@given(claims=st.dictionaries(st.sampled_from(["sub", "tenant", "roles", "iat", "exp", "jti", "dig", "x"]),
+                              _claim_values, max_size=8),
+       signer=st.sampled_from([SECRET, OTHER_SECRET]), tamper=st.booleans())
+def test_the_hs256_fast_path_accepts_exactly_what_pyjwt_accepts(claims: dict, signer: bytes, tamper: bool) -> None:
+    token = forge({"alg": "HS256", "typ": "JWT"}, claims, sign_with=signer)
+    if tamper:  # flip one character of the signature
+        head, body, sig = token.split(".")
+        token = f"{head}.{body}.{sig[:-2]}{'A' if sig[-2] != 'A' else 'B'}{sig[-1]}"
+    assert _fast_verdict(token, SECRET) == _pyjwt_verdict(token, SECRET)
+
+
+def test_a_token_with_an_audience_takes_pyjwts_path_and_its_error() -> None:
+    keys = hs256()
+    token = forge({"alg": "HS256", "typ": "JWT"}, valid_claims(aud="someone"), sign_with=SECRET)
+    assert "'aud' claim" in rejected(token, keys)

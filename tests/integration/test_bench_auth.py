@@ -1,0 +1,35 @@
+"""``kflow bench --auth`` on the real broker: both runs complete, and only the second one ran with auth on.
+
+A smoke run with a tiny count; it asserts on outcomes (no failed or missed instance, every start of
+the auth run authorized for the bench principal and audited), never on timings.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from kflow._cli.security import read_audit
+from kflow.config import KafkaConfig
+from kflow.dev.bench import AUTH_PRINCIPAL, run_auth
+
+
+def test_bench_auth_runs_the_phases_with_auth_off_then_on(kafka_bootstrap: str) -> None:
+    prefix = f"ba{uuid.uuid4().hex[:6]}."
+    report = run_auth(kafka_bootstrap, n=20, concurrency=8, prefix=prefix, latency_seconds=0.2, partitions=1)
+
+    assert [report[run]["auth"] for run in ("off", "on")] == [False, True]
+    for run in ("off", "on"):
+        phases = report[run]["phases"]
+        assert [p["phase"] for p in phases] == ["throughput", "latency@50/s"]
+        assert [(p["instances"], p["failed"], p["missed"]) for p in phases] == [(20, 0, 0), (10, 0, 0)], run
+    assert [r["phase"] for r in report["comparison"]] == ["throughput", "latency@50/s"]
+
+    # every start of the auth run passed the guard as the bench principal: the warm start, the 20 of
+    # the warm-up, the 20 of the throughput phase and the 10 of the latency phase
+    on = read_audit(KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=f"{prefix}authon."))
+    starts = [r for r in on if r.action == "start"]
+    assert len(starts) == 51
+    assert {(r.principal, r.outcome) for r in starts} == {(AUTH_PRINCIPAL, "success")}
+    assert not [r for r in on if r.outcome == "denied"]
+    # the baseline's engine ran with auth off: it audits nothing
+    assert read_audit(KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=f"{prefix}authoff.")) == []
