@@ -17,6 +17,7 @@ import argparse
 import time
 
 import kflow
+from kflow._workflow import definition_of
 from kflow.engine import code_replayer
 from kflow.testing.harness import EngineHarness
 
@@ -39,7 +40,7 @@ def main() -> int:
     results = {}
     for mode in ("warm cache", "after restart (replay)"):
         h = EngineHarness()
-        h.defs.add(kflow._workflow.definition_of(resume))
+        h.defs.add(definition_of(resume))
         h.activity("bench.add", lambda x: x + 1)
         code_replayer.CACHE.clear()
         code_replayer.CACHE.max_size = args.n + 10

@@ -21,9 +21,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kflow.aio import AsyncClient
     from kflow._migration import migration
     from kflow._workflow import WorkflowContext, WorkflowSandboxError, query_state, workflow
+    from kflow.aio import AsyncClient
     from kflow.client import Client, WorkflowHandle
     from kflow.engine.code_replayer import NondeterminismError
     from kflow.model.errors import (

@@ -60,7 +60,8 @@ def metrics_table() -> str:
         importlib.import_module(name)
     rows = ["| metric | type | labels | process | meaning |", "|---|---|---|---|---|"]
     found = []
-    for collector in list(REGISTRY._collector_to_names):
+    # prometheus_client has no public list of collectors that keeps the label names of unobserved metrics
+    for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001
         name = getattr(collector, "_name", "")
         if not name.startswith("kflow_"):
             continue

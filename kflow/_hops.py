@@ -13,7 +13,8 @@ Header value: ``<who>,<received_us>,<produced_us>`` with ``who`` one of ``C`` (c
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 HEADER = "kflow.hop"
 

@@ -13,8 +13,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 

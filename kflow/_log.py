@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -27,7 +28,7 @@ __all__ = ["CONTEXT_FIELDS", "ContextFilter", "log_context", "make_formatter", "
 #: The contextual fields every record carries (``None`` outside a unit of work).
 CONTEXT_FIELDS = ("instance_id", "workflow", "tenant", "trace_id")
 
-_context: ContextVar[dict[str, str]] = ContextVar("kflow_log_context", default={})
+_context: ContextVar[Mapping[str, str]] = ContextVar("kflow_log_context", default=MappingProxyType({}))
 try:  # the activity a worker runs in this context, if any (the worker is an optional part)
     from kflow._worker.context import _current as _activity
 except ImportError:  # pragma: no cover

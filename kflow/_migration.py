@@ -11,8 +11,9 @@ the deployed definitions and reports every problem in one :class:`MigrationPlanE
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -98,7 +99,7 @@ def load_plan(source: Union[str, Path, Mapping[str, Any]]) -> MigrationPlan:
                                  [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]) from None
     problems = []
     try:
-        plan.to_version
+        _ = plan.to_version  # evaluated for the ValueError of an unparseable version
     except ValueError as e:
         problems.append(f"to: {e}")
     try:

@@ -16,9 +16,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Iterable, Mapping, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from kflow.client import Client, Deployed, WorkflowHandle, _outcome
 from kflow.config import KafkaConfig
@@ -46,12 +47,12 @@ class AsyncWorkflowHandle(Generic[T]):
     async def result(self, timeout: float = 30, type: Any = None) -> T:
         """The instance's result, converted to ``type`` (default: the handle's); see :meth:`WorkflowHandle.result`."""
         h = self._handle
-        starts = {h.id: h._start} if h._start is not None else None
-        states = await self._client.sync._wait_async([h.id], timeout, starts)
+        starts = {h.id: h.start_command_id} if h.start_command_id is not None else None
+        states = await self._client.sync.wait_many_async([h.id], timeout, starts=starts)
         if h.id not in states:
             raise TimeoutError(f"workflow {h.id} did not finish within {timeout:g}s")
         value = _outcome(h.id, states[h.id])
-        wanted = type if type is not None else h._result_type
+        wanted = type if type is not None else h.result_type
         return from_json(value, wanted, f"the result of workflow {h.id}") if wanted is not None else value  # type: ignore[no-any-return]
 
     async def status(self, *, timeout: float = 10.0, scan: bool = False) -> dict[str, Any] | None:
@@ -120,6 +121,11 @@ class AsyncClient:
         """Change the priority level of an open instance; see :meth:`kflow.Client.set_priority`."""
         await asyncio.to_thread(self.sync.set_priority, id, level, reason)
 
+    async def retry(self, id: str, from_step: str | None = None, input_patch: dict[str, Any] | None = None,
+                    **kw: Any) -> None:
+        """Re-open a FAILED instance; the arguments of :meth:`Client.retry <kflow.client.Client.retry>`."""
+        await asyncio.to_thread(lambda: self.sync.retry(id, from_step, input_patch, **kw))
+
     async def resolve_incident(self, id: str, incident_id: str, action: str, **kw: Any) -> None:
         """Resolve an open incident; the arguments of :meth:`Client.resolve_incident <kflow.client.Client.resolve_incident>`."""
         await asyncio.to_thread(lambda: self.sync.resolve_incident(id, incident_id, action, **kw))
@@ -144,7 +150,7 @@ class AsyncClient:
 
     async def wait_many(self, ids: Iterable[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
         """Terminal state records of the ids that finished within ``timeout`` (failures returned, not raised)."""
-        return await self.sync._wait_async(list(dict.fromkeys(ids)), timeout)
+        return await self.sync.wait_many_async(ids, timeout)
 
     # -- schedules (see Client.create_schedule and docs/schedules.md) ----------------------------
     async def create_schedule(self, id: str, workflow: str, **kw: Any) -> Any:

@@ -10,11 +10,25 @@ from typing import Any
 
 from typer import Typer
 
-from kflow._cli import schedules
-from kflow._cli import batch, migrate
-from kflow._cli import limits
-from kflow._cli import (connect, devices, doctor, dlq, incidents, processes, replay, security, subscriptions, topics,
-                        triggers, visibility, workflows)
+from kflow._cli import (
+    batch,
+    connect,
+    devices,
+    dlq,
+    doctor,
+    incidents,
+    limits,
+    migrate,
+    processes,
+    replay,
+    schedules,
+    security,
+    subscriptions,
+    topics,
+    triggers,
+    visibility,
+    workflows,
+)
 from kflow._cli.common import KflowGroup, Verbose, current_folder_on_path, setup_logging
 
 __all__ = ["app", "main"]

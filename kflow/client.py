@@ -44,11 +44,29 @@ from kflow.engine import compile_spec
 from kflow.engine.definitions import definition_fingerprint
 from kflow.engine.schedules import OVERLAP_POLICIES, ScheduleSpec
 from kflow.engine.schedules import key_of as schedule_key
-from kflow.model.errors import (ActivityError, BrokerUnavailable, DefinitionConflict, DefinitionError, KflowError,
-                                QueryFailedError, StartRejectedError, UpdateFailedError, UpdateRejectedError,
-                                WorkflowFailedError, WorkflowNotDeployed)
-from kflow.model.messages import (DEFS_OFFSET_HEADER, INCIDENT_ACTIONS, Command, Definition, Event, JSONValue, Status,
-                                  priority_level)
+from kflow.model.errors import (
+    ActivityError,
+    BrokerUnavailable,
+    DefinitionConflict,
+    DefinitionError,
+    KflowError,
+    QueryFailedError,
+    StartRejectedError,
+    UpdateFailedError,
+    UpdateRejectedError,
+    WorkflowFailedError,
+    WorkflowNotDeployed,
+)
+from kflow.model.messages import (
+    DEFS_OFFSET_HEADER,
+    INCIDENT_ACTIONS,
+    Command,
+    Definition,
+    Event,
+    JSONValue,
+    Status,
+    priority_level,
+)
 from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
 from kflow.security.tokens import CommandSigner
 from kflow.streams.definitions import DefinitionsLog
@@ -63,6 +81,7 @@ log = logging.getLogger("kflow.client")
 #: The id-reuse policies a ``StartWorkflow`` may carry (``None`` means the engine's default).
 ID_REUSE_POLICIES = frozenset({"reject_duplicate", "allow_if_closed", "return_existing"})
 
+_SCHEDULE_LOOKUP_SECONDS = 3.0  # how long a schedule operation waits for a just-created schedule's record
 _CONSUME_BATCH = 500
 _POLL_SECONDS = 0.1
 
@@ -494,14 +513,16 @@ class WorkflowHandle(Generic[T]):
         >>> handle.result(timeout=60)  # doctest: +SKIP
     """
 
-    __slots__ = ("_client", "id", "_start", "_result_type")
+    __slots__ = ("_client", "id", "start_command_id", "result_type")
 
     def __init__(self, client: Client, id: str, start_command_id: str | None = None,
                  result_type: Any = None) -> None:
         self._client = client
         self.id = id
-        self._start = start_command_id
-        self._result_type = result_type
+        #: The id of the command that started the instance (None: a handle to a known instance).
+        self.start_command_id = start_command_id
+        #: What ``result()`` converts the JSON result to by default (None: the JSON as is).
+        self.result_type = result_type
 
     def result(self, timeout: float = 30, type: Any = None) -> T:
         """Wait for the instance's result; see :meth:`Client.result`.
@@ -512,12 +533,12 @@ class WorkflowHandle(Generic[T]):
         waiting for the timeout. ``type`` (default: the handle's result type, if any) is what the
         JSON result is converted to.
         """
-        starts = {self.id: self._start} if self._start is not None else None
-        states = self._client._wait([self.id], timeout, starts)
+        starts = {self.id: self.start_command_id} if self.start_command_id is not None else None
+        states = self._client.wait_many([self.id], timeout, starts=starts)
         if self.id not in states:
             raise TimeoutError(f"workflow {self.id} did not finish within {timeout:g}s")
         value = _outcome(self.id, states[self.id])
-        wanted = type if type is not None else self._result_type
+        wanted = type if type is not None else self.result_type
         return from_json(value, wanted, f"the result of workflow {self.id}") if wanted is not None else value  # type: ignore[no-any-return]
 
     def status(self, *, timeout: float = 10.0, scan: bool = False) -> dict[str, Any] | None:
@@ -562,9 +583,9 @@ class WorkflowHandle(Generic[T]):
         self._client.set_priority(self.id, level, reason)
 
     def retry(self, from_step: str | None = None, input_patch: dict[str, Any] | None = None, *,
-              force: bool = False, reason: str = "", by: str = "") -> None:
-        """Re-open the failed instance at a step; see :meth:`Client.retry`."""
-        self._client.retry(self.id, from_step, input_patch, force=force, reason=reason, by=by)
+              force: bool = False, reason: str = "", by: str = "", to_event: int | None = None) -> None:
+        """Re-open the failed instance at a step, or reset a code workflow; see :meth:`Client.retry`."""
+        self._client.retry(self.id, from_step, input_patch, force=force, reason=reason, by=by, to_event=to_event)
 
     def resolve_incident(self, incident_id: str, action: str, *, output: Any = None,
                          input_patch: dict[str, Any] | None = None, reason: str = "", by: str = "") -> None:
@@ -772,7 +793,7 @@ class Client:
 
     # -- the API ---------------------------------------------------------------------------
 
-    def _definitions_view(self, *, refresh: bool) -> DefinitionsLog:
+    def definitions_view(self, *, refresh: bool) -> DefinitionsLog:
         """This client's view of the definitions topic; with ``refresh``, read to its high watermark.
 
         Raises:
@@ -799,7 +820,7 @@ class Client:
         Reads the definitions topic to its end first; code workflows appear there as ``kind="code"``
         records once an engine hosting them has started.
         """
-        view = self._definitions_view(refresh=True)
+        view = self.definitions_view(refresh=True)
         if version is None:
             versions = view.versions(name)
             if not versions:
@@ -817,9 +838,9 @@ class Client:
         from kflow.engine.migration import VersionRangeError, resolve_version
 
         try:
-            return resolve_version(workflow, wanted, self._definitions_view(refresh=False).versions(workflow))
+            return resolve_version(workflow, wanted, self.definitions_view(refresh=False).versions(workflow))
         except VersionRangeError:  # a deploy this process has not read yet may match
-            return resolve_version(workflow, wanted, self._definitions_view(refresh=True).versions(workflow))
+            return resolve_version(workflow, wanted, self.definitions_view(refresh=True).versions(workflow))
 
     def deploy(self, spec: Mapping[str, Any] | str | Path) -> Deployed:
         """Validate a spec workflow locally and publish it to the ``definitions`` topic.
@@ -845,7 +866,7 @@ class Client:
         compiled = compile_spec(doc)
         definition = Deployed(name=compiled.name, version=compiled.version, kind="spec", body=doc,
                               deployed_ms=int(time.time() * 1000))
-        view = self._definitions_view(refresh=True)
+        view = self.definitions_view(refresh=True)
         existing = view.get(definition.name, definition.version)
         if existing is None:
             self._produce(self.names.definitions, definition.key, encode_definition(definition))
@@ -863,14 +884,14 @@ class Client:
                                  definition_fingerprint(existing.kind, existing.body),
                                  definition_fingerprint(definition.kind, definition.body))
 
-    def _require_deployed(self, workflow: str, version: int | None) -> None:
+    def require_deployed(self, workflow: str, version: int | None) -> None:
         """Raise WorkflowNotDeployed unless the definitions topic holds ``workflow`` (at ``version``)."""
         def known(view: DefinitionsLog) -> bool:
             return bool(view.versions(workflow)) if version is None else view.get(workflow, version) is not None
 
-        if known(self._definitions_view(refresh=False)):
+        if known(self.definitions_view(refresh=False)):
             return  # deployed versions never go away: no round trip for a name already seen
-        view = self._definitions_view(refresh=True)
+        view = self.definitions_view(refresh=True)
         if not known(view):
             raise WorkflowNotDeployed(workflow, version, view.versions(workflow))
 
@@ -928,7 +949,7 @@ class Client:
         if id is not None and not id:
             raise ValueError("a workflow instance id must not be empty")
         if require_deployed:
-            self._require_deployed(workflow, version)
+            self.require_deployed(workflow, version)
         instance_id = id or uuid.uuid4().hex
         command_id = uuid.uuid4().hex
         watcher = self.watcher()  # running before the command exists, so its result cannot be missed
@@ -1001,15 +1022,32 @@ class Client:
         return publish_limits(self.config, doc, source)[1]
 
     def retry(self, id: str, from_step: str | None = None, input_patch: dict[str, Any] | None = None, *,
-              force: bool = False, reason: str = "", by: str = "") -> None:
-        """Re-open FAILED spec instance ``id`` at a top-level step (``RetryWorkflow``).
+              force: bool = False, reason: str = "", by: str = "", to_event: int | None = None) -> None:
+        """Re-open FAILED instance ``id`` (``RetryWorkflow``).
 
-        It re-opens at ``from_step``, by default the step it failed at (for a failure inside a
-        ``parallel`` or ``foreach``, that whole step), with its variables as they were, updated
-        with ``input_patch`` (its key ``input`` replaces the workflow input). The steps before it
-        do not run again. ``force`` also re-opens a CANCELLED or TERMINATED instance; ``reason``
-        and ``by`` are recorded in ``WorkflowRetried``. Code workflows cannot be retried yet.
+        A spec instance re-opens at ``from_step``, by default the step it failed at (for a failure
+        inside a ``parallel`` or ``foreach``, that whole step), with its variables as they were,
+        updated with ``input_patch`` (its key ``input`` replaces the workflow input). The steps
+        before it do not run again.
+
+        A code instance is reset to event ``to_event`` of its history (its ``seq``), by default the
+        last one before the input that ended it, and replays from there: the activities pending at
+        that point are dispatched again under a new attempt, the ones completed before it are not
+        run again. ``from_step`` and ``input_patch`` are for spec instances only.
+
+        ``force`` also re-opens a CANCELLED or TERMINATED instance; ``reason`` and ``by`` are
+        recorded in ``WorkflowRetried``. A retry that does not fit the instance is rejected
+        (``CommandRejected`` in its history, with the reason).
+
+        Raises:
+            ValueError: both ``from_step`` and ``to_event`` given, or ``to_event`` negative.
         """
+        if to_event is not None:
+            if from_step is not None:
+                raise ValueError("give from_step (a spec workflow's step) or to_event (a code workflow's event), not both")
+            if type(to_event) is not int or to_event < 0:
+                raise ValueError(f"to_event must be an event seq (an int >= 0), but got {to_event!r}")
+            from_step = f"event:{to_event}"  # the reset point travels in from_step (kflow.engine.code_retry)
         self._command(Command("RetryWorkflow", id, {
             "from_step": from_step, "input_patch": to_json(input_patch, "retry input_patch"), "force": force,
             "reason": reason, "by": by}))
@@ -1089,10 +1127,16 @@ class Client:
         return None if record is None else with_next_runs(record, int(time.time() * 1000))
 
     def _schedule(self, id: str) -> dict[str, Any]:
-        known = self.schedules()
-        if id not in known:
-            raise KflowError(f"no schedule '{id}' (schedules: {', '.join(sorted(known)) or 'none'})")
-        return known[id]
+        """Schedule ``id`` from the table; asked again for a few seconds before saying there is none,
+        because the engine writes a new schedule's record in the transaction that decides its creation."""
+        deadline = time.monotonic() + _SCHEDULE_LOOKUP_SECONDS
+        while True:
+            known = self.schedules()
+            if id in known:
+                return known[id]
+            if time.monotonic() >= deadline:
+                raise KflowError(f"no schedule '{id}' (schedules: {', '.join(sorted(known)) or 'none'})")
+            time.sleep(0.25)
 
     def pause_schedule(self, id: str, note: str = "") -> None:
         """Pause schedule ``id``: no run starts until it is unpaused, and none is caught up then."""
@@ -1350,14 +1394,18 @@ class Client:
             raise TimeoutError(f"workflow {id} did not finish within {timeout:g}s")
         return _outcome(id, states[id])
 
-    def wait_many(self, ids: Iterable[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
+    def wait_many(self, ids: Iterable[str], timeout: float = 60, *,
+                  starts: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
         """Wait for many instances at once (benchmarks, fan-out scripts).
+
+        ``starts`` maps an id to the id of the command that started it: a start the engine
+        dead-lettered then raises :class:`~kflow.model.errors.StartRejectedError` at once.
 
         Returns:
             The terminal state record of every id that finished within ``timeout``; ids missing
             from the dict had not finished. Failures are returned, not raised.
         """
-        return self._wait(list(dict.fromkeys(ids)), timeout)
+        return self._wait(list(dict.fromkeys(ids)), timeout, starts)
 
     def _wait(self, ids: list[str], timeout: float,
               starts: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
@@ -1376,10 +1424,12 @@ class Client:
         finally:
             watcher.unregister(waiter)
 
-    async def _wait_async(self, ids: list[str], timeout: float,
-                          starts: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
-        """:meth:`_wait` for asyncio: no thread blocks while waiting (only the scan of unseen ids runs in one)."""
+    async def wait_many_async(self, ids: Iterable[str], timeout: float = 60, *,
+                              starts: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """:meth:`wait_many` for asyncio: no thread blocks while waiting (only the scan of unseen ids runs in one)."""
         import asyncio
+
+        wanted = list(dict.fromkeys(ids))
 
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -1388,17 +1438,17 @@ class Client:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
         watcher = await asyncio.to_thread(self.watcher)
-        waiter = watcher.register(ids, starts, on_done)
+        waiter = watcher.register(wanted, starts, on_done)
         try:
             pending = watcher.pending(waiter)
-            unseen = [i for i in ids if i in pending and not watcher.covers(i)]
+            unseen = [i for i in wanted if i in pending and not watcher.covers(i)]
             if unseen:
                 for iid, state in (await asyncio.to_thread(self._scan, unseen)).items():
                     if state["status"] in Status.TERMINAL:
                         watcher.deliver(waiter, iid, state)
             try:
                 await asyncio.wait_for(asyncio.shield(done), max(timeout, 0.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             return watcher.wait(waiter, 0)
         finally:

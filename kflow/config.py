@@ -312,7 +312,7 @@ class EngineConfig(KafkaConfig):
             conf["group.instance.id"] = f"engine-{self.resolved_engine_id()}"
         return conf
 
-    def limits(self) -> "Any":
+    def limits(self) -> Any:
         """The per-instance :class:`~kflow.engine.activity.Limits` these settings describe."""
         from kflow.engine.activity import Limits
 

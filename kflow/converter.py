@@ -12,8 +12,9 @@ JSON value as it is, which is what kflow did before.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable, Optional, get_type_hints
+from typing import Any, Optional, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python

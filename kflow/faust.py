@@ -96,7 +96,7 @@ class HistoryEvent(faust.Record, serializer=EVENT_CODEC):
     data: dict[str, Any]
 
 
-_STATE_FIELDS = tuple(StateChange._options.fields)
+_STATE_FIELDS = tuple(StateChange._options.fields)  # noqa: SLF001 (where Faust keeps a model's field names)
 
 
 class StateCodec(codecs.Codec):

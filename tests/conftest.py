@@ -16,17 +16,17 @@ from uuid import uuid4
 
 import pytest
 from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from hypothesis import HealthCheck, settings
+
+from kflow.dev.broker import EmbeddedBroker
+from kflow.model.errors import BrokerUnavailable
+from kflow.testing import assert_eventually  # noqa: F401  (re-exported; tests import it from kflow.testing)
 
 # Tests never judge speed: a property test is not failed for one slow example on a busy machine
 # (hypothesis' default 200 ms deadline), nor for slow data generation.
 settings.register_profile("kflow", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("kflow")
-from confluent_kafka.admin import AdminClient
-
-from kflow.dev.broker import EmbeddedBroker
-from kflow.model.errors import BrokerUnavailable
-from kflow.testing import assert_eventually  # noqa: F401  (re-exported; tests import it from kflow.testing)
 
 BOOTSTRAP_ENV = "KFLOW_TEST_BOOTSTRAP"
 DOCKER_PING_TIMEOUT_SECONDS = 3

@@ -29,7 +29,7 @@ def _config(bootstrap: Optional[str], prefix: Optional[str]) -> KafkaConfig:
 
 
 def _when(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ms else "?"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "?"
 
 
 @app.command("list")

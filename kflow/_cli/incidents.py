@@ -10,8 +10,9 @@ state of each step, as DOT, Mermaid or SVG text.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -56,7 +57,7 @@ def open_incidents(states: Iterable[dict[str, Any]], workflow: Optional[str] = N
 def _when(ms: Optional[int]) -> str:
     if ms is None:
         return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def list_incidents(

@@ -23,7 +23,7 @@ app = typer.Typer(
 _LEVELS = {1: "critical", 2: "high", 3: "normal", 4: "low", 5: "background"}
 
 
-def _client(bootstrap: Optional[str], prefix: Optional[str], verbose: bool) -> "Client":
+def _client(bootstrap: Optional[str], prefix: Optional[str], verbose: bool) -> Client:
     setup_logging(verbose)
     from kflow.client import Client
 

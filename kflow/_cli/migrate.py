@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from kflow._cli.batch import (AnswerTimeout, Api, AsJson, CheckpointEvery, MaxInstances, Rate, Reason, _run, _who)
+from kflow._cli.batch import AnswerTimeout, Api, AsJson, CheckpointEvery, MaxInstances, Rate, Reason, _run, _who
 from kflow._cli.common import Bootstrap, Prefix, Verbose, dump_json, fail, setup_logging
 from kflow.model.errors import KflowError
 
@@ -41,7 +41,7 @@ def _definitions(client: Client, name: str) -> tuple[InMemoryDefinitions, dict[i
     """Every deployed version of ``name``, compiled: the table to replay on and version -> spec (None: code)."""
     from kflow.engine import InMemoryDefinitions, compile_spec
 
-    view = client._definitions_view(refresh=True)
+    view = client.definitions_view(refresh=True)
     defs, versions = InMemoryDefinitions(), {}
     for v in view.versions(name):
         d = view.get(name, v)

@@ -308,6 +308,7 @@ def bench(
     standby: Annotated[int, typer.Option("--standby", min=0, metavar="N", help="With --failover: both engines keep N standby replicas (KFLOW_STANDBY_REPLICAS); runs the takeover only and also prints the records each promotion replayed.")] = 0,
     local: Annotated[bool, typer.Option("--local", help="Run chain3 with local activities: the engine runs them itself (--activities), one transaction per workflow.")] = False,
     mix: Annotated[bool, typer.Option("--mix", help="Instead: overload a slow worker with -n chain3 instances, 20 % critical and 80 % background, started at --rate (default 1.5 × its capacity); print p50/p99 per level.")] = False,
+    auth: Annotated[bool, typer.Option("--auth", help="Run the phases twice on one broker, auth off then on (signed commands, attempt tokens, policy checks), and print them side by side with the throughput loss and p50/p99 ratios.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -335,13 +336,23 @@ def bench(
     table shows p50/p99 per level and the longest gap between two background completions:
     critical p99 should stay near the baseline while background absorbs the delay, never stopping.
 
-    Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve); kflow bench --mix -n 600
+    With --auth: the cost of security. The same phases run twice on one broker, each on fresh
+    topics with its own engine and worker: first with auth off, then with KFLOW_AUTH=on for every
+    process (a generated HS256 secret, a policy for the bench principal applied to the policies
+    topic first, every start signed, results returning their attempt tokens). Both tables print,
+    then one side by side: completed/s off and on, the throughput loss in %, and p50/p99 on ÷ off.
+
+    Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve); kflow bench --mix -n 600;
+    kflow bench --auth -n 2000 -c 64
     """
     if style not in ("spec", "code"):
         raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
     if standby and not failover:
         raise ValueError("--standby N measures a takeover with standby replicas: use it with --failover")
+    if auth and (mix or failover or breakdown or curve):
+        raise ValueError("--auth compares the plain throughput and latency phases with auth off and on: it cannot be "
+                         "combined with --mix, --failover, --breakdown or --curve")
     if mix:
         if failover or local or breakdown or curve or style != "spec":
             raise ValueError("--mix runs its own spec workload: it cannot be combined with --failover, --local, "
@@ -360,4 +371,4 @@ def bench(
         raise ValueError("--local runs the spec chain3 without workers: it cannot be combined with --style code "
                          "or --breakdown")
     _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out,
-          breakdown=breakdown, curve=curve, local=local or None)
+          breakdown=breakdown, curve=curve, local=local or None, auth=auth or None)

@@ -24,7 +24,7 @@ ScheduleId = Annotated[str, typer.Argument(metavar="ID", help="The schedule's na
 _APPLY_WAIT_S = 10.0
 
 
-def _client(bootstrap: Optional[str], prefix: Optional[str], verbose: bool) -> "Client":
+def _client(bootstrap: Optional[str], prefix: Optional[str], verbose: bool) -> Client:
     setup_logging(verbose)
     from kflow.client import Client
 

@@ -265,7 +265,7 @@ def _config(bootstrap: Optional[str], prefix: Optional[str]) -> KafkaConfig:
 
 
 def _when(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def _split(roles: Optional[str]) -> list[str]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
 import httpx
 import typer
@@ -396,4 +397,4 @@ def _when(ms: Optional[int]) -> str:
 
     if not ms:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

@@ -249,26 +249,46 @@ def retry(
                                                      help="Top-level step to re-open at (default: where it failed).")] = None,
     input_patch: Annotated[Optional[str], typer.Option("--input-patch", metavar="JSON",
                                                        help="JSON object merged into the variables, or @FILE.")] = None,
+    to_event: Annotated[Optional[int], typer.Option(
+        "--to-event", metavar="N", min=0,
+        help="Code workflows: reset to event N of its history (kflow history ID shows the numbers; "
+             "default: the last event before the one that ended it).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Also re-open a CANCELLED or TERMINATED instance.")] = False,
     reason: Annotated[str, typer.Option("--reason", "-r", metavar="TEXT", help="Why (recorded in the event).")] = "",
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
 ) -> None:
-    """Re-open a FAILED spec workflow instance at the step it failed at, or an earlier one.
+    """Re-open a FAILED workflow instance where it failed, or earlier.
 
-    Its variables are as they were when it failed, updated with --input-patch (a key "input"
-    replaces the workflow input). The steps before the re-opened one do not run again. The
-    history keeps everything: a WorkflowRetried event records the step, the patch, who and why.
-    Code workflows cannot be retried yet.
+    A spec workflow re-opens at the step it failed at (or --from STEP), its variables as they
+    were, updated with --input-patch (a key "input" replaces the workflow input); the steps before
+    it do not run again.
+
+    A code workflow is reset to the last event before the one that ended it (or --to-event N) and
+    replays from there: activities it had completed are not run again, the ones pending at that
+    point are dispatched again under a new attempt. --from and --input-patch are for spec
+    workflows only.
+
+    The history keeps everything: a WorkflowRetried event records where, who and why; a retry
+    that does not fit is recorded as CommandRejected with the reason (kflow history ID).
 
     Example: kflow retry order-42 --from charge --input-patch '{"card": "tok_2"}' --reason "new card"
+
+    Example: kflow retry payment-7 --to-event 12 --reason "re-run the charge"
     """
+    if from_step is not None and to_event is not None:
+        fail("--from names a spec workflow's step and --to-event a code workflow's event: give one of them")
     patch = parse_json(input_patch, "--input-patch")
     if patch is not None and not isinstance(patch, dict):
         fail(f"--input-patch must be a JSON object, but got {type(patch).__name__}")
     with _client(bootstrap, prefix, verbose) as client:
-        client.retry(id, from_step, patch, force=force, reason=reason, by=_operator())
+        if from_step is not None or patch is not None:
+            st = client.status(id)  # spec-only options: say so here rather than only in the history
+            if st is not None and (st.get("internal") or {}).get("kind") == "code":
+                fail(f"{id} is a code workflow instance: --from and --input-patch are for spec workflows; "
+                     "reset it with --to-event N (kflow history ID shows the event numbers)")
+        client.retry(id, from_step, patch, force=force, reason=reason, by=_operator(), to_event=to_event)
     typer.echo(f"retry requested for {id}")
 
 
@@ -289,7 +309,7 @@ def _stop(id: str, reason: str, how: str, bootstrap: str | None, prefix: str | N
 def _when(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).astimezone().isoformat(timespec="milliseconds")
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).astimezone().isoformat(timespec="milliseconds")
 
 
 _STYLE = {Status.RUNNING: "cyan", Status.COMPLETED: "green", Status.FAILED: "red",

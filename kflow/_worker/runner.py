@@ -59,8 +59,16 @@ from kflow._worker.context import ActivityCancelledError, ActivityContext
 from kflow._worker.execution import Executors, Job
 from kflow._worker.fairness import FairnessSettings, Picked, ReadAhead
 from kflow._worker.offsets import PartitionOffsets
-from kflow._worker.output import (Out, Outbox, Record, attempt_headers, dead_letter_headers, fail_command, result_command,
-                                  weak_callback)
+from kflow._worker.output import (
+    Out,
+    Outbox,
+    Record,
+    attempt_headers,
+    dead_letter_headers,
+    fail_command,
+    result_command,
+    weak_callback,
+)
 from kflow._worker.priority import Policy, next_level
 from kflow._worker.registry import Registry
 from kflow.clock import Clock, SystemClock

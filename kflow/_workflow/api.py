@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 from kflow._workflow.sandbox import Sandbox, sandbox_enabled
 from kflow.engine.code_replayer import REGISTRY, CodeDefinition, _policy, query, register

@@ -23,9 +23,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from kflow.model.errors import KflowError
 

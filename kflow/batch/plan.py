@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Optional
 
 from kflow.clock import Clock
@@ -259,7 +259,7 @@ class Where:
             if name == "search":
                 parts += [f"search.{s.partition(':')[0]}={_quote(s.partition(':')[2])}" for s in value]
             elif name in _TIME_FIELDS:
-                iso = datetime.fromtimestamp(value / 1000, timezone.utc).isoformat(timespec="milliseconds")
+                iso = datetime.fromtimestamp(value / 1000, UTC).isoformat(timespec="milliseconds")
                 parts.append(f"{name}={iso.replace('+00:00', 'Z')}")
             else:
                 parts.append(f"{name}={_quote(str(value))}")
@@ -282,7 +282,7 @@ def _epoch_ms(value: str, name: str) -> int:
         raise WhereError(f"{name} must be epoch milliseconds or an ISO 8601 time like 2024-05-01T12:00:00Z, "
                          f"but got {value!r}") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 

@@ -37,8 +37,20 @@ from typing import TYPE_CHECKING, Any, Optional
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from kflow.batch.log import CHUNK, BatchLog, BatchRecord
-from kflow.batch.plan import (OPERATIONS, Operation, Outcome, RateLimiter, Where, WhereError, applied_earlier,
-                              batch_reason, command_id, match_event, pending, select)
+from kflow.batch.plan import (
+    OPERATIONS,
+    Operation,
+    Outcome,
+    RateLimiter,
+    Where,
+    WhereError,
+    applied_earlier,
+    batch_reason,
+    command_id,
+    match_event,
+    pending,
+    select,
+)
 from kflow.clock import Clock, SystemClock
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, KflowError

@@ -156,12 +156,12 @@ class AmqpConnector(Connector):
                     return {"published": True, "message_id": message.message_id, "routing_key": routing_key}
                 try:
                     return await asyncio.wait_for(fut, c.op.timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise ConnectorError("AmqpTimeout", f"{what}: no reply within {c.op.timeout:g}s "
                                          f"(routing key {routing_key!r})", retryable=True) from None
             except ConnectorError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ConnectorError("AmqpTimeout", f"{what}: publish not confirmed within {c.op.timeout:g}s",
                                      retryable=True) from None
             except (aio_pika.exceptions.AMQPError, ConnectionError) as e:

@@ -23,7 +23,14 @@ import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
+from kflow.connectors.base import (
+    Connector,
+    ConnectorConfigError,
+    ConnectorError,
+    ConnectorSpec,
+    Operation,
+    connector_type,
+)
 from kflow.connectors.config import Duration, Expr, Template, parse_settings
 
 if TYPE_CHECKING:

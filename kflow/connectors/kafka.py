@@ -31,7 +31,14 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from pydantic import BaseModel, ConfigDict, Field
 
-from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
+from kflow.connectors.base import (
+    Connector,
+    ConnectorConfigError,
+    ConnectorError,
+    ConnectorSpec,
+    Operation,
+    connector_type,
+)
 from kflow.connectors.config import Duration, Expr, Template, parse_settings
 from kflow.streams.readend import at_end
 

@@ -38,7 +38,14 @@ except ModuleNotFoundError as exc:  # name the extra to install rather than the 
     raise ModuleNotFoundError("the MQTT connector needs the mqtt extra: pip install 'kflow[mqtt]'",
                               name=exc.name) from exc
 
-from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
+from kflow.connectors.base import (
+    Connector,
+    ConnectorConfigError,
+    ConnectorError,
+    ConnectorSpec,
+    Operation,
+    connector_type,
+)
 from kflow.model.spec import parse_duration_ms
 
 __all__ = ["DEFAULT_TOPICS", "MqttConnector", "MqttSettings", "mqtt_client_kwargs", "parse_mqtt_url"]
@@ -446,7 +453,7 @@ class MqttConnector(Connector):
             raise ConnectorError("NotConnected", f"connector '{self.name}' is not connected (connect() not called)")
         try:
             await asyncio.wait_for(self._connected.wait(), max(timeout, 0.001))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -465,7 +472,7 @@ class MqttConnector(Connector):
                     return None
                 try:
                     await asyncio.wait_for(self._presence_changed.wait(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return None
         return self._presence.get(device_id)
 
@@ -527,7 +534,7 @@ class MqttConnector(Connector):
         try:
             left = timeout - (time.monotonic() - started)
             result = await asyncio.wait_for(asyncio.shield(flight.future), max(left, 0.001))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             lost = "" if self._connected is not None and self._connected.is_set() else " (the MQTT broker connection is down)"
             raise ConnectorError("DeviceTimeout", f"device {device_id} did not answer {op['command']!r} "
                                  f"(correlation id {cid}) within {timeout:g}s{lost}") from None

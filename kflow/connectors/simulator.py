@@ -167,7 +167,7 @@ class DeviceFleet:
     async def _main(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        for i, device_id in enumerate(self.device_ids):
+        for device_id in self.device_ids:
             rng = random.Random(f"{self.seed}-{device_id}") if self.seed is not None else random.Random()
             dev = _Device(device_id, rng, self._initial_version)
             dev.want_online.set()

@@ -34,7 +34,14 @@ except ModuleNotFoundError as exc:  # name the extra to install rather than the 
     raise ModuleNotFoundError("the SQL connector needs the sql extra: pip install 'kflow[sql]'",
                               name=exc.name) from exc
 
-from kflow.connectors.base import Connector, ConnectorConfigError, ConnectorError, ConnectorSpec, Operation, connector_type
+from kflow.connectors.base import (
+    Connector,
+    ConnectorConfigError,
+    ConnectorError,
+    ConnectorSpec,
+    Operation,
+    connector_type,
+)
 from kflow.connectors.config import Duration, Expr, parse_settings
 
 __all__ = ["SqlConnector"]
@@ -67,7 +74,7 @@ class _Compiled:
     def __init__(self, name: str, op: _Operation, where: str) -> None:
         self.name, self.op = name, op
         self.text = sa.text(op.statement)
-        binds = set(self.text._bindparams)  # the :name parameters of the statement
+        binds = set(self.text.compile().params)  # the :name parameters of the statement
         declared = set(op.params)
         if binds - declared:
             raise ConnectorConfigError(f"{where}: statement parameters without a value in params: "

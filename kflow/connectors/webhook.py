@@ -181,6 +181,6 @@ async def wait_for_callback(pending: Pending, timeout: float, retryable: bool, w
         pass
     try:
         return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ConnectorError("WebhookTimeout", f"{what}: no callback within {timeout:g}s",
                              retryable=retryable) from None

@@ -9,6 +9,11 @@ the worker run as separate processes, so their RSS is reported separately.
 ``--mix`` (:func:`run_mix`) overloads a deliberately slow worker instead: 20 % critical and 80 %
 background chain3 instances started faster than it can finish them, with p50/p99 per level next
 to the critical latency of an unloaded run.
+
+``--auth`` (:func:`run_auth`) runs the same phases twice on one broker, on fresh topic prefixes:
+first with auth off, then with auth on for every process (a generated HS256 secret, the bench
+principal's commands signed, its policy applied to the ``policies`` topic before the run), and
+prints both side by side with the throughput loss and the latency ratios.
 """
 
 from __future__ import annotations
@@ -16,24 +21,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any, Optional
 
 from confluent_kafka import Consumer, Producer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
 from kflow import _hops
+from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.breakdown import HopRow, as_dicts, offsets_now, read_stamps
 from kflow.dev.breakdown import breakdown as compute_breakdown
+from kflow.dev.broker import EmbeddedBroker
+from kflow.dev.procs import KflowProcess
 from kflow.dev.stack import DevStack, bundled_spec
 from kflow.model.errors import KflowError, WorkflowNotDeployed
 from kflow.model.messages import Command, Status
 from kflow.schemas.codec import decode_state, encode_command
+from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN
+from kflow.security.tokens import CommandSigner, Keys, issue
 from kflow.streams.readend import at_end
 
 log = logging.getLogger("kflow.bench")
@@ -82,6 +95,8 @@ class Driver:
         #: The priority level of the instance started with a value (``--mix``); None: normal.
         self.priority_of: Optional[Callable[[int], Optional[int]]] = None
         self.level_of: dict[str, int] = {}
+        #: Signs every start as the bench principal (``--auth``); None: starts go unsigned.
+        self.signer: Optional[CommandSigner] = None
         #: Per level: (latency ms, when it finished) of the instances of the current phase.
         self.by_level: dict[int, list[tuple[float, float]]] = {}
 
@@ -96,7 +111,10 @@ class Driver:
         if self.stamping:
             sent = self.sent_us[iid] = _hops.now_us()
             headers = [_hops.stamp("C", sent, sent)]
-        self.producer.produce(self.cfg.names.commands, encode_command(cmd), iid.encode(), headers=headers)
+        key, record = iid.encode(), encode_command(cmd)
+        if self.signer is not None:  # the engine verifies the token against exactly this key and value
+            headers = [*(headers or ()), self.signer.header(key, record)]
+        self.producer.produce(self.cfg.names.commands, record, key, headers=headers)
         self.producer.poll(0)
 
     def poll(self, timeout: float) -> int:
@@ -174,7 +192,7 @@ def _wait_published(client: Any, workflow: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            client._require_deployed(workflow, None)
+            client.require_deployed(workflow, None)
             return
         except WorkflowNotDeployed:
             if time.monotonic() > deadline:
@@ -194,8 +212,26 @@ def _breakdown_table(rows: list[HopRow]) -> Table:
 def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
               prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
               partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False,
-              curve: bool = False, local: bool = False) -> dict[str, Any]:
-    """Run the chain3 bench; with ``local`` its tasks are local activities run by the engine (no worker)."""
+              curve: bool = False, local: bool = False, auth: bool = False) -> dict[str, Any]:
+    """Run the chain3 bench; with ``local`` its tasks are local activities run by the engine (no worker);
+    with ``auth`` it runs twice, auth off then on, and compares them (:func:`run_auth`)."""
+    if auth:
+        return run_auth(bootstrap, n, concurrency, style, prefix, rate=rate, latency_seconds=latency_seconds,
+                        partitions=partitions, json_out=json_out, breakdown=breakdown, curve=curve, local=local)
+    return _run_once(bootstrap, n, concurrency, style, prefix, rate, latency_seconds, partitions, json_out,
+                     breakdown, curve, local)
+
+
+def _run_once(bootstrap: Optional[str], n: int, concurrency: int, style: str, prefix: Optional[str],
+              rate: Optional[float], latency_seconds: float, partitions: int, json_out: Optional[str],
+              breakdown: bool, curve: bool, local: bool, security: Optional[BenchAuth] = None,
+              env: Optional[dict[str, str]] = None, emit: bool = True) -> dict[str, Any]:
+    """One chain3 bench on its own engine and worker processes (given ``env`` on top of this process's).
+
+    With ``security`` every process runs with auth on, the bench's policy is applied before the run
+    and the client signs every command as the bench principal. With ``emit`` false the report is
+    returned but neither printed as JSON nor written to ``json_out`` (the caller does).
+    """
     console = Console(stderr=True)
     if style not in ("spec", "code"):
         raise KflowError(f"--style must be 'spec' or 'code', not {style!r}")
@@ -207,15 +243,20 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
     if local:
         workflow, spec_file = "bench.chain3local", "chain3_local.yaml"
     prefix = prefix or f"bench{uuid.uuid4().hex[:6]}."
-    stack = DevStack(bootstrap, prefix, [] if local else [BENCH_ACTIVITIES], partitions=partitions,
-                     workflows="kflow.dev.bench_workflows" if style == "code" else "",
-                     activities=BENCH_ACTIVITIES if local else "")
+    stack = _BenchStack(bootstrap, prefix, [] if local else [BENCH_ACTIVITIES], partitions=partitions,
+                        workflows="kflow.dev.bench_workflows" if style == "code" else "",
+                        activities=BENCH_ACTIVITIES if local else "",
+                        env={**(env or {}), **(security.env() if security is not None else {})})
     try:
         stack.start()
         stack.wait_for_topics()  # the engine creates them; the bench's clients never do
-        console.print(f"bench: broker {stack.bootstrap}, topics {prefix}*, {partitions} partitions")
+        console.print(f"bench: broker {stack.bootstrap}, topics {prefix}*, {partitions} partitions"
+                      + (", auth on" if security is not None else ""))
         cfg = KafkaConfig(bootstrap=stack.bootstrap or "", topic_prefix=prefix, partitions=partitions, dev_tuning=True)
-        with stack.client() as client:
+        if security is not None:
+            security.apply_policy(cfg)  # before the first command, so no start waits for a grant
+            cfg = security.config(cfg, security.token)
+        with (Client(config=cfg) if security is not None else stack.client()) as client:
             if style == "spec":
                 client.deploy(bundled_spec(spec_file))
             else:
@@ -223,8 +264,11 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
             warm = client.start(workflow, 0, id=f"warm-{uuid.uuid4().hex[:6]}")
             warm.result(timeout=120)  # the engine and the worker have joined their groups
         driver = Driver(cfg, workflow)
+        if security is not None:
+            driver.signer = cfg.command_signer()
         results = []
         hop_rows: list[HopRow] = []
+        cpu0 = _cpu_now(stack.procs)
         try:
             driver.run("warm-up", min(200, n), concurrency, None, 120)
             for c in (CURVE_POINTS if curve else (concurrency,)):
@@ -248,13 +292,18 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
         finally:
             driver.close()
         rss = {p.args[0]: round(p.rss_mb(), 1) for p in stack.procs}
+        # CPU per workflow of every process over the timed phases and the warm-up (less noisy than wall time)
+        timed = min(200, n) + sum(r.instances for r in results)
+        cpu_ms = {k: round((v - cpu0.get(k, 0.0)) * 1000 / timed, 3) for k, v in _cpu_now(stack.procs).items()}
         per_workflow = 1 if local else 4  # Kafka commands decided: the start, plus three results from a worker
-        report = {"bench": "chain3", "style": style, "local": local, "partitions": partitions, "cpus": os.cpu_count(),
-                  "phases": [asdict(r) for r in results], "rss_mb": rss,
+        report = {"bench": "chain3", "style": style, "local": local, "auth": security is not None,
+                  "partitions": partitions, "cpus": os.cpu_count(),
+                  "phases": [asdict(r) for r in results], "rss_mb": rss, "cpu_ms_per_workflow": cpu_ms,
                   "engine_commands_per_s": round(max(r.completed_per_s for r in results[:-1]) * per_workflow, 1)}
         if hop_rows:
             report["breakdown"] = as_dicts(hop_rows)
-        table = Table(title=f"kflow bench · chain3 (3 sequential {'local ' if local else ''}activities per workflow)")
+        table = Table(title=f"kflow bench · chain3 (3 sequential {'local ' if local else ''}activities per workflow)"
+                      + (" · auth on" if security is not None else ""))
         for col in ("phase", "instances", "completed/s", "p50 ms", "p95 ms", "p99 ms", "failed", "missed"):
             table.add_column(col, justify="right")
         for r in results:
@@ -264,14 +313,166 @@ def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, st
         if hop_rows:
             Console().print(_breakdown_table(hop_rows))
         Console().print(f"RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in rss.items())}; "
-                        f"engine commands/s ({per_workflow} per workflow): {report['engine_commands_per_s']:,.0f}")
-        print(json.dumps(report))
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(report, f, indent=2)
+                        f"engine commands/s ({per_workflow} per workflow): {report['engine_commands_per_s']:,.0f}; "
+                        f"CPU per workflow: {', '.join(f'{k} {v:.2f} ms' for k, v in cpu_ms.items())}")
+        if emit:
+            print(json.dumps(report))
+            if json_out:
+                with open(json_out, "w") as f:
+                    json.dump(report, f, indent=2)
         return report
     finally:
         stack.stop()
+
+
+#: The principal ``kflow bench --auth`` starts its workflows as, and the role its policy binds it to.
+AUTH_PRINCIPAL = AUTH_ROLE = "bench"
+#: ``kflow bench --auth``'s policy: the bench principal may deploy and start workflows (it owns the
+#: instances it starts, so everything else on them is allowed by ownership, checked per command).
+AUTH_POLICY: dict[str, Any] = {"roles": {AUTH_ROLE: ["definition:Create", "definition:Execute", "instance:View"]},
+                               "bindings": {DEFAULT_TENANT: {AUTH_PRINCIPAL: [AUTH_ROLE]}}}
+#: Lifetime of the tokens ``kflow bench --auth`` mints: longer than any bench.
+AUTH_TOKEN_TTL_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class BenchAuth:
+    """The keys and tokens of a ``kflow bench --auth`` run, made fresh for it.
+
+    Attributes:
+        secret: The HS256 secret every process of the run gets as ``KFLOW_JWT_SECRET``.
+        token: The bench principal's token: the client signs every command with it.
+        admin_token: A ``system_admin`` token that signs only the policy record.
+    """
+
+    secret: str = field(repr=False)
+    token: str = field(repr=False)
+    admin_token: str = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> BenchAuth:
+        secret = secrets.token_hex(32)
+        keys = Keys(secret=secret.encode())
+        return cls(secret, issue(AUTH_PRINCIPAL, DEFAULT_TENANT, [AUTH_ROLE], AUTH_TOKEN_TTL_S, keys),
+                   issue("bench-admin", DEFAULT_TENANT, [SYSTEM_ADMIN], AUTH_TOKEN_TTL_S, keys))
+
+    def env(self) -> dict[str, str]:
+        """What the engine and worker processes get: auth on, with this run's secret."""
+        return {"KFLOW_AUTH": "on", "KFLOW_JWT_SECRET": self.secret}
+
+    def config(self, cfg: KafkaConfig, token: str) -> KafkaConfig:
+        """``cfg`` with auth on, signing as ``token``'s principal."""
+        return KafkaConfig(bootstrap=cfg.bootstrap, topic_prefix=cfg.topic_prefix, partitions=cfg.partitions,
+                           dev_tuning=cfg.dev_tuning, auth=True, jwt_secret=SecretStr(self.secret),
+                           token=SecretStr(token))
+
+    def apply_policy(self, cfg: KafkaConfig, timeout: float = 60.0) -> int:
+        """Apply :data:`AUTH_POLICY` to the ``policies`` topic of ``cfg``'s prefix as the admin; its offset."""
+        from kflow.security.policy import parse_policy
+        from kflow.streams.policies import publish_policy
+
+        return publish_policy(self.config(cfg, self.admin_token), parse_policy(AUTH_POLICY, "kflow bench --auth"),
+                              "kflow bench --auth", timeout)
+
+
+class _BenchStack(DevStack):
+    """A :class:`DevStack` whose engine and worker get :attr:`env` on top of this process's environment."""
+
+    def __init__(self, *args: Any, env: Optional[dict[str, str]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.env = env or {}
+
+    def spawn(self, proc: KflowProcess, name: str) -> None:
+        proc.env.update(self.env)
+        super().spawn(proc, name)
+
+
+def _cpu_now(procs: list[KflowProcess]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process and by this one (the driver); Linux ``/proc``."""
+    out = {"driver": sum(os.times()[:2])}
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            out[p.args[0]] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def _ratio(on: float, off: float) -> Optional[float]:
+    return round(on / off, 3) if off else None
+
+
+def compare_phases(off: list[dict[str, Any]], on: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per phase, auth off against on: completed/s, the throughput loss in %, and the p50/p99 ratios (on / off)."""
+    rows = []
+    for a, b in zip(off, on, strict=True):
+        loss = round((1 - b["completed_per_s"] / a["completed_per_s"]) * 100, 1) if a["completed_per_s"] else None
+        rows.append({"phase": a["phase"], "off_per_s": a["completed_per_s"], "on_per_s": b["completed_per_s"],
+                     "throughput_loss_pct": loss, "off_p50_ms": a["p50_ms"], "on_p50_ms": b["p50_ms"],
+                     "p50_ratio": _ratio(b["p50_ms"], a["p50_ms"]), "off_p99_ms": a["p99_ms"], "on_p99_ms": b["p99_ms"],
+                     "p99_ratio": _ratio(b["p99_ms"], a["p99_ms"]), "failed": [a["failed"], b["failed"]],
+                     "missed": [a["missed"], b["missed"]]})
+    return rows
+
+
+def run_auth(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
+             prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
+             partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False, curve: bool = False,
+             local: bool = False) -> dict[str, Any]:
+    """``kflow bench --auth``: the same phases with auth off, then on, on one broker; both side by side.
+
+    Each run gets its own topic prefix and its own engine and worker processes, stopped before the
+    next run starts, so the two share the broker (and the machine's noise of the minute) but no
+    state. The run with auth off goes first: a broker that slows down as it fills penalises the
+    second run, so the loss printed is if anything too high.
+    """
+    if curve or breakdown:
+        raise KflowError("--auth compares the plain phases: not with --curve or --breakdown")
+    console = Console(stderr=True)
+    broker: Optional[EmbeddedBroker] = None
+    if bootstrap is None:
+        broker = EmbeddedBroker(silent=True)
+        bootstrap = broker.start()
+    base = prefix or f"bench{uuid.uuid4().hex[:6]}."
+    security = BenchAuth.generate()
+    reports: dict[str, dict[str, Any]] = {}
+    try:
+        for label, sec in (("off", None), ("on", security)):
+            console.print(f"[bold]auth {label}[/bold]")
+            # an explicit off: a KFLOW_AUTH=on in the caller's environment must not leak into the baseline
+            reports[label] = _run_once(bootstrap, n, concurrency, style, f"{base}auth{label}.", rate, latency_seconds,
+                                       partitions, None, False, False, local, security=sec,
+                                       env={"KFLOW_AUTH": "off"}, emit=False)
+    finally:
+        if broker is not None:
+            broker.stop()
+    rows = compare_phases(reports["off"]["phases"], reports["on"]["phases"])
+    table = Table(title="kflow bench --auth · chain3, auth off → on (same broker, fresh topics)")
+    for col in ("phase", "completed/s", "loss", "p50 ms", "p50 ×", "p99 ms", "p99 ×", "failed+missed"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["phase"], f"{r['off_per_s']:,.0f} → {r['on_per_s']:,.0f}",
+                      "—" if r["throughput_loss_pct"] is None else f"{r['throughput_loss_pct']:.1f} %",
+                      f"{r['off_p50_ms']:.1f} → {r['on_p50_ms']:.1f}", _times(r["p50_ratio"]),
+                      f"{r['off_p99_ms']:.1f} → {r['on_p99_ms']:.1f}", _times(r["p99_ratio"]),
+                      " → ".join(str(f + m) for f, m in zip(r["failed"], r["missed"], strict=True)))
+    Console().print(table)
+    cpu_off, cpu_on = reports["off"]["cpu_ms_per_workflow"], reports["on"]["cpu_ms_per_workflow"]
+    Console().print("CPU per workflow, off → on: " + ", ".join(
+        f"{k} {cpu_off[k]:.2f} → {cpu_on[k]:.2f} ms" for k in cpu_off if k in cpu_on))
+    report = {"bench": "chain3-auth", "off": reports["off"], "on": reports["on"], "comparison": rows}
+    print(json.dumps(report))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _times(ratio: Optional[float]) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}"
 
 
 #: The workflow of ``kflow bench --mix``: chain3 on the slow activity of the mix worker.
@@ -305,7 +506,7 @@ def _level_results(phase: str, by_level: dict[int, list[tuple[float, float]]]) -
     for level, name in ((CRITICAL, "critical"), (BACKGROUND, "background")):
         rows = by_level.get(level, [])
         done = sorted(t for _, t in rows)
-        gap = max((b - a for a, b in zip(done, done[1:])), default=0.0)
+        gap = max((b - a for a, b in pairwise(done)), default=0.0)
         lat = [ms for ms, _ in rows]
         out.append(LevelResult(phase, name, len(rows), round(_pct(lat, 0.5), 1), round(_pct(lat, 0.99), 1),
                                round(gap, 2)))
@@ -334,8 +535,8 @@ def run_mix(bootstrap: Optional[str], n: int = 2000, prefix: Optional[str] = Non
     try:
         stack.start()
         assert stack.bootstrap is not None
-        stack._spawn(worker_process(stack.bootstrap, prefix, [MIX_ACTIVITIES], partitions=stack.partitions,
-                                    concurrency=MIX_SLOTS), "worker")
+        stack.spawn(worker_process(stack.bootstrap, prefix, [MIX_ACTIVITIES], partitions=stack.partitions,
+                                   concurrency=MIX_SLOTS), "worker")
         stack.wait_for_topics()
         console.print(f"bench --mix: broker {stack.bootstrap}, topics {prefix}*, worker {MIX_SLOTS} slots × "
                       f"{WORK_MS} ms tasks (~{capacity:.0f} chain3/s)")

@@ -24,7 +24,7 @@ class KflowProcess:
     log_path: str = ""
     proc: Optional[subprocess.Popen[bytes]] = None
 
-    def start(self) -> "KflowProcess":
+    def start(self) -> KflowProcess:
         """Start the child; its output goes to ``log_path`` (a new temporary file when empty)."""
         if not self.log_path:
             fd, self.log_path = tempfile.mkstemp(prefix=f"kflow-{self.args[0]}-", suffix=".log")

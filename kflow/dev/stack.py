@@ -91,7 +91,7 @@ class DevStack:
         self.visibility: Any = None
         self.dev_file: Optional[DevStackFile] = None
 
-    def start(self) -> "DevStack":
+    def start(self) -> DevStack:
         if self.bootstrap is None:
             self.broker = EmbeddedBroker(self.root / "broker")
             self.bootstrap = self.broker.start(port=self.port)
@@ -102,13 +102,13 @@ class DevStack:
         assert self.bootstrap is not None
         eng = engine_process(self.bootstrap, self.prefix, os.path.join(self.state_dir, "engine"),
                              partitions=self.partitions, workflows=self.workflows, activities=self.activities)
-        self._spawn(eng, "engine")
+        self.spawn(eng, "engine")
         if self.worker_modules:
-            self._spawn(worker_process(self.bootstrap, self.prefix, self.worker_modules,
-                                       partitions=self.partitions), "worker")
+            self.spawn(worker_process(self.bootstrap, self.prefix, self.worker_modules,
+                                      partitions=self.partitions), "worker")
         if self.connectors:
-            self._spawn(worker_process(self.bootstrap, self.prefix, [], partitions=self.partitions,
-                                       connectors=self.connectors), "connectors")
+            self.spawn(worker_process(self.bootstrap, self.prefix, [], partitions=self.partitions,
+                                      connectors=self.connectors), "connectors")
         if self.announce:
             self.dev_file = DevStackFile(self.bootstrap, self.prefix, self.partitions, os.getpid(),
                                          Path.cwd() / DEV_FILE)
@@ -133,7 +133,8 @@ class DevStack:
                                  f"{self.procs[0].log_tail(2000)}")
             time.sleep(0.1)  # polls a condition with a deadline
 
-    def _spawn(self, proc: KflowProcess, name: str) -> None:
+    def spawn(self, proc: KflowProcess, name: str) -> None:
+        """Start ``proc`` as part of the stack (stopped with it); its log goes to ``logs/<name>.log``."""
         (self.root / "logs").mkdir(exist_ok=True)
         proc.log_path = str(self.root / "logs" / f"{name}.log")
         self.procs.append(proc.start())
@@ -308,7 +309,7 @@ def run_order_demo(stack: DevStack, console: Console, count: int = 8) -> None:
         for col in ("instance", "status", "result / error"):
             table.add_column(col)
         ok = True
-        for h, o in zip(handles, orders):
+        for h, o in zip(handles, orders, strict=True):
             st = results[h.id]
             expect_fail = o["qty"] > 100
             if st["status"] == "COMPLETED":

@@ -22,9 +22,10 @@ for the workflow (a thread, a catch route, a saga step) is the interpreter's job
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import orjson
 
@@ -180,7 +181,7 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
 
     ``policy`` (code workflows) is the activity's own ``{"retry": ..., "timeout": ...}``. A
     ``local`` activity is recorded with the same events; its task is run by the engine process
-    itself (see :func:`_emit_task`). ``fairness_key`` goes on every task of the activity (default:
+    itself (see :func:`emit_task`). ``fairness_key`` goes on every task of the activity (default:
     the instance's tenant).
     """
     check_pending(run, "activities")
@@ -198,12 +199,12 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
         act[FAIRNESS_KEY] = fairness_key
     run.state["activities"][aid] = act
     _, timeouts = policies(run, step_key, act)
-    _emit_task(run, aid, act, timeouts)
+    emit_task(run, aid, act, timeouts)
     _arm(run, aid, act, "schedule_to_close", _timeout_ms(timeouts, "schedule_to_close"))
-    _start_attempt(run, aid, act, timeouts)
+    start_attempt(run, aid, act, timeouts)
 
 
-def _emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec], gate: bool = True) -> None:
+def emit_task(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec], gate: bool = True) -> None:
     """The task of ``act``'s current attempt, as data.
 
     A local task carries its ``start_to_close`` as the in-process bound of the run: the engine
@@ -225,7 +226,7 @@ def _reports_start(timeouts: Optional[TimeoutSpec]) -> bool:
     return timeouts is not None and (timeouts.start_to_close is not None or timeouts.heartbeat is not None)
 
 
-def _start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
+def start_attempt(run: Run, aid: str, act: JSONDict, timeouts: Optional[TimeoutSpec]) -> None:
     if act.get("local") or act.get("waiting_permit"):
         return  # bounded in process by start_to_close; a local activity cannot heartbeat; a held task
         # is not running yet (its timers are armed when its permits are granted)
@@ -246,9 +247,9 @@ def on_started(run: Run, aid: str) -> None:
     act = run.state["activities"][aid]
     act["phase"] = "started"
     _, timeouts = policies(run, act["step"], act)
-    _start_attempt(run, aid, act, timeouts)
+    start_attempt(run, aid, act, timeouts)
     if act.get("local"):
-        _emit_task(run, aid, act, timeouts)
+        emit_task(run, aid, act, timeouts)
 
 
 def on_heartbeat(run: Run, aid: str) -> None:
@@ -310,8 +311,8 @@ def on_retry_timer(run: Run, aid: str) -> None:
     run.emit("ActivityScheduled", {"activity_id": aid, "name": act["name"], "queue": act["queue"],
                                     "input": act["input"], "attempt": act["attempt"]})
     _, timeouts = policies(run, act["step"], act)
-    _emit_task(run, aid, act, timeouts)
-    _start_attempt(run, aid, act, timeouts)
+    emit_task(run, aid, act, timeouts)
+    start_attempt(run, aid, act, timeouts)
 
 
 def reopen(run: Run, aid: str, act: JSONDict, input_: Any) -> None:
@@ -339,7 +340,7 @@ def drop(run: Run, aid: str, cancel: bool = False) -> Optional[JSONDict]:
 
     With ``cancel``, the worker running the current attempt is told to stop it.
     """
-    act = run.state["activities"].pop(aid, None)
+    act: Optional[JSONDict] = run.state["activities"].pop(aid, None)
     if act is not None:
         _cancel_timers(run, act)
         if cancel:

@@ -28,10 +28,11 @@ import hashlib
 import threading
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable, Coroutine, Generator, NoReturn, Optional
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, Optional, Union
 
 import orjson
 
@@ -163,7 +164,7 @@ class _Task:
         self.future = _Future()
 
 
-class _Mismatch(BaseException):
+class ReplayMismatch(BaseException):
     """Raised through workflow code (a BaseException, so ``except Exception`` cannot swallow it)."""
 
     def __init__(self, index: int, expected: str, actual: str) -> None:
@@ -233,7 +234,7 @@ def _ms(duration: float | timedelta) -> int:
 class WorkflowContext:
     """What a code workflow may do. Every method is deterministic under replay."""
 
-    def __init__(self, machine: "Machine") -> None:
+    def __init__(self, machine: Machine) -> None:
         self._m = machine
 
     @property
@@ -331,7 +332,7 @@ class WorkflowContext:
 
     def now(self) -> datetime:
         """The time of the input event being processed (UTC), identical on replay."""
-        return datetime.fromtimestamp(self._m.now / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(self._m.now / 1000, tz=UTC)
 
     def random(self) -> float:
         """A float in [0, 1) from a generator seeded by the instance; the same sequence on replay."""
@@ -348,6 +349,15 @@ class WorkflowContext:
     def patched(self, change_id: str) -> bool:
         """True for instances that reached this point after the change was deployed."""
         return self._m.patched(change_id)
+
+    def set_priority(self, level: Union[str, int], reason: str = "") -> None:
+        """Change this instance's priority (``critical``..``background`` or 1..5) from here on.
+
+        Recorded like any workflow operation: the engine applies it as ``PriorityChanged`` (the
+        same as ``kflow priority ID LEVEL``), so work dispatched afterwards, and work still waiting
+        for a permit, uses the new level. Raises ``ValueError`` for an unknown level.
+        """
+        self._m.set_priority(level, reason)
 
     def set_query_handler(self, name: str, fn: Callable[..., Any]) -> None:
         """Answer query ``name`` with ``fn(*args)``: a read-only view of the workflow's variables."""
@@ -375,7 +385,7 @@ class WorkflowContext:
         """
         self._m.update_handlers[name] = (fn, validator)
 
-    def saga(self) -> "Saga":
+    def saga(self) -> Saga:
         """A saga: register compensations as steps complete, run them newest first on failure.
 
         Example:
@@ -384,9 +394,9 @@ class WorkflowContext:
             ...     saga.add_compensation("payment.refund", order)
             ...     await ctx.activity("inventory.reserve", order)  # fails -> refund runs
         """
-        return Saga(self)
+        return Saga(self, self._m)
 
-    def continue_as_new(self, input: Any = None) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def continue_as_new(self, input: Any = None) -> NoReturn:
         """End this run and start a fresh one of the workflow (its latest version) under the same
         id, with ``input`` and an empty history. Pending activities, timers and children of this
         run are cancelled. Call it before the history limit is reached (see ``history_length``).
@@ -423,8 +433,8 @@ class Saga:
     and re-raises the error.
     """
 
-    def __init__(self, ctx: WorkflowContext) -> None:
-        self._ctx = ctx
+    def __init__(self, ctx: WorkflowContext, machine: Machine) -> None:
+        self._ctx, self._machine = ctx, machine
         self._steps: list[tuple[Any, Any, dict[str, Any]]] = []
         self.errors: list[BaseException] = []
 
@@ -447,10 +457,10 @@ class Saga:
                     await comp()
             except Exception as e:  # a compensation's failure must not stop the others
                 self.errors.append(e)
-        self._ctx._m.compensation_done(bool(self.errors))
+        self._machine.compensation_done(bool(self.errors))
         return list(self.errors)
 
-    async def __aenter__(self) -> "Saga":
+    async def __aenter__(self) -> Saga:
         return self
 
     async def __aexit__(self, et: Any, exc: Any, tb: Any) -> bool:
@@ -488,19 +498,24 @@ class Machine:
         self.history_length = 0
         self.history_limit = limits_of(None).max_history_events
         self.cancelled = False
+        #: set while a retry replays the kept history: the state whose tables the commands rebuild
+        self.restoring: Optional[JSONDict] = None
         self.conditions: list[tuple[Callable[[], bool], _Future, Optional[str]]] = []
         sandbox = definition.sandbox
-        self._guard: Callable[[], Any] = sandbox if sandbox is not None else nullcontext
+        self.sandbox_guard: Callable[[], Any] = sandbox if sandbox is not None else nullcontext
         self._pause: Callable[[], Any] = getattr(sandbox, "paused", nullcontext) if sandbox is not None else nullcontext
 
     # -- commands: replay checks them against history, live mode records them ------------------
-    def _issue(self, kind: str, name: str, live: Callable[[], Any]) -> Any:
+    def _issue(self, kind: str, name: str, live: Callable[[], Any],
+               restore: Optional[Callable[[JSONDict, Any], None]] = None) -> Any:
         n = self.cursor
         self.cursor += 1
         if not self.live:
             rec = self.recorded[n] if n < len(self.recorded) else None
             if rec is None or rec[0] != kind or (rec[1] is not None and rec[1] != name):
-                raise _Mismatch(n, _describe(rec), _describe([kind, name]))
+                raise ReplayMismatch(n, _describe(rec), _describe([kind, name]))
+            if restore is not None and self.restoring is not None and not isinstance(rec[2], dict):
+                restore(self.restoring, rec[2])  # a retry rebuilds the state entry the command made
             return rec[2]
         try:
             value = live()
@@ -528,7 +543,20 @@ class Machine:
                                 fairness_key=fairness_key)
             return aid
 
-        aid = self._issue("activity", name, live)
+        def restore(st: JSONDict, aid: str) -> None:
+            act: JSONDict = {"name": name, "queue": queue, "attempt": 1, "thread": "code", "step": name,
+                             "input": input_, "phase": "scheduled", "timers": {}}
+            if policy is not None:
+                act["policy"] = policy
+            if local:
+                act["local"] = True
+            if priority is not None:
+                act[PRIORITY] = priority
+            if fairness_key is not None:
+                act[activities.FAIRNESS_KEY] = fairness_key
+            st["activities"][aid] = act
+
+        aid = self._issue("activity", name, live, restore)
         fut = _Future()
         if isinstance(aid, dict):
             fut.set_error(WorkflowError(aid["$error"][1], type=aid["$error"][0]))
@@ -540,7 +568,10 @@ class Machine:
         def live() -> str:
             return activities.start_timer(self._live_run(), "code", self.now + ms, purpose)
 
-        tid = self._issue("timer", purpose, live)
+        def restore(st: JSONDict, tid: str) -> None:
+            st["timers"][tid] = {"due": self.now + ms, "thread": "code", "purpose": purpose}
+
+        tid = self._issue("timer", purpose, live, restore)
         if isinstance(tid, dict):
             raise WorkflowError(tid["$error"][1], type=tid["$error"][0])
         return str(tid)
@@ -580,7 +611,11 @@ class Machine:
                                                "priority": run.priority()})
             return cid
 
-        cid = self._issue("child", workflow, live)
+        def restore(st: JSONDict, cid: Any) -> None:
+            if cid is not None:
+                st["children"][cid] = {"thread": "code", "step": workflow}
+
+        cid = self._issue("child", workflow, live, restore)
         if isinstance(cid, dict):
             fut.set_error(WorkflowError(cid["$error"][1], type=cid["$error"][0]))
         elif cid is None:
@@ -599,6 +634,21 @@ class Machine:
         fut = _Future()
         fut.set_result(self._issue("side_effect", "", live))
         return fut
+
+    def set_priority(self, level: Union[str, int], reason: str) -> None:
+        number = priority_level(level)
+        if number is None:
+            raise ValueError("a priority level is needed: critical, high, normal, low, background or 1-5")
+
+        def live() -> Any:
+            run = self._live_run()
+            # Work this decision still dispatches already takes the new level; the command makes
+            # it history (PriorityChanged), which sets the same level when the engine applies it.
+            run.state[PRIORITY] = number
+            run.command("SetPriority", self.instance_id, {"priority": number, "reason": reason or "ctx.set_priority"})
+            return number
+
+        self._issue("set_priority", str(number), live)
 
     def patched(self, change_id: str) -> bool:
         if change_id in self.patches:
@@ -636,6 +686,8 @@ class Machine:
                     self.ops.pop(tid, None)
                     if self.live:
                         self._live_run().state["timers"].pop(tid, None)
+                    elif self.restoring is not None:
+                        self.restoring["timers"].pop(tid, None)
                 fut.set_result(None)
 
     def call_signal_handler(self, name: str, data: Any) -> None:
@@ -651,7 +703,7 @@ class Machine:
                                                     "message": f"no handler for update '{name}'"}})
             return
         try:
-            with self._guard():
+            with self.sandbox_guard():
                 result = entry[0](data)
         except ContinueAsNew:
             self._update_done(update_id, {"error": {"type": "InvalidUpdateHandler", "message": (
@@ -735,7 +787,7 @@ class Machine:
     # -- stepping --------------------------------------------------------------------------------
     def _step(self, task: _Task) -> None:
         try:
-            with self._guard():
+            with self.sandbox_guard():
                 yielded = task.coro.send(None)
         except StopIteration as stop:
             task.future.set_result(stop.value)
@@ -759,7 +811,7 @@ class Machine:
                     return
             if not self.conditions:
                 return
-            with self._guard():
+            with self.sandbox_guard():
                 self._check_conditions()
             if not self.ready:
                 return
@@ -773,9 +825,9 @@ class Machine:
             self.ready.append(self.root)
         elif type_ in ("ActivityCompleted", "ActivityFailed", "ChildCompleted", "ChildFailed"):
             key = data.get("activity_id") or data.get("child_id")
-            op = self.ops.pop(key, None)
+            op = self.ops.pop(key, None) if key is not None else None
             if op is None:
-                raise _Mismatch(self.cursor, f"a {type_} for '{key}'", "code that never scheduled it")
+                raise ReplayMismatch(self.cursor, f"a {type_} for '{key}'", "code that never scheduled it")
             label, fut = op
             if type_.endswith("Completed"):
                 fut.set_result(data.get("result"))
@@ -808,13 +860,15 @@ class Machine:
             self.call_signal_handler(data["name"], data.get("data"))
         elif type_ == "SignalReceived":
             name = data["name"]
-            waiters = self.signal_waiters.get(name)
-            if waiters:
-                fut, tid = waiters.pop(0)
+            queue = self.signal_waiters.get(name)
+            if queue:
+                fut, tid = queue.pop(0)
                 if tid is not None:
                     self.ops.pop(tid, None)
                     if self.live:
                         self._live_run().state["timers"].pop(tid, None)
+                    elif self.restoring is not None:
+                        self.restoring["timers"].pop(tid, None)
                 fut.set_result(data.get("data"))
             else:
                 self.signal_buffer.setdefault(name, []).append(data.get("data"))
@@ -878,7 +932,8 @@ def _key(seq: int, st: JSONDict) -> tuple[Any, ...]:
 
 
 # -- the journal of the current run ----------------------------------------------------------------
-def _open_journal(st: JSONDict) -> None:
+def open_journal(st: JSONDict) -> None:
+    """Start the journal counters of a new run at zero."""
     st[INPUT_COUNT], st[COMMAND_COUNT], st[DELIVERED], st[INPUTS_DIGEST] = 0, 0, 0, ""
 
 
@@ -886,14 +941,16 @@ def _digest(prev: str, entry: list[Any]) -> str:
     return hashlib.blake2b(prev.encode() + orjson.dumps(entry), digest_size=8).hexdigest()
 
 
-def _append_input(run: Run, entry: list[Any]) -> None:
+def append_input(run: Run, entry: list[Any]) -> None:
+    """Journal ``entry`` as the run's next input."""
     st = run.state
     run.journal_ops.append(Append(st["id"], st.get("run", 1), INPUT, st[INPUT_COUNT], entry))
     st[INPUT_COUNT] += 1
     st[INPUTS_DIGEST] = _digest(st[INPUTS_DIGEST], entry)
 
 
-def _append_commands(run: Run, entries: Entries) -> None:
+def append_commands(run: Run, entries: Entries) -> None:
+    """Journal ``entries`` as the run's next commands."""
     st = run.state
     number = st.get("run", 1)
     for entry in entries:
@@ -907,10 +964,10 @@ def _migrate(run: Run) -> None:
     if INPUTS not in st:
         return
     inputs, commands, delivered = st.pop(INPUTS), st.pop(COMMANDS), st[DELIVERED]
-    _open_journal(st)
+    open_journal(st)
     for entry in inputs:
-        _append_input(run, entry)
-    _append_commands(run, commands)
+        append_input(run, entry)
+    append_commands(run, commands)
     st[DELIVERED] = delivered
 
 
@@ -935,7 +992,7 @@ def _counted(st: JSONDict, inputs: Entries, commands: Entries) -> tuple[Entries,
     return inputs, commands
 
 
-def _history(run: Run, journaled: bool) -> tuple[Entries, Entries]:
+def run_history(run: Run, journaled: bool) -> tuple[Entries, Entries]:
     """The current run's inputs and commands: the journal (when entries of it were ``journaled``
     before this decision), plus what this decision appended."""
     st = run.state
@@ -1073,7 +1130,7 @@ def apply_input(run: Run, ev: Event) -> None:
     # a new run, or one whose history was inside its state, has nothing in the journal to read
     journaled = ev.type != "WorkflowStarted" and INPUTS not in st
     if ev.type == "WorkflowStarted":
-        _open_journal(st)
+        open_journal(st)
         if definition is not None and definition.execution_timeout_ms is not None:
             activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
     else:
@@ -1090,7 +1147,7 @@ def apply_input(run: Run, ev: Event) -> None:
                  if definition is not None and definition.execution_timeout_ms else "the workflow timed out")
         return
     if fed:
-        _append_input(run, fed)
+        append_input(run, fed)
     if definition is None:
         _block(run, NondeterminismError(st["id"], st[DELIVERED], f"code workflow '{st['workflow']}@{st['version']}'",
                                         "no such workflow registered in this engine"))
@@ -1099,28 +1156,28 @@ def apply_input(run: Run, ev: Event) -> None:
     if st["status"] in Status.ACTIVE and prev_key is not None:
         machine = CACHE.take(st["id"], prev_key)
     if machine is not None:  # parked right after the previous input: only this one is new
-        _drive(run, machine, [fed] if fed else [])
+        drive(run, machine, [fed] if fed else [])
         return
-    inputs, commands = _history(run, journaled)
+    inputs, commands = run_history(run, journaled)
     machine = _rebuild(run, definition, inputs, commands)
     if machine is not None:
-        _drive(run, machine, inputs[st[DELIVERED]:])
+        drive(run, machine, inputs[st[DELIVERED]:])
 
 
 def _rebuild(run: Run, definition: CodeDefinition, inputs: Entries, commands: Entries) -> Optional[Machine]:
     """Replay the delivered inputs into a fresh machine; None (and BLOCKED) on a mismatch."""
     st = run.state
-    machine = _new_machine(run, definition, commands)
+    machine = new_machine(run, definition, commands)
     try:
         for type_, data, ts, seq in inputs[:st[DELIVERED]]:
             machine.deliver(type_, data, ts, seq)
             if machine.finished:
-                raise _Mismatch(machine.cursor, _describe(commands[machine.cursor]
-                                                          if machine.cursor < len(commands) else None)
-                                + " or a wait for input", _outcome(machine))
+                raise ReplayMismatch(machine.cursor, _describe(commands[machine.cursor]
+                                                               if machine.cursor < len(commands) else None)
+                                     + " or a wait for input", _outcome(machine))
         if machine.cursor != len(commands):
-            raise _Mismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
-    except _Mismatch as m:
+            raise ReplayMismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
+    except ReplayMismatch as m:
         _block(run, NondeterminismError(st["id"], m.index, m.expected, m.actual))
         return None
     if st["status"] == Status.BLOCKED:
@@ -1128,7 +1185,8 @@ def _rebuild(run: Run, definition: CodeDefinition, inputs: Entries, commands: En
     return machine
 
 
-def _new_machine(run: Run, definition: CodeDefinition, commands: Entries) -> Machine:
+def new_machine(run: Run, definition: CodeDefinition, commands: Entries) -> Machine:
+    """A fresh machine for the run, its commands checked against the recorded ``commands``."""
     st = run.state
     machine = Machine(definition, st["id"], commands)
     machine.run_number = st.get("run", 1)
@@ -1136,7 +1194,7 @@ def _new_machine(run: Run, definition: CodeDefinition, commands: Entries) -> Mac
     return machine
 
 
-def _drive(run: Run, machine: Machine, pending: Entries, depth: int = 0) -> None:
+def drive(run: Run, machine: Machine, pending: Entries, depth: int = 0) -> None:
     """Feed the machine the inputs it has not seen, journal the commands it issues, then finish,
     continue or park it."""
     st = run.state
@@ -1148,7 +1206,7 @@ def _drive(run: Run, machine: Machine, pending: Entries, depth: int = 0) -> None
         if machine.finished:
             break
     st[DELIVERED] = st[INPUT_COUNT]
-    _append_commands(run, issued)
+    append_commands(run, issued)
     machine.run = None
     if not machine.finished:
         CACHE.put(st["id"], _key(st["seq"], st), machine)
@@ -1191,13 +1249,13 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
             fresh[kept] = st[kept]
     st.clear()
     st.update(fresh)
-    _open_journal(st)
+    open_journal(st)
     started = ["WorkflowStarted", {"input": input_}, run.now, st["seq"]]
-    _append_input(run, started)
+    append_input(run, started)
     run.compiled = definition
     if definition.execution_timeout_ms is not None:
         activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
-    _drive(run, _new_machine(run, definition, []), [started], depth + 1)
+    drive(run, new_machine(run, definition, []), [started], depth + 1)
 
 
 def _check_history(run: Run) -> None:
@@ -1249,9 +1307,9 @@ def validate_update(definition: CodeDefinition, state: JSONDict, name: str, data
                                 type="UnknownUpdate")
         if entry[1] is not None:
             try:
-                with machine._guard():
+                with machine.sandbox_guard():
                     verdict = entry[1](data)
-            except (GeneratorExit, _Mismatch, ContinueAsNew):  # it issued a command: the machine is not reused
+            except (GeneratorExit, ReplayMismatch, ContinueAsNew):  # it issued a command: the machine is not reused
                 raise WorkflowError(f"the validator of update '{name}' must only read the workflow's variables, "
                                     "not start activities, timers or other workflow operations",
                                     type="InvalidValidator") from None
@@ -1282,7 +1340,7 @@ def _replayed(definition: CodeDefinition, state: JSONDict, inputs: Entries, comm
             machine.deliver(type_, data, ts, seq)
             if machine.finished:
                 break
-    except _Mismatch as m:
+    except ReplayMismatch as m:
         raise NondeterminismError(state["id"], m.index, m.expected, m.actual) from None
     return machine
 
@@ -1292,7 +1350,7 @@ def _call_query(machine: Machine, definition: CodeDefinition, name: str, args: l
     if handler is None:
         known = ", ".join(sorted(machine.queries)) or "none"
         raise KflowError(f"workflow '{definition.name}' has no query '{name}' (registered: {known})")
-    with machine._guard():
+    with machine.sandbox_guard():
         value = handler(*args)
     return _json(value, f"the answer to query '{name}'")
 
@@ -1330,8 +1388,8 @@ def _finish(run: Run, machine: Machine) -> None:
     elif run.state["status"] == Status.CANCELLING:
         run.close(Status.CANCELLED, "WorkflowCancelled", {"reason": run.state.pop("cancel_reason", "")})
     else:
-        e = fut.error
-        run.fail(getattr(e, "type", None) or type(e).__name__, str(getattr(e, "message", None) or e))
+        err = fut.error
+        run.fail(getattr(err, "type", None) or type(err).__name__, str(getattr(err, "message", None) or err))
 
 
 def _block(run: Run, err: NondeterminismError) -> None:

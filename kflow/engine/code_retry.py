@@ -117,7 +117,7 @@ def reset_point(definition: Any, state: JSONDict, to_event: Optional[int],
             return 0, (RejectCode.INVALID_STATE, f"expected a run that got past its start, but '{iid}' ended on "
                        "its first input: start a new instance")
         tables, machine = _replay(definition, state, inputs[:keep], commands)
-    except cr._Mismatch as m:
+    except cr.ReplayMismatch as m:
         err = cr.NondeterminismError(iid, m.index, m.expected, m.actual)
         return 0, (RejectCode.INVALID_STATE, f"expected a history the deployed code replays, but {err}")
     seq = inputs[keep - 1][3]
@@ -191,7 +191,7 @@ def on_retried(run: Run, ev: Event) -> None:
     definition = run.compiled
     seq = reset_event(ev.data["from_step"])
     assert seq is not None and definition is not None, "decide checks the reset point and the definition"
-    inputs, commands = cr._history(run, True)
+    inputs, commands = cr.run_history(run, True)
     keep = _prefix(inputs, seq)
     attempts: dict[str, int] = st.pop(RESET_ATTEMPTS, None) or {}
     run.journal_ops.append(Reset(st["id"], st.get("run", 1), st[cr.INPUT_COUNT], st[cr.COMMAND_COUNT]))
@@ -201,22 +201,22 @@ def on_retried(run: Run, ev: Event) -> None:
     for key in ("ended", "cancel_reason", cr.BLOCKED_INFO, INCIDENTS):
         st.pop(key, None)
     st["activities"], st["timers"], st["children"], st["signals"], st["threads"] = {}, {}, {}, {}, {}
-    cr._open_journal(st)
-    machine = cr._new_machine(run, definition, commands)
+    cr.open_journal(st)
+    machine = cr.new_machine(run, definition, commands)
     machine.restoring = st
     try:
         for entry in inputs[:keep]:
             _restore_input(st, entry)
-            cr._append_input(run, entry)
+            cr.append_input(run, entry)
             machine.deliver(*entry)
-    except cr._Mismatch as m:  # decide replayed the same inputs with the same code a moment ago
+    except cr.ReplayMismatch as m:  # decide replayed the same inputs with the same code a moment ago
         raise cr.NondeterminismError(st["id"], m.index, m.expected, m.actual) from None
     machine.restoring = None
-    cr._append_commands(run, commands[:machine.cursor])
+    cr.append_commands(run, commands[:machine.cursor])
     if definition.execution_timeout_ms is not None:
         activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
     for aid in list(st["activities"]):
         act = st["activities"][aid]
         act["attempt"] = attempts.get(aid, 1)  # reopen schedules the next one, its policy counted afresh
         activities.reopen(run, aid, act, act["input"])
-    cr._drive(run, machine, [])
+    cr.drive(run, machine, [])

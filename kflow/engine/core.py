@@ -15,12 +15,13 @@ deleted); the caller persists those with the state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import orjson
 
-from kflow.engine import code_replayer, spec_interpreter
+from kflow.engine import code_replayer, code_retry, spec_interpreter
 from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_ended, payload_size
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
@@ -85,7 +86,8 @@ class Decision:
 
 def copy_state(state: JSONDict) -> JSONDict:
     """A deep copy cheap enough for the hot path (states are small JSON documents)."""
-    return orjson.loads(orjson.dumps(state))
+    copy: JSONDict = orjson.loads(orjson.dumps(state))
+    return copy
 
 
 # -- evolve -----------------------------------------------------------------------------------
@@ -110,6 +112,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     compiled = defs.get(st["workflow"], st["version"])
     run = Run(st, ev.ts, defs, compiled, journal if journal is not None else MEMORY)
     _record(run, ev)
+    if fresh and state is not None:
+        code_retry.drop_kept_journal(run, state)  # id reuse: the closed run's kept journal goes
     if ev.type == "SignalReceived" and ev.data.get("signal_id"):
         ids = st.setdefault("signal_ids", [])
         ids.append(ev.data["signal_id"])
@@ -121,7 +125,7 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     elif st["status"] == Status.SUSPENDED and ev.type in HELD_INPUTS:
         _hold(run, ev)
     elif ev.type == "WorkflowRetried":
-        spec_interpreter.on_retried(run, ev)
+        (code_retry.on_retried if st["kind"] == "code" else spec_interpreter.on_retried)(run, ev)
     elif ev.type == "WorkflowSuspended":
         st[SUSPENDED] = {"status": st["status"], "reason": ev.data.get("reason", ""), "held": []}
         st["status"] = Status.SUSPENDED
@@ -140,7 +144,10 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     if ev.type != "WorkflowResumed":
         note_ended(run, before, ev)
     if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
-        code_replayer.end_journal(run)  # a closed run is never replayed again
+        if run.state["status"] == Status.COMPLETED:
+            code_replayer.end_journal(run)  # a completed run is never replayed again
+        elif state is not None and not fresh and state["status"] not in Status.TERMINAL:
+            code_retry.keep_journal(run, state)  # a retry resets the run and replays it
     if state is not None:
         # id reuse and continue-as-new build a fresh state: the history still starts where it did,
         # and the instance still belongs to whom it did (a start re-stamps its new owner)
@@ -250,7 +257,8 @@ def _event(state: Optional[JSONDict], instance_id: str, type_: str, now: int, da
     return Event(type=type_, instance_id=instance_id, seq=(state["seq"] if state else 0) + 1, ts=now, data=data)
 
 
-def _reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> Decision:
+def reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> Decision:
+    """``CommandRejected(code, reason)`` for ``cmd``: the instance changes only its sequence."""
     ev = _event(state, cmd.instance_id, "CommandRejected", now,
                 {"command_type": cmd.type, "code": code, "reason": reason})
     st = dict(state)
@@ -261,11 +269,13 @@ def _reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> 
 def refuse(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> Decision:
     """``CommandRejected(code, reason)`` on an existing instance for a command refused before it
     was decided: with auth on, its sender was not authenticated, or is not allowed it."""
-    return _reject(state, cmd, now, code, reason)
+    return reject(state, cmd, now, code, reason)
 
 
-def _accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: JSONDict,
-            defs: DefinitionsView, journal: Journal) -> Decision:
+def accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: JSONDict,
+           defs: DefinitionsView, journal: Journal) -> Decision:
+    """The event ``type_`` for ``cmd``, applied: the decision carries what applying it produced
+    (events, tasks, commands, journal ops, replies) and the timers it set or cancelled."""
     ev = _event(state, cmd.instance_id, type_, now, data)
     new, run = evolve(state, ev, defs, journal)
     d = Decision(state=new, events=[ev, *run.events], tasks=run.tasks, commands=run.commands,
@@ -286,8 +296,8 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
         if policy == "return_existing":
             return Decision(state=state)
         if not (policy == "allow_if_closed" and closed):
-            rejected = _reject(state, cmd, now, RejectCode.DUPLICATE,
-                               f"expected no instance with id '{cmd.instance_id}', but one exists ({state['status']})")
+            rejected = reject(state, cmd, now, RejectCode.DUPLICATE,
+                              f"expected no instance with id '{cmd.instance_id}', but one exists ({state['status']})")
             parent = d.get("parent_id")
             ref = d.get("parent_ref") or cmd.instance_id
             if parent and (state.get("parent_id"), state.get("parent_ref")) != (parent, ref):
@@ -298,7 +308,7 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
                     ts=now, data={"child_id": ref, "error_type": "WorkflowAlreadyStarted",
                                   "message": rejected.events[0].data["reason"]}))
             return rejected
-    name = d.get("workflow")
+    name: Any = d.get("workflow")  # a string: the codec checks a StartWorkflow's fields
     version = d.get("version")
     if isinstance(version, str):  # an exact version or a range ("^1.2"): the newest deployed match
         from kflow.engine.migration import VersionRangeError, deployed_versions, resolve_version
@@ -323,9 +333,9 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
         queued = gate(state, cmd, now, defs, journal, started, level)
         if queued is not None:
             return queued
-    decision = _accept(state, cmd, now, "WorkflowStarted",
-                       {"workflow": name, "version": version, "input": d.get("input"),
-                        "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
+    decision = accept(state, cmd, now, "WorkflowStarted",
+                      {"workflow": name, "version": version, "input": d.get("input"),
+                       "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
     _stamp_priority(decision, level)
     if d.get(TENANT):  # with auth on: the default fairness key of the first step's tasks, decided before the
         for task in decision.tasks:  # tenant is stamped on the state (later ones read it there)
@@ -341,6 +351,7 @@ def _stamp_priority(decision: Decision, level: Optional[int]) -> None:
     """
     if level is None:
         return
+    assert decision.state is not None  # an accepted start
     decision.state[PRIORITY] = level
     for task in decision.tasks:
         if task.priority is None:
@@ -364,8 +375,8 @@ def _running(state: Optional[JSONDict], cmd: Command, now: int,
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
     if state["status"] not in accepting:
-        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
-                       f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
+        return reject(state, cmd, now, RejectCode.INVALID_STATE,
+                      f"expected a RUNNING instance, but '{cmd.instance_id}' is {state['status']}")
     return None
 
 
@@ -382,13 +393,13 @@ def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     assert state is not None
     size, limit = payload_size(cmd.data.get("data")), limits_of(defs).max_payload_bytes
     if size > limit:
-        return _reject(state, cmd, now, RejectCode.LIMIT_EXCEEDED,
-                       f"expected signal data of at most {limit} bytes, but got {size} bytes")
+        return reject(state, cmd, now, RejectCode.LIMIT_EXCEEDED,
+                      f"expected signal data of at most {limit} bytes, but got {size} bytes")
     if cmd.command_id and cmd.command_id in state.get("signal_ids", ()):
-        return _reject(state, cmd, now, RejectCode.DUPLICATE,
-                       f"signal command '{cmd.command_id}' was already applied (a redelivery)")
-    return _accept(state, cmd, now, "SignalReceived",
-                   {"name": cmd.data["name"], "data": cmd.data.get("data"), "signal_id": cmd.command_id}, defs, journal)
+        return reject(state, cmd, now, RejectCode.DUPLICATE,
+                      f"signal command '{cmd.command_id}' was already applied (a redelivery)")
+    return accept(state, cmd, now, "SignalReceived",
+                  {"name": cmd.data["name"], "data": cmd.data.get("data"), "signal_id": cmd.command_id}, defs, journal)
 
 
 def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -399,18 +410,18 @@ def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     assert state is not None
     reason = cmd.data.get("reason") or ""
     if state["status"] == Status.QUEUED:  # never started: nothing to compensate or clean up
-        return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
+        return accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
     if state.get("compensations") or state["kind"] == "code":
         # Completed compensable steps: undo them first; WorkflowCancelled follows the last one.
         # A code workflow sees CancelledError at its pending awaits and cleans up in its own code.
-        return _accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs, journal)
-    return _accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
+        return accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs, journal)
+    return accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
 
 
 def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
                journal: Journal) -> Decision:
-    return _active(state, cmd, now) or _accept(state, cmd, now, "WorkflowTerminated",
-                                               {"reason": cmd.data.get("reason") or ""}, defs, journal)
+    return _active(state, cmd, now) or accept(state, cmd, now, "WorkflowTerminated",
+                                              {"reason": cmd.data.get("reason") or ""}, defs, journal)
 
 
 def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decision]:
@@ -420,7 +431,7 @@ def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decisi
     if verdict is None and cmd.type in ("CompleteActivity", "FailActivity") and _held_result(state, aid, attempt):
         verdict = (RejectCode.DUPLICATE, f"expected a result for attempt {attempt} of '{aid}', but its result "
                    "is already recorded, held until the instance is resumed (a redelivery)")
-    return None if verdict is None else _reject(state, cmd, now, *verdict)
+    return None if verdict is None else reject(state, cmd, now, *verdict)
 
 
 def _held_result(state: JSONDict, aid: str, attempt: int) -> bool:
@@ -436,17 +447,17 @@ def _suspend(state: Optional[JSONDict], cmd: Command, now: int, defs: Definition
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
     if state["status"] not in Status.ACTIVE:
-        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
-                       f"expected an open instance to suspend, but '{cmd.instance_id}' is closed ({state['status']})")
+        return reject(state, cmd, now, RejectCode.INVALID_STATE,
+                      f"expected an open instance to suspend, but '{cmd.instance_id}' is closed ({state['status']})")
     if state["status"] == Status.QUEUED:
-        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
-                       f"expected a started instance to suspend, but '{cmd.instance_id}' is QUEUED (it waits for "
-                       "a quota; cancel or terminate it, or change its priority)")
+        return reject(state, cmd, now, RejectCode.INVALID_STATE,
+                      f"expected a started instance to suspend, but '{cmd.instance_id}' is QUEUED (it waits for "
+                      "a quota; cancel or terminate it, or change its priority)")
     if state["status"] == Status.SUSPENDED:
-        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
-                       f"expected an instance that is not suspended, but '{cmd.instance_id}' already is "
-                       f"(reason: {state[SUSPENDED]['reason'] or 'none given'})")
-    return _accept(state, cmd, now, "WorkflowSuspended", {"reason": cmd.data.get("reason") or ""}, defs, journal)
+        return reject(state, cmd, now, RejectCode.INVALID_STATE,
+                      f"expected an instance that is not suspended, but '{cmd.instance_id}' already is "
+                      f"(reason: {state[SUSPENDED]['reason'] or 'none given'})")
+    return accept(state, cmd, now, "WorkflowSuspended", {"reason": cmd.data.get("reason") or ""}, defs, journal)
 
 
 #: Closed statuses a retry re-opens without ``force``; CANCELLED and TERMINATED were someone's choice.
@@ -458,14 +469,39 @@ def _retry(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     """Re-open a failed spec instance at a top-level step (``WorkflowRetried``), or reject why not."""
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    if state["kind"] == "code":
+        return _retry_code(state, cmd, now, defs, journal)
     step, why = _retry_step(state, cmd, defs)
     if why is not None:
-        return _reject(state, cmd, now, *why)
+        return reject(state, cmd, now, *why)
     d = cmd.data
-    return _accept(state, cmd, now, "WorkflowRetried",
-                   {"from_step": step, "input_patch": d.get("input_patch"),
-                    "reason": d.get("reason") or "", "by": d.get("by") or "", "attempt": state.get("retries", 0) + 1},
-                   defs, journal)
+    return accept(state, cmd, now, "WorkflowRetried",
+                  {"from_step": step, "input_patch": d.get("input_patch"),
+                   "reason": d.get("reason") or "", "by": d.get("by") or "", "attempt": state.get("retries", 0) + 1},
+                  defs, journal)
+
+
+def _retry_code(state: JSONDict, cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+    """Reset a closed code instance to an event of its history and replay from there
+    (``WorkflowRetried`` with ``from_step`` ``"event:<seq>"``; see :mod:`kflow.engine.code_retry`)."""
+    d = cmd.data
+    why = _cannot_retry(state, cmd)
+    step = d.get("from_step")
+    to_event = code_retry.reset_event(step)
+    if why is None and step and to_event is None:
+        why = (RejectCode.INVALID_INPUT, f"expected no step for code workflow instance '{cmd.instance_id}' (it has "
+               f"no steps: name an event to reset to, '{code_retry.EVENT_PREFIX}<seq>'), but got '{step}'")
+    if why is None and d.get("input_patch") is not None:
+        why = (RejectCode.INVALID_INPUT, f"expected no input_patch for code workflow instance '{cmd.instance_id}' "
+               "(its code replays its recorded input), but got one")
+    seq = 0
+    if why is None:
+        seq, why = code_retry.reset_point(defs.get(state["workflow"], state["version"]), state, to_event, journal)
+    if why is not None:
+        return reject(state, cmd, now, *why)
+    return accept(state, cmd, now, "WorkflowRetried",
+                   {"from_step": f"{code_retry.EVENT_PREFIX}{seq}", "input_patch": None, "reason": d.get("reason") or "",
+                    "by": d.get("by") or "", "attempt": state.get("retries", 0) + 1}, defs, journal)
 
 
 def _retry_step(state: JSONDict, cmd: Command, defs: DefinitionsView) -> tuple[str, Optional[tuple[str, str]]]:
@@ -490,8 +526,8 @@ def _retry_step(state: JSONDict, cmd: Command, defs: DefinitionsView) -> tuple[s
 def _cannot_retry(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
     """``(code, reason)`` when ``state`` cannot be retried whatever the step, else None."""
     iid, status, d = cmd.instance_id, state["status"], cmd.data
-    if state["kind"] != "spec":
-        return RejectCode.INVALID_STATE, f"expected a spec workflow instance, but '{iid}' runs code (not retryable yet)"
+    if state["kind"] not in ("spec", "code"):
+        return RejectCode.INVALID_STATE, f"expected a workflow instance, but '{iid}' is a {state['kind']}"
     if status not in Status.TERMINAL or status == Status.COMPLETED:
         return RejectCode.INVALID_STATE, f"expected a FAILED instance to retry, but '{iid}' is {status}"
     if status not in _RETRYABLE and not d.get("force"):
@@ -511,9 +547,9 @@ def _resume_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
     if state["status"] != Status.SUSPENDED:
-        return _reject(state, cmd, now, RejectCode.INVALID_STATE,
-                       f"expected a SUSPENDED instance to resume, but '{cmd.instance_id}' is {state['status']}")
-    return _accept(state, cmd, now, "WorkflowResumed", {"reason": cmd.data.get("reason") or ""}, defs, journal)
+        return reject(state, cmd, now, RejectCode.INVALID_STATE,
+                      f"expected a SUSPENDED instance to resume, but '{cmd.instance_id}' is {state['status']}")
+    return accept(state, cmd, now, "WorkflowResumed", {"reason": cmd.data.get("reason") or ""}, defs, journal)
 
 
 def _resolve_incident(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -523,12 +559,12 @@ def _resolve_incident(state: Optional[JSONDict], cmd: Command, now: int, defs: D
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
     why = _cannot_resolve(state, cmd)
     if why is not None:
-        return _reject(state, cmd, now, *why)
+        return reject(state, cmd, now, *why)
     d = cmd.data
-    return _accept(state, cmd, now, "IncidentResolved",
-                   {"incident_id": d["incident_id"], "action": d["action"], "output": d.get("output"),
-                    "input_patch": d.get("input_patch"), "by": d.get("by") or "", "reason": d.get("reason") or ""},
-                   defs, journal)
+    return accept(state, cmd, now, "IncidentResolved",
+                  {"incident_id": d["incident_id"], "action": d["action"], "output": d.get("output"),
+                   "input_patch": d.get("input_patch"), "by": d.get("by") or "", "reason": d.get("reason") or ""},
+                  defs, journal)
 
 
 def _cannot_resolve(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
@@ -570,16 +606,16 @@ def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: De
     if cmd.type == "CompleteActivity":
         size, limit = payload_size(cmd.data.get("result")), limits_of(defs).max_payload_bytes
         if size > limit:
-            return _accept(state, cmd, now, "ActivityFailed",
-                           {"activity_id": aid, "attempt": attempt, "error_type": "LimitExceeded",
-                            "message": f"expected a result of at most {limit} bytes, but got {size} bytes",
-                            "retryable": False}, defs, journal)
-        return _accept(state, cmd, now, "ActivityCompleted",
-                       {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs, journal)
+            return accept(state, cmd, now, "ActivityFailed",
+                          {"activity_id": aid, "attempt": attempt, "error_type": "LimitExceeded",
+                           "message": f"expected a result of at most {limit} bytes, but got {size} bytes",
+                           "retryable": False}, defs, journal)
+        return accept(state, cmd, now, "ActivityCompleted",
+                      {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs, journal)
     d = cmd.data
-    return _accept(state, cmd, now, "ActivityFailed",
-                   {"activity_id": aid, "attempt": attempt, "error_type": d.get("error_type") or "ActivityError",
-                    "message": d.get("message") or "", "retryable": bool(d.get("retryable", True))}, defs, journal)
+    return accept(state, cmd, now, "ActivityFailed",
+                  {"activity_id": aid, "attempt": attempt, "error_type": d.get("error_type") or "ActivityError",
+                   "message": d.get("message") or "", "retryable": bool(d.get("retryable", True))}, defs, journal)
 
 
 def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -592,8 +628,8 @@ def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: Definiti
     act = state["activities"].get(cmd.data["activity_id"])
     if act is None or act["attempt"] != cmd.data["attempt"] or not heartbeat_due(act, state["timers"], now):
         return Decision(state=state)
-    return _accept(state, cmd, now, "HeartbeatRecorded",
-                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
+    return accept(state, cmd, now, "HeartbeatRecorded",
+                  {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
 
 
 def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -608,8 +644,8 @@ def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: Def
         # A local attempt's start comes from the engine that deferred it, and every one means
         # "run it now": it is recorded each time so the attempt is never left without a runner.
         return Decision(state=state)
-    return _accept(state, cmd, now, "ActivityStarted",
-                   {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
+    return accept(state, cmd, now, "ActivityStarted",
+                  {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
 
 
 def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -617,7 +653,7 @@ def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
     tid = cmd.data["timer_id"]
     if state is None or state["status"] not in Status.ACTIVE or tid not in state["timers"]:
         return Decision(state=state)  # a timer cancelled after it was indexed: nothing to do
-    return _accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs, journal)
+    return accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs, journal)
 
 
 def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -628,12 +664,12 @@ def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: Defin
     assert state is not None
     cid = cmd.data["child_id"]
     if cid not in state["children"]:
-        return _reject(state, cmd, now, RejectCode.DUPLICATE, f"expected a running child '{cid}', but there is none")
+        return reject(state, cmd, now, RejectCode.DUPLICATE, f"expected a running child '{cid}', but there is none")
     if cmd.type == "CompleteChild":
-        return _accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": cmd.data.get("result")},
-                       defs, journal)
-    return _accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": cmd.data.get("error_type") or "ChildFailed",
-                                                    "message": cmd.data.get("message") or ""}, defs, journal)
+        return accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": cmd.data.get("result")},
+                      defs, journal)
+    return accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": cmd.data.get("error_type") or "ChildFailed",
+                                                   "message": cmd.data.get("message") or ""}, defs, journal)
 
 
 def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
@@ -685,8 +721,8 @@ def _update(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     why = _cannot_update(state, cmd, defs, journal)
     if why is not None:
         return Decision(state=state, replies=[(uid, {"error": {"type": why[0], "message": why[1]}, "rejected": True})])
-    return _accept(state, cmd, now, "UpdateAccepted", {"update_id": uid, "name": name, "data": cmd.data.get("data")},
-                   defs, journal)
+    return accept(state, cmd, now, "UpdateAccepted", {"update_id": uid, "name": name, "data": cmd.data.get("data")},
+                  defs, journal)
 
 
 def _cannot_update(state: Optional[JSONDict], cmd: Command, defs: DefinitionsView,

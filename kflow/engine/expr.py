@@ -7,8 +7,9 @@ definition's expressions compile exactly once per process.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import cel
 

@@ -15,8 +15,9 @@ journal, once per rebuild; the live path resumes a parked coroutine and reads no
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Union
+from typing import Any, Protocol, Union
 
 #: Entry kinds (persisted in journal keys; never reuse a letter).
 INPUT, COMMAND = "i", "c"

@@ -124,7 +124,7 @@ class LimitSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: JSONDict) -> "LimitSpec":
+    def from_dict(cls, doc: JSONDict) -> LimitSpec:
         return cls(**{k: v for k, v in doc.items() if k in cls.__slots__})
 
 
@@ -351,7 +351,7 @@ def _gate_start(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
     keys = _start_keys(defs, data["workflow"], cmd.data.get("tenant") or DEFAULT_TENANT)
     if not keys:
         return None
-    return core._accept(state, cmd, now, "WorkflowQueued", {**data, "limits": keys, "priority": level}, defs, journal)
+    return core.accept(state, cmd, now, "WorkflowQueued", {**data, "limits": keys, "priority": level}, defs, journal)
 
 
 def _on_queued(run: Run, ev: Event) -> None:
@@ -411,9 +411,9 @@ def _permit_answer(state: Optional[JSONDict], cmd: Command, now: int, defs: Defi
     if _pending_ref(state, ref, key) is None:
         return Decision(state=state)
     if cmd.type == "GrantPermit":
-        return core._accept(state, cmd, now, "PermitGranted", {"limit": key, "ref": ref}, defs, journal)
-    return core._accept(state, cmd, now, "PermitRefused", {"limit": key, "ref": ref,
-                                                          "reason": cmd.data.get("reason") or ""}, defs, journal)
+        return core.accept(state, cmd, now, "PermitGranted", {"limit": key, "ref": ref}, defs, journal)
+    return core.accept(state, cmd, now, "PermitRefused", {"limit": key, "ref": ref,
+                                                         "reason": cmd.data.get("reason") or ""}, defs, journal)
 
 
 def _on_granted(run: Run, ev: Event) -> None:
@@ -429,8 +429,8 @@ def _on_granted(run: Run, ev: Event) -> None:
         act = st["activities"][aid]
         act.pop("waiting_permit", None)
         _, timeouts = activity.policies(run, act["step"], act)
-        activity._emit_task(run, aid, act, timeouts, gate=False)
-        activity._start_attempt(run, aid, act, timeouts)
+        activity.emit_task(run, aid, act, timeouts, gate=False)
+        activity.start_attempt(run, aid, act, timeouts)
         return
     _admit(run, key)
 
@@ -500,8 +500,8 @@ def _set_priority(state: Optional[JSONDict], cmd: Command, now: int, defs: Defin
     if state.get("kind") not in ("spec", "code") or state["status"] not in Status.ACTIVE:
         return core.refuse(state, cmd, now, RejectCode.INVALID_STATE,
                            f"expected an open workflow instance, but '{cmd.instance_id}' is {state['status']}")
-    return core._accept(state, cmd, now, "PriorityChanged", {"priority": level, "reason": cmd.data.get("reason") or ""},
-                        defs, journal)
+    return core.accept(state, cmd, now, "PriorityChanged", {"priority": level, "reason": cmd.data.get("reason") or ""},
+                       defs, journal)
 
 
 def _on_priority(run: Run, ev: Event) -> None:

@@ -15,8 +15,9 @@ transform again.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import orjson
 import semantic_version
@@ -28,6 +29,7 @@ from kflow.engine.journal import InMemoryJournal, Journal
 from kflow.engine.run import Run
 from kflow.model.errors import DeterminismError, KflowError
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
+from kflow.model.spec import Step
 from kflow.model.versions import format_version, is_version_text, version_code, version_tuple
 
 __all__ = ["TRANSFORMS", "Divergence", "PositionMap", "VersionRangeError", "WhatIf", "map_positions", "matches",
@@ -61,7 +63,8 @@ def matches(wanted: Any, code: int) -> bool:
             return version_code(wanted) == code
         except ValueError as e:
             raise VersionRangeError(str(e)) from None
-    return _spec(str(wanted)).match(semantic_version.Version("%d.%d.%d" % version_tuple(code)))
+    matched: bool = _spec(str(wanted)).match(semantic_version.Version("{}.{}.{}".format(*version_tuple(code))))
+    return matched
 
 
 def resolve_version(name: str, wanted: Any, available: Sequence[int]) -> int:
@@ -174,12 +177,18 @@ def map_positions(state: JSONDict, old: CompiledSpec, new: CompiledSpec, step_ma
         elif step.kind == "parallel" and len(new_step.parallel or []) != len(step.parallel or []):
             out.problems.append(f"parallel step '{step.id}' has {len(step.parallel or [])} branches, but "
                                 f"'{target}' has {len(new_step.parallel or [])}")
-        elif step.kind == "wait" and (new_step.wait.update is None) != (step.wait.update is None):  # type: ignore[union-attr]
-            out.problems.append(f"step '{step.id}' waits for a {'signal' if step.wait.update is None else 'update'}, "  # type: ignore[union-attr]
+        elif step.kind == "wait" and _waits_for_update(new_step) != _waits_for_update(step):
+            out.problems.append(f"step '{step.id}' waits for a {'update' if _waits_for_update(step) else 'signal'}, "
                                 f"but '{target}' does not")
         else:
             out.moves[tid] = (new_list, new_idx)
     return out
+
+
+def _waits_for_update(step: Step) -> bool:
+    """Whether wait step ``step`` waits for an update (else for a signal)."""
+    assert step.wait is not None  # a wait step has its wait
+    return step.wait.update is not None
 
 
 def step_map_problems(step_map: Mapping[str, str], olds: Sequence[CompiledSpec], new: CompiledSpec) -> list[str]:
@@ -232,7 +241,7 @@ def _migrate(state: Optional[JSONDict], cmd: Command, now: int, defs: Definition
     here = f"{state['workflow']}@{format_version(state['version'])}"
 
     def reject(code: str, reason: str) -> core.Decision:
-        return core._reject(state, cmd, now, code, f"plan '{d.get('plan_id')}': {reason}")
+        return core.reject(state, cmd, now, code, f"plan '{d.get('plan_id')}': {reason}")
 
     if state["status"] != Status.RUNNING:
         return reject(RejectCode.INVALID_STATE, f"expected a RUNNING instance to migrate, but '{iid}' is {state['status']}")
@@ -278,10 +287,10 @@ def _migrate(state: Optional[JSONDict], cmd: Command, now: int, defs: Definition
         values = new_vars(state, exprs, transform)
     except KflowError as e:
         return reject(RejectCode.INVALID_INPUT, f"variable transform failed on '{iid}': {e}")
-    return core._accept(state, cmd, now, "WorkflowMigrated",
-                        {"from_version": state["version"], "to_version": to, "plan_id": str(d.get("plan_id") or ""),
-                         "step_map": step_map, "vars": values, "reason": str(d.get("reason") or ""),
-                         "by": str(d.get("by") or "")}, defs, journal)
+    return core.accept(state, cmd, now, "WorkflowMigrated",
+                       {"from_version": state["version"], "to_version": to, "plan_id": str(d.get("plan_id") or ""),
+                        "step_map": step_map, "vars": values, "reason": str(d.get("reason") or ""),
+                        "by": str(d.get("by") or "")}, defs, journal)
 
 
 def _on_migrated(run: Run, ev: Event) -> None:

@@ -57,10 +57,12 @@ class Run:
 
     @property
     def instance_id(self) -> str:
-        return self.state["id"]
+        iid: str = self.state["id"]
+        return iid
 
     def next_seq(self) -> int:
-        return self.state["seq"] + 1
+        seq: int = self.state["seq"]
+        return seq + 1
 
     def emit(self, type_: str, data: JSONDict) -> Event:
         """Record an event with the next sequence number and stamp the state with it."""
@@ -139,8 +141,9 @@ class Run:
         """
         for update_id, entry in self.state.get(UPDATES, {}).items():
             if entry["answer"] is None:
-                entry["answer"] = {"error": {"type": "WorkflowClosed", "message": why}}
-                self.replies.append((update_id, entry["answer"]))
+                answer: JSONDict = {"error": {"type": "WorkflowClosed", "message": why}}
+                entry["answer"] = answer
+                self.replies.append((update_id, answer))
         trim_updates(self.state)
 
     def note_stop(self) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Optional, Union
+from datetime import UTC, datetime, timedelta
+from typing import Any, Optional, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
@@ -116,7 +117,7 @@ class ScheduleSpec:
               every: Union[str, int, float, timedelta, None] = None, version: Optional[int] = None, input: Any = None,
               timezone: str = "UTC", jitter: Union[str, int, float, timedelta, None] = None,
               start: Union[str, datetime, None] = None, end: Union[str, datetime, None] = None,
-              overlap: str = "skip", catchup_window: Union[str, int, float, timedelta, None] = None) -> "ScheduleSpec":
+              overlap: str = "skip", catchup_window: Union[str, int, float, timedelta, None] = None) -> ScheduleSpec:
         """A spec from human forms (``"1h"``, timedeltas, ISO 8601 or aware datetimes), checked.
 
         Raises:
@@ -139,7 +140,7 @@ class ScheduleSpec:
         return cls.from_dict(doc, problems)
 
     @classmethod
-    def from_dict(cls, doc: Any, problems: Optional[list[str]] = None) -> "ScheduleSpec":
+    def from_dict(cls, doc: Any, problems: Optional[list[str]] = None) -> ScheduleSpec:
         """Check a wire declaration and build the spec.
 
         Raises:
@@ -149,7 +150,7 @@ class ScheduleSpec:
         if not isinstance(doc, dict):
             raise ScheduleSpecError("?", [f"expected a JSON object, but got {type(doc).__name__}"])
         sid = doc.get("id")
-        unknown = set(doc) - set(cls.__slots__)  # type: ignore[attr-defined]
+        unknown = set(doc) - set(cls.__slots__)
         if unknown:
             problems.append(f"unknown field(s) {', '.join(sorted(unknown))}")
         if not isinstance(sid, str) or not _ID.match(sid):
@@ -184,7 +185,7 @@ class ScheduleSpec:
             problems.append(f"overlap: expected one of {', '.join(OVERLAP_POLICIES)}, but got {overlap!r}")
         if problems:
             raise ScheduleSpecError(sid if isinstance(sid, str) else "?", problems)
-        spec = cls(**{k: v for k, v in doc.items() if k in cls.__slots__})  # type: ignore[attr-defined]
+        spec = cls(**{k: v for k, v in doc.items() if k in cls.__slots__})
         if cron is not None:
             try:
                 next(fire_times(spec, -1 if start is None else start - 1), None)
@@ -251,7 +252,7 @@ def key_of(schedule_id: str) -> str:
 
 def iso(ms: int) -> str:
     """An instant as UTC ISO 8601 (``2026-03-29T01:00:00Z``; milliseconds only when there are any)."""
-    dt = datetime.fromtimestamp(ms / 1000, timezone.utc)
+    dt = datetime.fromtimestamp(ms / 1000, UTC)
     if ms % 1000:
         return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -332,7 +333,7 @@ def backfill_times(spec: ScheduleSpec, start_ms: int, end_ms: int, limit: int = 
     Raises:
         ValueError: the range holds more than ``limit`` runs.
     """
-    out = []
+    out: list[int] = []
     for t in fire_times(spec, start_ms - 1, end_ms - 1, bounded=False):
         if len(out) >= limit:
             raise ValueError(f"expected a range with at most {limit} runs, but [{iso(start_ms)}, {iso(end_ms)}) "

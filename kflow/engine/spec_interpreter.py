@@ -18,7 +18,8 @@ the workflow. Attempts, retries and timeouts live in :mod:`kflow.engine.activity
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from kflow.engine import activity, incidents
 from kflow.engine.activity import COMPENSATE_PREFIX, LimitExceeded
@@ -593,7 +594,7 @@ def on_signal(run: Run, ev: Event) -> None:
 
 def _update_waiter(state: JSONDict, name: str) -> Optional[str]:
     """The first thread (in thread order) waiting for update ``name``, or None."""
-    threads = state["threads"]
+    threads: dict[str, Any] = state["threads"]
     for tid in sorted(threads, key=int):
         w = threads[tid]["wait"]
         if w is not None and w["k"] == "update" and w["name"] == name:

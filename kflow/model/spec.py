@@ -55,7 +55,7 @@ class ChoiceRule(_Strict):
 class Branch(_Strict):
     """One branch of a ``parallel`` step."""
 
-    steps: list["Step"]
+    steps: list[Step]
 
 
 class WaitSpec(_Strict):
@@ -75,7 +75,7 @@ class WaitSpec(_Strict):
     timeout: Optional[Union[str, int, float]] = None
 
     @model_validator(mode="after")
-    def _one_name(self) -> "WaitSpec":
+    def _one_name(self) -> WaitSpec:
         if (self.signal is None) == (self.update is None):
             raise ValueError("expected exactly one of 'signal' or 'update' (the name to wait for)")
         if self.signal is not None and (self.reply is not None or self.validate_ is not None):
@@ -223,7 +223,7 @@ class OnFailureSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one(self) -> "OnFailureSpec":
+    def _one(self) -> OnFailureSpec:
         if (self.skip is None) == (self.incident is None):
             raise ValueError("expected exactly one of 'skip' or 'incident'")
         return self
@@ -254,7 +254,7 @@ class Step(_Strict):
     foreach: Optional[str] = None
     as_: str = Field(default="item", alias="as")
     concurrency: int = 0
-    steps: Optional[list["Step"]] = None
+    steps: Optional[list[Step]] = None
     wait: Optional[WaitSpec] = None
     sleep: Optional[Union[str, int, float]] = None
     child: Optional[ChildSpec] = None
@@ -402,14 +402,14 @@ def parse_spec(doc: dict[str, Any]) -> WorkflowSpec:
     try:
         spec = WorkflowSpec.model_validate(doc)
     except ValidationError as e:
-        problems = []
+        problems: list[tuple[str, str]] = []
         for err in e.errors():
             loc = err["loc"]
             step_id = _step_id_at(doc, loc)
             where = ".".join(str(p) for p in loc)
             problems.append((step_id, f"{where}: {err['msg']}"))
         raise DefinitionError(name, problems) from None
-    problems: list[tuple[str, str]] = []
+    problems = []
     if not spec.steps:
         problems.append(("", "a workflow needs at least one step"))
     if spec.version < 1:

@@ -63,5 +63,5 @@ def version_tuple(code: int) -> tuple[int, int, int]:
 def format_version(code: int) -> str:
     """How a version code is shown and keyed (``name@<this>``): ``3`` or ``1.4.0``."""
     if isinstance(code, int) and code & SEMVER_FLAG:
-        return "%d.%d.%d" % version_tuple(code)
+        return "{}.{}.{}".format(*version_tuple(code))
     return str(code)

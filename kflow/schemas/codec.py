@@ -15,7 +15,7 @@ precise reason; anything that cannot be encoded raises :class:`ValueError`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclasses_field
 from io import BytesIO
@@ -536,7 +536,7 @@ def encode_command(cmd: Command) -> bytes:
 
 
 def decode_command(
-    value: bytes, headers: list[tuple[str, bytes]] | Mapping[str, Any] | None = None
+    value: bytes | None, headers: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None
 ) -> Command:
     """Decode a command value; JSON when ``headers`` say ``content-type: application/json``."""
     if headers and _is_json(headers):
@@ -550,7 +550,7 @@ def decode_command(
     return Command(body.type, record["instance_id"], body.from_avro(avro_body), record["command_id"], record["ts"])
 
 
-def _is_json(headers: list[tuple[str, bytes]] | Mapping[str, Any]) -> bool:
+def _is_json(headers: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> bool:
     """True if the headers carry ``content-type: application/json`` (any case, any parameters)."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     for key, raw in items:
@@ -571,7 +571,7 @@ def _check_instance_id(instance_id: Any) -> None:
 _JSON_ENVELOPE = frozenset({"type", "instance_id", "command_id", "ts"})
 
 
-def _command_from_json(value: bytes) -> Command:
+def _command_from_json(value: bytes | None) -> Command:
     """Validate and convert a JSON command document."""
     if not value:
         raise DecodeError("empty JSON command value")
@@ -725,7 +725,7 @@ def _check_state(rec: Mapping[str, Any]) -> None:
         raise ValueError(f"state: field 'version' must be int, got {_describe(rec['version'])}")
 
 
-def decode_state(value: bytes) -> dict[str, Any]:
+def decode_state(value: bytes | None) -> dict[str, Any]:
     """Decode a state value into a dict; ``result`` and ``internal`` come back as values."""
     record = _read(_STATE, value)
     if record["result"] is not None:

@@ -138,7 +138,7 @@ def incompatibility(reader: str, writer: str) -> str | None:
     result = ReaderWriterCompatibilityChecker().get_compatibility(_parse_avro(reader), _parse_avro(writer))
     if result.compatibility is SchemaCompatibilityType.compatible:
         return None
-    problems = [f"{kind.value} at {where}" for kind, where in zip(result.incompatibilities, result.locations)]
+    problems = [f"{kind.value} at {where}" for kind, where in zip(result.incompatibilities, result.locations, strict=False)]
     names = ", ".join(sorted(map(str, result.messages)))
     return "; ".join(problems) + (f" ({names})" if names else "")
 

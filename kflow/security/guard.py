@@ -39,8 +39,15 @@ from kflow.model.messages import Command, JSONDict, RejectCode
 from kflow.security.audit import AuditOutcome, AuditRecord
 from kflow.security.policy import Policy, Resource, evaluate
 from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
-from kflow.security.tokens import (KeyConfigError, Keys, ReplayCache, attempt_token, check_attempt_token, sign_command,
-                                   verify_command_claims)
+from kflow.security.tokens import (
+    KeyConfigError,
+    Keys,
+    ReplayCache,
+    attempt_token,
+    check_attempt_token,
+    sign_command,
+    verify_command_claims,
+)
 
 __all__ = ["ENGINE_PRINCIPAL", "MUTATING", "REPORTS", "SEEN_KEY_PREFIX", "Check", "CommandGuard", "SeenTokens"]
 

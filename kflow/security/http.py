@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import jwt
 import yaml
+
 try:
     from argon2 import PasswordHasher
     from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError

@@ -19,7 +19,8 @@ import inspect
 import logging
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -29,6 +30,10 @@ from kflow.model.errors import DecodeError, DefinitionConflict, DefinitionError
 from kflow.model.messages import Definition
 from kflow.model.versions import format_version, version_tuple
 from kflow.schemas.codec import decode_definition, encode_definition
+
+if TYPE_CHECKING:
+    from kflow.engine.activity import Limits
+    from kflow.engine.limits import LimitsView
 
 __all__ = ["DefinitionsLog", "DefinitionsTable", "code_fingerprint", "code_record"]
 
@@ -73,17 +78,20 @@ class DefinitionsLog:
         """Read whatever arrived; returns how many records were decoded."""
         n = 0
         for m in self._c.consume(500, timeout):
-            if m.error() or m.value() is None:
+            value = m.value()
+            if m.error() or value is None:
                 continue  # tombstones do not undeploy: running instances may still need the version
             try:
-                d = decode_definition(m.value())
+                d = decode_definition(value)
             except DecodeError as e:
                 log.error("skipping undecodable definition at offset %d: %s", m.offset(), e)
                 continue
             self._first.setdefault(d.key, d)
             n += 1
             if self._on_record is not None:
-                self._on_record(m.offset(), d)
+                offset = m.offset()
+                assert offset is not None  # a consumed record without an error has one
+                self._on_record(offset, d)
         return n
 
     def catch_up(self, timeout: float = 5.0) -> bool:
@@ -138,6 +146,11 @@ def code_record(d: Any, now_ms: int) -> Definition:
 
 class DefinitionsTable(InMemoryDefinitions):
     """An :class:`InMemoryDefinitions` fed from the definitions topic (first content per key wins)."""
+
+    #: Set by the engine: the per-instance limits (``kflow.engine.activity.limits_of``) and the limits
+    #: table quotas are read from (``kflow.engine.limits.table_of``).
+    limits: Limits
+    quotas: LimitsView
 
     def __init__(self, consumer_conf: dict[str, Any], topic: str,
                  compile_code: Optional[Callable[[Any], Any]] = None) -> None:

@@ -36,8 +36,8 @@ import logging
 import threading
 import time
 from collections import deque
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
 import orjson
@@ -65,6 +65,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kflow.engine")
 
+# confluent-kafka's type hints take a produced record's headers as a list[tuple[str, str | bytes | None]]
+# (an invariant list: the list[tuple[str, bytes]] kflow builds does not match it, though any list of pairs
+# is accepted), and give a consumed record's as that list or a dict (the consumer returns a list or None).
+# The `type: ignore`s marked "headers hint" are those two; they cost nothing per command.
+
 #: Longest a lane sleeps with nothing queued before it looks for due timers again (seconds).
 IDLE_WAIT = 0.05
 #: How a refusal is named in DLQ reasons, query answers and logs.
@@ -87,7 +92,7 @@ class Batch:
     journal: dict[str, list[JournalOp]] = field(default_factory=dict)  # instance -> its journal ops, in order
     journal_records: dict[int, list[JournalRecord]] = field(default_factory=dict)  # produced, per partition
     journal_next: dict[int, int] = field(default_factory=dict)
-    readers: dict[int, "BatchJournal"] = field(default_factory=dict)  # per partition
+    readers: dict[int, BatchJournal] = field(default_factory=dict)  # per partition
     cancels: list[tuple[Task, Optional[list[tuple[str, bytes]]]]] = field(default_factory=list)
     commands: int = 0
     events: int = 0
@@ -101,7 +106,9 @@ class Batch:
 def _note_first_event(batch: Batch, err: Any, msg: Message) -> None:
     """Delivery report of an instance's first event: stamp the instance with that event's offset
     (``Client.history`` reads the instance's events from there instead of the whole partition)."""
-    st = batch.states.get(msg.key().decode())
+    key = msg.key()
+    assert key is not None  # the engine's own event, keyed by its instance
+    st = batch.states.get(key.decode())
     if err is None and st is not None:
         st.setdefault(EVENTS_OFFSET, msg.offset())
 
@@ -132,7 +139,7 @@ def state_record(st: JSONDict) -> dict[str, Any]:
 class Lane:
     """Runs the commit protocol for the partitions ``p`` with ``p % lanes == index``."""
 
-    def __init__(self, proc: "EngineProcessor", index: int, producer: Producer) -> None:
+    def __init__(self, proc: EngineProcessor, index: int, producer: Producer) -> None:
         self.proc, self.index, self.producer = proc, index, producer
         self.names = proc.names
         self._cond = threading.Condition()
@@ -282,7 +289,7 @@ class Lane:
             proc.next_due[p] = sp.next_due()
         for task, headers in batch.cancels:  # (5)
             proc.side_producer.produce(self._task_topic(task), encode_task(task), task.instance_id.encode(),
-                                       headers=headers)
+                                       headers=headers)  # type: ignore[arg-type]  # headers hint
         if batch.cancels:
             proc.side_producer.poll(0)
         metrics.BATCH_SIZE.observe(batch.commands)
@@ -292,13 +299,15 @@ class Lane:
         return batch.commands
 
     def _one_record(self, batch: Batch, m: Message) -> None:
-        if m.error():
-            if m.error().code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", m.error())
+        err = m.error()
+        if err:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
             return
-        p = m.partition()
-        batch.first_offsets.setdefault(p, m.offset())
-        batch.next_offsets[p] = m.offset() + 1
+        p, offset = m.partition(), m.offset()
+        assert p is not None and offset is not None  # a consumed record without an error has both
+        batch.first_offsets.setdefault(p, offset)
+        batch.next_offsets[p] = offset + 1
         try:
             cmd = decode_command(m.value(), m.headers())
         except DecodeError as e:
@@ -389,7 +398,8 @@ class Lane:
             metrics.event(ev.type)
         batch.events += len(d.events)
         batch.decided.append((st, d))
-        in_headers = m.headers() if m is not None else None
+        in_headers: Optional[list[tuple[str, bytes]]] = (
+            m.headers() if m is not None else None)  # type: ignore[assignment]  # headers hint
         headers = _tracing.engine_step(cmd.type, iid, in_headers, d.state, d.events, t_ns)
         if in_headers and _hops.asked(in_headers):
             hop = _hops.stamp("E", batch.polled_us)
@@ -406,7 +416,7 @@ class Lane:
                 continue
             if proc.guard is not None:  # the capability the worker returns with the attempt's reports
                 task.attempt_token = proc.guard.attempt_token(task.instance_id, task.activity_id, task.attempt)
-            produce(self._task_topic(task), encode_task(task), key, headers=headers)
+            produce(self._task_topic(task), encode_task(task), key, headers=headers)  # type: ignore[arg-type]  # headers hint
         for c in d.commands:
             self._produce_command(batch, c, headers, d.state)
         if local:  # outcomes are decided for this instance now, in this batch, after this decision's outputs
@@ -428,7 +438,7 @@ class Lane:
             else:
                 auth = (COMMAND_HEADER, guard.sign(key, value, state, batch.now / 1000))
             headers = [*(headers or ()), auth]
-        self.producer.produce(self.names.commands, value, key, headers=headers)
+        self.producer.produce(self.names.commands, value, key, headers=headers)  # type: ignore[arg-type]  # headers hint
 
     # -- auth ---------------------------------------------------------------------------------
     def _check(self, batch: Batch, p: int, cmd: Command, st: Optional[JSONDict], m: Message) -> Check:
@@ -438,7 +448,8 @@ class Lane:
         proc = self.proc
         assert proc.guard is not None
         token = attempt = None
-        for k, v in m.headers() or ():
+        headers: Optional[list[tuple[str, bytes]]] = m.headers()  # type: ignore[assignment]  # headers hint
+        for k, v in headers or ():
             if k == COMMAND_HEADER and token is None:
                 token = v
             elif k == ATTEMPT_HEADER and attempt is None:
@@ -527,7 +538,9 @@ class Lane:
         """
         defs = self.proc.defs
         needed = -1
-        for k, v in (m.headers() or []) if m is not None else []:
+        headers: Optional[list[tuple[str, bytes]]] = (
+            m.headers() if m is not None else None)  # type: ignore[assignment]  # headers hint
+        for k, v in headers or []:
             if k == DEFS_OFFSET_HEADER:
                 try:
                     needed = int(v)
@@ -535,7 +548,8 @@ class Lane:
                     pass
         if needed >= 0:
             defs.read_through(needed, 5)
-        name, version = cmd.data.get("workflow"), cmd.data.get("version")
+        name: Any = cmd.data.get("workflow")  # a string: the codec checks a StartWorkflow's fields
+        version = cmd.data.get("version")
         if version is None:
             version = defs.latest(name)
         if not batch.defs_synced and (version is None or defs.get(name, version) is None):
@@ -555,8 +569,9 @@ class Lane:
         """One changelog record per changed instance per batch (latest wins), offsets tracked."""
         def on_delivery(err: Any, msg: Message) -> None:
             if err is None:
-                p = msg.partition()
-                batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), msg.offset() + 1)
+                p, offset = msg.partition(), msg.offset()
+                assert p is not None and offset is not None  # a delivered record has both
+                batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), offset + 1)
         for iid, st in batch.states.items():
             hop = batch.hops.get(iid)
             self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
@@ -571,8 +586,9 @@ class Lane:
 
         def on_delivery(err: Any, msg: Message) -> None:
             if err is None:
-                p = msg.partition()
-                batch.journal_next[p] = max(batch.journal_next.get(p, 0), msg.offset() + 1)
+                p, offset = msg.partition(), msg.offset()
+                assert p is not None and offset is not None  # a delivered record has both
+                batch.journal_next[p] = max(batch.journal_next.get(p, 0), offset + 1)
         produce, topic = self.producer.produce, self.names.journal
         for p, records in batch.journal_records.items():
             last = len(records) - 1
@@ -582,5 +598,5 @@ class Lane:
     def _dlq(self, m: Message, reason: str, now: int) -> None:
         log.warning("dead-lettered %s[%d]@%d: %s", m.topic(), m.partition(), m.offset(), reason)
         value, key, headers = dlq_record(m, reason, now)
-        self.producer.produce(self.names.dlq, value, key, headers=headers)
+        self.producer.produce(self.names.dlq, value, key, headers=headers)  # type: ignore[arg-type]  # headers hint
         metrics.DLQ.labels(reason.split(" ")[0].split(":")[0][:32]).inc()

@@ -62,7 +62,7 @@ class LocalActivities:
             self._by_name.setdefault(d.name, []).append(d)
 
     @classmethod
-    def load(cls, modules: str) -> "LocalActivities":
+    def load(cls, modules: str) -> LocalActivities:
         """Import the comma-separated ``modules`` and collect their activities.
 
         Raises:

@@ -23,11 +23,19 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import orjson
 import yaml
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, KflowError
@@ -109,7 +117,9 @@ class PolicyTable:
     def _apply(self, m: Message) -> None:
         where = f"{self.topic}@{m.offset()}"
         try:
-            doc = yaml.safe_load(m.value())
+            value = m.value()
+            assert value is not None  # only records with a value are applied
+            doc = yaml.safe_load(value)
             policy = parse_policy(doc, where)
             who = self._signer(m)
         except (yaml.YAMLError, PolicyError, AuthError) as e:
@@ -131,7 +141,8 @@ class PolicyTable:
         self._clock_s = max(self._clock_s, time.time() if kind == TIMESTAMP_NOT_AVAILABLE else ts_ms / 1000)
         if self.keys is None:
             return None
-        token = next((v for k, v in (m.headers() or []) if k == COMMAND_HEADER), None)
+        headers = cast("Optional[list[tuple[str, bytes]]]", m.headers())  # a consumed record's: a list or None
+        token = next((v for k, v in (headers or []) if k == COMMAND_HEADER), None)
         who = verify_command(token, m.key(), m.value(), self.keys, self._clock_s, self._seen)
         self._seen.commit()
         verdict = evaluate(self.policy, who, *_APPLY)
@@ -157,7 +168,8 @@ def publish_policy(config: KafkaConfig, policy: Policy, source: str, timeout: fl
     names = config.names
     value = orjson.dumps(policy.model_dump(mode="json"))
     signer = config.command_signer()
-    headers = [signer.header(POLICY_KEY, value)] if signer is not None else None
+    headers: Optional[list[tuple[str, str | bytes | None]]] = (
+        [signer.header(POLICY_KEY, value)] if signer is not None else None)
     who = signer.principal() if signer is not None else None
     producer = Producer(config.producer_conf(**{"transactional.id": f"{names.prefix}policy-apply", "acks": "all"}))
     try:

@@ -36,22 +36,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional, cast
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from kflow import _hops
 from kflow.config import EngineConfig
 from kflow.model.errors import KflowError
-from kflow.streams import metrics
 from kflow.security.guard import SEEN_KEY_PREFIX, CommandGuard, SeenTokens
+from kflow.streams import metrics
 from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.lane import Batch, Lane, state_record
-from kflow.streams.policies import PolicyTable
 from kflow.streams.limits import LimitsTable
+from kflow.streams.policies import PolicyTable
 from kflow.streams.restore import RestoreStats, restore_partitions
 from kflow.streams.standby import StandbyReplicas
-from kflow.streams.store import JOURNAL_PREFIX, EngineStore, StorePartition
+from kflow.streams.store import JOURNAL_PREFIX, EngineStore, RawItems, StorePartition
 from kflow.streams.topics import ensure_task_topic, ensure_topics
 
 __all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
@@ -127,7 +128,8 @@ class EngineProcessor:
         if cfg.workflows:
             # Code workflows are hosted, not deployed as data: import the modules and register
             # their definitions before the first command is decided.
-            from kflow._workflow import code_definitions, compile_code as registered_code
+            from kflow._workflow import code_definitions
+            from kflow._workflow import compile_code as registered_code
 
             hosted = code_definitions(cfg.workflows)
             compile_code = compile_code or registered_code
@@ -246,7 +248,7 @@ class EngineProcessor:
         tokens = SeenTokens(self.config.replay_cache_size)
         prefix = JOURNAL_PREFIX + SEEN_KEY_PREFIX
         records: list[tuple[bytes, bytes]] = []
-        for key, value in sp.db.items(from_key=prefix):  # raw mode: bytes keys and values
+        for key, value in cast(RawItems, sp.db.items(from_key=prefix)):  # raw mode: bytes keys and values
             if not key.startswith(prefix):
                 break
             records.append((key[len(JOURNAL_PREFIX):], value))

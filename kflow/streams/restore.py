@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional, cast
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from kflow.schemas.codec import decode_state
 from kflow.streams import metrics
-from kflow.streams.store import StorePartition
+from kflow.streams.store import JournalRecord, StorePartition
 from kflow.streams.topics import TopicNames
 
 log = logging.getLogger("kflow.restore")
@@ -94,14 +95,22 @@ def apply_state_records(store: StorePartition, msgs: list[Message]) -> None:
         if iid not in old:
             old[iid] = store.get(iid)  # its timers leave the index unless the new state keeps them
         states[iid] = rec["internal"]
-    store.write(states, old, msgs[-1].offset() + 1)
+    store.write(states, old, _next_offset(msgs))
 
 
 def apply_journal_records(store: StorePartition, msgs: list[Message]) -> None:
     """One WriteBatch: the entries and tombstones of ``msgs`` (records of the ``journal`` changelog
     partition of ``store``, in offset order), and the next journal changelog offset. Used by
     restore and by standby replicas tailing the changelog."""
-    store.write({}, {}, None, journal=[(m.key(), m.value()) for m in msgs], journal_next=msgs[-1].offset() + 1)
+    records = cast("list[JournalRecord]", [(m.key(), m.value()) for m in msgs])  # journal records are keyed
+    store.write({}, {}, None, journal=records, journal_next=_next_offset(msgs))
+
+
+def _next_offset(msgs: list[Message]) -> int:
+    """The offset after the last of ``msgs`` (consumed records without an error, so they have offsets)."""
+    last = msgs[-1].offset()
+    assert last is not None
+    return last + 1
 
 
 def mark_state(store: StorePartition, offset: int) -> None:
@@ -214,8 +223,9 @@ def restore_partitions(consumer_conf: dict[str, Any], topic: str, stores: list[S
             msgs = _drain(c, batch)
             by_partition: dict[tuple[str, int], list[Message]] = {}
             for m in msgs:
-                if m.error() is None and (m.topic(), m.partition()) in pending:
-                    by_partition.setdefault((m.topic(), m.partition()), []).append(m)
+                m_topic, m_p = m.topic(), m.partition()
+                if m.error() is None and m_topic is not None and m_p is not None and (m_topic, m_p) in pending:
+                    by_partition.setdefault((m_topic, m_p), []).append(m)
             for (name, p), part in by_partition.items():
                 changelogs[name][0].apply(pending[(name, p)].store, part)
                 pending[(name, p)].records += len(part)

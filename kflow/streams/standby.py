@@ -37,8 +37,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Optional, cast
 
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -186,8 +187,9 @@ class StandbySet:
         partition's write at most). Records below the stored offset were applied already."""
         groups: dict[tuple[str, int], list[Message]] = {}
         for m in msgs:
-            if m.error() is None and m.topic() in self.changelogs:
-                groups.setdefault((m.topic(), m.partition()), []).append(m)
+            topic, p = m.topic(), m.partition()
+            if m.error() is None and topic in self.changelogs and p is not None:
+                groups.setdefault((topic, p), []).append(m)
         written = 0
         for (topic, p), part in groups.items():
             with self.lock:
@@ -196,7 +198,7 @@ class StandbySet:
                     continue
                 c = self.changelogs[topic]
                 start = c.offset(sp)
-                part = [m for m in part if m.offset() >= start]
+                part = [m for m in part if cast(int, m.offset()) >= start]  # without an error: it has one
                 if part:
                     c.apply(sp, part)
                     written += len(part)

@@ -23,7 +23,8 @@ import os
 import shutil
 import struct
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional, cast
 
 import orjson
 from rocksdict import Options, Rdict, WriteBatch
@@ -42,6 +43,11 @@ FORMAT_KEY = b"m:format"
 FORMAT_VERSION = b"1"
 _DUE = struct.Struct(">Q")
 _INDEX = struct.Struct(">I")
+
+#: What a scan of a partition store yields: its databases are raw (bytes keys and values), which
+#: rocksdict's type hints (any key type) do not tell apart.
+RawItems = Iterator[tuple[bytes, bytes]]
+RawKeys = Iterator[bytes]
 
 #: A record of the ``journal`` changelog: key (a journal key without ``j:``) and value (None: a tombstone).
 JournalRecord = tuple[bytes, Optional[bytes]]
@@ -105,7 +111,7 @@ class StorePartition:
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, instance_id: str) -> Optional[dict[str, Any]]:
-        st = self._cache.get(instance_id)
+        st: Optional[dict[str, Any]] = self._cache.get(instance_id)
         if st is not None:
             self._cache.move_to_end(instance_id)
             self.hits += 1
@@ -131,7 +137,7 @@ class StorePartition:
         prefix = JOURNAL_PREFIX + journal_run_key(instance_id, run)
         inputs: Entries = []
         commands: Entries = []
-        for key, raw in self.db.items(from_key=prefix):
+        for key, raw in cast(RawItems, self.db.items(from_key=prefix)):
             if not key.startswith(prefix):
                 break
             kind = key[len(prefix):len(prefix) + 1].decode()
@@ -143,21 +149,21 @@ class StorePartition:
         """Timers due at or before ``now_ms``, earliest first, at most ``limit``."""
         out: list[tuple[int, str, str]] = []
         bound = TIMER_PREFIX + _DUE.pack(now_ms) + b"\xff"
-        for key in self.db.keys(from_key=TIMER_PREFIX):
+        for key in cast(RawKeys, self.db.keys(from_key=TIMER_PREFIX)):
             if not key.startswith(TIMER_PREFIX) or key > bound or len(out) >= limit:
                 break
             out.append(parse_timer_key(key))
         return out
 
     def next_due(self) -> Optional[int]:
-        for key in self.db.keys(from_key=TIMER_PREFIX):
+        for key in cast(RawKeys, self.db.keys(from_key=TIMER_PREFIX)):
             if key.startswith(TIMER_PREFIX):
                 return parse_timer_key(key)[0]
             break
         return None
 
     def iter_states(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for key, raw in self.db.items(from_key=STATE_PREFIX):
+        for key, raw in cast(RawItems, self.db.items(from_key=STATE_PREFIX)):
             if not key.startswith(STATE_PREFIX):
                 break
             yield key[len(STATE_PREFIX):].decode(), orjson.loads(raw)

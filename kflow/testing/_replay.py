@@ -17,7 +17,8 @@ state written before the journal existed, which carries them itself.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any, Optional, Union
 
 from kflow._workflow.api import definition_of
 from kflow.engine.code_replayer import (
@@ -25,8 +26,8 @@ from kflow.engine.code_replayer import (
     HistoryUnavailable,
     Machine,
     NondeterminismError,
+    ReplayMismatch,
     _describe,
-    _Mismatch,
     _outcome,
     history_of,
 )
@@ -128,12 +129,12 @@ def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: O
             if machine.finished:
                 break
         if machine.cursor != len(commands):
-            raise _Mismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
+            raise ReplayMismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
         if machine.finished and closed is None:
-            raise _Mismatch(machine.cursor, "a workflow still running", _outcome(machine))
+            raise ReplayMismatch(machine.cursor, "a workflow still running", _outcome(machine))
         if closed is not None and not machine.finished:
-            raise _Mismatch(machine.cursor, closed.type, "a workflow still waiting")
-    except _Mismatch as m:
+            raise ReplayMismatch(machine.cursor, closed.type, "a workflow still waiting")
+    except ReplayMismatch as m:
         raise NondeterminismError(instance_id, m.index, m.expected, m.actual) from None
     if machine.finished:
         assert machine.root is not None

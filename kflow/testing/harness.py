@@ -10,7 +10,8 @@ states exactly. It is the same ``decide``/``evolve`` the Kafka processor runs.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from kflow.engine import Decision, InMemoryDefinitions, compile_spec, decide, fold
 from kflow.model.messages import Command, Event, JSONDict, Task

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -41,11 +41,11 @@ from kflow.client import ID_REUSE_POLICIES
 from kflow.model.errors import KflowError
 from kflow.model.messages import Event
 from kflow.security.audit import AuditRecord
-from kflow.streams.schedules import with_next_runs
 from kflow.security.http import SESSION_COOKIE, Caller, RateLimited
 from kflow.security.httplimits import BodyLimits
 from kflow.security.policy import Resource
 from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
+from kflow.streams.schedules import with_next_runs
 from kflow.visibility.access import Access, ApiError
 from kflow.visibility.graph import MAX_REPLAY_EVENTS, history_steps, layout, resolve_steps, step_index, succeed_steps
 from kflow.visibility.live import Changes
@@ -168,7 +168,7 @@ def parse_time(value: Optional[str], name: str) -> Optional[int]:
         raise ApiError(400, f"{name} must be epoch milliseconds or an ISO 8601 time like "
                             f"2024-05-01T12:00:00Z, but got {value!r}") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 
@@ -495,7 +495,7 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Prin
     def batch_log(who: Caller) -> Any:
         from kflow.batch import BatchLog
 
-        return BatchLog(getattr(act(who), "config"))
+        return BatchLog(getattr(act(who), "config"))  # noqa: B009 (a Client has it; ActionSink does not declare it)
 
     def batch_visible(who: Caller, header: dict[str, Any]) -> bool:
         return access.is_admin(who) or (header.get("tenant") or DEFAULT_TENANT) == who.principal.tenant
@@ -632,7 +632,7 @@ def create_app(store: VisibilityStore, actions: Optional[Callable[[Optional[Prin
             table = act(who).schedules()
         except KflowError as e:
             raise ApiError(503, f"cannot read the schedules: {e}") from None
-        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        now = int(datetime.now(UTC).timestamp() * 1000)
         may = access.verdict(who, SCHEDULE_PERMISSION, engine_resource(who), catch_up=False).allowed
         return {"items": [with_next_runs(table[sid], now, next_runs) for sid in sorted(table)],
                 "allowed": dict.fromkeys(("pause", "unpause", "trigger"), may)}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from kflow._workflow import definition_of
 from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
@@ -25,8 +26,6 @@ from kflow.engine import InMemoryDefinitions, compile_spec, fold
 from kflow.engine.core import EVENTS_OFFSET
 from kflow.model.messages import Status
 from kflow.schemas.codec import decode_event, decode_state
-from kflow.testing import assert_eventually
-from kflow._workflow import definition_of
 from kflow.streams.topics import ensure_topics
 from tests.fault.flows import CODE, DEFS, expected
 

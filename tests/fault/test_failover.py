@@ -45,7 +45,7 @@ def pauses(started: dict[str, float], records: dict[str, list[float]], kill: flo
 
 
 @pytest.mark.fault
-def test_takeover_under_load_completes_every_instance_exactly_once(kafka_bootstrap, tmp_path, tansu_gap):
+def test_takeover_under_load_completes_every_instance_exactly_once(kafka_bootstrap, tmp_path, tansu_gap):  # noqa: F811 (a fixture imported above)
     prefix = f"fo{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
 

@@ -30,7 +30,7 @@ STARTS = 12
 
 
 @pytest.mark.fault
-def test_quota_survives_engine_sigkill_and_rebalance(kafka_bootstrap, tmp_path, tansu_gap):
+def test_quota_survives_engine_sigkill_and_rebalance(kafka_bootstrap, tmp_path, tansu_gap):  # noqa: F811 (a fixture imported above)
     prefix = f"lf{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
 
@@ -71,7 +71,7 @@ def test_quota_survives_engine_sigkill_and_rebalance(kafka_bootstrap, tmp_path, 
 
             wait_for(f"{QUOTA} running and the rest queued",
                      lambda: sorted(statuses()) == ["QUEUED"] * (STARTS - QUOTA) + ["RUNNING"] * QUOTA, 60, procs)
-            running = [i for i, s in zip(ids, statuses()) if s == "RUNNING"]
+            running = [i for i, s in zip(ids, statuses(), strict=True) if s == "RUNNING"]
             for i in running:  # releases and grants are in flight when the engine dies
                 client.signal(i, "done")
             victim.kill()
@@ -82,13 +82,13 @@ def test_quota_survives_engine_sigkill_and_rebalance(kafka_bootstrap, tmp_path, 
             while len(done) < STARTS:
                 now = statuses()
                 assert sum(s == "RUNNING" for s in now) <= QUOTA, now
-                ready = [i for i, s in zip(ids, now) if s == "RUNNING" and i not in done]
+                ready = [i for i, s in zip(ids, now, strict=True) if s == "RUNNING" and i not in done]
                 if ready:
                     client.signal(ready[0], "done")
                     done.add(ready[0])
                 else:
                     wait_for("a queued start to be admitted", lambda: any(
-                        s == "RUNNING" and i not in done for i, s in zip(ids, statuses())), 180, procs)
+                        s == "RUNNING" and i not in done for i, s in zip(ids, statuses(), strict=True)), 180, procs)
             wait_for("every start to complete", lambda: statuses() == ["COMPLETED"] * STARTS, 180, procs)
 
         oracle(kafka_bootstrap, prefix, ids)

@@ -21,8 +21,8 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process
 from kflow.schemas.codec import decode_event
-from kflow.testing import assert_eventually
 from kflow.streams.topics import ensure_topics
+from kflow.testing import assert_eventually
 from tests.fault.local_flows import LOCAL3
 from tests.fault.test_crash_matrix import read_all
 
@@ -59,7 +59,7 @@ def test_sigkill_while_local_activities_run(kafka_bootstrap, kafka_flavor, tmp_p
             # the second restart also loses its disk and restores from the changelog
             for state in ("e1", "e2-fresh"):
                 seen = len(lines(log))
-                assert_eventually(lambda: len(lines(log)) >= seen + 6, timeout=60,
+                assert_eventually(lambda seen=seen: len(lines(log)) >= seen + 6, timeout=60,
                                   msg="local activities running")
                 engine.kill()
                 kills += 1

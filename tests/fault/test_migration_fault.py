@@ -58,7 +58,7 @@ def _migrated(bootstrap: str, prefix: str, tag: str) -> int:
 
 
 @pytest.mark.fault
-def test_a_killed_engine_leaves_every_instance_migrated_or_untouched(kafka_bootstrap, tmp_path, tansu_gap):
+def test_a_killed_engine_leaves_every_instance_migrated_or_untouched(kafka_bootstrap, tmp_path, tansu_gap):  # noqa: F811 (a fixture imported above)
     prefix = f"mf{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
     tag = "mf-"

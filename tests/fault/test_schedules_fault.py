@@ -47,7 +47,7 @@ def _open_runs(bootstrap: str, prefix: str, sid: str) -> list[str]:
 
 
 @pytest.mark.fault
-def test_no_run_starts_twice_across_engine_sigkills(kafka_bootstrap, tmp_path, tansu_gap):
+def test_no_run_starts_twice_across_engine_sigkills(kafka_bootstrap, tmp_path, tansu_gap):  # noqa: F811 (a fixture imported above)
     prefix = f"sf{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
     sid = "every-second"
@@ -69,7 +69,7 @@ def test_no_run_starts_twice_across_engine_sigkills(kafka_bootstrap, tmp_path, t
 
             for kills in range(2):
                 target = started() + 3
-                wait_for(f"{target} runs before kill {kills + 1}", lambda: started() >= target, 120, [proc])
+                wait_for(f"{target} runs before kill {kills + 1}", lambda target=target: started() >= target, 120, [proc])
                 proc.kill()
                 proc = engine()
             target = started() + 3

@@ -38,13 +38,13 @@ from kflow.dev.failover import LogWatch, restore_into, wait_for
 from kflow.dev.procs import KflowProcess, engine_process, worker_process
 from kflow.model.errors import KflowError
 from kflow.schemas.codec import decode_state
-from kflow.streams.partitioner import partition_for
 from kflow.streams import standby as standby_module
+from kflow.streams.partitioner import partition_for
 from kflow.streams.processor import EngineProcessor
 from kflow.streams.restore import end_offsets
 from kflow.streams.store import EngineStore
-from kflow.testing import assert_eventually
 from kflow.streams.topics import ensure_topics
+from kflow.testing import assert_eventually
 from tests.fault.flows import DEFS
 from tests.fault.test_crash_matrix import WORKFLOWS, oracle, read_all, tansu_gap  # noqa: F401 (a fixture)
 from tests.fault.test_failover import pauses
@@ -82,7 +82,7 @@ def changelog_records(bootstrap: str, prefix: str) -> tuple[Counter[int], dict[s
 
 
 @pytest.mark.fault
-def test_takeover_promotes_warm_copies_replaying_only_the_tail(kafka_bootstrap, tmp_path, tansu_gap):
+def test_takeover_promotes_warm_copies_replaying_only_the_tail(kafka_bootstrap, tmp_path, tansu_gap):  # noqa: F811 (a fixture imported above)
     prefix = f"sb{uuid.uuid4().hex[:8]}."
     cfg = KafkaConfig(bootstrap=kafka_bootstrap, topic_prefix=prefix, partitions=PARTITIONS, dev_tuning=True)
     ports = {"a": free_port(), "b": free_port()}
@@ -260,11 +260,11 @@ def test_a_standby_that_fell_behind_is_promoted_only_after_replaying_the_tail(ka
                                          timeout=90, msg="the standby promoted the active's partitions")
             print(f"\nstale standby: {behind} offsets behind when the active was killed; promotions replayed "
                   f"(records, from, to) {replayed} ({time.time() - kill_at:.2f}s after the kill)")
-            for p, (records, start, end) in replayed.items():
+            for p, (_records, start, end) in replayed.items():
                 # from the stale copy's own offset to where the dead active left the changelog
                 assert (start, end) == (stored[(state_topic, p)], highs[p][1]), (p, replayed[p])
             assert sum(n for n, _, _ in replayed.values()) > 0
-            for i, iid in enumerate(waits):
+            for iid in waits:
                 client.signal(iid, "go", 100)
             results = client.wait_many(waits, timeout=60)
             assert {iid: r["result"] for iid, r in results.items()} == {iid: i + 1 + 100 for i, iid in enumerate(waits)}

@@ -106,8 +106,8 @@ def _python(bare: Path, code: str, cwd: Path) -> subprocess.CompletedProcess[str
 def test_the_bare_install_is_bare_and_names_the_extra_a_feature_needs(bare: Path, tmp_path: Path) -> None:
     where = _python(bare, "import kflow; print(kflow.__file__)", tmp_path)
     assert where.stdout.startswith(str(bare.parent)), where.stdout + where.stderr  # not the working tree
-    probe = ("import importlib\nfor name in %r:\n    try:\n        importlib.import_module(name)\n"
-             "    except ImportError:\n        continue\n    print(name)\n") % (OPTIONAL,)
+    probe = (f"import importlib\nfor name in {OPTIONAL!r}:\n    try:\n        importlib.import_module(name)\n"
+             "    except ImportError:\n        continue\n    print(name)\n")
     importable = _python(bare, probe, tmp_path)
     assert importable.returncode == 0 and importable.stdout.split() == [], importable.stdout + importable.stderr
 

@@ -91,7 +91,7 @@ def test_batch_cancel_of_every_instance_a_query_selects(stack, vis):
     assert res.exit_code == 0, res.output
     assert "COMPLETED: cancel of 6 instance(s)" in res.output and "6 applied, 0 rejected" in res.output
     for iid in ids:
-        assert_eventually(lambda: _status(stack, iid) == "CANCELLED", timeout=30)
+        assert_eventually(lambda iid=iid: _status(stack, iid) == "CANCELLED", timeout=30)
         cancelled = [e for e in stack.client.history(iid) if e.type == "WorkflowCancelled"]
         assert len(cancelled) == 1 and cancelled[0].data["reason"].endswith(": recall")
     assert all(_status(stack, iid) == "RUNNING" for iid in others)
@@ -136,7 +136,7 @@ def test_the_http_api_creates_runs_and_reports_a_batch(stack, vis):
         bad = http.post("/api/batches", json={"operation": "signal", "where": f"id_prefix={tag}"})
         assert bad.status_code == 400 and "needs the signal name" in bad.json()["error"]
         bad = http.post("/api/batches", json={"operation": "migrate", "where": f"id_prefix={tag}"})
-        assert bad.status_code == 400 and "migrate is not available" in bad.json()["error"]
+        assert bad.status_code == 400 and "needs its migration plan" in bad.json()["error"]
         bad = http.post("/api/batches", json={"operation": "cancel", "where": "workfow=x"})
         assert bad.status_code == 400 and "unknown field 'workfow'" in bad.json()["error"]
         r = http.post("/api/batches", json={"operation": "signal", "where": f"id_prefix={tag} AND status=RUNNING",
@@ -156,7 +156,7 @@ def test_the_http_api_creates_runs_and_reports_a_batch(stack, vis):
 def test_a_batch_killed_midway_and_continued_signals_every_instance_exactly_once(stack, vis, tmp_path):
     tag, ids = _start(stack, "batch_parked", 40)
     for iid in ids:
-        assert_eventually(lambda: _status(stack, iid) == "RUNNING", timeout=30)
+        assert_eventually(lambda iid=iid: _status(stack, iid) == "RUNNING", timeout=30)
     env = {**os.environ, "KFLOW_BOOTSTRAP": stack.bootstrap, "KFLOW_TOPIC_PREFIX": stack.prefix}
     env.pop("KFLOW_API", None)
     out = open(tmp_path / "batch.out", "wb")
@@ -215,7 +215,7 @@ def test_commands_sent_but_not_recorded_before_a_crash_are_applied_once(stack, v
 
     tag, ids = _start(stack, "batch_parked", 5)
     for iid in ids:
-        assert_eventually(lambda: _status(stack, iid) == "RUNNING", timeout=30)
+        assert_eventually(lambda iid=iid: _status(stack, iid) == "RUNNING", timeout=30)
     where = parse_where(f"id_prefix={tag}")
     config = stack.client.config
     dying = _DyingLog(config)
@@ -225,7 +225,7 @@ def test_commands_sent_but_not_recorded_before_a_crash_are_applied_once(stack, v
     with pytest.raises(_Crash):
         runner.run(rec.id)
     for iid in ids:  # every command went out and was applied, but the batch recorded none of it
-        assert_eventually(lambda: applied_event in _types(stack, iid), timeout=30)
+        assert_eventually(lambda iid=iid: applied_event in _types(stack, iid), timeout=30)
     log = BatchLog(config)
     assert log.load(rec.id).outcomes == {} and log.load(rec.id).header["status"] == "RUNNING"
     done = BatchRunner(stack.client, log).run(rec.id)  # the continue: all five are sent again
@@ -242,7 +242,7 @@ def test_dry_run_list_status_stop_and_continue(stack, vis):
 
     tag, ids = _start(stack, "batch_parked", 8)
     for iid in ids:
-        assert_eventually(lambda: _status(stack, iid) == "RUNNING", timeout=30)
+        assert_eventually(lambda iid=iid: _status(stack, iid) == "RUNNING", timeout=30)
     dry = _cli(stack, "batch", "terminate", "--where", f"id_prefix={tag}", "--dry-run")
     assert dry.exit_code == 0 and f"8 instance(s) match 'id_prefix={tag}'" in dry.output
     assert _batch_of(stack, tag) is None and all(_status(stack, i) == "RUNNING" for i in ids)

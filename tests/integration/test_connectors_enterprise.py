@@ -27,8 +27,18 @@ from kflow.connectors.host import ConnectorHost, ConnectorUnavailable
 from kflow.connectors.kafka import CORRELATION_HEADER, REPLY_TOPIC_HEADER
 from kflow.model.errors import NonRetryableError, WorkflowFailedError
 from kflow.testing import assert_eventually
-from tests.services import AMQP_URL, HttpService, Seen, amqp_url, free_port, http_service, post_json  # noqa: F401
-from tests.services import postgres_url, reachable, smtp_server  # noqa: F401
+from tests.services import (  # noqa: F401  # noqa: F401
+    AMQP_URL,
+    HttpService,
+    Seen,
+    amqp_url,
+    free_port,
+    http_service,
+    post_json,
+    postgres_url,
+    reachable,
+    smtp_server,
+)
 
 Q = "conn"
 TOKEN = "tok-" + uuid.uuid4().hex
@@ -223,7 +233,7 @@ def _deploy_single(stack, name: str, task: str, input_expr: str = "input", **ste
 # -- HTTP -----------------------------------------------------------------------------------
 
 
-def test_http_operation_in_a_workflow_sends_auth_and_returns_the_body(stack, worker, http_service):
+def test_http_operation_in_a_workflow_sends_auth_and_returns_the_body(stack, worker, http_service):  # noqa: F811 (a fixture imported above)
     _deploy_single(stack, "http-get", "api.get_order", "{'id': input}")
     assert stack.client.start("http-get", 42, id=uid("http")).result(timeout=60) == {"id": 42, "state": "open"}
     seen = http_service.seen("/orders/42")[-1]
@@ -231,14 +241,14 @@ def test_http_operation_in_a_workflow_sends_auth_and_returns_the_body(stack, wor
     assert seen.headers["x-client"] == "kflow-tests" and seen.headers["x-env"] == "fallback"
 
 
-def test_http_5xx_is_retried_by_the_engine_until_it_succeeds(stack, worker, http_service):
+def test_http_5xx_is_retried_by_the_engine_until_it_succeeds(stack, worker, http_service):  # noqa: F811 (a fixture imported above)
     _deploy_single(stack, "http-flaky", "api.flaky", retry={"initial": "50ms", "max_attempts": 5})
     key = uid("f")
     assert stack.client.start("http-flaky", key, id=uid("flaky")).result(timeout=60) == {"attempts": 3}
     assert len(http_service.seen(f"/flaky/{key}")) == 3
 
 
-def test_http_errors_fail_the_workflow_with_their_type(stack, worker, http_service):
+def test_http_errors_fail_the_workflow_with_their_type(stack, worker, http_service):  # noqa: F811 (a fixture imported above)
     _deploy_single(stack, "http-400", "api.status", retry={"initial": "50ms", "max_attempts": 5})
     k = uid("k")
     with pytest.raises(WorkflowFailedError) as ei:
@@ -274,7 +284,7 @@ def test_non_retryable_connector_error_becomes_a_non_retryable_activity_failure(
 # -- webhooks ---------------------------------------------------------------------------------
 
 
-def test_webhook_completes_the_activity_in_a_workflow(stack, worker, http_service):
+def test_webhook_completes_the_activity_in_a_workflow(stack, worker, http_service):  # noqa: F811 (a fixture imported above)
     _deploy_single(stack, "hook", "api.start_job", "{'n': input, 'complete': true}")
     assert stack.client.start("hook", 7, id=uid("hook")).result(timeout=60) == {"job": 7, "status": "done"}
     callback = [s for s in http_service.seen("/jobs") if s.body["n"] == 7][-1].body["callback"]
@@ -283,7 +293,7 @@ def test_webhook_completes_the_activity_in_a_workflow(stack, worker, http_servic
     assert post_json(callback.rsplit("/", 1)[0] + "/not-a-token", {})[0] == 404
 
 
-def test_webhook_without_callback_times_out(host, http_service):
+def test_webhook_without_callback_times_out(host, http_service):  # noqa: F811 (a fixture imported above)
     with pytest.raises(ConnectorError) as ei:
         host.call("api", "short_job", 5)
     assert ei.value.type == "WebhookTimeout" and not ei.value.retryable
@@ -430,7 +440,7 @@ connectors:
 # -- the CLI ------------------------------------------------------------------------------------
 
 
-def test_kflow_connect_serves_operations_and_reports_readiness(stack, tmp_path, http_service):
+def test_kflow_connect_serves_operations_and_reports_readiness(stack, tmp_path, http_service):  # noqa: F811 (a fixture imported above)
     import os
     import signal
     import subprocess

@@ -298,7 +298,7 @@ def test_rows_an_older_release_folded_as_instances_move_out_once(store_url: str)
             for key, kind in (("limit:q:t1", "limit"), ("schedule:s", "schedule")):
                 conn.execute(instances.insert().values(
                     instance_id=key, workflow="w", version=1, kind=kind, status="RUNNING", seq=3, started_ms=10,
-                    updated_ms=12, search="{}", steps="{}", state='{"internal": {"id": "%s", "kind": "%s"}}' % (key, kind)))
+                    updated_ms=12, search="{}", steps="{}", state=f'{{"internal": {{"id": "{key}", "kind": "{kind}"}}}}'))
             conn.execute(sa.text("DELETE FROM kflow_objects"))
             conn.execute(sa.text("DELETE FROM kflow_meta"))
         assert store.total() == 3

@@ -13,9 +13,9 @@ from kflow.config import WorkerConfig
 from kflow.dev.procs import engine_process
 from kflow.model.errors import WorkflowNotDeployed
 from kflow.schemas.codec import decode_event
+from kflow.streams.topics import ensure_topics
 from kflow.testing import assert_eventually
 from kflow.worker import Worker
-from kflow.streams.topics import ensure_topics
 from tests.integration import flows
 
 PARTITIONS = 4
@@ -55,7 +55,7 @@ def env(kafka_bootstrap, tmp_path):
 
 def deployed(client: Client, workflow: str) -> bool:
     try:
-        client._require_deployed(workflow, None)
+        client.require_deployed(workflow, None)
     except WorkflowNotDeployed:
         return False
     return True

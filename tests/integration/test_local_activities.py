@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from kflow.dev.stack import bundled_spec
-from kflow.model.errors import WorkflowFailedError
-from kflow.model.errors import WorkflowNotDeployed
+from kflow.model.errors import WorkflowFailedError, WorkflowNotDeployed
 from kflow.testing import assert_eventually
 from tests.integration.conftest import Stack
 
@@ -90,7 +89,7 @@ def test_code_workflow_local_activities(local_stack: Stack) -> None:
 
     def deployed() -> bool:
         try:
-            client._require_deployed("lf.code", None)
+            client.require_deployed("lf.code", None)
         except WorkflowNotDeployed:
             return False
         return True

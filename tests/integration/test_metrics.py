@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
-from kflow.testing import assert_eventually
 from kflow.streams.topics import ensure_topics
+from kflow.testing import assert_eventually
 from tests.net import free_port, http_get
 
 PARTITIONS = 2

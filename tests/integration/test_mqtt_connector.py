@@ -8,7 +8,6 @@ a trigger, and the firmware rollout example over 50 devices.
 from __future__ import annotations
 
 import itertools
-
 import threading
 import uuid
 from importlib import resources

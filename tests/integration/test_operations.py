@@ -11,8 +11,6 @@ from kflow.testing import assert_eventually
 from tests.net import free_port, http_get
 
 
-
-
 def test_engine_serves_health_readiness_and_metrics(kafka_bootstrap, tmp_path):
     prefix = f"o{uuid.uuid4().hex[:8]}."
     port = free_port()

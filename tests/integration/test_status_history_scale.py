@@ -24,8 +24,8 @@ from kflow.config import KafkaConfig
 from kflow.model.messages import Event
 from kflow.schemas.codec import decode_event, encode_event, encode_state
 from kflow.streams.partitioner import partition_for
-from kflow.testing import assert_eventually
 from kflow.streams.topics import ensure_topics
+from kflow.testing import assert_eventually
 from tests.integration.conftest import PARTITIONS, Stack
 
 #: Unrelated records put on each of the instance's events and state partitions before it starts.

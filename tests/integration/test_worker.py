@@ -379,7 +379,7 @@ def test_in_flight_limit_is_respected(kafka_bootstrap: str, topic_prefix: str, r
         for _ in range(len(ts)):
             # Wait until the worker has filled every slot it may (two, or what is left).
             want = min(2, len(ts) - len(done))
-            assert_eventually(lambda: len(gate.running) == want, timeout=DEADLINE, msg=f"{want} running")
+            assert_eventually(lambda want=want: len(gate.running) == want, timeout=DEADLINE, msg=f"{want} running")
             assert gate.max_running <= 2
             key = sorted(gate.running)[0]
             gate.release(key)

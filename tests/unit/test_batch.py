@@ -6,13 +6,12 @@ import pytest
 from typer.testing import CliRunner
 
 from kflow.batch import OPERATIONS, Outcome, RateLimiter, WhereError, command_id, parse_rate, parse_where
-from kflow.batch.log import CHUNK, BatchLog, BatchRecord
-from kflow.batch.plan import Where, applied_earlier, batch_reason, match_event, pending, select
+from kflow.batch.log import CHUNK, BatchLog
+from kflow.batch.plan import applied_earlier, batch_reason, match_event, pending, select
 from kflow.batch.runner import build_command, check_operation, runner_alive
 from kflow.cli import app
 from kflow.model.messages import Event
 from kflow.testing.harness import ManualClock
-
 
 # -- the query ---------------------------------------------------------------------------------
 

@@ -138,8 +138,8 @@ def test_dev_demo_option_takes_an_optional_name(runner: CliRunner, monkeypatch: 
     def fake_run_dev(bootstrap, worker_modules, demo, prefix, **kw):
         calls.append((bootstrap, worker_modules, demo, prefix, kw))
 
-    import types
     import sys
+    import types
 
     monkeypatch.setitem(sys.modules, "kflow.dev.stack", types.SimpleNamespace(run_dev=fake_run_dev))
     assert runner.invoke(app, ["dev", "--demo"]).exit_code == 0
@@ -159,8 +159,8 @@ def test_bench_passes_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch
                        breakdown=False, curve=False):
         calls.append((bootstrap, n, concurrency, style, prefix, rate, breakdown, curve))
 
-    import types
     import sys
+    import types
 
     monkeypatch.setitem(sys.modules, "kflow.dev.bench", types.SimpleNamespace(run_bench=fake_run_bench))
     assert runner.invoke(app, ["bench"]).exit_code == 0
@@ -168,3 +168,39 @@ def test_bench_passes_options(runner: CliRunner, monkeypatch: pytest.MonkeyPatch
     assert runner.invoke(app, ["bench", "--breakdown", "--curve"]).exit_code == 0
     assert calls == [(None, 2000, 64, "spec", None, None, False, False), (None, 10, 2, "code", None, 50.0, False, False),
                      (None, 2000, 64, "spec", None, None, True, True)]
+
+
+def test_bench_auth_passes_the_option_and_refuses_other_modes(runner: CliRunner,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+
+    def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None, partitions=4, json_out=None,
+                       breakdown=False, curve=False, local=False, auth=False):
+        calls.append((bootstrap, n, concurrency, style, local, auth))
+
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "kflow.dev.bench", types.SimpleNamespace(run_bench=fake_run_bench))
+    assert runner.invoke(app, ["bench", "--auth", "-n", "20", "-c", "4"]).exit_code == 0
+    assert runner.invoke(app, ["bench", "--auth", "--local", "--bootstrap", "h:1"]).exit_code == 0
+    assert runner.invoke(app, ["bench"]).exit_code == 0
+    assert calls == [(None, 20, 4, "spec", False, True), ("h:1", 2000, 64, "spec", True, True),
+                     (None, 2000, 64, "spec", False, False)]
+    for other in ("--mix", "--failover", "--curve", "--breakdown"):
+        assert "--auth compares the plain" in _one_error_line(runner.invoke(app, ["bench", "--auth", other]))
+    assert len(calls) == 3
+    assert "--auth" in runner.invoke(app, ["bench", "--help"], terminal_width=200).output
+
+
+def test_bench_auth_compares_phases_off_against_on() -> None:
+    from kflow.dev.bench import compare_phases
+
+    def phase(name: str, per_s: float, p50: float, p99: float, failed: int = 0) -> dict:
+        return {"phase": name, "completed_per_s": per_s, "p50_ms": p50, "p99_ms": p99, "failed": failed, "missed": 0}
+
+    rows = compare_phases([phase("throughput", 250.0, 200.0, 400.0), phase("latency@50/s", 50.0, 100.0, 0.0)],
+                          [phase("throughput", 225.0, 220.0, 500.0, 1), phase("latency@50/s", 50.0, 110.0, 30.0)])
+    assert rows[0]["throughput_loss_pct"] == 10.0
+    assert (rows[0]["p50_ratio"], rows[0]["p99_ratio"], rows[0]["failed"]) == (1.1, 1.25, [0, 1])
+    assert (rows[1]["throughput_loss_pct"], rows[1]["p50_ratio"], rows[1]["p99_ratio"]) == (0.0, 1.1, None)

@@ -3,7 +3,8 @@ continue-as-new, the history limit, class-style workflows and conditions."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

@@ -6,8 +6,9 @@ import datetime as dt
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings

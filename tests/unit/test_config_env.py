@@ -13,7 +13,8 @@ import logging
 import socket
 import urllib.error
 import urllib.request
-from typing import Any, Callable, get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 import pytest
 from typer.testing import CliRunner
@@ -23,8 +24,16 @@ from kflow._cli.common import setup_logging
 from kflow._config_doc import PROCESSES, config_table
 from kflow._log import ContextFilter, make_formatter
 from kflow.cli import app
-from kflow.config import (ConfigError, EngineConfig, KafkaConfig, TelemetryConfig, WorkerConfig, kafka_passthrough,
-                          load_config, redact)
+from kflow.config import (
+    ConfigError,
+    EngineConfig,
+    KafkaConfig,
+    TelemetryConfig,
+    WorkerConfig,
+    kafka_passthrough,
+    load_config,
+    redact,
+)
 from tests.net import free_port
 
 

@@ -182,7 +182,6 @@ class _AnyEnv(dict):
 
 def test_readme_connector_examples_are_valid():
     import re
-    from pathlib import Path
 
     from tests.docs import page
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
 import pydantic
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kflow._worker.output import result_command
 from kflow._worker.registry import build_registry
@@ -39,7 +40,7 @@ class Order(pydantic.BaseModel):
 
 
 def test_rich_values_round_trip_through_json():
-    order = Order(id=uuid.uuid4(), at=datetime(2026, 12, 6, 8, 30, tzinfo=timezone.utc),
+    order = Order(id=uuid.uuid4(), at=datetime(2026, 12, 6, 8, 30, tzinfo=UTC),
                   lines=[Line("A-1", 2), Line("B-2", 1, Size.L)], tags={"vip"})
     data = to_json(order)
     assert data["lines"][1] == {"sku": "B-2", "qty": 1, "size": "l"} and data["id"] == str(order.id)

@@ -12,8 +12,9 @@ closed or missing instances: ``decide`` never raises; each command yields events
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from itertools import count
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -122,7 +123,7 @@ def _check_histories(h: EngineHarness) -> None:
         starts = [i for i, e in enumerate(events) if e.type == "WorkflowStarted"]
         assert starts and starts[0] == 0, iid
         run = events[starts[-1]:]
-        for a, b in zip(starts, starts[1:] + [len(events)]):
+        for a, b in zip(starts, starts[1:] + [len(events)], strict=True):
             types = [e.type for e in events[a:b]]
             terminal = [i for i, t in enumerate(types) if t in TERMINAL_EVENTS]
             assert len(terminal) <= 1, (iid, types)
@@ -147,7 +148,7 @@ def test_random_workflows_replay_to_the_same_state(doc: dict[str, Any], inputs: 
     h.deploy(doc)
     h.auto_run_tasks = False
     roots = [f"r{i}" for i in range(len(inputs))]
-    for iid, n in zip(roots, inputs):
+    for iid, n in zip(roots, inputs, strict=True):
         h.start("rand", iid, {"n": n})
     done: list[Any] = []
     for action in actions:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import sys
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,7 @@ def purity_violations(source: str, module: str) -> list[Violation]:
                     out.append(Violation(module, node.lineno, f"imports {node.module}.{alias.name}"))
         elif isinstance(node, ast.Attribute):
             chain = _dotted(node)
-            for owner, attr in zip(chain, chain[1:]):
+            for owner, attr in pairwise(chain):
                 if (owner, attr) in BANNED_NAMES or (owner, "*") in BANNED_NAMES:
                     out.append(Violation(module, node.lineno, f"uses {'.'.join(chain)}"))
                     break

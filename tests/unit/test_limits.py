@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kflow.engine.limits import (ADMISSION, PERMITS, LimitSpecError, LimitsView, key_of, limit_view,
-                                 parse_limits)
+from kflow.engine.limits import ADMISSION, PERMITS, LimitSpecError, LimitsView, key_of, limit_view, parse_limits
 from kflow.testing.harness import EngineHarness, ManualClock
 
 WAIT = {"name": "job", "version": 1, "steps": [{"id": "w", "wait": {"signal": "done"}}]}
@@ -396,3 +395,36 @@ def test_code_workflows_are_queued_admitted_and_limited_and_replay_identically()
     assert peak == 1
     assert [h.result(f"k{n}") for n in range(4)] == [n * 10 + 3 for n in range(4)]
     assert counter(h, key_of("runs"))["in_use"] == 0 and counter(h, key_of("erp"))["in_use"] == 0
+
+
+def test_ctx_set_priority_changes_the_level_of_the_work_that_follows_and_replays() -> None:
+    import kflow
+    import kflow._workflow
+    from kflow.engine import code_replayer as cr
+
+    @kflow.workflow(name="lim.reprioritise", version=1)
+    async def reprioritise(ctx, input):
+        a = await ctx.activity("erp.post", input)
+        ctx.set_priority("background", reason="the rest can wait")
+        return await ctx.activity("erp.post", a + 1)
+
+    h = EngineHarness(ManualClock())
+    h.defs.add(kflow._workflow.definition_of(reprioritise))
+    h.auto_run_tasks = False
+    h.start("lim.reprioritise", "r", 1)
+    h.activity("erp.post", lambda x: x + 1)
+    first = h.pending_tasks.popleft()
+    assert first.priority in (None, 3)
+    h.run_task(first)
+    h.drain()
+    assert "PriorityChanged" in h.events("r") and h.states["r"]["priority"] == 5
+    second = h.pending_tasks.popleft()
+    assert second.priority == 5  # dispatched after the change: the new level
+    cr.CACHE.clear()  # the next step rebuilt from the journal: set_priority is not sent again
+    h.run_task(second)
+    h.drain()
+    assert h.result("r") == 4  # (1 + 1) + 1 + 1
+    assert h.events("r").count("PriorityChanged") == 1
+    check_replay(h)
+    with pytest.raises(ValueError, match="unknown priority|expected"):
+        kflow.model.messages.priority_level("urgent")

@@ -13,7 +13,8 @@ import asyncio
 import sys
 import threading
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

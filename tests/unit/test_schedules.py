@@ -9,8 +9,17 @@ from typing import Any
 import pytest
 
 from kflow.engine import decide
-from kflow.engine.schedules import (ScheduleSpec, ScheduleSpecError, backfill_times, iso, jitter_ms, key_of,
-                                    next_runs, overlap_action, run_id)
+from kflow.engine.schedules import (
+    ScheduleSpec,
+    ScheduleSpecError,
+    backfill_times,
+    iso,
+    jitter_ms,
+    key_of,
+    next_runs,
+    overlap_action,
+    run_id,
+)
 from kflow.model.messages import Command
 from kflow.testing.harness import EngineHarness, ManualClock
 
