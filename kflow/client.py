@@ -81,6 +81,7 @@ log = logging.getLogger("kflow.client")
 #: The id-reuse policies a ``StartWorkflow`` may carry (``None`` means the engine's default).
 ID_REUSE_POLICIES = frozenset({"reject_duplicate", "allow_if_closed", "return_existing"})
 
+_DEFINITION_LOOKUP_SECONDS = 1.0  # how long a start reads the definitions again before "not deployed"
 _SCHEDULE_LOOKUP_SECONDS = 3.0  # how long a schedule operation waits for a just-created schedule's record
 _CONSUME_BATCH = 500
 _POLL_SECONDS = 0.1
@@ -892,8 +893,12 @@ class Client:
         if known(self.definitions_view(refresh=False)):
             return  # deployed versions never go away: no round trip for a name already seen
         view = self.definitions_view(refresh=True)
-        if not known(view):
-            raise WorkflowNotDeployed(workflow, version, view.versions(workflow))
+        deadline = time.monotonic() + _DEFINITION_LOOKUP_SECONDS
+        while not known(view):  # read again briefly before saying no: a "no" stops the caller
+            if time.monotonic() >= deadline:
+                raise WorkflowNotDeployed(workflow, version, view.versions(workflow))
+            time.sleep(0.1)
+            view = self.definitions_view(refresh=True)
 
     def start(
         self,

@@ -51,14 +51,18 @@ _ONE_AT_A_TIME = ("tests/fault/", "tests/integration/test_engine_faults.py", "te
                   "tests/integration/test_first_hour.py", "tests/integration/test_operations.py")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests for ``--dist loadgroup``: a file's tests stay on one worker (they share its
-    module fixtures: one engine stack per file), and the files of :data:`_ONE_AT_A_TIME` share one."""
-    root = Path(str(config.rootpath))
-    for item in items:
-        path = Path(str(item.path)).relative_to(root).as_posix()
-        group = "one-at-a-time" if path.startswith(_ONE_AT_A_TIME) else path
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``pytest -n``: a file's tests stay on one worker (they share its module fixtures: one
+    engine stack per file), and the files of :data:`_ONE_AT_A_TIME` all go to one worker, in turn."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "one-at-a-time" if path.startswith(_ONE_AT_A_TIME) else path
+
+    return FileScheduling(config, log)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -155,3 +159,4 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+

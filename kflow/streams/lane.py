@@ -232,7 +232,8 @@ class Lane:
         out = []
         store = self.proc.store
         for p, nd in list(self.proc.next_due.items()):
-            if nd is None or nd > now or p % self.proc.lanes_n != self.index or p not in store.partitions:
+            if (nd is None or nd > now or p % self.proc.lanes_n != self.index or p not in store.partitions
+                    or p in self.proc.closing):
                 continue
             for due, iid, tid in store.get(p).due_timers(now, self.proc.config.timer_batch):
                 out.append((p, due, iid, tid))

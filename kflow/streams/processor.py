@@ -80,6 +80,9 @@ class EngineProcessor:
         self._known_queues: set[str] = set()
         #: next due timer per owned partition; written by the partition's lane after each commit
         self.next_due: dict[int, Optional[int]] = {}
+        #: Partitions being revoked or lost: lanes fire no more of their timers (their next owner
+        #: will), so no lane opens work on a store the rebalance is about to close.
+        self.closing: set[int] = set()
         #: serialises deciding across lanes (the engine, definitions, caches and tracing are shared)
         self.decide_lock = threading.RLock()
         self.lanes: list[Lane] = []
@@ -271,11 +274,13 @@ class EngineProcessor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # still ours until this returns: the lanes commit what they hold before the stores close
+        self.closing.update(tp.partition for tp in partitions)
         self._quiesce(partitions, drop=False)
         self._close(partitions, "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # no longer ours: what is queued for them is dropped (a commit would be fenced anyway)
+        self.closing.update(tp.partition for tp in partitions)
         self._quiesce(partitions, drop=True)
         self._close(partitions, "lost")
 
@@ -292,6 +297,7 @@ class EngineProcessor:
         with self._route_lock:
             self._blocked -= {tp.partition for tp in partitions}
             self._seeks = [tp for tp in self._seeks if tp.partition not in {x.partition for x in partitions}]
+        self.closing -= {tp.partition for tp in partitions}
         metrics.REBALANCES.labels("revoke").inc()
         metrics.ASSIGNED.set(len(self.store.partitions))
         log.info("%s partitions %s", how, sorted(tp.partition for tp in partitions))

@@ -83,13 +83,18 @@ class EndReader:
         Raises:
             BrokerUnavailable: the metadata could not be read.
         """
-        try:
-            found = self.consumer.list_topics(topic, timeout=self.timeout).topics.get(topic)
-        except KafkaException as exc:
-            raise BrokerUnavailable(self.bootstrap, f"cannot read metadata of {topic}: {exc}") from None
-        if found is None or found.error is not None:
-            return []
-        return sorted(found.partitions)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                found = self.consumer.list_topics(topic, timeout=self.timeout).topics.get(topic)
+            except KafkaException as exc:
+                raise BrokerUnavailable(self.bootstrap, f"cannot read metadata of {topic}: {exc}") from None
+            if found is None or found.error is None or found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return [] if found is None or found.error is not None else sorted(found.partitions)
+            # another error (a leader being elected, say) passes: an existing topic is not "none"
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(self.bootstrap, f"cannot read metadata of {topic}: {found.error}")
+            time.sleep(0.1)
 
     def watermarks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
         """:func:`watermarks` with this reader's consumer.
@@ -133,6 +138,11 @@ class EndReader:
             given = ends if ends is not None else start
             partitions = list(given) if given is not None else self.partitions(topic)
         partitions = sorted(partitions)
+        # With ends of its own (this consumer's isolation level), a partition's end-of-partition
+        # event below its end is early (an open transaction not yet committed, on the embedded
+        # broker): the read goes on until the end is reached. Ends given by the caller may lie
+        # beyond what this reader can ever read, so there the event ends the partition.
+        own_ends = ends is None
         if ends is None:
             marks = self.watermarks(topic, partitions)
             todo = {p: high for p, (low, high) in marks.items() if high > max(low, (start or {}).get(p, low))}
@@ -152,7 +162,7 @@ class EndReader:
                 p, offset = msg.partition(), msg.offset()
                 assert p is not None and offset is not None  # set on every record and partition event
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF and (not own_ends or offset >= todo.get(p, 0) - 1):
                         todo.pop(p, None)
                     elif err.fatal():
                         raise KafkaException(err)
