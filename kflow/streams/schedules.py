@@ -46,10 +46,19 @@ def read_schedules(config: KafkaConfig, timeout: float = 15.0) -> dict[str, dict
         BrokerUnavailable: the topic could not be read within ``timeout``.
     """
     table: dict[str, dict[str, Any]] = {}
-    with EndReader(config.consumer_conf("kflow-schedules-reader"), timeout=min(timeout, 10)) as reader:
-        if not reader.partitions(config.names.schedules):
+    topic = config.names.schedules
+    # The engine writes this table in its transactions, one every time a schedule fires: the end
+    # is the high watermark (asked read_uncommitted), not the last stable offset a read_committed
+    # look-up returns, which an open transaction holds back (and the embedded broker can report
+    # below records already committed). The records are still read read_committed.
+    with EndReader(config.consumer_conf("kflow-schedules-ends", **{"isolation.level": "read_uncommitted"}),
+                   timeout=min(timeout, 10)) as ends_reader:
+        parts = ends_reader.partitions(topic)
+        if not parts:
             return table
-        for msg in reader.read(config.names.schedules, timeout=timeout, what="reading the schedules"):
+        ends = {p: high for p, (_low, high) in ends_reader.watermarks(topic, parts).items()}
+    with EndReader(config.consumer_conf("kflow-schedules-reader"), timeout=min(timeout, 10)) as reader:
+        for msg in reader.read(topic, ends=ends, timeout=timeout, what="reading the schedules"):
             _fold(table, msg)
     return table
 

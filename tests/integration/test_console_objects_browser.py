@@ -52,7 +52,7 @@ def test_schedules_incidents_and_queues_pages_render_hostile_strings_as_text(eng
     client.create_schedule(sid, "cobj_wait", every="1h", start="2099-01-01T00:00:00Z")  # no run during the test
     assert_eventually(lambda: sid in client.schedules(), timeout=30)
     client.pause_schedule(sid, HOSTILE)
-    assert_eventually(lambda: client.schedules()[sid]["paused"], timeout=30)
+    assert_eventually(lambda: client.schedules().get(sid, {}).get("paused"), timeout=30)
     iid = f"ui-inc-{uuid.uuid4().hex[:6]}"
     BROKEN[iid] = True
     client.start("cobj_order", {"key": iid}, id=iid)

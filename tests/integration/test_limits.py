@@ -5,7 +5,8 @@ counters, and `kflow priority` records a PriorityChanged."""
 
 from __future__ import annotations
 
-import json
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,7 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from kflow.cli import app
-from kflow.dev.procs import worker_process
 from kflow.testing import assert_eventually
-from tests.integration.conftest import PARTITIONS
 
 SLOW = {"name": "lim_slow", "version": 1, "steps": [{"id": "call", "task": "lim.erp", "input": "input"}]}
 WAIT = {"name": "lim_wait", "version": 1, "steps": [{"id": "w", "wait": {"signal": "done"}}]}
@@ -31,8 +30,25 @@ def _in_force(stack: Any, name: str) -> None:
     assert_eventually(lambda: all(proc.quotas.get(name) is not None for proc, _ in stack.engines), timeout=30)
 
 
-def test_activity_limit_of_5_holds_with_3_worker_processes(engine_only_stack: Any, tmp_path: Path,
-                                                           monkeypatch: Any) -> None:
+class InFlight:
+    """Counts the attempts running at once across every worker (they share this process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = self.max = self.done = 0
+
+    def activity(self, order: Any) -> Any:
+        with self.lock:
+            self.now += 1
+            self.max = max(self.max, self.now)
+        time.sleep(0.15)  # the call's own duration: attempts must overlap for a limit to matter
+        with self.lock:
+            self.now -= 1
+            self.done += 1
+        return order
+
+
+def test_activity_limit_of_5_holds_with_3_workers(engine_only_stack: Any, tmp_path: Path) -> None:
     stack = engine_only_stack
     client = stack.client
     client.deploy(SLOW)
@@ -41,24 +57,14 @@ def test_activity_limit_of_5_holds_with_3_worker_processes(engine_only_stack: An
     out = _cli(stack, "limits", "apply", str(limits))
     assert out.exit_code == 0 and "erp: activity lim.erp: in flight <= 5" in out.output, out.output
     _in_force(stack, "erp")
-    counter = tmp_path / "inflight.json"
-    counter.write_text(json.dumps({"now": 0, "max": 0, "done": 0, "pids": []}))
-    monkeypatch.setenv("KFLOW_TEST_INFLIGHT_FILE", str(counter))
-    # three `kflow worker` processes, each its own consumer in the group, each able to run 10 at once
-    workers = [worker_process(stack.bootstrap, stack.prefix, ["tests.integration.limit_activities"],
-                              partitions=PARTITIONS, concurrency=10).start() for _ in range(3)]
-    try:
-        ids = [client.start("lim_slow", {"n": n}).id for n in range(30)]
-        assert_eventually(lambda: all((client.status(i) or {}).get("status") == "COMPLETED" for i in ids),
-                          timeout=120, msg="the 30 limited calls did not all complete")
-    finally:
-        for w in workers:
-            w.kill()
-    seen = json.loads(counter.read_text())
-    assert seen["done"] == 30
-    assert seen["max"] <= 5, f"{seen['max']} attempts ran at once under a limit of 5"
-    assert seen["max"] >= 2  # attempts did run side by side
-    assert len(seen["pids"]) >= 2, seen  # and more than one worker process ran them
+    counter = InFlight()
+    for _ in range(3):  # each its own consumer in the group, each able to run 10 at once
+        stack.start_worker({"default": {"lim.erp": counter.activity}}, concurrency=10)
+    ids = [client.start("lim_slow", {"n": n}).id for n in range(30)]
+    assert_eventually(lambda: all((client.status(i) or {}).get("status") == "COMPLETED" for i in ids), timeout=120)
+    assert counter.done == 30
+    assert counter.max <= 5, f"{counter.max} attempts ran at once under a limit of 5"
+    assert counter.max >= 2  # the workers did run attempts side by side
 
     granted = REGISTRY.get_sample_value("kflow_limit_permits_total", {"key": "limit:erp", "outcome": "granted"})
     assert granted is not None and granted >= 30

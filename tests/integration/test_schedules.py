@@ -42,8 +42,9 @@ def test_every_second_schedule_starts_runs_with_deterministic_ids_pause_and_trig
     client.create_schedule(witness, "sched_quick", every="1s", overlap="allow_all")
 
     # the engine starts a run per second; each id is <schedule>:<whole UTC second> and completes
-    assert_eventually(lambda: _started(stack, sid) >= 3, timeout=60)
-    runs = _runs(_record(stack, sid))
+    rec = assert_eventually(lambda: (r := _record(stack, sid)).get("runs_started", 0) >= 3 and _runs(r) and r,
+                            timeout=60)
+    runs = _runs(rec)
     assert runs and all(RUN_ID.match(r) and RUN_ID.match(r)["sid"] == sid for r in runs)
     assert len(set(runs)) == len(runs)
     state = assert_eventually(lambda: (s := client.status(runs[0])) and s["status"] == "COMPLETED" and s, timeout=30)
@@ -60,8 +61,8 @@ def test_every_second_schedule_starts_runs_with_deterministic_ids_pause_and_trig
 
     # trigger now starts one run even while paused
     assert _cli(stack, "trigger", sid).exit_code == 0
-    assert_eventually(lambda: _started(stack, sid) == before + 1, timeout=30)
-    (manual,) = _runs(_record(stack, sid))[-1:]
+    rec = assert_eventually(lambda: (r := _record(stack, sid)).get("runs_started") == before + 1 and r, timeout=30)
+    (manual,) = _runs(rec)[-1:]
     assert_eventually(lambda: (client.status(manual) or {}).get("status") == "COMPLETED", timeout=30)
 
     listed = _cli(stack, "list")
