@@ -221,6 +221,10 @@ class Lane:
         return [self._inbox.popleft() for _ in range(n)]
 
     def _step(self, items: list[tuple[Message, int]]) -> None:
+        # a record fetched before its partition was revoked may still reach the lane: its next
+        # owner reads it again from the committed offset, so it is dropped here
+        owned, closing = self.proc.store.partitions, self.proc.closing
+        items = [(m, t) for m, t in items if m.partition() in owned and m.partition() not in closing]
         msgs = [m for m, _ in items]
         now = self.proc.clock.now_ms()
         timers = self._due_timers(now)
