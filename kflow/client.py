@@ -1175,6 +1175,31 @@ class Client:
         self._schedule(id)
         self._command(Command("DeleteSchedule", schedule_key(id), {"reason": reason}))
 
+    def _reply_reader(self, key: str, what: str) -> Consumer:
+        """A consumer of the ``replies`` partition of ``key``, at its end: assigned before the request
+        is produced, so the answer cannot be missed. The caller closes it.
+
+        Raises:
+            KflowError: the replies topic does not exist.
+            BrokerUnavailable: its offsets could not be read.
+        """
+        topic = self.names.replies
+        consumer = Consumer(self.config.consumer_conf(
+            f"kflow-client-{what}-{uuid.uuid4().hex}", **{"isolation.level": "read_committed", **self._conf()}))
+        try:
+            meta = consumer.list_topics(topic, timeout=self.connect_timeout)
+            partitions = len(meta.topics[topic].partitions)
+            if partitions == 0:
+                raise KflowError(f"replies topic '{topic}' does not exist; start an engine (it creates it)")
+            consumer.assign(at_end(consumer, topic, [partition_for(key.encode(), partitions)], self.connect_timeout))
+        except KafkaException as exc:
+            consumer.close()
+            raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
+        except BaseException:
+            consumer.close()
+            raise
+        return consumer
+
     def query(self, id: str, name: str, *args: JSONValue, timeout: float = 10.0) -> JSONValue:
         """Ask instance ``id`` query ``name`` with ``args`` and return the answer.
 
@@ -1189,20 +1214,9 @@ class Client:
             TimeoutError: no engine answered within ``timeout`` seconds.
         """
         self._ensure_ready()
-        topic = self.names.replies
         qid = uuid.uuid4().hex
-        consumer = Consumer(self.config.consumer_conf(
-            f"kflow-client-query-{qid}", **{"isolation.level": "read_committed", **self._conf()}))
+        consumer = self._reply_reader(qid, "query")
         try:
-            try:
-                meta = consumer.list_topics(topic, timeout=self.connect_timeout)
-                partitions = len(meta.topics[topic].partitions)
-                if partitions == 0:
-                    raise KflowError(f"replies topic '{topic}' does not exist; start an engine (it creates it)")
-                p = partition_for(qid.encode(), partitions)
-                consumer.assign(at_end(consumer, topic, [p], self.connect_timeout))
-            except KafkaException as exc:
-                raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
             self._command(Command("QueryWorkflow", id, {"query_id": qid, "name": name, "args": [to_json(a, f"query '{name}' argument") for a in args]}))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -1243,19 +1257,8 @@ class Client:
         """
         self._ensure_ready()
         uid = update_id or uuid.uuid4().hex
-        topic = self.names.replies
-        consumer = Consumer(self.config.consumer_conf(
-            f"kflow-client-update-{uuid.uuid4().hex}", **{"isolation.level": "read_committed", **self._conf()}))
+        consumer = self._reply_reader(uid, "update")
         try:
-            try:
-                meta = consumer.list_topics(topic, timeout=self.connect_timeout)
-                partitions = len(meta.topics[topic].partitions)
-                if partitions == 0:
-                    raise KflowError(f"replies topic '{topic}' does not exist; start an engine (it creates it)")
-                # positioned at the end before the command is produced, so the answer cannot be missed
-                consumer.assign(at_end(consumer, topic, [partition_for(uid.encode(), partitions)], self.connect_timeout))
-            except KafkaException as exc:
-                raise BrokerUnavailable(self.config.bootstrap, f"cannot read reply offsets: {exc}") from None
             self._command(Command("UpdateWorkflow", id, {"update_id": uid, "name": name,
                                                          "data": to_json(data, f"update '{name}' data")}))
             deadline = time.monotonic() + timeout
