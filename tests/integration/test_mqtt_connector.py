@@ -240,8 +240,7 @@ def test_telemetry_signals_the_waiting_instance_through_a_trigger(stack, fleet, 
     assert fleet.version("tele-1") == "9.9"
 
 
-@pytest.mark.xfail(reason="open bug: under the parallel full run some child workflows never finish (their tasks "
-                   "appear never to run); passes alone and under load in isolation; see the closing note", strict=False)
+@pytest.mark.timeout(420)  # above the result's own timeout, so a stalled run reports what it waits for
 def test_firmware_rollout_over_50_devices(stack, fleet, fleet_worker, triggers):
     c = stack.client
     deploy_rollout(c)
