@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from kflow.converter import from_json, input_type
-from kflow.model.errors import KflowError
+from kflow.model.errors import KflowError, ProblemsError
 
 __all__ = [
     "ActivityDefinition",
@@ -39,12 +39,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 Registry = dict[str, dict[str, "ActivityDefinition"]]
 
 
-class ActivityDefinitionError(KflowError):
+class ActivityDefinitionError(ProblemsError):
     """An activity declaration is invalid; ``problems`` lists every problem found."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid activity: " + "; ".join(problems))
+        super().__init__("activity", problems)
 
 
 class DuplicateActivityError(KflowError):

@@ -40,7 +40,7 @@ from kflow.engine.core import Decision, status_record
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import Journal
 from kflow.engine.run import PRIORITY, Run
-from kflow.model.errors import KflowError
+from kflow.model.errors import ProblemsError
 from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES, Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
@@ -70,13 +70,12 @@ _FIELDS = frozenset({"name", "activity", "workflow", "tenant", "per", "max_runni
                      "starts_per_second", "burst_size", "policy"})
 
 
-class LimitSpecError(KflowError, ValueError):
+class LimitSpecError(ProblemsError, ValueError):
     """A limits file or declaration that cannot be applied; ``problems`` lists every reason."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
-        super().__init__(f"invalid limits in {source}: " + "; ".join(problems))
+        super().__init__(f"limits in {source}", problems)
         self.source = source
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)

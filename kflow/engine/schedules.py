@@ -32,7 +32,7 @@ from kflow.engine import core
 from kflow.engine.core import Decision, status_record
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import Journal
-from kflow.model.errors import KflowError
+from kflow.model.errors import ProblemsError
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
@@ -69,13 +69,12 @@ _SEARCH_LIMIT = 10_000
 _DST_MARGIN_MS = 3 * 3_600_000
 
 
-class ScheduleSpecError(KflowError, ValueError):
+class ScheduleSpecError(ProblemsError, ValueError):
     """A schedule declaration that cannot be applied; ``problems`` lists every reason."""
 
     def __init__(self, schedule_id: str, problems: list[str]) -> None:
-        super().__init__(f"invalid schedule '{schedule_id}': " + "; ".join(problems))
+        super().__init__(f"schedule '{schedule_id}'", problems)
         self.schedule_id = schedule_id
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,15 @@ class KflowError(Exception):
     """Root of every error kflow raises on purpose."""
 
 
+class ProblemsError(KflowError):
+    """A declaration (limits, schedule, subscriptions, policy, activity, auth file) that cannot be
+    applied: ``problems`` lists every reason at once, and nothing of it was applied."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid {what}: " + "; ".join(problems))
+
+
 class DefinitionError(KflowError):
     """A workflow definition does not validate; ``problems`` lists ``(step_id, message)``."""
 
