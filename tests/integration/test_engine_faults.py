@@ -106,8 +106,9 @@ def test_sigkill_engine_fresh_state_dir_completes_everything(env, kafka_bootstra
     ids = [f"r{i}-{uuid.uuid4().hex[:6]}" for i in range(24)]
     for i, iid in enumerate(ids):
         client.start("slow", i, id=iid)
-    # every instance has run its first activity and is asleep on its 3 s timer
-    assert_eventually(lambda: all((client.status(i) or {}).get("seq", 0) >= 4 for i in ids), timeout=60)
+    # every instance has run its first activity and is asleep on its 3 s timer (status is answered by the
+    # engine, which may still be joining its group on a loaded machine: hence the longer query timeout)
+    assert_eventually(lambda: all((client.status(i, timeout=30) or {}).get("seq", 0) >= 4 for i in ids), timeout=60)
     e1.kill()
     e2 = engine("e2-fresh", "node-a", lanes=lanes)  # same identity, empty state dir: restore from the changelog
     for iid in ids:
@@ -128,7 +129,7 @@ def test_two_engines_split_partitions_and_hand_over(env, kafka_bootstrap):
     ids = [f"s{i}-{uuid.uuid4().hex[:6]}" for i in range(24)]
     for i, iid in enumerate(ids):
         client.start("slow", i, id=iid)
-    assert_eventually(lambda: all((client.status(i) or {}).get("seq", 0) >= 4 for i in ids[:4]), timeout=60)
+    assert_eventually(lambda: all((client.status(i, timeout=30) or {}).get("seq", 0) >= 4 for i in ids[:4]), timeout=60)
     assert e2.stop() == 0, e2.log_tail()  # graceful: its partitions move to e1
     for iid in ids:
         client.signal(iid, "go", 10)
@@ -154,7 +155,7 @@ def test_sigkill_engine_with_code_workflows_mid_flight(env, kafka_bootstrap):
         for i, iid in enumerate(ids):
             client.start("code.slow", i, id=iid)
         # every instance ran its first activity and sleeps on its 3 s timer
-        assert_eventually(lambda: all(((client.status(i) or {}).get("internal") or {}).get("timers") for i in ids),
+        assert_eventually(lambda: all(((client.status(i, timeout=30) or {}).get("internal") or {}).get("timers") for i in ids),
                           timeout=60)
         e1.kill()
         e2 = engine("e2-fresh", "node-c", workflows="tests.integration.code_flows")
