@@ -17,8 +17,7 @@ import argparse
 import time
 
 import kflow
-from kflow._workflow import definition_of
-from kflow.engine import code_replayer
+from kflow.authoring import definition_of
 from kflow.testing.harness import EngineHarness
 
 
@@ -42,20 +41,20 @@ def main() -> int:
         h = EngineHarness()
         h.defs.add(definition_of(resume))
         h.activity("bench.add", lambda x: x + 1)
-        code_replayer.CACHE.clear()
-        code_replayer.CACHE.max_size = args.n + 10
+        cache = h.replay_cache
+        cache.max_size = args.n + 10
         t0 = time.perf_counter()
         for i in range(args.n):
             h.start("bench.resume", f"r{i}", {"steps": args.steps})
         started = time.perf_counter() - t0
         if mode.startswith("after"):
-            code_replayer.CACHE.clear()  # what a fresh engine process starts with
-        misses = code_replayer.CACHE.misses
+            cache.clear()  # what a fresh engine process starts with
+        misses = cache.misses
         t0 = time.perf_counter()
         for i in range(args.n):
             h.signal(f"r{i}", "go", True)
         elapsed = time.perf_counter() - t0
-        replays = code_replayer.CACHE.misses - misses
+        replays = cache.misses - misses
         done = sum(1 for s in h.states.values() if s["status"] == "COMPLETED")
         assert done == args.n, f"only {done} of {args.n} completed"
         results[mode] = elapsed

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kflow._migration import migration
-    from kflow._workflow import WorkflowContext, WorkflowSandboxError, query_state, workflow
     from kflow.aio import AsyncClient
+    from kflow.authoring import WorkflowContext, WorkflowSandboxError, query_state, workflow
     from kflow.client import Client, WorkflowHandle
-    from kflow.engine.code_replayer import NondeterminismError
+    from kflow.engine.code_machine import NondeterminismError
     from kflow.model.errors import (
         ActivityError,
         BrokerUnavailable,
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         DeterminismError,
         KflowError,
         NonRetryableError,
+        ProblemsError,
         QueryFailedError,
         StartRejectedError,
         TopicConfigMismatch,
@@ -60,6 +61,7 @@ __all__ = [
     "KflowError",
     "NonRetryableError",
     "NondeterminismError",
+    "ProblemsError",
     "QueryFailedError",
     "StartRejectedError",
     "TopicConfigMismatch",
@@ -100,6 +102,7 @@ _HOME = {
     "DeterminismError": "kflow.model.errors",
     "KflowError": "kflow.model.errors",
     "NonRetryableError": "kflow.model.errors",
+    "ProblemsError": "kflow.model.errors",
     "QueryFailedError": "kflow.model.errors",
     "StartRejectedError": "kflow.model.errors",
     "TopicConfigMismatch": "kflow.model.errors",
@@ -108,11 +111,11 @@ _HOME = {
     "WorkflowError": "kflow.model.errors",
     "WorkflowFailedError": "kflow.model.errors",
     "WorkflowNotDeployed": "kflow.model.errors",
-    "workflow": "kflow._workflow",
-    "query_state": "kflow._workflow",
-    "WorkflowContext": "kflow._workflow",
-    "WorkflowSandboxError": "kflow._workflow",
-    "NondeterminismError": "kflow.engine.code_replayer",
+    "workflow": "kflow.authoring",
+    "query_state": "kflow.authoring",
+    "WorkflowContext": "kflow.authoring",
+    "WorkflowSandboxError": "kflow.authoring",
+    "NondeterminismError": "kflow.engine.code_machine",
 }
 
 

@@ -1,8 +1,24 @@
-"""Code workflows: the authoring API (``@kflow.workflow``, the context) and the workflow sandbox."""
+"""The former home of the code-workflow authoring API, kept so that older imports keep working.
 
-from kflow._workflow.api import code_definitions, compile_code, definition_of, query_state, workflow
-from kflow._workflow.sandbox import Sandbox, WorkflowSandboxError, sandbox_enabled
-from kflow.engine.code_replayer import CACHE, CodeDefinition, NondeterminismError, WorkflowContext
+Everything here is :mod:`kflow.authoring`'s; import from there.
+"""
 
-__all__ = ["CACHE", "CodeDefinition", "NondeterminismError", "Sandbox", "WorkflowContext", "WorkflowSandboxError",
-           "code_definitions", "compile_code", "definition_of", "query_state", "sandbox_enabled", "workflow"]
+from kflow.authoring import (
+    CodeDefinition,
+    NondeterminismError,
+    Saga,
+    Sandbox,
+    WorkflowContext,
+    WorkflowRegistry,
+    WorkflowSandboxError,
+    code_definitions,
+    default_registry,
+    definition_of,
+    query_state,
+    sandbox_enabled,
+    workflow,
+)
+
+__all__ = ["CodeDefinition", "NondeterminismError", "Saga", "Sandbox", "WorkflowContext", "WorkflowRegistry",
+           "WorkflowSandboxError", "code_definitions", "default_registry", "definition_of", "query_state",
+           "sandbox_enabled", "workflow"]

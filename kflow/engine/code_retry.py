@@ -27,7 +27,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from kflow.engine import activity as activities
-from kflow.engine import code_replayer as cr
+from kflow.engine.code_journal import (
+    BLOCKED_INFO,
+    COMMAND_COUNT,
+    INPUT_COUNT,
+    INPUTS,
+    HistoryUnavailable,
+    append_commands,
+    append_input,
+    end_journal,
+    history_of,
+    open_journal,
+    run_history,
+)
+from kflow.engine.code_machine import Machine, NondeterminismError, ReplayMismatch
+from kflow.engine.code_replayer import drive, new_machine
 from kflow.engine.journal import Entries, Journal, Reset
 from kflow.engine.run import INCIDENTS, Run
 from kflow.model.messages import Event, JSONDict, RejectCode, Status
@@ -58,8 +72,8 @@ def keep_journal(run: Run, before: JSONDict) -> None:
     """A code run just closed other than COMPLETED: its journal stays for a retry; note how far
     each activity's attempts went (``before`` is the state before the closing event). A state
     that still carries its history as lists (written before the journal) drops it instead."""
-    if cr.INPUTS in run.state:
-        cr.end_journal(run)
+    if INPUTS in run.state:
+        end_journal(run)
         return
     attempts: dict[str, int] = dict(before.get(RESET_ATTEMPTS) or {})
 
@@ -81,8 +95,8 @@ def keep_journal(run: Run, before: JSONDict) -> None:
 
 def drop_kept_journal(run: Run, old: JSONDict) -> None:
     """A start reuses the id of a closed code instance: delete the journal its last run kept."""
-    if old.get("kind") == "code" and old["status"] in Status.TERMINAL and cr.INPUT_COUNT in old:
-        run.journal_ops.append(Reset(old["id"], old.get("run", 1), old[cr.INPUT_COUNT], old[cr.COMMAND_COUNT]))
+    if old.get("kind") == "code" and old["status"] in Status.TERMINAL and INPUT_COUNT in old:
+        run.journal_ops.append(Reset(old["id"], old.get("run", 1), old[INPUT_COUNT], old[COMMAND_COUNT]))
 
 
 # -- deciding: where a retry resets to ---------------------------------------------------------------------
@@ -94,15 +108,15 @@ def reset_point(definition: Any, state: JSONDict, to_event: Optional[int],
     kept inputs are replayed once here, so a reset that would not replay is refused up front.
     """
     iid = state["id"]
-    if cr.INPUT_COUNT not in state:
+    if INPUT_COUNT not in state:
         return 0, (RejectCode.INVALID_STATE, f"expected the kept history of a closed code run, but '{iid}' has "
                    "none (its history was deleted when it closed): start a new instance")
     if getattr(definition, "kind", None) != "code":
         return 0, (RejectCode.INVALID_STATE, f"expected code workflow '{state['workflow']}@{state['version']}' "
                    "to be hosted by this engine, but it is not")
     try:
-        inputs, commands = cr.history_of(state, journal)
-    except cr.HistoryUnavailable as e:
+        inputs, commands = history_of(state, journal)
+    except HistoryUnavailable as e:
         return 0, (RejectCode.INVALID_STATE, str(e))
     first = inputs[0][3]
     try:
@@ -117,8 +131,8 @@ def reset_point(definition: Any, state: JSONDict, to_event: Optional[int],
             return 0, (RejectCode.INVALID_STATE, f"expected a run that got past its start, but '{iid}' ended on "
                        "its first input: start a new instance")
         tables, machine = _replay(definition, state, inputs[:keep], commands)
-    except cr.ReplayMismatch as m:
-        err = cr.NondeterminismError(iid, m.index, m.expected, m.actual)
+    except ReplayMismatch as m:
+        err = NondeterminismError(iid, m.index, m.expected, m.actual)
         return 0, (RejectCode.INVALID_STATE, f"expected a history the deployed code replays, but {err}")
     seq = inputs[keep - 1][3]
     if machine.finished:
@@ -145,7 +159,7 @@ def _default_keep(definition: Any, state: JSONDict, inputs: Entries, commands: E
         for i, entry in enumerate(inputs):
             if entry[0] == "CancelRequested":
                 return i
-    probe = cr.Machine(definition, state["id"], commands)
+    probe = Machine(definition, state["id"], commands)
     probe.run_number = state.get("run", 1)
     for i, entry in enumerate(inputs):
         probe.deliver(*entry)
@@ -154,10 +168,10 @@ def _default_keep(definition: Any, state: JSONDict, inputs: Entries, commands: E
     return len(inputs)  # the run ended outside its code (terminated, timed out, a limit): keep all
 
 
-def _replay(definition: Any, state: JSONDict, kept: Entries, commands: Entries) -> tuple[JSONDict, cr.Machine]:
+def _replay(definition: Any, state: JSONDict, kept: Entries, commands: Entries) -> tuple[JSONDict, Machine]:
     """Feed ``kept`` to a fresh machine, rebuilding the tables its commands made; a dry run."""
     tables: JSONDict = {"status": Status.RUNNING, "activities": {}, "timers": {}, "children": {}}
-    machine = cr.Machine(definition, state["id"], commands)
+    machine = Machine(definition, state["id"], commands)
     machine.run_number = state.get("run", 1)
     machine.restoring = tables
     for entry in kept:
@@ -191,32 +205,32 @@ def on_retried(run: Run, ev: Event) -> None:
     definition = run.compiled
     seq = reset_event(ev.data["from_step"])
     assert seq is not None and definition is not None, "decide checks the reset point and the definition"
-    inputs, commands = cr.run_history(run, True)
+    inputs, commands = run_history(run, True)
     keep = _prefix(inputs, seq)
     attempts: dict[str, int] = st.pop(RESET_ATTEMPTS, None) or {}
-    run.journal_ops.append(Reset(st["id"], st.get("run", 1), st[cr.INPUT_COUNT], st[cr.COMMAND_COUNT]))
+    run.journal_ops.append(Reset(st["id"], st.get("run", 1), st[INPUT_COUNT], st[COMMAND_COUNT]))
     st["status"] = Status.RUNNING
     st["closed_ms"], st["error"], st["result"] = None, None, None
     st["retries"] = ev.data["attempt"]
-    for key in ("ended", "cancel_reason", cr.BLOCKED_INFO, INCIDENTS):
+    for key in ("ended", "cancel_reason", BLOCKED_INFO, INCIDENTS):
         st.pop(key, None)
     st["activities"], st["timers"], st["children"], st["signals"], st["threads"] = {}, {}, {}, {}, {}
-    cr.open_journal(st)
-    machine = cr.new_machine(run, definition, commands)
+    open_journal(st)
+    machine = new_machine(run, definition, commands)
     machine.restoring = st
     try:
         for entry in inputs[:keep]:
             _restore_input(st, entry)
-            cr.append_input(run, entry)
+            append_input(run, entry)
             machine.deliver(*entry)
-    except cr.ReplayMismatch as m:  # decide replayed the same inputs with the same code a moment ago
-        raise cr.NondeterminismError(st["id"], m.index, m.expected, m.actual) from None
+    except ReplayMismatch as m:  # decide replayed the same inputs with the same code a moment ago
+        raise NondeterminismError(st["id"], m.index, m.expected, m.actual) from None
     machine.restoring = None
-    cr.append_commands(run, commands[:machine.cursor])
+    append_commands(run, commands[:machine.cursor])
     if definition.execution_timeout_ms is not None:
         activities.start_timer(run, None, run.now + definition.execution_timeout_ms, "execution")
     for aid in list(st["activities"]):
         act = st["activities"][aid]
         act["attempt"] = attempts.get(aid, 1)  # reopen schedules the next one, its policy counted afresh
         activities.reopen(run, aid, act, act["input"])
-    cr.drive(run, machine, [])
+    drive(run, machine, [])

@@ -17,7 +17,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
+from kflow.engine.code_cache import ReplayCache
 from kflow.engine.expr import ExpressionError, compile_expr
+from kflow.engine.registry import WorkflowRegistry, default_registry
 from kflow.model.errors import DefinitionConflict, DefinitionError
 from kflow.model.messages import Definition
 from kflow.model.spec import Step, WorkflowSpec, parse_duration_ms, parse_spec
@@ -116,11 +118,19 @@ class InMemoryDefinitions:
     content again is a no-op; adding other content under that key raises
     :class:`~kflow.model.errors.DefinitionConflict` and leaves the table as it was. Definitions
     without a fingerprint (code workflows, which the hosting process supplies) replace their entry.
+
+    Args:
+        registry: The code workflows and migration transforms of whoever decides against this
+            table (default: :data:`~kflow.engine.registry.default_registry`, which the decorators fill).
+        replay_cache: The live code-workflow machines of whoever decides against this table; a
+            fresh cache of its own by default (an engine processor passes the one it owns).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Optional[WorkflowRegistry] = None, replay_cache: Optional[ReplayCache] = None) -> None:
         self._by_key: dict[tuple[str, int], Any] = {}
         self._latest: dict[str, int] = {}
+        self.registry = registry if registry is not None else default_registry
+        self.replay_cache = replay_cache if replay_cache is not None else ReplayCache()
 
     def add(self, compiled: Any) -> bool:
         """Add a compiled definition; True if the table changed, False if it already held this content.

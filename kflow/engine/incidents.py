@@ -64,9 +64,26 @@ def timed_out(run: Run, timer: JSONDict) -> tuple[JSONDict, str]:
     """The timeout timer of an incident fired: close it; returns it and the error message to fail with."""
     incident_id = timer["incident"]
     inc = close_incident(run, incident_id)
-    err = inc["error"]
-    return inc, (f"incident '{incident_id}' was not resolved within {activity.duration_text(inc['timeout'])}: "
-                 f"{err['type']}: {err['message']}")
+    return inc, timeout_message(incident_id, parse_duration_ms(inc["timeout"]), inc["error"])
+
+
+def timeout_message(incident_id: str, timeout_ms: int, error: JSONDict) -> str:
+    """The error message of an incident that timed out. The timeout is written from its milliseconds
+    (the largest whole unit), which its timer's event also carries, so the message can be rebuilt from
+    the events alone."""
+    return (f"incident '{incident_id}' was not resolved within {_whole_units(timeout_ms)}: "
+            f"{error['type']}: {error['message']}")
+
+
+_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000))
+
+
+def _whole_units(ms: int) -> str:
+    """``4h``, ``90m``, ``1500ms``: ``ms`` in the largest unit that divides it."""
+    for unit, size in _UNITS:
+        if ms >= size and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms" if ms else "0s"
 
 
 def fail_message(inc: JSONDict, data: JSONDict) -> str:

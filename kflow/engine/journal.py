@@ -114,5 +114,5 @@ class InMemoryJournal:
 
 
 #: The journal of callers that keep none of their own (``decide`` without a journal, e.g. the test
-#: harness): those decisions are applied to it, like :data:`kflow.engine.code_replayer.CACHE`.
+#: harness): those decisions are applied to it.
 MEMORY = InMemoryJournal()

@@ -33,7 +33,9 @@ from kflow.schemas.codec import decode_definition, encode_definition
 
 if TYPE_CHECKING:
     from kflow.engine.activity import Limits
+    from kflow.engine.code_cache import ReplayCache
     from kflow.engine.limits import LimitsView
+    from kflow.engine.registry import WorkflowRegistry
 
 __all__ = ["DefinitionsLog", "DefinitionsTable", "code_fingerprint", "code_record"]
 
@@ -153,8 +155,9 @@ class DefinitionsTable(InMemoryDefinitions):
     quotas: LimitsView
 
     def __init__(self, consumer_conf: dict[str, Any], topic: str,
-                 compile_code: Optional[Callable[[Any], Any]] = None) -> None:
-        super().__init__()
+                 compile_code: Optional[Callable[[Any], Any]] = None, *, registry: Optional[WorkflowRegistry] = None,
+                 replay_cache: Optional[ReplayCache] = None) -> None:
+        super().__init__(registry, replay_cache)
         self.topic = topic
         self._compile_code = compile_code
         self._log = DefinitionsLog(consumer_conf, topic, self._apply)

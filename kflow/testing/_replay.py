@@ -12,7 +12,9 @@ From events alone, timers match by position (the purpose of a timer is not in it
 treated as recorded before the patch). Passing a running instance's internal state (``state``
 record ``internal`` field) with the journal holding its history (by default the in-memory journal
 of this process, where the test harness decides) replays its recorded commands exactly; so does a
-state written before the journal existed, which carries them itself.
+state written before the journal existed, which carries them itself. The events are mapped to the
+workflow's inputs, and replayed, by the same functions the engine uses
+(:mod:`kflow.engine.code_history`).
 """
 
 from __future__ import annotations
@@ -20,17 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
-from kflow._workflow.api import definition_of
-from kflow.engine.code_replayer import (
-    WORKFLOW_INPUTS,
-    HistoryUnavailable,
-    Machine,
-    NondeterminismError,
-    ReplayMismatch,
-    _describe,
-    _outcome,
-    history_of,
-)
+from kflow.authoring.api import definition_of
+from kflow.engine.code_history import history_from_events
+from kflow.engine.code_history import replay as replay_inputs
+from kflow.engine.code_journal import HistoryUnavailable, history_of
+from kflow.engine.code_machine import NondeterminismError, outcome
 from kflow.engine.journal import Entries, Journal
 from kflow.model.messages import Event, JSONDict
 
@@ -42,47 +38,6 @@ def _as_event(e: Union[Event, JSONDict]) -> Event:
         return e
     return Event(type=e["type"], instance_id=e.get("instance_id", ""), seq=int(e.get("seq", 0)),
                  ts=int(e.get("ts", 0)), data=dict(e.get("data") or {}))
-
-
-#: Timers the engine starts for activities (timeouts, retry backoff) and for itself; not workflow code's.
-_ENGINE_TIMERS = frozenset({"activity_timeout", "retry", "execution", "replay"})
-
-
-def _from_events(events: list[Event]) -> tuple[list[list[Any]], list[list[Any]]]:
-    """The coroutine's inputs and commands, rebuilt from the events of its last run.
-
-    Only an activity's final outcome is an input (a failure followed by another attempt, or a
-    timeout that was retried, is the engine's business), and only timers the code started count.
-    """
-    last_run = max((i for i, e in enumerate(events) if e.type == "WorkflowContinuedAsNew"), default=None)
-    if last_run is not None:
-        cont = events[last_run]
-        events = [Event("WorkflowStarted", cont.instance_id, cont.seq, cont.ts, {"input": cont.data.get("input")})] + \
-            events[last_run + 1:]
-    retried = {(e.data["activity_id"], e.data["attempt"] - 1) for e in events
-               if e.type == "ActivityScheduled" and e.data.get("attempt", 1) > 1}
-    timers = {e.data["timer_id"]: e.data.get("purpose", "") for e in events if e.type == "TimerStarted"}
-    inputs: list[list[Any]] = []
-    commands: list[list[Any]] = []
-    for e in events:
-        d = e.data
-        if e.type == "ActivityFailed" and (d["activity_id"], d["attempt"]) in retried:
-            continue
-        if e.type == "ActivityTimedOut" and (d["activity_id"], d["attempt"]) not in retried and d["kind"]:
-            inputs.append(["ActivityFailed", {"activity_id": d["activity_id"], "attempt": d["attempt"],
-                                              "error_type": "ActivityTimeout", "message": f"{d['kind']} timeout",
-                                              "retryable": False}, e.ts, e.seq])
-        elif e.type == "TimerFired" and timers.get(d["timer_id"]) in _ENGINE_TIMERS:
-            continue
-        elif e.type in WORKFLOW_INPUTS:
-            inputs.append([e.type, d, e.ts, e.seq])
-        elif e.type == "ActivityScheduled" and d.get("attempt", 1) == 1:
-            commands.append(["activity", d["name"], d["activity_id"]])
-        elif e.type == "TimerStarted" and d.get("purpose", "") not in _ENGINE_TIMERS:
-            commands.append(["timer", None, d["timer_id"]])
-        elif e.type == "ChildStarted":
-            commands.append(["child", d["workflow"], d["child_id"]])
-    return inputs, commands
 
 
 def _recorded(state: Optional[JSONDict], journal: Optional[Journal]) -> Optional[tuple[Entries, Entries]]:
@@ -116,32 +71,22 @@ def replay(workflow_fn: Any, history: Iterable[Union[Event, JSONDict]], state: O
     definition = definition_of(workflow_fn)
     events = [_as_event(e) for e in history]
     instance_id = events[0].instance_id if events else ((state or {}).get("id") or "replay")
-    inputs, commands = _recorded(state, journal) or _from_events(events)
+    inputs, commands = _recorded(state, journal) or history_from_events(events)
+    inputs = [i for i in inputs if not (i[0] == "TimerFired" and str(i[1].get("timer_id", "")).startswith("replay-"))]
     closed = next((e for e in events if e.type in ("WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled")), None)
-    machine = Machine(definition, instance_id, commands)
     continued = [e for e in events if e.type == "WorkflowContinuedAsNew"]
-    machine.run_number = (state or {}).get("run") or (continued[-1].data["run"] if continued else 1)
-    try:
-        for type_, data, ts, seq in inputs:
-            if type_ == "TimerFired" and str(data.get("timer_id", "")).startswith("replay-"):
-                continue
-            machine.deliver(type_, data, ts, seq)
-            if machine.finished:
-                break
-        if machine.cursor != len(commands):
-            raise ReplayMismatch(machine.cursor, _describe(commands[machine.cursor]), "no further command")
-        if machine.finished and closed is None:
-            raise ReplayMismatch(machine.cursor, "a workflow still running", _outcome(machine))
-        if closed is not None and not machine.finished:
-            raise ReplayMismatch(machine.cursor, closed.type, "a workflow still waiting")
-    except ReplayMismatch as m:
-        raise NondeterminismError(instance_id, m.index, m.expected, m.actual) from None
+    run_number = (state or {}).get("run") or (continued[-1].data["run"] if continued else 1)
+    machine = replay_inputs(definition, instance_id, inputs, commands, run_number)
+    if machine.finished and closed is None:
+        raise NondeterminismError(instance_id, machine.cursor, "a workflow still running", outcome(machine))
+    if closed is not None and not machine.finished:
+        raise NondeterminismError(instance_id, machine.cursor, closed.type, "a workflow still waiting")
     if machine.finished:
         assert machine.root is not None
         fut = machine.root.future
         want_ok = closed is not None and closed.type == "WorkflowCompleted"
         if (fut.error is None) != want_ok or (want_ok and closed is not None and fut.value != closed.data.get("result")):
             raise NondeterminismError(instance_id, machine.cursor, f"{closed.type if closed else '?'} "
-                                      f"{closed.data if closed else ''}", _outcome(machine))
+                                      f"{closed.data if closed else ''}", outcome(machine))
         return fut.value if fut.error is None else None
     return None

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from kflow.engine import Decision, InMemoryDefinitions, compile_spec, decide, fold
+from kflow.engine.code_cache import ReplayCache
+from kflow.engine.registry import WorkflowRegistry
 from kflow.model.messages import Command, Event, JSONDict, Task
 
 
@@ -33,9 +35,12 @@ class ManualClock:
 class EngineHarness:
     """Drive the pure engine in memory. Activities registered here run synchronously."""
 
-    def __init__(self, clock: Optional[ManualClock] = None) -> None:
+    def __init__(self, clock: Optional[ManualClock] = None, *, registry: Optional[WorkflowRegistry] = None,
+                 replay_cache: Optional[ReplayCache] = None) -> None:
         self.clock = clock or ManualClock()
-        self.defs = InMemoryDefinitions()
+        #: the definitions decided against; they carry ``registry`` (code workflows, migration
+        #: transforms; the default one unless given) and ``replay_cache`` (a fresh one unless given)
+        self.defs = InMemoryDefinitions(registry, replay_cache)
         self.states: dict[str, JSONDict] = {}
         self.history: dict[str, list[Event]] = {}
         self.activities: dict[str, Callable[[Any], Any]] = {}
@@ -47,6 +52,11 @@ class EngineHarness:
         #: Answers the engine sent (to queries and updates), by query or update id.
         self.replies: dict[str, JSONDict] = {}
         self._cmds: deque[Command] = deque()
+
+    @property
+    def replay_cache(self) -> ReplayCache:
+        """The live code-workflow machines of this harness; ``clear()`` it to replay as after a restart."""
+        return self.defs.replay_cache
 
     # -- setup ------------------------------------------------------------------------------
     def deploy(self, doc: dict[str, Any]) -> None:

@@ -9,21 +9,19 @@ from typing import Any
 import pytest
 
 import kflow
-from kflow.engine import code_replayer as cr
+from kflow.engine import NondeterminismError
 from kflow.engine.activity import DEFAULT_LIMITS, Limits
 from kflow.model.errors import ActivityError
 from kflow.testing.harness import EngineHarness
-from tests.unit.test_code_replayer import harness
+from tests.unit.test_code_replayer import CACHE_SIZE, harness
 
 
 @pytest.fixture(autouse=True, params=["cached", "replayed"])
 def cache_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs with live machines cached and with every input replayed from history."""
-    cr.CACHE.clear()
-    cr.CACHE.max_size = 10_000 if request.param == "cached" else 0
+    CACHE_SIZE[0] = 10_000 if request.param == "cached" else 0
     yield request.param
-    cr.CACHE.clear()
-    cr.CACHE.max_size = 10_000
+    CACHE_SIZE[0] = 10_000
 
 
 def events(h: EngineHarness, iid: str, type_: str) -> list[dict[str, Any]]:
@@ -391,7 +389,7 @@ def test_replay_from_events_skips_engine_timers_and_retried_attempts() -> None:
         await ctx.activity("flaky", input)
         await ctx.activity("other", None)  # history has the sleep's timer here
 
-    with pytest.raises(cr.NondeterminismError, match="timer"):
+    with pytest.raises(NondeterminismError, match="timer"):
         replay(changed, h.history["i1"])
 
 

@@ -6,7 +6,6 @@ import datetime as dt
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,24 +15,21 @@ from hypothesis import strategies as st
 
 import kflow
 from kflow.engine import CodeDefinition
-from kflow.engine import code_replayer as cr
+from kflow.engine.code_cache import ReplayCache
+from kflow.engine.code_journal import HistoryUnavailable
+from kflow.engine.journal import MEMORY
 from kflow.testing import replay
 from kflow.testing.harness import EngineHarness
 
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    cr.CACHE.clear()
-    cr.CACHE.max_size = 10_000
-    yield
-    cr.CACHE.clear()
-    cr.CACHE.max_size = 10_000
+#: The replay cache size of the harnesses :func:`harness` makes (0: every input replays); the
+#: cache-mode fixtures of other test modules set it for the duration of a test.
+CACHE_SIZE = [10_000]
 
 
 def harness(*fns: Any, **activities: Any) -> EngineHarness:
-    h = EngineHarness()
+    h = EngineHarness(replay_cache=ReplayCache(CACHE_SIZE[0]))
     for fn in fns:
-        h.defs.add(kflow._workflow.definition_of(fn))
+        h.defs.add(kflow.authoring.definition_of(fn))
     for name, act in activities.items():
         h.activity(name, act)
     return h
@@ -41,8 +37,8 @@ def harness(*fns: Any, **activities: Any) -> EngineHarness:
 
 def swap(h: EngineHarness, name: str, fn: Any, version: int = 1) -> None:
     """Deploy different code under the same name@version and drop live machines (an engine restart)."""
-    h.defs.add(CodeDefinition(name=name, version=version, fn=fn, sandbox=kflow._workflow.Sandbox(True)))
-    cr.CACHE.clear()
+    h.defs.add(CodeDefinition(name=name, version=version, fn=fn, sandbox=kflow.authoring.Sandbox(True)))
+    h.replay_cache.clear()
 
 
 def replays(h: EngineHarness) -> None:
@@ -267,8 +263,8 @@ def test_workflow_exceptions_fail_with_type_and_message() -> None:
 
 def test_side_effect_runs_once_and_is_replayed_with_seeded_randomness() -> None:
     CALLS.clear()
-    cr.CACHE.max_size = 0  # every input rebuilds the coroutine by replay
     h = harness(effects, inc=lambda x: x)
+    h.replay_cache.max_size = 0  # every input rebuilds the coroutine by replay
     h.start("c.effects", "i1")
     res = h.result("i1")
     assert len(CALLS) == 1 and res["v"] == 100
@@ -278,10 +274,11 @@ def test_side_effect_runs_once_and_is_replayed_with_seeded_randomness() -> None:
 
 
 def test_cache_disabled_produces_identical_histories_and_results() -> None:
+    hits = []
+
     def run(cache: int) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-        cr.CACHE.clear()
-        cr.CACHE.max_size = cache
         h = harness(signals, fan_out, branches, sleeper, inc=lambda x: x + 1)
+        h.replay_cache.max_size = cache
         h.start("c.signals", "s")
         h.start("c.fan", "f", 4)
         h.start("c.branches", "b")
@@ -291,12 +288,12 @@ def test_cache_disabled_produces_identical_histories_and_results() -> None:
         h.signal("s", "go", 2)
         h.advance(400)
         hist = {k: [(e.type, e.seq, e.ts, e.data) for e in v] for k, v in h.history.items()}
+        hits.append(h.replay_cache.hits)
         return h.states, hist
 
     cached = run(10_000)
-    hits = cr.CACHE.hits
     uncached = run(0)
-    assert hits > 0 and cached == uncached
+    assert hits[0] > 0 and hits[1] == 0 and cached == uncached
     assert all(st["status"] == "COMPLETED" for st in cached[0].values())
 
 
@@ -384,7 +381,7 @@ def test_patched_keeps_old_instances_on_the_old_path() -> None:
     st = h.states["i2"]
     (tid, timer), = st["timers"].items()
     # the step past the patch point journals the patch marker before the command it guards
-    d = decide(st, Command("FireTimer", "i2", {"timer_id": tid}), timer["due"], h.defs, cr.MEMORY)
+    d = decide(st, Command("FireTimer", "i2", {"timer_id": tid}), timer["due"], h.defs, MEMORY)
     assert [op.entry[:2] for op in d.journal if isinstance(op, Append) and op.kind == COMMAND] == [
         ["patch", "audit"], ["activity", "audit"]]
     h.advance(10)  # the same step again, in the harness: its machine moved on, so this one replays
@@ -465,7 +462,7 @@ async def uses_asyncio(ctx, input):
 ])
 def test_sandbox_refuses_clock_randomness_and_io(fn: Any, what: str) -> None:
     h = EngineHarness()
-    h.defs.add(CodeDefinition("sb", 1, fn, sandbox=kflow._workflow.Sandbox(True)))
+    h.defs.add(CodeDefinition("sb", 1, fn, sandbox=kflow.authoring.Sandbox(True)))
     h.start("sb", "i1")
     err = h.states["i1"]["error"]
     assert h.status("i1") == "FAILED" and err["type"] == "WorkflowSandboxError", err
@@ -475,21 +472,21 @@ def test_sandbox_refuses_clock_randomness_and_io(fn: Any, what: str) -> None:
 
 def test_sandbox_allows_logging_and_private_seeded_generators() -> None:
     h = EngineHarness()
-    h.defs.add(CodeDefinition("ok", 1, logs_and_seeds, sandbox=kflow._workflow.Sandbox(True)))
+    h.defs.add(CodeDefinition("ok", 1, logs_and_seeds, sandbox=kflow.authoring.Sandbox(True)))
     h.start("ok", "i1")
     assert h.status("i1") == "COMPLETED", h.states["i1"]["error"]
 
 
 def test_sandbox_can_be_switched_off() -> None:
     h = EngineHarness()
-    h.defs.add(CodeDefinition("off", 1, uses_time, sandbox=kflow._workflow.Sandbox(False)))
+    h.defs.add(CodeDefinition("off", 1, uses_time, sandbox=kflow.authoring.Sandbox(False)))
     h.start("off", "i1")
     assert h.status("i1") == "COMPLETED"
 
 
 def test_awaiting_foreign_awaitables_fails_clearly() -> None:
     h = EngineHarness()
-    h.defs.add(CodeDefinition("aio", 1, uses_asyncio, sandbox=kflow._workflow.Sandbox(True)))
+    h.defs.add(CodeDefinition("aio", 1, uses_asyncio, sandbox=kflow.authoring.Sandbox(True)))
     h.start("aio", "i1")
     assert h.status("i1") == "FAILED" and "only ctx operations" in h.states["i1"]["error"]["message"]
 
@@ -517,9 +514,8 @@ async def mixed(ctx, input):
 @settings(max_examples=40, deadline=None)
 def test_random_interleavings_give_the_same_result_with_and_without_cache(steps: list[str]) -> None:
     def run(cache: int) -> tuple[Any, Any]:
-        cr.CACHE.clear()
-        cr.CACHE.max_size = cache
         h = harness(mixed, inc=lambda x: x * 10)
+        h.replay_cache.max_size = cache
         h.auto_run_tasks = False
         h.start("c.mixed", "m")
         for i, s in enumerate(steps):
@@ -578,9 +574,9 @@ def test_other_input_events_leave_the_coroutine_parked_in_the_cache() -> None:
     assert run.events == [] and run.journal_ops == [] and new["seq"] == st["seq"] + 1
     assert (new["input_count"], new["command_count"]) == (st["input_count"], st["command_count"])
     h.states["i1"] = new
-    hits = cr.CACHE.hits
+    hits = h.replay_cache.hits
     h.send("CompleteActivity", "i1", activity_id=task.activity_id, attempt=1, result=5)
-    assert h.result("i1") == {"r": 5} and cr.CACHE.hits == hits + 1
+    assert h.result("i1") == {"r": 5} and h.replay_cache.hits == hits + 1
 
 
 @kflow.workflow(name="c.query", version=1)
@@ -608,5 +604,5 @@ def test_queries_answer_from_the_state_by_replay() -> None:
     while h.pending_tasks:
         h.run_task(h.pending_tasks.popleft())
         h.drain()
-    with pytest.raises(cr.HistoryUnavailable, match="COMPLETED"):  # a closed run's journal is deleted
+    with pytest.raises(HistoryUnavailable, match="COMPLETED"):  # a closed run's journal is deleted
         kflow.query_state(queryable, h.states["q1"], "progress")

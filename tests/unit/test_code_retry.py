@@ -14,21 +14,18 @@ from typing import Any
 import pytest
 
 import kflow
-from kflow.engine import code_replayer as cr
 from kflow.engine.code_retry import RESET_ATTEMPTS
 from kflow.engine.journal import MEMORY
 from kflow.model.messages import RejectCode, Status
 from kflow.testing.harness import EngineHarness
-from tests.unit.test_code_replayer import harness
+from tests.unit.test_code_replayer import CACHE_SIZE, harness
 
 
 @pytest.fixture(autouse=True, params=["cached", "replayed"])
 def cache_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    cr.CACHE.clear()
-    cr.CACHE.max_size = 10_000 if request.param == "cached" else 0
+    CACHE_SIZE[0] = 10_000 if request.param == "cached" else 0
     yield request.param
-    cr.CACHE.clear()
-    cr.CACHE.max_size = 10_000
+    CACHE_SIZE[0] = 10_000
 
 
 class Service:

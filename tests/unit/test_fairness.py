@@ -255,7 +255,7 @@ async def code_flow(ctx: Any, input: Any) -> Any:
 
 def test_code_activities_take_the_key_of_the_call() -> None:
     h = EngineHarness()
-    h.defs.add(kflow._workflow.definition_of(code_flow))
+    h.defs.add(kflow.authoring.definition_of(code_flow))
     h.activity("t", lambda x: x)
     h.auto_run_tasks = False
     h.start("fair.code", "i1", {"customer": "c-7"})

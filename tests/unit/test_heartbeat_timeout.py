@@ -135,7 +135,7 @@ async def code_heartbeating(ctx, input):
 
 def test_code_workflow_heartbeat_timeout_counts_from_the_last_heartbeat() -> None:
     h = manual()
-    h.defs.add(kflow._workflow.definition_of(code_heartbeating))
+    h.defs.add(kflow.authoring.definition_of(code_heartbeating))
     h.start("hb.code", "i1")
     t = h.pending_tasks.popleft()
     at(h, 2)  # before half the timeout
@@ -228,7 +228,7 @@ async def code_start_to_close(ctx, input):
 
 def test_code_workflow_timeout_message_has_a_unit() -> None:
     h = manual()
-    h.defs.add(kflow._workflow.definition_of(code_start_to_close))
+    h.defs.add(kflow.authoring.definition_of(code_start_to_close))
     h.start("hb.stc", "i1")
     at(h, 1)
     assert h.status("i1") == "FAILED"

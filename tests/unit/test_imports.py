@@ -1,11 +1,16 @@
-"""Import direction and purity of the core, checked by parsing source with ``ast``.
+"""Import direction and purity of the core, and the layer order of every package, checked by parsing source with ``ast``.
 
 ``kflow.model`` may import only the standard library, pydantic and itself; ``kflow.engine`` only the
 standard library, ``kflow.model``, itself and the pure libraries ``cel``, ``orjson``, ``croniter`` and ``semantic_version``. Neither
 may read the wall clock, randomness, fresh uuids, the environment or sleep: time, ids and
-randomness are inputs to the engine. Modules every layer leans on are held to their own rules:
-``kflow.clock`` is standard library only, ``kflow.streams.readend`` adds confluent_kafka and
-``kflow.model``.
+randomness are inputs to the engine. ``kflow.authoring`` (what workflow code imports) adds only
+the engine. Modules every layer leans on are held to their own rules: ``kflow.clock`` is standard
+library only, ``kflow.streams.readend`` adds confluent_kafka and ``kflow.model``.
+
+Every package and top-level module of kflow has a place in :data:`LAYERS`, and imports only from
+layers below its own (any import: at module level, inside a function, or for type checking). The
+few imports that go up are listed, each with why, in :data:`UPWARD`; each closes an import cycle
+between packages, no other cycle exists, and a listed import that is gone must leave the list.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ STDLIB = frozenset(sys.stdlib_module_names)
 ALLOWED = {
     "model": ({"pydantic"}, ("kflow.model",)),
     "engine": ({"cel", "orjson", "croniter", "semantic_version"}, ("kflow.model", "kflow.engine")),
+    "authoring": (set(), ("kflow.model", "kflow.engine", "kflow.authoring")),
 }
+#: Packages held to the purity rules (the sandbox of ``authoring`` names the clock to refuse it).
+PURE = ("engine", "model")
 
 #: Single modules (path under kflow/) -> (third-party packages, kflow prefixes) they may import.
 MODULE_ALLOWED: dict[str, tuple[set[str], tuple[str, ...]]] = {
@@ -157,7 +165,7 @@ def test_import_direction_of_shared_modules(path: str) -> None:
     assert not violations, "\n".join(map(str, violations))
 
 
-@pytest.mark.parametrize("package", sorted(ALLOWED))
+@pytest.mark.parametrize("package", PURE)
 def test_no_clock_randomness_environment_or_sleep(package: str) -> None:
     violations: list[Violation] = []
     for path in sources(package):
@@ -243,11 +251,152 @@ def test_shared_module_checker(snippet: str, path: str, ok: bool) -> None:
     assert (import_violations(snippet, module_name(PACKAGE_ROOT / path), third_party, prefixes) == []) is ok
 
 
+# -- the layer order of every package -----------------------------------------------------------------
+#: Every package and top-level module of kflow (by its name under ``kflow``; ``kflow`` is the package's
+#: own ``__init__``, the lazy facade of the public names), lowest layer first. A module imports only
+#: from layers below its own, or from its own package.
+LAYERS: list[set[str]] = [
+    {"model", "clock", "_hops", "_tracing"},  # data, time; the tracing and hop-stamp helpers every process uses
+    {"engine", "schemas", "converter", "_http"},  # the pure engine; the wire format
+    {"authoring", "security", "_migration", "faust"},  # what workflow code imports; auth; migration plans
+    {"testing", "_workflow"},  # kflow.testing (replay, harness); the former name of authoring
+    {"config"},  # the settings of every process
+    {"dlq"},
+    {"streams"},  # the engine's stream-processing runtime
+    {"_worker"},
+    {"worker", "client", "subscriptions", "_log"},
+    {"aio", "connectors", "batch"},
+    {"visibility"},  # the read side and the API server
+    {"kflow"},  # the public facade: ``import kflow``
+    {"dev"},  # the embedded stack and the benchmarks
+    {"_cli", "_config_doc"},
+    {"cli"},
+    {"__main__"},
+]
+
+#: Imports that go up the layers: (importing module, imported package) -> why it is there. Each
+#: closes a cycle between packages; a new one is a design decision, made here on purpose.
+UPWARD: dict[tuple[str, str], str] = {
+    ("kflow.config", "streams"): "the settings name topics with streams.topics' TopicNames and TopicSettings",
+    ("kflow.dlq", "streams"): "the DLQ writer counts in streams.metrics and reads streams.policies",
+    ("kflow.streams.local", "_worker"): "the engine runs local activities from the worker's activity registry",
+    ("kflow.batch.plan", "visibility"): "a batch's WHERE query matches with the visibility search text",
+    ("kflow.visibility.server", "_cli"): "the API server reads the audit topic with the CLI's reader",
+}
+
+
+def component(module: str) -> str:
+    """The package (or top-level module) of ``module`` that :data:`LAYERS` places."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE_ROOT.rglob("*.py"))}
+
+
+def package_imports() -> dict[tuple[str, str], list[str]]:
+    """(importing module, imported package) -> where, for every import of another kflow package."""
+    modules = _modules()
+    found: dict[tuple[str, str], list[str]] = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(node, module, path.name == "__init__.py")
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
+                targets = subs if base == "kflow" and len(subs) == len(node.names) else [base, *subs]
+            for target in targets:
+                if target.split(".")[0] != "kflow" or component(target) == component(module):
+                    continue
+                found.setdefault((module, component(target)), []).append(f"{module}:{node.lineno}")
+    return found
+
+
+def layer_of(name: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if name in layer)
+
+
+def test_every_package_has_one_layer() -> None:
+    placed = [name for layer in LAYERS for name in layer]
+    assert len(placed) == len(set(placed)), "a package is in two layers"
+    missing = {component(m) for m in _modules()} - set(placed)
+    assert not missing, f"packages without a layer in LAYERS: {sorted(missing)}"
+
+
+def test_imports_go_down_the_layers() -> None:
+    wrong = [f"{where[0]} imports kflow.{target} ({LAYERS.index(next(lay for lay in LAYERS if target in lay))} "
+             f"above its layer {layer_of(component(module))})"
+             for (module, target), where in sorted(package_imports().items())
+             if layer_of(target) >= layer_of(component(module)) and (module, target) not in UPWARD]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_listed_upward_import_is_still_there() -> None:
+    found = package_imports()
+    gone = [f"{module} -> {target}" for module, target in UPWARD if (module, target) not in found]
+    assert not gone, f"no longer imported, remove from UPWARD: {gone}"
+    assert all(layer_of(target) > layer_of(component(module)) for module, target in UPWARD)
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one node (each holds an import cycle)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_between_packages_but_the_listed_ones() -> None:
+    edges: dict[str, set[str]] = {}
+    for module, target in package_imports():
+        if (module, target) not in UPWARD:
+            edges.setdefault(component(module), set()).add(target)
+    assert cycles(edges) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_engine_never_imports_the_authoring_package() -> None:
+    assert not [k for k in package_imports() if component(k[0]) == "engine" and k[1] == "authoring"]
+    assert layer_of("authoring") > layer_of("engine") and layer_of("streams") > layer_of("authoring")
+
+
 # -- the public surface ------------------------------------------------------------------------------
 #: What ``import kflow`` offers; a name added or removed is a decision, made here on purpose.
 PUBLIC = {
     "ActivityCancelledError", "ActivityError", "AsyncClient", "BrokerUnavailable", "CancelledError", "Client", "DefinitionConflict",
-    "DefinitionError", "DeterminismError", "KflowError", "NonRetryableError", "NondeterminismError", "QueryFailedError",
+    "DefinitionError", "DeterminismError", "KflowError", "NonRetryableError", "NondeterminismError", "ProblemsError", "QueryFailedError",
     "StartRejectedError",
     "TopicConfigMismatch", "UpdateFailedError", "UpdateRejectedError", "Worker", "WorkflowCancelledError", "WorkflowContext", "WorkflowError", "WorkflowFailedError", "WorkflowHandle",
     "WorkflowNotDeployed", "WorkflowSandboxError", "activity", "heartbeat", "migration", "query_state", "workflow",

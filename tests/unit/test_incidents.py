@@ -12,7 +12,7 @@ from typing import Any, Optional
 import pytest
 
 import kflow
-from kflow.engine import code_replayer
+from kflow.engine.code_context import on_failure_policy
 from kflow.engine.core import OWNER, TENANT
 from kflow.model.errors import ActivityError, DefinitionError
 from kflow.model.messages import Command, Event, RejectCode, Status
@@ -421,7 +421,7 @@ async def code_order(ctx, input):
 
 def code_harness() -> tuple[EngineHarness, list[Any]]:
     h = EngineHarness()
-    h.defs.add(kflow._workflow.definition_of(code_order))
+    h.defs.add(kflow.authoring.definition_of(code_order))
     calls: list[Any] = []
 
     def broken(x: Any) -> Any:
@@ -442,7 +442,7 @@ def test_code_workflow_incident_resolved_by_retry_with_a_patch(cached: bool) -> 
     inc = incident_id(h, "k1")
     assert h.states["k1"]["incidents"][inc]["role"] == "ops"
     if not cached:
-        code_replayer.CACHE.clear()  # an engine restart while the incident is open
+        h.replay_cache.clear()  # an engine restart while the incident is open
     h.activity("charge", lambda x: calls.append(x) or x["card"])
     resolve(h, inc, "retry", iid="k1", input_patch={"card": "tok_2"})
     assert calls[-1] == {"sku": "A1", "card": "tok_2"}
@@ -475,4 +475,4 @@ def test_code_workflow_incident_timeout_raises_at_the_await() -> None:
 
 def test_code_workflow_on_failure_skip_is_refused() -> None:
     with pytest.raises(ValueError, match="catch ActivityError"):
-        code_replayer._on_failure("skip")
+        on_failure_policy("skip")

@@ -17,7 +17,6 @@ import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 import kflow
-from kflow.engine import code_replayer
 from kflow.model.messages import RejectCode, Status
 from kflow.schemas.codec import MAGIC, decode_command, decode_event
 from kflow.testing.harness import EngineHarness
@@ -198,7 +197,7 @@ async def code_steps(ctx, input):
 @pytest.mark.parametrize("cached", [True, False], ids=["live-machine", "rebuilt"])
 def test_code_workflow_holds_result_and_signal_until_resumed(cached: bool) -> None:
     h = EngineHarness()
-    h.defs.add(kflow._workflow.definition_of(code_steps))
+    h.defs.add(kflow.authoring.definition_of(code_steps))
     calls: list[int] = []
     h.activity("inc", lambda x: calls.append(x) or x + 1)
     h.auto_run_tasks = False
@@ -211,7 +210,7 @@ def test_code_workflow_holds_result_and_signal_until_resumed(cached: bool) -> No
     assert calls == [1] and not h.pending_tasks
     assert h.states["c1"]["timers"] == {}
     if not cached:
-        code_replayer.CACHE.clear()  # an engine restart while suspended
+        h.replay_cache.clear()  # an engine restart while suspended
 
     h.auto_run_tasks = True
     h.send("ResumeWorkflow", "c1")
@@ -233,7 +232,7 @@ async def code_nap(ctx, input):
 
 def test_code_workflow_timer_due_while_suspended_fires_on_resume() -> None:
     h = EngineHarness()
-    h.defs.add(kflow._workflow.definition_of(code_nap))
+    h.defs.add(kflow.authoring.definition_of(code_nap))
     calls: list[int] = []
     h.activity("inc", lambda x: calls.append(x) or x + 1)
     h.start("lifecycle.nap", "n1", 5)

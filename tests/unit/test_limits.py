@@ -366,8 +366,7 @@ limits:
 # -- code workflows ---------------------------------------------------------------------------------
 def test_code_workflows_are_queued_admitted_and_limited_and_replay_identically() -> None:
     import kflow
-    import kflow._workflow
-    from kflow.engine import code_replayer as cr
+    import kflow.authoring
 
     @kflow.workflow(name="lim.code", version=1)
     async def calls(ctx, input):
@@ -376,7 +375,7 @@ def test_code_workflows_are_queued_admitted_and_limited_and_replay_identically()
         return b
 
     h = EngineHarness(ManualClock())
-    h.defs.add(kflow._workflow.definition_of(calls))
+    h.defs.add(kflow.authoring.definition_of(calls))
     h.defs.quotas = LimitsView(parse_limits({"limits": [  # type: ignore[attr-defined]
         {"name": "runs", "workflow": "lim.code", "max_running": 2},
         {"name": "erp", "activity": "erp.post", "max_in_flight": 1}]}))
@@ -390,7 +389,7 @@ def test_code_workflows_are_queued_admitted_and_limited_and_replay_identically()
     while h.pending_tasks:
         peak = max(peak, len(h.pending_tasks))
         h.run_task(h.pending_tasks.popleft())
-        cr.CACHE.clear()  # every step rebuilt from the journal, as after a restart
+        h.replay_cache.clear()  # every step rebuilt from the journal, as after a restart
         h.drain()
     assert peak == 1
     assert [h.result(f"k{n}") for n in range(4)] == [n * 10 + 3 for n in range(4)]
@@ -399,8 +398,7 @@ def test_code_workflows_are_queued_admitted_and_limited_and_replay_identically()
 
 def test_ctx_set_priority_changes_the_level_of_the_work_that_follows_and_replays() -> None:
     import kflow
-    import kflow._workflow
-    from kflow.engine import code_replayer as cr
+    import kflow.authoring
 
     @kflow.workflow(name="lim.reprioritise", version=1)
     async def reprioritise(ctx, input):
@@ -409,7 +407,7 @@ def test_ctx_set_priority_changes_the_level_of_the_work_that_follows_and_replays
         return await ctx.activity("erp.post", a + 1)
 
     h = EngineHarness(ManualClock())
-    h.defs.add(kflow._workflow.definition_of(reprioritise))
+    h.defs.add(kflow.authoring.definition_of(reprioritise))
     h.auto_run_tasks = False
     h.start("lim.reprioritise", "r", 1)
     h.activity("erp.post", lambda x: x + 1)
@@ -420,7 +418,7 @@ def test_ctx_set_priority_changes_the_level_of_the_work_that_follows_and_replays
     assert "PriorityChanged" in h.events("r") and h.states["r"]["priority"] == 5
     second = h.pending_tasks.popleft()
     assert second.priority == 5  # dispatched after the change: the new level
-    cr.CACHE.clear()  # the next step rebuilt from the journal: set_priority is not sent again
+    h.replay_cache.clear()  # the next step rebuilt from the journal: set_priority is not sent again
     h.run_task(second)
     h.drain()
     assert h.result("r") == 4  # (1 + 1) + 1 + 1

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 import kflow
-from kflow.engine import code_replayer as cr
 from kflow.model.errors import DefinitionError, NonRetryableError
 from kflow.model.messages import Command, Task
 from kflow.model.spec import parse_spec
@@ -32,13 +31,6 @@ CHAIN = {"name": "lc", "version": 1, "steps": [
     {"id": "a", "task": "inc", "local": True, "input": "input", "output": "a"},
     {"id": "b", "task": "inc", "local": True, "input": "a", "output": "b"},
     {"id": "done", "succeed": "b"}]}
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    cr.CACHE.clear()
-    yield
-    cr.CACHE.clear()
 
 
 def manual(*docs: dict[str, Any], **fns: Any) -> EngineHarness:
@@ -150,7 +142,7 @@ async def code_chain(ctx, input):
 def test_code_local_activity_emits_local_tasks_and_retries_via_timer() -> None:
     h = EngineHarness()
     h.auto_run_tasks = False
-    h.defs.add(kflow._workflow.definition_of(code_chain))
+    h.defs.add(kflow.authoring.definition_of(code_chain))
     h.start("lc.code", "i1", 1)
     [first] = h.pending_tasks
     assert first.local and first.start_to_close_ms == 1500 and first.input == 1

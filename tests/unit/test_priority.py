@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kflow
-import kflow._workflow
+import kflow.authoring
 import kflow.schemas
 from kflow._worker.priority import DEFAULT_WEIGHTS, next_level, served
 from kflow.model.errors import DefinitionError
@@ -238,7 +238,7 @@ async def code_flow(ctx: Any, input: Any) -> Any:
 
 def test_code_activities_inherit_the_instance_level_unless_the_call_sets_one() -> None:
     h = EngineHarness()
-    h.defs.add(kflow._workflow.definition_of(code_flow))
+    h.defs.add(kflow.authoring.definition_of(code_flow))
     h.activity("t", lambda x: x)
     h.auto_run_tasks = False
     h.send("StartWorkflow", "i1", workflow="prio.code", priority=2)
@@ -251,7 +251,7 @@ def test_code_activities_inherit_the_instance_level_unless_the_call_sets_one() -
 
 def test_a_code_activity_with_an_unknown_level_fails_the_workflow_clearly() -> None:
     h = EngineHarness()
-    h.defs.add(kflow._workflow.definition_of(bad_level))
+    h.defs.add(kflow.authoring.definition_of(bad_level))
     h.start("prio.bad", "i1")
     assert h.status("i1") == "FAILED"
     assert "unknown priority 'asap'" in h.states["i1"]["error"]["message"]

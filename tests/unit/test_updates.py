@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import kflow
-from kflow.engine import code_replayer as cr
 from kflow.engine.core import copy_state
 from kflow.engine.run import UPDATE_WINDOW, UPDATES
 from kflow.model.errors import DefinitionError
 from kflow.model.messages import Command
 from kflow.testing.harness import EngineHarness
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    cr.CACHE.clear()
-    yield
-    cr.CACHE.clear()
-
 
 CALLS: list[Any] = []
 
@@ -94,7 +84,7 @@ SPEC = {
 def harness() -> EngineHarness:
     h = EngineHarness()
     for fn in (Cart, fn_workflow, sneaky):
-        h.defs.add(kflow._workflow.definition_of(fn))
+        h.defs.add(kflow.authoring.definition_of(fn))
     h.deploy(SPEC)
     h.activity("price", lambda items: 10 * len(items))
     CALLS.clear()
@@ -143,7 +133,7 @@ def test_validator_rejection_writes_no_event_and_changes_no_state(cached: bool) 
     h.update("c1", "add", {"sku": "A"}, "u1")
     history, state = list(h.history["c1"]), copy_state(h.states["c1"])
     if not cached:
-        cr.CACHE.clear()  # the validator runs on a machine rebuilt by replay
+        h.replay_cache.clear()  # the validator runs on a machine rebuilt by replay
     replies = send(h, "c1", "add", {"nope": 1}, "bad")
     assert replies == [("bad", {"error": {"type": "ValueError", "message": "an item needs a sku"}, "rejected": True})]
     assert h.history["c1"] == history and h.states["c1"] == state
@@ -168,7 +158,7 @@ def test_a_validator_that_issues_a_workflow_command_is_refused_and_changes_nothi
     h.start("u.sneaky", "s1")
     history, state = list(h.history["s1"]), copy_state(h.states["s1"])
     if not cached:
-        cr.CACHE.clear()
+        h.replay_cache.clear()
     answer = h.update("s1", "go", [1], "g1")
     assert answer is not None and answer["rejected"] and answer["error"]["type"] == "InvalidValidator"
     assert h.history["s1"] == history and h.states["s1"] == state and not h.pending_tasks
@@ -214,7 +204,7 @@ def test_async_handler_is_answered_after_its_activity_completes() -> None:
     # the same id again while the handler runs: no second run, no answer yet (the handler's will do)
     assert send(h, "c1", "checkout", None, "pay") == []
     assert kinds(h, "c1").count("UpdateAccepted") == 2  # add + checkout
-    cr.CACHE.clear()  # the handler finishes on a machine rebuilt by replay
+    h.replay_cache.clear()  # the handler finishes on a machine rebuilt by replay
     task = h.pending_tasks.popleft()
     assert not h.pending_tasks
     d = h._process(Command("CompleteActivity", "c1", {"activity_id": task.activity_id, "attempt": 1, "result": 10}))

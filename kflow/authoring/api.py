@@ -1,10 +1,11 @@
-"""The authoring API of code workflows: the ``@workflow`` decorator and the engine's registry.
+"""The authoring API of code workflows: the ``@workflow`` decorator and its helpers.
 
 ``@kflow.workflow(name="order", version=1)`` on ``async def run(ctx, input)`` validates the function
-and registers a :class:`~kflow.engine.code_replayer.CodeDefinition` in the process registry; an
-engine started with ``--workflows mod`` imports ``mod`` and hosts the workflows it registered. The
-decorated function is returned unchanged (with a ``__kflow_workflow__`` attribute) so it can still
-be called directly in tests.
+and registers a :class:`~kflow.engine.code_machine.CodeDefinition` in a
+:class:`~kflow.engine.registry.WorkflowRegistry` (the default one unless ``registry=`` names
+another); an engine started with ``--workflows mod`` imports ``mod`` and hosts the workflows it
+registered. The decorated function is returned unchanged (with a ``__kflow_workflow__`` attribute)
+so it can still be called directly in tests.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Optional, TypeVar
 
-from kflow._workflow.sandbox import Sandbox, sandbox_enabled
-from kflow.engine.code_replayer import REGISTRY, CodeDefinition, _policy, query, register
+from kflow.authoring.sandbox import Sandbox, sandbox_enabled
+from kflow.engine.code_context import activity_policy
+from kflow.engine.code_machine import CodeDefinition
+from kflow.engine.code_replayer import query
+from kflow.engine.registry import WorkflowRegistry, default_registry
 from kflow.model.errors import DefinitionError
-from kflow.model.messages import Definition
 from kflow.model.spec import parse_duration_ms
 
-__all__ = ["code_definitions", "compile_code", "definition_of", "query_state", "workflow"]
+__all__ = ["code_definitions", "definition_of", "query_state", "workflow"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def workflow(name: Any = None, version: int = 1, sandbox: Optional[bool] = None, *,
-             retry: Any = None, execution_timeout: Any = None) -> Any:
+             retry: Any = None, execution_timeout: Any = None, registry: Optional[WorkflowRegistry] = None) -> Any:
     """Register an ``async def run(ctx, input)`` function as code workflow ``name@version``.
 
     Works bare (``@kflow.workflow``: name from the function, version 1) and called
@@ -60,6 +63,8 @@ def workflow(name: Any = None, version: int = 1, sandbox: Optional[bool] = None,
         version: Running instances stay on the version they started with.
         sandbox: Refuse clock, randomness, I/O and threads inside the workflow; the default is
             on unless ``KFLOW_WORKFLOW_SANDBOX=0``.
+        registry: Where the workflow is registered; the default registry, which engines host
+            from, unless given.
 
     Raises:
         DefinitionError: Every problem with the function at once (not async, wrong parameters,
@@ -93,14 +98,14 @@ def workflow(name: Any = None, version: int = 1, sandbox: Optional[bool] = None,
             raise DefinitionError(wf_name or "<unnamed>", problems)
         enabled = sandbox_enabled() if sandbox is None else sandbox
         try:
-            policy = _policy(retry, {}, None) if retry is not None else None
+            policy = activity_policy(retry, {}, None) if retry is not None else None
             timeout_ms = parse_duration_ms(execution_timeout.total_seconds() if isinstance(execution_timeout, timedelta)
                                            else execution_timeout) if execution_timeout is not None else None
         except (ValueError, TypeError) as e:
             raise DefinitionError(wf_name, [("retry" if retry is not None else "execution_timeout", str(e))]) from None
-        d = register(CodeDefinition(name=wf_name, version=version, fn=fn, module=getattr(fn, "__module__", ""),
-                                    sandbox=Sandbox(enabled), retry=(policy or {}).get("retry"),
-                                    execution_timeout_ms=timeout_ms))
+        d = (registry if registry is not None else default_registry).add(
+            CodeDefinition(name=wf_name, version=version, fn=fn, module=getattr(fn, "__module__", ""),
+                           sandbox=Sandbox(enabled), retry=(policy or {}).get("retry"), execution_timeout_ms=timeout_ms))
         fn.__kflow_workflow__ = d  # type: ignore[attr-defined]
         return fn
 
@@ -217,18 +222,10 @@ def query_state(workflow_fn: Any, state: dict[str, Any], name: str, *args: Any) 
     return query(definition_of(workflow_fn), state, name, *args)
 
 
-def code_definitions(modules: str) -> list[CodeDefinition]:
-    """Import the comma-separated ``modules`` and return the code workflows they registered."""
+def code_definitions(modules: str, registry: Optional[WorkflowRegistry] = None) -> list[CodeDefinition]:
+    """Import the comma-separated ``modules`` and return the code workflows they registered in
+    ``registry`` (the default one unless given)."""
     names = [m.strip() for m in modules.split(",") if m.strip()]
     for m in names:
         importlib.import_module(m)
-    return [d for d in REGISTRY.values() if d.module in names]
-
-
-def compile_code(d: Definition) -> CodeDefinition:
-    """The definitions-table hook: a ``kind="code"`` record resolves to a workflow hosted here."""
-    found = REGISTRY.get((d.name, d.version))
-    if found is None:
-        raise DefinitionError(d.key, [("", "code workflow not registered in this engine (start it with "
-                                           "--workflows MODULE)")])
-    return found
+    return [d for d in (registry if registry is not None else default_registry).definitions() if d.module in names]
