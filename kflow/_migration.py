@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kflow.engine.definitions import CompiledSpec
 from kflow.engine.expr import ExpressionError, compile_expr
-from kflow.engine.migration import TRANSFORMS, VersionRangeError, matches, step_map_problems, transform_key
+from kflow.engine.migration import VersionRangeError, matches, step_map_problems, transform_key
+from kflow.engine.registry import WorkflowRegistry, default_registry
 from kflow.model.errors import KflowError
 from kflow.model.messages import Command
 from kflow.model.versions import format_version, version_code
@@ -121,12 +122,16 @@ def check_plan(plan: MigrationPlan, versions: Mapping[int, Optional[CompiledSpec
 
     Args:
         versions: Every deployed version of ``plan.workflow`` -> its compiled spec (None: a code workflow).
+            A plan whose target is a code workflow covers code versions and gives no step_map, vars or
+            python (it returns no specs).
 
     Raises:
         MigrationPlanError: no deployed version matches ``from``, ``to`` is not deployed as a spec
             workflow, or a ``step_map`` id is unknown in the source versions or the target.
     """
     problems: list[str] = []
+    if plan.to_version in versions and versions[plan.to_version] is None:
+        return _check_code_plan(plan, versions)
     olds = [c for v, c in versions.items() if c is not None and v != plan.to_version and matches(plan.from_, v)]
     if not olds:
         known = ", ".join(format_version(v) for v in versions) or "none"
@@ -142,6 +147,22 @@ def check_plan(plan: MigrationPlan, versions: Mapping[int, Optional[CompiledSpec
     return olds
 
 
+def _check_code_plan(plan: MigrationPlan, versions: Mapping[int, Optional[CompiledSpec]]) -> list[CompiledSpec]:
+    """A plan whose target is a code workflow: it names source versions, and nothing to map or transform."""
+    problems = []
+    if not any(c is None and v != plan.to_version and matches(plan.from_, v) for v, c in versions.items()):
+        known = ", ".join(format_version(v) for v, c in versions.items() if c is None) or "none"
+        problems.append(f"from: no version of code workflow '{plan.workflow}' other than the target matches "
+                        f"'{plan.from_}' (known: {known})")
+    given = [k for k, v in (("step_map", plan.step_map), ("vars", plan.vars), ("python", plan.python)) if v]
+    if given:
+        problems.append(f"{', '.join(given)}: a code workflow moves by replay (its new code must reproduce each "
+                        "instance's history), so a plan for it has no step_map, vars or python")
+    if problems:
+        raise MigrationPlanError(plan.id, problems)
+    return []
+
+
 def plan_command(plan: MigrationPlan, instance_id: str, command_id: str, reason: str = "", by: str = "") -> Command:
     """The ``MigrateWorkflow`` command ``plan`` sends to ``instance_id``."""
     transform = plan.transform if plan.python else None
@@ -151,13 +172,15 @@ def plan_command(plan: MigrationPlan, instance_id: str, command_id: str, reason:
                     "reason": reason, "by": by}, command_id=command_id)
 
 
-def migration(workflow: str, from_: str, to: Union[int, str]) -> Callable[[F], F]:
+def migration(workflow: str, from_: str, to: Union[int, str], *,
+              registry: Optional[WorkflowRegistry] = None) -> Callable[[F], F]:
     """Register a Python function that transforms an instance's variables when it migrates.
 
     The function gets the variables (after the plan's CEL ``vars``) as a dict and returns the new
     dict. It runs in the engine that decides the migration, so the module defining it must be
     imported there (like hosted code workflows); a plan for ``(workflow, from, to)`` then uses it.
-    An exception it raises rejects the migration of that instance only.
+    An exception it raises rejects the migration of that instance only. It is kept in ``registry``
+    (the default one, which engines use unless given another).
 
     Example:
         >>> @kflow.migration("order", "1.x", "2.0.0")  # doctest: +SKIP
@@ -169,7 +192,7 @@ def migration(workflow: str, from_: str, to: Union[int, str]) -> Callable[[F], F
     matches(from_, 1)  # a malformed range fails at registration
 
     def register(fn: F) -> F:
-        TRANSFORMS[transform_key(workflow, from_, code)] = fn
+        (registry if registry is not None else default_registry).add_transform(transform_key(workflow, from_, code), fn)
         return fn
 
     return register

@@ -35,10 +35,16 @@ MigrateWhere = Annotated[str, typer.Option(
     "--where", "-q", metavar="QUERY",
     help="Which instances: NAME=VALUE terms joined by AND, as for `kflow batch` (status, version, id_prefix, "
          "started_after, search.NAME ...). workflow= defaults to the plan's workflow.")]
+CodeModules = Annotated[Optional[str], typer.Option(
+    "--workflows", metavar="MODS", help="Comma-separated modules registering the code workflow's versions "
+                                        "(@kflow.workflow): the what-if of a code workflow runs its new code.")]
 
 
 def _definitions(client: Client, name: str) -> tuple[InMemoryDefinitions, dict[int, Any]]:
-    """Every deployed version of ``name``, compiled: the table to replay on and version -> spec (None: code)."""
+    """Every deployed version of ``name``, compiled: the table to replay on and version -> spec (None: code).
+
+    A code workflow's versions are in the table when this process registered them (``--workflows``).
+    """
     from kflow.engine import InMemoryDefinitions, compile_spec
 
     view = client.definitions_view(refresh=True)
@@ -47,8 +53,11 @@ def _definitions(client: Client, name: str) -> tuple[InMemoryDefinitions, dict[i
         d = view.get(name, v)
         compiled = compile_spec(d.body) if d is not None and d.kind == "spec" else None
         versions[v] = compiled
+        code = defs.registry.get(name, v) if compiled is None else None
         if compiled is not None:
             defs.add(compiled)
+        elif code is not None:
+            defs.add(code)
     return defs, versions
 
 
@@ -85,6 +94,8 @@ def _line(r: WhatIf) -> str:
         text += f"; positions without a mapping: {', '.join(r.unmapped)}"
     if r.problems:
         text += f"; {'; '.join(r.problems)}"
+    if r.waiting_on:
+        text += f"; moves once this ends: {'; '.join(r.waiting_on)}"
     return text
 
 
@@ -129,7 +140,7 @@ def migrate(
     reason: Reason = "",
     rate: Rate = "50/s", max_instances: MaxInstances = 100_000, answer_timeout: AnswerTimeout = 30.0,
     checkpoint_every: CheckpointEvery = 100, api: Api = None, as_json: AsJson = False,
-    bootstrap: Bootstrap = None, prefix: Prefix = None, verbose: Verbose = False,
+    workflows: CodeModules = None, bootstrap: Bootstrap = None, prefix: Prefix = None, verbose: Verbose = False,
 ) -> None:
     """Move running instances to another version of their workflow with a migration plan.
 
@@ -141,9 +152,17 @@ def migrate(
 
     Otherwise a batch sends each instance MigrateWorkflow (once, even if interrupted: continue it
     with `kflow batch continue ID`). The engine moves an instance only at a safe point (waiting on
-    a signal, an update or a timer): one with an activity or child in flight, a position without a
-    mapping or a failing variable transform is rejected with the reason and keeps running on its
-    version; migrate it again later. Each move is one WorkflowMigrated event (from, to, plan id).
+    a signal, an update or a timer, or between steps). One with an activity or child in flight
+    records the migration as pending (MigrationDeferred, reported as applied and deferred) and
+    moves in the decision that records the result, before anything else runs; a position without
+    a mapping or a failing variable transform, then or now, is rejected with the reason and the
+    instance keeps running on its version. Each move is one WorkflowMigrated event (from, to, plan
+    id).
+
+    A code workflow (@kflow.workflow) moves to another registered version of its code whose replay
+    of the instance's history issues exactly the recorded commands (changes guarded by
+    ctx.patched()); otherwise the instance is rejected with the first divergence. Its plan has no
+    step_map, vars or python; pass --workflows MODS so that the what-if can run the new code.
 
     A plan (YAML):
 
@@ -167,6 +186,10 @@ def migrate(
         per_second = parse_rate(rate)
     except (MigrationPlanError, WhereError) as e:
         fail(str(e))
+    if workflows:
+        from kflow.authoring import code_definitions
+
+        code_definitions(workflows)
     from kflow.client import Client
 
     with Client(bootstrap, topic_prefix=prefix) as client:
@@ -181,7 +204,15 @@ def migrate(
             fail(str(e))
         if not ids:
             fail(f"no instance matches {query.text()!r}: nothing to migrate")
-        print_reports(what_if_reports(client, ids, defs, plan.to_version, plan.step_map), as_json)
+        if versions.get(plan.to_version, "spec") is None and defs.get(plan.workflow, plan.to_version) is None:
+            where_code = f"the module that registers {plan.workflow}@{plan.to}"
+            if dry_run:
+                fail(f"the what-if of code workflow {plan.workflow}@{plan.to} runs its code: pass --workflows "
+                     f"MODS ({where_code})")
+            typer.echo(f"no what-if: {plan.workflow}@{plan.to} is a code workflow not registered here (--workflows "
+                       "MODS); the engine replays each instance on it before it moves it", err=True)
+        else:
+            print_reports(what_if_reports(client, ids, defs, plan.to_version, plan.step_map), as_json)
         if dry_run:
             typer.echo(f"dry run: {len(ids)} instance(s) would be sent MigrateWorkflow (nothing was sent)", err=True)
             return
@@ -225,6 +256,46 @@ def replay_definition(definition: Path, where: str, as_json: bool, api: Optional
         if not ids:
             fail(f"no instance matches {query.text()!r}: nothing to replay")
         reports = what_if_reports(client, ids, defs, target.version)
+    print_reports(reports, as_json)
+    if any(not r.compatible for r in reports):
+        raise typer.Exit(1)
+
+
+def replay_code(workflows: str, target: str, where: str, as_json: bool, api: Optional[str], max_instances: int,
+                bootstrap: Optional[str], prefix: Optional[str]) -> None:
+    """``kflow replay --workflows MODS --workflow NAME@VERSION --where QUERY``: the what-if of code.
+
+    Each selected instance's history is replayed on the registered code of ``NAME@VERSION`` (the
+    replay a migration makes), reported as compatible or with the first command it does not
+    reproduce; nothing is sent.
+    """
+    from kflow.authoring import code_definitions, default_registry
+    from kflow.batch import WhereError
+
+    code_definitions(workflows)
+    name, _, text = target.partition("@")
+    known = default_registry.versions(name)
+    try:
+        from kflow.engine.migration import resolve_version
+
+        version = resolve_version(name, text or None, known)
+        query = _scoped(where, name)
+    except (KflowError, WhereError) as e:
+        fail(str(e))
+    from kflow.client import Client
+
+    with Client(bootstrap, topic_prefix=prefix) as client:
+        defs, _ = _definitions(client, name)
+        code = default_registry.get(name, version)
+        assert code is not None  # resolved among the registered versions
+        defs.add(code)
+        try:
+            ids = _select(client, query, api, max_instances)
+        except (KflowError, WhereError) as e:
+            fail(str(e))
+        if not ids:
+            fail(f"no instance matches {query.text()!r}: nothing to replay")
+        reports = what_if_reports(client, ids, defs, version)
     print_reports(reports, as_json)
     if any(not r.compatible for r in reports):
         raise typer.Exit(1)

@@ -38,8 +38,8 @@ def replay(
         "--definition", "-d", metavar="FILE", exists=True, dir_okay=False,
         help="A spec workflow version (YAML/JSON, not deployed) to replay the --where instances' histories on.")] = None,
     where: Annotated[Optional[str], typer.Option(
-        "--where", "-q", metavar="QUERY", help="With --definition: which instances (as for `kflow batch`; "
-                                               "workflow= is the definition's).")] = None,
+        "--where", "-q", metavar="QUERY", help="With --definition, or --workflows and --workflow: which instances "
+                                               "(as for `kflow batch`; workflow= is the target's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --definition: one JSON report per instance.")] = False,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
@@ -51,7 +51,9 @@ def replay(
     that spec version (its inputs fed to it, its consequences compared) and reported as
     "compatible" or with its first divergence (event index, expected vs got), plus the waiting
     positions the new version has no step for. Exit code 1 when any diverges. Nothing is deployed
-    or sent: a test before `kflow deploy` and `kflow migrate`.
+    or sent: a test before `kflow deploy` and `kflow migrate`. With --workflows MODS --workflow
+    NAME@VERSION --where QUERY the same for code: each selected history is replayed on that version's
+    code and reported as compatible or with the first command it does not reproduce.
 
     Each history (from --file, or from the events topic for each --instance) is re-run with the
     code in --workflows; every command the code issues must equal the one recorded. Exit code 0
@@ -60,18 +62,27 @@ def replay(
     Example: kflow replay --workflows shop.workflows --instance order-42 --instance order-43
 
     Example: kflow replay --definition order-v2.yaml --where "status=RUNNING"
+
+    Example: kflow replay --workflows shop.workflows --workflow order@2 --where "status=RUNNING"
     """
-    from kflow._workflow import code_definitions
-    from kflow.engine.code_replayer import REGISTRY
+    from kflow.authoring import code_definitions, default_registry
     from kflow.testing import replay as replay_history
 
     setup_logging(verbose)
-    if definition is not None or where is not None:
+    if definition is not None or (where is not None and not workflows):
         if definition is None or where is None or workflows or file is not None or instances:
             fail("--definition FILE goes with --where QUERY (and neither with --workflows, --file or --instance)")
         from kflow._cli.migrate import replay_definition
 
         replay_definition(definition, where, as_json, None, 100_000, bootstrap, prefix)
+        return
+    if where is not None:
+        if not workflows or not workflow or file is not None or instances:
+            fail("--where QUERY goes with --definition FILE (a spec version), or with --workflows MODS and "
+                 "--workflow NAME[@VERSION] (a code version)")
+        from kflow._cli.migrate import replay_code
+
+        replay_code(workflows, workflow, where, as_json, None, 100_000, bootstrap, prefix)
         return
     if not workflows:
         fail("give --workflows MODS (code workflows) or --definition FILE --where QUERY (a spec version)")
@@ -99,9 +110,9 @@ def replay(
             if started is None:
                 raise KflowError(f"history {i}: no WorkflowStarted event; pass --workflow NAME@VERSION")
             name, version = started["data"]["workflow"], str(started["data"]["version"])
-        versions = [v for (n, v) in REGISTRY if n == name]
+        versions = default_registry.versions(name)
         v = int(version) if version else (max(versions) if versions else 0)
-        definition = REGISTRY.get((name, v))
+        definition = default_registry.get(name, v)
         if definition is None:
             raise KflowError(f"history {i}: code workflow '{name}@{v}' is not registered by {workflows}")
         replay_history(definition, events, state=h.get("state"))

@@ -1,16 +1,25 @@
-"""Version ranges, and moving running spec instances to another version of their workflow.
+"""Version ranges, and moving running instances to another version of their workflow.
 
 Three pure parts. :func:`resolve_version` picks the version a start names (exact, a range such as
 ``^1.2``, ``~1.4`` or ``>=1.2,<2`` in :class:`semantic_version.SimpleSpec` syntax, or the latest).
-:func:`what_if` re-interprets an instance's recorded input events with a target version and reports
-the first consequence event that differs (or that the history is compatible), and which waiting
-positions a ``step_map`` leaves without a place in the target. The ``MigrateWorkflow`` decider and
-the ``WorkflowMigrated`` applier (registered into :mod:`kflow.engine.core`'s tables on import) move
-one instance in one decision: accepted only at a safe point (every thread waits on a signal, an
-update, a timer or a join; no activity or child in flight, otherwise the command is rejected and the
-instance keeps running on its version), positions mapped, variables transformed. The event carries
-the variables after the transform, so replaying it reproduces the state without running the
-transform again.
+:func:`what_if` replays an instance's recorded history on a target version and reports the first
+difference (or that the history is compatible): a spec history's input events are re-interpreted
+and its consequence events compared, with the waiting positions a ``step_map`` leaves without a
+place in the target; a code history's inputs are fed to the target's code, which must issue every
+recorded command (the replay :func:`~kflow.engine.code_history.replay` a migration makes). The
+``MigrateWorkflow`` decider and the ``WorkflowMigrated`` / ``MigrationDeferred`` appliers (registered
+into :mod:`kflow.engine.core`'s tables on import) move one instance at a safe point: every thread
+waits on a signal, an update, a timer or a join, or stands between steps, and no activity or child
+is in flight. A spec instance's positions are mapped and its variables transformed; a code
+instance moves only to another registered version of its code whose replay of the journal
+reproduces the recorded commands exactly (its changes are ``ctx.patched()`` branches), else the
+command is rejected with the first divergence and it runs on where it was. An instance with work in
+flight records the migration as pending (``MigrationDeferred``; a later one replaces it) and the
+interpreters apply it in the decision that reaches the next safe point, after the input's effect
+(the activity's result) and before anything runs on: ``WorkflowMigrated``, or ``CommandRejected``
+when the plan no longer fits there. Closing or cancelling the instance drops it. The event carries
+the variables after the transform, and the state change is made by one function for both paths, so
+folding the history reproduces the state.
 """
 
 from __future__ import annotations
@@ -22,17 +31,22 @@ from typing import Any, Optional
 import orjson
 import semantic_version
 
-from kflow.engine import core
+from kflow.engine import code_replayer, core
+from kflow.engine.activity import limits_of
+from kflow.engine.code_history import history_from_events, replay
+from kflow.engine.code_journal import DELIVERED, INPUT_COUNT, HistoryUnavailable, history_of, run_history
+from kflow.engine.code_machine import CodeDefinition, Machine, NondeterminismError
 from kflow.engine.definitions import CompiledSpec, DefinitionsView
 from kflow.engine.expr import ExpressionError, evaluate
-from kflow.engine.journal import InMemoryJournal, Journal
-from kflow.engine.run import Run
+from kflow.engine.journal import Entries, InMemoryJournal, Journal
+from kflow.engine.registry import registry_of
+from kflow.engine.run import AT_SAFE_POINT, PENDING_MIGRATION, Run
 from kflow.model.errors import DeterminismError, KflowError
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import Step
 from kflow.model.versions import format_version, is_version_text, version_code, version_tuple
 
-__all__ = ["TRANSFORMS", "Divergence", "PositionMap", "VersionRangeError", "WhatIf", "map_positions", "matches",
+__all__ = ["Divergence", "PositionMap", "VersionRangeError", "WhatIf", "map_positions", "matches",
            "resolve_version", "transform_key", "what_if"]
 
 
@@ -90,11 +104,9 @@ def deployed_versions(defs: DefinitionsView, name: str) -> list[int]:
 
 
 # -- Python transforms ----------------------------------------------------------------------------
-#: Python variable transforms by :func:`transform_key`: ``fn(vars) -> vars`` (a dict of JSON values).
-#: Filled by :func:`kflow.migration` in the process that decides (the engine), like hosted code workflows.
-TRANSFORMS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-
-
+# Python variable transforms (``fn(vars) -> vars``) are kept by :func:`transform_key` in the
+# registry of the definitions view (:func:`~kflow.engine.registry.registry_of`), filled by
+# :func:`kflow.migration` in the process that decides (the engine), like hosted code workflows.
 def transform_key(workflow: str, from_range: str, to: Any) -> str:
     """The registry key of the Python transform of ``workflow`` from ``from_range`` to version ``to``."""
     code = to if isinstance(to, int) else version_code(to)
@@ -135,12 +147,16 @@ def _owner(old: CompiledSpec, list_key: str) -> tuple[Optional[str], str]:
     return head, f".{tail}"
 
 
-def map_positions(state: JSONDict, old: CompiledSpec, new: CompiledSpec, step_map: Mapping[str, str]) -> PositionMap:
+def map_positions(state: JSONDict, old: CompiledSpec, new: CompiledSpec, step_map: Mapping[str, str],
+                  between_steps: bool = False) -> PositionMap:
     """Where the threads of spec instance ``state`` (on ``old``) go in ``new`` under ``step_map``.
 
     A step maps to ``step_map[id]``, else to the step of the same id in ``new``. A thread's step must
     map to a step of the same kind in the list its owner maps to (a parallel step to one with as
-    many branches); waiting on an activity or a child is not a safe point.
+    many branches); waiting on an activity or a child is not a safe point. With ``between_steps``
+    (a decision that just recorded an input), a thread that waits on nothing stands before the step
+    at its index, which it has not started: that step maps to a step of any kind in the owner's
+    list, and a thread past its list's end goes to the end of the mapped list.
     """
     out = PositionMap()
     for aid in sorted(state.get("activities") or {}):
@@ -151,11 +167,14 @@ def map_positions(state: JSONDict, old: CompiledSpec, new: CompiledSpec, step_ma
     for tid in sorted(threads, key=int):
         th = threads[tid]
         steps = old.lists.get(th["list"], [])
+        wait = th.get("wait")
+        if between_steps and wait is None:
+            _map_between(out, tid, th, old, new, step_map)
+            continue
         if th["idx"] >= len(steps):
             out.problems.append(f"thread {tid} stands past the end of its list")
             continue
         step = steps[th["idx"]]
-        wait = th.get("wait")
         kind = wait["k"] if wait else None
         if kind not in SAFE_WAITS:
             if kind not in ("activity", "child"):  # those are named above, by activity or child id
@@ -183,6 +202,32 @@ def map_positions(state: JSONDict, old: CompiledSpec, new: CompiledSpec, step_ma
         else:
             out.moves[tid] = (new_list, new_idx)
     return out
+
+
+def _map_between(out: PositionMap, tid: str, th: JSONDict, old: CompiledSpec, new: CompiledSpec,
+                 step_map: Mapping[str, str]) -> None:
+    """Place thread ``tid``, which stands before the step at its index (or past its list's end)."""
+    owner, suffix = _owner(old, th["list"])
+    want_list = "" if owner is None else step_map.get(owner, owner) + suffix
+    if want_list not in new.lists:
+        out.problems.append(f"thread {tid} runs list '{th['list']}', which has no counterpart in {new.name}@"
+                            f"{format_version(new.version)}")
+        return
+    steps = old.lists.get(th["list"], [])
+    if th["idx"] >= len(steps):
+        out.moves[tid] = (want_list, len(new.lists[want_list]))
+        return
+    step = steps[th["idx"]]
+    target = step_map.get(step.id, step.id if step.id in new.where else None)
+    if target is None or target not in new.where:
+        out.unmapped.append(step.id)
+        return
+    new_list, new_idx = new.where[target]
+    if new_list != want_list:
+        out.problems.append(f"step '{step.id}' maps to '{target}', which is not in the list its thread runs "
+                            f"({want_list or 'the top level'})")
+    else:
+        out.moves[tid] = (new_list, new_idx)
 
 
 def _waits_for_update(step: Step) -> bool:
@@ -232,86 +277,213 @@ def new_vars(state: JSONDict, exprs: Mapping[str, str], transform: Optional[Call
         raise KflowError(f"the migrated variables are not JSON: {e}") from None
 
 
-def _migrate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> core.Decision:
-    """``MigrateWorkflow`` -> ``WorkflowMigrated``, or ``CommandRejected`` saying why; a rejection changes nothing."""
-    if state is None:
-        return core.Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
-    d, iid = cmd.data, cmd.instance_id
-    to, frm = d.get("to_version"), str(d.get("from_range") or "")
+#: The fields of a migration as the command, ``MigrationDeferred`` and the pending entry carry them.
+_PLAN_FIELDS = ("plan_id", "from_range", "to_version", "step_map", "vars", "transform", "reason", "by")
+
+
+@dataclass
+class _Verdict:
+    """Whether an instance at a safe point moves: the ``WorkflowMigrated`` data, or why not."""
+
+    data: Optional[JSONDict] = None
+    rejected: Optional[tuple[str, str]] = None  # (RejectCode, reason)
+    machine: Optional[Machine] = None  # a code workflow's live machine on the target code
+
+
+def _plan(d: Mapping[str, Any]) -> JSONDict:
+    """A migration's fields (from a command or a pending entry), with their defaults."""
+    return {"plan_id": str(d.get("plan_id") or ""), "from_range": str(d.get("from_range") or ""),
+            "to_version": d.get("to_version"), "step_map": d.get("step_map") or {}, "vars": d.get("vars") or {},
+            "transform": d.get("transform") or None, "reason": str(d.get("reason") or ""), "by": str(d.get("by") or "")}
+
+
+def _check(state: JSONDict, d: JSONDict, defs: DefinitionsView) -> Optional[tuple[str, str]]:
+    """``(code, reason)`` when migration ``d`` cannot apply to ``state`` wherever its threads stand."""
+    iid, to, frm = state["id"], d["to_version"], d["from_range"]
     here = f"{state['workflow']}@{format_version(state['version'])}"
-
-    def reject(code: str, reason: str) -> core.Decision:
-        return core.reject(state, cmd, now, code, f"plan '{d.get('plan_id')}': {reason}")
-
     if state["status"] != Status.RUNNING:
-        return reject(RejectCode.INVALID_STATE, f"expected a RUNNING instance to migrate, but '{iid}' is {state['status']}")
-    if state["kind"] != "spec":
-        return reject(RejectCode.INVALID_STATE, f"expected a spec workflow instance, but '{iid}' runs code: a code "
-                      "workflow moves by replay (host code whose replay of its history is deterministic)")
+        return RejectCode.INVALID_STATE, f"expected a RUNNING instance to migrate, but '{iid}' is {state['status']}"
     try:
         if not matches(frm, state["version"]):
-            return reject(RejectCode.INVALID_STATE, f"expected an instance on a version matching '{frm}', but "
-                          f"'{iid}' runs {here}")
+            return RejectCode.INVALID_STATE, f"expected an instance on a version matching '{frm}', but '{iid}' runs {here}"
     except VersionRangeError as e:
-        return reject(RejectCode.INVALID_INPUT, str(e))
+        return RejectCode.INVALID_INPUT, str(e)
     if not isinstance(to, int) or to == state["version"]:
-        return reject(RejectCode.INVALID_STATE, f"expected a version other than the one '{iid}' runs ({here}), "
-                      f"but got {to!r}")
+        return RejectCode.INVALID_STATE, f"expected a version other than the one '{iid}' runs ({here}), but got {to!r}"
+    kind = state["kind"]
     old, new = defs.get(state["workflow"], state["version"]), defs.get(state["workflow"], to)
-    if new is None or getattr(new, "kind", "spec") != "spec" or old is None:
-        return reject(RejectCode.UNKNOWN_WORKFLOW, f"expected {state['workflow']}@{format_version(to)} to be deployed "
-                      "as a spec workflow, but this engine does not know it")
-    step_map = d.get("step_map") or {}
-    exprs = d.get("vars") or {}
+    if new is None or getattr(new, "kind", "spec") != kind or old is None:
+        how = "deployed as a spec workflow" if kind == "spec" else "registered as a code workflow (@kflow.workflow)"
+        return RejectCode.UNKNOWN_WORKFLOW, (f"expected {state['workflow']}@{format_version(to)} to be {how}, but "
+                                             "this engine does not know it")
+    step_map, exprs = d["step_map"], d["vars"]
+    if kind == "code":
+        if step_map or exprs or d["transform"]:
+            return RejectCode.INVALID_INPUT, ("expected no step_map, vars or Python transform for a code workflow "
+                                              f"('{iid}' moves by replaying its history on the new code), but the "
+                                              "plan gives them")
+        return None
     if not isinstance(step_map, dict) or not isinstance(exprs, dict):
-        return reject(RejectCode.INVALID_INPUT, "expected step_map and vars to be JSON objects")
+        return RejectCode.INVALID_INPUT, "expected step_map and vars to be JSON objects"
     problems = step_map_problems(step_map, [old], new)
     if problems:
-        return reject(RejectCode.INVALID_INPUT, "; ".join(problems))
-    mapping = map_positions(state, old, new, step_map)
-    if mapping.unsafe:
-        return reject(RejectCode.INVALID_STATE, f"expected a safe point (waiting on a signal, an update or a timer), "
-                      f"but {', '.join(mapping.unsafe)}: the instance stays on {here}; migrate it again once that ends")
+        return RejectCode.INVALID_INPUT, "; ".join(problems)
+    if d["transform"] and str(d["transform"]) not in registry_of(defs).transforms:
+        return RejectCode.INVALID_STATE, (f"expected the Python migration '{d['transform']}' to be registered "
+                                          "(@kflow.migration) in the engine, but it is not")
+    return None
+
+
+def in_flight(state: JSONDict, defs: DefinitionsView, d: Optional[JSONDict] = None, between_steps: bool = False) -> list[str]:
+    """The work the instance waits for before it is at a safe point (empty: it is at one)."""
+    if state["kind"] == "code":
+        return ([f"activity '{a}' is in flight" for a in sorted(state.get("activities") or {})]
+                + [f"child workflow '{c}' is running" for c in sorted(state.get("children") or {})])
+    old = defs.get(state["workflow"], state["version"])
+    new = defs.get(state["workflow"], d["to_version"]) if d is not None else None
+    if old is None:
+        return []
+    return map_positions(state, old, new if new is not None else old, (d or {}).get("step_map") or {},
+                         between_steps).unsafe
+
+
+def _verdict(state: JSONDict, d: JSONDict, defs: DefinitionsView, history: Callable[[], tuple[Entries, Entries]],
+             between_steps: bool) -> _Verdict:
+    """Migration ``d`` of ``state``, which :func:`_check` passed and which stands at a safe point."""
+    iid, to = state["id"], d["to_version"]
+    data = {"from_version": state["version"], "to_version": to, "plan_id": d["plan_id"], "step_map": d["step_map"],
+            "vars": state.get("vars") or {}, "reason": d["reason"], "by": d["by"]}
+    new = defs.get(state["workflow"], to)
+    if state["kind"] == "code":
+        assert isinstance(new, CodeDefinition)
+        try:
+            inputs, commands = history()
+            machine = replay(new, iid, inputs[:state[DELIVERED]], commands, state.get("run", 1),
+                             limits_of(defs).max_history_events, running=True)
+        except HistoryUnavailable as e:
+            return _Verdict(rejected=(RejectCode.INVALID_STATE, str(e)))
+        except NondeterminismError as e:
+            return _Verdict(rejected=(RejectCode.INVALID_STATE, f"expected {state['workflow']}@{format_version(to)} to "
+                                      f"replay the history of '{iid}' exactly, but it diverges at command "
+                                      f"#{e.event_index}: the history has {e.expected}, the new code issues "
+                                      f"{e.actual}; the instance stays on {format_version(state['version'])}"))
+        return _Verdict(data=data, machine=machine)
+    old = defs.get(state["workflow"], state["version"])
+    assert old is not None and new is not None  # _check found both
+    mapping = map_positions(state, old, new, d["step_map"], between_steps)
     if mapping.unmapped:
-        return reject(RejectCode.INVALID_INPUT, f"positions without a mapping to {format_version(to)}: "
-                      f"{', '.join(mapping.unmapped)} (add them to step_map)")
+        return _Verdict(rejected=(RejectCode.INVALID_INPUT, f"positions without a mapping to {format_version(to)}: "
+                                  f"{', '.join(mapping.unmapped)} (add them to step_map)"))
     if mapping.problems:
-        return reject(RejectCode.INVALID_INPUT, "; ".join(mapping.problems))
-    transform = None
-    if d.get("transform"):
-        transform = TRANSFORMS.get(str(d["transform"]))
-        if transform is None:
-            return reject(RejectCode.INVALID_STATE, f"expected the Python migration '{d['transform']}' to be "
-                          "registered (@kflow.migration) in the engine, but it is not")
+        return _Verdict(rejected=(RejectCode.INVALID_INPUT, "; ".join(mapping.problems)))
+    transform = registry_of(defs).transforms.get(str(d["transform"])) if d["transform"] else None
     try:
-        values = new_vars(state, exprs, transform)
+        data["vars"] = new_vars(state, d["vars"], transform)
     except KflowError as e:
-        return reject(RejectCode.INVALID_INPUT, f"variable transform failed on '{iid}': {e}")
-    return core.accept(state, cmd, now, "WorkflowMigrated",
-                       {"from_version": state["version"], "to_version": to, "plan_id": str(d.get("plan_id") or ""),
-                        "step_map": step_map, "vars": values, "reason": str(d.get("reason") or ""),
-                        "by": str(d.get("by") or "")}, defs, journal)
+        return _Verdict(rejected=(RejectCode.INVALID_INPUT, f"variable transform failed on '{iid}': {e}"))
+    return _Verdict(data=data)
 
 
-def _on_migrated(run: Run, ev: Event) -> None:
+def _migrate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> core.Decision:
+    """``MigrateWorkflow`` -> ``WorkflowMigrated``, ``MigrationDeferred`` (work in flight), or ``CommandRejected``."""
+    if state is None:
+        return core.Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
+    d = _plan(cmd.data)
+    why = _check(state, d, defs)
+    if why is None:
+        waiting = in_flight(state, defs, d)
+        if waiting:  # recorded as pending; applied (or rejected) at the next safe point
+            return core.accept(state, cmd, now, "MigrationDeferred", {**d, "waiting_on": "; ".join(waiting)},
+                               defs, journal)
+        verdict = _verdict(state, d, defs, lambda: history_of(state, journal), False)
+        why = verdict.rejected
+    if why is not None:
+        return core.reject(state, cmd, now, why[0], f"plan '{d['plan_id']}': {why[1]}")
+    assert verdict.data is not None
+    decision = core.accept(state, cmd, now, "WorkflowMigrated", verdict.data, defs, journal)
+    if verdict.machine is not None and decision.state is not None:  # the next input resumes it, no replay
+        code_replayer.park(defs, decision.state, verdict.machine)
+    return decision
+
+
+def _move(run: Run, d: JSONDict) -> None:
     """Move the instance to ``to_version``: threads to their mapped steps, variables to the recorded ones."""
-    st, d = run.state, ev.data
+    st = run.state
+    st.pop(PENDING_MIGRATION, None)
     new = run.defs.get(st["workflow"], d["to_version"])
-    mapping = map_positions(st, run.compiled, new, d.get("step_map") or {})
+    if st["kind"] == "code":
+        if INPUT_COUNT in st:
+            code_replayer.forget(run.defs, st)  # the machine of the old code is not resumed
+        st["version"] = d["to_version"]
+        run.compiled = new
+        return
+    mapping = map_positions(st, run.compiled, new, d.get("step_map") or {}, True)
     assert mapping.ok, f"WorkflowMigrated applied where it cannot be: {mapping}"
     for tid, (list_key, idx) in mapping.moves.items():
         th = st["threads"][tid]
         th["list"], th["idx"] = list_key, idx
-        wait, step = th["wait"], new.lists[list_key][idx]
-        if wait["k"] in ("signal", "update") and step.wait is not None:
+        wait = th["wait"]
+        step = new.lists[list_key][idx] if idx < len(new.lists[list_key]) else None
+        if wait is not None and wait["k"] in ("signal", "update") and step is not None and step.wait is not None:
             wait["name"] = step.wait.signal if wait["k"] == "signal" else step.wait.update
     st["version"] = d["to_version"]
     st["vars"] = d["vars"]
     run.compiled = new
 
 
+def _on_migrated(run: Run, ev: Event) -> None:
+    _move(run, ev.data)
+
+
+def _on_deferred(run: Run, ev: Event) -> None:
+    """Record the pending migration (replacing an earlier one); a code workflow's live machine stays parked."""
+    st = run.state
+    st[PENDING_MIGRATION] = {**_plan(ev.data), "waiting_on": ev.data.get("waiting_on", ""), "seq": ev.seq}
+    if st["kind"] == "code" and INPUT_COUNT in st:
+        code_replayer.keep_parked(run.defs, st, ev.seq - 1)
+
+
+def _at_safe_point(run: Run) -> Optional[Machine]:
+    """The interpreters' hook: apply the pending migration if the instance now stands at a safe point.
+
+    Called after an input's effect on the state (an activity's result recorded, its thread between
+    steps) and before the workflow runs on, so nothing is dispatched on the old version after the
+    safe point. A migration that no longer fits (a position without a mapping, a failing transform,
+    code that does not replay the history) is rejected here and the instance runs on unchanged.
+    """
+    st = run.state
+    pending = st.get(PENDING_MIGRATION)
+    if pending is None or st["status"] != Status.RUNNING or in_flight(st, run.defs, pending, True):
+        return None
+    d = _plan(pending)
+    why = _check(st, d, run.defs)
+    verdict = _verdict(st, d, run.defs, lambda: run_history(run, True), True) if why is None else _Verdict(rejected=why)
+    if verdict.rejected is not None:
+        del st[PENDING_MIGRATION]
+        run.emit("CommandRejected", {"command_type": "MigrateWorkflow", "code": verdict.rejected[0],
+                                     "reason": f"plan '{d['plan_id']}' (deferred): {verdict.rejected[1]}"})
+        return None
+    assert verdict.data is not None
+    run.emit("WorkflowMigrated", verdict.data)
+    _move(run, verdict.data)
+    return verdict.machine
+
+
+def _drop_pending(run: Run, before: Optional[JSONDict]) -> None:
+    """A closed, cancelling or compensating instance does not migrate: its pending migration goes."""
+    st = run.state
+    if PENDING_MIGRATION in st and st["status"] not in _KEEPS_PENDING:
+        del st[PENDING_MIGRATION]
+
+
+#: Statuses an instance keeps its pending migration in (it may still reach a safe point).
+_KEEPS_PENDING = frozenset({Status.RUNNING, Status.SUSPENDED, Status.INCIDENT, Status.BLOCKED})
+
 core.DECIDERS["MigrateWorkflow"] = _migrate
 core.INPUT_APPLIERS["WorkflowMigrated"] = _on_migrated
+core.INPUT_APPLIERS["MigrationDeferred"] = _on_deferred
+core.AFTER_EVOLVE.append(_drop_pending)
+AT_SAFE_POINT.append(_at_safe_point)
 
 
 # -- what-if --------------------------------------------------------------------------------------------
@@ -323,8 +495,14 @@ class Divergence:
     seq: Optional[int]
     expected: Optional[tuple[str, Any]]
     got: Optional[tuple[str, Any]]
+    #: ``event`` (a spec history: ``index`` into the events) or ``command`` (a code history: ``index``
+    #: into the commands its code issued; ``expected``/``got`` are ``("command", description)``).
+    kind: str = "event"
 
     def text(self) -> str:
+        if self.kind == "command":
+            return (f"command #{self.index}: the history has {(self.expected or ('', '?'))[1]}, but the target "
+                    f"issues {(self.got or ('', '?'))[1]}")
         return f"event #{self.index} (seq {self.seq}): expected {self.expected!r}, but got {self.got!r}"
 
 
@@ -337,6 +515,8 @@ class WhatIf:
     divergence: Optional[Divergence] = None
     unmapped: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Work in flight: the migration would be deferred until it ends, and checked again there.
+    waiting_on: list[str] = field(default_factory=list)
 
     @property
     def compatible(self) -> bool:
@@ -345,9 +525,9 @@ class WhatIf:
     def to_json(self) -> dict[str, Any]:
         return {"instance_id": self.instance_id, "target": self.target, "compatible": self.compatible,
                 "divergence": None if self.divergence is None else {
-                    "index": self.divergence.index, "seq": self.divergence.seq,
+                    "kind": self.divergence.kind, "index": self.divergence.index, "seq": self.divergence.seq,
                     "expected": self.divergence.expected, "got": self.divergence.got},
-                "unmapped": self.unmapped, "problems": self.problems}
+                "unmapped": self.unmapped, "problems": self.problems, "waiting_on": self.waiting_on}
 
 
 _STARTS = ("WorkflowStarted", "WorkflowQueued", "WorkflowContinuedAsNew")
@@ -356,7 +536,7 @@ _STARTS = ("WorkflowStarted", "WorkflowQueued", "WorkflowContinuedAsNew")
 def _retarget(events: Sequence[Event], to: int) -> list[Event]:
     out = []
     for ev in events:
-        if ev.type == "WorkflowMigrated":
+        if ev.type in ("WorkflowMigrated", "MigrationDeferred"):
             continue  # replayed on the target from the start, there is nothing to move
         if ev.type in _STARTS and "version" in ev.data:
             ev = Event(ev.type, ev.instance_id, ev.seq, ev.ts, {**ev.data, "version": to})
@@ -412,6 +592,9 @@ def what_if(events: Sequence[Event], defs: DefinitionsView, to: int,
     if started is None:
         report.divergence = Divergence(0, None, None, ("error", "the history has no WorkflowStarted event"))
         return report
+    target = defs.get(name, to)
+    if isinstance(target, CodeDefinition):
+        return _what_if_code(events, defs, target, report)
     report.divergence = replay_on(events, defs, to)
     try:
         state = core.fold(list(events), defs)
@@ -427,5 +610,46 @@ def what_if(events: Sequence[Event], defs: DefinitionsView, to: int,
         return report
     mapping = map_positions(state, old, new, step_map or {})
     report.unmapped = mapping.unmapped
-    report.problems = mapping.problems + mapping.unsafe
+    report.problems = mapping.problems
+    report.waiting_on = mapping.unsafe
     return report
+
+
+_CLOSES = ("WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled", "WorkflowTerminated")
+
+
+def _what_if_code(events: Sequence[Event], defs: DefinitionsView, target: CodeDefinition, report: WhatIf) -> WhatIf:
+    """The what-if of a code history: its inputs fed to the target's code, the same replay a migration makes.
+
+    The inputs and commands are rebuilt from the events (:func:`history_from_events`), which carry
+    no patch markers: the history counts as recorded before any ``ctx.patched()`` change. The engine
+    replays the exact journal when it decides the migration.
+    """
+    last_start = max(i for i, e in enumerate(events) if e.type in _STARTS)
+    closed = next((e for e in events[last_start:] if e.type in _CLOSES), None)
+    if closed is not None:
+        report.problems.append(f"the instance is closed ({closed.type})")
+        return report
+    inputs, commands = history_from_events(list(events))
+    run_number = next((e.data.get("run", 1) for e in reversed(events) if e.type == "WorkflowContinuedAsNew"), 1)
+    try:
+        replay(target, report.instance_id, inputs, commands, run_number, limits_of(defs).max_history_events,
+               running=True)
+    except NondeterminismError as e:
+        report.divergence = Divergence(e.event_index, None, ("command", e.expected), ("command", e.actual), "command")
+    open_acts = {e.data["activity_id"] for e in events[last_start:] if e.type == "ActivityScheduled"}
+    open_acts -= {e.data["activity_id"] for e in events[last_start:]
+                  if e.type in ("ActivityCompleted", "ActivityFailed") and not _retried(events, e)}
+    children = {e.data["child_id"] for e in events[last_start:] if e.type == "ChildStarted"}
+    children -= {e.data["child_id"] for e in events[last_start:] if e.type in ("ChildCompleted", "ChildFailed")}
+    report.waiting_on = ([f"activity '{a}' is in flight" for a in sorted(open_acts)]
+                         + [f"child workflow '{c}' is running" for c in sorted(children)])
+    return report
+
+
+def _retried(events: Sequence[Event], failed: Event) -> bool:
+    """Whether the attempt ``failed`` reports was followed by another attempt of the same activity."""
+    d = failed.data
+    return failed.type == "ActivityFailed" and any(
+        e.type == "ActivityScheduled" and e.data["activity_id"] == d["activity_id"]
+        and e.data.get("attempt", 1) == d["attempt"] + 1 for e in events)

@@ -9,6 +9,7 @@ journal).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 from kflow.engine.journal import EmptyJournal, Journal, JournalOp
@@ -27,6 +28,16 @@ INCIDENTS = "incidents"
 #: ``answer`` is None while the update's handler runs, then ``{"result": ...}`` or ``{"error":
 #: {"type", "message"}}``; a repeated update id is answered from here without running it again.
 UPDATES = "updates"
+#: State key of a migration waiting for a safe point: the ``MigrateWorkflow`` data it was deferred
+#: with (``MigrationDeferred``). Absent when none waits; closing or cancelling the instance drops it.
+PENDING_MIGRATION = "pending_migration"
+
+#: Called by both interpreters, only while the state has a :data:`PENDING_MIGRATION`, after an input
+#: event's effect on the state and before the workflow runs on: :mod:`kflow.engine.migration`
+#: registers the check that applies the migration there when the instance reached a safe point.
+#: For a code workflow it returns the machine of the target code the instance continues on, else None.
+AT_SAFE_POINT: list[Callable[[Run], Any]] = []
+
 #: Most answered updates an instance keeps (running ones are always kept); each keeps its answer,
 #: so this bounds what updates add to the state.
 UPDATE_WINDOW = 64

@@ -25,7 +25,7 @@ from kflow.engine import activity, incidents
 from kflow.engine.activity import COMPENSATE_PREFIX, LimitExceeded
 from kflow.engine.definitions import CompiledSpec
 from kflow.engine.expr import ExpressionError, evaluate
-from kflow.engine.run import INCIDENTS, Run
+from kflow.engine.run import AT_SAFE_POINT, INCIDENTS, PENDING_MIGRATION, Run
 from kflow.model.errors import WorkflowError
 from kflow.model.messages import Event, JSONDict, Status
 from kflow.model.spec import Step, parse_duration_ms
@@ -709,4 +709,7 @@ def apply_input(run: Run, ev: Event) -> None:
         INPUT_APPLIERS[ev.type](run, ev)
     except LimitExceeded as e:
         fail_workflow(run, "LimitExceeded", e.message)
+    if PENDING_MIGRATION in run.state:  # the input's effect is recorded; migrate before anything runs on
+        for hook in AT_SAFE_POINT:
+            hook(run)
     run_until_blocked(run)

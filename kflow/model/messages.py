@@ -96,6 +96,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "PermitDenied": ("holder", "ref", "reason"),
     "PermitReleased": ("holder", "ref"),
     "WorkflowMigrated": ("from_version", "to_version", "plan_id", "*step_map", "*vars", "reason", "by"),
+    "MigrationDeferred": ("plan_id", "from_range", "to_version", "*step_map", "*vars", "transform", "reason", "by",
+                          "waiting_on"),
 }
 
 #: How an operator resolves an incident (``ResolveIncident.action``): run the step again, skip it

@@ -25,7 +25,7 @@ from kflow.dev.procs import engine_process
 from kflow.engine import InMemoryDefinitions, compile_spec, fold
 from kflow.engine.core import EVENTS_OFFSET
 from kflow.model.versions import version_code
-from kflow.schemas.codec import decode_event, decode_state
+from kflow.schemas.codec import decode_engine_state, decode_event
 from kflow.streams.topics import ensure_topics
 from tests.fault.test_crash_matrix import read_all, tansu_gap  # noqa: F401 (a fixture)
 
@@ -100,10 +100,10 @@ def test_a_killed_engine_leaves_every_instance_migrated_or_untouched(kafka_boots
             defs.add(compile_spec(V2))
             events = _events(kafka_bootstrap, prefix, tag)
             last_state = {}
-            for m in read_all(kafka_bootstrap, f"{prefix}state"):
+            for m in read_all(kafka_bootstrap, f"{prefix}engine-state"):
                 if m.key() and m.key().decode().startswith(tag):
-                    rec = decode_state(m.value())
-                    last_state[rec["instance_id"]] = rec
+                    iid_, internal = decode_engine_state(m.value())
+                    last_state[iid_] = {"internal": internal}
             problems = []
             for i, iid in enumerate(ids):
                 evs = events[iid]

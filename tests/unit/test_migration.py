@@ -13,7 +13,8 @@ import pytest
 import kflow
 from kflow._migration import MigrationPlanError, check_plan, load_plan, plan_command
 from kflow.engine import compile_spec
-from kflow.engine.migration import TRANSFORMS, VersionRangeError, matches, resolve_version, what_if
+from kflow.engine.migration import VersionRangeError, matches, resolve_version, what_if
+from kflow.engine.registry import default_registry
 from kflow.model.messages import Definition, RejectCode
 from kflow.model.versions import format_version, version_code, version_tuple
 from kflow.testing.harness import EngineHarness
@@ -185,19 +186,24 @@ def test_migration_at_a_safe_point_continues_on_the_new_version() -> None:
     assert h.reprocess() == h.states
 
 
-def test_migration_with_an_activity_in_flight_is_rejected_and_the_instance_runs_on() -> None:
+def test_migration_with_an_activity_in_flight_is_deferred_and_applied_when_it_completes() -> None:
     h = harness()
     h.auto_run_tasks = False
     h.start("order", "a", version="1.2.0")  # type: ignore[arg-type]
     migrate(h, "a")
-    data = rejection(h, "a")
-    assert data["code"] == RejectCode.INVALID_STATE
-    assert "activity 'prepare-2' is in flight" in data["reason"] and "stays on order@1.2.0" in data["reason"]
+    ev = h.history["a"][-1]
+    assert ev.type == "MigrationDeferred" and ev.data["waiting_on"] == "activity 'prepare-2' is in flight"
+    assert h.states["a"]["pending_migration"]["plan_id"] == "p1"
     assert h.states["a"]["version"] == version_code("1.2.0")
+    assert h.reprocess() == h.states
     h.auto_run_tasks = True
-    h.drain()
+    h.drain()  # prepare completes: the thread stands before 'approve', which maps to 'approval'
+    assert h.events("a")[-2:] == ["ActivityCompleted", "WorkflowMigrated"]
+    st = h.states["a"]
+    assert st["version"] == version_code("2.0.0") and "pending_migration" not in st
+    assert st["vars"]["total"] == 10  # the transform ran over the variables at the safe point (prep.n = 1)
     h.signal("a", "approved", True)
-    assert h.status("a") == "COMPLETED" and h.shipped == [{"by": "v1"}]  # type: ignore[attr-defined]
+    assert h.status("a") == "COMPLETED" and h.shipped == [{"by": "v2", "total": 10}]  # type: ignore[attr-defined]
     assert h.reprocess() == h.states
 
 
@@ -255,4 +261,4 @@ def test_a_python_migration_transforms_the_variables() -> None:
         h.drain()
         assert "Python transform: ValueError: cannot migrate this one" in rejection(h, "b")["reason"]
     finally:
-        TRANSFORMS.pop(plan.transform, None)
+        default_registry.transforms.pop(plan.transform, None)
