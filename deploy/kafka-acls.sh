@@ -41,7 +41,8 @@ done
 # --- engine: the only writer of instance state; owns the transactions that decide commands
 acl kflow-engine Read,Write --topic "${PREFIX}commands"    # reads commands, writes its own (timers, children)
 acl kflow-engine Write --topic "${PREFIX}events"
-acl kflow-engine Read,Write --topic "${PREFIX}state"       # changelog, read back on restore
+acl kflow-engine Write --topic "${PREFIX}state"            # the public state record
+acl kflow-engine Read,Write --topic "${PREFIX}engine-state" # changelog, read back on restore and by standbys
 acl kflow-engine Read,Write --topic "${PREFIX}journal"     # changelog of journals and seen token ids
 acl kflow-engine Write --topic "${PREFIX}tasks." --resource-pattern-type prefixed
 acl kflow-engine Read,Write --topic "${PREFIX}definitions" # hosts code workflows' definitions
@@ -82,6 +83,7 @@ acl kflow-trigger Read --group "${PREFIX}triggers"
 acl kflow-client Write --topic "${PREFIX}commands"
 acl kflow-client Read,Write --topic "${PREFIX}definitions"
 acl kflow-client Read --topic "${PREFIX}state"
+acl kflow-client Read --topic "${PREFIX}engine-state"       # status --scan, limit counters
 acl kflow-client Read --topic "${PREFIX}events"
 acl kflow-client Read --topic "${PREFIX}replies"
 acl kflow-client Read --topic "${PREFIX}dlq"               # a dead-lettered start fails its handle at once
@@ -89,6 +91,7 @@ acl kflow-client Read --topic "${PREFIX}schedules"
 
 # --- visibility (projection, HTTP API, console): reads the feeds, sends callers' signed actions
 acl kflow-visibility Read --topic "${PREFIX}state"
+acl kflow-visibility Read --topic "${PREFIX}engine-state"   # the projection: the console shows the engine's state
 acl kflow-visibility Read --topic "${PREFIX}events"
 acl kflow-visibility Read --topic "${PREFIX}definitions"
 acl kflow-visibility Read --topic "${PREFIX}policies"
@@ -116,5 +119,6 @@ acl kflow-operator Read,Write --topic "${PREFIX}batches"
 acl kflow-operator Read,Write --topic "${PREFIX}limits"
 acl kflow-operator Read,Write --topic "${PREFIX}subscriptions"
 acl kflow-operator Read --topic "${PREFIX}state"
+acl kflow-operator Read --topic "${PREFIX}engine-state"
 acl kflow-operator Read --topic "${PREFIX}events"
 acl kflow-operator Read --topic "${PREFIX}replies"

@@ -22,10 +22,12 @@ from kflow._cli import (
     processes,
     replay,
     schedules,
+    schemas,
     security,
     subscriptions,
     topics,
     triggers,
+    upgrade,
     visibility,
     workflows,
 )
@@ -85,6 +87,8 @@ app.add_typer(subscriptions.app, name="subscriptions", rich_help_panel="Processe
 app.add_typer(schedules.app, name="schedule", rich_help_panel="Definitions")
 app.add_typer(batch.app, name="batch", rich_help_panel="Instances")
 app.add_typer(limits.app, name="limits", rich_help_panel="Operations")
+app.add_typer(schemas.app, name="schemas", rich_help_panel="Operations")
+app.add_typer(upgrade.app, name="upgrade", rich_help_panel="Operations")
 
 def main() -> None:
     """Console-script entry point (``kflow``); user modules import from the current folder, as with ``python -m``."""

@@ -41,6 +41,7 @@ from kflow import _tracing
 from kflow.config import KafkaConfig
 from kflow.converter import from_json, return_type, to_json
 from kflow.engine import compile_spec
+from kflow.engine.core import status_record
 from kflow.engine.definitions import definition_fingerprint
 from kflow.engine.schedules import OVERLAP_POLICIES, ScheduleSpec
 from kflow.engine.schedules import key_of as schedule_key
@@ -67,7 +68,14 @@ from kflow.model.messages import (
     Status,
     priority_level,
 )
-from kflow.schemas.codec import decode_command, decode_event, decode_state, encode_command, encode_definition
+from kflow.schemas.codec import (
+    decode_command,
+    decode_engine_state,
+    decode_event,
+    decode_state,
+    encode_command,
+    encode_definition,
+)
 from kflow.security.tokens import CommandSigner
 from kflow.streams.definitions import DefinitionsLog
 from kflow.streams.partitioner import partition_for
@@ -1282,15 +1290,16 @@ class Client:
 
         The engine that owns the instance's partition answers (a ``QueryStatus`` command, answered
         on the ``replies`` topic without writing history), so the cost does not grow with the
-        topics. The record is a dict with ``instance_id, workflow, version, status, seq,
-        started_ms, updated_ms, closed_ms, result, error_type, error_message, events_offset,
-        internal``; ``events_offset`` is where the instance's history starts on its ``events``
-        partition (None for instances started by a kflow version that did not record it).
+        topics. The record is a dict with the fields of the public state record
+        (docs/state-contract.md), ``events_offset`` and ``internal``: ``events_offset`` is where
+        the instance's history starts on its ``events`` partition (None for instances started by
+        a kflow version that did not record it); ``internal`` is the engine's whole state of the
+        instance, kflow's own format (the ``engine-state`` record), not a stable contract.
 
         Args:
             id: The instance id.
             timeout: Seconds to wait for the engine's answer.
-            scan: Read the id's partition of the ``state`` topic from the beginning instead of
+            scan: Read the id's partition of the ``engine-state`` topic from the beginning instead of
                 asking an engine (works with no engine running; slower as the topic grows).
 
         Raises:
@@ -1299,10 +1308,7 @@ class Client:
             BrokerUnavailable: Kafka cannot be reached.
         """
         if scan:
-            scanned = self._scan([id]).get(id)
-            if scanned is not None:
-                scanned["events_offset"] = (scanned.get("internal") or {}).get("events_offset")
-            return scanned
+            return self._scan_engine([id]).get(id)
         answer = self._ask(id, "QueryStatus", {}, timeout)
         if "error" in answer:
             err = answer["error"]
@@ -1585,14 +1591,31 @@ class Client:
         self._read_keys(self.names.state, ids, take)
         return found
 
+    def _scan_engine(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Latest status record per id (as a ``QueryStatus`` answer: the public fields, ``events_offset``
+        and the engine's state as ``internal``), read from the ids' ``engine-state`` partitions."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def take(msg: Message) -> None:
+            try:
+                iid, state = decode_engine_state(msg.value())
+            except KflowError as exc:
+                log.warning("skipping undecodable engine-state record %s[%d]@%d: %s", msg.topic(), msg.partition(),
+                            msg.offset(), exc)
+            else:
+                found[iid] = status_record(state)
+
+        self._read_keys(self.names.engine_state, ids, take)
+        return found
+
     def limit_counters(self) -> dict[str, dict[str, Any]]:
         """The state of every quota and limit counter (keys ``limit:...``), by key.
 
-        Read from the whole ``state`` topic to its high watermark (an operator's view: ``kflow
+        Read from the whole ``engine-state`` topic to its high watermark (an operator's view: ``kflow
         queues``); each value is the counter's state with ``held``, ``queue`` and ``tokens``.
         """
         self._ensure_ready()
-        topic, found = self.names.state, {}
+        topic, found = self.names.engine_state, {}
         with EndReader(self.config.consumer_conf(f"kflow-client-scan-{uuid.uuid4().hex}", **self._conf()),
                        timeout=self.connect_timeout) as reader:
             partitions = reader.partitions(topic)
@@ -1601,8 +1624,8 @@ class Client:
                 for msg in reader.read(topic, ends=ends, timeout=self.request_timeout, what=f"reading {topic}"):
                     key = msg.key()
                     if key and key.startswith(b"limit:") and msg.value() is not None:
-                        state = decode_state(msg.value())
-                        found[state["instance_id"]] = state["internal"]
+                        iid, state = decode_engine_state(msg.value())
+                        found[iid] = state
             finally:
                 self.records_read += reader.records
         return found

@@ -13,12 +13,11 @@ kflow's records with nothing else said::
     app = faust.App("billing", broker="kafka://localhost:9092")
     states = app.topic("kflow.state", value_type=StateChange)
 
-:class:`StateChange` carries the documented, stable fields of the public state record only; the
-engine's ``internal`` field is dropped on decode, because it is engine bookkeeping that is not
-part of the contract. Encoding goes the other way, so models kept in a Faust table (whose
-changelog uses the model's serializer) read back as they were written; a ``StateChange`` encodes
-with an empty ``internal``, which makes it unfit for kflow's own ``state`` topic: only the engine
-writes there. Nothing else in kflow imports Faust; this module needs the ``faust`` extra.
+:class:`StateChange` carries every field of the public state record (docs/state-contract.md);
+records of the previous format decode too, with the fields they lack at their defaults. Encoding
+goes the other way, so models kept in a Faust table (whose changelog uses the model's serializer)
+read back as they were written; only the engine writes kflow's own ``state`` topic. Nothing else
+in kflow imports Faust; this module needs the ``faust`` extra.
 """
 
 from collections.abc import Mapping
@@ -74,6 +73,26 @@ class StateChange(faust.Record, serializer=STATE_CODEC):
     error_type: str | None = None
     #: The error message that goes with ``error_type``.
     error_message: str | None = None
+    #: The record's format: 2 for this schema, 1 for records written before the field existed.
+    format_version: int = 2
+    #: ``spec`` or ``code`` for a workflow instance (None in format 1 records).
+    kind: str | None = None
+    #: The tenant the instance belongs to (the starter's tenant with auth on, else its ``tenant`` search attribute).
+    tenant: str | None = None
+    #: The principal that started the instance (with auth on).
+    owner: str | None = None
+    #: The parent instance of a child workflow (``schedule:<id>`` for a scheduled run).
+    parent_id: str | None = None
+    #: The run number of the instance id (continue-as-new and resets start new runs).
+    run: int | None = None
+    #: The priority level (1 most urgent .. 5), when one was set.
+    priority: int | None = None
+    #: The instance's search attributes (a JSON object), None when it has none.
+    search_attributes: dict[str, Any] | None = None
+    #: The open incidents by incident id (step, activity, error, role, ...), None when there are none.
+    incidents: dict[str, Any] | None = None
+    #: Where the instance is: ``s:<step id>`` per running step, ``p:<list>:<index>`` per thread.
+    position: list[str] | None = None
 
     @property
     def closed(self) -> bool:
@@ -107,7 +126,7 @@ class StateCodec(codecs.Codec):
         return {name: record[name] for name in _STATE_FIELDS}
 
     def _dumps(self, obj: Mapping[str, Any]) -> bytes:
-        return encode_state({**{name: obj.get(name) for name in _STATE_FIELDS}, "internal": {}})
+        return encode_state({name: obj.get(name) for name in _STATE_FIELDS})
 
 
 class EventCodec(codecs.Codec):

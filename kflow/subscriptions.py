@@ -63,7 +63,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from kflow.config import KafkaConfig
 from kflow.dlq import dlq_record
-from kflow.model.errors import BrokerUnavailable, DecodeError, KflowError, TopicConfigMismatch
+from kflow.model.errors import BrokerUnavailable, DecodeError, KflowError, ProblemsError, TopicConfigMismatch
 from kflow.model.messages import Status
 from kflow.model.spec import parse_duration_ms
 from kflow.schemas.codec import decode_state
@@ -103,12 +103,11 @@ _UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaErr
 _T = TypeVar("_T")
 
 
-class SubscriptionConfigError(KflowError):
+class SubscriptionConfigError(ProblemsError):
     """A subscriptions file is invalid; ``problems`` lists every problem found."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid subscriptions file: " + "; ".join(problems))
+        super().__init__("subscriptions file", problems)
 
 
 # --------------------------------------------------------------------------- declarations
@@ -302,12 +301,10 @@ class StateChange:
 
 
 def _tenant(rec: Mapping[str, Any]) -> Optional[str]:
-    """The tenant of a state record: its ``tenant`` field, else the instance's, else the search attribute."""
-    internal = rec.get("internal")
-    internal = internal if isinstance(internal, dict) else {}
-    search = internal.get("search")
+    """The tenant of a public state record: its ``tenant`` field, else its ``tenant`` search attribute."""
+    search = rec.get("search_attributes")
     search = search if isinstance(search, dict) else {}
-    for value in (rec.get("tenant"), internal.get("tenant"), search.get("tenant")):
+    for value in (rec.get("tenant"), search.get("tenant")):
         if value is not None:
             return str(value)
     return None

@@ -183,7 +183,7 @@ def run_checks(conf: dict[str, Any], prefix: str, partitions: int, groups: bool 
         else:
             checks.append(Check("cleanup.policy", OK, "state and definitions compact; the others delete"))
         headers = _schema_headers()
-        kinds = [(names.commands, "command"), (names.events, "event"), (names.state, "state"),
+        kinds = [(names.commands, "command"), (names.events, "event"), (names.state, "state"), (names.engine_state, "engine_state"),
                  (names.definitions, "definition")] + [(names.tasks(q), "task") for q in queues]
         for topic, kind in kinds:
             if topic in present:

@@ -32,7 +32,7 @@ FORMATS = ("dot", "mermaid", "svg")
 
 def open_incidents(states: Iterable[dict[str, Any]], workflow: Optional[str] = None,
                    role: Optional[str] = None) -> list[dict[str, Any]]:
-    """One row per open incident of the state records ``states``, oldest first.
+    """One row per open incident of the public state records ``states`` (their ``incidents`` summary), oldest first.
 
     ``workflow`` keeps the incidents of that workflow's instances; ``role`` those whose step names
     that role.
@@ -41,7 +41,7 @@ def open_incidents(states: Iterable[dict[str, Any]], workflow: Optional[str] = N
     for st in states:
         if workflow and st["workflow"] != workflow:
             continue
-        for incident_id, inc in ((st.get("internal") or {}).get("incidents") or {}).items():
+        for incident_id, inc in (st.get("incidents") or {}).items():
             if role and inc.get("role") != role:
                 continue
             err = inc.get("error") or {}

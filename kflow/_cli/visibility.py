@@ -277,7 +277,7 @@ def list_instances(
 
         rows = []
         for st in _latest_states(_config(bootstrap, prefix)).values():
-            search_attrs = (st.get("internal") or {}).get("search") or {}
+            search_attrs = st.get("search_attributes") or {}
             if statuses and st["status"] not in statuses or workflow and st["workflow"] != workflow:
                 continue
             if any(n not in search_attrs or search_text(search_attrs[n]) != v for n, v in pairs):

@@ -285,7 +285,7 @@ def retry(
     with _client(bootstrap, prefix, verbose) as client:
         if from_step is not None or patch is not None:
             st = client.status(id)  # spec-only options: say so here rather than only in the history
-            if st is not None and (st.get("internal") or {}).get("kind") == "code":
+            if st is not None and st.get("kind") == "code":
                 fail(f"{id} is a code workflow instance: --from and --input-patch are for spec workflows; "
                      "reset it with --to-event N (kflow history ID shows the event numbers)")
         client.retry(id, from_step, patch, force=force, reason=reason, by=_operator(), to_event=to_event)
@@ -339,6 +339,13 @@ def _render(state: dict[str, Any]) -> None:
         table.add_row("result", Text(dump_json(state.get("result"))))
     if state.get("error_type") or state.get("error_message"):
         table.add_row("error", Text(f"{state.get('error_type')}: {state.get('error_message')}", style="red"))
+    pending = (state.get("internal") or {}).get("pending_migration")
+    if pending:
+        from kflow.model.versions import format_version
+
+        table.add_row("migration", Text(f"pending: plan '{pending.get('plan_id')}' to "
+                                        f"{format_version(pending['to_version'])}, once this ends: "
+                                        f"{pending.get('waiting_on', '')}"))
     Console(soft_wrap=False).print(table)
 
 

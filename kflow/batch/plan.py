@@ -49,7 +49,7 @@ OPERATIONS: Mapping[str, Operation] = {op.name: op for op in (
     Operation("suspend", "SuspendWorkflow", frozenset({"WorkflowSuspended"})),
     Operation("resume", "ResumeWorkflow", frozenset({"WorkflowResumed"})),
     Operation("retry", "RetryWorkflow", frozenset({"WorkflowRetried"})),
-    Operation("migrate", "MigrateWorkflow", frozenset({"WorkflowMigrated"})),
+    Operation("migrate", "MigrateWorkflow", frozenset({"WorkflowMigrated", "MigrationDeferred"})),
 )}
 
 
@@ -113,6 +113,8 @@ def match_event(op: Operation, batch_id: str, ev: Event) -> Optional[Outcome]:
             return Outcome("applied") if ev.data.get("signal_id") == cid else None
         reason = str(ev.data.get("reason") or "")
         ours = reason == f"batch {batch_id}" or reason.startswith(f"batch {batch_id}: ")
+        if ours and ev.type == "MigrationDeferred":  # accepted; the engine moves it at the next safe point
+            return Outcome("applied", reason=f"deferred until this ends: {ev.data.get('waiting_on', '')}")
         return Outcome("applied") if ours else None
     if ev.type == "CommandRejected" and ev.data.get("command_type") == op.command:
         code, reason = str(ev.data.get("code") or ""), str(ev.data.get("reason") or "")
@@ -235,9 +237,8 @@ class Where:
 
     def matches(self, state: Mapping[str, Any]) -> bool:
         """Whether a state record (as on the ``state`` topic) is selected; the rule the store applies."""
-        internal = state.get("internal") or {}
-        attrs = internal.get("search") or {}
-        tenant = state.get("tenant") or internal.get("tenant") or attrs.get("tenant")
+        attrs = state.get("search_attributes") or {}
+        tenant = state.get("tenant") or attrs.get("tenant")
         started, closed = state.get("started_ms"), state.get("closed_ms")
         checks = (
             not self.status or state.get("status") in self.status,

@@ -40,7 +40,7 @@ from kflow.dev.procs import KflowProcess, engine_process, worker_process
 from kflow.dev.stack import bundled_spec
 from kflow.model.errors import KflowError
 from kflow.model.messages import Command, Status
-from kflow.schemas.codec import decode_state, encode_command, encode_state
+from kflow.schemas.codec import decode_state, encode_command, encode_engine_state
 from kflow.streams.partitioner import partition_for
 from kflow.streams.restore import restore_partitions
 from kflow.streams.store import EngineStore
@@ -385,8 +385,7 @@ def synthetic_state(iid: str, i: int, now_ms: int, timers: bool = True) -> dict[
 
 
 def write_states(cfg: KafkaConfig, n: int, tag: str = "", chunk: int = 20_000, timers: bool = True) -> None:
-    """``n`` synthetic instance states on ``cfg``'s ``state`` topic, committed in transactions of ``chunk``."""
-    from kflow.streams.processor import state_record
+    """``n`` synthetic instance states on ``cfg``'s ``engine-state`` changelog, committed in transactions of ``chunk``."""
 
     ensure_topics(cfg.client_conf(), cfg.names, cfg.topic_settings)
     producer = Producer(cfg.producer_conf(**{"transactional.id": f"{cfg.topic_prefix}synthetic-{uuid.uuid4().hex[:6]}",
@@ -397,7 +396,7 @@ def write_states(cfg: KafkaConfig, n: int, tag: str = "", chunk: int = 20_000, t
         producer.begin_transaction()
         for i in range(lo, min(n, lo + chunk)):
             iid = f"syn{tag}-{i}"
-            producer.produce(cfg.names.state, encode_state(state_record(synthetic_state(iid, i, now, timers))), iid.encode(),
+            producer.produce(cfg.names.engine_state, encode_engine_state(iid, synthetic_state(iid, i, now, timers)), iid.encode(),
                              partition=partition_for(iid, cfg.partitions))
             if i % 1000 == 0:
                 producer.poll(0)
@@ -409,7 +408,7 @@ def restore_into(cfg: KafkaConfig, state_dir: str) -> tuple[int, float, EngineSt
     store = EngineStore(state_dir, 0)
     stores = [store.open(p, 0) for p in range(cfg.partitions)]
     t0 = time.monotonic()
-    stats = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.state, stores)
+    stats = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.engine_state, stores)
     return sum(s.records for s in stats.values()), time.monotonic() - t0, store
 
 

@@ -123,7 +123,7 @@ class DevStack:
         from kflow.streams.topics import TopicNames
 
         names = TopicNames(self.prefix)
-        needed = {names.commands, names.events, names.state, names.definitions}
+        needed = {names.commands, names.events, names.state, names.engine_state, names.definitions}
         admin = AdminClient({"bootstrap.servers": self.bootstrap or ""})
         deadline = time.monotonic() + timeout
         while not needed <= set(admin.list_topics(timeout=5).topics):

@@ -21,8 +21,9 @@ from typing import Any, Optional
 
 import orjson
 
-from kflow.engine import code_replayer, code_retry, spec_interpreter
+from kflow.engine import code_journal, code_replayer, code_retry, spec_interpreter
 from kflow.engine.activity import heartbeat_due, late_result, limits_of, note_ended, payload_size
+from kflow.engine.code_cache import cache_of
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
 from kflow.engine.run import INCIDENTS, PRIORITY, UPDATES, Run, new_state
@@ -35,7 +36,7 @@ INPUT_EVENTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFaile
                           "ActivityStarted", "HeartbeatRecorded", "CancelRequested", "WorkflowTerminated",
                           "WorkflowSuspended", "WorkflowResumed", "WorkflowRetried", "IncidentResolved",
                           "UpdateAccepted", "WorkflowQueued", "PermitGranted", "PermitRefused", "PriorityChanged",
-                          "WorkflowMigrated"})
+                          "WorkflowMigrated", "MigrationDeferred"})
 
 #: Input events a suspended instance records but does not apply: each would advance the workflow
 #: (dispatch tasks, start timers, run steps). They are kept in ``state["suspended"]["held"]`` and
@@ -59,6 +60,10 @@ EVENTS_OFFSET = "events_offset"
 #: same id, so continue-as-new keeps them. Absent: started with auth off (the default tenant).
 OWNER = "owner"
 TENANT = "tenant"
+#: State key of the command token ids the instance accepted with auth on (``{jti: expiry}``; the
+#: processor's guard keeps them, see ``kflow.security.guard.SEEN_STATE_KEY``): ``evolve`` carries them
+#: over when a run starts afresh under the same id, so a command of the earlier run cannot be replayed.
+SEEN_TOKENS = "seen_tokens"
 
 #: Command ids of the most recent signals kept per instance, so a redelivered signal (same command
 #: id, e.g. from a trigger re-reading its source) is rejected as a duplicate instead of applied twice.
@@ -145,13 +150,14 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         note_ended(run, before, ev)
     if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
         if run.state["status"] == Status.COMPLETED:
-            code_replayer.end_journal(run)  # a completed run is never replayed again
+            code_journal.end_journal(run)  # a completed run is never replayed again
         elif state is not None and not fresh and state["status"] not in Status.TERMINAL:
             code_retry.keep_journal(run, state)  # a retry resets the run and replays it
     if state is not None:
         # id reuse and continue-as-new build a fresh state: the history still starts where it did,
-        # and the instance still belongs to whom it did (a start re-stamps its new owner)
-        for key in (EVENTS_OFFSET, OWNER, TENANT):
+        # the instance still belongs to whom it did (a start re-stamps its new owner), and the
+        # command tokens it accepted stay used
+        for key in (EVENTS_OFFSET, OWNER, TENANT, SEEN_TOKENS):
             if key in state:
                 run.state.setdefault(key, state[key])
     for hook in AFTER_EVOLVE:
@@ -692,7 +698,8 @@ def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
                                 "message": f"code workflow '{state['workflow']}@{state['version']}' is not hosted here"}}
         else:
             try:
-                answer = {"result": code_replayer.answer_query(compiled, state, name, args, journal)}
+                answer = {"result": code_replayer.answer_query(compiled, state, name, args, journal,
+                                                                  cache_of(defs))}
             except Exception as e:  # the handler's (or replay's) error is the answer
                 answer = {"error": {"type": getattr(e, "type", None) or type(e).__name__, "message": str(e)}}
     elif name == "vars":
@@ -743,7 +750,7 @@ def _cannot_update(state: Optional[JSONDict], cmd: Command, defs: DefinitionsVie
         return "UnknownWorkflow", f"workflow '{state['workflow']}@{state['version']}' is not hosted here"
     try:
         if state["kind"] == "code":
-            code_replayer.validate_update(compiled, state, name, data, journal)
+            code_replayer.validate_update(compiled, state, name, data, journal, cache_of(defs))
         else:
             spec_interpreter.validate_update(compiled, state, name, data)
     except Exception as e:  # the validator's (or replay's) error is the rejection
@@ -751,14 +758,58 @@ def _cannot_update(state: Optional[JSONDict], cmd: Command, defs: DefinitionsVie
     return None
 
 
-def status_record(state: JSONDict) -> JSONDict:
-    """The public state-record fields of ``state``, the full state as ``internal``, and ``events_offset``."""
+#: Fields of an open incident copied into the public state record's ``incidents`` summary.
+_INCIDENT_SUMMARY = ("step", "activity", "name", "queue", "error", "role", "instructions", "attempts", "raised_ms",
+                     "timeout")
+#: Prefix of the compensation activities of a step (their step id follows it).
+_COMPENSATE_PREFIX = "compensate:"
+
+
+def positions(state: JSONDict) -> list[str]:
+    """Where ``state`` is: ``p:<list>:<index>`` per thread (its place in a steps list of the
+    definition), ``s:<step id>`` per running activity or child workflow; sorted, no repeats."""
+    out: set[str] = set()
+    for th in (state.get("threads") or {}).values():
+        idx = th.get("idx", 0)
+        if isinstance(idx, int):
+            out.add(f"p:{th.get('list', '')}:{idx}")
+    for act in (state.get("activities") or {}).values():
+        step = act.get("step")
+        if isinstance(step, str):
+            out.add("s:" + step.removeprefix(_COMPENSATE_PREFIX))
+    for child in (state.get("children") or {}).values():
+        if isinstance(child, dict) and isinstance(child.get("step"), str):
+            out.add("s:" + child["step"])
+    return sorted(out)
+
+
+def public_state(state: JSONDict) -> JSONDict:
+    """The public ``state`` record of ``state`` (the fields of state.avsc; docs/state-contract.md).
+
+    Only stable fields derived from the engine's state: the engine's own bookkeeping stays on the
+    ``engine-state`` changelog. Runs once per changed instance per transaction, so it only copies."""
     err = state.get("error") or {}
+    search = state.get("search")
+    incidents = state.get(INCIDENTS)
+    tenant = state.get(TENANT)
+    if tenant is None and search and isinstance(search.get(TENANT), str):
+        tenant = search[TENANT]  # with auth off, a "tenant" search attribute names the tenant
+    instance = "threads" in state  # a workflow instance, not a limit or schedule object
     return {"instance_id": state["id"], "workflow": state["workflow"], "version": state["version"],
             "status": state["status"], "seq": state["seq"], "started_ms": state["started_ms"],
             "updated_ms": state["updated_ms"], "closed_ms": state.get("closed_ms"), "result": state.get("result"),
-            "error_type": err.get("type"), "error_message": err.get("message"),
-            "events_offset": state.get(EVENTS_OFFSET), "internal": state}
+            "error_type": err.get("type"), "error_message": err.get("message"), "format_version": 2,
+            "kind": state.get("kind"), "tenant": tenant, "owner": state.get(OWNER),
+            "parent_id": state.get("parent_id"), "run": state.get("run", 1) if instance else None,
+            "priority": state.get(PRIORITY), "search_attributes": search or None,
+            "incidents": {i: {k: inc.get(k) for k in _INCIDENT_SUMMARY} for i, inc in incidents.items()}
+            if incidents else None,
+            "position": positions(state) if instance else None}
+
+
+def status_record(state: JSONDict) -> JSONDict:
+    """The public state-record fields of ``state``, the full state as ``internal``, and ``events_offset``."""
+    return {**public_state(state), "events_offset": state.get(EVENTS_OFFSET), "internal": state}
 
 
 def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,

@@ -44,6 +44,11 @@ __all__ = [
     "decode_definition",
     "encode_state",
     "decode_state",
+    "encode_engine_state",
+    "decode_engine_state",
+    "decode_legacy_state",
+    "STATE_FIELDS",
+    "STATE_FORMAT",
     "KINDS",
     "schema_text",
     "use_registry",
@@ -63,10 +68,20 @@ _INT_RANGE = (-(2**31), 2**31 - 1)
 _LONG_RANGE = (-(2**63), 2**63 - 1)
 _STATE_FIELDS = (
     "instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms",
-    "closed_ms", "result", "error_type", "error_message", "internal",
+    "closed_ms", "result", "error_type", "error_message", "format_version", "kind", "tenant", "owner",
+    "parent_id", "run", "priority", "search_attributes", "incidents", "position",
 )  # fmt: skip
+#: The fields of the public ``state`` record, in schema order (docs/state-contract.md).
+STATE_FIELDS = _STATE_FIELDS
 _STATE_NAMES = frozenset(_STATE_FIELDS)
-_STATE_OPTIONAL = frozenset({"closed_ms", "result", "error_type", "error_message"})
+_STATE_REQUIRED = ("instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms")
+#: State fields carried as JSON text in Avro and as JSON values in memory.
+_STATE_JSON = ("result", "search_attributes", "incidents", "position")
+#: ``format_version`` of the public state records this release writes: 1 = written before the field
+#: existed (and with the engine's state inside), 2 = the stable record of state.avsc as it is now.
+STATE_FORMAT = 2
+#: ``format_version`` of the engine-state records this release writes.
+ENGINE_STATE_FORMAT = 1
 
 _reader = fastavro.schemaless_reader
 #: Avro encoders and decoders compiled from the ``.avsc`` files, by schema full name (see fastcodec).
@@ -162,7 +177,19 @@ def _shorter_branches(raw: dict[str, Any]) -> list[dict[str, Any]]:
 def _load_kind(name: str) -> _Kind:
     """Parse a schema once and compute its single-object header."""
     raw = _load_raw(name)
-    return _Kind(name, fastavro.parse_schema(raw), MAGIC + _fingerprint(raw), _earlier_versions(raw))
+    earlier = _earlier_versions(raw)
+    if name == "state":
+        earlier.update(_state_format_1(raw))
+    return _Kind(name, fastavro.parse_schema(raw), MAGIC + _fingerprint(raw), earlier)
+
+
+def _state_format_1(raw: dict[str, Any]) -> dict[bytes, dict[str, Any] | None]:
+    """The state schema of format 1 (the eleven public fields, then the engine's state as the
+    required string ``internal``), whose records still read: the reader drops ``internal``."""
+    first = [f for f in raw["fields"] if f["name"] in _STATE_FIELDS[:11]]
+    old = {**raw, "fields": [*first, {"name": "internal", "type": "string"}]}
+    writer: dict[str, Any] = fastavro.parse_schema(old)  # type: ignore[assignment]  # a record schema parses to a dict
+    return {_fingerprint(old): writer}
 
 
 _COMMAND = _load_kind("command")
@@ -170,8 +197,10 @@ _EVENT = _load_kind("event")
 _STATE = _load_kind("state")
 _TASK = _load_kind("task")
 _DEFINITION = _load_kind("definition")
-_BY_FINGERPRINT = {k.fingerprint: k for k in (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION)}
-_BY_LABEL = {k.label: k for k in (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION)}
+_ENGINE_STATE = _load_kind("engine_state")
+_ALL_KINDS = (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION, _ENGINE_STATE)
+_BY_FINGERPRINT = {k.fingerprint: k for k in _ALL_KINDS}
+_BY_LABEL = {k.label: k for k in _ALL_KINDS}
 #: The message kinds, by the name of their ``.avsc`` file.
 KINDS = tuple(_BY_LABEL)
 
@@ -698,40 +727,116 @@ def decode_definition(value: bytes) -> Definition:
 
 
 def encode_state(rec: Mapping[str, Any]) -> bytes:
-    """Encode a state record; ``result`` is a JSON value and ``internal`` a dict."""
-    _check_state(rec)
-    record = {f: rec.get(f) for f in _STATE_FIELDS}
-    if record["result"] is not None:
-        record["result"] = _json_text(record["result"], "state result")
-    record["internal"] = _json_text(record["internal"], "state internal")
-    return _write(_STATE, record)
+    """Encode a public state record; its JSON fields (``result``, ``search_attributes``,
+    ``incidents``, ``position``) are JSON values, None for absent. Optional fields may be left out.
+
+    The compiled encoder checks every type as it writes (the engine writes one record per changed
+    instance per transaction, so the checks are not repeated); :func:`_check_state` runs only to
+    name the problem of a record that does not fit."""
+    record = dict(rec)
+    if record.keys() - _STATE_NAMES:
+        _check_state(rec)
+    try:
+        for name in _STATE_JSON:
+            value = record.get(name)
+            if value is not None:
+                record[name] = _dumps(value).decode()
+    except TypeError as exc:
+        raise ValueError(f"state {name} is not JSON-serialisable: {exc}") from exc
+    if record.get("format_version") is None:
+        record["format_version"] = STATE_FORMAT
+    try:
+        return _write(_STATE, record)
+    except ValueError:
+        _check_state(rec)
+        raise
 
 
 def _check_state(rec: Mapping[str, Any]) -> None:
-    """Raise ValueError unless ``rec`` has exactly the State fields with the right basic types."""
+    """Raise ValueError unless ``rec`` has only State fields, the required ones, with the right basic types."""
     unknown = rec.keys() - _STATE_NAMES
     if unknown:
         raise ValueError(f"state: unknown field(s) {_quoted(unknown)}")
-    missing = [f for f in _STATE_FIELDS if f not in rec and f not in _STATE_OPTIONAL]
+    missing = [f for f in _STATE_REQUIRED if f not in rec]
     if missing:
         raise ValueError(f"state: missing field(s) {_quoted(missing)}")
-    if not isinstance(rec["internal"], dict):
-        raise ValueError(f"state: 'internal' must be a dict, got {_describe(rec['internal'])}")
     for name in ("seq", "started_ms", "updated_ms"):
         _check_long("state", name, rec[name])
     if rec.get("closed_ms") is not None:
         _check_long("state", "closed_ms", rec["closed_ms"])
-    if type(rec["version"]) is not int or not _INT_RANGE[0] <= rec["version"] <= _INT_RANGE[1]:
-        raise ValueError(f"state: field 'version' must be int, got {_describe(rec['version'])}")
+    for name in ("version", "run", "priority", "format_version"):
+        value = rec.get(name)
+        if (value is not None or name == "version") and (type(value) is not int
+                                                          or not _INT_RANGE[0] <= value <= _INT_RANGE[1]):
+            raise ValueError(f"state: field '{name}' must be int, got {_describe(value)}")
 
 
 def decode_state(value: bytes | None) -> dict[str, Any]:
-    """Decode a state value into a dict; ``result`` and ``internal`` come back as values."""
+    """Decode a public state value into a dict; its JSON fields come back as values (None when absent).
+
+    Records of format 1 (written before ``format_version``) decode too, with the fields they lack
+    at their defaults (``format_version`` 1, the others None)."""
     record = _read(_STATE, value)
-    if record["result"] is not None:
-        record["result"] = _parse_json(record["result"], "state result")
+    for name in _STATE_JSON:
+        if record[name] is not None:
+            record[name] = _parse_json(record[name], f"state {name}")
+    return record
+
+
+def encode_engine_state(instance_id: str, state: Mapping[str, Any]) -> bytes:
+    """Encode the engine's whole state of one instance for the ``engine-state`` changelog."""
+    if not isinstance(state, dict):
+        raise ValueError(f"engine state must be a dict, got {_describe(state)}")
+    return _write(_ENGINE_STATE, {"instance_id": instance_id, "format_version": ENGINE_STATE_FORMAT,
+                                  "state": _json_text(state, "engine state")})
+
+
+def decode_engine_state(value: bytes | None) -> tuple[str, dict[str, Any]]:
+    """Decode an ``engine-state`` value into (instance id, the engine's state dict)."""
+    record = _read(_ENGINE_STATE, value)
+    if record["format_version"] > ENGINE_STATE_FORMAT:
+        raise DecodeError(f"engine state format {record['format_version']} is newer than this kflow "
+                          f"({ENGINE_STATE_FORMAT})")
+    state = _parse_json(record["state"], "engine state")
+    if not isinstance(state, dict):
+        raise DecodeError(f"engine state must be a JSON object, got {_describe(state)}")
+    return record["instance_id"], state
+
+
+def _legacy_writer(value: bytes | None) -> dict[str, Any] | None:
+    """The writer schema of a state value when it is one with ``internal`` (format 1), else None."""
+    if value and value[0] == CONFLUENT_MAGIC:
+        writer = _framed_writer(_STATE, value)
+    elif value and value[: len(MAGIC)] == MAGIC and len(value) >= _HEADER_LEN:
+        writer = _STATE.earlier.get(bytes(value[len(MAGIC) : _HEADER_LEN]))
+    else:
+        return None
+    if writer is None or not any(f["name"] == "internal" for f in writer.get("fields", ())):
+        return None
+    return writer
+
+
+def decode_legacy_state(value: bytes | None) -> tuple[str, dict[str, Any]] | None:
+    """(instance id, the engine's state) of a public state value written with the ``internal`` field
+    (format 1, schemas/previous/state.avsc; single-object or Confluent-framed), or None for a value
+    without it. Used to carry that state over to the ``engine-state`` changelog on upgrade.
+
+    Raises:
+        DecodeError: the value is not a state record, or its ``internal`` is not a JSON object.
+    """
+    writer = _legacy_writer(value)
+    if writer is None:
+        _read(_STATE, value)  # a current record, or DecodeError naming what it is instead
+        return None
+    assert value is not None
+    start = _FRAMED_LEN if value[0] == CONFLUENT_MAGIC else _HEADER_LEN
+    buf = BytesIO(value)
+    buf.seek(start)
+    try:
+        record = _reader(buf, writer, writer, True)
+    except Exception as exc:  # fastavro reports garbage through many exception types
+        raise DecodeError(f"garbled Avro state payload: {type(exc).__name__}: {exc}") from None
     internal = _parse_json(record["internal"], "state internal")
     if not isinstance(internal, dict):
         raise DecodeError(f"state internal must be a JSON object, got {_describe(internal)}")
-    record["internal"] = internal
-    return record
+    return record["instance_id"], internal

@@ -22,6 +22,7 @@ import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kflow.model.errors import DecodeError, KflowError
@@ -36,8 +37,9 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installe
     raise ModuleNotFoundError("KFLOW_SCHEMA_REGISTRY_URL needs the registry extra: pip install 'kflow[registry]'",
                               name=exc.name) from exc
 
-__all__ = ["COMPATIBILITY", "SchemaIncompatibleError", "SchemaRegistryUnavailable", "SubjectCheck",
-           "activate", "check_subjects", "client_for", "ensure_subjects", "subject", "topic_kinds"]
+__all__ = ["COMPATIBILITY", "PREVIOUS_RELEASE", "CompatibilityLine", "SchemaIncompatibleError",
+           "SchemaRegistryUnavailable", "SubjectCheck", "activate", "check_subjects", "client_for",
+           "compatibility_report", "ensure_subjects", "previous_schemas", "subject", "topic_kinds"]
 
 #: The compatibility level kflow sets on the subjects it creates.
 COMPATIBILITY = "BACKWARD"
@@ -72,11 +74,15 @@ def subject(topic: str) -> str:
 def topic_kinds(names: Any, topics: Iterable[str]) -> dict[str, str]:
     """The topics among ``topics`` whose values the codec writes -> their message kind.
 
-    The journal, policies, schedules, replies, audit and DLQ topics are not in the map: their values
-    are kflow's internal records or JSON, or (the DLQ) the original bytes of a rejected record.
+    Every topic whose values are Avro written by the codec is in the map: commands, events, state,
+    engine-state, definitions and the task topics. The others are not registered, and say why in
+    docs/state-contract.md: the values of journal, policies, limits, schedules, batches,
+    subscriptions and replies are JSON documents (no Avro schema to register); the DLQ holds the
+    original bytes of rejected records, whatever they were; audit records keep single-object
+    encoding (:mod:`kflow.security.audit`).
     """
     fixed = {names.commands: "command", names.events: "event", names.state: "state",
-             names.definitions: "definition"}
+             names.engine_state: "engine_state", names.definitions: "definition"}
     task_prefix = f"{names.prefix}tasks."
     out: dict[str, str] = {}
     for topic in topics:
@@ -190,6 +196,76 @@ def check_subjects(url: str, topics: Mapping[str, str]) -> list[SubjectCheck]:
         raise SchemaRegistryUnavailable(url, "checking subjects", f"{type(exc).__name__}: {exc}") from None
 
 
+# --------------------------------------------------------------------------- release check
+
+#: The ``.avsc`` files of the previous release, shipped with kflow (``kflow schemas check`` reads them).
+PREVIOUS_RELEASE = Path(__file__).with_name("previous")
+
+
+def previous_schemas(folder: Path = PREVIOUS_RELEASE) -> dict[str, str]:
+    """Message kind -> schema text of the previous release's ``.avsc`` files in ``folder`` (kinds
+    new in this release have none)."""
+    return {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.avsc")) if p.stem in codec.KINDS}
+
+
+@dataclass(frozen=True, slots=True)
+class CompatibilityLine:
+    """Whether one topic's current schema reads what an earlier one wrote (``problem`` None: it does)."""
+
+    topic: str
+    subject: str
+    against: str  # "registry version N (id I)", "previous release", or what there was nothing to check against
+    problem: str | None
+    checked: bool = True  # False when there was nothing to compare with (a new subject, a new kind)
+
+    def text(self) -> str:
+        if self.problem is not None:
+            return f"INCOMPATIBLE {self.subject}: against {self.against}: {self.problem}"
+        if not self.checked:
+            return f"new          {self.subject}: {self.against}"
+        return f"ok           {self.subject}: BACKWARD compatible with {self.against}"
+
+
+def compatibility_report(url: str | None, topics: Mapping[str, str],
+                         previous: Mapping[str, str]) -> list[CompatibilityLine]:
+    """Check each ``topic -> kind``'s current schema against the latest version registered under its
+    subject (with ``url``) and against ``previous`` (kind -> the previous release's schema text).
+    Registers nothing.
+
+    Raises:
+        SchemaRegistryUnavailable: the registry failed a request.
+    """
+    out: list[CompatibilityLine] = []
+    client = client_for(url) if url else None
+    for topic, kind in topics.items():
+        name, current = subject(topic), codec.schema_text(kind)
+        if client is not None:
+            try:
+                latest = client.get_latest_version(name)
+            except _ClientError as exc:
+                if exc.http_status_code != _NOT_FOUND:
+                    raise SchemaRegistryUnavailable(url or "", f"reading subject '{name}'", str(exc)) from None
+                out.append(CompatibilityLine(topic, name, "the registry: no version registered yet", None, False))
+            except (OSError, ValueError) as exc:
+                raise SchemaRegistryUnavailable(url or "", f"reading subject '{name}'",
+                                                f"{type(exc).__name__}: {exc}") from None
+            else:
+                where = f"registry version {latest.version} (id {latest.schema_id})"
+                out.append(CompatibilityLine(topic, name, where, _reason(current, latest.schema.schema_str)))
+        if kind in previous:
+            out.append(CompatibilityLine(topic, name, "the previous release", _reason(current, previous[kind])))
+        else:
+            out.append(CompatibilityLine(topic, name, f"the previous release had no {kind} schema", None, False))
+    return out
+
+
+def _reason(reader: str, writer: str) -> str | None:
+    try:
+        return incompatibility(reader, writer)
+    except Exception as exc:  # a schema the Avro parser refuses is a problem to report, not a crash
+        return f"unreadable schema: {type(exc).__name__}: {exc}"
+
+
 # --------------------------------------------------------------------------- registering
 
 
@@ -224,7 +300,7 @@ def activate(url: str, names: Any, topics: Iterable[str] = ()) -> None:
     """Register the subjects of kflow's own topics under ``names`` and of ``topics`` (task topics),
     then make this process write Confluent-framed values. Subjects already handled are skipped, so
     calling it again is cheap."""
-    base = [names.commands, names.events, names.state, names.definitions, names.tasks("default")]
+    base = [names.commands, names.events, names.state, names.engine_state, names.definitions, names.tasks("default")]
     wanted = topic_kinds(names, [*base, *topics])
     with _lock:
         done = _registered.setdefault(url, set())

@@ -19,9 +19,10 @@ With auth on (``KFLOW_AUTH``), every command read from Kafka passes the engine's
 :class:`~kflow.security.guard.CommandGuard` before ``decide``: a refused one becomes a
 ``CommandRejected(UNAUTHENTICATED|FORBIDDEN)`` event of its instance, or a DLQ record when there is
 no instance, and an audit record either way; every granted mutating command is audited too, in
-the same transaction as its decision. The token ids a batch accepted are written to the journal
-changelog in the batch's transaction (see :class:`~kflow.security.guard.SeenTokens`), so a replay
-is refused after a restart as well, and they count as seen only once it commits. Commands decided
+the same transaction as its decision. The token ids a batch accepted are written in the batch's
+transaction, into their instances' states or else to the journal changelog (see
+:meth:`~kflow.security.guard.CommandGuard.remember`), so a replay is refused after a restart as
+well, and they count as seen only once it commits. Commands decided
 in the batch itself (timers, local activity outcomes) are the engine's own and are not checked.
 
 Rewinding after an aborted transaction goes through the polling thread (it owns the consumer):
@@ -46,13 +47,20 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from kflow import _hops, _tracing
 from kflow.dlq import dlq_record
 from kflow.engine import decide, schedules
-from kflow.engine.core import EVENTS_OFFSET, OWNER, TENANT, Decision, refuse
+from kflow.engine.core import EVENTS_OFFSET, OWNER, TENANT, Decision, public_state, refuse
 from kflow.engine.journal import Entries, JournalOp, apply_to
 from kflow.model.errors import DecodeError, KflowError
 from kflow.model.messages import DEFS_OFFSET_HEADER, NORMAL_PRIORITY, Command, JSONDict, RejectCode, Task
-from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
-from kflow.security.audit import AuditOutcome, encode_audit
-from kflow.security.guard import MUTATING, REPORTS, Check
+from kflow.schemas.codec import (
+    decode_command,
+    encode_command,
+    encode_engine_state,
+    encode_event,
+    encode_state,
+    encode_task,
+)
+from kflow.security.audit import AuditOutcome
+from kflow.security.guard import AUDIT_PARTITION, MUTATING, REPORTS, Check
 from kflow.security.tokens import ATTEMPT_HEADER, COMMAND_HEADER
 from kflow.streams import metrics
 from kflow.streams.local import LocalRuns, local_activities
@@ -127,13 +135,8 @@ class BatchJournal:
         return inputs, commands
 
 
-def state_record(st: JSONDict) -> dict[str, Any]:
-    """The public ``state`` record of an instance (the changelog carries the full state inside)."""
-    err = st.get("error") or {}
-    return {"instance_id": st["id"], "workflow": st["workflow"], "version": st["version"], "status": st["status"],
-            "seq": st["seq"], "started_ms": st["started_ms"], "updated_ms": st["updated_ms"],
-            "closed_ms": st.get("closed_ms"), "result": st.get("result"), "error_type": err.get("type"),
-            "error_message": err.get("message"), "internal": st}
+#: The public ``state`` record of an instance (the engine's whole state goes to ``engine-state``).
+state_record = public_state
 
 
 class Lane:
@@ -460,12 +463,24 @@ class Lane:
             elif k == ATTEMPT_HEADER and attempt is None:
                 attempt = v
         check = proc.guard.check(cmd, st, token, attempt, m.key(), m.value(), batch.now / 1000,
-                                 proc.seen[p].cache)
+                                 proc.seen[p].cache, defer=True)
         if check.code == RejectCode.FORBIDDEN and check.principal is not None and not batch.policies_synced:
             batch.policies_synced = True
             if proc.policies.catch_up(2):
-                check = proc.guard.authorize(check.principal, cmd, st)
+                again = proc.guard.authorize(check.principal, cmd, st)
+                check = Check(again.action, again.resource, again.principal, again.code, again.reason, check.jti,
+                              check.exp)
         return check
+
+    def _remember(self, batch: Batch, p: int, check: Check, d: Optional[Decision]) -> None:
+        """Remember the command's token id in this transaction: in the state decision ``d`` writes
+        (events, no DLQ: see :meth:`_outputs`), else in the partition's seen-token records."""
+        if check.jti is None:
+            return
+        guard = self.proc.guard
+        assert guard is not None
+        writes = d is not None and bool(d.events) and not d.dlq_reason
+        guard.remember(check, d.state if d is not None and writes else None, self.proc.seen[p].cache, batch.now / 1000)
 
     def _refuse(self, batch: Batch, p: int, cmd: Command, st: Optional[JSONDict], m: Message, check: Check) -> None:
         """A command the guard refused: ``CommandRejected`` on its instance (a DLQ record when there is
@@ -483,10 +498,13 @@ class Lane:
                 answer["rejected"] = True
             self.producer.produce(self.names.replies, orjson.dumps(answer), qid.encode())
         if st is None:
+            self._remember(batch, p, check, None)
             self._dlq(m, reason, batch.now)
             return
         log.warning("refused %s for '%s' (%s[%d]@%d): %s", cmd.type, cmd.instance_id, m.topic(), p, m.offset(), reason)
-        self._outputs(batch, p, cmd, st, refuse(st, cmd, batch.now, check.code, check.reason), m, time.time_ns())
+        d = refuse(st, cmd, batch.now, check.code, check.reason)
+        self._remember(batch, p, check, d)
+        self._outputs(batch, p, cmd, st, d, m, time.time_ns())
 
     def _granted(self, batch: Batch, p: int, cmd: Command, m: Optional[Message], check: Check, d: Decision) -> None:
         """Stamp the owner and tenant of an instance a principal started; audit a mutating command."""
@@ -494,6 +512,7 @@ class Lane:
         assert guard is not None and m is not None
         if check.principal is not None and d.state is not None and d.events and d.events[0].type in ("WorkflowStarted", "WorkflowQueued"):
             d.state[OWNER], d.state[TENANT] = guard.starter(check.principal)
+        self._remember(batch, p, check, d)
         if cmd.type not in MUTATING:
             return
         outcome: AuditOutcome = "success"
@@ -507,12 +526,13 @@ class Lane:
 
     def _audit(self, batch: Batch, p: int, cmd: Command, m: Message, check: Check, outcome: AuditOutcome,
                details: Optional[dict[str, str]] = None) -> None:
-        """An audit record, keyed (and partitioned) by the command's instance, in this transaction."""
+        """An audit record, keyed by the command's instance, in this transaction (on the engine's one
+        audit partition, see :data:`~kflow.security.guard.AUDIT_PARTITION`)."""
         guard = self.proc.guard
         assert guard is not None
         ref = f"{m.topic()}[{m.partition()}]@{m.offset()}"
-        record = guard.audit(check, cmd, outcome, batch.now, ref, details)
-        self.producer.produce(self.names.audit, encode_audit(record), cmd.instance_id.encode(), partition=p)
+        value = guard.audit_value(check, cmd, outcome, batch.now, ref, details)
+        self.producer.produce(self.names.audit, value, cmd.instance_id.encode(), partition=AUDIT_PARTITION)
 
     def _record_seen(self, batch: Batch) -> None:
         """The seen-token changelog records of each partition this batch read commands of."""
@@ -571,17 +591,19 @@ class Lane:
             self.producer.flush()  # serves the delivery reports: _note_first_event stamps the states
 
     def _produce_states(self, batch: Batch) -> None:
-        """One changelog record per changed instance per batch (latest wins), offsets tracked."""
+        """Per changed instance per batch (latest wins): one ``engine-state`` changelog record (the
+        whole state, offsets tracked: restore and standbys read it) and one public ``state`` record."""
         def on_delivery(err: Any, msg: Message) -> None:
             if err is None:
                 p, offset = msg.partition(), msg.offset()
                 assert p is not None and offset is not None  # a delivered record has both
                 batch.changelog_next[p] = max(batch.changelog_next.get(p, 0), offset + 1)
+        produce, changelog, public = self.producer.produce, self.names.engine_state, self.names.state
         for iid, st in batch.states.items():
             hop = batch.hops.get(iid)
-            self.producer.produce(self.names.state, encode_state(state_record(st)), iid.encode(),
-                                  partition=batch.partition_of[iid], on_delivery=on_delivery,
-                                  headers=[hop] if hop is not None else None)
+            key, p = iid.encode(), batch.partition_of[iid]
+            produce(changelog, encode_engine_state(iid, st), key, partition=p, on_delivery=on_delivery)
+            produce(public, encode_state(public_state(st)), key, partition=p, headers=[hop] if hop is not None else None)
 
     def _produce_journal(self, batch: Batch) -> None:
         """The journal changelog records of the batch's decisions, in order, on their instances'

@@ -43,6 +43,8 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 
 from kflow import _hops
 from kflow.config import EngineConfig
+from kflow.engine.code_cache import ReplayCache
+from kflow.engine.registry import WorkflowRegistry, default_registry
 from kflow.model.errors import KflowError
 from kflow.security.guard import SEEN_KEY_PREFIX, CommandGuard, SeenTokens
 from kflow.streams import metrics
@@ -50,7 +52,7 @@ from kflow.streams.definitions import DefinitionsTable
 from kflow.streams.lane import Batch, Lane, state_record
 from kflow.streams.limits import LimitsTable
 from kflow.streams.policies import PolicyTable
-from kflow.streams.restore import RestoreStats, restore_partitions
+from kflow.streams.restore import RestoreStats, check_engine_state_upgraded, restore_partitions
 from kflow.streams.standby import StandbyReplicas
 from kflow.streams.store import JOURNAL_PREFIX, EngineStore, RawItems, StorePartition
 from kflow.streams.topics import ensure_task_topic, ensure_topics
@@ -58,6 +60,11 @@ from kflow.streams.topics import ensure_task_topic, ensure_topics
 __all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
 
 log = logging.getLogger("kflow.engine")
+
+#: Seconds between two reads of the policies table by the polling thread (auth on): a new policy
+#: counts within about that long, and before refusing a command as forbidden a lane reads the table
+#: to its end anyway. Reading it on every poll cost about 5 % of the CPU of a saturated bench.
+POLICIES_POLL_S = 0.1
 
 
 class SystemClock:
@@ -69,8 +76,12 @@ class EngineProcessor:
     """Runs the engine for the partitions of ``commands`` the consumer group assigns to it."""
 
     def __init__(self, config: EngineConfig, clock: Any = None,
-                 compile_code: Optional[Callable[[Any], Any]] = None) -> None:
+                 compile_code: Optional[Callable[[Any], Any]] = None, registry: Optional[WorkflowRegistry] = None) -> None:
         self.config = config
+        #: the code workflows and migration transforms this engine hosts (the decorators fill the default one)
+        self.registry = registry if registry is not None else default_registry
+        #: this engine's live code-workflow machines, read by the engine through its definitions table
+        self.replay_cache = ReplayCache()
         self.names = config.names
         self.clock = clock or SystemClock()
         self.store = EngineStore(config.state_dir, config.cache_size)
@@ -106,6 +117,7 @@ class EngineProcessor:
         #: token ids each owned partition accepted; None / empty with auth off
         self.guard: Optional[CommandGuard] = None
         self.policies: PolicyTable
+        self._policies_due = 0.0  # monotonic time of the next read of the policies table
         self.seen: dict[int, SeenTokens] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -126,17 +138,19 @@ class EngineProcessor:
     def _setup(self) -> None:
         cfg = self.config
         ensure_topics(cfg.client_conf(), self.names, cfg.topic_settings, queues=["default"])
+        # an earlier release kept the engine's state inside `state` records: refuse to start without it
+        check_engine_state_upgraded(cfg.consumer_conf("kflow-restore"), self.names, cfg.partitions)
         self._known_queues.add("default")
         compile_code, hosted = self._compile_code, []
         if cfg.workflows:
             # Code workflows are hosted, not deployed as data: import the modules and register
             # their definitions before the first command is decided.
-            from kflow._workflow import code_definitions
-            from kflow._workflow import compile_code as registered_code
+            from kflow.authoring import code_definitions
 
-            hosted = code_definitions(cfg.workflows)
-            compile_code = compile_code or registered_code
-        self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code)
+            hosted = code_definitions(cfg.workflows, self.registry)
+            compile_code = compile_code or self.registry.compile_code
+        self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code,
+                                     registry=self.registry, replay_cache=self.replay_cache)
         self.defs.limits = cfg.limits()
         self.quotas = LimitsTable(cfg.consumer_conf("kflow-limits"), self.names.limits)
         self.quotas.catch_up(10)
@@ -226,7 +240,7 @@ class EngineProcessor:
         stores = [self._adopt(tp.partition, promoted.get(tp.partition)) for tp in partitions]
         # every assigned partition is restored together, by one consumer, before any is processed:
         # a promoted standby from its stored offset, so only the tail it had not applied
-        restored = restore_partitions(conf, self.names.state, stores)
+        restored = restore_partitions(conf, self.names.engine_state, stores)
         for stats in restored.values():
             if stats.records:
                 metrics.RESTORE_SECONDS.observe(stats.seconds)
@@ -323,7 +337,10 @@ class EngineProcessor:
         self.defs.poll(0)
         self.quotas.poll(0)
         if self.guard is not None:
-            self.policies.poll(0)
+            now_s = time.monotonic()
+            if now_s >= self._policies_due:  # each read of the (mostly idle) table is a consumer call
+                self._policies_due = now_s + POLICIES_POLL_S
+                self.policies.poll(0)
         metrics.refresh(self)
         return len(msgs)
 

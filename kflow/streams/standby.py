@@ -86,7 +86,7 @@ class Changelog:
 
 def changelogs(names: TopicNames) -> list[Changelog]:
     """The changelogs a standby keeps a partition warm from, each with its apply function."""
-    return [Changelog(names.state, apply_state_records, StorePartition.changelog_offset, mark_state),
+    return [Changelog(names.engine_state, apply_state_records, StorePartition.changelog_offset, mark_state),
             Changelog(names.journal, apply_journal_records, StorePartition.journal_offset, mark_journal)]
 
 

@@ -6,7 +6,7 @@ cluster. On start-up :func:`ensure_topics` creates whatever is missing with expl
 which already exist have the partition count and cleanup policy kflow needs, raising
 :class:`TopicConfigMismatch` otherwise; an unreachable cluster raises :class:`BrokerUnavailable`
 within the timeout. A queue has one task topic per priority level: ``tasks.<queue>`` (normal) and
-``tasks.<queue>.p<level>`` (1, 2, 4, 5). Every instance-keyed topic (commands, events, state, journal,
+``tasks.<queue>.p<level>`` (1, 2, 4, 5). Every instance-keyed topic (commands, events, state, engine-state, journal,
 ``tasks.<queue>[.p<level>]``), the DLQ and the audit trail share one partition count so they are
 co-partitioned; ``definitions``, ``policies``, ``schedules`` and ``batches`` are global tables with a single partition.
 With a Schema Registry configured (``TopicSettings.schema_registry_url``), ensuring topics also registers
@@ -75,6 +75,13 @@ class TopicNames:
     @property
     def state(self) -> str:
         return f"{self.prefix}state"
+
+    @property
+    def engine_state(self) -> str:
+        """Changelog of the engine's state store: the engine's whole state of each instance (key =
+        instance id), written in the same transaction as the public ``state`` record; what restore
+        and standby replicas read. kflow's own format, not a contract for downstream consumers."""
+        return f"{self.prefix}engine-state"
 
     @property
     def journal(self) -> str:
@@ -187,6 +194,7 @@ def topic_specs(names: TopicNames, settings: TopicSettings, queues: Iterable[str
         TopicSpec(names.commands, p, "delete", settings.commands_retention_ms),
         TopicSpec(names.events, p, "delete", settings.events_retention_ms),
         TopicSpec(names.state, p, "compact", -1),
+        TopicSpec(names.engine_state, p, "compact", -1),
         TopicSpec(names.journal, p, "compact", -1),
         TopicSpec(names.definitions, 1, "compact", -1),
         TopicSpec(names.policies, 1, "compact", -1),

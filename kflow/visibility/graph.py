@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from kflow.engine import INPUT_EVENTS, CompiledSpec, compile_spec, evolve
+from kflow.engine.core import positions
 from kflow.model.messages import Event
 
 __all__ = ["MAX_REPLAY_EVENTS", "STEP_COLOURS", "STEP_STATES", "StepIndex", "history_steps", "layout", "render_dot",
@@ -34,7 +35,6 @@ STEP_STATES = ("pending", "running", "done", "failed")
 
 _KINDS = ("task", "choice", "parallel", "foreach", "wait", "sleep", "child", "set", "succeed", "fail")
 _BOX_W, _BOX_H, _GAP_Y, _GAP_X, _INDENT = 170, 38, 26, 24, 26
-_COMPENSATE_PREFIX = "compensate:"
 
 #: ``list key -> (step ids in order, linear?)``: the spec's step lists as the interpreter keys them.
 StepIndex = dict[str, tuple[list[str], bool]]
@@ -129,20 +129,8 @@ def layout(body: dict[str, Any]) -> dict[str, Any]:
 
 def _running(internal: dict[str, Any]) -> set[str]:
     """Position keys a state shows in progress: ``p:<list>:<idx>`` per thread, ``s:<step>`` per
-    pending activity or child workflow."""
-    running: set[str] = set()
-    for th in (internal.get("threads") or {}).values():
-        idx = th.get("idx", 0)
-        if isinstance(idx, int):
-            running.add(f"p:{th.get('list', '')}:{idx}")
-    for act in (internal.get("activities") or {}).values():
-        step = act.get("step")
-        if isinstance(step, str):
-            running.add("s:" + step.removeprefix(_COMPENSATE_PREFIX))
-    for child in (internal.get("children") or {}).values():
-        if isinstance(child, dict) and isinstance(child.get("step"), str):
-            running.add("s:" + child["step"])
-    return running
+    pending activity or child workflow (the public state record's ``position``)."""
+    return set(positions(internal))
 
 
 def track_steps(previous: dict[str, str], status: str, internal: dict[str, Any]) -> dict[str, str]:

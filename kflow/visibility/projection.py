@@ -1,5 +1,10 @@
-"""The projection processor: folds the ``state``, ``events`` and ``definitions`` topics into the
+"""The projection processor: folds the ``engine-state``, ``events`` and ``definitions`` topics into the
 visibility store.
+
+Instances are read from ``engine-state``, kflow's own changelog of the engine's whole state, not
+from the public ``state`` topic: the console shows what only the engine keeps (variables, pending
+activities and timers, the position in the graph). Each record is turned into the status record
+a ``QueryStatus`` answers (the public fields with the engine's state as ``internal``).
 
 A plain consumer group (``read_committed``) on the three topics. Kafka commits are not what makes
 it correct: every batch is written to the store **together with the offsets after it, in one
@@ -27,8 +32,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from prometheus_client import Counter, Gauge
 
 from kflow.config import KafkaConfig
+from kflow.engine.core import status_record
 from kflow.model.errors import KflowError
-from kflow.schemas.codec import decode_definition, decode_event, decode_state
+from kflow.schemas.codec import decode_definition, decode_engine_state, decode_event
 from kflow.streams.topics import ensure_topics
 from kflow.visibility.store import Record, VisibilityStore
 
@@ -69,7 +75,7 @@ class ProjectionProcessor:
         self.group_id = group_id
         self.on_change = on_change
         names = config.names
-        self._kinds = {names.state: "state", names.events: "event", names.definitions: "definition"}
+        self._kinds = {names.engine_state: "state", names.events: "event", names.definitions: "definition"}
         self.ready = threading.Event()
         """Set once partitions are assigned and positioned."""
         self.records = 0
@@ -166,7 +172,7 @@ class ProjectionProcessor:
         value = msg.value()
         try:
             if kind == "state":
-                return Record("state", key, decode_state(value) if value is not None else None)
+                return Record("state", key, status_record(decode_engine_state(value)[1]) if value is not None else None)
             if kind == "event":
                 return None if value is None else Record("event", key, decode_event(value))
             if kind == "definition":

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from kflow._workflow import definition_of
+from kflow.authoring import definition_of
 from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.procs import engine_process, worker_process
 from kflow.engine import InMemoryDefinitions, compile_spec, fold
-from kflow.engine.core import EVENTS_OFFSET
+from kflow.engine.core import EVENTS_OFFSET, status_record
 from kflow.model.messages import Status
-from kflow.schemas.codec import decode_event, decode_state
+from kflow.schemas.codec import decode_engine_state, decode_event, decode_state
 from kflow.streams.topics import ensure_topics
 from tests.fault.flows import CODE, DEFS, expected
 
@@ -70,9 +70,13 @@ def oracle(bootstrap: str, prefix: str, started: dict[str, tuple[str, int]]) -> 
         ev = decode_event(m.value())
         events[ev.instance_id].append(ev)
     last_state = {}
+    for m in read_all(bootstrap, f"{prefix}engine-state"):  # the engine's whole state, beside the public record
+        iid, internal = decode_engine_state(m.value())
+        last_state[iid] = status_record(internal)
+    public = {}
     for m in read_all(bootstrap, f"{prefix}state"):
         rec = decode_state(m.value())
-        last_state[rec["instance_id"]] = rec
+        public[rec["instance_id"]] = rec
     problems = []
     for iid, (wf, x) in started.items():
         evs = sorted(events.get(iid, []), key=lambda e: e.seq)
@@ -94,7 +98,9 @@ def oracle(bootstrap: str, prefix: str, started: dict[str, tuple[str, int]]) -> 
         if st is None or st["status"] != Status.COMPLETED:
             problems.append(f"{iid}: last state record {st and st['status']}")
         elif {k: v for k, v in st["internal"].items() if k != EVENTS_OFFSET} != fold(evs, defs):  # an offset, not folded
-            problems.append(f"{iid}: last state record differs from the fold of its events")
+            problems.append(f"{iid}: last engine-state record differs from the fold of its events")
+        elif public.get(iid) != {k: v for k, v in st.items() if k not in ("internal", EVENTS_OFFSET)}:
+            problems.append(f"{iid}: last public state record {public.get(iid)} does not match its engine state")
     assert not problems, f"{len(problems)} of {len(started)} instances wrong:\n" + "\n".join(problems[:20])
 
 

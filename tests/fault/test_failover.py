@@ -22,7 +22,7 @@ from kflow.dev.bench import _pct
 from kflow.dev.failover import LogWatch, restore_into, wait_for, write_states
 from kflow.dev.procs import engine_process, worker_process
 from kflow.model.errors import KflowError
-from kflow.schemas.codec import decode_state
+from kflow.schemas.codec import decode_engine_state
 from kflow.streams.partitioner import partition_for
 from kflow.streams.store import EngineStore
 from kflow.streams.topics import ensure_topics
@@ -104,9 +104,9 @@ def test_takeover_under_load_completes_every_instance_exactly_once(kafka_bootstr
 
         records: dict[str, list[float]] = defaultdict(list)
         latest: dict[str, dict] = {}
-        for m in read_all(kafka_bootstrap, f"{prefix}state"):
+        for m in read_all(kafka_bootstrap, f"{prefix}engine-state"):
             records[m.key().decode()].append(m.timestamp()[1] / 1000)
-            latest[m.key().decode()] = decode_state(m.value())["internal"]
+            latest[m.key().decode()] = decode_engine_state(m.value())[1]
         gaps = pauses(started_at, records, kill_at)
         print(f"\ntakeover: {len(gaps)} instances in flight at the kill; pause max {max(gaps, default=0):.2f}s, "
               f"p99 {_pct(gaps, 0.99):.2f}s, p50 {_pct(gaps, 0.50):.2f}s; kill -> survivor owning "

@@ -37,7 +37,7 @@ from kflow.dev.bench import _pct
 from kflow.dev.failover import LogWatch, restore_into, wait_for
 from kflow.dev.procs import KflowProcess, engine_process, worker_process
 from kflow.model.errors import KflowError
-from kflow.schemas.codec import decode_state
+from kflow.schemas.codec import decode_engine_state
 from kflow.streams import standby as standby_module
 from kflow.streams.partitioner import partition_for
 from kflow.streams.processor import EngineProcessor
@@ -70,13 +70,13 @@ def standby_lag(metrics_port: int) -> dict[int, float]:
 
 
 def changelog_records(bootstrap: str, prefix: str) -> tuple[Counter[int], dict[str, dict], dict[str, list[float]]]:
-    """Records per partition of the ``state`` changelog, the latest state per instance and record times."""
+    """Records per partition of the ``engine-state`` changelog, the latest state per instance and record times."""
     per_partition: Counter[int] = Counter()
     latest: dict[str, dict] = {}
     times: dict[str, list[float]] = defaultdict(list)
-    for m in read_all(bootstrap, f"{prefix}state"):
+    for m in read_all(bootstrap, f"{prefix}engine-state"):
         per_partition[m.partition()] += 1
-        latest[m.key().decode()] = decode_state(m.value())["internal"]
+        latest[m.key().decode()] = decode_engine_state(m.value())[1]
         times[m.key().decode()].append(m.timestamp()[1] / 1000)
     return per_partition, latest, times
 
@@ -208,7 +208,7 @@ def test_a_standby_that_fell_behind_is_promoted_only_after_replaying_the_tail(ka
                      and len(wactive.owning() | set(standby.store.partitions.copy())) == PARTITIONS, 120, procs)
             theirs = sorted(wactive.owning())
             assert standby.standby is not None
-            state_topic = f"{prefix}state"
+            state_topic = f"{prefix}engine-state"  # the changelog the standby tails
 
             def ids(kind: str, n: int) -> list[str]:
                 out, i = [], 0

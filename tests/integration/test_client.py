@@ -20,7 +20,7 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, DefinitionError, WorkflowFailedError
 from kflow.model.messages import Status
-from kflow.schemas.codec import decode_command, decode_definition, encode_state
+from kflow.schemas.codec import decode_command, decode_definition, encode_engine_state, encode_state
 from kflow.streams.partitioner import partition_for
 from kflow.streams.topics import ensure_topics
 from kflow.testing import assert_eventually
@@ -60,12 +60,23 @@ def _state(iid: str, status: str, seq: int, *, result: Any = None, error: tuple[
     return {"instance_id": iid, "workflow": "greet", "version": 3, "status": status, "seq": seq,
             "started_ms": now - 100, "updated_ms": now, "closed_ms": now if status in Status.TERMINAL else None,
             "result": result, "error_type": error[0] if error else None,
-            "error_message": error[1] if error else None, "internal": {"seq": seq}}
+            "error_message": error[1] if error else None}
+
+
+def _engine_state(st: dict) -> bytes:
+    """The ``engine-state`` record the engine writes beside the public record ``st``."""
+    error = {"type": st["error_type"], "message": st["error_message"]} if st["error_type"] else None
+    return encode_engine_state(st["instance_id"], {
+        "id": st["instance_id"], "error": error, "threads": {},
+        **{k: st[k] for k in ("workflow", "version", "status", "seq", "started_ms", "updated_ms", "closed_ms", "result")}})
 
 
 def _write_states(producer: Producer, topic: str, *states: dict) -> None:
+    """Each of ``states`` to the public ``topic`` and its engine state to ``engine-state``, as the engine does."""
+    engine_topic = topic.removesuffix("state") + "engine-state"
     for st in states:
         producer.produce(topic, encode_state(st), st["instance_id"].encode())
+        producer.produce(engine_topic, _engine_state(st), st["instance_id"].encode())
     assert producer.flush(10) == 0
 
 
@@ -170,7 +181,7 @@ def test_status_returns_the_latest_record_for_the_id(client: Client, producer: P
     st = client.status("a", scan=True)
     assert st is not None
     assert (st["instance_id"], st["status"], st["seq"], st["result"]) == ("a", "COMPLETED", 3, {"ok": True})
-    assert st["workflow"] == "greet" and st["version"] == 3 and st["internal"] == {"seq": 3}
+    assert st["workflow"] == "greet" and st["version"] == 3 and st["internal"]["seq"] == 3
     assert st["events_offset"] is None  # a state record without one
     assert client.status("b", scan=True)["seq"] == 2  # type: ignore[index]
     assert client.status("never", scan=True) is None
@@ -184,8 +195,9 @@ def test_status_reads_transactional_records(client: Client, config: KafkaConfig)
     tx = Producer(config.producer_conf(**{"transactional.id": f"test-{uuid.uuid4().hex}"}))
     tx.init_transactions(20)
     tx.begin_transaction()
-    tx.produce(topic, encode_state(_state("t1", Status.RUNNING, 1)), b"t1")
-    tx.produce(topic, encode_state(_state("t1", Status.FAILED, 2, error=("Boom", "it broke"))), b"t1")
+    for st in (_state("t1", Status.RUNNING, 1), _state("t1", Status.FAILED, 2, error=("Boom", "it broke"))):
+        tx.produce(topic, encode_state(st), b"t1")
+        tx.produce(client.names.engine_state, _engine_state(st), b"t1")
     tx.commit_transaction(20)
     started = time.monotonic()
     st = client.status("t1", scan=True)

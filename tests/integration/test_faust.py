@@ -222,7 +222,8 @@ def test_the_models_read_a_real_runs_state_and_events(engine_only_stack: Stack) 
     assert [c.status for c in changes][-1] == "COMPLETED" and all(c.instance_id == run.id for c in changes)
     last, raw = changes[-1], decode_state(states[-1])
     assert last.closed and not changes[0].closed
-    assert last.asdict() == {k: v for k, v in raw.items() if k != "internal"}  # every public field, as written
+    assert last.asdict() == raw  # every public field, as written
+    assert "internal" not in raw and last.kind == "spec" and last.format_version == 2
     assert last.result == 42 and last.closed_ms is not None and last.workflow == SLOW["name"]
 
     values = _records(engine_only_stack.bootstrap, names.events, run.id,

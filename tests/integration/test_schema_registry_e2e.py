@@ -91,7 +91,7 @@ def test_a_workflow_runs_with_registry_framing(kafka_bootstrap: str, tmp_path: A
     finally:
         stack.close()
     names = stack.client.names
-    topics = [names.commands, names.events, names.state, names.tasks("default"), names.definitions]
+    topics = [names.commands, names.events, names.state, names.engine_state, names.tasks("default"), names.definitions]
     records = read_all(kafka_bootstrap, topics)
     assert {t for t, _ in records} == set(topics)
     client = client_for(url)

@@ -62,7 +62,7 @@ def _noise(bootstrap: str, topic: str, partition: int, value: bytes, count: int)
 def _noise_values() -> tuple[bytes, bytes]:
     event = encode_event(Event("SignalReceived", "noise", 1, 0, {"name": "n", "data": None, "signal_id": ""}))
     state = encode_state({"instance_id": "noise", "workflow": "noise", "version": 1, "status": "RUNNING", "seq": 1,
-                          "started_ms": 0, "updated_ms": 0, "internal": {}})
+                          "started_ms": 0, "updated_ms": 0})
     return event, state
 
 

@@ -85,6 +85,7 @@ def test_ensure_topics_creates_every_topic_with_explicit_configs(kafka_bootstrap
         names.commands: (4, "delete", "1800000"),
         names.events: (4, "delete", "3600000"),
         names.state: (4, "compact", "-1"),
+        names.engine_state: (4, "compact", "-1"),
         names.journal: (4, "compact", "-1"),
         names.definitions: (1, "compact", "-1"),
         names.dlq: (4, "delete", "3600000"),

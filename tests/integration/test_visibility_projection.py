@@ -15,8 +15,7 @@ from confluent_kafka import Producer
 
 from kflow.config import VisibilityConfig
 from kflow.model.messages import Definition
-from kflow.schemas.codec import encode_definition, encode_event, encode_state
-from kflow.streams.processor import state_record
+from kflow.schemas.codec import encode_definition, encode_engine_state, encode_event
 from kflow.streams.topics import ensure_topics
 from kflow.testing.harness import EngineHarness
 from kflow.visibility.projection import ProjectionProcessor
@@ -44,7 +43,7 @@ class _Recorder(EngineHarness):
         if d.state is not None and d.events:
             for ev in d.events:
                 self.records.append(("events", ev.instance_id, encode_event(ev)))
-            self.records.append(("state", cmd.instance_id, encode_state(state_record(d.state))))
+            self.records.append(("state", cmd.instance_id, encode_engine_state(cmd.instance_id, d.state)))
         return d
 
 
@@ -71,7 +70,7 @@ def stream(kafka_bootstrap: str) -> tuple[VisibilityConfig, _Recorder]:
     p = Producer(config.producer_conf())
     d = Definition("vis_rec", 1, "spec", ORDER, deployed_ms=1)
     p.produce(config.names.definitions, encode_definition(d), d.key.encode())
-    topics = {"events": config.names.events, "state": config.names.state}
+    topics = {"events": config.names.events, "state": config.names.engine_state}
     for kind, key, value in h.records:
         p.produce(topics[kind], value, key.encode())
     assert p.flush(30) == 0

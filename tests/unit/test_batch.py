@@ -50,7 +50,7 @@ def test_bad_queries_are_one_precise_error(query, message):
 
 def test_where_matches_state_records_as_the_store_does():
     st = {"instance_id": "ord-1", "status": "RUNNING", "workflow": "order", "version": 2, "started_ms": 2000,
-          "closed_ms": None, "internal": {"search": {"customer": "acme", "n": 5.0}}}
+          "closed_ms": None, "search_attributes": {"customer": "acme", "n": 5.0}}
     assert parse_where("workflow=order AND status=RUNNING,FAILED AND search.n=5 AND id_prefix=ord").matches(st)
     assert not parse_where("workflow=order AND search.customer=globex").matches(st)
     assert not parse_where("search.missing=x").matches(st)

@@ -21,11 +21,13 @@ from kflow.schemas.codec import (
     JSON_HEADER,
     decode_command,
     decode_definition,
+    decode_engine_state,
     decode_event,
     decode_state,
     decode_task,
     encode_command,
     encode_definition,
+    encode_engine_state,
     encode_event,
     encode_state,
     encode_task,
@@ -130,7 +132,9 @@ def test_every_schema_parses_and_has_the_documented_fields() -> None:
         "command": ["format", "command_id", "instance_id", "ts", "body"],
         "event": ["format", "instance_id", "seq", "ts", "body"],
         "state": ["instance_id", "workflow", "version", "status", "seq", "started_ms", "updated_ms",
-                  "closed_ms", "result", "error_type", "error_message", "internal"],
+                  "closed_ms", "result", "error_type", "error_message", "format_version", "kind", "tenant", "owner",
+                  "parent_id", "run", "priority", "search_attributes", "incidents", "position"],
+        "engine_state": ["instance_id", "format_version", "state"],
         "task": ["instance_id", "activity_id", "attempt", "name", "queue", "input", "workflow", "scheduled_ms", "kind", "report_start",
                  "attempt_token", "priority", "fairness_key"],
         "definition": ["name", "version", "kind", "body", "deployed_ms"],
@@ -235,7 +239,9 @@ def state_record(**overrides: Any) -> dict[str, Any]:
     rec = {
         "instance_id": "order-1", "workflow": "order", "version": 3, "status": "COMPLETED", "seq": 12,
         "started_ms": 1, "updated_ms": 2, "closed_ms": 3, "result": {"ok": True}, "error_type": None,
-        "error_message": None, "internal": {"steps": {"a": 1}, "timers": []},
+        "error_message": None, "format_version": 2, "kind": "spec", "tenant": "acme", "owner": "alice",
+        "parent_id": None, "run": 1, "priority": None, "search_attributes": {"customer": "c1"}, "incidents": None,
+        "position": ["s:charge"],
     }
     rec.update(overrides)
     return rec
@@ -243,21 +249,28 @@ def state_record(**overrides: Any) -> dict[str, Any]:
 
 @given(
     result=JSON_VALUES,
-    internal=st.dictionaries(TEXT, JSON_VALUES, max_size=4),
+    search=st.none() | st.dictionaries(TEXT, JSON_VALUES, min_size=1, max_size=4),
     closed=st.none() | INT64,
     error=st.none() | TEXT,
 )
-def test_state_round_trips(result: Any, internal: dict[str, Any], closed: int | None, error: str | None) -> None:
-    rec = state_record(result=result, internal=internal, closed_ms=closed, error_type=error, error_message=error)
+def test_state_round_trips(result: Any, search: dict[str, Any] | None, closed: int | None, error: str | None) -> None:
+    rec = state_record(result=result, search_attributes=search, closed_ms=closed, error_type=error, error_message=error)
     assert decode_state(encode_state(rec)) == rec
 
 
 def test_state_optional_fields_may_be_absent() -> None:
     rec = state_record()
-    for key in ("closed_ms", "result", "error_type", "error_message"):
+    optional = ("closed_ms", "result", "error_type", "error_message", "format_version", "kind", "tenant", "owner",
+                "parent_id", "run", "priority", "search_attributes", "incidents", "position")
+    for key in optional:
         del rec[key]
     decoded = decode_state(encode_state(rec))
-    assert decoded["closed_ms"] is None and decoded["result"] is None and decoded["internal"] == rec["internal"]
+    assert decoded["format_version"] == 2 and all(decoded[k] is None for k in optional if k != "format_version")
+
+
+@given(state=st.dictionaries(TEXT, JSON_VALUES, max_size=4))
+def test_engine_state_round_trips(state: dict[str, Any]) -> None:
+    assert decode_engine_state(encode_engine_state("order-1", state)) == ("order-1", state)
 
 
 # --------------------------------------------------------------------------- JSON commands
@@ -519,8 +532,12 @@ def test_invalid_events_tasks_and_states_are_not_encoded() -> None:
         encode_state({k: v for k, v in state_record().items() if k != "status"})
     with pytest.raises(ValueError, match="unknown field"):
         encode_state(state_record(extra=1))
-    with pytest.raises(ValueError, match="'internal' must be a dict"):
-        encode_state(state_record(internal=[1]))
+    with pytest.raises(ValueError, match="unknown field"):
+        encode_state(state_record(internal={}))
+    with pytest.raises(ValueError, match="field 'run' must be int"):
+        encode_state(state_record(run="1"))
+    with pytest.raises(ValueError, match="engine state must be a dict"):
+        encode_engine_state("i", [1])  # type: ignore[arg-type]
 
 
 @settings(max_examples=50)

@@ -47,8 +47,8 @@ def test_enum_members_serialise_exactly_as_strings() -> None:
     assert orjson.dumps({"status": Status.BLOCKED, "code": RejectCode.STALE}) == b'{"status":"BLOCKED","code":"STALE"}'
     record = {"instance_id": "i1", "workflow": "w", "version": 1, "status": Status.FAILED, "seq": 3,
               "started_ms": NOW, "updated_ms": NOW, "closed_ms": NOW, "result": None, "error_type": "E",
-              "error_message": "m", "internal": {"status": Status.FAILED}}
-    as_strings = {**record, "status": "FAILED", "internal": {"status": "FAILED"}}
+              "error_message": "m", "search_attributes": {"status": Status.FAILED}}
+    as_strings = {**record, "status": "FAILED", "search_attributes": {"status": "FAILED"}}
     assert encode_state(record) == encode_state(as_strings)
     decoded = decode_state(encode_state(record))
     assert decoded["status"] == "FAILED" and type(decoded["status"]) is str

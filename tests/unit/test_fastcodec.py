@@ -23,7 +23,7 @@ import kflow.schemas
 from kflow.schemas.fastcodec import CODECS, _read_long, compile_schema
 
 SCHEMA_DIR = Path(kflow.schemas.__file__).parent
-KINDS = ("command", "event", "task", "state", "definition", "audit")
+KINDS = ("command", "event", "task", "state", "engine_state", "definition", "audit")
 SCHEMAS = {k: fastavro.parse_schema(json.loads((SCHEMA_DIR / f"{k}.avsc").read_text())) for k in KINDS}
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)

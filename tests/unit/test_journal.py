@@ -10,31 +10,21 @@ checked on a real store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Optional
-
-import pytest
 
 import kflow
 from kflow.engine import InMemoryDefinitions, decide, fold
-from kflow.engine import code_replayer as cr
+from kflow.engine.code_journal import history_of
 from kflow.engine.core import Decision
 from kflow.engine.journal import COMMAND, INPUT, Append, Entries, InMemoryJournal, Reset
 from kflow.model.messages import Command, Event, JSONDict
-from kflow.schemas.codec import encode_state
-from kflow.streams.lane import BatchJournal, state_record
+from kflow.schemas.codec import encode_engine_state
+from kflow.streams.lane import BatchJournal
 from kflow.streams.store import JOURNAL_PREFIX, StorePartition, journal_key, journal_records
 
 NOW = 1_700_000_000_000
 #: The bound on a code workflow's state record, whatever its history length.
 STATE_RECORD_LIMIT = 4096
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    cr.CACHE.clear()
-    yield
-    cr.CACHE.clear()
 
 
 @kflow.workflow(name="j.loop", version=1)
@@ -101,7 +91,7 @@ class CountingJournal(InMemoryJournal):
 def defs() -> InMemoryDefinitions:
     d = InMemoryDefinitions()
     for fn in (loop, chain, legacy):
-        d.add(kflow._workflow.definition_of(fn))
+        d.add(kflow.authoring.definition_of(fn))
     return d
 
 
@@ -135,7 +125,8 @@ class Driver:
 
 
 def record_bytes(st: JSONDict) -> int:
-    return len(encode_state(state_record(st)))
+    """Size of the instance's ``engine-state`` changelog record (the whole state)."""
+    return len(encode_engine_state(st["id"], st))
 
 
 # -- bounded state ------------------------------------------------------------------------------
@@ -157,10 +148,10 @@ def test_a_10000_step_workflow_keeps_a_small_state_record_and_rebuilds_from_its_
     st, nxt = run.states["long"], complete(d, 10_001)
     live = decide(st, nxt, NOW, run.defs, run.journal)  # the cached coroutine, not applied
     assert run.journal.reads == 0
-    cr.CACHE.clear()  # a restart: the coroutine is rebuilt from the journal
-    misses = cr.CACHE.misses
+    run.defs.replay_cache.clear()  # a restart: the coroutine is rebuilt from the journal
+    misses = run.defs.replay_cache.misses
     rebuilt = decide(st, nxt, NOW, run.defs, run.journal)
-    assert run.journal.reads == 1 and cr.CACHE.misses == misses + 1  # read once, in one piece
+    assert run.journal.reads == 1 and run.defs.replay_cache.misses == misses + 1  # read once, in one piece
     assert (rebuilt.state, rebuilt.events, rebuilt.tasks, rebuilt.journal) == (
         live.state, live.events, live.tasks, live.journal)
     assert [(t.name, t.input) for t in rebuilt.tasks] == [("inc", 10_001)]  # the same next command
@@ -179,14 +170,10 @@ def test_a_rebuilt_coroutine_continues_like_the_cached_one() -> None:
     cached, replayed = Driver(), Driver()
     outcomes = []
     for run, cache in ((cached, 10_000), (replayed, 0)):
-        cr.CACHE.clear()
-        cr.CACHE.max_size = cache
-        try:
-            d = run.step(start("l", "j.loop", 5))
-            for step in range(1, 6):
-                d = run.step(complete(d, step * 10))
-        finally:
-            cr.CACHE.max_size = 10_000
+        run.defs.replay_cache.max_size = cache
+        d = run.step(start("l", "j.loop", 5))
+        for step in range(1, 6):
+            d = run.step(complete(d, step * 10))
         outcomes.append(([(e.type, e.seq, e.data) for e in run.history["l"]], run.states["l"]))
     assert outcomes[0] == outcomes[1] and outcomes[0][1]["result"] == 50
     assert cached.journal.reads == 0 and replayed.journal.reads == 5  # one read per rebuild
@@ -216,7 +203,7 @@ def test_continue_as_new_deletes_the_old_run_and_reuse_starts_afresh() -> None:
     resets = [op for op in d.journal if isinstance(op, Reset)]
     assert resets == [Reset("c", 1, 3, 2)] and run.journal.runs("c") == [2]
     assert run.states["c"]["run"] == 2 and run.states["c"]["input_count"] == 1
-    cr.CACHE.clear()
+    run.defs.replay_cache.clear()
     d = run.step(complete(d, 3))  # rebuilt from run 2's entries only
     d = run.step(complete(d, 4))
     assert run.states["c"]["result"] == 4 and run.journal.runs("c") == []
@@ -240,7 +227,7 @@ def test_an_old_format_state_resumes_and_moves_its_history_into_the_journal() ->
     assert inputs[:3] == LEGACY_STATE["inputs"] and commands[:4] == LEGACY_STATE["commands"]
     assert commands[4] == ["activity", "inc", "inc-8"]
     assert record_bytes(st) < record_bytes(LEGACY_STATE)
-    cr.CACHE.clear()  # the next rebuild reads the migrated journal
+    run.defs.replay_cache.clear()  # the next rebuild reads the migrated journal
     reads = run.journal.reads
     d = run.step(complete(d, 11))
     assert run.journal.reads == reads + 1
@@ -249,7 +236,7 @@ def test_an_old_format_state_resumes_and_moves_its_history_into_the_journal() ->
 
 def test_an_old_format_state_still_answers_queries_and_closes_cleanly() -> None:
     old = dict(LEGACY_STATE)
-    assert cr.history_of(old) == (old["inputs"], old["commands"])
+    assert history_of(old) == (old["inputs"], old["commands"])
     run = Driver()
     run.states["old-1"] = old
     run.step(Command("TerminateWorkflow", "old-1", {"reason": "ops"}))

@@ -20,9 +20,8 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from kflow.config import KafkaConfig
 from kflow.dev.failover import restore_into, synthetic_state, write_states
 from kflow.engine.core import Decision
-from kflow.schemas.codec import decode_state, encode_state
+from kflow.schemas.codec import decode_engine_state, encode_engine_state
 from kflow.streams import metrics
-from kflow.streams.lane import state_record
 from kflow.streams.partitioner import partition_for
 from kflow.streams.restore import end_offsets, restore_partition, restore_partitions
 from kflow.streams.store import EngineStore, StorePartition, journal_records, timer_key
@@ -38,16 +37,16 @@ def latest_states(cfg: KafkaConfig) -> tuple[dict[int, dict[str, Any]], dict[int
     highs = {}
     try:
         for p in range(cfg.partitions):
-            highs[p] = c.get_watermark_offsets(TopicPartition(cfg.names.state, p), timeout=10, cached=False)[1]
-        c.assign([TopicPartition(cfg.names.state, p, 0) for p in range(cfg.partitions) if highs[p]])
+            highs[p] = c.get_watermark_offsets(TopicPartition(cfg.names.engine_state, p), timeout=10, cached=False)[1]
+        c.assign([TopicPartition(cfg.names.engine_state, p, 0) for p in range(cfg.partitions) if highs[p]])
         left = {p for p in range(cfg.partitions) if highs[p]}
         while left:
             for m in c.consume(1000, 1.0):
                 if m.error():
                     left.discard(m.partition())
                     continue
-                rec = decode_state(m.value())
-                states[m.partition()][rec["instance_id"]] = rec["internal"]
+                iid, internal = decode_engine_state(m.value())
+                states[m.partition()][iid] = internal
     finally:
         c.close()
     return states, highs
@@ -93,16 +92,16 @@ def test_restore_continues_from_the_stored_offset_and_drops_superseded_timers(ka
     store = EngineStore(str(tmp_path / "s"), 0)
     try:
         stores = [store.open(p, 0) for p in range(4)]
-        first = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.state, stores)
+        first = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.engine_state, stores)
         assert sum(s.records for s in first.values()) == 300
         write_states(cfg, 30, tag="a", timers=False)  # new versions of 30 instances, their timers gone
         write_states(cfg, 50, tag="b")
-        again = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.state, stores)
+        again = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.engine_state, stores)
         assert sum(s.records for s in again.values()) == 80  # only the tail past the stored offsets
         assert all(s.start_offset == first[p].end_offset for p, s in again.items())
         assert assert_store_matches_topic(store, cfg) == 350
         p0 = store.get(0)
-        assert restore_partition(cfg.consumer_conf("kflow-restore"), cfg.names.state, p0).records == 0
+        assert restore_partition(cfg.consumer_conf("kflow-restore"), cfg.names.engine_state, p0).records == 0
     finally:
         store.close_all()
 
@@ -141,7 +140,7 @@ class ChangelogWriter:
         self.producer.begin_transaction()
         for p, by_id in states.items():
             for iid, st in by_id.items():
-                self.producer.produce(names.state, encode_state(state_record(st)), iid.encode(), partition=p,
+                self.producer.produce(names.engine_state, encode_engine_state(iid, st), iid.encode(), partition=p,
                                       on_delivery=delivered)
             for key, value in records[p]:
                 self.producer.produce(names.journal, value, key, partition=p, on_delivery=delivered)
@@ -149,7 +148,7 @@ class ChangelogWriter:
         for p, by_id in states.items():
             sp = self.store.get(p)
             old = {iid: sp.get(iid) for iid in by_id}
-            sp.write(by_id, old, nexts.get((names.state, p)), (), records[p], nexts.get((names.journal, p)))
+            sp.write(by_id, old, nexts.get((names.engine_state, p)), (), records[p], nexts.get((names.journal, p)))
 
 
 def _data(sp: StorePartition) -> dict[bytes, Any]:
@@ -182,13 +181,13 @@ def test_state_and_journal_changelogs_restore_the_store_they_were_written_with(k
                     batch.append(d)
             out.commit(run, batch)
             if round_ == 1:  # restore half way; the second restore continues from the stored offsets
-                first = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.state, stores)
+                first = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.engine_state, stores)
                 assert sum(s.journal_records for s in first.values()) > 0
-        again = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.state, stores)
+        again = restore_partitions(cfg.consumer_conf("kflow-restore"), cfg.names.engine_state, stores)
         assert all(s.start_offset == first[p].end_offset for p, s in again.items())
         closed = [iid for iid, st in run.states.items() if st["status"] == "COMPLETED"]
         assert len(closed) == 6 and all(run.states[f"c{i}"]["run"] == 3 for i in range(2))
-        state_marks = end_offsets(cfg.client_conf(), cfg.names.state, list(range(4)))
+        state_marks = end_offsets(cfg.client_conf(), cfg.names.engine_state, list(range(4)))
         journal_marks = end_offsets(cfg.client_conf(), cfg.names.journal, list(range(4)))
         for p in range(4):
             expected = _data(written.get(p))

@@ -18,11 +18,14 @@ from fastavro.utils import generate_many
 from kflow.model.errors import DecodeError
 from kflow.schemas import codec
 from kflow.schemas.codec import decode_command, decode_definition, decode_event, decode_state, decode_task
-from kflow.schemas.registry import incompatibility
+from kflow.schemas.registry import incompatibility, previous_schemas
 
 PREVIOUS = Path(__file__).parent.parent / "data" / "schemas" / "previous"
 DECODERS = {"command": decode_command, "event": decode_event, "state": decode_state, "task": decode_task,
             "definition": decode_definition}
+#: Message kinds this release adds (no previous schema to be compatible with).
+NEW_KINDS = {"engine_state"}
+OLD_KINDS = tuple(k for k in codec.KINDS if k not in NEW_KINDS)
 
 
 def previous(kind: str) -> str:
@@ -30,15 +33,39 @@ def previous(kind: str) -> str:
 
 
 def test_the_fixtures_cover_every_message_kind() -> None:
-    assert sorted(p.stem for p in PREVIOUS.glob("*.avsc")) == sorted(codec.KINDS) == sorted(DECODERS)
+    assert sorted(p.stem for p in PREVIOUS.glob("*.avsc")) == sorted(OLD_KINDS) == sorted(DECODERS)
 
 
-@pytest.mark.parametrize("kind", codec.KINDS)
+def test_kflow_ships_the_previous_release_schemas_it_checks_against() -> None:
+    """``kflow schemas check`` compares with the copies in the package: they are these fixtures."""
+    assert previous_schemas() == {kind: previous(kind) for kind in OLD_KINDS}
+
+
+def test_a_previous_release_state_record_decodes_without_its_engine_internals() -> None:
+    """A format-1 state record (the engine's state inside, as ``internal``) reads with the current
+    schema: its public fields as written, ``format_version`` 1, the new fields None, no ``internal``."""
+    raw = json.loads(previous("state"))
+    old = fastavro.parse_schema(raw)
+    record = {"instance_id": "o-1", "workflow": "order", "version": 2, "status": "COMPLETED", "seq": 7,
+              "started_ms": 1, "updated_ms": 5, "closed_ms": 5, "result": '{"ok": true}', "error_type": None,
+              "error_message": None, "internal": '{"threads": {}, "vars": {"secret": 1}}'}
+    out = BytesIO()
+    fastavro.schemaless_writer(out, old, record)
+    decoded = decode_state(codec.MAGIC + codec._fingerprint(raw) + out.getvalue())
+    assert "internal" not in decoded and decoded["format_version"] == 1
+    assert {k: decoded[k] for k in record if k not in ("internal", "result")} == \
+        {k: v for k, v in record.items() if k not in ("internal", "result")}
+    assert decoded["result"] == {"ok": True}
+    assert all(decoded[k] is None for k in ("kind", "tenant", "owner", "parent_id", "run", "priority",
+                                            "search_attributes", "incidents", "position"))
+
+
+@pytest.mark.parametrize("kind", OLD_KINDS)
 def test_current_schema_is_backward_compatible_with_the_previous_release(kind: str) -> None:
     assert incompatibility(codec.schema_text(kind), previous(kind)) is None
 
 
-@pytest.mark.parametrize("kind", codec.KINDS)
+@pytest.mark.parametrize("kind", OLD_KINDS)
 def test_previous_release_records_read_with_the_current_schema(kind: str) -> None:
     old = fastavro.parse_schema(json.loads(previous(kind)))
     new = fastavro.parse_schema(json.loads(codec.schema_text(kind)))
@@ -60,7 +87,7 @@ def _common(a: Any, b: Any) -> Any:
     return a
 
 
-@pytest.mark.parametrize("kind", codec.KINDS)
+@pytest.mark.parametrize("kind", OLD_KINDS)
 def test_kflow_decodes_single_object_values_of_the_previous_release(kind: str) -> None:
     """kflow's reader recognises the previous release's fingerprint: a structurally valid old record
     either decodes or is refused for its content (e.g. a payload that is not JSON), never for its schema."""
@@ -79,6 +106,6 @@ def test_kflow_decodes_single_object_values_of_the_previous_release(kind: str) -
 def test_an_incompatible_change_is_detected() -> None:
     """The check itself fails when a field kflow's schema requires is missing from the old one."""
     new = json.loads(codec.schema_text("state"))
-    new["fields"].append({"name": "tenant", "type": "string"})
+    new["fields"].append({"name": "region", "type": "string"})
     reason = incompatibility(json.dumps(new), previous("state"))
-    assert reason is not None and "reader_field_missing_default_value" in reason and "tenant" in reason
+    assert reason is not None and "reader_field_missing_default_value" in reason and "region" in reason

@@ -15,7 +15,9 @@ import pytest
 from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from typer.testing import CliRunner
 
+from kflow.cli import app
 from kflow.config import KafkaConfig
 from kflow.model.errors import DecodeError
 from kflow.model.messages import Command, Definition, Event, Task
@@ -23,11 +25,13 @@ from kflow.schemas import codec, registry
 from kflow.schemas.codec import (
     decode_command,
     decode_definition,
+    decode_engine_state,
     decode_event,
     decode_state,
     decode_task,
     encode_command,
     encode_definition,
+    encode_engine_state,
     encode_event,
     encode_state,
     encode_task,
@@ -46,7 +50,9 @@ EVENT = Event("ActivityScheduled", "order-1", 7, 1_700_000_000_000,
               {"activity_id": "a1", "name": "charge", "queue": "payments", "input": {"amount": 10}, "attempt": 1})
 STATE = {"instance_id": "order-1", "workflow": "order", "version": 3, "status": "COMPLETED", "seq": 12,
          "started_ms": 1, "updated_ms": 2, "closed_ms": 3, "result": {"ok": True}, "error_type": None,
-         "error_message": None, "internal": {"steps": {"a": 1}}}
+         "error_message": None, "format_version": 2, "kind": "spec", "tenant": None, "owner": None, "parent_id": None,
+         "run": 1, "priority": None, "search_attributes": {"customer": "c1"}, "incidents": None, "position": []}
+ENGINE_STATE = ("order-1", {"id": "order-1", "steps": {"a": 1}})
 TASK = Task("order-1", "a1", 1, "charge", "payments", {"amount": 10}, "order", 5)
 DEFINITION = Definition("order", 2, "spec", {"steps": []}, 9)
 
@@ -57,6 +63,7 @@ KINDS: dict[str, tuple[str, Any, Any, Any]] = {
     "state": (NAMES.state, lambda: encode_state(STATE), decode_state, STATE),
     "task": (NAMES.tasks("default"), lambda: encode_task(TASK), decode_task, TASK),
     "definition": (NAMES.definitions, lambda: encode_definition(DEFINITION), decode_definition, DEFINITION),
+    "engine_state": (NAMES.engine_state, lambda: encode_engine_state(*ENGINE_STATE), decode_engine_state, ENGINE_STATE),
 }
 
 
@@ -92,8 +99,9 @@ def test_round_trip_through_the_registry(kind: str, request: pytest.FixtureReque
     stock = AvroDeserializer(client)(value, SerializationContext(topic, MessageField.VALUE))
     assert stock == fastavro.schemaless_reader(_payload(value), fastavro.parse_schema(json.loads(codec.schema_text(kind))))
     assert stock[{"command": "command_id", "event": "seq", "state": "status", "task": "activity_id",
-                  "definition": "name"}[kind]] == {"command": "cmd-1", "event": 7, "state": "COMPLETED",
-                                                   "task": "a1", "definition": "order"}[kind]
+                  "definition": "name", "engine_state": "instance_id"}[kind]] == {
+        "command": "cmd-1", "event": 7, "state": "COMPLETED", "task": "a1", "definition": "order",
+        "engine_state": "order-1"}[kind]
 
 
 def _payload(value: bytes) -> BytesIO:
@@ -103,8 +111,8 @@ def _payload(value: bytes) -> BytesIO:
 def test_every_kflow_topic_gets_a_topic_name_subject(request: pytest.FixtureRequest) -> None:
     activate(url(request), NAMES, [NAMES.tasks("payments"), NAMES.tasks("payments", 1), NAMES.journal, NAMES.dlq])
     subjects = set(client_for(url(request)).get_subjects())
-    assert subjects == {"sr.commands-value", "sr.events-value", "sr.state-value", "sr.definitions-value",
-                        "sr.tasks.default-value", "sr.tasks.payments-value", "sr.tasks.payments.p1-value"}
+    assert subjects == {"sr.commands-value", "sr.events-value", "sr.state-value", "sr.engine-state-value",
+                        "sr.definitions-value", "sr.tasks.default-value", "sr.tasks.payments-value", "sr.tasks.payments.p1-value"}
 
 
 def test_a_stock_serializer_record_is_read_by_kflow(request: pytest.FixtureRequest) -> None:
@@ -221,3 +229,40 @@ def test_the_registry_url_is_validated() -> None:
         KafkaConfig(schema_registry_url="registry:8081")
     assert KafkaConfig(schema_registry_url="https://sr.example:8081").topic_settings.schema_registry_url == \
         "https://sr.example:8081"
+
+
+def test_schemas_check_passes_when_every_registered_schema_is_compatible(request: pytest.FixtureRequest) -> None:
+    activate(url(request), NAMES, [NAMES.tasks("payments")])
+    result = CliRunner().invoke(app, ["schemas", "check", "--registry", url(request), "--prefix", "sr."])
+    assert result.exit_code == 0, result.output
+    for topic in (NAMES.commands, NAMES.events, NAMES.state, NAMES.engine_state, NAMES.tasks("payments")):
+        assert f"ok           {topic}-value: BACKWARD compatible with registry version 1" in result.output
+    assert f"ok           {NAMES.state}-value: BACKWARD compatible with the previous release" in result.output
+    assert "INCOMPATIBLE" not in result.output
+
+
+def test_schemas_check_exits_1_naming_each_incompatible_subject(request: pytest.FixtureRequest) -> None:
+    """A registered state version without ``workflow``: kflow's schema cannot read its records."""
+    older = json.loads(codec.schema_text("state"))
+    older["fields"] = [f for f in older["fields"] if f["name"] != "workflow"]
+    client = client_for(url(request))
+    client.register_schema(NAMES.state + "-value", Schema(json.dumps(older), "AVRO"))
+    result = CliRunner().invoke(app, ["schemas", "check", "--registry", url(request), "--prefix", "sr."])
+    assert result.exit_code == 1
+    bad = [line for line in result.output.splitlines() if line.startswith("INCOMPATIBLE")]
+    assert len(bad) == 1 and bad[0].startswith("INCOMPATIBLE sr.state-value: against registry version 1")
+    assert "reader_field_missing_default_value" in bad[0] and "workflow" in bad[0]
+    assert "1 incompatible schema(s)" in result.output
+    assert client.get_subjects() == ["sr.state-value"]  # nothing registered
+
+
+def test_schemas_check_compares_with_the_previous_release_without_a_registry(tmp_path: Path) -> None:
+    """A previous-release state schema with a field the current one requires and cannot default: exit 1."""
+    older = json.loads((PREVIOUS / "state.avsc").read_text(encoding="utf-8"))
+    older["fields"] = [f for f in older["fields"] if f["name"] != "status"]
+    (tmp_path / "state.avsc").write_text(json.dumps(older), encoding="utf-8")
+    result = CliRunner().invoke(app, ["schemas", "check", "--previous", str(tmp_path)],
+                                env={"KFLOW_SCHEMA_REGISTRY_URL": ""})
+    assert result.exit_code == 1
+    assert "INCOMPATIBLE kflow.state-value: against the previous release" in result.output and "status" in result.output
+    assert "new          kflow.commands-value: the previous release had no command schema" in result.output

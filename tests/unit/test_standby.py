@@ -14,21 +14,20 @@ from collections import Counter
 from confluent_kafka import Message, TopicPartition
 
 from kflow.dev.failover import synthetic_state
-from kflow.schemas.codec import encode_state
-from kflow.streams.lane import state_record
+from kflow.schemas.codec import encode_engine_state
 from kflow.streams.restore import apply_state_records
 from kflow.streams.standby import Changelog, StandbySet, changelogs, standby_choice
 from kflow.streams.store import StorePartition, journal_key
 from kflow.streams.topics import TopicNames
 
 NAMES = TopicNames("sb.")
-STATE = NAMES.state
+STATE = NAMES.engine_state
 
 
 def record(p: int, offset: int, iid: str, x: int = 0) -> Message:
     """One ``state`` changelog record of instance ``iid`` at ``offset`` of partition ``p``."""
     st = synthetic_state(iid, x, 1_000, timers=False)
-    return Message(topic=STATE, partition=p, offset=offset, key=iid.encode(), value=encode_state(state_record(st)))
+    return Message(topic=STATE, partition=p, offset=offset, key=iid.encode(), value=encode_engine_state(iid, st))
 
 
 def make_set(tmp_path, partitions: int = 4, changelog_list=None) -> StandbySet:
@@ -157,14 +156,14 @@ def test_a_partition_not_chosen_any_more_is_closed_when_taken_back(tmp_path):
 
 def test_the_journal_changelog_is_tailed_beside_the_state(tmp_path):
     state, journal = changelogs(NAMES)
-    assert (state.topic, journal.topic) == (NAMES.state, NAMES.journal)
+    assert (state.topic, journal.topic) == (NAMES.engine_state, NAMES.journal)
     s = make_set(tmp_path, 1, [state, journal])
     _, assign = s.plan()
-    assert sorted((tp.topic, tp.offset) for tp in assign) == [(NAMES.journal, 0), (NAMES.state, 0)]
+    assert sorted((tp.topic, tp.offset) for tp in assign) == [(NAMES.engine_state, 0), (NAMES.journal, 0)]
     key = journal_key("i1", 1, "i", 0)
     entry = Message(topic=NAMES.journal, partition=0, offset=0, key=key, value=b'["WorkflowStarted",{},1,1]')
     assert s.apply([record(0, 0, "i1"), entry]) == 2
     assert s.held[0].journal_offset() == 1 and s.held[0].changelog_offset() == 1
     assert s.held[0].read_journal("i1", 1)[0] == [["WorkflowStarted", {}, 1, 1]]
-    assert s.stored_offsets() == {(NAMES.state, 0): 1, (NAMES.journal, 0): 1}
+    assert s.stored_offsets() == {(NAMES.engine_state, 0): 1, (NAMES.journal, 0): 1}
     s.close_all()

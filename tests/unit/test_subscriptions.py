@@ -44,7 +44,7 @@ subscriptions:
 def _state(**over):
     rec = {"instance_id": "o-1", "workflow": "order", "version": 2, "status": "COMPLETED", "seq": 7,
            "started_ms": 1000, "updated_ms": 2000, "closed_ms": 2000, "result": {"total": 3},
-           "error_type": None, "error_message": None, "internal": {"search": {"tenant": "acme"}}}
+           "error_type": None, "error_message": None, "search_attributes": {"tenant": "acme"}}
     rec.update(over)
     return rec
 
@@ -137,9 +137,9 @@ def test_filters_match_workflow_status_and_tenant():
     assert done.matches(StateChange.from_state(_state()))
     assert not done.matches(StateChange.from_state(_state(status="RUNNING")))
     assert not done.matches(StateChange.from_state(_state(workflow="refund")))
-    assert not done.matches(StateChange.from_state(_state(internal={"search": {"tenant": "globex"}})))
-    assert not done.matches(StateChange.from_state(_state(internal={})))
-    assert done.matches(StateChange.from_state(_state(internal={"tenant": "acme"})))
+    assert not done.matches(StateChange.from_state(_state(search_attributes={"tenant": "globex"})))
+    assert not done.matches(StateChange.from_state(_state(search_attributes=None)))
+    assert done.matches(StateChange.from_state(_state(search_attributes=None, tenant="acme")))
 
 
 def test_a_delivery_id_is_stable_per_change_and_subscription():
