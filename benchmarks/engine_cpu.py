@@ -12,9 +12,10 @@ is how "cost flat in history length, rebuild linear" is checked.
 
 With ``--auth`` the chain3 runs are repeated with the engine's auth work on every command (what
 ``KFLOW_AUTH=on`` adds): a start's command token verified (signature, claims, digest of the
-record, replay cache) and the policy asked, the owner stamped and the start's audit record
-encoded; an attempt token made for every task and checked on every result; the seen token ids
-written as changelog records every :data:`AUTH_BATCH` commands. Starts are signed before the
+record, replay check) and the policy asked, the owner stamped, the token id kept in the new
+instance's state and the start's audit record encoded; an attempt token made for every task and
+checked on every result; the partition's seen-token records (none in chain3: every id goes into
+a state) produced every :data:`AUTH_BATCH` commands. Starts are signed before the
 clock runs (that is the client's cost), and the table gains the µs/command with auth on.
 
     python benchmarks/engine_cpu.py [-n 5000] [--profile] [--auth]
@@ -33,11 +34,11 @@ from typing import Any
 
 import yaml
 
-from kflow.engine import InMemoryDefinitions, code_replayer, compile_spec, decide
+from kflow.engine import InMemoryDefinitions, compile_spec, decide
 from kflow.engine.journal import InMemoryJournal
 from kflow.model.messages import Command, JSONDict
 from kflow.schemas.codec import decode_command, encode_command, encode_event, encode_state, encode_task
-from kflow.security import CommandGuard, CommandSigner, Keys, SeenTokens, encode_audit, issue, parse_policy
+from kflow.security import CommandGuard, CommandSigner, Keys, SeenTokens, issue, parse_policy
 from kflow.security.guard import MUTATING
 from kflow.streams.processor import state_record
 from kflow.streams.store import journal_records
@@ -74,15 +75,16 @@ class AuthWork:
         if cmd.type != "StartWorkflow":  # what the worker sent back with the result
             attempt = self.attempts.pop((cmd.instance_id, cmd.data["activity_id"], cmd.data["attempt"]))
         check = self.guard.check(cmd, state, token, attempt, cmd.instance_id.encode(), raw, NOW / 1000,
-                                 self.seen.cache)
+                                 self.seen.cache, defer=True)
         assert check.allowed, check.reason
         return check
 
     def granted(self, cmd: Command, check: Any, state: JSONDict | None) -> None:
         if cmd.type == "StartWorkflow" and state is not None:
             state["owner"], state["tenant"] = self.guard.starter(check.principal)
+        self.guard.remember(check, state, self.seen.cache, NOW / 1000)  # the start's id goes into its state
         if cmd.type in MUTATING:
-            encode_audit(self.guard.audit(check, cmd, "success", NOW, "commands[0]@0"))
+            self.guard.audit_value(check, cmd, "success", NOW, "commands[0]@0")
         self.commands += 1
         if self.commands % AUTH_BATCH == 0:
             self.seen.changelog(self.commands, NOW / 1000)
@@ -157,7 +159,7 @@ def _encode_cost(n: int) -> float:
 
 def code_defs() -> Any:
     import kflow
-    from kflow._workflow import compile_code, definition_of
+    from kflow.authoring import definition_of
 
     @kflow.workflow(name="cpu.loop", version=1)
     async def loop(ctx: Any, steps: int) -> int:
@@ -167,7 +169,7 @@ def code_defs() -> Any:
         return x
 
     defs = InMemoryDefinitions()
-    defs.add(compile_code(definition_of(loop)))
+    defs.add(definition_of(loop))
     return defs
 
 
@@ -195,7 +197,7 @@ def history_cost(defs: Any, marks: list[int], reps: int = 50) -> list[dict[str, 
                 size = step_size  # the changelog bytes written by the step right after `mark` activities
         dt = time.perf_counter() - t0
         record = len(encode_state(state_record(states[iid])))
-        code_replayer.CACHE.clear()  # a restart: the next step replays the whole run from the journal
+        defs.replay_cache.clear()  # a restart: the next step replays the whole run from the journal
         t1 = time.perf_counter()
         follow, _ = _engine_step(defs, states, encode_command(follow[0]), journal)
         rebuild = time.perf_counter() - t1
@@ -254,10 +256,10 @@ def main() -> None:
 
 def cdefs_chain3(defs: Any) -> Any:
     """Add ``kflow bench --style code``'s own chain3 workflow to ``defs``."""
-    from kflow._workflow import compile_code, definition_of
+    from kflow.authoring import definition_of
     from kflow.dev.bench_workflows import chain3 as bench_chain3
 
-    defs.add(compile_code(definition_of(bench_chain3)))
+    defs.add(definition_of(bench_chain3))
     return defs
 
 

@@ -10,10 +10,11 @@ the worker run as separate processes, so their RSS is reported separately.
 background chain3 instances started faster than it can finish them, with p50/p99 per level next
 to the critical latency of an unloaded run.
 
-``--auth`` (:func:`run_auth`) runs the same phases twice on one broker, on fresh topic prefixes:
-first with auth off, then with auth on for every process (a generated HS256 secret, the bench
-principal's commands signed, its policy applied to the ``policies`` topic before the run), and
-prints both side by side with the throughput loss and the latency ratios.
+``--auth`` (:func:`run_auth`) runs the same phases twice, each on a fresh embedded broker (or on
+fresh topic prefixes of the ``--bootstrap`` cluster): first with auth off, then with auth on for
+every process (a generated HS256 secret, the bench principal's commands signed, its policy applied
+to the ``policies`` topic before the run), and prints both side by side with the throughput loss,
+the latency ratios and the CPU per workflow of every process in the throughput phase.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from kflow.client import Client
 from kflow.config import KafkaConfig
 from kflow.dev.breakdown import HopRow, as_dicts, offsets_now, read_stamps
 from kflow.dev.breakdown import breakdown as compute_breakdown
-from kflow.dev.broker import EmbeddedBroker
 from kflow.dev.procs import KflowProcess
 from kflow.dev.stack import DevStack, bundled_spec
 from kflow.model.errors import KflowError, WorkflowNotDeployed
@@ -228,6 +228,9 @@ def _run_once(bootstrap: Optional[str], n: int, concurrency: int, style: str, pr
               env: Optional[dict[str, str]] = None, emit: bool = True) -> dict[str, Any]:
     """One chain3 bench on its own engine and worker processes (given ``env`` on top of this process's).
 
+    The CPU of every process is reported per workflow, the stack's own embedded broker's (without
+    ``bootstrap``) as ``broker``.
+
     With ``security`` every process runs with auth on, the bench's policy is applied before the run
     and the client signs every command as the bench principal. With ``emit`` false the report is
     returned but neither printed as JSON nor written to ``json_out`` (the caller does).
@@ -268,13 +271,16 @@ def _run_once(bootstrap: Optional[str], n: int, concurrency: int, style: str, pr
             driver.signer = cfg.command_signer()
         results = []
         hop_rows: list[HopRow] = []
-        cpu0 = _cpu_now(stack.procs)
+        broker_pid = stack.broker.pid if stack.broker is not None else None
+        cpu0 = _cpu_now(stack.procs, broker_pid)
         try:
             driver.run("warm-up", min(200, n), concurrency, None, 120)
+            busy0 = _cpu_now(stack.procs, broker_pid)
             for c in (CURVE_POINTS if curve else (concurrency,)):
                 count = max(n, 6 * c) if curve else n
                 console.print(f"throughput phase: {count} instances, {c} in flight")
                 results.append(driver.run("throughput" if not curve else f"throughput c={c}", count, c, None, 600))
+            busy = _cpu_per_workflow(busy0, _cpu_now(stack.procs, broker_pid), sum(r.instances for r in results))
             stack.check_alive()
             lat_rate = rate or 50.0
             lat_n = max(10, int(lat_rate * latency_seconds))
@@ -294,11 +300,12 @@ def _run_once(bootstrap: Optional[str], n: int, concurrency: int, style: str, pr
         rss = {p.args[0]: round(p.rss_mb(), 1) for p in stack.procs}
         # CPU per workflow of every process over the timed phases and the warm-up (less noisy than wall time)
         timed = min(200, n) + sum(r.instances for r in results)
-        cpu_ms = {k: round((v - cpu0.get(k, 0.0)) * 1000 / timed, 3) for k, v in _cpu_now(stack.procs).items()}
+        cpu_ms = _cpu_per_workflow(cpu0, _cpu_now(stack.procs, broker_pid), timed)
         per_workflow = 1 if local else 4  # Kafka commands decided: the start, plus three results from a worker
         report = {"bench": "chain3", "style": style, "local": local, "auth": security is not None,
                   "partitions": partitions, "cpus": os.cpu_count(),
                   "phases": [asdict(r) for r in results], "rss_mb": rss, "cpu_ms_per_workflow": cpu_ms,
+                  "throughput_cpu_ms_per_workflow": busy,
                   "engine_commands_per_s": round(max(r.completed_per_s for r in results[:-1]) * per_workflow, 1)}
         if hop_rows:
             report["breakdown"] = as_dicts(hop_rows)
@@ -314,7 +321,9 @@ def _run_once(bootstrap: Optional[str], n: int, concurrency: int, style: str, pr
             Console().print(_breakdown_table(hop_rows))
         Console().print(f"RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in rss.items())}; "
                         f"engine commands/s ({per_workflow} per workflow): {report['engine_commands_per_s']:,.0f}; "
-                        f"CPU per workflow: {', '.join(f'{k} {v:.2f} ms' for k, v in cpu_ms.items())}")
+                        f"CPU per workflow: {', '.join(f'{k} {v:.2f} ms' for k, v in cpu_ms.items())}; "
+                        f"in the throughput phase{'s' if curve else ''}: "
+                        f"{', '.join(f'{k} {v:.2f} ms' for k, v in busy.items())}")
         if emit:
             print(json.dumps(report))
             if json_out:
@@ -387,17 +396,26 @@ class _BenchStack(DevStack):
         super().spawn(proc, name)
 
 
-def _cpu_now(procs: list[KflowProcess]) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each process and by this one (the driver); Linux ``/proc``."""
+def _cpu_now(procs: list[KflowProcess], broker_pid: Optional[int] = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process, by this one (the driver) and by the
+    embedded broker when its pid is given; Linux ``/proc``."""
     out = {"driver": sum(os.times()[:2])}
+    pids = [(p.args[0], p.pid) for p in procs] + ([("broker", broker_pid)] if broker_pid is not None else [])
     tick = os.sysconf("SC_CLK_TCK")
-    for p in procs:
+    for name, pid in pids:
         try:
-            with open(f"/proc/{p.pid}/stat") as f:
+            with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-            out[p.args[0]] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         except (OSError, IndexError, ValueError):
             pass
+    return out
+
+
+def _cpu_per_workflow(before: dict[str, float], after: dict[str, float], workflows: int) -> dict[str, float]:
+    """CPU ms per workflow of each process between two :func:`_cpu_now` readings, and their ``total``."""
+    out = {k: round((v - before.get(k, 0.0)) * 1000 / max(workflows, 1), 3) for k, v in after.items()}
+    out["total"] = round(sum(out.values()), 3)
     return out
 
 
@@ -422,35 +440,29 @@ def run_auth(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, sty
              prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
              partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False, curve: bool = False,
              local: bool = False) -> dict[str, Any]:
-    """``kflow bench --auth``: the same phases with auth off, then on, on one broker; both side by side.
+    """``kflow bench --auth``: the same phases with auth off, then on; both side by side.
 
     Each run gets its own topic prefix and its own engine and worker processes, stopped before the
-    next run starts, so the two share the broker (and the machine's noise of the minute) but no
-    state. The run with auth off goes first: a broker that slows down as it fills penalises the
-    second run, so the loss printed is if anything too high.
+    next run starts, so the two share no state. Without ``bootstrap`` each run also gets its own
+    embedded broker (its CPU counts as the process ``broker``), started empty, so neither run meets
+    a broker the other filled. With ``bootstrap`` both share that cluster and auth off goes first:
+    a cluster that slows as it fills counts against auth.
     """
     if curve or breakdown:
         raise KflowError("--auth compares the plain phases: not with --curve or --breakdown")
     console = Console(stderr=True)
-    broker: Optional[EmbeddedBroker] = None
-    if bootstrap is None:
-        broker = EmbeddedBroker(silent=True)
-        bootstrap = broker.start()
     base = prefix or f"bench{uuid.uuid4().hex[:6]}."
     security = BenchAuth.generate()
     reports: dict[str, dict[str, Any]] = {}
-    try:
-        for label, sec in (("off", None), ("on", security)):
-            console.print(f"[bold]auth {label}[/bold]")
-            # an explicit off: a KFLOW_AUTH=on in the caller's environment must not leak into the baseline
-            reports[label] = _run_once(bootstrap, n, concurrency, style, f"{base}auth{label}.", rate, latency_seconds,
-                                       partitions, None, False, False, local, security=sec,
-                                       env={"KFLOW_AUTH": "off"}, emit=False)
-    finally:
-        if broker is not None:
-            broker.stop()
+    for label, sec in (("off", None), ("on", security)):
+        console.print(f"[bold]auth {label}[/bold]")
+        # an explicit off: a KFLOW_AUTH=on in the caller's environment must not leak into the baseline
+        reports[label] = _run_once(bootstrap, n, concurrency, style, f"{base}auth{label}.", rate, latency_seconds,
+                                   partitions, None, False, False, local, security=sec,
+                                   env={"KFLOW_AUTH": "off"}, emit=False)
     rows = compare_phases(reports["off"]["phases"], reports["on"]["phases"])
-    table = Table(title="kflow bench --auth · chain3, auth off → on (same broker, fresh topics)")
+    where = "fresh topics on one cluster" if bootstrap else "a fresh embedded broker each"
+    table = Table(title=f"kflow bench --auth · chain3, auth off → on ({where})")
     for col in ("phase", "completed/s", "loss", "p50 ms", "p50 ×", "p99 ms", "p99 ×", "failed+missed"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -460,10 +472,19 @@ def run_auth(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, sty
                       f"{r['off_p99_ms']:.1f} → {r['on_p99_ms']:.1f}", _times(r["p99_ratio"]),
                       " → ".join(str(f + m) for f, m in zip(r["failed"], r["missed"], strict=True)))
     Console().print(table)
-    cpu_off, cpu_on = reports["off"]["cpu_ms_per_workflow"], reports["on"]["cpu_ms_per_workflow"]
-    Console().print("CPU per workflow, off → on: " + ", ".join(
-        f"{k} {cpu_off[k]:.2f} → {cpu_on[k]:.2f} ms" for k in cpu_off if k in cpu_on))
-    report = {"bench": "chain3-auth", "off": reports["off"], "on": reports["on"], "comparison": rows}
+    for title, name in (("CPU per workflow", "cpu_ms_per_workflow"),
+                        ("CPU per workflow in the throughput phase", "throughput_cpu_ms_per_workflow")):
+        cpu_off, cpu_on = reports["off"][name], reports["on"][name]
+        Console().print(f"{title}, off → on: " + ", ".join(
+            f"{k} {cpu_off[k]:.2f} → {cpu_on[k]:.2f} ms" for k in cpu_off if k in cpu_on))
+    # every process shares the machine's cores: at saturation the CPU a workflow costs them all bounds
+    # the throughput, and it depends less on other work on the machine than wall time does
+    busy_off, busy_on = (reports[k]["throughput_cpu_ms_per_workflow"]["total"] for k in ("off", "on"))
+    cpu_cost = round((busy_on / busy_off - 1) * 100, 1) if busy_off else None
+    Console().print(f"CPU cost of auth in the throughput phase (all processes): "
+                    f"{'—' if cpu_cost is None else f'{cpu_cost:+.1f} %'}")
+    report = {"bench": "chain3-auth", "off": reports["off"], "on": reports["on"], "comparison": rows,
+              "throughput_cpu_cost_pct": cpu_cost}
     print(json.dumps(report))
     if json_out:
         with open(json_out, "w") as f:

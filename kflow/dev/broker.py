@@ -106,6 +106,11 @@ class EmbeddedBroker:
         return self._log_dir / _LOG_NAME if self._log_dir is not None else None
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (its CPU time is read from ``/proc``), else None."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def running(self) -> bool:
         """True between a successful start() and stop(), while the process is alive."""
         return self._bootstrap is not None and self._proc is not None and self._proc.poll() is None

@@ -20,9 +20,16 @@ nothing (its digest binds the record). Their tokens live as long as a command ma
 topic, so that no engine command ever expires unread, and their ids are not remembered: a replayed
 engine command is the byte-identical record, which the engine's own deduplication rejects
 (``DUPLICATE`` or ``INVALID_STATE``: a child started twice, a child result for a child no longer
-pending, a cancel of a closed instance). :class:`SeenTokens` keeps the ids of everyone else's
-tokens a partition accepted across restarts, as changelog records the processor produces in the
-transaction of their commands. Nothing here touches Kafka.
+pending, a cancel of a closed instance).
+
+Everyone else's token ids are remembered until they expire, across restarts, in the transaction of
+their commands. A token binds its record's key, so it can only ever be replayed on the instance it
+was signed for: when the command's decision writes that instance's state, which the transaction
+does anyway, the id goes into the state (:data:`SEEN_STATE_KEY`, at most :data:`SEEN_PER_STATE`
+unexpired ids, pruned as it is written) and costs no record of its own; otherwise (a query, a
+command refused without an instance, an instance holding many live ids) into the partition's
+:class:`SeenTokens`, written as changelog records. A command is checked against both. Nothing here
+touches Kafka.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any, Optional
 import orjson
 
 from kflow.model.messages import Command, JSONDict, RejectCode
-from kflow.security.audit import AuditOutcome, AuditRecord
+from kflow.security.audit import AuditOutcome, AuditRecord, encode_audit_fields
 from kflow.security.policy import Policy, Resource, evaluate
 from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
 from kflow.security.tokens import (
@@ -45,11 +52,13 @@ from kflow.security.tokens import (
     ReplayCache,
     attempt_token,
     check_attempt_token,
+    replayed,
     sign_command,
     verify_command_claims,
 )
 
-__all__ = ["ENGINE_PRINCIPAL", "MUTATING", "REPORTS", "SEEN_KEY_PREFIX", "Check", "CommandGuard", "SeenTokens"]
+__all__ = ["AUDIT_PARTITION", "ENGINE_PRINCIPAL", "MUTATING", "REPORTS", "SEEN_KEY_PREFIX", "SEEN_PER_STATE",
+           "SEEN_STATE_KEY", "Check", "CommandGuard", "SeenTokens"]
 
 log = logging.getLogger("kflow.security")
 
@@ -78,6 +87,11 @@ _OPERATIONS: Mapping[str, tuple[str, str]] = {
     "MigrateWorkflow": ("migrate", "instance:Manage"),  # moves an instance to another version of its workflow
 }
 _ENGINE_RESOURCE = "engine"
+#: The ``audit`` partition the engine writes its records to, whichever commands partitions a
+#: transaction decides: each partition a transaction writes costs every commit (one more partition
+#: to add and one more commit marker), so the audit trail adds one, not one per commands partition.
+#: The records of one instance are still in one partition, in the order their decisions committed.
+AUDIT_PARTITION = 0
 
 #: Changelog key prefix of the records that keep a partition's accepted token ids (on the journal
 #: changelog, beside the journal's own records: those start with an instance id, UTF-8, which never
@@ -85,6 +99,12 @@ _ENGINE_RESOURCE = "engine"
 SEEN_KEY_PREFIX = b"\xffkflow.seen\x00"
 #: Most token ids in one record (about 40 bytes each), so a record stays far below message.max.bytes.
 SEEN_PER_RECORD = 10_000
+#: State key of the token ids an instance accepted: ``{jti: exp}`` (the same name as
+#: ``kflow.engine.core.SEEN_TOKENS``, which carries it over when a run starts afresh under the same id).
+SEEN_STATE_KEY = "seen_tokens"
+#: Most unexpired token ids kept in one instance's state (about 40 bytes each); more go to the
+#: partition's :class:`SeenTokens` records.
+SEEN_PER_STATE = 32
 
 
 def _tenant(state: Optional[JSONDict]) -> str:
@@ -113,6 +133,9 @@ class Check:
         principal: Who sent it; None when no valid token named anyone (or for an activity report).
         code: None when allowed; else :attr:`RejectCode.UNAUTHENTICATED` or :attr:`RejectCode.FORBIDDEN`.
         reason: The rule that allowed it, or why it was refused ("expected ..., but ...").
+        jti: The id of the verified command token, when a check with ``defer`` left remembering it
+            to :meth:`CommandGuard.remember`; else None.
+        exp: That token's expiry (epoch seconds).
     """
 
     action: str
@@ -120,6 +143,8 @@ class Check:
     principal: Optional[Principal]
     code: Optional[str]
     reason: str
+    jti: Optional[str] = None
+    exp: float = 0.0
 
     @property
     def allowed(self) -> bool:
@@ -151,8 +176,11 @@ class CommandGuard:
 
     # -- checking -----------------------------------------------------------------------------
     def check(self, cmd: Command, state: Optional[JSONDict], token: str | bytes | None, attempt: str | bytes | None,
-              key: Optional[bytes], value: Optional[bytes], now_s: float, seen: ReplayCache) -> Check:
+              key: Optional[bytes], value: Optional[bytes], now_s: float, seen: ReplayCache, *,
+              defer: bool = False) -> Check:
         """Authenticate and authorize ``cmd``, read as the record (``key``, ``value``) with these headers.
+
+        A command token whose id ``state`` (:data:`SEEN_STATE_KEY`) or ``seen`` holds is a replay.
 
         Args:
             cmd: The decoded command.
@@ -164,17 +192,53 @@ class CommandGuard:
             now_s: The engine's clock, in epoch seconds.
             seen: The partition's token ids: a verified token's id is added (pending until commit),
                 unless it is the engine's own.
+            defer: Do not add the id to ``seen``: the answer carries it (:attr:`Check.jti`) for
+                :meth:`remember`, once the caller knows whether the decision writes the state.
         """
         if cmd.type in REPORTS:
             return self._check_report(cmd, state, attempt)
         action, _ = self._operation(cmd)
+        jti: Optional[str] = None
         try:
             who, jti, exp = verify_command_claims(token, key, value, self.keys, now_s)
-            if who.name != ENGINE_PRINCIPAL:
-                seen.add(jti, exp, now_s)
+            if who.name == ENGINE_PRINCIPAL:
+                jti = None
+            else:
+                held = state.get(SEEN_STATE_KEY) if state is not None else None
+                if held and held.get(jti, 0) > now_s:
+                    raise replayed(jti)
+                if defer:
+                    seen.check(jti, exp, now_s)
+                else:
+                    seen.add(jti, exp, now_s)
+                    jti = None
         except AuthError as e:
             return Check(action, self._resource(cmd, state, None), None, RejectCode.UNAUTHENTICATED, e.reason)
-        return self.authorize(who, cmd, state)
+        got = self.authorize(who, cmd, state)
+        return got if jti is None else Check(got.action, got.resource, got.principal, got.code, got.reason, jti, exp)
+
+    @staticmethod
+    def remember(check: Check, state: Optional[JSONDict], seen: ReplayCache, now_s: float) -> None:
+        """Remember the token id of a command checked with ``defer``, whatever its verdict.
+
+        Args:
+            check: The check's answer (nothing to remember without :attr:`Check.jti`).
+            state: The instance's state as this command's decision writes it, in this transaction;
+                None when it writes none. The id goes in there (unexpired ids kept, at most
+                :data:`SEEN_PER_STATE`); else into ``seen``, pending until the transaction commits.
+            seen: The partition's token ids.
+            now_s: The engine's clock, in epoch seconds.
+        """
+        if check.jti is None:
+            return
+        if state is not None:
+            held = state.get(SEEN_STATE_KEY)
+            kept = {j: e for j, e in held.items() if e > now_s} if held else {}
+            if len(kept) < SEEN_PER_STATE:
+                kept[check.jti] = check.exp
+                state[SEEN_STATE_KEY] = kept  # a new dict: the state before this decision is not changed
+                return
+        seen.add(check.jti, check.exp, now_s)
 
     def authorize(self, who: Principal, cmd: Command, state: Optional[JSONDict]) -> Check:
         """Whether the policy in force allows ``who`` the operation of ``cmd`` (already authenticated)."""
@@ -243,14 +307,30 @@ class CommandGuard:
     def audit(check: Check, cmd: Command, outcome: AuditOutcome, now_ms: int, ref: str,
               details: Optional[dict[str, Any]] = None) -> AuditRecord:
         """The audit record of ``check`` on ``cmd`` (record ``ref``: ``topic[partition]@offset``)."""
-        who = check.principal
-        why = {"reason" if check.code else "rule": check.reason}
-        return AuditRecord(
-            id=ref, time=now_ms, principal=who.name if who else "", tenant=who.tenant if who else check.resource.tenant,
-            action=check.action, resource_type=check.resource.type, resource_id=check.resource.id, outcome=outcome,
-            details={"command_type": cmd.type, "command_id": cmd.command_id, "instance_id": cmd.instance_id,
-                     **({"code": check.code} if check.code else {}), **why, **(details or {})},
-            source=f"kafka:{ref}")
+        return AuditRecord.model_validate(_audit_fields(check, cmd, outcome, now_ms, ref, details))
+
+    @staticmethod
+    def audit_value(check: Check, cmd: Command, outcome: AuditOutcome, now_ms: int, ref: str,
+                    details: Optional[dict[str, Any]] = None) -> bytes:
+        """:meth:`audit`'s record, encoded (the bytes :func:`~kflow.security.audit.encode_audit` makes of
+        it), without building the model: what the engine produces for every audited command.
+
+        Raises:
+            ValueError: ``details`` is not JSON-serialisable.
+        """
+        return encode_audit_fields(_audit_fields(check, cmd, outcome, now_ms, ref, details))
+
+
+def _audit_fields(check: Check, cmd: Command, outcome: AuditOutcome, now_ms: int, ref: str,
+                  details: Optional[dict[str, Any]]) -> dict[str, Any]:
+    who = check.principal
+    why = {"reason" if check.code else "rule": check.reason}
+    return {"id": ref, "time": now_ms, "principal": who.name if who else "",
+            "tenant": who.tenant if who else check.resource.tenant, "action": check.action,
+            "resource_type": check.resource.type, "resource_id": check.resource.id, "outcome": outcome,
+            "details": {"command_type": cmd.type, "command_id": cmd.command_id, "instance_id": cmd.instance_id,
+                        **({"code": check.code} if check.code else {}), **why, **(details or {})},
+            "source": f"kafka:{ref}"}
 
 
 class SeenTokens:

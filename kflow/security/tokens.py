@@ -61,6 +61,7 @@ __all__ = [
     "issue",
     "load_jwks",
     "load_jwks_file",
+    "replayed",
     "sign_command",
     "verify_command",
     "verify_command_claims",
@@ -353,7 +354,23 @@ def _new_jti() -> str:
 
 def _sign(claims: dict[str, Any], keys: Keys) -> str:
     key, alg = keys.signer()
+    if alg == _HS256 and isinstance(key, bytes):
+        return _encode_hs256(claims, key)
     return _JWT.encode(claims, key, algorithm=alg)
+
+
+#: The JOSE header PyJWT writes for an HS256 token (keys sorted, compact), base64url-encoded.
+_HS256_HEADER = base64.urlsafe_b64encode(
+    json.dumps({"alg": _HS256, "typ": "JWT"}, separators=(",", ":"), sort_keys=True).encode()).rstrip(b"=").decode()
+
+
+def _encode_hs256(claims: dict[str, Any], secret: bytes) -> str:
+    """The HS256 token PyJWT's ``encode`` makes of ``claims``, byte for byte (compact JSON of the claims
+    in their order, one ``hmac.digest``), without its general path: every command a client sends is
+    signed. The secret's length was checked when the :class:`Keys` were made."""
+    body = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode()).rstrip(b"=").decode()
+    signing_input = f"{_HS256_HEADER}.{body}"
+    return f"{signing_input}.{_b64(hmac.digest(secret, signing_input.encode('ascii'), 'sha256'))}"
 
 
 # --------------------------------------------------------------------------- command tokens
@@ -530,16 +547,28 @@ def _unverified_header(token: str) -> dict[str, Any]:
     """The JOSE header, read only to choose a key (PyJWT then checks the whole token strictly).
 
     Decoding just the first segment, rather than asking PyJWT for it, halves the parsing cost
-    of every command.
+    of every command; the few headers in use (one per signer's algorithm and key id) are parsed
+    once and kept (read-only: callers only ``get`` from them).
     """
     head = token.split(".", 1)[0]
+    header = _HEADERS.get(head)
+    if header is not None:
+        return header
     try:
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
     except (ValueError, binascii.Error):
         raise _unauthenticated("malformed token: its header is not base64url-encoded JSON") from None
     if not isinstance(header, dict):
         raise _unauthenticated("malformed token: its header is not a JSON object")
+    if len(_HEADERS) >= _HEADERS_KEPT:  # anyone may send headers: the cache stays small
+        _HEADERS.clear()
+    _HEADERS[head] = header
     return header
+
+
+#: Parsed JOSE headers by their base64url text (see :func:`_unverified_header`), at most _HEADERS_KEPT.
+_HEADERS: dict[str, dict[str, Any]] = {}
+_HEADERS_KEPT = 64
 
 
 def _decode(token: str, alg: str, candidates: list[Any], audience: str | None = None,
@@ -636,6 +665,11 @@ def _unauthenticated(reason: str) -> AuthError:
     return AuthError("Unauthenticated", reason)
 
 
+def replayed(jti: str) -> AuthError:
+    """The refusal of a command token whose id was used before."""
+    return _unauthenticated(f"expected a new token id, but {jti!r} was already used (replayed command)")
+
+
 # --------------------------------------------------------------------------- replay
 
 
@@ -675,14 +709,23 @@ class ReplayCache:
             AuthError: ``Unauthenticated``: ``jti`` was seen, or it expires no later than an id
                 the full cache had to forget.
         """
+        self.check(jti, exp, now)
+        self._put(jti, exp)
+        self._pending.append((jti, exp))
+
+    def check(self, jti: str, exp: float, now: float) -> None:
+        """Refuse ``jti`` as :meth:`add` would, without remembering it.
+
+        Raises:
+            AuthError: ``Unauthenticated``: ``jti`` was seen, or it expires no later than an id
+                the full cache had to forget.
+        """
         self._drop_expired(now)
         if jti in self._exp:
-            raise _unauthenticated(f"expected a new token id, but {jti!r} was already used (replayed command)")
+            raise replayed(jti)
         if exp <= self._horizon:
             raise _unauthenticated(f"expected a token expiring after {self._horizon}, as the replay cache is full and "
                                    f"forgot ids expiring until then, but it expires at {exp}")
-        self._put(jti, exp)
-        self._pending.append((jti, exp))
 
     def load(self, seen: Iterable[tuple[str, float]], now: float) -> None:
         """Remember ids recorded earlier (e.g. before a restart); expired ones are skipped, none is pending."""

@@ -66,8 +66,10 @@ class PolicyTable:
 
     def __init__(self, consumer_conf: dict[str, Any], topic: str, keys: Optional[Keys] = None) -> None:
         self.topic, self.keys = topic, keys
+        # the table is mostly idle: the broker holds each fetch up to 500 ms (it answers as soon as a
+        # record arrives) rather than being asked 100 times a second, on every engine, all the time
         self._c = Consumer({**consumer_conf, "group.id": f"kflow-policies-{uuid.uuid4().hex}",
-                            "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10,
+                            "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 500,
                             "enable.partition.eof": True})
         self._tp = TopicPartition(topic, 0, 0)
         self._c.assign([self._tp])

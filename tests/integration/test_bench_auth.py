@@ -23,6 +23,13 @@ def test_bench_auth_runs_the_phases_with_auth_off_then_on(kafka_bootstrap: str) 
         assert [p["phase"] for p in phases] == ["throughput", "latency@50/s"]
         assert [(p["instances"], p["failed"], p["missed"]) for p in phases] == [(20, 0, 0), (10, 0, 0)], run
     assert [r["phase"] for r in report["comparison"]] == ["throughput", "latency@50/s"]
+    # CPU per workflow of each process in the throughput phase, their total, and the relative cost
+    for run in ("off", "on"):
+        busy = report[run]["throughput_cpu_ms_per_workflow"]
+        assert busy["engine"] > 0 and busy["worker"] > 0
+        assert busy["total"] == round(sum(v for k, v in busy.items() if k != "total"), 3)
+    off, on = (report[run]["throughput_cpu_ms_per_workflow"]["total"] for run in ("off", "on"))
+    assert report["throughput_cpu_cost_pct"] == round((on / off - 1) * 100, 1)
 
     # every start of the auth run passed the guard as the bench principal: the warm start, the 20 of
     # the warm-up, the 20 of the throughput phase and the 10 of the latency phase

@@ -493,15 +493,27 @@ def test_a_replay_is_refused_by_an_engine_restored_from_the_changelogs(kafka_boo
         s.client("root").deploy(WAITS)
         handle = alice.start("sec-wait", None, id=uid("replay"))
         waiting(alice, handle.id)
+        # a status query writes no state: its token id goes to the partition's seen-token records;
+        # the signal's goes into the instance's state. Both come back from the changelogs.
+        ask = signed(Command("QueryStatus", handle.id, {"query_id": uuid.uuid4().hex}, uuid.uuid4().hex, 0))
+        s.raw(handle.id, *ask)
         nudge = Command("SignalWorkflow", handle.id, {"name": "nudge", "data": 1}, uuid.uuid4().hex, 0)
         record = signed(nudge)
-        s.raw(handle.id, *record)
+        s.raw(handle.id, *record)  # decided after the query (one partition, in order)
         assert_eventually(lambda: any(e.type == "SignalReceived" for e in alice.history(handle.id)), timeout=30)
+        assert rejections(alice, handle.id) == []
         s.stop_engine(engine)
         s.start_engine(str(tmp_path / "fresh"))  # an empty state dir: everything comes from the changelogs
         s.raw(handle.id, *record)
-        got = assert_eventually(lambda: rejections(alice, handle.id), timeout=60)
-        assert got[0]["code"] == "UNAUTHENTICATED" and "already used" in got[0]["reason"]
+        s.raw(handle.id, *ask)
+
+        def both_refused() -> list[dict[str, Any]]:
+            found = rejections(alice, handle.id)
+            assert len(found) == 2, found
+            return found
+        got = assert_eventually(both_refused, timeout=60)
+        assert [r["command_type"] for r in got] == ["SignalWorkflow", "QueryStatus"]
+        assert all(r["code"] == "UNAUTHENTICATED" and "already used" in r["reason"] for r in got)
         alice.signal(handle.id, "go", "after restart")
         assert handle.result(timeout=30) == "after restart"
     finally:

@@ -546,3 +546,24 @@ def test_a_token_with_an_audience_takes_pyjwts_path_and_its_error() -> None:
     keys = hs256()
     token = forge({"alg": "HS256", "typ": "JWT"}, valid_claims(aud="someone"), sign_with=SECRET)
     assert "'aud' claim" in rejected(token, keys)
+
+
+_json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+                            lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                    st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                            max_leaves=6)
+
+
+@settings(max_examples=200)
+@given(claims=st.dictionaries(st.text(max_size=6), _json_values, max_size=8),
+       secret=st.sampled_from([SECRET, OTHER_SECRET]))
+def test_hs256_tokens_are_signed_byte_for_byte_as_pyjwt_signs_them(claims: dict, secret: bytes) -> None:
+    from kflow.security.tokens import _encode_hs256
+
+    assert _encode_hs256(claims, secret) == jwt.encode(claims, secret, algorithm="HS256")
+
+
+def test_command_tokens_signed_with_a_secret_verify_with_pyjwt() -> None:
+    token = sign_command(b"k", b"v", {"sub": "alice", "tenant": "acme", "roles": ["r"]}, hs256(), 60, now=1000.0)
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
+    assert (claims["sub"], claims["tenant"], claims["roles"], claims["exp"]) == ("alice", "acme", ["r"], 1060)
