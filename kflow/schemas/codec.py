@@ -46,6 +46,8 @@ __all__ = [
     "decode_state",
     "encode_engine_state",
     "decode_engine_state",
+    "encode_audit_record",
+    "decode_audit_record",
     "decode_legacy_state",
     "STATE_FIELDS",
     "STATE_FORMAT",
@@ -198,7 +200,8 @@ _STATE = _load_kind("state")
 _TASK = _load_kind("task")
 _DEFINITION = _load_kind("definition")
 _ENGINE_STATE = _load_kind("engine_state")
-_ALL_KINDS = (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION, _ENGINE_STATE)
+_AUDIT = _load_kind("audit")
+_ALL_KINDS = (_COMMAND, _EVENT, _STATE, _TASK, _DEFINITION, _ENGINE_STATE, _AUDIT)
 _BY_FINGERPRINT = {k.fingerprint: k for k in _ALL_KINDS}
 _BY_LABEL = {k.label: k for k in _ALL_KINDS}
 #: The message kinds, by the name of their ``.avsc`` file.
@@ -781,6 +784,16 @@ def decode_state(value: bytes | None) -> dict[str, Any]:
         if record[name] is not None:
             record[name] = _parse_json(record[name], f"state {name}")
     return record
+
+
+def encode_audit_record(record: dict[str, Any]) -> bytes:
+    """Frame and encode an audit record (``details`` already JSON text): see :mod:`kflow.security.audit`."""
+    return _write(_AUDIT, record)
+
+
+def decode_audit_record(value: bytes | None) -> dict[str, Any]:
+    """Check the framing (single-object or Confluent) and read one audit record (``details`` as JSON text)."""
+    return _read(_AUDIT, value)
 
 
 def encode_engine_state(instance_id: str, state: Mapping[str, Any]) -> bytes:

@@ -75,14 +75,13 @@ def topic_kinds(names: Any, topics: Iterable[str]) -> dict[str, str]:
     """The topics among ``topics`` whose values the codec writes -> their message kind.
 
     Every topic whose values are Avro written by the codec is in the map: commands, events, state,
-    engine-state, definitions and the task topics. The others are not registered, and say why in
+    engine-state, definitions, audit and the task topics. The others are not registered, and say why in
     docs/state-contract.md: the values of journal, policies, limits, schedules, batches,
     subscriptions and replies are JSON documents (no Avro schema to register); the DLQ holds the
-    original bytes of rejected records, whatever they were; audit records keep single-object
-    encoding (:mod:`kflow.security.audit`).
+    original bytes of rejected records, whatever they were.
     """
     fixed = {names.commands: "command", names.events: "event", names.state: "state",
-             names.engine_state: "engine_state", names.definitions: "definition"}
+             names.engine_state: "engine_state", names.definitions: "definition", names.audit: "audit"}
     task_prefix = f"{names.prefix}tasks."
     out: dict[str, str] = {}
     for topic in topics:
@@ -300,7 +299,8 @@ def activate(url: str, names: Any, topics: Iterable[str] = ()) -> None:
     """Register the subjects of kflow's own topics under ``names`` and of ``topics`` (task topics),
     then make this process write Confluent-framed values. Subjects already handled are skipped, so
     calling it again is cheap."""
-    base = [names.commands, names.events, names.state, names.engine_state, names.definitions, names.tasks("default")]
+    base = [names.commands, names.events, names.state, names.engine_state, names.definitions, names.audit,
+            names.tasks("default")]
     wanted = topic_kinds(names, [*base, *topics])
     with _lock:
         done = _registered.setdefault(url, set())

@@ -1,9 +1,9 @@
 """The audit record: one line of who did what to which resource, and whether it was allowed.
 
-Records travel on the ``audit`` topic (key = resource id) as Avro, in the same single-object
-encoding as every other kflow value (``C3 01``, the CRC-64-AVRO fingerprint of
-``kflow/schemas/audit.avsc``, the schemaless payload), so any consumer holding the ``.avsc``
-file can read them. ``details`` is a JSON object carried as JSON text, like workflow payloads.
+Records travel on the ``audit`` topic (key = resource id) as Avro, framed like every other kflow
+value by :mod:`kflow.schemas.codec`: single-object encoding (``C3 01``, the CRC-64-AVRO
+fingerprint of ``kflow/schemas/audit.avsc``, the schemaless payload), so any consumer holding the
+``.avsc`` file can read them, or the Confluent wire format with a Schema Registry configured. ``details`` is a JSON object carried as JSON text, like workflow payloads.
 Records are written with the compiled encoder of :mod:`kflow.schemas.fastcodec` (the engine writes
 one per audited command, from a plain dict: :func:`encode_audit_fields`).
 """
@@ -11,18 +11,15 @@ one per audited command, from a plain dict: :func:`encode_audit_fields`).
 from __future__ import annotations
 
 import json
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Literal
 
 import fastavro
 import orjson
-from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from kflow.model.errors import DecodeError
-from kflow.schemas.codec import MAGIC
-from kflow.schemas.fastcodec import CODECS
+from kflow.schemas.codec import decode_audit_record, encode_audit_record
 
 __all__ = ["AUDIT_SCHEMA", "AuditOutcome", "AuditRecord", "decode_audit", "encode_audit", "encode_audit_fields"]
 
@@ -33,8 +30,6 @@ _RAW_SCHEMA: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "schemas" / "audit.avsc").read_text(encoding="utf-8"))
 #: The parsed Avro schema of audit records.
 AUDIT_SCHEMA = fastavro.parse_schema(_RAW_SCHEMA)
-_HEADER = MAGIC + bytes.fromhex(fingerprint(to_parsing_canonical_form(AUDIT_SCHEMA), "CRC-64-AVRO"))
-_ENCODE = CODECS[AUDIT_SCHEMA["name"]].encode
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
 
@@ -79,7 +74,7 @@ def encode_audit_fields(fields: dict[str, Any]) -> bytes:
     except TypeError as exc:
         raise ValueError(f"cannot encode audit record {fields.get('id')!r}: details are not JSON-serialisable: "
                          f"{exc}") from exc
-    return _HEADER + _ENCODE({**fields, "details": details})
+    return encode_audit_record({**fields, "details": details})
 
 
 def decode_audit(value: bytes) -> AuditRecord:
@@ -88,19 +83,7 @@ def decode_audit(value: bytes) -> AuditRecord:
     Raises:
         DecodeError: not an audit record, truncated or garbled, or fields that do not validate.
     """
-    if not value or bytes(value[: len(_HEADER)]) != _HEADER:
-        raise DecodeError("not an audit record: missing or different single-object header "
-                          f"(expected {_HEADER.hex()}, got {bytes(value[: len(_HEADER)]).hex() if value else 'nothing'})")
-    buf = BytesIO(value)
-    buf.seek(len(_HEADER))
-    try:
-        data: Any = fastavro.schemaless_reader(buf, AUDIT_SCHEMA, None, True)
-    except EOFError:
-        raise DecodeError("truncated Avro audit payload") from None
-    except Exception as exc:  # fastavro reports garbage through many exception types
-        raise DecodeError(f"garbled Avro audit payload: {type(exc).__name__}: {exc}") from None
-    if buf.tell() != len(value):
-        raise DecodeError(f"garbled Avro audit payload: {len(value) - buf.tell()} trailing byte(s)")
+    data = decode_audit_record(value)  # single-object or Confluent framing, as the codec reads every kind
     try:
         data["details"] = orjson.loads(data["details"])
         return AuditRecord.model_validate(data)

@@ -22,7 +22,7 @@ from kflow.schemas.registry import incompatibility, previous_schemas
 
 PREVIOUS = Path(__file__).parent.parent / "data" / "schemas" / "previous"
 DECODERS = {"command": decode_command, "event": decode_event, "state": decode_state, "task": decode_task,
-            "definition": decode_definition}
+            "definition": decode_definition, "audit": codec.decode_audit_record}
 #: Message kinds this release adds (no previous schema to be compatible with).
 NEW_KINDS = {"engine_state"}
 OLD_KINDS = tuple(k for k in codec.KINDS if k not in NEW_KINDS)

@@ -37,6 +37,7 @@ from kflow.schemas.codec import (
     encode_task,
 )
 from kflow.schemas.registry import SchemaIncompatibleError, activate, client_for, subject
+from kflow.security.audit import AuditRecord, decode_audit, encode_audit_fields
 from kflow.streams.topics import TopicNames
 
 PREVIOUS = Path(__file__).parent.parent / "data" / "schemas" / "previous"
@@ -53,6 +54,9 @@ STATE = {"instance_id": "order-1", "workflow": "order", "version": 3, "status": 
          "error_message": None, "format_version": 2, "kind": "spec", "tenant": None, "owner": None, "parent_id": None,
          "run": 1, "priority": None, "search_attributes": {"customer": "c1"}, "incidents": None, "position": []}
 ENGINE_STATE = ("order-1", {"id": "order-1", "steps": {"a": 1}})
+AUDIT = AuditRecord(id="au-1", time=1_700_000_000_000, principal="alice", tenant="acme", action="instance:cancel",
+                    resource_type="instance", resource_id="order-1", outcome="granted", details={"rule": "owner"},
+                    source="kafka:client-1")
 TASK = Task("order-1", "a1", 1, "charge", "payments", {"amount": 10}, "order", 5)
 DEFINITION = Definition("order", 2, "spec", {"steps": []}, 9)
 
@@ -64,6 +68,7 @@ KINDS: dict[str, tuple[str, Any, Any, Any]] = {
     "task": (NAMES.tasks("default"), lambda: encode_task(TASK), decode_task, TASK),
     "definition": (NAMES.definitions, lambda: encode_definition(DEFINITION), decode_definition, DEFINITION),
     "engine_state": (NAMES.engine_state, lambda: encode_engine_state(*ENGINE_STATE), decode_engine_state, ENGINE_STATE),
+    "audit": (NAMES.audit, lambda: encode_audit_fields(AUDIT.model_dump()), decode_audit, AUDIT),
 }
 
 
@@ -99,9 +104,9 @@ def test_round_trip_through_the_registry(kind: str, request: pytest.FixtureReque
     stock = AvroDeserializer(client)(value, SerializationContext(topic, MessageField.VALUE))
     assert stock == fastavro.schemaless_reader(_payload(value), fastavro.parse_schema(json.loads(codec.schema_text(kind))))
     assert stock[{"command": "command_id", "event": "seq", "state": "status", "task": "activity_id",
-                  "definition": "name", "engine_state": "instance_id"}[kind]] == {
+                  "definition": "name", "engine_state": "instance_id", "audit": "principal"}[kind]] == {
         "command": "cmd-1", "event": 7, "state": "COMPLETED", "task": "a1", "definition": "order",
-        "engine_state": "order-1"}[kind]
+        "engine_state": "order-1", "audit": "alice"}[kind]
 
 
 def _payload(value: bytes) -> BytesIO:
@@ -112,7 +117,7 @@ def test_every_kflow_topic_gets_a_topic_name_subject(request: pytest.FixtureRequ
     activate(url(request), NAMES, [NAMES.tasks("payments"), NAMES.tasks("payments", 1), NAMES.journal, NAMES.dlq])
     subjects = set(client_for(url(request)).get_subjects())
     assert subjects == {"sr.commands-value", "sr.events-value", "sr.state-value", "sr.engine-state-value",
-                        "sr.definitions-value", "sr.tasks.default-value", "sr.tasks.payments-value", "sr.tasks.payments.p1-value"}
+                        "sr.definitions-value", "sr.audit-value", "sr.tasks.default-value", "sr.tasks.payments-value", "sr.tasks.payments.p1-value"}
 
 
 def test_a_stock_serializer_record_is_read_by_kflow(request: pytest.FixtureRequest) -> None:

@@ -72,9 +72,9 @@ def test_audit_records_round_trip(rec: AuditRecord) -> None:
 
 
 @pytest.mark.parametrize("value,reason", [
-    (b"", "not an audit record"),
-    (b"\xc3\x01\x00\x00", "not an audit record"),
-    (None, "not an audit record"),
+    (b"", "empty audit value"),
+    (b"\xc3\x01\x00\x00", "truncated single-object header for audit"),
+    (None, "empty audit value"),
 ])
 def test_values_that_are_not_audit_records_are_refused(value: bytes, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason):
@@ -83,7 +83,7 @@ def test_values_that_are_not_audit_records_are_refused(value: bytes, reason: str
 
 def test_another_kind_of_kflow_value_is_refused() -> None:
     task = Task("i", "a", 1, "charge", "q", {}, "order", 0)
-    with pytest.raises(DecodeError, match="not an audit record"):
+    with pytest.raises(DecodeError, match="expected audit, got a task value"):
         decode_audit(encode_task(task))
 
 
