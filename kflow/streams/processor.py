@@ -61,10 +61,12 @@ __all__ = ["Batch", "EngineProcessor", "SystemClock", "state_record"]
 
 log = logging.getLogger("kflow.engine")
 
-#: Seconds between two reads of the policies table by the polling thread (auth on): a new policy
-#: counts within about that long, and before refusing a command as forbidden a lane reads the table
-#: to its end anyway. Reading it on every poll cost about 5 % of the CPU of a saturated bench.
-POLICIES_POLL_S = 0.1
+#: Seconds between two reads of the global tables (definitions, limits, policies) by the polling
+#: thread: a change counts within about that long. Where sooner matters a lane reads a table itself:
+#: a start carries its deploy's offset and a start naming an unknown workflow reads the definitions
+#: to their end; before refusing a command as forbidden a lane reads the policies to their end.
+#: Reading the policies on every poll cost about 5 % of the CPU of a saturated bench.
+TABLES_POLL_S = 0.1
 
 
 class SystemClock:
@@ -117,7 +119,7 @@ class EngineProcessor:
         #: token ids each owned partition accepted; None / empty with auth off
         self.guard: Optional[CommandGuard] = None
         self.policies: PolicyTable
-        self._policies_due = 0.0  # monotonic time of the next read of the policies table
+        self._tables_due = 0.0  # monotonic time of the next read of the global tables
         self.seen: dict[int, SeenTokens] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -334,13 +336,13 @@ class EngineProcessor:
             msgs.extend(self.consumer.consume(self.config.max_batch - 1, 0))
         if msgs:
             self._route(msgs, polled_us)
-        self.defs.poll(0)
-        self.quotas.poll(0)
-        if self.guard is not None:
-            now_s = time.monotonic()
-            if now_s >= self._policies_due:  # each read of the (mostly idle) table is a consumer call
-                self._policies_due = now_s + POLICIES_POLL_S
-                self.policies.poll(0)
+        now_s = time.monotonic()
+        if now_s >= self._tables_due:  # each read of a (mostly idle) global table is a consumer call
+            self._tables_due = now_s + TABLES_POLL_S
+            self.defs.poll(0)  # a start after a deploy carries the deploy's offset: the lane reads that far
+            self.quotas.poll(0)
+            if self.guard is not None:
+                self.policies.poll(0)  # a lane about to refuse a command reads the policies to their end
         metrics.refresh(self)
         return len(msgs)
 
