@@ -28,7 +28,7 @@ from kflow.streams.store import EngineStore
 from kflow.streams.topics import ensure_topics
 from tests.fault.flows import DEFS
 from tests.fault.test_crash_matrix import WORKFLOWS, oracle, read_all, tansu_gap  # noqa: F401 (a fixture)
-from tests.unit.test_restore import assert_store_matches_topic
+from tests.unit.streams.test_restore import assert_store_matches_topic
 
 PARTITIONS = 4
 

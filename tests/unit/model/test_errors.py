@@ -20,7 +20,7 @@ from kflow.model.messages import Event, RejectCode, Status
 from kflow.schemas.codec import decode_event, decode_state, encode_event, encode_state
 from kflow.streams.lane import state_record
 from kflow.testing.harness import EngineHarness, ManualClock
-from tests.unit.test_code_replayer import harness
+from tests.unit.engine.test_code_replayer import harness
 
 NOW = 1_700_000_000_000
 

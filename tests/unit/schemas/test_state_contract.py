@@ -12,7 +12,7 @@ from kflow.engine.core import public_state, status_record
 from kflow.schemas import codec
 from kflow.schemas.codec import decode_engine_state, decode_state, encode_engine_state, encode_state
 
-DOC = Path(__file__).parent.parent.parent / "docs" / "state-contract.md"
+DOC = Path(__file__).parents[3] / "docs" / "state-contract.md"
 
 
 def schema_fields() -> list[str]:

@@ -7,7 +7,7 @@ from kflow._cli.visibility import _STATUS_STYLE
 from kflow.model.messages import Status
 from kflow.visibility.store import STATUSES
 
-CONSOLE = Path(__file__).parents[2] / "kflow" / "visibility" / "static" / "console.js"
+CONSOLE = Path(__file__).parents[3] / "kflow" / "visibility" / "static" / "console.js"
 
 
 def test_the_visibility_filter_knows_every_status() -> None:

@@ -40,7 +40,7 @@ from kflow.schemas.registry import SchemaIncompatibleError, activate, client_for
 from kflow.security.audit import AuditRecord, decode_audit, encode_audit_fields
 from kflow.streams.topics import TopicNames
 
-PREVIOUS = Path(__file__).parent.parent / "data" / "schemas" / "previous"
+PREVIOUS = Path(__file__).parents[2] / "data" / "schemas" / "previous"
 NAMES = TopicNames("sr.")
 SINGLE_OBJECT = b"\xc3\x01"
 

@@ -18,7 +18,7 @@ from kflow.engine.code_retry import RESET_ATTEMPTS
 from kflow.engine.journal import MEMORY
 from kflow.model.messages import RejectCode, Status
 from kflow.testing.harness import EngineHarness
-from tests.unit.test_code_replayer import CACHE_SIZE, harness
+from tests.unit.engine.test_code_replayer import CACHE_SIZE, harness
 
 
 @pytest.fixture(autouse=True, params=["cached", "replayed"])

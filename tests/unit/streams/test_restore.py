@@ -26,7 +26,7 @@ from kflow.streams.partitioner import partition_for
 from kflow.streams.restore import end_offsets, restore_partition, restore_partitions
 from kflow.streams.store import EngineStore, StorePartition, journal_records, timer_key
 from kflow.streams.topics import ensure_topics
-from tests.unit.test_journal import Driver, complete, start
+from tests.unit.engine.test_journal import Driver, complete, start
 
 
 def latest_states(cfg: KafkaConfig) -> tuple[dict[int, dict[str, Any]], dict[int, int]]:

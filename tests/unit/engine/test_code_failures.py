@@ -13,7 +13,7 @@ from kflow.engine import NondeterminismError
 from kflow.engine.activity import DEFAULT_LIMITS, Limits
 from kflow.model.errors import ActivityError
 from kflow.testing.harness import EngineHarness
-from tests.unit.test_code_replayer import CACHE_SIZE, harness
+from tests.unit.engine.test_code_replayer import CACHE_SIZE, harness
 
 
 @pytest.fixture(autouse=True, params=["cached", "replayed"])

@@ -20,7 +20,7 @@ from kflow.schemas import codec
 from kflow.schemas.codec import decode_command, decode_definition, decode_event, decode_state, decode_task
 from kflow.schemas.registry import incompatibility, previous_schemas
 
-PREVIOUS = Path(__file__).parent.parent / "data" / "schemas" / "previous"
+PREVIOUS = Path(__file__).parents[2] / "data" / "schemas" / "previous"
 DECODERS = {"command": decode_command, "event": decode_event, "state": decode_state, "task": decode_task,
             "definition": decode_definition, "audit": codec.decode_audit_record}
 #: Message kinds this release adds (no previous schema to be compatible with).
