@@ -158,6 +158,7 @@ def history_from_events(events: list[Event]) -> tuple[Entries, Entries]:
     by_timer = {inc["timer"]: (iid, inc) for iid, inc in raised.items() if inc["timer"] is not None}
     inputs: Entries = []
     commands: Entries = []
+    started, queued = False, []  # signals of a queued start follow its WorkflowStarted
     for e in events:
         d = e.data
         if e.type in ("ActivityFailed", "ActivityTimedOut") and ((d["activity_id"], d["attempt"]) in retried
@@ -181,8 +182,14 @@ def history_from_events(events: list[Event]) -> tuple[Entries, Entries]:
             fed = _resolved_input(raised[d["incident_id"]], e)
             if fed is not None:
                 inputs.append(fed)
+        elif e.type == "SignalReceived" and not started:
+            queued.append([e.type, d, e.ts, e.seq])  # received while QUEUED: the engine applies it once admitted
         elif e.type in WORKFLOW_INPUTS:
             inputs.append([e.type, d, e.ts, e.seq])
+            if e.type == "WorkflowStarted":
+                started = True
+                inputs.extend(queued)
+                queued.clear()
         elif e.type == "ActivityScheduled" and d.get("attempt", 1) == 1:
             commands.append(["activity", d["name"], d["activity_id"]])
         elif e.type == "TimerStarted" and d.get("purpose", "") not in ENGINE_TIMERS:

@@ -47,6 +47,8 @@ HELD_INPUTS = frozenset({"ActivityCompleted", "ActivityFailed", "TimerFired", "S
 
 #: State key of a suspended instance: the status it resumes to, and the input events it holds.
 SUSPENDED = "suspended"
+#: State key of the signals a QUEUED instance received: applied in arrival order once it is admitted.
+QUEUED_SIGNALS = "queued_signals"
 
 
 #: State key of where the instance's history starts on its ``events`` partition: an offset at or
@@ -129,6 +131,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         _resume(run)  # notes ended activities per held event
     elif st["status"] == Status.SUSPENDED and ev.type in HELD_INPUTS:
         _hold(run, ev)
+    elif st["status"] == Status.QUEUED and ev.type == "SignalReceived":
+        st.setdefault(QUEUED_SIGNALS, []).append({"seq": ev.seq, "ts": ev.ts, "data": ev.data})
     elif ev.type == "WorkflowRetried":
         (code_retry.on_retried if st["kind"] == "code" else spec_interpreter.on_retried)(run, ev)
     elif ev.type == "WorkflowSuspended":
@@ -148,6 +152,8 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
         spec_interpreter.apply_input(run, ev)
     if ev.type != "WorkflowResumed":
         note_ended(run, before, ev)
+    if run.state["status"] in Status.TERMINAL:
+        run.state.pop(QUEUED_SIGNALS, None)  # a queued start cancelled, terminated or refused: nothing to deliver
     if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
         if run.state["status"] == Status.COMPLETED:
             code_journal.end_journal(run)  # a completed run is never replayed again
@@ -181,6 +187,19 @@ def _hold(run: Run, ev: Event) -> None:
     if ev.type == "TimerFired":
         entry["timer"] = run.state["timers"].pop(ev.data["timer_id"])
     run.state[SUSPENDED]["held"].append(entry)
+
+
+def apply_queued_signals(run: Run) -> None:
+    """An admitted instance (its ``WorkflowStarted`` just applied) gets the signals it received
+    while QUEUED, in arrival order, as if they had arrived right after its start."""
+    st = run.state
+    held = st.pop(QUEUED_SIGNALS, None) or []
+    apply = code_replayer.apply_input if st["kind"] == "code" else spec_interpreter.apply_input
+    for entry in held:
+        if run.closed:
+            break
+        apply(run, Event(type="SignalReceived", instance_id=st["id"], seq=entry["seq"], ts=entry["ts"],
+                         data=entry["data"]))
 
 
 def _still_applies(state: JSONDict, ev: Event) -> bool:
@@ -393,7 +412,7 @@ def _active(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decis
 
 def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
-    guard = _running(state, cmd, now, _RECEIVING)
+    guard = _running(state, cmd, now, _RECEIVING | {Status.QUEUED})  # a queued start gets it once admitted
     if guard:
         return guard
     assert state is not None

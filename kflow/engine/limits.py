@@ -446,6 +446,7 @@ def _admit(run: Run, key: str) -> None:
         code_replayer.apply_input(run, started)
     else:
         spec_interpreter.apply_input(run, started)
+    core.apply_queued_signals(run)
 
 
 def _on_refused(run: Run, ev: Event) -> None:

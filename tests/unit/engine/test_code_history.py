@@ -161,3 +161,27 @@ def test_what_if_of_an_open_instance_past_an_incident_is_compatible(action: str)
     report = what_if(events, h.defs, 1)
     assert report.compatible, report.to_json()
     assert replay(charged, events) is None  # still running, and no non-determinism
+
+
+@kflow.workflow(name="history.queued", version=1)
+async def queued_flow(ctx, input):
+    got = await ctx.wait_signal("go")
+    return {"input": input, "got": got}
+
+
+def test_a_signal_received_while_queued_is_an_input_after_the_start() -> None:
+    from kflow.engine.limits import LimitsView, parse_limits
+
+    h = JournalingHarness()
+    h.defs.add(kflow.authoring.definition_of(queued_flow))
+    h.defs.quotas = LimitsView(parse_limits({"limits": [{"name": "one", "workflow": "history.queued",  # type: ignore[attr-defined]
+                                                         "max_running": 1}]}))
+    h.start("history.queued", "q1", 1)
+    h.start("history.queued", "q2", 2)
+    assert h.status("q2") == Status.QUEUED
+    h.signal("q2", "go", "early")  # recorded while q2 waits for its permit
+    h.signal("q1", "go", "now")  # q1 completes: q2 is admitted and its code gets the early signal
+    assert h.result("q2") == {"input": 2, "got": "early"}
+    events = h.history["q2"]
+    assert history_from_events(events) == h.journal("q2")
+    assert replay(queued_flow, events) == {"input": 2, "got": "early"}

@@ -426,3 +426,33 @@ def test_ctx_set_priority_changes_the_level_of_the_work_that_follows_and_replays
     check_replay(h)
     with pytest.raises(ValueError, match="unknown priority|expected"):
         kflow.model.messages.priority_level("urgent")
+
+
+# -- signals to a queued start ------------------------------------------------------------------
+def test_a_queued_start_keeps_its_signals_and_gets_them_once_admitted() -> None:
+    h = harness([{"name": "q", "workflow": "job", "max_running": 1}])
+    h.start("job", "a")
+    h.start("job", "b")
+    assert statuses(h, ["a", "b"]) == ["RUNNING", "QUEUED"]
+    h.signal("b", "done", {"n": 1})  # b waits for a permit: the signal is recorded, not refused
+    assert h.status("b") == "QUEUED"
+    assert [e.type for e in h.history["b"]][-1] == "SignalReceived"
+    h.signal("a", "done")  # a closes: b is admitted, and its wait finds the signal it got while queued
+    assert statuses(h, ["a", "b"]) == ["COMPLETED", "COMPLETED"]
+    types = [e.type for e in h.history["b"]]
+    assert types.index("SignalReceived") < types.index("WorkflowStarted")
+    assert "queued_signals" not in h.states["b"]
+    check_replay(h)
+
+
+def test_the_signals_of_a_queued_start_that_is_cancelled_are_dropped() -> None:
+    h = harness([{"name": "q", "workflow": "job", "max_running": 1}])
+    h.start("job", "a")
+    h.start("job", "b")
+    h.signal("b", "done")
+    h.send("CancelWorkflow", "b", reason="not needed")
+    assert h.status("b") == "CANCELLED"
+    assert "queued_signals" not in h.states["b"]
+    h.signal("a", "done")
+    assert counter(h, key_of("q"))["in_use"] == 0
+    check_replay(h)
