@@ -247,6 +247,10 @@ def list_instances(
     workflow: Annotated[Optional[str], typer.Option("--workflow", "-w", help="Workflow name.")] = None,
     search: Annotated[Optional[list[str]], typer.Option("--search", metavar="NAME:VALUE",
                                                         help="Search attribute filter (repeatable).")] = None,
+    where: Annotated[Optional[str], typer.Option(
+        "--where", metavar="QUERY",
+        help="A query as kflow batch takes it: NAME=VALUE terms joined by AND (status, workflow, version, tenant, "
+             "started_after/before, closed_after/before, id_prefix, search.NAME); ANDed with the other filters.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="Most rows shown.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     api: Api = None,
@@ -257,11 +261,19 @@ def list_instances(
     """List workflow instances, newest first, with filters.
 
     Asks the visibility API when KFLOW_API is set (fast, indexed); otherwise reads the whole
-    state topic from Kafka and filters locally.
+    state topic from Kafka and filters locally. --where selects exactly what a batch operation
+    with the same query would act on.
 
     Example: kflow list --status RUNNING --workflow order --search customer:acme
+    Example: kflow list --where "status=RUNNING AND workflow=order AND started_after=2026-12-01"
     """
     setup_logging(verbose)
+    from kflow.batch.plan import WhereError, parse_where
+
+    try:
+        query = parse_where(where) if where else None
+    except WhereError as exc:
+        fail(f"--where: {exc}")
     pairs = []
     for item in search or []:
         name, sep, value = item.partition(":")
@@ -270,8 +282,14 @@ def list_instances(
         pairs.append((name, value))
     statuses = {s.strip().upper() for s in status.split(",")} if status else set()
     if api:
-        rows = _api_get(api, "/api/instances", status=status, workflow=workflow, limit=limit,
-                        search=[f"{n}:{v}" for n, v in pairs] or None)["items"]
+        params: dict[str, Any] = query.api_params() if query is not None else {}
+        for name, given in (("status", status), ("workflow", workflow)):
+            if given and name in params and params[name] != given:
+                fail(f"--{name} {given!r} contradicts --where's {name}={params[name]!r}: give it once")
+            if given:
+                params[name] = given
+        params["search"] = [*params.get("search", []), *(f"{n}:{v}" for n, v in pairs)] or None
+        rows = _api_get(api, "/api/instances", limit=limit, **params)["items"]
     else:
         from kflow.visibility.search import search_text
 
@@ -279,6 +297,8 @@ def list_instances(
         for st in _latest_states(_config(bootstrap, prefix)).values():
             search_attrs = st.get("search_attributes") or {}
             if statuses and st["status"] not in statuses or workflow and st["workflow"] != workflow:
+                continue
+            if query is not None and not query.matches(st):
                 continue
             if any(n not in search_attrs or search_text(search_attrs[n]) != v for n, v in pairs):
                 continue

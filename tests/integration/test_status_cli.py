@@ -6,6 +6,7 @@ events topics (or asks a real visibility server) and must draw each step as what
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 
@@ -77,3 +78,21 @@ def test_status_through_the_api_draws_a_caught_failure_and_its_handler(stack, tm
 
         assert_eventually(projected, timeout=60)
         assert _tree(_status(stack, iid, api=vis.url)) == {"charge": "failed", "paid": "pending", "apologise": "done"}
+
+
+def test_list_where_selects_what_a_batch_with_the_same_query_would(stack):
+    c = stack.client
+    c.deploy(ORDER)
+    c.deploy(PAY)
+    tag = uuid.uuid4().hex[:6]
+    orders = [c.start("status_cli_order", {"sku": f"S{n}", "ok": True}, id=f"lw-{tag}-o{n}") for n in range(2)]
+    pay = c.start("status_cli_pay", {}, id=f"lw-{tag}-p0")
+    assert len(c.wait_many([h.id for h in [*orders, pay]], timeout=60)) == 3  # closed, however they ended
+    opts = ["--bootstrap", stack.bootstrap, "--prefix", stack.prefix, "--json"]
+    out = CliRunner().invoke(app, ["list", "--where", f"workflow=status_cli_order AND id_prefix=lw-{tag}", *opts],
+                             env={"KFLOW_API": ""})
+    assert out.exit_code == 0, out.output
+    listed = sorted(json.loads(line)["instance_id"] for line in out.output.splitlines() if line.strip())
+    assert listed == sorted(h.id for h in orders)
+    bad = CliRunner().invoke(app, ["list", "--where", "colour=red", *opts], env={"KFLOW_API": ""})
+    assert bad.exit_code != 0 and "--where:" in bad.output and "colour" in bad.output, bad.output
