@@ -249,13 +249,26 @@ def replay_definition(definition: Path, where: str, as_json: bool, api: Optional
             fail(f"{definition} is {target.name}@{target.version}, which is deployed with other content: bump its version")
         if known is None:
             defs.add(target)
-        try:
-            ids = _select(client, query, api, max_instances)
-        except (KflowError, WhereError) as e:
-            fail(str(e))
-        if not ids:
-            fail(f"no instance matches {query.text()!r}: nothing to replay")
-        reports = what_if_reports(client, ids, defs, target.version)
+        reports = _replay_selected(client, query, api, max_instances, defs, target.version)
+    _print_verdicts(reports, as_json)
+
+
+def _replay_selected(client: Any, query: Any, api: Optional[str], max_instances: int, defs: Any,
+                     version: int) -> list[WhatIf]:
+    """The what-if of every instance ``query`` selects against ``version`` (none selected: one error)."""
+    from kflow.batch import WhereError
+
+    try:
+        ids = _select(client, query, api, max_instances)
+    except (KflowError, WhereError) as e:
+        fail(str(e))
+    if not ids:
+        fail(f"no instance matches {query.text()!r}: nothing to replay")
+    return what_if_reports(client, ids, defs, version)
+
+
+def _print_verdicts(reports: list[WhatIf], as_json: bool) -> None:
+    """Print the reports; exit 1 when any history diverges."""
     print_reports(reports, as_json)
     if any(not r.compatible for r in reports):
         raise typer.Exit(1)
@@ -289,13 +302,5 @@ def replay_code(workflows: str, target: str, where: str, as_json: bool, api: Opt
         code = default_registry.get(name, version)
         assert code is not None  # resolved among the registered versions
         defs.add(code)
-        try:
-            ids = _select(client, query, api, max_instances)
-        except (KflowError, WhereError) as e:
-            fail(str(e))
-        if not ids:
-            fail(f"no instance matches {query.text()!r}: nothing to replay")
-        reports = what_if_reports(client, ids, defs, version)
-    print_reports(reports, as_json)
-    if any(not r.compatible for r in reports):
-        raise typer.Exit(1)
+        reports = _replay_selected(client, query, api, max_instances, defs, version)
+    _print_verdicts(reports, as_json)
