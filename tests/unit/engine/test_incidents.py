@@ -23,6 +23,7 @@ from kflow.security.policy import Policy, parse_policy
 from kflow.security.principal import Principal
 from kflow.security.tokens import Keys
 from kflow.testing.harness import EngineHarness
+from tests.unit.engine.test_lifecycle import order_with_broken_charge
 
 #: reserve -> charge (3 attempts, then an incident for ops, 4h to resolve) -> ship.
 ORDER = {"name": "order", "version": 1, "steps": [
@@ -37,18 +38,7 @@ ORDER = {"name": "order", "version": 1, "steps": [
 
 def order() -> tuple[EngineHarness, dict[str, list[Any]]]:
     """Instance o1 of ``order`` with its ``charge`` step failing every attempt, every call recorded."""
-    h = EngineHarness()
-    h.deploy(ORDER)
-    calls: dict[str, list[Any]] = {"reserve": [], "charge": [], "ship": []}
-
-    def broken(x: Any) -> Any:
-        calls["charge"].append(x)
-        raise RuntimeError("card service down")
-
-    h.activity("reserve", lambda x: calls["reserve"].append(x) or {"sku": x})
-    h.activity("charge", broken)
-    h.activity("ship", lambda x: calls["ship"].append(x) or "shipped")
-    h.start("order", "o1", "A1")
+    h, calls = order_with_broken_charge(ORDER)
     h.advance(1)
     h.advance(2)  # the two backoffs: attempts 2 and 3 fail too
     return h, calls

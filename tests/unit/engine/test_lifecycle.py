@@ -253,10 +253,11 @@ ORDER = {"name": "order", "version": 1, "steps": [
 ]}
 
 
-def failing_order() -> tuple[EngineHarness, dict[str, list[Any]]]:
-    """An ``order`` instance o1 that FAILED at ``charge``, with every activity call recorded."""
+def order_with_broken_charge(definition: dict[str, Any]) -> tuple[EngineHarness, dict[str, list[Any]]]:
+    """Instance o1 of ``definition`` (steps reserve, charge, ship) started, its ``charge`` raising on
+    every call, every activity call recorded."""
     h = EngineHarness()
-    h.deploy(ORDER)
+    h.deploy(definition)
     calls: dict[str, list[Any]] = {"reserve": [], "charge": [], "ship": []}
 
     def broken(x: Any) -> Any:
@@ -267,6 +268,12 @@ def failing_order() -> tuple[EngineHarness, dict[str, list[Any]]]:
     h.activity("charge", broken)
     h.activity("ship", lambda x: calls["ship"].append(x) or "shipped")
     h.start("order", "o1", "A1")
+    return h, calls
+
+
+def failing_order() -> tuple[EngineHarness, dict[str, list[Any]]]:
+    """An ``order`` instance o1 that FAILED at ``charge``, with every activity call recorded."""
+    h, calls = order_with_broken_charge(ORDER)
     assert h.status("o1") == Status.FAILED
     return h, calls
 
