@@ -13,17 +13,15 @@ The table is handed to the engine as ``defs.quotas`` (see :func:`kflow.engine.li
 from __future__ import annotations
 
 import logging
-import threading
-import time
-import uuid
-from typing import Any, Optional
+from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from kflow.config import KafkaConfig
 from kflow.engine.limits import LimitSpec, LimitSpecError, LimitsView, parse_limits
 from kflow.model.errors import BrokerUnavailable, KflowError
+from kflow.streams.onerecord import OneRecordTable
 
 __all__ = ["LIMITS_KEY", "LimitsTable", "publish_limits", "read_limits"]
 
@@ -33,7 +31,7 @@ log = logging.getLogger("kflow.limits")
 LIMITS_KEY = b"limits"
 
 
-class LimitsTable(LimitsView):
+class LimitsTable(LimitsView, OneRecordTable):
     """The limits in force, fed from the ``limits`` topic.
 
     Args:
@@ -42,59 +40,22 @@ class LimitsTable(LimitsView):
     """
 
     def __init__(self, consumer_conf: dict[str, Any], topic: str) -> None:
-        super().__init__([])
-        self.topic = topic
-        self._c = Consumer({**consumer_conf, "group.id": f"kflow-limits-{uuid.uuid4().hex}",
-                            "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10,
-                            "enable.partition.eof": True})
-        self._tp = TopicPartition(topic, 0, 0)
-        self._c.assign([self._tp])
-        self._lock = threading.Lock()
+        LimitsView.__init__(self, [])
+        OneRecordTable.__init__(self, consumer_conf, topic, LIMITS_KEY, "limits")
         self.offset = -1
         """Offset of the record the limits in force came from (-1: none yet)."""
-        self._end = -1
 
-    def poll(self, timeout: float = 0.0) -> int:
-        """Apply whatever records arrived; returns how many were read."""
-        with self._lock:
-            msgs = self._c.consume(100, timeout)
-            for m in msgs:
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        self._end = max(self._end, m.offset() or 0)
-                elif m.key() == LIMITS_KEY:
-                    self._apply(m.value(), m.offset() or 0)
-            return len(msgs)
-
-    def catch_up(self, timeout: float = 5.0) -> bool:
-        """Read to the high watermark seen now; False on timeout."""
-        deadline = time.monotonic() + timeout
-        try:
-            low, high = self._c.get_watermark_offsets(self._tp, timeout=timeout, cached=False)
-        except KafkaException as e:
-            log.warning("cannot read the end of %s: %s", self.topic, e)
-            return False
-        while high > low and max(self._c.position([self._tp])[0].offset, self._end) < high:
-            if time.monotonic() > deadline:
-                log.warning("limits table behind its high watermark after %.1fs", timeout)
-                return False
-            self.poll(0.005)
-        return True
-
-    def _apply(self, value: Optional[bytes], offset: int) -> None:
+    def _take(self, m: Message) -> None:
+        offset = m.offset() or 0
         where = f"{self.topic}@{offset}"
         try:
-            specs = parse_limits(orjson.loads(value) if value is not None else None, where)
+            specs = parse_limits(orjson.loads(m.value()), where)  # type: ignore[arg-type]  # a value: see OneRecordTable
         except (orjson.JSONDecodeError, LimitSpecError) as e:
             log.error("ignoring the limits record at %s (the limits in force stay): %s", where, e)
             return
         self.replace(specs)
         self.offset = offset
         log.info("limits from %s in force: %s", where, ", ".join(s.name for s in specs) or "none")
-
-    def close(self) -> None:
-        self._c.close()
 
 
 def _producer_error(config: KafkaConfig, e: KafkaException, doing: str) -> KflowError:

@@ -20,7 +20,6 @@ and owners.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from typing import Any, Optional, cast
@@ -29,12 +28,10 @@ import orjson
 import yaml
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
-    Consumer,
     KafkaError,
     KafkaException,
     Message,
     Producer,
-    TopicPartition,
 )
 
 from kflow.config import KafkaConfig
@@ -43,6 +40,7 @@ from kflow.security.audit import AuditRecord, encode_audit
 from kflow.security.policy import Policy, PolicyError, Resource, evaluate, parse_policy
 from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
 from kflow.security.tokens import COMMAND_HEADER, Keys, ReplayCache, verify_command
+from kflow.streams.onerecord import OneRecordTable
 
 __all__ = ["POLICY_KEY", "PolicyTable", "publish_policy"]
 
@@ -55,7 +53,7 @@ _APPLY = ("policy_apply", Resource("system", "policy", DEFAULT_TENANT))
 _APPLY_NEEDS = "role system_admin, or system:Admin in the default tenant"
 
 
-class PolicyTable:
+class PolicyTable(OneRecordTable):
     """The policy in force, fed from the ``policies`` topic.
 
     Args:
@@ -65,56 +63,17 @@ class PolicyTable:
     """
 
     def __init__(self, consumer_conf: dict[str, Any], topic: str, keys: Optional[Keys] = None) -> None:
-        self.topic, self.keys = topic, keys
-        # the table is mostly idle: the broker holds each fetch up to 500 ms (it answers as soon as a
-        # record arrives) rather than being asked 100 times a second, on every engine, all the time
-        self._c = Consumer({**consumer_conf, "group.id": f"kflow-policies-{uuid.uuid4().hex}",
-                            "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 500,
-                            "enable.partition.eof": True})
-        self._tp = TopicPartition(topic, 0, 0)
-        self._c.assign([self._tp])
-        self._lock = threading.Lock()  # the polling thread polls; a lane about to refuse catches up
+        super().__init__(consumer_conf, topic, POLICY_KEY, "policies")
+        self.keys = keys
         self._seen = ReplayCache(10_000)
         self._clock_s = 0.0
         self.policy = Policy()
         """The policy in force."""
         self.offset = -1
         """Offset of the record the policy in force came from (-1: none yet)."""
-        # where the last end-of-partition event said the partition ended: a read_committed reader's
-        # position stops short of the end when the last offset is a transaction's commit marker
-        self._end = -1
 
-    def poll(self, timeout: float = 0.0) -> int:
-        """Apply whatever records arrived; returns how many were read."""
-        with self._lock:
-            return self._poll(timeout)
-
-    def _poll(self, timeout: float) -> int:
-        msgs = self._c.consume(100, timeout)
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    self._end = max(self._end, m.offset() or 0)
-            elif m.key() == POLICY_KEY and m.value() is not None:
-                self._apply(m)
-        return len(msgs)
-
-    def catch_up(self, timeout: float = 5.0) -> bool:
-        """Read to the high watermark seen now; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            try:
-                low, high = self._c.get_watermark_offsets(self._tp, timeout=timeout, cached=False)
-            except KafkaException as e:
-                log.warning("cannot read the end of %s: %s", self.topic, e)
-                return False
-            while high > low and max(self._c.position([self._tp])[0].offset, self._end) < high:
-                if time.monotonic() > deadline:
-                    log.warning("policies table behind its high watermark after %.1fs", timeout)
-                    return False
-                self._poll(0.005)
-        return True
+    def _take(self, m: Message) -> None:
+        self._apply(m)
 
     def _apply(self, m: Message) -> None:
         where = f"{self.topic}@{m.offset()}"
@@ -151,9 +110,6 @@ class PolicyTable:
         if not verdict.allowed:
             raise AuthError("Forbidden", f"applying a policy needs {_APPLY_NEEDS}: {verdict.reason}")
         return who
-
-    def close(self) -> None:
-        self._c.close()
 
 
 def publish_policy(config: KafkaConfig, policy: Policy, source: str, timeout: float = 30.0) -> int:

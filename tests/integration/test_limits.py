@@ -110,7 +110,7 @@ def test_quota_of_2_per_tenant_runs_2_and_admits_the_queued_as_runs_complete(eng
         client.start("lim_wait", None, id=i)
 
     def statuses() -> list[str]:
-        return [(client.status(i) or {}).get("status", "?") for i in ids]
+        return [(client.status(i, timeout=30) or {}).get("status", "?") for i in ids]  # answered by a loaded engine
 
     assert_eventually(lambda: sorted(statuses()) == ["QUEUED"] * 4 + ["RUNNING"] * 2, timeout=60)
     # starts on other partitions reach the counter in their own order: FIFO is by arrival there
@@ -133,7 +133,7 @@ def test_quota_of_2_per_tenant_runs_2_and_admits_the_queued_as_runs_complete(eng
         closing = running[0]
         client.signal(closing, "done")
         done.add(closing)
-        assert_eventually(lambda c=closing: (client.status(c) or {}).get("status") == "COMPLETED", timeout=60)
+        assert_eventually(lambda c=closing: (client.status(c, timeout=30) or {}).get("status") == "COMPLETED", timeout=60)
     assert_eventually(lambda: statuses() == ["COMPLETED"] * 6, timeout=60)
     history = [e.type for e in client.history(queued[0])]
     assert history[:3] == ["WorkflowQueued", "PermitGranted", "WorkflowStarted"]
