@@ -45,6 +45,7 @@ from kflow.engine.core import status_record
 from kflow.engine.definitions import definition_fingerprint
 from kflow.engine.schedules import OVERLAP_POLICIES, ScheduleSpec
 from kflow.engine.schedules import key_of as schedule_key
+from kflow.model import commands as cmds
 from kflow.model.errors import (
     ActivityError,
     BrokerUnavailable,
@@ -969,9 +970,8 @@ class Client:
         if id_reuse != "return_existing":
             # With return_existing a closed instance produces no new state record: result() scans.
             watcher.expect(instance_id, command_id)
-        data = {"workflow": workflow, "version": version, "input": input, "parent_id": None,
-                "parent_ref": None, "id_reuse": id_reuse, "priority": level}
-        cmd = Command("StartWorkflow", instance_id, data, command_id=command_id, ts=int(time.time() * 1000))
+        start = cmds.StartWorkflow(workflow=workflow, version=version, input=input, id_reuse=id_reuse, priority=level)
+        cmd = cmds.command(start, instance_id, command_id=command_id, ts=int(time.time() * 1000))
         # read-your-deploys: the engine decides this start only after reading the definitions
         # topic at least up to this client's last deploy, so "latest version" includes it
         headers = [(DEFS_OFFSET_HEADER, str(self._deployed_offset).encode())] if self._deployed_offset >= 0 else None
@@ -987,15 +987,15 @@ class Client:
 
     def signal(self, id: str, name: str, data: JSONValue = None) -> None:
         """Send signal ``name`` with ``data`` to instance ``id`` (``SignalWorkflow``)."""
-        self._command(Command("SignalWorkflow", id, {"name": name, "data": to_json(data, f"signal '{name}' data")}))
+        self._command(cmds.command(cmds.SignalWorkflow(name=name, data=to_json(data, f"signal '{name}' data")), id))
 
     def cancel(self, id: str, reason: str = "") -> None:
         """Ask the engine to cancel instance ``id`` (``CancelWorkflow``): compensations run first."""
-        self._command(Command("CancelWorkflow", id, {"reason": reason}))
+        self._command(cmds.command(cmds.CancelWorkflow(reason=reason), id))
 
     def terminate(self, id: str, reason: str = "") -> None:
         """Stop instance ``id`` immediately with no cleanup (``TerminateWorkflow``); idempotent."""
-        self._command(Command("TerminateWorkflow", id, {"reason": reason}))
+        self._command(cmds.command(cmds.TerminateWorkflow(reason=reason), id))
 
     def suspend(self, id: str, reason: str = "") -> None:
         """Pause instance ``id`` (``SuspendWorkflow``): it dispatches no new tasks and fires no timers.
@@ -1003,11 +1003,11 @@ class Client:
         Running activities finish and their results are recorded; those results, due timers and
         signals are applied when it is resumed. Suspending a closed instance is rejected.
         """
-        self._command(Command("SuspendWorkflow", id, {"reason": reason}))
+        self._command(cmds.command(cmds.SuspendWorkflow(reason=reason), id))
 
     def resume(self, id: str, reason: str = "") -> None:
         """Resume suspended instance ``id`` (``ResumeWorkflow``): what it held is applied in arrival order."""
-        self._command(Command("ResumeWorkflow", id, {"reason": reason}))
+        self._command(cmds.command(cmds.ResumeWorkflow(reason=reason), id))
 
     def set_priority(self, id: str, level: str | int, reason: str = "") -> None:
         """Change the priority level of open instance ``id`` (``SetPriority`` -> ``PriorityChanged``).
@@ -1022,7 +1022,7 @@ class Client:
         number = priority_level(level)
         if number is None:
             raise ValueError("expected a priority level, but got None")
-        self._command(Command("SetPriority", id, {"priority": number, "reason": reason}))
+        self._command(cmds.command(cmds.SetPriority(priority=number, reason=reason), id))
 
     def apply_limits(self, doc: Any, source: str = "limits") -> list[Any]:
         """Validate a limits document and make it the set in force on every engine; returns the limits.
@@ -1061,9 +1061,9 @@ class Client:
             if type(to_event) is not int or to_event < 0:
                 raise ValueError(f"to_event must be an event seq (an int >= 0), but got {to_event!r}")
             from_step = f"event:{to_event}"  # the reset point travels in from_step (kflow.engine.code_retry)
-        self._command(Command("RetryWorkflow", id, {
-            "from_step": from_step, "input_patch": to_json(input_patch, "retry input_patch"), "force": force,
-            "reason": reason, "by": by}))
+        self._command(cmds.command(cmds.RetryWorkflow(
+            from_step=from_step, input_patch=to_json(input_patch, "retry input_patch"), force=force,
+            reason=reason, by=by), id))
 
     def resolve_incident(self, id: str, incident_id: str, action: str, *, output: Any = None,
                          input_patch: dict[str, Any] | None = None, reason: str = "", by: str = "") -> None:
@@ -1085,9 +1085,9 @@ class Client:
             raise ValueError("input_patch is a JSON object, and only for action 'retry'")
         if output is not None and action != "skip":
             raise ValueError("output is only for action 'skip'")
-        self._command(Command("ResolveIncident", id, {
-            "incident_id": incident_id, "action": action, "output": to_json(output, "incident output"),
-            "input_patch": to_json(input_patch, "incident input_patch"), "by": by, "reason": reason}))
+        self._command(cmds.command(cmds.ResolveIncident(
+            incident_id=incident_id, action=action, output=to_json(output, "incident output"),
+            input_patch=to_json(input_patch, "incident input_patch"), by=by, reason=reason), id))
 
     # -- schedules -------------------------------------------------------------------------
 
@@ -1126,7 +1126,7 @@ class Client:
                                   overlap=overlap, catchup_window=catchup_window)
         if not replace and id in self.schedules():
             raise KflowError(f"schedule '{id}' exists: replace it (replace=True, or `kflow schedule create --update`)")
-        self._command(Command("CreateSchedule", schedule_key(id), {"spec": spec.to_dict(), "replace": replace}))
+        self._command(cmds.command(cmds.CreateSchedule(spec=spec.to_dict(), replace=replace), schedule_key(id)))
         return spec
 
     def schedules(self) -> dict[str, dict[str, Any]]:
@@ -1154,19 +1154,19 @@ class Client:
     def pause_schedule(self, id: str, note: str = "") -> None:
         """Pause schedule ``id``: no run starts until it is unpaused, and none is caught up then."""
         self._schedule(id)
-        self._command(Command("PauseSchedule", schedule_key(id), {"note": note}))
+        self._command(cmds.command(cmds.PauseSchedule(note=note), schedule_key(id)))
 
     def unpause_schedule(self, id: str, note: str = "") -> None:
         """Unpause schedule ``id``: it fires again from its next scheduled time after now."""
         self._schedule(id)
-        self._command(Command("UnpauseSchedule", schedule_key(id), {"note": note}))
+        self._command(cmds.command(cmds.UnpauseSchedule(note=note), schedule_key(id)))
 
     def trigger_schedule(self, id: str, overlap: str | None = None) -> None:
         """Start a run of schedule ``id`` now (id ``<id>:<now>``), under its overlap policy or ``overlap``."""
         if overlap is not None and overlap not in OVERLAP_POLICIES:
             raise ValueError(f"unknown overlap policy {overlap!r}: expected one of {', '.join(OVERLAP_POLICIES)}")
         self._schedule(id)
-        self._command(Command("TriggerSchedule", schedule_key(id), {"overlap": overlap}))
+        self._command(cmds.command(cmds.TriggerSchedule(overlap=overlap), schedule_key(id)))
 
     def backfill_schedule(self, id: str, start: str | datetime, end: str | datetime) -> None:
         """Start one run per scheduled time of schedule ``id`` in ``[start, end)``.
@@ -1181,7 +1181,7 @@ class Client:
     def delete_schedule(self, id: str, reason: str = "") -> None:
         """Delete schedule ``id``: no further runs; runs already started go on."""
         self._schedule(id)
-        self._command(Command("DeleteSchedule", schedule_key(id), {"reason": reason}))
+        self._command(cmds.command(cmds.DeleteSchedule(reason=reason), schedule_key(id)))
 
     def _reply_reader(self, key: str, what: str) -> Consumer:
         """A consumer of the ``replies`` partition of ``key``, at its end: assigned before the request
@@ -1225,7 +1225,8 @@ class Client:
         qid = uuid.uuid4().hex
         consumer = self._reply_reader(qid, "query")
         try:
-            self._command(Command("QueryWorkflow", id, {"query_id": qid, "name": name, "args": [to_json(a, f"query '{name}' argument") for a in args]}))
+            self._command(cmds.command(cmds.QueryWorkflow(
+                query_id=qid, name=name, args=[to_json(a, f"query '{name}' argument") for a in args]), id))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):
@@ -1267,8 +1268,8 @@ class Client:
         uid = update_id or uuid.uuid4().hex
         consumer = self._reply_reader(uid, "update")
         try:
-            self._command(Command("UpdateWorkflow", id, {"update_id": uid, "name": name,
-                                                         "data": to_json(data, f"update '{name}' data")}))
+            self._command(cmds.command(cmds.UpdateWorkflow(
+                update_id=uid, name=name, data=to_json(data, f"update '{name}' data")), id))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 for msg in consumer.consume(_CONSUME_BATCH, _POLL_SECONDS):

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum, nonmember
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from kflow.model.versions import format_version
+
+if TYPE_CHECKING:
+    from kflow.model.commands import AnyCommand
+    from kflow.model.events import AnyEvent
 
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
 JSONDict = dict[str, Any]
@@ -145,6 +149,12 @@ class Command:
     command_id: str = ""
     ts: int = 0  # producer wall time in ms; informational only, the engine uses its own clock
 
+    def typed(self) -> AnyCommand:
+        """This command as its typed model (:mod:`kflow.model.commands`); ValueError if ``data`` does not fit."""
+        from kflow.model.commands import typed
+
+        return typed(self)
+
 
 @dataclass(slots=True)
 class Event:
@@ -155,6 +165,12 @@ class Event:
     seq: int
     ts: int
     data: JSONDict = field(default_factory=dict)
+
+    def typed(self) -> AnyEvent:
+        """This event as its typed model (:mod:`kflow.model.events`); ValueError if ``data`` does not fit."""
+        from kflow.model.events import typed_event
+
+        return typed_event(self)
 
 
 @dataclass(slots=True)
