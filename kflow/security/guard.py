@@ -87,6 +87,8 @@ _OPERATIONS: Mapping[str, tuple[str, str]] = {
     "MigrateWorkflow": ("migrate", "instance:Manage"),  # moves an instance to another version of its workflow
 }
 _ENGINE_RESOURCE = "engine"
+#: The rule that allows an activity report (its attempt's token; no audit record names it).
+_ATTEMPT_RULE = "the token of the attempt it reports on"
 #: The ``audit`` partition the engine writes its records to, whichever commands partitions a
 #: transaction decides: each partition a transaction writes costs every commit (one more partition
 #: to add and one more commit marker), so the audit trail adds one, not one per commands partition.
@@ -264,11 +266,12 @@ class CommandGuard:
                 f"{', '.join(sorted(roles)) or 'no roles'}")
 
     def _check_report(self, cmd: Command, state: Optional[JSONDict], given: str | bytes | None) -> Check:
-        aid, n = str(cmd.data.get("activity_id")), cmd.data.get("attempt")
+        data = cmd.data
+        aid, n = str(data.get("activity_id")), data.get("attempt")
         resource = Resource("activity", aid, _tenant(state), _owner(state))
-        what = f"attempt {n} of activity '{aid}' of '{cmd.instance_id}'"
         if isinstance(n, int) and check_attempt_token(self._secret, cmd.instance_id, aid, n, given):
-            return Check(REPORTS[cmd.type], resource, None, None, f"the token of {what}")
+            return Check(REPORTS[cmd.type], resource, None, None, _ATTEMPT_RULE)
+        what = f"attempt {n} of activity '{aid}' of '{cmd.instance_id}'"
         why = ("there is none" if not given else "it is not that attempt's (another attempt's, or forged)")
         return Check(REPORTS[cmd.type], resource, None, RejectCode.UNAUTHENTICATED,
                      f"expected the token of {what} in header 'kflow.attempt', but {why}")

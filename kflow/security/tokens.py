@@ -58,6 +58,7 @@ __all__ = [
     "attempt_token",
     "check_attempt_token",
     "command_digest",
+    "hmac_sha256",
     "issue",
     "load_jwks",
     "load_jwks_file",
@@ -366,11 +367,11 @@ _HS256_HEADER = base64.urlsafe_b64encode(
 
 def _encode_hs256(claims: dict[str, Any], secret: bytes) -> str:
     """The HS256 token PyJWT's ``encode`` makes of ``claims``, byte for byte (compact JSON of the claims
-    in their order, one ``hmac.digest``), without its general path: every command a client sends is
+    in their order, one :func:`hmac_sha256`), without its general path: every command a client sends is
     signed. The secret's length was checked when the :class:`Keys` were made."""
     body = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode()).rstrip(b"=").decode()
     signing_input = f"{_HS256_HEADER}.{body}"
-    return f"{signing_input}.{_b64(hmac.digest(secret, signing_input.encode('ascii'), 'sha256'))}"
+    return f"{signing_input}.{_b64(hmac_sha256(secret, signing_input.encode('ascii')))}"
 
 
 # --------------------------------------------------------------------------- command tokens
@@ -618,7 +619,7 @@ def _decode_hs256(token: str, secrets_: list[Any]) -> dict[str, Any] | None:
     except (ValueError, binascii.Error):
         return None
     signed = f"{head}.{body}".encode("ascii")
-    if not any(hmac.compare_digest(hmac.digest(bytes(k), signed, "sha256"), signature) for k in secrets_):
+    if not any(hmac.compare_digest(hmac_sha256(bytes(k), signed), signature) for k in secrets_):
         raise _unauthenticated("expected a valid signature, but the token was not signed by a configured key")
     try:
         claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -776,7 +777,7 @@ class ReplayCache:
 
 def attempt_token(secret: bytes, instance_id: str, activity_id: str, attempt: int) -> str:
     """The capability token of one activity attempt: base64url(HMAC-SHA256(secret, attempt))."""
-    return _b64(hmac.digest(secret, _attempt_message(instance_id, activity_id, attempt), "sha256"))
+    return _attempt_mac(secret, instance_id, activity_id, attempt).decode("ascii")
 
 
 def check_attempt_token(secret: bytes, instance_id: str, activity_id: str, attempt: int,
@@ -785,14 +786,55 @@ def check_attempt_token(secret: bytes, instance_id: str, activity_id: str, attem
     if not token:
         return False
     given = token.encode("utf-8", "replace") if isinstance(token, str) else bytes(token)
-    return hmac.compare_digest(given, attempt_token(secret, instance_id, activity_id, attempt).encode("ascii"))
+    return hmac.compare_digest(given, _attempt_mac(secret, instance_id, activity_id, attempt))
 
 
-def _attempt_message(instance_id: str, activity_id: str, attempt: int) -> bytes:
-    """Length-prefixed fields behind a domain tag, so no two attempts (or uses) share a message."""
-    parts = [_ATTEMPT_DOMAIN, instance_id.encode("utf-8"), activity_id.encode("utf-8"), str(attempt).encode("ascii")]
-    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+def _attempt_mac(secret: bytes, instance_id: str, activity_id: str, attempt: int) -> bytes:
+    """:func:`attempt_token`, as ASCII bytes (the engine mints one per task and checks one per report)."""
+    # the message: length-prefixed fields behind a domain tag, so no two attempts (or uses) share one
+    iid, aid, n = instance_id.encode("utf-8"), activity_id.encode("utf-8"), str(attempt).encode("ascii")
+    message = b"".join((_ATTEMPT_PREFIX, len(iid).to_bytes(4, "big"), iid, len(aid).to_bytes(4, "big"), aid,
+                        len(n).to_bytes(4, "big"), n))
+    return _b64_bytes(hmac_sha256(secret, message))
+
+
+#: The domain tag of attempt messages with its length prefix.
+_ATTEMPT_PREFIX = len(_ATTEMPT_DOMAIN).to_bytes(4, "big") + _ATTEMPT_DOMAIN
+#: HMAC-SHA256 keys -> their hashed inner and outer pads (:func:`hmac_sha256`); a handful of keys
+#: per process, bounded all the same.
+_HMAC_PADS: dict[bytes, tuple[Any, Any]] = {}
+_HMAC_PADS_MAX = 64
+_SHA256_BLOCK = 64
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message`` under ``key`` (RFC 2104; the bytes ``hmac.digest(key, message,
+    "sha256")`` returns), from the key's pads hashed once per key. The engine computes one per
+    command token and two per activity attempt; ``hmac.digest`` sets up OpenSSL's HMAC afresh on
+    every call and releases the GIL around it, which costs several times the hashing itself in a
+    process whose other threads then take the GIL."""
+    if type(key) is not bytes:
+        key = bytes(key)
+    pads = _HMAC_PADS.get(key)
+    if pads is None:
+        block = (hashlib.sha256(key).digest() if len(key) > _SHA256_BLOCK else key).ljust(_SHA256_BLOCK, b"\0")
+        pads = (hashlib.sha256(bytes(b ^ 0x36 for b in block)), hashlib.sha256(bytes(b ^ 0x5C for b in block)))
+        if len(_HMAC_PADS) >= _HMAC_PADS_MAX:
+            _HMAC_PADS.clear()
+        _HMAC_PADS[key] = pads
+    inner, outer = pads[0].copy(), pads[1].copy()
+    inner.update(message)
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return _b64_bytes(raw).decode("ascii")
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64_bytes(raw: bytes) -> bytes:
+    """base64url of ``raw``, unpadded (what ``base64.urlsafe_b64encode(raw).rstrip(b"=")`` makes)."""
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=")
