@@ -18,7 +18,7 @@ The conversions are plain attribute copies: :func:`typed` builds the class of ``
 from __future__ import annotations
 
 from dataclasses import MISSING, Field, dataclass, fields
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union, get_args
 
 from kflow.model.messages import Command, JSONValue
 
@@ -402,38 +402,7 @@ AnyCommand = Union[
 
 
 #: Command type -> its class.
-COMMAND_TYPES: dict[str, type[AnyCommand]] = {cls.TYPE: cls for cls in (
-    StartWorkflow,
-    SignalWorkflow,
-    CancelWorkflow,
-    CompleteActivity,
-    FailActivity,
-    HeartbeatActivity,
-    FireTimer,
-    CompleteChild,
-    FailChild,
-    StartActivity,
-    TerminateWorkflow,
-    QueryWorkflow,
-    QueryStatus,
-    SuspendWorkflow,
-    ResumeWorkflow,
-    RetryWorkflow,
-    ResolveIncident,
-    CreateSchedule,
-    PauseSchedule,
-    UnpauseSchedule,
-    TriggerSchedule,
-    BackfillSchedule,
-    DeleteSchedule,
-    UpdateWorkflow,
-    AcquirePermit,
-    ReleasePermit,
-    GrantPermit,
-    RefusePermit,
-    SetPriority,
-    MigrateWorkflow,
-)}
+COMMAND_TYPES: dict[str, type[AnyCommand]] = {cls.TYPE: cls for cls in get_args(AnyCommand)}
 
 #: Class -> its field names, in schema order.
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in COMMAND_TYPES.values()}

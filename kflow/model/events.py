@@ -17,7 +17,7 @@ the schema's default. ``CommandRejected.code`` is a :class:`~kflow.model.message
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union, get_args
 
 from kflow.model.commands import _mismatch
 from kflow.model.messages import Event, JSONValue, RejectCode
@@ -569,52 +569,7 @@ AnyEvent = Union[
 
 
 #: Event type -> its class.
-EVENT_TYPES: dict[str, type[AnyEvent]] = {cls.TYPE: cls for cls in (
-    WorkflowStarted,
-    ActivityScheduled,
-    ActivityCompleted,
-    ActivityFailed,
-    TimerStarted,
-    TimerFired,
-    SignalReceived,
-    ChildStarted,
-    ChildCompleted,
-    ChildFailed,
-    WorkflowCompleted,
-    WorkflowFailed,
-    WorkflowCancelled,
-    CommandRejected,
-    ActivityStarted,
-    HeartbeatRecorded,
-    ActivityTimedOut,
-    CancelRequested,
-    WorkflowTerminated,
-    WorkflowContinuedAsNew,
-    WorkflowSuspended,
-    WorkflowResumed,
-    WorkflowRetried,
-    StepSkipped,
-    IncidentRaised,
-    IncidentResolved,
-    ScheduleCreated,
-    SchedulePaused,
-    ScheduleUnpaused,
-    ScheduleFired,
-    ScheduleRunClosed,
-    ScheduleDeleted,
-    UpdateAccepted,
-    UpdateCompleted,
-    WorkflowQueued,
-    PermitGranted,
-    PermitRefused,
-    PriorityChanged,
-    PermitQueued,
-    PermitIssued,
-    PermitDenied,
-    PermitReleased,
-    WorkflowMigrated,
-    MigrationDeferred,
-)}
+EVENT_TYPES: dict[str, type[AnyEvent]] = {cls.TYPE: cls for cls in get_args(AnyEvent)}
 
 #: Class -> its field names, in schema order.
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in EVENT_TYPES.values()}
