@@ -314,8 +314,15 @@ class Lane:
             return
         p, offset = m.partition(), m.offset()
         assert p is not None and offset is not None  # a consumed record without an error has both
-        batch.first_offsets.setdefault(p, offset)
-        batch.next_offsets[p] = offset + 1
+        first = batch.first_offsets.get(p)
+        if first is None:
+            batch.first_offsets[p], batch.next_offsets[p] = offset, offset + 1
+        elif offset >= batch.next_offsets[p]:
+            batch.next_offsets[p] = offset + 1
+        else:  # never expected: a partition's records reach its lane in order (EngineProcessor._route)
+            log.error("%s[%d]@%d arrived after @%d in one batch: decided out of order", m.topic(), p, offset,
+                      batch.next_offsets[p] - 1)
+            batch.first_offsets[p] = min(first, offset)  # a rewind must still bring back everything
         try:
             cmd = decode_command(m.value(), m.headers())
         except DecodeError as e:

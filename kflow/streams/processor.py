@@ -349,6 +349,9 @@ class EngineProcessor:
     def _route(self, msgs: list[Message], polled_us: int) -> None:
         by_lane: dict[int, list[Message]] = {}
         n = self.lanes_n
+        # filtering and handing over are one step under the route lock: a rewind (block, then drop
+        # what the lane holds) can never fall between them, so a record fetched before the rewind
+        # never reaches a lane after its drop, ahead of the records the seek brings back
         with self._route_lock:
             blocked = self._blocked
             for m in msgs:
@@ -356,15 +359,15 @@ class EngineProcessor:
                 if p is None or (blocked and p in blocked):
                     continue  # a lane is rewinding this partition: the seek brings the record back
                 by_lane.setdefault(p % n, []).append(m)
-        for i, batch in by_lane.items():
-            self.lanes[i].submit(batch, polled_us)
+            for i, batch in by_lane.items():
+                self.lanes[i].submit(batch, polled_us)
 
     def request_rewind(self, lane: Lane, first_offsets: dict[int, int]) -> None:
         """Called by a lane whose transaction aborted: rewind its batch's partitions to their first offsets."""
         with self._route_lock:
             self._blocked |= set(first_offsets)
             self._seeks.extend(TopicPartition(self.names.commands, p, off) for p, off in first_offsets.items())
-        lane.drop(set(first_offsets))
+            lane.drop(set(first_offsets))
 
     def _apply_seeks(self) -> None:
         with self._route_lock:

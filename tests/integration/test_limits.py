@@ -34,7 +34,10 @@ def _in_force(stack: Any, name: str) -> None:
 
 def _diagnosis(client: Any, ids: list[str], done: dict[str, Any], workers: list[Any]) -> str:
     """What a stalled run looked like: the limit's counter, the unfinished instances, the workers' last lines."""
-    lines = [f"{len(done)} of {len(ids)} finished"]
+    aborts = REGISTRY.get_sample_value("kflow_engine_transaction_aborts_total")
+    moves = {k: REGISTRY.get_sample_value("kflow_engine_rebalances_total", {"kind": k}) for k in ("assign", "revoke")}
+    lines = [f"{len(done)} of {len(ids)} finished; this test process's engines: {aborts} transactions aborted, "
+             f"rebalances {moves}"]
     try:
         lines.append(f"counter: {client.limit_counters().get('limit:erp')}")
     except Exception as exc:  # the diagnosis must not hide the failure it describes
