@@ -103,6 +103,7 @@ class EngineProcessor:
         self._route_lock = threading.Lock()
         self._blocked: set[int] = set()  # partitions a lane is rewinding: their records are dropped
         self._seeks: list[TopicPartition] = []
+        self._moved: set[int] = set()  # partitions revoked or lost while one poll's records were read
         self.defs: DefinitionsTable
         self.quotas: LimitsTable
         self.consumer: Consumer
@@ -289,12 +290,14 @@ class EngineProcessor:
                      p, st.records, st.seconds, st.start_offset, st.end_offset)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._moved.update(tp.partition for tp in partitions)
         # still ours until this returns: the lanes commit what they hold before the stores close
         self.closing.update(tp.partition for tp in partitions)
         self._quiesce(partitions, drop=False)
         self._close(partitions, "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._moved.update(tp.partition for tp in partitions)
         # no longer ours: what is queued for them is dropped (a commit would be fenced anyway)
         self.closing.update(tp.partition for tp in partitions)
         self._quiesce(partitions, drop=True)
@@ -326,14 +329,11 @@ class EngineProcessor:
         self._backpressure()
         # poll() returns as soon as one command is there; consume(n, 0) then drains what the
         # client already fetched. (consume(n, t) alone would wait t whenever fewer than n arrive.)
-        first = self.consumer.poll(self.config.poll_timeout_ms / 1000)
+        msgs = self._poll_batch()
         polled_us = _hops.now_us()
         if self._metadata_stale:
             self.group_metadata = self.consumer.consumer_group_metadata()
             self._metadata_stale = False
-        msgs = [first] if first is not None else []
-        if first is not None and self.config.max_batch > 1:
-            msgs.extend(self.consumer.consume(self.config.max_batch - 1, 0))
         if msgs:
             self._route(msgs, polled_us)
         now_s = time.monotonic()
@@ -345,6 +345,26 @@ class EngineProcessor:
                 self.policies.poll(0)  # a lane about to refuse a command reads the policies to their end
         metrics.refresh(self)
         return len(msgs)
+
+    def _poll_batch(self) -> list[Message]:
+        """The records of one poll: the first that comes, then what the client already fetched.
+
+        A rebalance served inside ``consume`` revokes partitions after ``poll`` returned the first
+        record: when that record's partition is one of them it is dropped, because its partition
+        resumes (here or elsewhere) from the committed offset, which that record is not past. Kept,
+        it would be decided ahead of the records read again from there (out of order, twice)."""
+        first = self.consumer.poll(self.config.poll_timeout_ms / 1000)
+        if first is None:
+            return []
+        if self.config.max_batch == 1:
+            return [first]
+        self._moved.clear()
+        rest: list[Message] = self.consumer.consume(self.config.max_batch - 1, 0)
+        if self._moved and first.partition() in self._moved:
+            log.info("dropped %s[%s]@%s, read before its partition was revoked", first.topic(), first.partition(),
+                     first.offset())
+            return rest
+        return [first, *rest]
 
     def _route(self, msgs: list[Message], polled_us: int) -> None:
         by_lane: dict[int, list[Message]] = {}

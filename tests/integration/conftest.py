@@ -17,6 +17,19 @@ from kflow.worker import Worker
 
 PARTITIONS = 4
 
+#: A race of the embedded broker, shown by ``test_broker_fixture``'s concurrent-producers test.
+TANSU_TAILING_READER_SKIPS = (
+    "Tansu: with several producers writing one partition, a reader at the end of the log sometimes skips a "
+    "record (a fresh reader of the same log sees it): a command then never reaches the engine"
+)
+
+
+def xfail_where_tansu_skips(request: pytest.FixtureRequest, kafka_flavor: str, what: str) -> None:
+    """Mark a test whose workload loses, on the embedded broker, to its tailing-reader race: ``what``
+    says what then stalls. Not strict (a race); on Apache Kafka the test must pass."""
+    if kafka_flavor == "tansu":
+        request.applymarker(pytest.mark.xfail(reason=f"{TANSU_TAILING_READER_SKIPS}; here: {what}", strict=False))
+
 
 class Stack:
     """An engine and workers in this process, on one topic prefix."""

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from kflow.cli import app
 from kflow.dev.procs import worker_process
 from kflow.testing import assert_eventually
-from tests.integration.conftest import PARTITIONS
+from tests.integration.conftest import PARTITIONS, xfail_where_tansu_skips
 
 SLOW = {"name": "lim_slow", "version": 1, "steps": [{"id": "call", "task": "lim.erp", "input": "input"}]}
 WAIT = {"name": "lim_wait", "version": 1, "steps": [{"id": "w", "wait": {"signal": "done"}}]}
@@ -50,19 +50,58 @@ def _diagnosis(client: Any, ids: list[str], done: dict[str, Any], workers: list[
         internal = st.get("internal") or {}
         lines.append(f"{i}: {st.get('status')} seq={st.get('seq')} activities={internal.get('activities')} "
                      f"permits={internal.get('permits')}")
+    try:
+        lines.append(_permits_in_log(client))
+    except Exception as exc:
+        lines.append(f"commands log: unreadable ({exc})")
     for n, w in enumerate(workers):
         tail = Path(w.log_path).read_text(errors="replace").splitlines()[-15:]
         lines.append(f"worker {n} (alive={w.alive()}):\n  " + "\n  ".join(tail))
     return "\n".join(lines)
 
 
-@pytest.mark.xfail(reason="open bug, seen once in five parallel full runs: 5 of 30 instances wait for a permit whose "
-                   "AcquirePermit (committed to the commands topic in the instance's transaction) the limit's counter "
-                   "never applied (its state: nothing held, nothing queued, 25 granted); lost on the way from one "
-                   "transaction's output to the counter's input, cause not found", strict=False)
+def _permits_in_log(client: Any) -> str:
+    """Which holders' AcquirePermit the counter's partition of ``commands`` holds, read uncommitted and
+    committed, with their offsets: tells a request missing from the log from one in it but not decided."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from kflow.schemas.codec import decode_command
+    from kflow.streams.partitioner import partition_for
+
+    topic, p = client.config.names.commands, partition_for("limit:erp", PARTITIONS)
+    out = []
+    for isolation in ("read_uncommitted", "read_committed"):
+        c = Consumer({"bootstrap.servers": client.config.bootstrap, "group.id": f"diag-{uuid.uuid4().hex[:6]}",
+                      "isolation.level": isolation, "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+        try:
+            _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            c.assign([TopicPartition(topic, p, 0)])
+            seen: list[str] = []
+            last = -1
+            while last < high - 1:
+                msgs = c.consume(500, 2)
+                if not msgs:
+                    break
+                for m in msgs:
+                    if m.error():
+                        continue
+                    last = m.offset()
+                    cmd = decode_command(m.value(), m.headers())
+                    if cmd.type == "AcquirePermit":
+                        seen.append(f"{cmd.data['holder'][:8]}@{m.offset()}")
+            out.append(f"{topic}[{p}] {isolation} (high {high}, read to {last}): "
+                       f"{len(seen)} AcquirePermit {seen}")
+        finally:
+            c.close()
+    return "\n".join(out)
+
+
 @pytest.mark.timeout(420)
-def test_activity_limit_of_5_holds_with_3_worker_processes(engine_only_stack: Any, tmp_path: Path,
-                                                           monkeypatch: Any) -> None:
+def test_activity_limit_of_5_holds_with_3_worker_processes(engine_only_stack: Any, tmp_path: Path, monkeypatch: Any,
+                                                           kafka_flavor: str, request: pytest.FixtureRequest) -> None:
+    # seen about once in five parallel full runs: one to five AcquirePermit requests, committed by their
+    # instances' transactions and present in the log (a fresh reader sees them), never reached the counter
+    xfail_where_tansu_skips(request, kafka_flavor, "an AcquirePermit never reaches the limit's counter")
     stack = engine_only_stack
     client = stack.client
     client.deploy(SLOW)

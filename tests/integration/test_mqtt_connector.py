@@ -26,7 +26,7 @@ from kflow.connectors.triggers import TriggerRunner, load_triggers
 from kflow.model.errors import WorkflowFailedError
 from kflow.testing import assert_eventually
 from tests import mqtt_fixtures
-from tests.integration.conftest import PARTITIONS
+from tests.integration.conftest import PARTITIONS, xfail_where_tansu_skips
 from tests.mqtt_fixtures import events_of, unique_prefix
 
 mqtt_broker = mqtt_fixtures.mqtt_broker  # the session's MQTT broker fixture
@@ -240,11 +240,12 @@ def test_telemetry_signals_the_waiting_instance_through_a_trigger(stack, fleet, 
     assert fleet.version("tele-1") == "9.9"
 
 
-@pytest.mark.xfail(reason="open bug (likely the same as the activity-limit test's: a command produced in one "
-                   "transaction never applied by its addressee) seen under the parallel full run: some children never "
-                   "start or finish; the failure message lists what each one waits for", strict=False)
 @pytest.mark.timeout(420)  # above the result's own timeout, so a stalled run reports what it waits for
-def test_firmware_rollout_over_50_devices(stack, fleet, fleet_worker, triggers):
+def test_firmware_rollout_over_50_devices(stack, fleet, fleet_worker, triggers, kafka_flavor, request):
+    # devices, connectors, the trigger runner and the engine all write commands at once: seen under the
+    # parallel full run as children that never start or finish (the failure message lists what each waits for)
+    xfail_where_tansu_skips(request, kafka_flavor, "a child's start or a device's report never reaches the engine "
+                                                   "(likely: the failure message tells)")
     c = stack.client
     deploy_rollout(c)
     for d in ("r-03", "r-17", "r-31"):

@@ -105,3 +105,30 @@ class Produced:
 
     def produce(self, topic: str, value: bytes, key: bytes, **kw: Any) -> None:
         self.records.append((topic, key, value))
+
+
+class Rebalancing:
+    """A consumer whose ``poll`` returns one record and whose ``consume`` serves a rebalance first
+    (revoking ``moved``, as librdkafka runs the callbacks inside the call), then returns ``after``."""
+
+    def __init__(self, proc: EngineProcessor, first: Message, moved: list[int], after: list[Message]) -> None:
+        self.proc, self.first, self.moved, self.after = proc, first, moved, after
+
+    def poll(self, timeout: float) -> Message:
+        return self.first
+
+    def consume(self, n: int, timeout: float) -> list[Message]:
+        self.proc._moved.update(self.moved)  # what _on_revoke / _on_lost note
+        return self.after
+
+
+def test_a_record_polled_before_its_partition_was_revoked_is_dropped(tmp_path: Path) -> None:
+    """Re-assigned, the partition resumes from the committed offset: the record polled before the
+    revoke would otherwise be decided ahead of the records read again from there."""
+    proc = engine(tmp_path)
+    again = [cmd(2, 12), cmd(2, 13)]
+    proc.consumer = Rebalancing(proc, cmd(2, 31), [2, 3], again)  # type: ignore[assignment]
+    assert [(m.partition(), m.offset()) for m in proc._poll_batch()] == [(2, 12), (2, 13)]
+    # a rebalance that left the first record's partition alone keeps it
+    proc.consumer = Rebalancing(proc, cmd(1, 7), [3], [cmd(1, 8)])  # type: ignore[assignment]
+    assert [(m.partition(), m.offset()) for m in proc._poll_batch()] == [(1, 7), (1, 8)]
