@@ -308,7 +308,8 @@ def bench(
     standby: Annotated[int, typer.Option("--standby", min=0, metavar="N", help="With --failover: both engines keep N standby replicas (KFLOW_STANDBY_REPLICAS); runs the takeover only and also prints the records each promotion replayed.")] = 0,
     local: Annotated[bool, typer.Option("--local", help="Run chain3 with local activities: the engine runs them itself (--activities), one transaction per workflow.")] = False,
     mix: Annotated[bool, typer.Option("--mix", help="Instead: overload a slow worker with -n chain3 instances, 20 % critical and 80 % background, started at --rate (default 1.5 × its capacity); print p50/p99 per level.")] = False,
-    auth: Annotated[bool, typer.Option("--auth", help="Run the phases twice on one broker, auth off then on (signed commands, attempt tokens, policy checks), and print them side by side with the throughput loss and p50/p99 ratios.")] = False,
+    auth: Annotated[bool, typer.Option("--auth", help="Run the phases with auth off and with auth on (signed commands, attempt tokens, policy checks), each on a fresh broker, and print them side by side with the throughput loss and p50/p99 ratios.")] = False,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, metavar="R", help="With --auth: R off/on pairs, alternating which runs first, each compared on its own, then the median over them (a noisy machine needs 3 or more).")] = 1,
     bootstrap: Bootstrap = None,
     prefix: Prefix = None,
     verbose: Verbose = False,
@@ -336,20 +337,24 @@ def bench(
     table shows p50/p99 per level and the longest gap between two background completions:
     critical p99 should stay near the baseline while background absorbs the delay, never stopping.
 
-    With --auth: the cost of security. The same phases run twice on one broker, each on fresh
-    topics with its own engine and worker: first with auth off, then with KFLOW_AUTH=on for every
-    process (a generated HS256 secret, a policy for the bench principal applied to the policies
-    topic first, every start signed, results returning their attempt tokens). Both tables print,
-    then one side by side: completed/s off and on, the throughput loss in %, and p50/p99 on ÷ off.
+    With --auth: the cost of security. The same phases run twice, each on a fresh broker (fresh
+    topics with --bootstrap) with its own engine and worker: once with auth off, once with
+    KFLOW_AUTH=on for every process (a generated HS256 secret, a policy for the bench principal
+    applied to the policies topic first, every start signed, results returning their attempt
+    tokens). Both tables print, then one side by side: completed/s off and on, the throughput loss
+    in %, p50/p99 on ÷ off, and the CPU per workflow of every process. --rounds R runs R such
+    pairs, alternating which goes first, and prints the median over them.
 
     Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve); kflow bench --mix -n 600;
-    kflow bench --auth -n 2000 -c 64
+    kflow bench --auth -n 2000 -c 64 --rounds 3
     """
     if style not in ("spec", "code"):
         raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
     if standby and not failover:
         raise ValueError("--standby N measures a takeover with standby replicas: use it with --failover")
+    if rounds > 1 and not auth:
+        raise ValueError("--rounds R repeats the --auth comparison: use it with --auth")
     if auth and (mix or failover or breakdown or curve):
         raise ValueError("--auth compares the plain throughput and latency phases with auth off and on: it cannot be "
                          "combined with --mix, --failover, --breakdown or --curve")
@@ -371,4 +376,4 @@ def bench(
         raise ValueError("--local runs the spec chain3 without workers: it cannot be combined with --style code "
                          "or --breakdown")
     _call(run_bench, bootstrap, n, concurrency, style, prefix, rate=rate, partitions=partitions, json_out=json_out,
-          breakdown=breakdown, curve=curve, local=local or None, auth=auth or None)
+          breakdown=breakdown, curve=curve, local=local or None, auth=auth or None, rounds=rounds if rounds > 1 else None)

@@ -10,8 +10,9 @@ the worker run as separate processes, so their RSS is reported separately.
 background chain3 instances started faster than it can finish them, with p50/p99 per level next
 to the critical latency of an unloaded run.
 
-``--auth`` (:func:`run_auth`) runs the same phases twice, each on a fresh embedded broker (or on
-fresh topic prefixes of the ``--bootstrap`` cluster): first with auth off, then with auth on for
+``--auth`` (:func:`run_auth`) runs the same phases twice (``--rounds`` pairs, alternating which goes
+first), each on a fresh embedded broker (or on fresh topic prefixes of the ``--bootstrap``
+cluster): once with auth off, once with auth on for
 every process (a generated HS256 secret, the bench principal's commands signed, its policy applied
 to the ``policies`` topic before the run), and prints both side by side with the throughput loss,
 the latency ratios and the CPU per workflow of every process in the throughput phase.
@@ -212,12 +213,13 @@ def _breakdown_table(rows: list[HopRow]) -> Table:
 def run_bench(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
               prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
               partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False,
-              curve: bool = False, local: bool = False, auth: bool = False) -> dict[str, Any]:
+              curve: bool = False, local: bool = False, auth: bool = False, rounds: int = 1) -> dict[str, Any]:
     """Run the chain3 bench; with ``local`` its tasks are local activities run by the engine (no worker);
-    with ``auth`` it runs twice, auth off then on, and compares them (:func:`run_auth`)."""
+    with ``auth`` it runs ``rounds`` pairs, auth off and on, and compares them (:func:`run_auth`)."""
     if auth:
         return run_auth(bootstrap, n, concurrency, style, prefix, rate=rate, latency_seconds=latency_seconds,
-                        partitions=partitions, json_out=json_out, breakdown=breakdown, curve=curve, local=local)
+                        partitions=partitions, json_out=json_out, breakdown=breakdown, curve=curve, local=local,
+                        rounds=rounds)
     return _run_once(bootstrap, n, concurrency, style, prefix, rate, latency_seconds, partitions, json_out,
                      breakdown, curve, local)
 
@@ -439,57 +441,102 @@ def compare_phases(off: list[dict[str, Any]], on: list[dict[str, Any]]) -> list[
 def run_auth(bootstrap: Optional[str], n: int = 2000, concurrency: int = 64, style: str = "spec",
              prefix: Optional[str] = None, rate: Optional[float] = None, latency_seconds: float = 10.0,
              partitions: int = 4, json_out: Optional[str] = None, breakdown: bool = False, curve: bool = False,
-             local: bool = False) -> dict[str, Any]:
-    """``kflow bench --auth``: the same phases with auth off, then on; both side by side.
+             local: bool = False, rounds: int = 1) -> dict[str, Any]:
+    """``kflow bench --auth``: the same phases with auth off and on; both side by side.
 
     Each run gets its own topic prefix and its own engine and worker processes, stopped before the
-    next run starts, so the two share no state. Without ``bootstrap`` each run also gets its own
-    embedded broker (its CPU counts as the process ``broker``), started empty, so neither run meets
-    a broker the other filled. With ``bootstrap`` both share that cluster and auth off goes first:
-    a cluster that slows as it fills counts against auth.
+    next run starts, so the runs share no state. Without ``bootstrap`` each run also gets its own
+    embedded broker (its CPU counts as the process ``broker``), started empty, so no run meets a
+    broker another filled. With ``bootstrap`` all share that cluster.
+
+    ``rounds`` pairs run in the order off on, on off, off on, … (each pair compared on its own), so a
+    machine that slows or speeds up during the bench weighs on both sides alike; the summary is the
+    median over the pairs. The report's ``off``/``on``/``comparison`` are the first pair's.
     """
     if curve or breakdown:
         raise KflowError("--auth compares the plain phases: not with --curve or --breakdown")
+    if rounds < 1:
+        raise KflowError(f"--rounds must be at least 1, not {rounds}")
     console = Console(stderr=True)
     base = prefix or f"bench{uuid.uuid4().hex[:6]}."
     security = BenchAuth.generate()
-    reports: dict[str, dict[str, Any]] = {}
-    for label, sec in (("off", None), ("on", security)):
-        console.print(f"[bold]auth {label}[/bold]")
-        # an explicit off: a KFLOW_AUTH=on in the caller's environment must not leak into the baseline
-        reports[label] = _run_once(bootstrap, n, concurrency, style, f"{base}auth{label}.", rate, latency_seconds,
-                                   partitions, None, False, False, local, security=sec,
-                                   env={"KFLOW_AUTH": "off"}, emit=False)
-    rows = compare_phases(reports["off"]["phases"], reports["on"]["phases"])
-    where = "fresh topics on one cluster" if bootstrap else "a fresh embedded broker each"
-    table = Table(title=f"kflow bench --auth · chain3, auth off → on ({where})")
-    for col in ("phase", "completed/s", "loss", "p50 ms", "p50 ×", "p99 ms", "p99 ×", "failed+missed"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["phase"], f"{r['off_per_s']:,.0f} → {r['on_per_s']:,.0f}",
-                      "—" if r["throughput_loss_pct"] is None else f"{r['throughput_loss_pct']:.1f} %",
-                      f"{r['off_p50_ms']:.1f} → {r['on_p50_ms']:.1f}", _times(r["p50_ratio"]),
-                      f"{r['off_p99_ms']:.1f} → {r['on_p99_ms']:.1f}", _times(r["p99_ratio"]),
-                      " → ".join(str(f + m) for f, m in zip(r["failed"], r["missed"], strict=True)))
-    Console().print(table)
-    for title, name in (("CPU per workflow", "cpu_ms_per_workflow"),
-                        ("CPU per workflow in the throughput phase", "throughput_cpu_ms_per_workflow")):
-        cpu_off, cpu_on = reports["off"][name], reports["on"][name]
-        Console().print(f"{title}, off → on: " + ", ".join(
-            f"{k} {cpu_off[k]:.2f} → {cpu_on[k]:.2f} ms" for k in cpu_off if k in cpu_on))
-    # every process shares the machine's cores: at saturation the CPU a workflow costs them all bounds
-    # the throughput, and it depends less on other work on the machine than wall time does
-    busy_off, busy_on = (reports[k]["throughput_cpu_ms_per_workflow"]["total"] for k in ("off", "on"))
-    cpu_cost = round((busy_on / busy_off - 1) * 100, 1) if busy_off else None
-    Console().print(f"CPU cost of auth in the throughput phase (all processes): "
-                    f"{'—' if cpu_cost is None else f'{cpu_cost:+.1f} %'}")
-    report = {"bench": "chain3-auth", "off": reports["off"], "on": reports["on"], "comparison": rows,
-              "throughput_cpu_cost_pct": cpu_cost}
+    pairs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        order = ("off", "on") if r % 2 == 0 else ("on", "off")
+        reports: dict[str, dict[str, Any]] = {}
+        for label in order:
+            console.print(f"[bold]round {r + 1} of {rounds}: auth {label}[/bold]")
+            # an explicit off: a KFLOW_AUTH=on in the caller's environment must not leak into the baseline
+            reports[label] = _run_once(bootstrap, n, concurrency, style, f"{base}r{r}auth{label}." if rounds > 1
+                                       else f"{base}auth{label}.", rate, latency_seconds, partitions, None, False,
+                                       False, local, security=security if label == "on" else None,
+                                       env={"KFLOW_AUTH": "off"}, emit=False)
+        pairs.append(_compare_pair(reports, f"round {r + 1} ({' → '.join(order)})" if rounds > 1 else "",
+                                   "fresh topics on one cluster" if bootstrap else "a fresh embedded broker each"))
+    first = pairs[0]
+    report: dict[str, Any] = {"bench": "chain3-auth", "off": first["off"], "on": first["on"],
+                              "comparison": first["comparison"], "throughput_cpu_cost_pct": first["cpu_cost_pct"]}
+    if rounds > 1:
+        report["rounds"] = [{"order": p["title"], "comparison": p["comparison"], "cpu_cost_pct": p["cpu_cost_pct"]}
+                            for p in pairs]
+        report["median"] = _median_of_pairs(pairs)
+        m = report["median"]
+        Console().print(f"[bold]Median of {rounds} rounds[/bold]: throughput loss {_percent(m['throughput_loss_pct'])}, "
+                        f"latency p50 × {_times(m['latency_p50_ratio'])}, p99 × {_times(m['latency_p99_ratio'])}, "
+                        f"CPU cost of auth in the throughput phase {_percent(m['throughput_cpu_cost_pct'], signed=True)} "
+                        f"(per round: {', '.join(_percent(p['comparison'][0]['throughput_loss_pct']) for p in pairs)})")
     print(json.dumps(report))
     if json_out:
         with open(json_out, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def _compare_pair(reports: dict[str, dict[str, Any]], title: str, where: str) -> dict[str, Any]:
+    """Print one off/on pair side by side; return its comparison and CPU cost."""
+    rows = compare_phases(reports["off"]["phases"], reports["on"]["phases"])
+    table = Table(title=f"kflow bench --auth · chain3, auth off → on ({where}){' · ' + title if title else ''}")
+    for col in ("phase", "completed/s", "loss", "p50 ms", "p50 ×", "p99 ms", "p99 ×", "failed+missed"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["phase"], f"{r['off_per_s']:,.0f} → {r['on_per_s']:,.0f}", _percent(r["throughput_loss_pct"]),
+                      f"{r['off_p50_ms']:.1f} → {r['on_p50_ms']:.1f}", _times(r["p50_ratio"]),
+                      f"{r['off_p99_ms']:.1f} → {r['on_p99_ms']:.1f}", _times(r["p99_ratio"]),
+                      " → ".join(str(f + m) for f, m in zip(r["failed"], r["missed"], strict=True)))
+    Console().print(table)
+    for heading, name in (("CPU per workflow", "cpu_ms_per_workflow"),
+                          ("CPU per workflow in the throughput phase", "throughput_cpu_ms_per_workflow")):
+        cpu_off, cpu_on = reports["off"][name], reports["on"][name]
+        Console().print(f"{heading}, off → on: " + ", ".join(
+            f"{k} {cpu_off[k]:.2f} → {cpu_on[k]:.2f} ms" for k in cpu_off if k in cpu_on))
+    # every process shares the machine's cores: at saturation the CPU a workflow costs them all bounds
+    # the throughput, and it depends less on other work on the machine than wall time does
+    busy_off, busy_on = (reports[k]["throughput_cpu_ms_per_workflow"]["total"] for k in ("off", "on"))
+    cpu_cost = round((busy_on / busy_off - 1) * 100, 1) if busy_off else None
+    Console().print(f"CPU cost of auth in the throughput phase (all processes): {_percent(cpu_cost, signed=True)}")
+    return {"title": title, "off": reports["off"], "on": reports["on"], "comparison": rows, "cpu_cost_pct": cpu_cost}
+
+
+def _median_of_pairs(pairs: list[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Per figure, the median over the rounds (None where a round had no figure)."""
+    def median(values: list[Optional[float]]) -> Optional[float]:
+        got = sorted(v for v in values if v is not None)
+        if not got:
+            return None
+        mid = len(got) // 2
+        return round(got[mid] if len(got) % 2 else (got[mid - 1] + got[mid]) / 2, 3)
+    thr = [p["comparison"][0] for p in pairs]
+    lat = [p["comparison"][-1] for p in pairs]
+    return {"throughput_loss_pct": median([r["throughput_loss_pct"] for r in thr]),
+            "latency_p50_ratio": median([r["p50_ratio"] for r in lat]),
+            "latency_p99_ratio": median([r["p99_ratio"] for r in lat]),
+            "throughput_cpu_cost_pct": median([p["cpu_cost_pct"] for p in pairs])}
+
+
+def _percent(value: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.1f} %" if signed else f"{value:.1f} %"
 
 
 def _times(ratio: Optional[float]) -> str:

@@ -175,22 +175,36 @@ def test_bench_auth_passes_the_option_and_refuses_other_modes(runner: CliRunner,
     calls: list[tuple] = []
 
     def fake_run_bench(bootstrap, n, concurrency, style, prefix, rate=None, partitions=4, json_out=None,
-                       breakdown=False, curve=False, local=False, auth=False):
-        calls.append((bootstrap, n, concurrency, style, local, auth))
+                       breakdown=False, curve=False, local=False, auth=False, rounds=1):
+        calls.append((bootstrap, n, concurrency, style, local, auth, rounds))
 
     import sys
     import types
 
     monkeypatch.setitem(sys.modules, "kflow.dev.bench", types.SimpleNamespace(run_bench=fake_run_bench))
-    assert runner.invoke(app, ["bench", "--auth", "-n", "20", "-c", "4"]).exit_code == 0
+    assert runner.invoke(app, ["bench", "--auth", "-n", "20", "-c", "4", "--rounds", "3"]).exit_code == 0
     assert runner.invoke(app, ["bench", "--auth", "--local", "--bootstrap", "h:1"]).exit_code == 0
     assert runner.invoke(app, ["bench"]).exit_code == 0
-    assert calls == [(None, 20, 4, "spec", False, True), ("h:1", 2000, 64, "spec", True, True),
-                     (None, 2000, 64, "spec", False, False)]
+    assert calls == [(None, 20, 4, "spec", False, True, 3), ("h:1", 2000, 64, "spec", True, True, 1),
+                     (None, 2000, 64, "spec", False, False, 1)]
     for other in ("--mix", "--failover", "--curve", "--breakdown"):
         assert "--auth compares the plain" in _one_error_line(runner.invoke(app, ["bench", "--auth", other]))
+    assert "use it with --auth" in _one_error_line(runner.invoke(app, ["bench", "--rounds", "2"]))
+    assert runner.invoke(app, ["bench", "--auth", "--rounds", "0"]).exit_code == 2  # at least 1
     assert len(calls) == 3
     assert "--auth" in runner.invoke(app, ["bench", "--help"], terminal_width=200).output
+
+
+def test_bench_auth_takes_the_median_over_rounds() -> None:
+    from kflow.dev.bench import _median_of_pairs
+
+    def pair(loss: float, p50: float, cpu: float | None) -> dict:
+        return {"comparison": [{"throughput_loss_pct": loss}, {"p50_ratio": p50, "p99_ratio": None}],
+                "cpu_cost_pct": cpu}
+
+    m = _median_of_pairs([pair(20.0, 1.2, 5.0), pair(-1.0, 0.9, None), pair(4.0, 1.0, 3.0)])
+    assert m == {"throughput_loss_pct": 4.0, "latency_p50_ratio": 1.0, "latency_p99_ratio": None,
+                 "throughput_cpu_cost_pct": 4.0}
 
 
 def test_bench_auth_compares_phases_off_against_on() -> None:
