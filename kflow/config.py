@@ -28,7 +28,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from kflow.model.errors import KflowError
-from kflow.streams.topics import TopicNames, TopicSettings
+from kflow.model.topics import TopicNames, TopicSettings
 
 if TYPE_CHECKING:
     from kflow.security.tokens import CommandSigner, Keys

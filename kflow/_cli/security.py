@@ -16,18 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from confluent_kafka import KafkaException, TopicPartition
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, describe, dump_json, fail, setup_logging
 from kflow.config import KafkaConfig
-from kflow.model.errors import BrokerUnavailable, DecodeError, KflowError
+from kflow.model.errors import KflowError
 from kflow.model.spec import parse_duration_ms
-from kflow.security.audit import AuditRecord, decode_audit
 from kflow.security.policy import Policy, Resource, evaluate, load_policy
 from kflow.security.principal import DEFAULT_TENANT, Principal
 from kflow.security.tokens import Keys, issue
 from kflow.streams.policies import publish_policy
-from kflow.streams.readend import EndReader
+from kflow.visibility.audit_log import read_audit
 
 __all__ = ["audit_app", "policy_app", "read_audit", "token_app"]
 
@@ -213,46 +211,6 @@ def audit_list(principal: Annotated[Optional[str], typer.Option("--principal", "
         why = r.details.get("reason") or r.details.get("rule") or r.details.get("why") or ""
         typer.echo(f"{_when(r.time)}  {r.outcome:<7}  {r.principal or '-'}@{r.tenant}  {r.action} "
                    f"{r.resource_type}:{r.resource_id}  {why}")
-
-
-def read_audit(config: KafkaConfig, *, since_ms: Optional[int] = None, principal: Optional[str] = None,
-               outcome: Optional[str] = None, timeout: float = 30.0) -> list[AuditRecord]:
-    """The audit records on the ``audit`` topic (read to its end), filtered, in order.
-
-    Records of one instance are in one partition, in the order their decisions committed; the
-    partitions are merged by time (then partition and offset).
-
-    Raises:
-        BrokerUnavailable: the topic could not be read.
-        KflowError: the topic does not exist.
-    """
-    topic = config.names.audit
-    found: list[tuple[int, int, int, AuditRecord]] = []
-    with EndReader(config.consumer_conf("kflow-audit-reader"), timeout=min(timeout, 10)) as reader:
-        partitions = reader.partitions(topic)
-        if not partitions:
-            raise KflowError(f"topic {topic} does not exist: start an engine (it creates it)")
-        start = _offsets_since(reader, topic, partitions, since_ms) if since_ms is not None else None
-        for m in reader.read(topic, partitions, start=start, timeout=timeout, what="reading the audit trail"):
-            try:
-                r = decode_audit(m.value() or b"")
-            except DecodeError:
-                continue  # not an audit record: nothing to show
-            if ((since_ms is None or r.time >= since_ms) and (principal is None or r.principal == principal)
-                    and (outcome is None or r.outcome == outcome)):
-                found.append((r.time, m.partition() or 0, m.offset() or 0, r))
-    return [r for *_, r in sorted(found, key=lambda f: f[:3])]
-
-
-def _offsets_since(reader: EndReader, topic: str, partitions: list[int], since_ms: int) -> dict[int, int]:
-    """Per partition, the first offset at or after ``since_ms`` (its end when there is none)."""
-    try:
-        found = reader.consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in partitions],
-                                                  timeout=reader.timeout)
-    except KafkaException as exc:
-        raise BrokerUnavailable(reader.bootstrap, f"cannot look up offsets of {topic}: {exc}") from None
-    marks = reader.watermarks(topic, partitions)
-    return {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition][1] for tp in found}
 
 
 def _config(bootstrap: Optional[str], prefix: Optional[str]) -> KafkaConfig:

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from typing import Any, Optional
 
 from kflow.clock import Clock
+from kflow.engine.search import search_text
 from kflow.model.messages import Event
 from kflow.model.versions import version_code
-from kflow.visibility.search import search_text
 
 __all__ = ["OPERATIONS", "Operation", "Outcome", "RateLimiter", "Where", "WhereError", "applied_earlier", "batch_reason",
            "command_id", "match_event", "parse_rate", "parse_where", "pending", "select"]

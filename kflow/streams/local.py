@@ -35,10 +35,10 @@ from typing import Any, Optional
 
 import orjson
 
-from kflow._worker.registry import ActivityDefinition, build_registry
 from kflow.converter import ConversionError, to_json
 from kflow.model.errors import KflowError, NonRetryableError
 from kflow.model.messages import Command, Task
+from kflow.streams.activities import ActivityDefinition, build_registry
 
 __all__ = ["MAX_RUNS_PER_INSTANCE", "LocalActivities", "LocalRuns", "UNKNOWN_ACTIVITY", "local_activities"]
 

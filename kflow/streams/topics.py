@@ -1,7 +1,8 @@
 """Name kflow's Kafka topics and make sure they exist with the configuration kflow relies on.
 
 Topic names hang off one prefix (``kflow.`` by default) so several environments can share a
-cluster. On start-up :func:`ensure_topics` creates whatever is missing with explicit configs
+cluster; :class:`TopicNames` and :class:`TopicSettings` are defined in :mod:`kflow.model.topics` and
+re-exported here. On start-up :func:`ensure_topics` creates whatever is missing with explicit configs
 (partitions, ``cleanup.policy``, ``retention.ms``, ``max.message.bytes``) and checks that topics
 which already exist have the partition count and cleanup policy kflow needs, raising
 :class:`TopicConfigMismatch` otherwise; an unreachable cluster raises :class:`BrokerUnavailable`
@@ -15,7 +16,6 @@ their value schemas (:mod:`kflow.schemas.registry`).
 
 from __future__ import annotations
 
-import re
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,13 +28,11 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from kflow.model.errors import BrokerUnavailable, KflowError, TopicConfigMismatch
 from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES
+from kflow.model.topics import TopicNames, TopicSettings
 
 __all__ = ["PartitionCountMismatch", "TopicNames", "TopicSettings", "TopicSpec", "ensure_topics", "ensure_task_topic",
            "level_topics", "topic_specs"]
 
-_DAY_MS = 24 * 60 * 60 * 1000
-_LEGAL_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_MAX_NAME = 249
 _POLL_S = 0.05  # metadata re-check interval while waiting for new topics to appear
 _LEVELS = sorted(PRIORITIES.values())
 _UNREACHABLE = frozenset({KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN})
@@ -54,94 +52,6 @@ class PartitionCountMismatch(TopicConfigMismatch):
                      "or use another prefix (KFLOW_TOPIC_PREFIX) for new ones",)
 
 
-@dataclass(frozen=True, slots=True)
-class TopicNames:
-    """The names of kflow's topics under one prefix."""
-
-    prefix: str = "kflow."
-
-    def __post_init__(self) -> None:
-        if self.prefix and not _LEGAL_NAME.match(self.prefix):
-            raise ValueError(f"topic prefix {self.prefix!r} may only use letters, digits, '.', '_' and '-'")
-
-    @property
-    def commands(self) -> str:
-        return f"{self.prefix}commands"
-
-    @property
-    def events(self) -> str:
-        return f"{self.prefix}events"
-
-    @property
-    def state(self) -> str:
-        return f"{self.prefix}state"
-
-    @property
-    def engine_state(self) -> str:
-        """Changelog of the engine's state store: the engine's whole state of each instance (key =
-        instance id), written in the same transaction as the public ``state`` record; what restore
-        and standby replicas read. kflow's own format, not a contract for downstream consumers."""
-        return f"{self.prefix}engine-state"
-
-    @property
-    def journal(self) -> str:
-        """Changelog of the engine's journal store: the history of each run of a code workflow,
-        one record per entry (key = instance, run, kind and index; see :mod:`kflow.streams.store`)."""
-        return f"{self.prefix}journal"
-
-    @property
-    def definitions(self) -> str:
-        return f"{self.prefix}definitions"
-
-    @property
-    def policies(self) -> str:
-        """The policy in force (key ``policy``), read by every engine as a global table."""
-        return f"{self.prefix}policies"
-
-    @property
-    def limits(self) -> str:
-        """The declared quotas and activity limits (key ``limits``), read by every engine as a global table."""
-        return f"{self.prefix}limits"
-
-    @property
-    def schedules(self) -> str:
-        """The schedules table (key = schedule id, value = JSON, a tombstone deletes), written by the
-        engine that owns each schedule's key in the transaction that changed it; read as a table."""
-        return f"{self.prefix}schedules"
-
-    @property
-    def batches(self) -> str:
-        """Batch operations (key = batch id, or ``<batch id>/<part>``, value = JSON; see :mod:`kflow.batch.log`),
-        written by the process running each batch; read as a table."""
-        return f"{self.prefix}batches"
-
-    @property
-    def dlq(self) -> str:
-        return f"{self.prefix}dlq"
-
-    @property
-    def audit(self) -> str:
-        """The audit trail: who did what, granted or denied (key = the instance id the command addressed)."""
-        return f"{self.prefix}audit"
-
-    @property
-    def replies(self) -> str:
-        """Answers to queries (key = query id), written by the engine that owns the instance."""
-        return f"{self.prefix}replies"
-
-    def tasks(self, queue: str, priority: int | None = None) -> str:
-        """The task topic of ``queue`` at a priority level: ``tasks.<queue>`` for normal (3, or None),
-        ``tasks.<queue>.p<level>`` for the others, so normal work stays where it always was."""
-        name = f"{self.prefix}tasks.{queue}"
-        if not queue or not _LEGAL_NAME.match(queue) or len(name) + 3 > _MAX_NAME:
-            raise ValueError(f"queue {queue!r} does not make a legal topic name ({name!r})")
-        if priority is None or priority == NORMAL_PRIORITY:
-            return name
-        if priority not in PRIORITIES.values():
-            raise ValueError(f"unknown priority {priority!r}: expected a level from 1 to 5")
-        return f"{name}.p{priority}"
-
-
 def level_topics(task_topic: str) -> dict[str, int]:
     """Every topic of the queue whose (normal) task topic is ``task_topic`` -> its level, most urgent first."""
     return {task_topic if level == NORMAL_PRIORITY else f"{task_topic}.p{level}": level
@@ -150,19 +60,6 @@ def level_topics(task_topic: str) -> dict[str, int]:
 
 #: Query answers are read within seconds of being written; an hour is plenty.
 REPLIES_RETENTION_MS = 3_600_000
-
-
-@dataclass(frozen=True, slots=True)
-class TopicSettings:
-    """How kflow's topics are created."""
-
-    partitions: int = 8
-    replication: int = 1
-    events_retention_ms: int = 7 * _DAY_MS
-    commands_retention_ms: int = 7 * _DAY_MS
-    max_message_bytes: int = 1_048_576
-    audit_retention_ms: int = 365 * _DAY_MS
-    schema_registry_url: str = ""  # Confluent Schema Registry of the value schemas; "" = none
 
 
 @dataclass(frozen=True, slots=True)

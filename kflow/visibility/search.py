@@ -1,29 +1,13 @@
 """How a search attribute value is matched: the text the visibility store indexes for it.
 
-Kept apart from :mod:`kflow.visibility.store` (which needs SQLAlchemy, the ``visibility`` extra)
-because ``kflow list`` applies the same rule to state records read straight from Kafka.
+The rule lives in :mod:`kflow.engine.search` (pure, below every package that matches search
+attributes); this module names it for the read side. Kept apart from
+:mod:`kflow.visibility.store` (which needs SQLAlchemy, the ``visibility`` extra) because
+``kflow list`` applies the same rule to state records read straight from Kafka.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-import orjson
+from kflow.engine.search import MAX_SEARCH_VALUE, search_text
 
 __all__ = ["MAX_SEARCH_VALUE", "search_text"]
-
-#: Longest search attribute value indexed; longer values are cut (and still shown in full in ``search``).
-MAX_SEARCH_VALUE = 1024
-
-
-def search_text(value: Any) -> str:
-    """The indexed text of a search attribute value: strings as they are, other values as JSON.
-
-    Integral floats are written as integers so ``5`` and ``5.0`` match the same filter.
-    """
-    if isinstance(value, str):
-        return value[:MAX_SEARCH_VALUE]
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    return orjson.dumps(value).decode()[:MAX_SEARCH_VALUE]

@@ -34,6 +34,7 @@ from kflow.security.principal import Principal
 from kflow.security.tokens import issue
 from kflow.visibility.access import Access
 from kflow.visibility.api import create_app
+from kflow.visibility.audit_log import read_audit
 from kflow.visibility.deliveries import SubscriptionsView, parse_urls
 from kflow.visibility.live import Changes
 from kflow.visibility.projection import LAG, ProjectionProcessor
@@ -115,8 +116,6 @@ class VisibilityServer:
 
     def _read_audit(self, *, since_ms: Optional[int] = None, principal: Optional[str] = None,
                     outcome: Optional[str] = None) -> list[AuditRecord]:
-        from kflow._cli.security import read_audit
-
         if self._audit_producer is not None:
             self._audit_producer.flush(5)  # this server's own records count
         return read_audit(self.config, since_ms=since_ms, principal=principal, outcome=outcome)

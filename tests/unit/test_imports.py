@@ -277,11 +277,7 @@ LAYERS: list[set[str]] = [
 #: Imports that go up the layers: (importing module, imported package) -> why it is there. Each
 #: closes a cycle between packages; a new one is a design decision, made here on purpose.
 UPWARD: dict[tuple[str, str], str] = {
-    ("kflow.config", "streams"): "the settings name topics with streams.topics' TopicNames and TopicSettings",
-    ("kflow.dlq", "streams"): "the DLQ writer counts in streams.metrics and reads streams.policies",
-    ("kflow.streams.local", "_worker"): "the engine runs local activities from the worker's activity registry",
-    ("kflow.batch.plan", "visibility"): "a batch's WHERE query matches with the visibility search text",
-    ("kflow.visibility.server", "_cli"): "the API server reads the audit topic with the CLI's reader",
+    ("kflow.dlq", "streams"): "read_dlq reads with streams.readend's EndReader; replay's check reads streams.policies",
 }
 
 
