@@ -123,7 +123,12 @@ def test_activity_limit_of_5_holds_with_3_worker_processes(engine_only_stack: An
         ids = [client.start("lim_slow", {"n": n}).id for n in range(30)]
         # waited for on the state topic (no query per check): generous, the machine may be loaded
         done = client.wait_many(ids, timeout=300)
-        assert len(done) == 30, _diagnosis(client, ids, done, workers)
+        if len(done) != 30:  # kept in tests/artifacts/ as well: an xfail hides its message
+            why = _diagnosis(client, ids, done, workers)
+            out = Path(__file__).resolve().parents[1] / "artifacts"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"limit-stall-{uuid.uuid4().hex[:6]}.txt").write_text(why + "\n")
+            pytest.fail(why)
         assert {s["status"] for s in done.values()} == {"COMPLETED"}, done
     finally:
         for w in workers:
