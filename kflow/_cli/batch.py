@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import getpass
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
@@ -287,10 +287,10 @@ def status(batch_id: BatchId, as_json: AsJson = False, bootstrap: Bootstrap = No
 @app.command("report")
 def report(
     batch_id: BatchId,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json (one JSON object per instance).")] = "table",
-    only: Annotated[Optional[str], typer.Option("--only", metavar="RESULT",
-                                                help="Only this outcome: applied, rejected, dead-lettered, "
-                                                     "unanswered or pending.")] = None,
+    fmt: Annotated[Literal["table", "json"], typer.Option(
+        "--format", "-f", help="A table, or json (one JSON object per instance).")] = "table",
+    only: Annotated[Optional[Literal["applied", "rejected", "dead-lettered", "unanswered", "pending"]],
+                    typer.Option("--only", help="Only the instances with this outcome.")] = None,
     bootstrap: Bootstrap = None, prefix: Prefix = None, verbose: Verbose = False,
 ) -> None:
     """The outcome of every instance of a batch: applied, or why not (the engine's code and reason).
@@ -299,11 +299,6 @@ def report(
     """
     from kflow.batch import BatchLog
 
-    if fmt not in ("table", "json"):
-        fail(f"--format is table or json, not {fmt!r}")
-    results = ("applied", "rejected", "dead-lettered", "unanswered", "pending")
-    if only is not None and only not in results:
-        fail(f"--only is one of {', '.join(results)}, not {only!r}")
     with _client(bootstrap, prefix, verbose) as client:
         rec = BatchLog(client.config).load(batch_id)
     rows = []

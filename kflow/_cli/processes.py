@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -296,8 +296,7 @@ def dev(
 def bench(
     n: Annotated[int, typer.Option("-n", "--count", min=1, help="Workflow instances to run.")] = 2000,
     concurrency: Annotated[int, typer.Option("-c", "--concurrency", min=1, help="Instances in flight at once.")] = 64,
-    style: Annotated[str, typer.Option("--style", metavar="spec|code",
-                                       help="Spec (YAML) or code workflows.")] = "spec",
+    style: Annotated[Literal["spec", "code"], typer.Option("--style", help="Spec (YAML) or code workflows.")] = "spec",
     rate: Annotated[Optional[float], typer.Option("--rate", min=0, metavar="R",
                                                   help="Start rate of the latency phase (default 50/s).")] = None,
     partitions: Annotated[int, typer.Option("--partitions", min=1, help="Partitions of the bench topics.")] = 4,
@@ -348,8 +347,6 @@ def bench(
     Example: kflow bench -n 5000 -c 128 --rate 50 (add --breakdown or --curve); kflow bench --mix -n 600;
     kflow bench --auth -n 2000 -c 64 --rounds 3
     """
-    if style not in ("spec", "code"):
-        raise ValueError(f"--style must be 'spec' or 'code', not {style!r}")
     setup_logging(verbose)
     if standby and not failover:
         raise ValueError("--standby N measures a takeover with standby replicas: use it with --failover")

@@ -13,7 +13,7 @@ import datetime as dt
 import socket
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
@@ -187,8 +187,8 @@ def audit_list(principal: Annotated[Optional[str], typer.Option("--principal", "
                                                                 help="Only this principal's records.")] = None,
                since: Annotated[Optional[str], typer.Option("--since", metavar="DUR",
                                                             help="Only records of the last DUR: 30m, 24h, 7d.")] = None,
-               outcome: Annotated[Optional[str], typer.Option("--outcome", "-o", metavar="O",
-                                                              help="Only granted, denied or success.")] = None,
+               outcome: Annotated[Optional[Literal["granted", "denied", "success"]], typer.Option(
+                   "--outcome", "-o", help="Only the records with this outcome.")] = None,
                limit: Annotated[int, typer.Option("--limit", min=1, help="Most records to show (the latest).")] = 1000,
                as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
                bootstrap: Bootstrap = None, prefix: Prefix = None, verbose: Verbose = False) -> None:
@@ -198,8 +198,6 @@ def audit_list(principal: Annotated[Optional[str], typer.Option("--principal", "
     """
     setup_logging(verbose)
     try:
-        if outcome is not None and outcome not in ("granted", "denied", "success"):
-            raise ValueError(f"expected --outcome granted, denied or success, but got {outcome!r}")
         since_ms = int(time.time() * 1000) - parse_duration_ms(since) if since else None
         records = read_audit(_config(bootstrap, prefix), since_ms=since_ms, principal=principal, outcome=outcome)
     except (KflowError, ValueError) as exc:

@@ -224,9 +224,19 @@ def test_runner_liveness():
     (["cancel", "--where", "status=RUNNING", "--rate", "fast"], "expected a rate like 50/s"),
     (["signal", "--where", "status=RUNNING", "--name", "go", "--data", "{nope"], "--data is not valid JSON"),
     (["migrate", "--where", "workfow=x", "--plan", __file__], "migration plan"),
-    (["report", "b-1", "--format", "xml"], "--format is table or json"),
 ])
 def test_cli_bad_input_is_one_error_before_any_connection(args, message):
+    _one_error(args, message)
+
+
+def test_cli_report_format_is_a_choice():
+    res = CliRunner().invoke(app, ["batch", "report", "b-1", "--format", "xml", "--bootstrap", "127.0.0.1:1"],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 2, res.output  # refused before the command runs
+    assert "Invalid value for '--format'" in res.output and "'xml' is not one of" in res.output
+
+
+def _one_error(args, message):
     res = CliRunner().invoke(app, ["batch", *args, "--bootstrap", "127.0.0.1:1"] if args[0] != "migrate"
                              else ["batch", *args])
     assert res.exit_code == 1, res.output

@@ -106,11 +106,6 @@ def test_engine_with_unknown_workflow_module(runner: CliRunner) -> None:
     assert "no_such_wf_module" in _one_error_line(result)
 
 
-def test_bench_rejects_unknown_style(runner: CliRunner) -> None:
-    result = runner.invoke(app, ["bench", "--style", "yaml"])
-    assert "--style must be" in _one_error_line(result)
-
-
 def test_start_rejects_unknown_id_reuse_policy(runner: CliRunner) -> None:
     result = runner.invoke(app, ["start", "order", "--id-reuse", "sometimes", "--bootstrap", UNREACHABLE])
     assert "id_reuse must be one of" in _one_error_line(result)
@@ -218,3 +213,24 @@ def test_bench_auth_compares_phases_off_against_on() -> None:
     assert rows[0]["throughput_loss_pct"] == 10.0
     assert (rows[0]["p50_ratio"], rows[0]["p99_ratio"], rows[0]["failed"]) == (1.1, 1.25, [0, 1])
     assert (rows[1]["throughput_loss_pct"], rows[1]["p50_ratio"], rows[1]["p99_ratio"]) == (0.0, 1.1, None)
+
+
+CHOICES = [
+    (["bench"], "--style", ("spec", "code")),
+    (["batch", "report", "b-1"], "--format", ("table", "json")),
+    (["batch", "report", "b-1"], "--only", ("applied", "rejected", "dead-lettered", "unanswered", "pending")),
+    (["audit", "list"], "--outcome", ("granted", "denied", "success")),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "allowed"), CHOICES, ids=[f"{c[0][0]}{c[1]}" for c in CHOICES])
+def test_fixed_word_options_are_choices(runner: CliRunner, command: list[str], option: str,
+                                        allowed: tuple[str, ...]) -> None:
+    """A wrong value is a usage error (exit 2) naming the allowed values, before anything runs; --help lists them."""
+    wide = {"COLUMNS": "250"}
+    result = runner.invoke(app, [*command, option, "bogus", "--bootstrap", UNREACHABLE], env=wide)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
+    assert f"'bogus' is not one of {', '.join(repr(v) for v in allowed)}" in result.output
+    usage = [arg for arg in command if not arg.startswith("b-")]
+    assert f"<{'|'.join(allowed)}>" in runner.invoke(app, [*usage, "--help"], env=wide).output

@@ -110,9 +110,11 @@ def test_svg_is_well_formed_with_one_box_per_step() -> None:
 
 
 def test_unknown_format_is_an_error_before_anything_connects() -> None:
-    result = CliRunner().invoke(app, ["graph", "order", "--format", "png", "--bootstrap", "127.0.0.1:1"])
-    assert result.exit_code == 1
-    assert result.stderr.strip() == "error: unknown format 'png': expected one of dot, mermaid, svg"
+    result = CliRunner().invoke(app, ["graph", "order", "--format", "png", "--bootstrap", "127.0.0.1:1"],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 2  # a choice: refused before the command runs
+    assert "Invalid value for '--format'" in result.stderr and "'png' is not one of" in result.stderr
+    assert "'dot', 'mermaid', 'svg'" in result.stderr
     with pytest.raises(ValueError, match="unknown format 'png'"):
         graph_text(ORDER, "png")
 

@@ -417,5 +417,7 @@ def test_policy_apply_refuses_an_invalid_file_before_producing_anything(tmp_path
     result = CliRunner().invoke(policy_app, ["apply", str(bad), "--bootstrap", "127.0.0.1:1"])
     assert result.exit_code == 1
     assert "unknown verb or operation 'Fly'" in result.stderr and "unknown role 'nobody'" in result.stderr
-    wrong = CliRunner().invoke(audit_app, ["list", "--outcome", "maybe", "--bootstrap", "127.0.0.1:1"])
-    assert wrong.exit_code == 1 and "expected --outcome granted, denied or success" in wrong.stderr
+    wrong = CliRunner().invoke(audit_app, ["list", "--outcome", "maybe", "--bootstrap", "127.0.0.1:1"],
+                               env={"COLUMNS": "250"})
+    assert wrong.exit_code == 2 and "Invalid value for '--outcome'" in wrong.stderr
+    assert "'maybe' is not one of" in wrong.stderr
