@@ -109,6 +109,7 @@ class Batch:
     unstamped: bool = False  # an instance started in this batch waits for its first event's offset
     decided: list[tuple[Optional[JSONDict], Any]] = field(default_factory=list)  # (state before, decision) for metrics
     hops: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # instance -> hop stamp of its state record
+    audit: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value) of the batch's audit records
 
 
 def _note_first_event(batch: Batch, err: Any, msg: Message) -> None:
@@ -150,6 +151,8 @@ class Lane:
         self._busy = False
         self._stopping = False
         self.error: Optional[BaseException] = None
+        self._headers_of: Optional[Message] = None  # the record whose headers _headers_read holds
+        self._headers_read: Optional[list[tuple[str, bytes]]] = None
         self.thread = threading.Thread(target=self._run, name=f"kflow-lane-{index}", daemon=True)
 
     # -- the polling thread's side -------------------------------------------------------------
@@ -274,6 +277,7 @@ class Lane:
                 self._produce_states(batch)
                 self._record_seen(batch)
                 self._produce_journal(batch)
+                self._produce_audit(batch)
             if batch.next_offsets:  # (2): what this lane consumed, not the consumer's position
                 offsets = [TopicPartition(self.names.commands, p, off) for p, off in batch.next_offsets.items()]
                 self.producer.send_offsets_to_transaction(offsets, proc.group_metadata)
@@ -324,7 +328,7 @@ class Lane:
                       batch.next_offsets[p] - 1)
             batch.first_offsets[p] = min(first, offset)  # a rewind must still bring back everything
         try:
-            cmd = decode_command(m.value(), m.headers())
+            cmd = decode_command(m.value(), self._headers(m))
         except DecodeError as e:
             self._dlq(m, e.reason, batch.now)
             return
@@ -350,6 +354,14 @@ class Lane:
         metrics.ABORTS.inc()
 
     # -- one command ------------------------------------------------------------------------
+    def _headers(self, m: Message) -> Optional[list[tuple[str, bytes]]]:
+        """``m``'s headers, read from the client once per record (each ``headers()`` call copies them,
+        and a command's are asked for up to four times: decoding, the guard, definitions, tracing)."""
+        if m is not self._headers_of:
+            self._headers_of = m
+            self._headers_read = m.headers()  # type: ignore[assignment]  # headers hint
+        return self._headers_read
+
     def _decide(self, batch: Batch, p: int, cmd: Command, m: Optional[Message]) -> None:
         proc = self.proc
         iid = cmd.instance_id
@@ -413,8 +425,7 @@ class Lane:
             metrics.event(ev.type)
         batch.events += len(d.events)
         batch.decided.append((st, d))
-        in_headers: Optional[list[tuple[str, bytes]]] = (
-            m.headers() if m is not None else None)  # type: ignore[assignment]  # headers hint
+        in_headers = self._headers(m) if m is not None else None
         headers = _tracing.engine_step(cmd.type, iid, in_headers, d.state, d.events, t_ns)
         if in_headers and _hops.asked(in_headers):
             hop = _hops.stamp("E", batch.polled_us)
@@ -463,8 +474,7 @@ class Lane:
         proc = self.proc
         assert proc.guard is not None
         token = attempt = None
-        headers: Optional[list[tuple[str, bytes]]] = m.headers()  # type: ignore[assignment]  # headers hint
-        for k, v in headers or ():
+        for k, v in self._headers(m) or ():
             if k == COMMAND_HEADER and token is None:
                 token = v
             elif k == ATTEMPT_HEADER and attempt is None:
@@ -538,8 +548,14 @@ class Lane:
         guard = self.proc.guard
         assert guard is not None
         ref = f"{m.topic()}[{m.partition()}]@{m.offset()}"
-        value = guard.audit_value(check, cmd, outcome, batch.now, ref, details)
-        self.producer.produce(self.names.audit, value, cmd.instance_id.encode(), partition=AUDIT_PARTITION)
+        batch.audit.append((cmd.instance_id.encode(), guard.audit_value(check, cmd, outcome, batch.now, ref, details)))
+
+    def _produce_audit(self, batch: Batch) -> None:
+        """The batch's audit records, in decision order, produced last with the state records: the
+        audit partition joins the transaction with the partitions the batch adds at its end."""
+        produce, topic = self.producer.produce, self.names.audit
+        for key, value in batch.audit:
+            produce(topic, value, key, partition=AUDIT_PARTITION)
 
     def _record_seen(self, batch: Batch) -> None:
         """The seen-token changelog records of each partition this batch read commands of."""
@@ -570,9 +586,7 @@ class Lane:
         """
         defs = self.proc.defs
         needed = -1
-        headers: Optional[list[tuple[str, bytes]]] = (
-            m.headers() if m is not None else None)  # type: ignore[assignment]  # headers hint
-        for k, v in headers or []:
+        for k, v in (self._headers(m) if m is not None else None) or []:
             if k == DEFS_OFFSET_HEADER:
                 try:
                     needed = int(v)
