@@ -17,10 +17,11 @@ The conversions are plain attribute copies: :func:`typed` builds the class of ``
 
 from __future__ import annotations
 
-from dataclasses import MISSING, Field, dataclass, fields
-from typing import Any, ClassVar, Optional, Union, get_args
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
 
 from kflow.model.messages import Command, JSONValue
+from kflow.model.unions import ModelUnion
 
 __all__ = [
     "AnyCommand",
@@ -401,11 +402,9 @@ AnyCommand = Union[
 ]
 
 
+_UNION: ModelUnion[AnyCommand] = ModelUnion("command", AnyCommand)
 #: Command type -> its class.
-COMMAND_TYPES: dict[str, type[AnyCommand]] = {cls.TYPE: cls for cls in get_args(AnyCommand)}
-
-#: Class -> its field names, in schema order.
-_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in COMMAND_TYPES.values()}
+COMMAND_TYPES: dict[str, type[AnyCommand]] = _UNION.types
 
 
 def typed(cmd: Command) -> AnyCommand:
@@ -415,18 +414,12 @@ def typed(cmd: Command) -> AnyCommand:
         ValueError: the type is unknown, or ``cmd.data`` has a field the type does not have or
             lacks one it requires; the message names the type and the fields.
     """
-    cls = COMMAND_TYPES.get(cmd.type)
-    if cls is None:
-        raise ValueError(f"unknown command type {cmd.type!r}")
-    try:
-        return cls(**cmd.data)
-    except TypeError:
-        raise ValueError(_mismatch(cmd.type, _FIELDS[cls], cls, cmd.data)) from None
+    return _UNION.build(cmd.type, cmd.data)
 
 
 def to_data(model: AnyCommand) -> dict[str, Any]:
     """The ``data`` dict of a :class:`~kflow.model.messages.Command` carrying ``model``."""
-    return {name: getattr(model, name) for name in _FIELDS[type(model)]}
+    return _UNION.to_data(model)
 
 
 def command(model: AnyCommand, instance_id: str, *, command_id: Optional[str] = None, ts: Optional[int] = None) -> Command:
@@ -435,19 +428,4 @@ def command(model: AnyCommand, instance_id: str, *, command_id: Optional[str] = 
     ``command_id`` and ``ts`` default to the empty string and 0, as on ``Command`` itself (the
     client fills them in when it sends).
     """
-    if type(model) not in _FIELDS:
-        raise TypeError(f"not a command model: {type(model).__name__}")
     return Command(model.TYPE, instance_id, to_data(model), command_id or "", ts or 0)
-
-
-def _mismatch(type_: str, names: tuple[str, ...], cls: type, data: dict[str, Any]) -> str:
-    """Say which fields of ``data`` do not fit ``cls`` (shared with :mod:`kflow.model.events`)."""
-    unknown = sorted(map(str, data.keys() - set(names)))
-    if unknown:
-        return f"{type_}: unknown field(s) {', '.join(repr(n) for n in unknown)}"
-    required = [f.name for f in fields(cls) if f.name not in data and _required(f)]
-    return f"{type_}: missing field(s) {', '.join(repr(n) for n in required)}"
-
-
-def _required(f: Field[Any]) -> bool:
-    return bool(f.default is MISSING and f.default_factory is MISSING)

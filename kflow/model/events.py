@@ -16,11 +16,11 @@ the schema's default. ``CommandRejected.code`` is a :class:`~kflow.model.message
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Optional, Union, get_args
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
 
-from kflow.model.commands import _mismatch
 from kflow.model.messages import Event, JSONValue, RejectCode
+from kflow.model.unions import ModelUnion
 
 __all__ = [
     "AnyEvent",
@@ -568,11 +568,9 @@ AnyEvent = Union[
 ]
 
 
+_UNION: ModelUnion[AnyEvent] = ModelUnion("event", AnyEvent)
 #: Event type -> its class.
-EVENT_TYPES: dict[str, type[AnyEvent]] = {cls.TYPE: cls for cls in get_args(AnyEvent)}
-
-#: Class -> its field names, in schema order.
-_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in EVENT_TYPES.values()}
+EVENT_TYPES: dict[str, type[AnyEvent]] = _UNION.types
 
 
 def typed_event(ev: Event) -> AnyEvent:
@@ -582,22 +580,14 @@ def typed_event(ev: Event) -> AnyEvent:
         ValueError: the type is unknown, or ``ev.data`` has a field the type does not have or
             lacks one it requires; the message names the type and the fields.
     """
-    cls = EVENT_TYPES.get(ev.type)
-    if cls is None:
-        raise ValueError(f"unknown event type {ev.type!r}")
-    try:
-        return cls(**ev.data)
-    except TypeError:
-        raise ValueError(_mismatch(ev.type, _FIELDS[cls], cls, ev.data)) from None
+    return _UNION.build(ev.type, ev.data)
 
 
 def to_data(model: AnyEvent) -> dict[str, Any]:
     """The ``data`` dict of an :class:`~kflow.model.messages.Event` carrying ``model``."""
-    return {name: getattr(model, name) for name in _FIELDS[type(model)]}
+    return _UNION.to_data(model)
 
 
 def event(model: AnyEvent, instance_id: str, *, seq: int, ts: int) -> Event:
     """An :class:`~kflow.model.messages.Event` of ``instance_id`` carrying ``model`` (for tests and tools)."""
-    if type(model) not in _FIELDS:
-        raise TypeError(f"not an event model: {type(model).__name__}")
     return Event(model.TYPE, instance_id, seq, ts, to_data(model))
