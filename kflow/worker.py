@@ -36,7 +36,10 @@ from kflow._worker import metrics
 from kflow._worker.consumers import worker_group
 from kflow._worker.context import ActivityCancelledError, NotInActivityError, current_task, heartbeat
 from kflow._worker.fairness import FairnessSettings
-from kflow._worker.registry import (
+from kflow._worker.runner import Loop
+from kflow.config import WorkerConfig
+from kflow.model.errors import KflowError
+from kflow.streams.activities import (
     DEFAULT_QUEUE,
     ActivityDefinition,
     ActivityDefinitionError,
@@ -47,9 +50,6 @@ from kflow._worker.registry import (
     collect_activities,
     definition_of,
 )
-from kflow._worker.runner import Loop
-from kflow.config import WorkerConfig
-from kflow.model.errors import KflowError
 from kflow.streams.topics import ensure_topics
 
 __all__ = [

@@ -27,7 +27,7 @@ from kflow.security.tokens import Keys, issue
 from kflow.streams.policies import publish_policy
 from kflow.visibility.audit_log import read_audit
 
-__all__ = ["audit_app", "policy_app", "read_audit", "token_app"]
+__all__ = ["audit_app", "policy_app", "token_app"]
 
 #: Exit code of ``policy check`` when it cannot answer (0 is granted, 1 denied).
 EXIT_CHECK_ERROR = 2

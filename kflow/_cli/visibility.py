@@ -291,7 +291,7 @@ def list_instances(
         params["search"] = [*params.get("search", []), *(f"{n}:{v}" for n, v in pairs)] or None
         rows = _api_get(api, "/api/instances", limit=limit, **params)["items"]
     else:
-        from kflow.visibility.search import search_text
+        from kflow.engine.search import search_text
 
         rows = []
         for st in _latest_states(_config(bootstrap, prefix)).values():

@@ -24,8 +24,8 @@ from confluent_kafka import Message
 
 from kflow._worker.context import ActivityContext, bind, unbind
 from kflow._worker.output import Out, Record
-from kflow._worker.registry import ActivityDefinition
 from kflow.model.messages import Task
+from kflow.streams.activities import ActivityDefinition
 
 __all__ = ["Executors", "Job"]
 

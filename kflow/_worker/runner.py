@@ -70,11 +70,11 @@ from kflow._worker.output import (
     weak_callback,
 )
 from kflow._worker.priority import Policy, next_level
-from kflow._worker.registry import Registry
 from kflow.clock import Clock, SystemClock
 from kflow.model.errors import DecodeError
 from kflow.model.messages import NORMAL_PRIORITY, Task
 from kflow.schemas.codec import decode_task
+from kflow.streams.activities import Registry
 from kflow.streams.topics import level_topics
 
 __all__ = ["Loop"]

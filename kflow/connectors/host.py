@@ -246,7 +246,7 @@ class ConnectorHost:
             for op_name in s.operations:
                 q[f"{name}.{op_name}"] = self._activity(s, op_name)
         if include is not None:
-            from kflow._worker.registry import DuplicateActivityError, build_registry
+            from kflow.streams.activities import DuplicateActivityError, build_registry
 
             dups: dict[tuple[str, str], list[str]] = {}
             for queue, defs in build_registry(include).items():

@@ -6,9 +6,9 @@ decorated functions and ``build_registry`` accepts every form a :class:`~kflow.w
 takes (modules, functions, ``{name: fn}`` or ``{queue: {name: fn}}``). Problems are collected and
 reported together in one :class:`ActivityDefinitionError`, never one at a time.
 
-The registry serves both the worker (``kflow._worker``, which re-exports these names from
-``kflow._worker.registry``) and the engine's local activities (:mod:`kflow.streams.local`), so it
-lives here, below both, and needs only :mod:`kflow.converter` and :mod:`kflow.model`.
+The registry serves both the worker (:mod:`kflow.worker`, which exports these names) and the
+engine's local activities (:mod:`kflow.streams.local`), so it lives here, below both, and needs only
+:mod:`kflow.converter` and :mod:`kflow.model`.
 """
 
 from __future__ import annotations

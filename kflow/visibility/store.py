@@ -39,9 +39,9 @@ except ModuleNotFoundError as exc:  # name the extra to install rather than the 
     raise ModuleNotFoundError("the visibility store needs the visibility extra: pip install 'kflow[visibility]'",
                               name=exc.name) from exc
 
+from kflow.engine.search import search_text
 from kflow.model.errors import KflowError
 from kflow.visibility.graph import track_steps
-from kflow.visibility.search import search_text
 
 __all__ = ["InstanceFilter", "FilterError", "OBJECT_PREFIXES", "Page", "Record", "VisibilityStore", "is_object",
            "search_text"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import uuid
 
-from kflow._cli.security import read_audit
 from kflow.config import KafkaConfig
 from kflow.dev.bench import AUTH_PRINCIPAL, run_auth
+from kflow.visibility.audit_log import read_audit
 
 
 def test_bench_auth_runs_rounds_of_auth_off_and_on(kafka_bootstrap: str) -> None:

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from typer.testing import CliRunner
 
-from kflow._cli.security import audit_app, policy_app, read_audit
+from kflow._cli.security import audit_app, policy_app
 from kflow.client import Client
 from kflow.config import EngineConfig, KafkaConfig, WorkerConfig
 from kflow.dlq import read_dlq
@@ -34,6 +34,7 @@ from kflow.streams.partitioner import partition_for
 from kflow.streams.processor import EngineProcessor
 from kflow.streams.topics import ensure_topics
 from kflow.testing import assert_eventually
+from kflow.visibility.audit_log import read_audit
 from kflow.worker import Worker, activity, heartbeat
 
 SECRET = "kflow-test-secret-of-at-least-32-bytes"

@@ -192,7 +192,7 @@ def test_dlq_replay_needs_system_admin_and_the_command_it_re_signs_runs(auth: Au
 
 
 def _replay_audits(s: AuthStack) -> list[Any]:
-    from kflow._cli.security import read_audit
+    from kflow.visibility.audit_log import read_audit
 
     return [r for r in read_audit(s.config()) if r.action == "dlq_replay"]
 

@@ -196,7 +196,7 @@ def test_readme_connector_examples_are_valid():
 
 
 def test_host_activities_merge_with_the_workers_own():
-    from kflow._worker.registry import DuplicateActivityError
+    from kflow.streams.activities import DuplicateActivityError
     from kflow.worker import activity
 
     host = _host("""

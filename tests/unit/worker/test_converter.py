@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kflow._worker.output import result_command
-from kflow._worker.registry import build_registry
 from kflow.converter import ConversionError, from_json, input_type, return_type, to_json
 from kflow.model.messages import Task
 from kflow.schemas.codec import decode_command
+from kflow.streams.activities import build_registry
 
 
 class Size(Enum):

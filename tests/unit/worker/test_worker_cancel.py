@@ -17,8 +17,8 @@ from kflow._worker.context import ActivityContext, bind, unbind
 from kflow._worker.execution import Executors, Job
 from kflow._worker.offsets import PartitionOffsets
 from kflow._worker.output import Out, Outbox, Record
-from kflow._worker.registry import ActivityDefinition
 from kflow.model.messages import Command, Task
+from kflow.streams.activities import ActivityDefinition
 from kflow.worker import ActivityCancelledError, heartbeat
 
 TIMEOUT = 10.0
