@@ -32,6 +32,7 @@ from kflow.schemas.codec import (
     encode_state,
     encode_task,
 )
+from tests.avro_reference import crc64_avro
 
 SCHEMA_DIR = Path(kflow.schemas.__file__).parent
 MAGIC = b"\xc3\x01"
@@ -143,21 +144,6 @@ def test_every_schema_parses_and_has_the_documented_fields() -> None:
         schema = raw_schema(name)
         fastavro.parse_schema(schema)
         assert [f["name"] for f in schema["fields"]] == fields
-
-
-def crc64_avro(data: bytes) -> int:
-    """The Avro specification's CRC-64-AVRO (Rabin) fingerprint, as a signed long like Java's."""
-    empty = 0xC15D213AA4D7A795
-    table = []
-    for i in range(256):
-        fp = i
-        for _ in range(8):
-            fp = (fp >> 1) ^ (empty & -(fp & 1))
-        table.append(fp)
-    fp = empty
-    for byte in data:
-        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
-    return fp - (1 << 64) if fp >> 63 else fp
 
 
 def test_reference_fingerprint_matches_published_avro_vectors() -> None:

@@ -18,6 +18,7 @@ from kflow.model.errors import DecodeError
 from kflow.model.messages import Task
 from kflow.schemas.codec import MAGIC, encode_task
 from kflow.security.audit import AuditRecord, decode_audit, encode_audit
+from tests.avro_reference import crc64_avro
 
 SCHEMA_FILE = Path(kflow.__file__).parent / "schemas" / "audit.avsc"
 ISSUE_FIELDS = ["id", "time", "principal", "tenant", "action", "resource_type", "resource_id", "outcome", "details",
@@ -29,21 +30,6 @@ def record(**over: object) -> AuditRecord:
               "action": "cancel", "resource_type": "instance", "resource_id": "order-42", "outcome": "denied",
               "details": {"reason": "expected instance:Manage", "command_id": "cmd-1"}, "source": "kflow-cli"}
     return AuditRecord(**{**fields, **over})
-
-
-def crc64_avro(data: bytes) -> int:
-    """CRC-64-AVRO as the Avro specification defines it, independent of fastavro."""
-    empty = 0xC15D213AA4D7A795
-    table = []
-    for i in range(256):
-        fp = i
-        for _ in range(8):
-            fp = (fp >> 1) ^ (empty & -(fp & 1))
-        table.append(fp)
-    fp = empty
-    for byte in data:
-        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
-    return fp
 
 
 def test_schema_has_the_issue_s_fields_in_order() -> None:
@@ -58,7 +44,7 @@ def test_audit_values_use_single_object_encoding_readable_with_only_the_avsc() -
     schema = fastavro.parse_schema(json.loads(SCHEMA_FILE.read_text()))
     canonical = to_parsing_canonical_form(schema).encode()
     assert value[:2] == MAGIC
-    assert value[2:10] == crc64_avro(canonical).to_bytes(8, "little")
+    assert value[2:10] == crc64_avro(canonical).to_bytes(8, "little", signed=True)
     plain = fastavro.schemaless_reader(BytesIO(value[10:]), schema, None, True)
     assert plain["outcome"] == "denied" and json.loads(plain["details"])["command_id"] == "cmd-1"
 
