@@ -230,6 +230,9 @@ async function instancePage(id) {
     for (;;) {
       const page = await api(`/api/instances/${encodeURIComponent(id)}/history?after_seq=${lastSeq}&limit=200`);
       for (const ev of page.items) {
+        // two refreshes may overlap (the page's own and a live change): each appends only what
+        // neither appended yet, so an event is never listed twice
+        if (ev.seq <= lastSeq) continue;
         lastSeq = ev.seq;
         const payload = h("pre", {style: "display:none", class: "payload"}, JSON.stringify(ev.data, null, 2));
         const cls = /Failed|TimedOut|Rejected|Terminated/.test(ev.type) ? "ev-fail" : /Completed|Fired|Received/.test(ev.type) ? "ev-done" : "";
