@@ -69,6 +69,7 @@ from kflow.model.messages import (
     Status,
     priority_level,
 )
+from kflow.readend import EndReader, at_end, watermarks
 from kflow.schemas.codec import (
     decode_command,
     decode_engine_state,
@@ -80,7 +81,6 @@ from kflow.schemas.codec import (
 from kflow.security.tokens import CommandSigner
 from kflow.streams.definitions import DefinitionsLog
 from kflow.streams.partitioner import partition_for
-from kflow.streams.readend import EndReader, at_end, watermarks
 from kflow.streams.schedules import backfill_command, read_schedules, with_next_runs
 
 __all__ = ["ID_REUSE_POLICIES", "Client", "Deployed", "StateWatcher", "WorkflowHandle", "load_spec"]

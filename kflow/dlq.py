@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -28,10 +28,10 @@ from confluent_kafka import Message, Producer
 
 from kflow.config import KafkaConfig
 from kflow.model.errors import KflowError
+from kflow.readend import EndReader
 from kflow.security.audit import AuditOutcome, AuditRecord, encode_audit
 from kflow.security.policy import Policy, Resource, Verdict, evaluate
 from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
-from kflow.streams.readend import EndReader
 
 DLQ_HEADERS = ("kflow.reason", "kflow.original.topic", "kflow.original.partition", "kflow.original.offset",
                "kflow.time")
@@ -129,27 +129,21 @@ REPLAY_RESOURCE = Resource("system", "dlq", DEFAULT_TENANT)
 _REPLAY_NEEDS = "role system_admin, or system:Admin granted in tenant 'default'"
 
 
-def replay_verdict(config: KafkaConfig, who: Principal, timeout: float = 10.0) -> Verdict:
+#: Reads the policy in force (``config``, a timeout in seconds): the ``policies`` topic to its end,
+#: verifying its records as an engine does (``kflow.streams.policies.read_policy``).
+PolicyReader = Callable[[KafkaConfig, float], Policy]
+
+
+def replay_verdict(config: KafkaConfig, who: Principal, read_policy: PolicyReader, timeout: float = 10.0) -> Verdict:
     """Whether ``who`` may replay dead letters: by its token's roles, else by the policy in force.
 
-    The ``policies`` topic is read (to its end, verifying its records with ``config``'s keys as
-    an engine does) only when the token does not carry role ``system_admin`` itself.
+    ``read_policy`` is called only when the token does not carry role ``system_admin`` itself.
     """
-    policy = Policy()
-    if SYSTEM_ADMIN not in who.roles:
-        # the streams runtime only when the policy is needed
-        from kflow.streams.policies import PolicyTable
-
-        table = PolicyTable(config.consumer_conf("kflow-policies"), config.names.policies, config.keys())
-        try:
-            table.catch_up(timeout)
-            policy = table.policy
-        finally:
-            table.close()
+    policy = read_policy(config, timeout) if SYSTEM_ADMIN not in who.roles else Policy()
     return evaluate(policy, who, REPLAY_ACTION, REPLAY_RESOURCE)
 
 
-def replay(config: KafkaConfig, records: Iterable[DlqRecord], *, source: str = "") -> int:
+def replay(config: KafkaConfig, records: Iterable[DlqRecord], *, read_policy: PolicyReader, source: str = "") -> int:
     """Re-send each record's original key, value and headers to its original topic; returns the count.
 
     With a signer (``KFLOW_TOKEN``; required with auth on) its principal must be allowed
@@ -159,6 +153,7 @@ def replay(config: KafkaConfig, records: Iterable[DlqRecord], *, source: str = "
     Args:
         config: Connection, topic prefix and the operator's token and keys.
         records: The dead letters to replay.
+        read_policy: Reads the policy in force, when the token's roles do not allow the replay alone.
         source: Where the replay was asked from, for the audit record (``cli:<host>``).
 
     Raises:
@@ -172,7 +167,7 @@ def replay(config: KafkaConfig, records: Iterable[DlqRecord], *, source: str = "
     who = signer.principal() if signer is not None else None
     p = Producer(config.producer_conf())
     if who is not None:
-        verdict = replay_verdict(config, who)
+        verdict = replay_verdict(config, who, read_policy)
         if not verdict.allowed:
             _audit(p, config, who, "denied", {"reason": verdict.reason, "records": len(chosen)}, source)
             p.flush(30)

@@ -66,8 +66,8 @@ from kflow.dlq import dlq_record
 from kflow.model.errors import BrokerUnavailable, DecodeError, KflowError, ProblemsError, TopicConfigMismatch
 from kflow.model.messages import Status
 from kflow.model.spec import parse_duration_ms
+from kflow.readend import EndReader, at_end, watermarks
 from kflow.schemas.codec import decode_state
-from kflow.streams.readend import EndReader, at_end, watermarks
 from kflow.streams.topics import TopicNames, TopicSpec, ensure_topics
 
 __all__ = ["DELIVERIES", "DELIVERY_HEADER", "SIGNATURE_HEADER", "Backoff", "DeliveryLog", "Filter", "StateChange",

@@ -15,6 +15,7 @@ from kflow._cli.common import Bootstrap, Prefix, Verbose, describe, dump_json, f
 from kflow.config import KafkaConfig
 from kflow.dlq import DlqRecord, read_dlq, replay
 from kflow.model.errors import KflowError
+from kflow.streams.policies import read_policy
 
 app = typer.Typer(help="Inspect and replay the dead-letter topic.", no_args_is_help=True)
 
@@ -103,7 +104,7 @@ def replay_(ref: Annotated[Optional[list[str]], typer.Option("--ref", help="part
     if missing:
         fail(f"no dlq record at {', '.join(missing)}")
     try:
-        n = replay(_config(bootstrap, prefix), chosen, source=f"cli:{socket.gethostname()}")
+        n = replay(_config(bootstrap, prefix), chosen, read_policy=read_policy, source=f"cli:{socket.gethostname()}")
     except KflowError as exc:
         fail(describe(exc))
     typer.echo(f"replayed {n} message(s)")

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from kflow._cli.common import Bootstrap, Prefix, Verbose, setup_logging
 from kflow.model.errors import BrokerUnavailable
-from kflow.streams.readend import EndReader, watermarks
+from kflow.readend import EndReader, watermarks
 
 __all__ = ["Check", "doctor", "run_checks"]
 

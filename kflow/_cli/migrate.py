@@ -63,8 +63,8 @@ def _definitions(client: Client, name: str) -> tuple[InMemoryDefinitions, dict[i
 
 def _histories(client: Client, ids: list[str], timeout: float = 120.0) -> dict[str, list[Event]]:
     """The events of every instance in ``ids``, read in one pass over the events topic."""
+    from kflow.readend import EndReader
     from kflow.schemas.codec import decode_event
-    from kflow.streams.readend import EndReader
 
     wanted = set(ids)
     found: dict[str, dict[int, Event]] = {iid: {} for iid in ids}

@@ -72,7 +72,7 @@ def _read_topic(config: Any, topic: str, partitions: Optional[list[int]] = None)
 
     A read that takes longer than a minute raises :class:`~kflow.model.errors.BrokerUnavailable`.
     """
-    from kflow.streams.readend import EndReader
+    from kflow.readend import EndReader
 
     with EndReader(config.consumer_conf(f"kflow-cli-{uuid.uuid4().hex}"), timeout=_TIMEOUT) as reader:
         available = reader.partitions(topic)

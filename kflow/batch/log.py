@@ -29,7 +29,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from kflow.batch.plan import Outcome
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, KflowError
-from kflow.streams.readend import EndReader
+from kflow.readend import EndReader
 
 __all__ = ["CHUNK", "BatchLog", "BatchNotFound", "BatchRecord", "STATUSES"]
 

@@ -55,8 +55,8 @@ from kflow.clock import Clock, SystemClock
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, KflowError
 from kflow.model.messages import Command
+from kflow.readend import EndReader, watermarks
 from kflow.schemas.codec import decode_command, decode_event, decode_state
-from kflow.streams.readend import EndReader, watermarks
 
 if TYPE_CHECKING:
     from kflow.client import Client

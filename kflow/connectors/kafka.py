@@ -40,7 +40,7 @@ from kflow.connectors.base import (
     connector_type,
 )
 from kflow.connectors.config import Duration, Expr, Template, parse_settings
-from kflow.streams.readend import at_end
+from kflow.readend import at_end
 
 __all__ = ["CORRELATION_HEADER", "REPLY_TOPIC_HEADER", "KafkaConnector"]
 

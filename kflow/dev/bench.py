@@ -45,10 +45,10 @@ from kflow.dev.procs import KflowProcess
 from kflow.dev.stack import DevStack, bundled_spec
 from kflow.model.errors import KflowError, WorkflowNotDeployed
 from kflow.model.messages import Command, Status
+from kflow.readend import at_end
 from kflow.schemas.codec import decode_state, encode_command
 from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN
 from kflow.security.tokens import CommandSigner, Keys, issue
-from kflow.streams.readend import at_end
 
 log = logging.getLogger("kflow.bench")
 

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer
 
 from kflow import _hops
 from kflow.config import KafkaConfig
-from kflow.streams.readend import EndReader, at_end
+from kflow.readend import EndReader, at_end
 
 #: Hop names in the order a chain3 workflow crosses them.
 HOPS = (

@@ -42,7 +42,7 @@ from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
 from kflow.security.tokens import COMMAND_HEADER, Keys, ReplayCache, verify_command
 from kflow.streams.onerecord import OneRecordTable
 
-__all__ = ["POLICY_KEY", "PolicyTable", "publish_policy"]
+__all__ = ["POLICY_KEY", "PolicyTable", "publish_policy", "read_policy"]
 
 log = logging.getLogger("kflow.policies")
 
@@ -110,6 +110,18 @@ class PolicyTable(OneRecordTable):
         if not verdict.allowed:
             raise AuthError("Forbidden", f"applying a policy needs {_APPLY_NEEDS}: {verdict.reason}")
         return who
+
+
+def read_policy(config: KafkaConfig, timeout: float = 10.0) -> Policy:
+    """The policy in force: the ``policies`` topic read to its end, its records verified with
+    ``config``'s keys as an engine does (what ``kflow dlq replay`` asks when a token's roles alone
+    do not allow it)."""
+    table = PolicyTable(config.consumer_conf("kflow-policies"), config.names.policies, config.keys())
+    try:
+        table.catch_up(timeout)
+        return table.policy
+    finally:
+        table.close()
 
 
 def publish_policy(config: KafkaConfig, policy: Policy, source: str, timeout: float = 30.0) -> int:

@@ -20,7 +20,7 @@ from confluent_kafka import Message
 from kflow.config import KafkaConfig
 from kflow.engine.schedules import ScheduleSpec, backfill_times, iso, key_of, next_runs
 from kflow.model.messages import Command
-from kflow.streams.readend import EndReader
+from kflow.readend import EndReader
 
 __all__ = ["backfill_command", "read_schedules", "with_next_runs"]
 

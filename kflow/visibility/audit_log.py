@@ -12,8 +12,8 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, DecodeError, KflowError
+from kflow.readend import EndReader
 from kflow.security.audit import AuditRecord, decode_audit
-from kflow.streams.readend import EndReader
 
 __all__ = ["read_audit"]
 

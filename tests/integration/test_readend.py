@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kflow.streams.readend import EndReader, at_end, watermarks
+from kflow.readend import EndReader, at_end, watermarks
 
 PARTITIONS = 3
 TIMEOUT = 30.0

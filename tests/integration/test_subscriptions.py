@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 from kflow._cli.subscriptions import app
 from kflow.config import KafkaConfig
 from kflow.dlq import read_dlq
+from kflow.readend import EndReader
 from kflow.schemas.codec import decode_state
 from kflow.streams.partitioner import partition_for
-from kflow.streams.readend import EndReader
 from kflow.subscriptions import (
     PUBLIC_FIELDS,
     SubscriptionRunner,
