@@ -10,10 +10,11 @@ journal).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from kflow.engine.journal import EmptyJournal, Journal, JournalOp
 from kflow.model.messages import Command, Event, JSONDict, Status, Task
+from kflow.model.state import InstanceKind, InstanceState
 
 #: State key of the instance's priority level (1-5): set at start from the command, else from the
 #: definition's default; absent is ``normal``. Tasks and child starts inherit it unless overridden.
@@ -212,14 +213,19 @@ class Run:
 
 def new_state(instance_id: str, workflow: str, version: int, kind: str, input_: Any, now: int,
               parent_id: Optional[str], parent_ref: Optional[str], seq: int = 0) -> JSONDict:
-    """A fresh instance state; ``seq`` carries over when an id is reused after close."""
-    return {
-        "id": instance_id, "workflow": workflow, "version": version, "kind": kind,
+    """A fresh instance state; ``seq`` carries over when an id is reused after close.
+
+    It is an :class:`~kflow.model.state.InstanceState` (which declares every key the engine writes),
+    handed out as the plain dict the engine changes in place; ``kind`` is ``spec`` or ``code``.
+    """
+    state: InstanceState = {
+        "id": instance_id, "workflow": workflow, "version": version, "kind": cast(InstanceKind, kind),
         "status": Status.RUNNING, "seq": seq, "started_ms": now, "updated_ms": now, "closed_ms": None,
         "input": input_, "vars": {}, "result": None, "error": None,
         "parent_id": parent_id, "parent_ref": parent_ref,
         "threads": {}, "next_tid": 0, "activities": {}, "timers": {}, "children": {}, "signals": {},
     }
+    return cast(JSONDict, state)
 
 
 def trim_updates(state: JSONDict) -> None:

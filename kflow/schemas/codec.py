@@ -28,6 +28,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from kflow.model.errors import DecodeError
 from kflow.model.messages import COMMAND_FIELDS, EVENT_FIELDS, Command, Definition, Event, Task
+from kflow.model.state import STATE_FORMAT_VERSION
 from kflow.schemas.fastcodec import CODECS
 
 __all__ = [
@@ -82,8 +83,9 @@ _STATE_JSON = ("result", "search_attributes", "incidents", "position")
 #: ``format_version`` of the public state records this release writes: 1 = written before the field
 #: existed (and with the engine's state inside), 2 = the stable record of state.avsc as it is now.
 STATE_FORMAT = 2
-#: ``format_version`` of the engine-state records this release writes.
-ENGINE_STATE_FORMAT = 1
+#: ``format_version`` of the engine-state records this release writes: the format of the instance
+#: state they carry (:data:`kflow.model.state.STATE_FORMAT_VERSION`, with the model it versions).
+ENGINE_STATE_FORMAT = STATE_FORMAT_VERSION
 
 _reader = fastavro.schemaless_reader
 #: Avro encoders and decoders compiled from the ``.avsc`` files, by schema full name (see fastcodec).
