@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import orjson
 
@@ -27,6 +27,30 @@ from kflow.engine.code_cache import cache_of
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import MEMORY, InMemoryJournal, Journal, JournalOp
 from kflow.engine.run import INCIDENTS, PRIORITY, UPDATES, Run, new_state
+from kflow.model.commands import (
+    COMMAND_TYPES,
+    AnyCommand,
+    CancelWorkflow,
+    CompleteActivity,
+    CompleteChild,
+    FailActivity,
+    FailChild,
+    FireTimer,
+    HeartbeatActivity,
+    QueryStatus,
+    QueryWorkflow,
+    ResolveIncident,
+    ResumeWorkflow,
+    RetryWorkflow,
+    SignalWorkflow,
+    StartActivity,
+    StartWorkflow,
+    SuspendWorkflow,
+    TerminateWorkflow,
+    UpdateWorkflow,
+    command,
+    from_data,
+)
 from kflow.model.errors import DeterminismError
 from kflow.model.messages import INCIDENT_ACTIONS, PRIORITIES, Command, Event, JSONDict, RejectCode, Status, Task
 
@@ -248,12 +272,12 @@ def _close_cancelled(run: Run, reason: str) -> None:
     st.pop(INCIDENTS, None)
     run.abandon_updates(f"'{st['id']}' was cancelled before the update's handler finished")
     for child_id in sorted(st["children"]):
-        run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} cancelled"})
+        run.send(CancelWorkflow(reason=f"parent {st['id']} cancelled"), child_id)
     run.cancel_activities()
     st["children"], st["timers"], st["threads"], st["signals"] = {}, {}, {}, {}
     if st.get("parent_id"):
-        run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],
-                                                  "error_type": "Cancelled", "message": reason})
+        run.send(FailChild(child_id=st.get("parent_ref") or st["id"], error_type="Cancelled", message=reason),
+                 st["parent_id"])
 
 
 def _close_terminated(run: Run, reason: str) -> None:
@@ -268,13 +292,13 @@ def _close_terminated(run: Run, reason: str) -> None:
     st.pop(INCIDENTS, None)
     run.abandon_updates(f"'{st['id']}' was terminated before the update's handler finished")
     for child_id in sorted(st["children"]):
-        run.command("TerminateWorkflow", child_id, {"reason": f"parent {st['id']} terminated"})
+        run.send(TerminateWorkflow(reason=f"parent {st['id']} terminated"), child_id)
     run.cancel_activities()
     for table in ("children", "timers", "threads", "signals"):
         st[table] = {}
     if st.get("parent_id"):
-        run.command("FailChild", st["parent_id"], {"child_id": st.get("parent_ref") or st["id"],
-                                                  "error_type": "Terminated", "message": reason})
+        run.send(FailChild(child_id=st.get("parent_ref") or st["id"], error_type="Terminated", message=reason),
+                 st["parent_id"])
 
 
 # -- decide -----------------------------------------------------------------------------------
@@ -312,10 +336,9 @@ def accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: 
     return d
 
 
-def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _start(state: Optional[JSONDict], cmd: Command, body: StartWorkflow, now: int, defs: DefinitionsView,
            journal: Journal) -> Decision:
-    d = cmd.data
-    policy = d.get("id_reuse") or "reject_duplicate"
+    policy = body.id_reuse or "reject_duplicate"
     if state is not None:
         closed = state["status"] in Status.TERMINAL
         if policy == "return_existing":
@@ -323,18 +346,17 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
         if not (policy == "allow_if_closed" and closed):
             rejected = reject(state, cmd, now, RejectCode.DUPLICATE,
                               f"expected no instance with id '{cmd.instance_id}', but one exists ({state['status']})")
-            parent = d.get("parent_id")
-            ref = d.get("parent_ref") or cmd.instance_id
+            parent = body.parent_id
+            ref = body.parent_ref or cmd.instance_id
             if parent and (state.get("parent_id"), state.get("parent_ref")) != (parent, ref):
                 # A parent waits on this child id; the instance holding it belongs to someone else,
                 # so the parent must hear that its child never started, or it would wait forever.
-                rejected.commands.append(Command(
-                    type="FailChild", instance_id=parent, command_id=f"{cmd.instance_id}#{rejected.events[0].seq}:0",
-                    ts=now, data={"child_id": ref, "error_type": "WorkflowAlreadyStarted",
-                                  "message": rejected.events[0].data["reason"]}))
+                rejected.commands.append(command(
+                    FailChild(child_id=ref, error_type="WorkflowAlreadyStarted", message=rejected.events[0].data["reason"]),
+                    parent, command_id=f"{cmd.instance_id}#{rejected.events[0].seq}:0", ts=now))
             return rejected
-    name: Any = d.get("workflow")  # a string: the codec checks a StartWorkflow's fields
-    version = d.get("version")
+    name = body.workflow
+    version: Any = body.version  # an int; a command made in-process may name a range instead
     if isinstance(version, str):  # an exact version or a range ("^1.2"): the newest deployed match
         from kflow.engine.migration import VersionRangeError, deployed_versions, resolve_version
 
@@ -345,27 +367,39 @@ def _start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     if version is None:
         version = defs.latest(name)
     if version is None or defs.get(name, version) is None:
-        what = f"'{name}'" if d.get("version") is None else f"'{name}@{d.get('version')}'"
+        what = f"'{name}'" if body.version is None else f"'{name}@{body.version}'"
         return Decision(state=state, dlq_reason=f"unknown workflow {what}: deploy it first")
-    level = d.get("priority")
+    level = body.priority
     if level is not None and level not in PRIORITIES.values():  # clients check; a hand-made command may not
         return Decision(state=state, dlq_reason=f"unknown priority {level!r}: expected 1 (critical) to 5 (background)")
     if level is None:
         level = getattr(getattr(defs.get(name, version), "spec", None), "priority", None)
-    started = {"workflow": name, "version": version, "input": d.get("input"),
-               "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}
+    started = {"workflow": name, "version": version, "input": body.input,
+               "parent_id": body.parent_id, "parent_ref": body.parent_ref}
+    tenant = _start_tenant(cmd)
     for gate in START_GATES:  # a start subject to a quota is queued until it is admitted
-        queued = gate(state, cmd, now, defs, journal, started, level)
+        queued = gate(state, cmd, now, defs, journal, started, level, tenant)
         if queued is not None:
             return queued
     decision = accept(state, cmd, now, "WorkflowStarted",
-                      {"workflow": name, "version": version, "input": d.get("input"),
-                       "parent_id": d.get("parent_id"), "parent_ref": d.get("parent_ref")}, defs, journal)
+                      {"workflow": name, "version": version, "input": body.input,
+                       "parent_id": body.parent_id, "parent_ref": body.parent_ref}, defs, journal)
     _stamp_priority(decision, level)
-    if d.get(TENANT):  # with auth on: the default fairness key of the first step's tasks, decided before the
+    if tenant:  # with auth on: the default fairness key of the first step's tasks, decided before the
         for task in decision.tasks:  # tenant is stamped on the state (later ones read it there)
-            task.fairness_key = task.fairness_key or d[TENANT]
+            task.fairness_key = task.fairness_key or tenant
     return decision
+
+
+def _start_tenant(cmd: Command) -> Optional[str]:
+    """The tenant of the principal that sent the ``StartWorkflow`` ``cmd``, or None (auth off).
+
+    Not a field of the command (nor on the wire): with auth on, the processor stamps it into
+    ``cmd.data`` under :data:`TENANT` before deciding, so it is read from there, and :func:`decide`
+    builds the command's model without it.
+    """
+    tenant: Optional[str] = cmd.data.get(TENANT)
+    return tenant
 
 
 def _stamp_priority(decision: Decision, level: Optional[int]) -> None:
@@ -410,13 +444,13 @@ def _active(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decis
     return _running(state, cmd, now, Status.ACTIVE)
 
 
-def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _signal(state: Optional[JSONDict], cmd: Command, body: SignalWorkflow, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
     guard = _running(state, cmd, now, _RECEIVING | {Status.QUEUED})  # a queued start gets it once admitted
     if guard:
         return guard
     assert state is not None
-    size, limit = payload_size(cmd.data.get("data")), limits_of(defs).max_payload_bytes
+    size, limit = payload_size(body.data), limits_of(defs).max_payload_bytes
     if size > limit:
         return reject(state, cmd, now, RejectCode.LIMIT_EXCEEDED,
                       f"expected signal data of at most {limit} bytes, but got {size} bytes")
@@ -424,16 +458,16 @@ def _signal(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
         return reject(state, cmd, now, RejectCode.DUPLICATE,
                       f"signal command '{cmd.command_id}' was already applied (a redelivery)")
     return accept(state, cmd, now, "SignalReceived",
-                  {"name": cmd.data["name"], "data": cmd.data.get("data"), "signal_id": cmd.command_id}, defs, journal)
+                  {"name": body.name, "data": body.data, "signal_id": cmd.command_id}, defs, journal)
 
 
-def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _cancel(state: Optional[JSONDict], cmd: Command, body: CancelWorkflow, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
     guard = _running(state, cmd, now, _ACCEPTING | {Status.QUEUED})
     if guard:
         return guard
     assert state is not None
-    reason = cmd.data.get("reason") or ""
+    reason = body.reason or ""
     if state["status"] == Status.QUEUED:  # never started: nothing to compensate or clean up
         return accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
     if state.get("compensations") or state["kind"] == "code":
@@ -443,15 +477,16 @@ def _cancel(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     return accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
 
 
-def _terminate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _terminate(state: Optional[JSONDict], cmd: Command, body: TerminateWorkflow, now: int, defs: DefinitionsView,
                journal: Journal) -> Decision:
     return _active(state, cmd, now) or accept(state, cmd, now, "WorkflowTerminated",
-                                              {"reason": cmd.data.get("reason") or ""}, defs, journal)
+                                              {"reason": body.reason or ""}, defs, journal)
 
 
-def _pending_attempt(state: JSONDict, cmd: Command, now: int) -> Optional[Decision]:
+def _pending_attempt(state: JSONDict, cmd: Command, body: Union[CompleteActivity, FailActivity, StartActivity],
+                     now: int) -> Optional[Decision]:
     """Reject a report for an activity attempt that is not the pending one (``STALE`` or ``DUPLICATE``)."""
-    aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
+    aid, attempt = body.activity_id, body.attempt
     verdict = late_result(state, aid, attempt)
     if verdict is None and cmd.type in ("CompleteActivity", "FailActivity") and _held_result(state, aid, attempt):
         verdict = (RejectCode.DUPLICATE, f"expected a result for attempt {attempt} of '{aid}', but its result "
@@ -466,7 +501,7 @@ def _held_result(state: JSONDict, aid: str, attempt: int) -> bool:
                and e["data"]["attempt"] == attempt for e in held)
 
 
-def _suspend(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _suspend(state: Optional[JSONDict], cmd: Command, body: SuspendWorkflow, now: int, defs: DefinitionsView,
              journal: Journal) -> Decision:
     """Pause an open instance (``WorkflowSuspended``); a closed or already suspended one is rejected."""
     if state is None:
@@ -482,41 +517,40 @@ def _suspend(state: Optional[JSONDict], cmd: Command, now: int, defs: Definition
         return reject(state, cmd, now, RejectCode.INVALID_STATE,
                       f"expected an instance that is not suspended, but '{cmd.instance_id}' already is "
                       f"(reason: {state[SUSPENDED]['reason'] or 'none given'})")
-    return accept(state, cmd, now, "WorkflowSuspended", {"reason": cmd.data.get("reason") or ""}, defs, journal)
+    return accept(state, cmd, now, "WorkflowSuspended", {"reason": body.reason or ""}, defs, journal)
 
 
 #: Closed statuses a retry re-opens without ``force``; CANCELLED and TERMINATED were someone's choice.
 _RETRYABLE = frozenset({Status.FAILED})
 
 
-def _retry(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _retry(state: Optional[JSONDict], cmd: Command, body: RetryWorkflow, now: int, defs: DefinitionsView,
            journal: Journal) -> Decision:
     """Re-open a failed spec instance at a top-level step (``WorkflowRetried``), or reject why not."""
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
     if state["kind"] == "code":
-        return _retry_code(state, cmd, now, defs, journal)
-    step, why = _retry_step(state, cmd, defs)
+        return _retry_code(state, cmd, body, now, defs, journal)
+    step, why = _retry_step(state, cmd, body, defs)
     if why is not None:
         return reject(state, cmd, now, *why)
-    d = cmd.data
     return accept(state, cmd, now, "WorkflowRetried",
-                  {"from_step": step, "input_patch": d.get("input_patch"),
-                   "reason": d.get("reason") or "", "by": d.get("by") or "", "attempt": state.get("retries", 0) + 1},
+                  {"from_step": step, "input_patch": body.input_patch,
+                   "reason": body.reason or "", "by": body.by or "", "attempt": state.get("retries", 0) + 1},
                   defs, journal)
 
 
-def _retry_code(state: JSONDict, cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+def _retry_code(state: JSONDict, cmd: Command, body: RetryWorkflow, now: int, defs: DefinitionsView,
+                journal: Journal) -> Decision:
     """Reset a closed code instance to an event of its history and replay from there
     (``WorkflowRetried`` with ``from_step`` ``"event:<seq>"``; see :mod:`kflow.engine.code_retry`)."""
-    d = cmd.data
-    why = _cannot_retry(state, cmd)
-    step = d.get("from_step")
+    why = _cannot_retry(state, cmd, body)
+    step = body.from_step
     to_event = code_retry.reset_event(step)
     if why is None and step and to_event is None:
         why = (RejectCode.INVALID_INPUT, f"expected no step for code workflow instance '{cmd.instance_id}' (it has "
                f"no steps: name an event to reset to, '{code_retry.EVENT_PREFIX}<seq>'), but got '{step}'")
-    if why is None and d.get("input_patch") is not None:
+    if why is None and body.input_patch is not None:
         why = (RejectCode.INVALID_INPUT, f"expected no input_patch for code workflow instance '{cmd.instance_id}' "
                "(its code replays its recorded input), but got one")
     seq = 0
@@ -525,18 +559,19 @@ def _retry_code(state: JSONDict, cmd: Command, now: int, defs: DefinitionsView, 
     if why is not None:
         return reject(state, cmd, now, *why)
     return accept(state, cmd, now, "WorkflowRetried",
-                   {"from_step": f"{code_retry.EVENT_PREFIX}{seq}", "input_patch": None, "reason": d.get("reason") or "",
-                    "by": d.get("by") or "", "attempt": state.get("retries", 0) + 1}, defs, journal)
+                   {"from_step": f"{code_retry.EVENT_PREFIX}{seq}", "input_patch": None, "reason": body.reason or "",
+                    "by": body.by or "", "attempt": state.get("retries", 0) + 1}, defs, journal)
 
 
-def _retry_step(state: JSONDict, cmd: Command, defs: DefinitionsView) -> tuple[str, Optional[tuple[str, str]]]:
+def _retry_step(state: JSONDict, cmd: Command, body: RetryWorkflow,
+                defs: DefinitionsView) -> tuple[str, Optional[tuple[str, str]]]:
     """The top-level step ``cmd`` retries ``state`` from, and ``(code, reason)`` when it cannot."""
-    why = _cannot_retry(state, cmd)
+    why = _cannot_retry(state, cmd, body)
     if why is not None:
         return "", why
     spec = defs.get(state["workflow"], state["version"])
     top = [s.id for s in spec.lists[""]] if spec is not None else []
-    step = cmd.data.get("from_step")
+    step = body.from_step
     if not step:
         at = state.get("stopped_at")
         if at is None or at >= len(top):
@@ -548,25 +583,25 @@ def _retry_step(state: JSONDict, cmd: Command, defs: DefinitionsView) -> tuple[s
     return step, None
 
 
-def _cannot_retry(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
+def _cannot_retry(state: JSONDict, cmd: Command, body: RetryWorkflow) -> Optional[tuple[str, str]]:
     """``(code, reason)`` when ``state`` cannot be retried whatever the step, else None."""
-    iid, status, d = cmd.instance_id, state["status"], cmd.data
+    iid, status = cmd.instance_id, state["status"]
     if state["kind"] not in ("spec", "code"):
         return RejectCode.INVALID_STATE, f"expected a workflow instance, but '{iid}' is a {state['kind']}"
     if status not in Status.TERMINAL or status == Status.COMPLETED:
         return RejectCode.INVALID_STATE, f"expected a FAILED instance to retry, but '{iid}' is {status}"
-    if status not in _RETRYABLE and not d.get("force"):
+    if status not in _RETRYABLE and not body.force:
         return RejectCode.INVALID_STATE, f"expected a FAILED instance to retry, but '{iid}' is {status} (use force)"
     if state.get("compensation"):
         return (RejectCode.INVALID_STATE, f"expected an instance whose compensations did not run, but '{iid}' "
                 "compensated its completed steps: start a new instance instead")
-    patch = d.get("input_patch")
+    patch = body.input_patch
     if patch is not None and not isinstance(patch, dict):
         return RejectCode.INVALID_INPUT, f"expected input_patch to be a JSON object, but got {type(patch).__name__}"
     return None
 
 
-def _resume_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _resume_cmd(state: Optional[JSONDict], cmd: Command, body: ResumeWorkflow, now: int, defs: DefinitionsView,
                 journal: Journal) -> Decision:
     """Resume a suspended instance (``WorkflowResumed``): what it held is applied, then it runs on."""
     if state is None:
@@ -574,28 +609,27 @@ def _resume_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
     if state["status"] != Status.SUSPENDED:
         return reject(state, cmd, now, RejectCode.INVALID_STATE,
                       f"expected a SUSPENDED instance to resume, but '{cmd.instance_id}' is {state['status']}")
-    return accept(state, cmd, now, "WorkflowResumed", {"reason": cmd.data.get("reason") or ""}, defs, journal)
+    return accept(state, cmd, now, "WorkflowResumed", {"reason": body.reason or ""}, defs, journal)
 
 
-def _resolve_incident(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
-                      journal: Journal) -> Decision:
+def _resolve_incident(state: Optional[JSONDict], cmd: Command, body: ResolveIncident, now: int,
+                      defs: DefinitionsView, journal: Journal) -> Decision:
     """Resolve an open incident (``IncidentResolved``), or reject why not; a rejection changes nothing."""
     if state is None:
         return Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
-    why = _cannot_resolve(state, cmd)
+    why = _cannot_resolve(state, cmd, body)
     if why is not None:
         return reject(state, cmd, now, *why)
-    d = cmd.data
     return accept(state, cmd, now, "IncidentResolved",
-                  {"incident_id": d["incident_id"], "action": d["action"], "output": d.get("output"),
-                   "input_patch": d.get("input_patch"), "by": d.get("by") or "", "reason": d.get("reason") or ""},
+                  {"incident_id": body.incident_id, "action": body.action, "output": body.output,
+                   "input_patch": body.input_patch, "by": body.by or "", "reason": body.reason or ""},
                   defs, journal)
 
 
-def _cannot_resolve(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
+def _cannot_resolve(state: JSONDict, cmd: Command, body: ResolveIncident) -> Optional[tuple[str, str]]:
     """``(code, reason)`` when ``cmd`` cannot resolve an incident of ``state``, else None."""
-    iid, status, d = cmd.instance_id, state["status"], cmd.data
-    incident_id, action = d.get("incident_id"), d.get("action")
+    iid, status = cmd.instance_id, state["status"]
+    incident_id, action = body.incident_id, body.action
     if status in Status.TERMINAL:
         return RejectCode.INVALID_STATE, f"expected an open instance to resolve incident '{incident_id}' of, but '{iid}' is {status}"
     if status == Status.SUSPENDED:
@@ -608,7 +642,7 @@ def _cannot_resolve(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
                                       f"but got '{incident_id}'")
     if action not in INCIDENT_ACTIONS:
         return RejectCode.INVALID_INPUT, f"expected action {', '.join(INCIDENT_ACTIONS)}, but got {action!r}"
-    patch, output = d.get("input_patch"), d.get("output")
+    patch, output = body.input_patch, body.output
     if patch is not None and action != "retry":
         return RejectCode.INVALID_INPUT, f"expected no input_patch with action {action} (it patches a retry's input)"
     if output is not None and action != "skip":
@@ -621,90 +655,88 @@ def _cannot_resolve(state: JSONDict, cmd: Command) -> Optional[tuple[str, str]]:
     return None
 
 
-def _activity_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
-                     journal: Journal) -> Decision:
-    guard = _active(state, cmd, now) or _pending_attempt(state, cmd, now)  # type: ignore[arg-type]
+def _activity_result(state: Optional[JSONDict], cmd: Command, body: Union[CompleteActivity, FailActivity], now: int,
+                     defs: DefinitionsView, journal: Journal) -> Decision:
+    guard = _active(state, cmd, now) or _pending_attempt(state, cmd, body, now)  # type: ignore[arg-type]
     if guard:
         return guard
     assert state is not None
-    aid, attempt = cmd.data["activity_id"], cmd.data["attempt"]
-    if cmd.type == "CompleteActivity":
-        size, limit = payload_size(cmd.data.get("result")), limits_of(defs).max_payload_bytes
+    aid, attempt = body.activity_id, body.attempt
+    if isinstance(body, CompleteActivity):
+        size, limit = payload_size(body.result), limits_of(defs).max_payload_bytes
         if size > limit:
             return accept(state, cmd, now, "ActivityFailed",
                           {"activity_id": aid, "attempt": attempt, "error_type": "LimitExceeded",
                            "message": f"expected a result of at most {limit} bytes, but got {size} bytes",
                            "retryable": False}, defs, journal)
         return accept(state, cmd, now, "ActivityCompleted",
-                      {"activity_id": aid, "attempt": attempt, "result": cmd.data.get("result")}, defs, journal)
-    d = cmd.data
+                      {"activity_id": aid, "attempt": attempt, "result": body.result}, defs, journal)
     return accept(state, cmd, now, "ActivityFailed",
-                  {"activity_id": aid, "attempt": attempt, "error_type": d.get("error_type") or "ActivityError",
-                   "message": d.get("message") or "", "retryable": bool(d.get("retryable", True))}, defs, journal)
+                  {"activity_id": aid, "attempt": attempt, "error_type": body.error_type or "ActivityError",
+                   "message": body.message or "", "retryable": bool(body.retryable)}, defs, journal)
 
 
-def _heartbeat(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _heartbeat(state: Optional[JSONDict], cmd: Command, body: HeartbeatActivity, now: int, defs: DefinitionsView,
                journal: Journal) -> Decision:
     # Heartbeats are not history. Only an attempt with a heartbeat timeout records one, at most
     # HEARTBEAT_RESOLUTION per timeout (HeartbeatRecorded stamps the attempt; the timer re-arms
     # itself from that stamp when it fires); the rest change nothing.
     if state is None or state["status"] not in Status.ACTIVE:
         return Decision(state=state)
-    act = state["activities"].get(cmd.data["activity_id"])
-    if act is None or act["attempt"] != cmd.data["attempt"] or not heartbeat_due(act, state["timers"], now):
+    act = state["activities"].get(body.activity_id)
+    if act is None or act["attempt"] != body.attempt or not heartbeat_due(act, state["timers"], now):
         return Decision(state=state)
     return accept(state, cmd, now, "HeartbeatRecorded",
-                  {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
+                  {"activity_id": body.activity_id, "attempt": body.attempt}, defs, journal)
 
 
-def _start_activity(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _start_activity(state: Optional[JSONDict], cmd: Command, body: StartActivity, now: int, defs: DefinitionsView,
                     journal: Journal) -> Decision:
-    guard = _active(state, cmd, now) or _pending_attempt(state, cmd, now)  # type: ignore[arg-type]
+    guard = _active(state, cmd, now) or _pending_attempt(state, cmd, body, now)  # type: ignore[arg-type]
     if guard:
         return guard
     assert state is not None
-    act = state["activities"][cmd.data["activity_id"]]
+    act = state["activities"][body.activity_id]
     if "timers" not in act or (act.get("phase") == "started" and not act.get("local")):
         # A redelivered start report, or an activity without spec timeouts (code workflows).
         # A local attempt's start comes from the engine that deferred it, and every one means
         # "run it now": it is recorded each time so the attempt is never left without a runner.
         return Decision(state=state)
     return accept(state, cmd, now, "ActivityStarted",
-                  {"activity_id": cmd.data["activity_id"], "attempt": cmd.data["attempt"]}, defs, journal)
+                  {"activity_id": body.activity_id, "attempt": body.attempt}, defs, journal)
 
 
-def _fire_timer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _fire_timer(state: Optional[JSONDict], cmd: Command, body: FireTimer, now: int, defs: DefinitionsView,
                 journal: Journal) -> Decision:
-    tid = cmd.data["timer_id"]
+    tid = body.timer_id
     if state is None or state["status"] not in Status.ACTIVE or tid not in state["timers"]:
         return Decision(state=state)  # a timer cancelled after it was indexed: nothing to do
     return accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs, journal)
 
 
-def _child_result(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
-                  journal: Journal) -> Decision:
+def _child_result(state: Optional[JSONDict], cmd: Command, body: Union[CompleteChild, FailChild], now: int,
+                  defs: DefinitionsView, journal: Journal) -> Decision:
     guard = _running(state, cmd, now, _RECEIVING)
     if guard:
         return guard
     assert state is not None
-    cid = cmd.data["child_id"]
+    cid = body.child_id
     if cid not in state["children"]:
         return reject(state, cmd, now, RejectCode.DUPLICATE, f"expected a running child '{cid}', but there is none")
-    if cmd.type == "CompleteChild":
-        return accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": cmd.data.get("result")},
-                      defs, journal)
-    return accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": cmd.data.get("error_type") or "ChildFailed",
-                                                   "message": cmd.data.get("message") or ""}, defs, journal)
+    if isinstance(body, CompleteChild):
+        return accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": body.result}, defs, journal)
+    return accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": body.error_type or "ChildFailed",
+                                                   "message": body.message or ""}, defs, journal)
 
 
-def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _query(state: Optional[JSONDict], cmd: Command, body: QueryWorkflow, now: int, defs: DefinitionsView,
            journal: Journal) -> Decision:
     """Answer a query from the instance as it is now; nothing is written to its history.
 
     A code workflow answers from its live object (replayed when it is not cached); a spec
     workflow answers ``vars`` (all variables) or the name of one variable.
     """
-    qid, name, args = cmd.data["query_id"], cmd.data["name"], cmd.data.get("args") or []
+    qid, name, args = body.query_id, body.name, body.args or []
     answer: JSONDict
     if state is None:
         answer = {"error": {"type": "NotFound", "message": f"no instance '{cmd.instance_id}'"}}
@@ -731,7 +763,7 @@ def _query(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     return Decision(state=state, replies=[(qid, answer)])
 
 
-def _update(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _update(state: Optional[JSONDict], cmd: Command, body: UpdateWorkflow, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
     """Validate an update and, if accepted, record ``UpdateAccepted`` and run its handler.
 
@@ -740,26 +772,26 @@ def _update(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     with ``"rejected": true``. A repeated update id is answered from the instance's record of it
     (or, while its handler still runs, left to the answer that handler will send).
     """
-    uid, name = cmd.data["update_id"], cmd.data["name"]
+    uid, name = body.update_id, body.name
     entry = (state.get(UPDATES) or {}).get(uid) if state is not None else None
     if entry is not None:
         return Decision(state=state, replies=[(uid, entry["answer"])] if entry["answer"] is not None else [])
-    why = _cannot_update(state, cmd, defs, journal)
+    why = _cannot_update(state, cmd, body, defs, journal)
     if why is not None:
         return Decision(state=state, replies=[(uid, {"error": {"type": why[0], "message": why[1]}, "rejected": True})])
-    return accept(state, cmd, now, "UpdateAccepted", {"update_id": uid, "name": name, "data": cmd.data.get("data")},
+    return accept(state, cmd, now, "UpdateAccepted", {"update_id": uid, "name": name, "data": body.data},
                   defs, journal)
 
 
-def _cannot_update(state: Optional[JSONDict], cmd: Command, defs: DefinitionsView,
+def _cannot_update(state: Optional[JSONDict], cmd: Command, body: UpdateWorkflow, defs: DefinitionsView,
                    journal: Journal) -> Optional[tuple[str, str]]:
     """``(error type, message)`` when the update ``cmd`` is rejected, else None (it is accepted)."""
-    iid, name, data = cmd.instance_id, cmd.data["name"], cmd.data.get("data")
+    iid, name, data = cmd.instance_id, body.name, body.data
     if state is None:
         return "NotFound", f"no instance '{iid}'"
     if state["status"] not in _ACCEPTING:
         return "InvalidState", f"expected a RUNNING instance to update, but '{iid}' is {state['status']}"
-    if not isinstance(cmd.data.get("update_id"), str) or not cmd.data["update_id"]:
+    if not isinstance(body.update_id, str) or not body.update_id:
         return "InvalidUpdate", "expected a non-empty update_id"
     size, limit = payload_size(data), limits_of(defs).max_payload_bytes
     if size > limit:
@@ -831,7 +863,7 @@ def status_record(state: JSONDict) -> JSONDict:
     return {**public_state(state), "events_offset": state.get(EVENTS_OFFSET), "internal": state}
 
 
-def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _status(state: Optional[JSONDict], cmd: Command, body: QueryStatus, now: int, defs: DefinitionsView,
             journal: Journal) -> Decision:
     """Answer a status query with the instance's state record as it is now; nothing is written.
 
@@ -843,10 +875,17 @@ def _status(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
         answer = {"error": {"type": "NotFound", "message": f"no instance '{cmd.instance_id}'"}}
     else:
         answer = {"result": status_record(state)}
-    return Decision(state=state, replies=[(cmd.data["query_id"], answer)])
+    return Decision(state=state, replies=[(body.query_id, answer)])
 
 
-DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView, Journal], Decision]] = {
+#: A command's decider: ``(state, command, its model, now, definitions, journal) -> Decision``. The model
+#: (:mod:`kflow.model.commands`) is built once by :func:`decide`, and the decider reads the command's
+#: fields from it, never from ``cmd.data``; each decider names its model's precise class, the
+#: registries cannot. A kind's decider (:data:`KIND_DECIDERS`) takes any command, and None for a
+#: type no model has.
+Decider = Callable[[Optional[JSONDict], Command, Any, int, DefinitionsView, Journal], Decision]
+
+DECIDERS: dict[str, Decider] = {
     "StartWorkflow": _start,
     "SignalWorkflow": _signal,
     "CancelWorkflow": _cancel,
@@ -870,7 +909,7 @@ DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView,
 #: Deciders of objects that are not workflow instances, by their state's ``kind``: every command
 #: addressed to such a state goes to its kind's decider (schedules register theirs, see
 #: :mod:`kflow.engine.schedules`).
-KIND_DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView, Journal], Decision]] = {}
+KIND_DECIDERS: dict[str, Decider] = {}
 
 #: Appliers of input events neither interpreter knows (admission, permits, priority changes), by
 #: event type; :mod:`kflow.engine.limits` registers them.
@@ -878,8 +917,9 @@ INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {}
 #: Called at the end of every ``evolve`` with the run and the state before the event (None for a
 #: fresh start): limits release the permits of the work that ended in it.
 AFTER_EVOLVE: list[Callable[[Run, Optional[JSONDict]], None]] = []
-#: Asked by ``StartWorkflow`` with ``(state, cmd, now, defs, journal, WorkflowStarted data, level)``:
-#: a decision that queues the start instead (quotas), or None to start it now.
+#: Asked by ``StartWorkflow`` with ``(state, cmd, now, defs, journal, WorkflowStarted data, level, tenant)``
+#: (tenant: see :func:`_start_tenant`): a decision that queues the start instead (quotas), or None to
+#: start it now.
 START_GATES: list[Callable[..., Optional[Decision]]] = []
 
 
@@ -891,15 +931,31 @@ def decide(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     persists ``Decision.journal`` with the new state. Without one, the process's in-memory
     :data:`~kflow.engine.journal.MEMORY` is read and the decision is applied to it at once: the
     mode of in-memory callers that keep no journal of their own.
+
+    The command's model (:mod:`kflow.model.commands`) is built here, once, and handed to its
+    decider; a command whose data does not fit its model goes to the DLQ, the reason naming the
+    fields.
     """
     decider = DECIDERS.get(cmd.type)
-    if state is not None and state.get("kind") in KIND_DECIDERS:
+    by_kind = state is not None and state.get("kind") in KIND_DECIDERS
+    if by_kind:
+        assert state is not None
         decider = KIND_DECIDERS[state["kind"]]
     if decider is None:
         return Decision(state=state, dlq_reason=f"unknown command type '{cmd.type}'")
+    data = cmd.data
+    if TENANT in data and cmd.type == "StartWorkflow":  # the processor's stamp, no field: see _start_tenant
+        data = {k: v for k, v in data.items() if k != TENANT}
+    body: Optional[AnyCommand]
+    try:
+        body = from_data(cmd.type, data)
+    except ValueError as e:  # made in-process or by hand: the codec only passes commands that fit
+        if not by_kind or cmd.type in COMMAND_TYPES:
+            return Decision(state=state, dlq_reason=str(e))
+        body = None  # a type no model has, sent to a schedule or a limit: its kind's decider refuses it
     if journal is not None:
-        return decider(state, cmd, now, defs, journal)
-    d = decider(state, cmd, now, defs, MEMORY)
+        return decider(state, cmd, body, now, defs, journal)
+    d = decider(state, cmd, body, now, defs, MEMORY)
     MEMORY.apply(d.journal)
     return d
 

@@ -33,13 +33,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from kflow.engine import activity, code_replayer, core, spec_interpreter
 from kflow.engine.core import Decision, status_record
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import Journal
 from kflow.engine.run import PRIORITY, Run
+from kflow.model.commands import (
+    AcquirePermit,
+    AnyCommand,
+    FireTimer,
+    GrantPermit,
+    QueryStatus,
+    QueryWorkflow,
+    RefusePermit,
+    ReleasePermit,
+    SetPriority,
+    command,
+)
 from kflow.model.errors import ProblemsError
 from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES, Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
@@ -345,9 +357,9 @@ def _start_keys(defs: Any, workflow: str, tenant: str) -> list[str]:
 
 
 def _gate_start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal,
-                data: JSONDict, level: Optional[int]) -> Optional[Decision]:
+                data: JSONDict, level: Optional[int], tenant: Optional[str]) -> Optional[Decision]:
     """``WorkflowQueued`` for a start subject to quotas (it waits for permits), or None (start now)."""
-    keys = _start_keys(defs, data["workflow"], cmd.data.get("tenant") or DEFAULT_TENANT)
+    keys = _start_keys(defs, data["workflow"], tenant or DEFAULT_TENANT)
     if not keys:
         return None
     return core.accept(state, cmd, now, "WorkflowQueued", {**data, "limits": keys, "priority": level}, defs, journal)
@@ -365,8 +377,7 @@ def _on_queued(run: Run, ev: Event) -> None:
 
 
 def _acquire(run: Run, key: str, ref: str, own: Optional[int] = None) -> None:
-    run.command("AcquirePermit", key, {"holder": run.state["id"], "ref": ref,
-                                       "priority": run.priority(own) or NORMAL_PRIORITY})
+    run.send(AcquirePermit(holder=run.state["id"], ref=ref, priority=run.priority(own) or NORMAL_PRIORITY), key)
 
 
 def _gate_task(run: Run, aid: str, act: JSONDict) -> bool:
@@ -401,18 +412,18 @@ def _pending_ref(state: JSONDict, ref: str, key: str) -> Optional[JSONDict]:
     return found
 
 
-def _permit_answer(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
-                   journal: Journal) -> Decision:
+def _permit_answer(state: Optional[JSONDict], cmd: Command, body: Union[GrantPermit, RefusePermit], now: int,
+                   defs: DefinitionsView, journal: Journal) -> Decision:
     """``GrantPermit`` / ``RefusePermit`` at the holder: recorded if it waits for it, else ignored."""
-    key, ref = cmd.data["limit"], cmd.data["ref"]
+    key, ref = body.limit, body.ref
     if state is None or state.get("kind") not in ("spec", "code") or state["status"] in Status.TERMINAL:
         return Decision(state=state)  # ended meanwhile: its release is already on its way
     if _pending_ref(state, ref, key) is None:
         return Decision(state=state)
-    if cmd.type == "GrantPermit":
+    if isinstance(body, GrantPermit):
         return core.accept(state, cmd, now, "PermitGranted", {"limit": key, "ref": ref}, defs, journal)
     return core.accept(state, cmd, now, "PermitRefused", {"limit": key, "ref": ref,
-                                                         "reason": cmd.data.get("reason") or ""}, defs, journal)
+                                                         "reason": body.reason or ""}, defs, journal)
 
 
 def _on_granted(run: Run, ev: Event) -> None:
@@ -472,7 +483,7 @@ def release_ended(run: Run, before: Optional[JSONDict]) -> None:
             if act is None or str(act["attempt"]) != attempt or act.get("phase") == "backoff":
                 entry = permits.pop(ref)
                 for key in entry["limits"][:entry["granted"] + 1]:
-                    run.command("ReleasePermit", key, {"holder": st["id"], "ref": ref})
+                    run.send(ReleasePermit(holder=st["id"], ref=ref), key)
         if permits:
             st[PERMITS] = permits
         else:
@@ -484,23 +495,23 @@ def release_ended(run: Run, before: Optional[JSONDict]) -> None:
     if adm is not None and st["status"] in Status.TERMINAL:
         st.pop(ADMISSION)
         for key in adm["limits"][:adm["granted"] + 1]:
-            run.command("ReleasePermit", key, {"holder": st["id"], "ref": START_REF})
+            run.send(ReleasePermit(holder=st["id"], ref=START_REF), key)
 
 
 # -- priority -----------------------------------------------------------------------------------------
-def _set_priority(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _set_priority(state: Optional[JSONDict], cmd: Command, body: SetPriority, now: int, defs: DefinitionsView,
                   journal: Journal) -> Decision:
     """``SetPriority(level)`` -> ``PriorityChanged``; work not dispatched yet moves to the new level."""
     if state is None:
         return Decision(state=None, dlq_reason=f"SetPriority for unknown instance '{cmd.instance_id}'")
-    level = cmd.data.get("priority")
+    level = body.priority
     if type(level) is not int or level not in PRIORITIES.values():
         return core.refuse(state, cmd, now, RejectCode.INVALID_INPUT,
                            f"expected a priority level 1 (critical) to 5 (background), but got {level!r}")
     if state.get("kind") not in ("spec", "code") or state["status"] not in Status.ACTIVE:
         return core.refuse(state, cmd, now, RejectCode.INVALID_STATE,
                            f"expected an open workflow instance, but '{cmd.instance_id}' is {state['status']}")
-    return core.accept(state, cmd, now, "PriorityChanged", {"priority": level, "reason": cmd.data.get("reason") or ""},
+    return core.accept(state, cmd, now, "PriorityChanged", {"priority": level, "reason": body.reason or ""},
                        defs, journal)
 
 
@@ -538,9 +549,10 @@ class _Ctx:
         st["updated_ms"] = self.now
         self.events.append(Event(type=type_, instance_id=st["id"], seq=st["seq"], ts=self.now, data=data))
 
-    def command(self, type_: str, holder: str, data: JSONDict) -> None:
+    def send(self, model: AnyCommand, holder: str) -> None:
+        """Queue the command ``model`` for ``holder``, with a deterministic command id."""
         cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
-        self.commands.append(Command(type=type_, instance_id=holder, data=data, command_id=cid, ts=self.now))
+        self.commands.append(command(model, holder, command_id=cid, ts=self.now))
 
     def decision(self, before: Optional[JSONDict]) -> Decision:
         d = Decision(state=self.state, events=self.events, commands=self.commands)
@@ -593,7 +605,7 @@ class _Ctx:
                 and st["burst_since"] is None:
             st["burst_since"] = self.now
         self.emit("PermitIssued", {"holder": holder, "ref": ref, "priority": priority})
-        self.command("GrantPermit", holder, {"limit": st["id"], "ref": ref})
+        self.send(GrantPermit(limit=st["id"], ref=ref), holder)
 
     def pump(self) -> None:
         """Grant queued requests (priority, then arrival) while there is room; arm the refill timer."""
@@ -633,15 +645,14 @@ def _ctx(state: Optional[JSONDict], key: str, now: int, defs: DefinitionsView) -
     return ctx
 
 
-def _acquire_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _acquire_cmd(state: Optional[JSONDict], cmd: Command, body: AcquirePermit, now: int, defs: DefinitionsView,
                  journal: Journal) -> Decision:
     if not cmd.instance_id.startswith(PREFIX):
         if state is not None:
             return core.refuse(state, cmd, now, RejectCode.INVALID_STATE,
                                f"expected a limit ({PREFIX}<name>), but '{cmd.instance_id}' is a workflow instance")
         return Decision(state=None, dlq_reason=f"AcquirePermit for '{cmd.instance_id}': a limit's key is '{PREFIX}<name>'")
-    d = cmd.data
-    holder, ref, priority = d["holder"], d["ref"], d.get("priority") or NORMAL_PRIORITY
+    holder, ref, priority = body.holder, body.ref, body.priority or NORMAL_PRIORITY
     hid = f"{holder}|{ref}"
     ctx = _ctx(state, cmd.instance_id, now, defs)
     st = ctx.state
@@ -665,7 +676,7 @@ def _acquire_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: Defini
                f"({_usage(ctx)})" if len(st["queue"]) < MAX_QUEUED else f"{MAX_QUEUED} requests already wait")
         st["refused"] += 1
         ctx.emit("PermitDenied", {"holder": holder, "ref": ref, "reason": why})
-        ctx.command("RefusePermit", holder, {"limit": st["id"], "ref": ref, "reason": why})
+        ctx.send(RefusePermit(limit=st["id"], ref=ref, reason=why), holder)
     else:
         st["arrivals"] += 1
         _enqueue(st["queue"], {"holder": holder, "ref": ref, "priority": priority, "n": st["arrivals"], "since": now})
@@ -684,11 +695,11 @@ def _usage(ctx: _Ctx) -> str:
     return ", ".join(parts) or "no room"
 
 
-def _release_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
+def _release_cmd(state: Optional[JSONDict], cmd: Command, body: ReleasePermit, now: int, defs: DefinitionsView,
                  journal: Journal) -> Decision:
     if state is None or state.get("kind") != KIND:
         return Decision(state=state)  # nothing was ever asked of it
-    holder, ref = cmd.data["holder"], cmd.data["ref"]
+    holder, ref = body.holder, body.ref
     hid = f"{holder}|{ref}"
     ctx = _ctx(state, cmd.instance_id, now, defs)
     st = ctx.state
@@ -704,26 +715,26 @@ def _release_cmd(state: Optional[JSONDict], cmd: Command, now: int, defs: Defini
     return ctx.decision(state)
 
 
-def _as_limit(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
-              journal: Journal) -> Decision:
-    """Every command addressed to an existing limit counter."""
+def _as_limit(state: Optional[JSONDict], cmd: Command, body: Optional[AnyCommand], now: int,
+              defs: DefinitionsView, journal: Journal) -> Decision:
+    """Every command addressed to an existing limit counter (``body`` None: a type no model has)."""
     assert state is not None
-    if cmd.type == "AcquirePermit":
-        return _acquire_cmd(state, cmd, now, defs, journal)
-    if cmd.type == "ReleasePermit":
-        return _release_cmd(state, cmd, now, defs, journal)
-    if cmd.type == "FireTimer":
-        if cmd.data["timer_id"] not in state["timers"]:
+    if isinstance(body, AcquirePermit):
+        return _acquire_cmd(state, cmd, body, now, defs, journal)
+    if isinstance(body, ReleasePermit):
+        return _release_cmd(state, cmd, body, now, defs, journal)
+    if isinstance(body, FireTimer):
+        if body.timer_id not in state["timers"]:
             return Decision(state=state)
         ctx = _ctx(state, cmd.instance_id, now, defs)
         ctx.pump()
         # nothing granted (a lowered rate): the state is kept as it was; the next request or
         # release of this limit refills the bucket and re-arms its timer
         return ctx.decision(state) if ctx.events else Decision(state=state)
-    if cmd.type == "QueryStatus":
-        return Decision(state=state, replies=[(cmd.data["query_id"], {"result": status_record(state)})])
-    if cmd.type == "QueryWorkflow":
-        return Decision(state=state, replies=[(cmd.data["query_id"], {"result": limit_view(state)})])
+    if isinstance(body, QueryStatus):
+        return Decision(state=state, replies=[(body.query_id, {"result": status_record(state)})])
+    if isinstance(body, QueryWorkflow):
+        return Decision(state=state, replies=[(body.query_id, {"result": limit_view(state)})])
     return core.refuse(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected a workflow instance for {cmd.type}, but '{cmd.instance_id}' is a limit")
 

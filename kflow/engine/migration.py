@@ -41,6 +41,7 @@ from kflow.engine.expr import ExpressionError, evaluate
 from kflow.engine.journal import Entries, InMemoryJournal, Journal
 from kflow.engine.registry import registry_of
 from kflow.engine.run import AT_SAFE_POINT, PENDING_MIGRATION, Run
+from kflow.model.commands import MigrateWorkflow, to_data
 from kflow.model.errors import DeterminismError, KflowError
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import Step
@@ -384,11 +385,12 @@ def _verdict(state: JSONDict, d: JSONDict, defs: DefinitionsView, history: Calla
     return _Verdict(data=data)
 
 
-def _migrate(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> core.Decision:
+def _migrate(state: Optional[JSONDict], cmd: Command, body: MigrateWorkflow, now: int, defs: DefinitionsView,
+             journal: Journal) -> core.Decision:
     """``MigrateWorkflow`` -> ``WorkflowMigrated``, ``MigrationDeferred`` (work in flight), or ``CommandRejected``."""
     if state is None:
         return core.Decision(state=None, dlq_reason=f"{cmd.type} for unknown instance '{cmd.instance_id}'")
-    d = _plan(cmd.data)
+    d = _plan(to_data(body))  # the plan's fields as the deferred entry keeps them, with their defaults
     why = _check(state, d, defs)
     if why is None:
         waiting = in_flight(state, defs, d)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Optional, cast
 
 from kflow.engine.journal import EmptyJournal, Journal, JournalOp
+from kflow.model.commands import AnyCommand, CancelWorkflow, CompleteChild, FailChild, to_data
 from kflow.model.messages import Command, Event, JSONDict, Status, Task
 from kflow.model.state import InstanceKind, InstanceState
 
@@ -90,6 +91,10 @@ class Run:
         cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
         self.commands.append(Command(type=type_, instance_id=instance_id, data=data, command_id=cid, ts=self.now))
 
+    def send(self, model: AnyCommand, instance_id: str) -> None:
+        """Queue the command ``model`` (:mod:`kflow.model.commands`) for ``instance_id``, as :meth:`command`."""
+        self.command(model.TYPE, instance_id, to_data(model))
+
     @property
     def closed(self) -> bool:
         return self.state["status"] in Status.TERMINAL
@@ -111,7 +116,7 @@ class Run:
         else:
             st["error"] = {"type": data.get("error_type", "Cancelled"), "message": data.get("message", data.get("reason", ""))}
         for child_id in sorted(st["children"]):
-            self.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} closed ({status.lower()})"})
+            self.send(CancelWorkflow(reason=f"parent {st['id']} closed ({status.lower()})"), child_id)
         st["children"] = {}
         self.cancel_activities()
         st["timers"] = {}
@@ -123,10 +128,10 @@ class Run:
         if parent:
             ref = st.get("parent_ref") or st["id"]
             if status == Status.COMPLETED:
-                self.command("CompleteChild", parent, {"child_id": ref, "result": data.get("result")})
+                self.send(CompleteChild(child_id=ref, result=data.get("result")), parent)
             else:
                 err = st["error"]
-                self.command("FailChild", parent, {"child_id": ref, "error_type": err["type"], "message": err["message"]})
+                self.send(FailChild(child_id=ref, error_type=err["type"], message=err["message"]), parent)
 
     # -- updates -------------------------------------------------------------------------
     def answer_update(self, update_id: str, answer: JSONDict) -> None:

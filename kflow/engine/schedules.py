@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Optional, Union
@@ -32,6 +32,24 @@ from kflow.engine import core
 from kflow.engine.core import Decision, status_record
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import Journal
+from kflow.model.commands import (
+    AnyCommand,
+    BackfillSchedule,
+    CancelWorkflow,
+    CompleteChild,
+    CreateSchedule,
+    DeleteSchedule,
+    FailChild,
+    FireTimer,
+    PauseSchedule,
+    QueryStatus,
+    QueryWorkflow,
+    StartWorkflow,
+    TerminateWorkflow,
+    TriggerSchedule,
+    UnpauseSchedule,
+    command,
+)
 from kflow.model.errors import ProblemsError
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
@@ -397,9 +415,10 @@ class _Ctx:
         st["updated_ms"] = self.now
         self.events.append(Event(type=type_, instance_id=st["id"], seq=st["seq"], ts=self.now, data=data))
 
-    def command(self, type_: str, instance_id: str, data: JSONDict) -> None:
+    def send(self, model: AnyCommand, instance_id: str) -> None:
+        """Queue the command ``model`` for ``instance_id``, with a deterministic command id."""
         cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
-        self.commands.append(Command(type=type_, instance_id=instance_id, data=data, command_id=cid, ts=self.now))
+        self.commands.append(command(model, instance_id, command_id=cid, ts=self.now))
 
     @property
     def spec(self) -> ScheduleSpec:
@@ -416,9 +435,9 @@ class _Ctx:
     # -- runs ---------------------------------------------------------------------------------
     def start(self, spec: ScheduleSpec, scheduled: int, track: bool = True) -> str:
         rid = run_id(spec.id, scheduled)
-        self.command("StartWorkflow", rid, {"workflow": spec.workflow, "version": spec.version, "input": spec.input,
-                                            "parent_id": self.state["id"], "parent_ref": rid,
-                                            "id_reuse": "reject_duplicate", "priority": None})
+        self.send(StartWorkflow(workflow=spec.workflow, version=spec.version, input=spec.input,
+                                parent_id=self.state["id"], parent_ref=rid, id_reuse="reject_duplicate", priority=None),
+                  rid)
         self.state["runs_started"] += 1
         if track:
             running = self.state["running"]
@@ -448,9 +467,10 @@ class _Ctx:
                     if other in stopping:
                         continue
                     if action == "cancel":
-                        self.command("CancelWorkflow", other, {"reason": f"schedule '{spec.id}': run {rid} is due (cancel_other)"})
+                        self.send(CancelWorkflow(reason=f"schedule '{spec.id}': run {rid} is due (cancel_other)"), other)
                     else:
-                        self.command("TerminateWorkflow", other, {"reason": f"schedule '{spec.id}': run {rid} is due (terminate_other)"})
+                        self.send(TerminateWorkflow(reason=f"schedule '{spec.id}': run {rid} is due (terminate_other)"),
+                                  other)
                     stopping.append(other)
                     out.setdefault("cancelled" if action == "cancel" else "terminated", []).append(other)
 
@@ -513,14 +533,15 @@ def _open(state: Optional[JSONDict], cmd: Command, now: int) -> Optional[Decisio
 
 
 # -- deciders ---------------------------------------------------------------------------------------
-def _create(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+def _create(state: Optional[JSONDict], cmd: Command, body: CreateSchedule, now: int, defs: DefinitionsView,
+            journal: Journal) -> Decision:
     if not cmd.instance_id.startswith(PREFIX):
         if state is not None:
             return _not_a_schedule(state, cmd, now)
         return Decision(state=None, dlq_reason=f"CreateSchedule for '{cmd.instance_id}': a schedule's key is "
                                                f"'{PREFIX}<id>'")
     try:
-        spec = ScheduleSpec.from_dict(cmd.data.get("spec"))
+        spec = ScheduleSpec.from_dict(body.spec)
     except ScheduleSpecError as e:
         if state is None:
             return Decision(state=None, dlq_reason=str(e))
@@ -534,7 +555,7 @@ def _create(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
         if state.get("kind") != KIND:
             return _not_a_schedule(state, cmd, now)
         if state["status"] not in Status.TERMINAL:
-            if not cmd.data.get("replace"):
+            if not body.replace:
                 return _reject(state, cmd, now, RejectCode.DUPLICATE,
                                f"expected no schedule '{spec.id}', but one exists (replace it with --update)")
             replaced = True
@@ -550,19 +571,20 @@ def _create(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitions
     return ctx.decision(state)
 
 
-def _pause(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+def _pause(state: Optional[JSONDict], cmd: Command, body: Union[PauseSchedule, UnpauseSchedule], now: int,
+           defs: DefinitionsView, journal: Journal) -> Decision:
     guard = _open(state, cmd, now)
     if guard:
         return guard
     assert state is not None
-    pausing = cmd.type == "PauseSchedule"
+    pausing = isinstance(body, PauseSchedule)
     if state["paused"] == pausing:
         return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                        f"expected a {'running' if pausing else 'paused'} schedule, but '{state['spec']['id']}' is "
                        f"{'paused' if state['paused'] else 'running'}")
     ctx = _Ctx(_copy(state), now)
     st = ctx.state
-    st["paused"], st["note"] = pausing, cmd.data.get("note") or ""
+    st["paused"], st["note"] = pausing, body.note or ""
     st["status"] = Status.SUSPENDED if pausing else Status.RUNNING
     ctx.emit("SchedulePaused" if pausing else "ScheduleUnpaused", {"note": st["note"]})
     # paused: no timer, and the runs due meanwhile are not caught up; unpaused: the next one from now
@@ -570,12 +592,13 @@ def _pause(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsV
     return ctx.decision(state)
 
 
-def _trigger(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+def _trigger(state: Optional[JSONDict], cmd: Command, body: TriggerSchedule, now: int, defs: DefinitionsView,
+             journal: Journal) -> Decision:
     guard = _open(state, cmd, now)
     if guard:
         return guard
     assert state is not None
-    policy = cmd.data.get("overlap") or state["spec"]["overlap"]
+    policy = body.overlap or state["spec"]["overlap"]
     if policy not in OVERLAP_POLICIES:
         return _reject(state, cmd, now, RejectCode.INVALID_INPUT,
                        f"expected an overlap policy ({', '.join(OVERLAP_POLICIES)}), but got {policy!r}")
@@ -586,12 +609,13 @@ def _trigger(state: Optional[JSONDict], cmd: Command, now: int, defs: Definition
     return ctx.decision(state)
 
 
-def _backfill(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+def _backfill(state: Optional[JSONDict], cmd: Command, body: BackfillSchedule, now: int, defs: DefinitionsView,
+              journal: Journal) -> Decision:
     guard = _open(state, cmd, now)
     if guard:
         return guard
     assert state is not None
-    start, end = cmd.data["start_ms"], cmd.data["end_ms"]
+    start, end = body.start_ms, body.end_ms
     if end <= start:
         return _reject(state, cmd, now, RejectCode.INVALID_INPUT, f"expected a range end after its start, but got "
                        f"[{iso(start)}, {iso(end)})")
@@ -608,23 +632,24 @@ def _backfill(state: Optional[JSONDict], cmd: Command, now: int, defs: Definitio
     return ctx.decision(state)
 
 
-def _delete(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal) -> Decision:
+def _delete(state: Optional[JSONDict], cmd: Command, body: DeleteSchedule, now: int, defs: DefinitionsView,
+            journal: Journal) -> Decision:
     guard = _open(state, cmd, now)
     if guard:
         return guard
     assert state is not None
     ctx = _Ctx(_copy(state), now)
     st = ctx.state
-    reason = cmd.data.get("reason") or ""
+    reason = body.reason or ""
     ctx.emit("ScheduleDeleted", {"reason": reason})
     st["status"], st["closed_ms"], st["timers"], st["next_ms"], st["buffered"] = Status.TERMINATED, now, {}, None, None
     st["error"] = {"type": "Deleted", "message": reason}
     return ctx.decision(state)
 
 
-def _fire(state: JSONDict, cmd: Command, now: int) -> Decision:
+def _fire(state: JSONDict, body: FireTimer, now: int) -> Decision:
     """A schedule's timer is due: fire every run due up to ``now`` (catch-up), then arm the next."""
-    tid = cmd.data["timer_id"]
+    tid = body.timer_id
     timer = state["timers"].get(tid)
     if timer is None or state["status"] in Status.TERMINAL or state["paused"]:
         return Decision(state=state)  # cancelled or re-armed after it was indexed
@@ -657,9 +682,9 @@ def _fire(state: JSONDict, cmd: Command, now: int) -> Decision:
     return ctx.decision(state)
 
 
-def _run_closed(state: JSONDict, cmd: Command, now: int) -> Decision:
+def _run_closed(state: JSONDict, body: Union[CompleteChild, FailChild], now: int) -> Decision:
     """A run of the schedule closed (``CompleteChild``/``FailChild``): the buffered run may start."""
-    rid = cmd.data["child_id"]
+    rid = body.child_id
     if rid not in state["running"]:
         return Decision(state=state)  # a backfilled or forgotten run: nothing depends on it
     ctx = _Ctx(_copy(state), now)
@@ -667,7 +692,7 @@ def _run_closed(state: JSONDict, cmd: Command, now: int) -> Decision:
     st["running"].remove(rid)
     if rid in st.get("stopping", ()):
         st["stopping"].remove(rid)
-    status = "COMPLETED" if cmd.type == "CompleteChild" else (cmd.data.get("error_type") or "FAILED")
+    status = "COMPLETED" if isinstance(body, CompleteChild) else (body.error_type or "FAILED")
     ctx.emit("ScheduleRunClosed", {"run_id": rid, "status": status})
     buffered = st.get("buffered")
     if buffered is not None and not st["running"] and st["status"] not in Status.TERMINAL:
@@ -678,26 +703,27 @@ def _run_closed(state: JSONDict, cmd: Command, now: int) -> Decision:
     return ctx.decision(state)
 
 
-def _as_schedule(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView,
-                 journal: Journal) -> Decision:
-    """Every command addressed to an existing schedule (its state's ``kind`` is ``schedule``)."""
+def _as_schedule(state: Optional[JSONDict], cmd: Command, body: Optional[AnyCommand], now: int,
+                 defs: DefinitionsView, journal: Journal) -> Decision:
+    """Every command addressed to an existing schedule (its state's ``kind`` is ``schedule``; ``body``
+    None: a type no model has)."""
     assert state is not None
     decider = _DECIDERS.get(cmd.type)
     if decider is not None:
-        return decider(state, cmd, now, defs, journal)
-    if cmd.type == "FireTimer":
-        return _fire(state, cmd, now)
-    if cmd.type in ("CompleteChild", "FailChild"):
-        return _run_closed(state, cmd, now)
-    if cmd.type == "QueryStatus":
-        return Decision(state=state, replies=[(cmd.data["query_id"], {"result": status_record(state)})])
-    if cmd.type == "QueryWorkflow":
-        return Decision(state=state, replies=[(cmd.data["query_id"], {"result": schedule_view(state)})])
+        return decider(state, cmd, body, now, defs, journal)
+    if isinstance(body, FireTimer):
+        return _fire(state, body, now)
+    if isinstance(body, (CompleteChild, FailChild)):
+        return _run_closed(state, body, now)
+    if isinstance(body, QueryStatus):
+        return Decision(state=state, replies=[(body.query_id, {"result": status_record(state)})])
+    if isinstance(body, QueryWorkflow):
+        return Decision(state=state, replies=[(body.query_id, {"result": schedule_view(state)})])
     return _reject(state, cmd, now, RejectCode.INVALID_STATE,
                    f"expected a workflow instance for {cmd.type}, but '{cmd.instance_id}' is a schedule")
 
 
-_DECIDERS: dict[str, Callable[[Optional[JSONDict], Command, int, DefinitionsView, Journal], Decision]] = {
+_DECIDERS: dict[str, core.Decider] = {
     "CreateSchedule": _create,
     "PauseSchedule": _pause,
     "UnpauseSchedule": _pause,

@@ -2,7 +2,8 @@
 
 :class:`~kflow.model.messages.Command` carries a command as a ``type`` tag and a ``data`` dict; the
 classes here give each type its own fields, so a missing or misspelled field is a ``TypeError`` where
-the command is built. Payload fields (input, results, signal data) hold JSON values; a field that is
+the command is built. Payload fields (input, results, signal data) hold JSON values and default to
+null, as a JSON command that leaves one out decodes (:mod:`kflow.schemas.codec`); a field that is
 nullable in the schema is ``Optional`` here, with the schema's default.
 
     >>> cmd = command(SignalWorkflow(name="approve", data={"ok": True}), "order-1")
@@ -17,6 +18,7 @@ The conversions are plain attribute copies: :func:`typed` builds the class of ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
@@ -27,6 +29,7 @@ __all__ = [
     "AnyCommand",
     "COMMAND_TYPES",
     "command",
+    "from_data",
     "to_data",
     "typed",
     "AcquirePermit",
@@ -68,7 +71,7 @@ class StartWorkflow:
 
     workflow: str
     version: Optional[int] = None
-    input: JSONValue
+    input: JSONValue = None
     parent_id: Optional[str] = None
     parent_ref: Optional[str] = None
     id_reuse: Optional[str] = None
@@ -80,7 +83,7 @@ class SignalWorkflow:
     TYPE: ClassVar[str] = "SignalWorkflow"
 
     name: str
-    data: JSONValue
+    data: JSONValue = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +99,7 @@ class CompleteActivity:
 
     activity_id: str
     attempt: int
-    result: JSONValue
+    result: JSONValue = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,7 +119,7 @@ class HeartbeatActivity:
 
     activity_id: str
     attempt: int
-    details: JSONValue
+    details: JSONValue = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,7 +134,7 @@ class CompleteChild:
     TYPE: ClassVar[str] = "CompleteChild"
 
     child_id: str
-    result: JSONValue
+    result: JSONValue = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,7 +167,7 @@ class QueryWorkflow:
 
     query_id: str
     name: str
-    args: JSONValue
+    args: JSONValue = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,7 +207,7 @@ class RetryWorkflow:
     TYPE: ClassVar[str] = "RetryWorkflow"
 
     from_step: Optional[str] = None
-    input_patch: JSONValue
+    input_patch: JSONValue = None
     force: bool = False
     reason: str
     by: str
@@ -220,8 +223,8 @@ class ResolveIncident:
 
     incident_id: str
     action: str
-    output: JSONValue
-    input_patch: JSONValue
+    output: JSONValue = None
+    input_patch: JSONValue = None
     by: str
     reason: str
 
@@ -234,7 +237,7 @@ class CreateSchedule:
 
     TYPE: ClassVar[str] = "CreateSchedule"
 
-    spec: JSONValue
+    spec: JSONValue = None
     replace: bool
 
 
@@ -289,7 +292,7 @@ class UpdateWorkflow:
 
     update_id: str
     name: str
-    data: JSONValue
+    data: JSONValue = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -362,8 +365,8 @@ class MigrateWorkflow:
     plan_id: str
     from_range: str
     to_version: int
-    step_map: JSONValue
-    vars: JSONValue
+    step_map: JSONValue = None
+    vars: JSONValue = None
     transform: Optional[str] = None
     reason: str
     by: str
@@ -405,6 +408,11 @@ AnyCommand = Union[
 _UNION: ModelUnion[AnyCommand] = ModelUnion("command", AnyCommand)
 #: Command type -> its class.
 COMMAND_TYPES: dict[str, type[AnyCommand]] = _UNION.types
+
+
+#: ``from_data(type_, data)``: the model of command type ``type_`` with the fields in ``data`` (what
+#: :func:`typed` builds from a command's ``type`` and ``data``). Raises ValueError as :func:`typed` does.
+from_data: Callable[[str, dict[str, Any]], AnyCommand] = _UNION.build
 
 
 def typed(cmd: Command) -> AnyCommand:

@@ -93,7 +93,8 @@ def agrees(h: JournalingHarness, iid: str, result: Optional[Any] = None) -> list
 def test_incident_resolved_by_retry_maps_to_the_next_attempts_outcome() -> None:
     h = started("r1")
     h.activity("charge", lambda x: {"card": x["card"]})
-    h.send("ResolveIncident", "r1", incident_id=incident_of(h, "r1"), action="retry", input_patch={"card": "tok_2"})
+    h.send("ResolveIncident", "r1", incident_id=incident_of(h, "r1"), action="retry", input_patch={"card": "tok_2"},
+           by="", reason="")
     finish(h, "r1")
     paid = {"card": "tok_2"}
     agrees(h, "r1", {"paid": paid, "shipped": f"shipped {paid}", "done": True})
@@ -101,7 +102,8 @@ def test_incident_resolved_by_retry_maps_to_the_next_attempts_outcome() -> None:
 
 def test_incident_resolved_by_skip_feeds_the_output_as_the_activitys_result() -> None:
     h = started("s1")
-    h.send("ResolveIncident", "s1", incident_id=incident_of(h, "s1"), action="skip", output={"manual": 7})
+    h.send("ResolveIncident", "s1", incident_id=incident_of(h, "s1"), action="skip", output={"manual": 7}, by="",
+           reason="")
     finish(h, "s1")
     agrees(h, "s1", {"paid": {"manual": 7}, "shipped": "shipped {'manual': 7}", "done": True})
 
@@ -140,7 +142,7 @@ def test_an_attempt_timeout_that_opened_an_incident_and_was_skipped() -> None:
     assert [e.type for e in h.history["a1"]].count("ActivityTimedOut") == 2
     h.pending_tasks.clear()
     h.auto_run_tasks = True
-    h.send("ResolveIncident", "a1", incident_id=inc, action="skip", output="manual")
+    h.send("ResolveIncident", "a1", incident_id=inc, action="skip", output="manual", by="", reason="")
     finish(h, "a1")
     agrees(h, "a1", {"paid": "manual", "shipped": "shipped manual", "done": True})
 
@@ -153,7 +155,7 @@ def test_what_if_of_an_open_instance_past_an_incident_is_compatible(action: str)
         h.advance(90 * 60)
     else:
         h.activity("charge", lambda x: "paid")
-        h.send("ResolveIncident", "w1", incident_id=inc, action=action,
+        h.send("ResolveIncident", "w1", incident_id=inc, action=action, by="", reason="",
                **({"output": "manual"} if action == "skip" else {}))
     h.advance(5)  # ship ran: waiting for the signal
     assert h.status("w1") == Status.RUNNING

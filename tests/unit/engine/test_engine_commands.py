@@ -193,11 +193,14 @@ def test_result_for_unknown_activity_is_duplicate() -> None:
     assert_rejected(decide(st, c, NOW + 1, d), st, "CompleteActivity", RejectCode.DUPLICATE)
 
 
-@pytest.mark.parametrize("type_", ["CompleteActivity", "FailActivity"])
-def test_result_for_wrong_attempt_is_stale(type_: str) -> None:
+@pytest.mark.parametrize(("type_", "fields"), [
+    ("CompleteActivity", {"result": 1}),
+    ("FailActivity", {"error_type": "E", "message": "m", "retryable": True}),
+])
+def test_result_for_wrong_attempt_is_stale(type_: str, fields: dict[str, Any]) -> None:
     d = defs()
     st, aid = _with_pending_activity(d)
-    c = cmd(type_, activity_id=aid, attempt=2, result=1, error_type="E", message="m", retryable=True)
+    c = cmd(type_, activity_id=aid, attempt=2, **fields)
     assert_rejected(decide(st, c, NOW + 1, d), st, type_, RejectCode.STALE)
 
 

@@ -228,14 +228,18 @@ def _random_command(data: st.DataObject, h: EngineHarness) -> Command:
     elif kind == "CancelWorkflow":
         d = {"reason": "r"}
     elif kind in ("CompleteActivity", "FailActivity", "HeartbeatActivity"):
-        d = {"activity_id": data.draw(st.sampled_from(_known(h, "activity_id"))), "attempt": attempt,
-             "result": payload, "details": payload, "error_type": "E", "message": "m",
-             "retryable": data.draw(st.booleans())}
+        d = {"activity_id": data.draw(st.sampled_from(_known(h, "activity_id"))), "attempt": attempt}
+        if kind == "CompleteActivity":
+            d["result"] = payload
+        elif kind == "FailActivity":
+            d.update(error_type="E", message="m", retryable=data.draw(st.booleans()))
+        else:
+            d["details"] = payload
     elif kind == "FireTimer":
         d = {"timer_id": data.draw(st.sampled_from(_known(h, "timer_id")))}
     elif kind in ("CompleteChild", "FailChild"):
-        d = {"child_id": data.draw(st.sampled_from(_known(h, "child_id"))), "result": payload,
-             "error_type": "E", "message": "m"}
+        d = {"child_id": data.draw(st.sampled_from(_known(h, "child_id")))}
+        d.update({"result": payload} if kind == "CompleteChild" else {"error_type": "E", "message": "m"})
     else:
         d = {}
     return Command(kind, iid, d)

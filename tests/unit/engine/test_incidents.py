@@ -49,7 +49,8 @@ def incident_id(h: EngineHarness, iid: str = "o1") -> str:
 
 
 def resolve(h: EngineHarness, incident: str, action: str, iid: str = "o1", **data: Any) -> None:
-    h.send("ResolveIncident", iid, incident_id=incident, action=action, **data)
+    """Send ``ResolveIncident`` with the fields the client sends by default, overridden by ``data``."""
+    h.send("ResolveIncident", iid, **{"incident_id": incident, "action": action, "by": "", "reason": "", **data})
 
 
 def assert_folds(h: EngineHarness) -> None:
@@ -207,7 +208,7 @@ def test_resolve_of_a_suspended_instance_asks_to_resume_first() -> None:
     h.send("SuspendWorkflow", "o1", reason="audit")
     resolve(h, inc, "skip")
     assert rejection(h)["reason"].endswith("is SUSPENDED: resume it first")
-    h.send("ResumeWorkflow", "o1")
+    h.send("ResumeWorkflow", "o1", reason="")
     assert h.status("o1") == Status.INCIDENT  # back to the status it was suspended in
     resolve(h, inc, "skip")
     assert h.status("o1") == Status.COMPLETED

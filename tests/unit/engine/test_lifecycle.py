@@ -76,7 +76,7 @@ def test_suspended_instance_fires_no_timers_and_delivers_no_signals_until_resume
     assert "ActivityScheduled" not in h.events("p1")
     assert h.events("p1")[-3:] == ["TimerFired", "TimerFired", "SignalReceived"]
 
-    h.send("ResumeWorkflow", "p1")
+    h.send("ResumeWorkflow", "p1", reason="")
     assert marks == ["short", "long", "after now"]  # timers in due order, then the signal's follow-up
     assert h.status("p1") == Status.COMPLETED
     assert_folds(h)
@@ -111,7 +111,7 @@ def test_a_redelivered_result_while_suspended_is_a_duplicate() -> None:
     h.auto_run_tasks = False
     h.start("two", "t1")
     task = h.pending_tasks.popleft()
-    h.send("SuspendWorkflow", "t1")
+    h.send("SuspendWorkflow", "t1", reason="")
     h.run_task(task)
     h.run_task(task)  # the worker's report arrives twice
     h.drain()
@@ -123,10 +123,10 @@ def test_a_redelivered_result_while_suspended_is_a_duplicate() -> None:
 def test_a_held_timeout_is_void_when_its_signal_arrived_first() -> None:
     h, _ = harness(WAIT_WITH_TIMEOUT)
     h.start("approval", "a1")
-    h.send("SuspendWorkflow", "a1")
+    h.send("SuspendWorkflow", "a1", reason="")
     h.signal("a1", "approve", "yes")
     h.advance(60)  # the wait's timeout comes due after the signal arrived
-    h.send("ResumeWorkflow", "a1")
+    h.send("ResumeWorkflow", "a1", reason="")
     assert h.status("a1") == Status.COMPLETED
     assert h.result("a1") == {"d": "yes"}
     assert_folds(h)
@@ -149,7 +149,7 @@ def test_suspend_of_a_closed_instance_is_rejected(close: str) -> None:
 def test_suspend_twice_and_resume_of_a_running_instance_are_rejected() -> None:
     h, _ = harness(WAIT_WITH_TIMEOUT)
     h.start("approval", "a1")
-    h.send("ResumeWorkflow", "a1")
+    h.send("ResumeWorkflow", "a1", reason="")
     assert "expected a SUSPENDED instance" in rejection(h, "a1")["reason"]
     h.send("SuspendWorkflow", "a1", reason="first")
     h.send("SuspendWorkflow", "a1", reason="second")
@@ -161,7 +161,7 @@ def test_suspend_twice_and_resume_of_a_running_instance_are_rejected() -> None:
 def test_terminate_of_a_suspended_instance_drops_what_it_held() -> None:
     h, marks = harness(TIMERS_AND_SIGNAL)
     h.start("paced", "p1")
-    h.send("SuspendWorkflow", "p1")
+    h.send("SuspendWorkflow", "p1", reason="")
     h.advance(25)
     h.send("TerminateWorkflow", "p1", reason="abandon")
     assert h.status("p1") == Status.TERMINATED
@@ -173,9 +173,9 @@ def test_terminate_of_a_suspended_instance_drops_what_it_held() -> None:
 def test_a_timer_due_after_resume_fires_on_its_own_time() -> None:
     h, marks = harness(TIMERS_AND_SIGNAL)
     h.start("paced", "p1")
-    h.send("SuspendWorkflow", "p1")
+    h.send("SuspendWorkflow", "p1", reason="")
     h.advance(15)  # only the short sleep comes due while suspended
-    h.send("ResumeWorkflow", "p1")
+    h.send("ResumeWorkflow", "p1", reason="")
     assert marks == ["short"]
     h.advance(4)
     assert marks == ["short"]
@@ -213,7 +213,7 @@ def test_code_workflow_holds_result_and_signal_until_resumed(cached: bool) -> No
         h.replay_cache.clear()  # an engine restart while suspended
 
     h.auto_run_tasks = True
-    h.send("ResumeWorkflow", "c1")
+    h.send("ResumeWorkflow", "c1", reason="")
     assert h.status("c1") == Status.RUNNING  # the sleep after the held result starts on resume
     h.advance(9)
     assert calls == [1]
@@ -236,10 +236,10 @@ def test_code_workflow_timer_due_while_suspended_fires_on_resume() -> None:
     calls: list[int] = []
     h.activity("inc", lambda x: calls.append(x) or x + 1)
     h.start("lifecycle.nap", "n1", 5)
-    h.send("SuspendWorkflow", "n1")
+    h.send("SuspendWorkflow", "n1", reason="")
     h.advance(15)
     assert calls == [] and h.events("n1")[-1] == "TimerFired"
-    h.send("ResumeWorkflow", "n1")
+    h.send("ResumeWorkflow", "n1", reason="")
     assert calls == [5]
     assert h.result("n1") == 6
     assert_folds(h)
@@ -278,6 +278,12 @@ def failing_order() -> tuple[EngineHarness, dict[str, list[Any]]]:
     return h, calls
 
 
+def retry(h: EngineHarness, iid: str, **data: Any) -> None:
+    """Send ``RetryWorkflow`` with the fields the client sends by default, overridden by ``data``."""
+    h.send("RetryWorkflow", iid, **{"from_step": None, "input_patch": None, "force": False, "reason": "", "by": "",
+                                    **data})
+
+
 def fix_charge(h: EngineHarness, calls: dict[str, list[Any]]) -> None:
     h.activity("charge", lambda x: calls["charge"].append(x) or {"paid": x})
 
@@ -310,10 +316,10 @@ def test_retry_from_a_named_step_with_patched_variables() -> None:
 
 def test_retry_that_fails_again_can_be_retried_again() -> None:
     h, calls = failing_order()
-    h.send("RetryWorkflow", "o1", reason="try once more")
+    retry(h, "o1", reason="try once more")
     assert h.status("o1") == Status.FAILED
     fix_charge(h, calls)
-    h.send("RetryWorkflow", "o1")
+    retry(h, "o1")
     assert h.status("o1") == Status.COMPLETED
     assert [e.data["attempt"] for e in h.history["o1"] if e.type == "WorkflowRetried"] == [1, 2]
     assert len(calls["charge"]) == 3 and calls["reserve"] == ["A1"]
@@ -326,7 +332,7 @@ def test_retry_that_fails_again_can_be_retried_again() -> None:
 ])
 def test_retry_with_bad_input_is_rejected_and_changes_nothing(data: dict[str, Any], expected: str) -> None:
     h, calls = failing_order()
-    h.send("RetryWorkflow", "o1", **data)
+    retry(h, "o1", **data)
     assert rejection(h, "o1") == {"command_type": "RetryWorkflow", "code": RejectCode.INVALID_INPUT,
                                   "reason": expected}
     assert h.status("o1") == Status.FAILED
@@ -338,9 +344,9 @@ def test_retry_of_a_cancelled_instance_needs_force() -> None:
     h, _ = harness(WAIT_WITH_TIMEOUT)
     h.start("approval", "a1")
     h.send("CancelWorkflow", "a1", reason="oops")
-    h.send("RetryWorkflow", "a1")
+    retry(h, "a1")
     assert "is CANCELLED (use force)" in rejection(h, "a1")["reason"]
-    h.send("RetryWorkflow", "a1", force=True, reason="cancelled by mistake")
+    retry(h, "a1", force=True, reason="cancelled by mistake")
     assert h.status("a1") == Status.RUNNING
     h.signal("a1", "approve", "late yes")
     assert h.result("a1") == {"d": "late yes"}
@@ -350,8 +356,8 @@ def test_retry_of_a_cancelled_instance_needs_force() -> None:
 def test_retry_of_a_running_or_completed_instance_is_rejected() -> None:
     h, calls = failing_order()
     fix_charge(h, calls)
-    h.send("RetryWorkflow", "o1")
-    h.send("RetryWorkflow", "o1")
+    retry(h, "o1")
+    retry(h, "o1")
     assert "expected a FAILED instance to retry, but 'o1' is COMPLETED" in rejection(h, "o1")["reason"]
     assert_folds(h)
 
