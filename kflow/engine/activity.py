@@ -30,7 +30,15 @@ from typing import Any, Optional
 import orjson
 
 from kflow.engine.run import PRIORITY, Run
-from kflow.model.messages import Event, JSONDict, RejectCode, Status
+from kflow.model.events import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    ActivityTimedOut,
+    AnyEvent,
+    TimerStarted,
+)
+from kflow.model.messages import JSONDict, RejectCode, Status
 from kflow.model.spec import RetrySpec, TimeoutSpec, parse_duration_ms
 
 COMPENSATE_PREFIX = "compensate:"
@@ -150,7 +158,7 @@ def _timeout_ms(timeouts: Optional[TimeoutSpec], kind: str) -> Optional[int]:
 def start_timer(run: Run, thread: Optional[str], due: int, purpose: str, **extra: Any) -> str:
     check_pending(run, "timers")
     timer_id = f"t{run.next_seq()}"
-    run.emit("TimerStarted", {"timer_id": timer_id, "due_ms": due, "purpose": purpose})
+    run.record(TimerStarted(timer_id=timer_id, due_ms=due, purpose=purpose))
     run.state["timers"][timer_id] = {"due": due, "thread": thread, "purpose": purpose, **extra}
     return timer_id
 
@@ -186,7 +194,7 @@ def schedule(run: Run, aid: str, name: str, queue: str, input_: Any, thread: Opt
     """
     check_pending(run, "activities")
     check_payload(run, f"the input of activity '{name}'", input_)
-    run.emit("ActivityScheduled", {"activity_id": aid, "name": name, "queue": queue, "input": input_, "attempt": 1})
+    run.record(ActivityScheduled(activity_id=aid, name=name, queue=queue, input=input_, attempt=1))
     act: JSONDict = {"name": name, "queue": queue, "attempt": 1, "thread": thread, "step": step_key,
                      "input": input_, "phase": "scheduled", "timers": {}}
     if policy is not None:
@@ -308,8 +316,8 @@ def on_retry_timer(run: Run, aid: str) -> None:
     act.pop("timed_out", None)
     act["attempt"] += 1
     act["phase"] = "scheduled"
-    run.emit("ActivityScheduled", {"activity_id": aid, "name": act["name"], "queue": act["queue"],
-                                    "input": act["input"], "attempt": act["attempt"]})
+    run.record(ActivityScheduled(activity_id=aid, name=act["name"], queue=act["queue"], input=act["input"],
+                                 attempt=act["attempt"]))
     _, timeouts = policies(run, act["step"], act)
     emit_task(run, aid, act, timeouts)
     start_attempt(run, aid, act, timeouts)
@@ -364,7 +372,7 @@ def on_timeout(run: Run, aid: str, kind: str) -> tuple[bool, str]:
     if deadline is not None and deadline > run.now:
         _arm_at(run, aid, act, kind, deadline)
         return True, ""
-    run.emit("ActivityTimedOut", {"activity_id": aid, "attempt": act["attempt"], "kind": kind})
+    run.record(ActivityTimedOut(activity_id=aid, attempt=act["attempt"], kind=kind))
     message = timeout_message(run, act, kind)
     run.cancel_task(aid, act)
     retrying = kind != "schedule_to_close" and retry_or_give_up(run, aid, "ActivityTimeout", True)
@@ -374,10 +382,10 @@ def on_timeout(run: Run, aid: str, kind: str) -> tuple[bool, str]:
 
 
 # -- late results -----------------------------------------------------------------------------
-def note_ended(run: Run, before: JSONDict, ev: Event) -> None:
-    """Remember how the activities that ``ev`` ended, ended (``state["ended"]``, bounded).
+def note_ended(run: Run, before: JSONDict, body: AnyEvent) -> None:
+    """Remember how the activities that the input event ``body`` (its model) ended, ended (``state["ended"]``, bounded).
 
-    ``before`` is the activities table before ``ev``. An activity whose only attempt's result was
+    ``before`` is the activities table before the event. An activity whose only attempt's result was
     recorded needs no entry: any later result for it is a redelivery. The others (several
     attempts, or the last one timed out or no longer wanted) are kept as ``[attempt, recorded]``.
     A closed instance rejects every result anyway and forgets them.
@@ -391,10 +399,10 @@ def note_ended(run: Run, before: JSONDict, ev: Event) -> None:
     ended: JSONDict = st.get("ended") or {}
     for aid in [a for a in ended if a in acts]:  # an id scheduled again (a new run) is pending, not ended
         del ended[aid]
-    result = ev.type in ("ActivityCompleted", "ActivityFailed")
+    result = body if isinstance(body, (ActivityCompleted, ActivityFailed)) else None
     for aid in gone:
         attempt = before[aid]["attempt"]
-        recorded = result and ev.data["activity_id"] == aid and ev.data["attempt"] == attempt
+        recorded = result is not None and result.activity_id == aid and result.attempt == attempt
         if recorded and attempt == 1:
             continue
         ended.pop(aid, None)  # re-inserted last: the window keeps the most recent

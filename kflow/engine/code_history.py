@@ -22,6 +22,19 @@ from kflow.engine import incidents
 from kflow.engine.code_machine import CodeDefinition, Machine, NondeterminismError, ReplayMismatch, describe, outcome
 from kflow.engine.journal import Entries
 from kflow.engine.run import Run
+from kflow.model.commands import CancelWorkflow
+from kflow.model.events import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityStarted,
+    AnyEvent,
+    CancelRequested,
+    ChildCompleted,
+    ChildFailed,
+    HeartbeatRecorded,
+    IncidentResolved,
+    TimerFired,
+)
 from kflow.model.messages import Event, Status
 from kflow.model.spec import IncidentSpec
 
@@ -37,32 +50,35 @@ WORKFLOW_INPUTS = frozenset({"WorkflowStarted", "ActivityCompleted", "ActivityFa
 ENGINE_TIMERS = frozenset({"activity_timeout", "retry", "execution", "replay", incidents.TIMER_PURPOSE})
 
 
-def input_of(run: Run, ev: Event) -> Optional[list[Any]]:
+def input_of(run: Run, ev: Event, body: AnyEvent) -> Optional[list[Any]]:
     """Apply an input event's effect on the state; return what the coroutine must be fed, or None.
+
+    ``body`` is the event's model, built once by ``core.evolve``: the event's fields are read from
+    it. What the coroutine is fed (and journaled) carries the event's ``data`` as recorded.
 
     Activity lifecycle events (start reports, heartbeats, retries and timeouts that lead to
     another attempt) are the engine's business, shared with spec workflows; the coroutine only
     sees an activity's final outcome.
     """
-    st, d = run.state, ev.data
-    if ev.type == "ActivityCompleted":
-        activities.drop(run, d["activity_id"])
-    elif ev.type == "ActivityFailed":
-        aid = d["activity_id"]
-        if aid in st["activities"] and activities.retry_or_give_up(run, aid, d["error_type"], d["retryable"]):
+    st = run.state
+    if isinstance(body, ActivityCompleted):
+        activities.drop(run, body.activity_id)
+    elif isinstance(body, ActivityFailed):
+        aid = body.activity_id
+        if aid in st["activities"] and activities.retry_or_give_up(run, aid, body.error_type, body.retryable):
             return None
-        if _raise_incident(run, aid, d["error_type"], d["message"]):
+        if _raise_incident(run, aid, body.error_type, body.message):
             return None
         activities.drop(run, aid)
-    elif ev.type in ("ActivityStarted", "HeartbeatRecorded"):
-        aid = d["activity_id"]
+    elif isinstance(body, (ActivityStarted, HeartbeatRecorded)):
+        aid = body.activity_id
         if aid in st["activities"]:
-            (activities.on_started if ev.type == "ActivityStarted" else activities.on_heartbeat)(run, aid)
+            (activities.on_started if isinstance(body, ActivityStarted) else activities.on_heartbeat)(run, aid)
         return None
-    elif ev.type in ("ChildCompleted", "ChildFailed"):
-        st["children"].pop(d["child_id"], None)
-    elif ev.type == "TimerFired":
-        timer = st["timers"].pop(d["timer_id"], None) or {}
+    elif isinstance(body, (ChildCompleted, ChildFailed)):
+        st["children"].pop(body.child_id, None)
+    elif isinstance(body, TimerFired):
+        timer = st["timers"].pop(body.timer_id, None) or {}
         purpose = timer.get("purpose")
         if purpose == "replay":
             return []  # retry a blocked replay; nothing new for the coroutine
@@ -85,19 +101,19 @@ def input_of(run: Run, ev: Event) -> Optional[list[Any]]:
             return ["ActivityFailed", {"activity_id": inc["activity"], "attempt": inc["attempts"],
                                        "error_type": "IncidentTimeout", "message": message, "retryable": False},
                     ev.ts, ev.seq]
-    elif ev.type == "IncidentResolved":
-        return _incident_resolved(run, ev)
-    elif ev.type == "CancelRequested":
+    elif isinstance(body, IncidentResolved):
+        return _incident_resolved(run, ev, body)
+    elif isinstance(body, CancelRequested):
         st["status"] = Status.CANCELLING
-        st["cancel_reason"] = d.get("reason", "")
+        st["cancel_reason"] = body.reason
         for child_id in sorted(st["children"]):
-            run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} is cancelling"})
+            run.send(CancelWorkflow(reason=f"parent {st['id']} is cancelling"), child_id)
         run.cancel_activities()
         st["children"] = {}
         st["timers"] = {t: v for t, v in st["timers"].items() if v.get("purpose") == "execution"}
     elif ev.type not in WORKFLOW_INPUTS:
         return None
-    return [ev.type, d, ev.ts, ev.seq]
+    return [ev.type, ev.data, ev.ts, ev.seq]
 
 
 def _raise_incident(run: Run, aid: str, error_type: str, message: str) -> bool:
@@ -118,19 +134,19 @@ def _raise_incident(run: Run, aid: str, error_type: str, message: str) -> bool:
     return True
 
 
-def _incident_resolved(run: Run, ev: Event) -> Optional[list[Any]]:
+def _incident_resolved(run: Run, ev: Event, body: IncidentResolved) -> Optional[list[Any]]:
     """What resolving an incident feeds the workflow: nothing for a retry (the activity's next attempt
     is scheduled), the output as the activity's result for a skip, its error for a fail."""
-    d = ev.data
-    inc = incidents.close_incident(run, d["incident_id"])
+    inc = incidents.close_incident(run, body.incident_id)
     aid, attempt = inc["activity"], inc["attempts"]
-    if d["action"] == "retry":
-        activities.reopen(run, aid, inc["record"], incidents.patched_input(inc, d.get("input_patch")))
+    if body.action == "retry":
+        activities.reopen(run, aid, inc["record"], incidents.patched_input(inc, body.input_patch))
         return None
-    if d["action"] == "skip":
-        return ["ActivityCompleted", {"activity_id": aid, "attempt": attempt, "result": d.get("output")}, ev.ts, ev.seq]
+    if body.action == "skip":
+        return ["ActivityCompleted", {"activity_id": aid, "attempt": attempt, "result": body.output}, ev.ts, ev.seq]
     return ["ActivityFailed", {"activity_id": aid, "attempt": attempt, "error_type": inc["error"]["type"],
-                               "message": incidents.fail_message(inc, d), "retryable": False}, ev.ts, ev.seq]
+                               "message": incidents.fail_message(inc, body.incident_id, body.by, body.reason),
+                               "retryable": False}, ev.ts, ev.seq]
 
 
 def history_from_events(events: list[Event]) -> tuple[Entries, Entries]:
@@ -229,7 +245,8 @@ def _resolved_input(inc: dict[str, Any], ev: Event) -> Optional[list[Any]]:
         return ["ActivityCompleted", {"activity_id": aid, "attempt": attempt, "result": d.get("output")}, ev.ts, ev.seq]
     if d["action"] == "fail":
         return ["ActivityFailed", {"activity_id": aid, "attempt": attempt, "error_type": inc["error"]["type"],
-                                   "message": incidents.fail_message(inc, d), "retryable": False}, ev.ts, ev.seq]
+                                   "message": incidents.fail_message(inc, d["incident_id"], d.get("by"), d.get("reason")),
+                                   "retryable": False}, ev.ts, ev.seq]
     return None
 
 

@@ -25,7 +25,9 @@ from kflow.engine import activity as activities
 from kflow.engine.activity import LimitExceeded, limits_of
 from kflow.engine.code_context import ContinueAsNew, WorkflowContext, as_json
 from kflow.engine.run import PRIORITY, Run
+from kflow.model.commands import SetPriority, StartWorkflow
 from kflow.model.errors import ActivityError, CancelledError, DeterminismError, WorkflowError
+from kflow.model.events import ChildStarted
 from kflow.model.messages import JSONDict, priority_level
 
 __all__ = ["CodeDefinition", "Machine", "NondeterminismError", "ReplayMismatch", "describe", "outcome"]
@@ -276,11 +278,10 @@ class Machine:
             if v is None or run.defs.get(workflow, v) is None:
                 return None
             cid = child_id or f"{self.instance_id}:{workflow}-{run.next_seq()}"
-            run.emit("ChildStarted", {"child_id": cid, "workflow": workflow, "version": v, "input": input_})
+            run.record(ChildStarted(child_id=cid, workflow=workflow, version=v, input=input_))
             run.state["children"][cid] = {"thread": "code", "step": workflow}
-            run.command("StartWorkflow", cid, {"workflow": workflow, "version": v, "input": input_,
-                                               "parent_id": self.instance_id, "parent_ref": cid, "id_reuse": None,
-                                               "priority": run.priority()})
+            run.send(StartWorkflow(workflow=workflow, version=v, input=input_, parent_id=self.instance_id,
+                                   parent_ref=cid, id_reuse=None, priority=run.priority()), cid)
             return cid
 
         def restore(st: JSONDict, cid: Any) -> None:
@@ -317,7 +318,7 @@ class Machine:
             # Work this decision still dispatches already takes the new level; the command makes
             # it history (PriorityChanged), which sets the same level when the engine applies it.
             run.state[PRIORITY] = number
-            run.command("SetPriority", self.instance_id, {"priority": number, "reason": reason or "ctx.set_priority"})
+            run.send(SetPriority(priority=number, reason=reason or "ctx.set_priority"), self.instance_id)
             return number
 
         self._issue("set_priority", str(number), live)

@@ -42,7 +42,9 @@ from kflow.engine.code_journal import (
 from kflow.engine.code_machine import CodeDefinition, Machine, NondeterminismError, ReplayMismatch
 from kflow.engine.journal import Entries, Journal
 from kflow.engine.run import AT_SAFE_POINT, PENDING_MIGRATION, PRIORITY, UPDATES, Run, new_state
+from kflow.model.commands import CancelWorkflow
 from kflow.model.errors import KflowError, WorkflowError
+from kflow.model.events import AnyEvent, WorkflowContinuedAsNew
 from kflow.model.messages import Event, JSONDict, Status
 
 __all__ = ["answer_query", "apply_input", "drive", "forget", "keep_parked", "new_machine", "park", "query",
@@ -62,8 +64,8 @@ def _passthrough(cache: ReplayCache, st: JSONDict, prev_key: Optional[tuple[Any,
         cache.put(st["id"], position_key(st["seq"], st), parked)
 
 
-def apply_input(run: Run, ev: Event) -> None:
-    """Deliver one input event to a code workflow, replaying its history first when needed."""
+def apply_input(run: Run, ev: Event, body: AnyEvent) -> None:
+    """Deliver one input event (``body`` its model) to a code workflow, replaying its history first when needed."""
     st = run.state
     definition: Optional[CodeDefinition] = run.compiled
     # a new run, or one whose history was inside its state, has nothing in the journal to read
@@ -76,7 +78,7 @@ def apply_input(run: Run, ev: Event) -> None:
         move_lists_to_journal(run)
     # core has already stamped the state with this event's seq; the machine was parked one before.
     prev_key = position_key(ev.seq - 1, st) if st[INPUT_COUNT] else None
-    fed = input_of(run, ev)
+    fed = input_of(run, ev, body)
     cache = cache_of(run.defs)
     if fed is None:
         _passthrough(cache, st, prev_key)
@@ -186,11 +188,11 @@ def _continue_as_new(run: Run, input_: Any, depth: int) -> None:
     if getattr(definition, "kind", None) != "code":
         version, definition = st["version"], run.compiled
     for child_id in sorted(st["children"]):
-        run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} continued as new"})
+        run.send(CancelWorkflow(reason=f"parent {st['id']} continued as new"), child_id)
     run.cancel_activities()
     run.abandon_updates(f"'{st['id']}' continued as new before the update's handler finished")
     number = st.get("run", 1) + 1
-    run.emit("WorkflowContinuedAsNew", {"input": input_, "run": number, "version": version})
+    run.record(WorkflowContinuedAsNew(input=input_, run=number, version=version))
     end_journal(run)
     fresh = new_state(st["id"], name, version, "code", input_, run.now, st.get("parent_id"),
                       st.get("parent_ref"), st["seq"])

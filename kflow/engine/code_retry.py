@@ -44,6 +44,7 @@ from kflow.engine.code_machine import Machine, NondeterminismError, ReplayMismat
 from kflow.engine.code_replayer import drive, new_machine
 from kflow.engine.journal import Entries, Journal, Reset
 from kflow.engine.run import INCIDENTS, Run
+from kflow.model.events import WorkflowRetried
 from kflow.model.messages import Event, JSONDict, RejectCode, Status
 
 #: ``RetryWorkflow.from_step`` / ``WorkflowRetried.from_step`` of a code workflow: ``"event:<seq>"``,
@@ -199,11 +200,11 @@ def _restore_input(st: JSONDict, entry: list[Any]) -> None:
 
 
 # -- evolving: the reset itself ------------------------------------------------------------------------------
-def on_retried(run: Run, ev: Event) -> None:
-    """Re-open a closed code run at the event ``WorkflowRetried`` names and dispatch its work again."""
+def on_retried(run: Run, ev: Event, body: WorkflowRetried) -> None:
+    """Re-open a closed code run at the event ``WorkflowRetried`` (``body``) names and dispatch its work again."""
     st = run.state
     definition = run.compiled
-    seq = reset_event(ev.data["from_step"])
+    seq = reset_event(body.from_step)
     assert seq is not None and definition is not None, "decide checks the reset point and the definition"
     inputs, commands = run_history(run, True)
     keep = _prefix(inputs, seq)
@@ -211,7 +212,7 @@ def on_retried(run: Run, ev: Event) -> None:
     run.journal_ops.append(Reset(st["id"], st.get("run", 1), st[INPUT_COUNT], st[COMMAND_COUNT]))
     st["status"] = Status.RUNNING
     st["closed_ms"], st["error"], st["result"] = None, None, None
-    st["retries"] = ev.data["attempt"]
+    st["retries"] = body.attempt
     for key in ("ended", "cancel_reason", BLOCKED_INFO, INCIDENTS):
         st.pop(key, None)
     st["activities"], st["timers"], st["children"], st["signals"], st["threads"] = {}, {}, {}, {}, {}

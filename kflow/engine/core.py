@@ -52,6 +52,24 @@ from kflow.model.commands import (
     from_data,
 )
 from kflow.model.errors import DeterminismError
+from kflow.model.events import (
+    ActivityCompleted,
+    ActivityFailed,
+    AnyEvent,
+    ChildCompleted,
+    ChildFailed,
+    SignalReceived,
+    TimerFired,
+    UpdateAccepted,
+    WorkflowCancelled,
+    WorkflowQueued,
+    WorkflowResumed,
+    WorkflowRetried,
+    WorkflowStarted,
+    WorkflowSuspended,
+    WorkflowTerminated,
+)
+from kflow.model.events import from_data as event_from_data
 from kflow.model.messages import INCIDENT_ACTIONS, PRIORITIES, Command, Event, JSONDict, RejectCode, Status, Task
 
 #: Events that carry new information into an instance; all others are consequences of these.
@@ -128,54 +146,57 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
 
     ``journal`` is read when a code workflow must be rebuilt (default: the in-memory
     :data:`~kflow.engine.journal.MEMORY`); what this event appends is in ``Run.journal_ops``.
+
+    The event's model (:mod:`kflow.model.events`) is built here, once, and every applier reads the
+    event's fields from it, never from ``ev.data`` (see :func:`event_model`).
     """
-    if ev.type in ("WorkflowStarted", "WorkflowQueued"):
-        d = ev.data
+    body = event_model(ev)
+    fresh = isinstance(body, (WorkflowStarted, WorkflowQueued))
+    if isinstance(body, (WorkflowStarted, WorkflowQueued)):
         seq = state["seq"] if state else 0
-        kind = getattr(defs.get(d["workflow"], d["version"]), "kind", "spec")
-        st = new_state(ev.instance_id, d["workflow"], d["version"], kind, d["input"], ev.ts,
-                       d.get("parent_id"), d.get("parent_ref"), seq)
+        kind = getattr(defs.get(body.workflow, body.version), "kind", "spec")
+        st = new_state(ev.instance_id, body.workflow, body.version, kind, body.input, ev.ts,
+                       body.parent_id, body.parent_ref, seq)
     else:
         assert state is not None, f"{ev.type} for an instance without state"
         st = copy_state(state)
-    fresh = ev.type in ("WorkflowStarted", "WorkflowQueued")
     before = state["activities"] if state is not None and not fresh else {}
     compiled = defs.get(st["workflow"], st["version"])
     run = Run(st, ev.ts, defs, compiled, journal if journal is not None else MEMORY)
     _record(run, ev)
     if fresh and state is not None:
         code_retry.drop_kept_journal(run, state)  # id reuse: the closed run's kept journal goes
-    if ev.type == "SignalReceived" and ev.data.get("signal_id"):
+    if isinstance(body, SignalReceived) and body.signal_id:
         ids = st.setdefault("signal_ids", [])
-        ids.append(ev.data["signal_id"])
+        ids.append(body.signal_id)
         del ids[:-SIGNAL_DEDUP_WINDOW]
-    if ev.type == "UpdateAccepted":  # running until its handler (or waiting step) answers it
-        st.setdefault(UPDATES, {})[ev.data["update_id"]] = {"name": ev.data["name"], "answer": None}
-    if ev.type == "WorkflowResumed":
+    if isinstance(body, UpdateAccepted):  # running until its handler (or waiting step) answers it
+        st.setdefault(UPDATES, {})[body.update_id] = {"name": body.name, "answer": None}
+    if isinstance(body, WorkflowResumed):
         _resume(run)  # notes ended activities per held event
     elif st["status"] == Status.SUSPENDED and ev.type in HELD_INPUTS:
-        _hold(run, ev)
-    elif st["status"] == Status.QUEUED and ev.type == "SignalReceived":
+        _hold(run, ev, body)
+    elif st["status"] == Status.QUEUED and ev.type == "SignalReceived":  # kept as recorded, applied once admitted
         st.setdefault(QUEUED_SIGNALS, []).append({"seq": ev.seq, "ts": ev.ts, "data": ev.data})
-    elif ev.type == "WorkflowRetried":
-        (code_retry.on_retried if st["kind"] == "code" else spec_interpreter.on_retried)(run, ev)
-    elif ev.type == "WorkflowSuspended":
-        st[SUSPENDED] = {"status": st["status"], "reason": ev.data.get("reason", ""), "held": []}
+    elif isinstance(body, WorkflowRetried):
+        (code_retry.on_retried if st["kind"] == "code" else spec_interpreter.on_retried)(run, ev, body)
+    elif isinstance(body, WorkflowSuspended):
+        st[SUSPENDED] = {"status": st["status"], "reason": body.reason, "held": []}
         st["status"] = Status.SUSPENDED
-    elif ev.type == "WorkflowCancelled":
-        _close_cancelled(run, ev.data.get("reason", ""))
-    elif ev.type == "WorkflowTerminated":
-        _close_terminated(run, ev.data.get("reason", ""))
+    elif isinstance(body, WorkflowCancelled):
+        _close_cancelled(run, body.reason)
+    elif isinstance(body, WorkflowTerminated):
+        _close_terminated(run, body.reason)
     elif ev.type == "CommandRejected":
         pass
     elif ev.type in INPUT_APPLIERS:
-        INPUT_APPLIERS[ev.type](run, ev)
+        INPUT_APPLIERS[ev.type](run, ev, body)
     elif st["kind"] == "code":
-        code_replayer.apply_input(run, ev)
+        code_replayer.apply_input(run, ev, body)
     else:
-        spec_interpreter.apply_input(run, ev)
-    if ev.type != "WorkflowResumed":
-        note_ended(run, before, ev)
+        spec_interpreter.apply_input(run, ev, body)
+    if not isinstance(body, WorkflowResumed):
+        note_ended(run, before, body)
     if run.state["status"] in Status.TERMINAL:
         run.state.pop(QUEUED_SIGNALS, None)  # a queued start cancelled, terminated or refused: nothing to deliver
     if run.state["kind"] == "code" and run.state["status"] in Status.TERMINAL:
@@ -195,21 +216,39 @@ def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
     return run.state, run
 
 
+def event_model(ev: Event) -> AnyEvent:
+    """The typed model of the input event ``ev`` (:mod:`kflow.model.events`), built from ``ev.data``.
+
+    A recorded event decoded by the codec has every field of its model (one recorded before a field
+    existed gets the schema's default), and the engine builds its own from the models' fields: an
+    event that does not fit is a corrupt history or an engine defect, never skipped.
+
+    Raises:
+        DeterminismError: ``ev.data`` has a field the type does not have or lacks one it requires
+            (or the type is unknown); the message names the event's type, sequence number and fields.
+    """
+    try:
+        return event_from_data(ev.type, ev.data)
+    except ValueError as e:
+        raise DeterminismError(ev.instance_id, ev.seq, (ev.type, ev.data), None,
+                               f"instance {ev.instance_id}: event #{ev.seq} does not fit its model: {e}") from None
+
+
 def _record(run: Run, ev: Event) -> None:
     """Stamp the state with an already-numbered input event."""
     run.state["seq"] = ev.seq
     run.state["updated_ms"] = ev.ts
 
 
-def _hold(run: Run, ev: Event) -> None:
-    """Keep an input event of a suspended instance for its resume.
+def _hold(run: Run, ev: Event, body: AnyEvent) -> None:
+    """Keep an input event of a suspended instance for its resume (as recorded: the state holds JSON).
 
     A fired timer leaves the timers table (it is due and must not fire again) and travels with
     the event, so the resume can put it back before the event is applied.
     """
     entry: JSONDict = {"type": ev.type, "seq": ev.seq, "ts": ev.ts, "data": ev.data}
-    if ev.type == "TimerFired":
-        entry["timer"] = run.state["timers"].pop(ev.data["timer_id"])
+    if isinstance(body, TimerFired):
+        entry["timer"] = run.state["timers"].pop(body.timer_id)
     run.state[SUSPENDED]["held"].append(entry)
 
 
@@ -222,45 +261,49 @@ def apply_queued_signals(run: Run) -> None:
     for entry in held:
         if run.closed:
             break
-        apply(run, Event(type="SignalReceived", instance_id=st["id"], seq=entry["seq"], ts=entry["ts"],
-                         data=entry["data"]))
+        ev = Event(type="SignalReceived", instance_id=st["id"], seq=entry["seq"], ts=entry["ts"], data=entry["data"])
+        apply(run, ev, event_model(ev))
 
 
-def _still_applies(state: JSONDict, ev: Event) -> bool:
+def _still_applies(state: JSONDict, body: AnyEvent) -> bool:
     """Whether a held event still means something after the ones held before it were applied.
 
     A wait's timeout timer is void once its signal was applied, an attempt's result once its
     timeout gave it up, a child's result once an error elsewhere cancelled it: the instance
     treats them as it would have had they arrived in that order while it ran.
     """
-    d = ev.data
-    if ev.type == "TimerFired":
-        return d["timer_id"] in state["timers"]
-    if ev.type in ("ActivityCompleted", "ActivityFailed"):
-        return late_result(state, d["activity_id"], d["attempt"]) is None
-    if ev.type in ("ChildCompleted", "ChildFailed"):
-        return d["child_id"] in state["children"]
+    if isinstance(body, TimerFired):
+        return body.timer_id in state["timers"]
+    if isinstance(body, (ActivityCompleted, ActivityFailed)):
+        return late_result(state, body.activity_id, body.attempt) is None
+    if isinstance(body, (ChildCompleted, ChildFailed)):
+        return body.child_id in state["children"]
     return True
 
 
 def _resume(run: Run) -> None:
-    """Back to the status it was suspended in; then apply the held input events in arrival order."""
+    """Back to the status it was suspended in; then apply the held input events in arrival order.
+
+    The held entries are JSON in the state; each event's model is built here, as it is applied.
+    """
     st = run.state
     suspended = st.pop(SUSPENDED)
     st["status"] = suspended["status"]
-    held = suspended["held"]
-    for entry in held:
-        if "timer" in entry:
-            st["timers"][entry["data"]["timer_id"]] = entry["timer"]
-    apply = code_replayer.apply_input if st["kind"] == "code" else spec_interpreter.apply_input
-    for entry in held:
+    held = []
+    for entry in suspended["held"]:
         ev = Event(type=entry["type"], instance_id=st["id"], seq=entry["seq"], ts=entry["ts"], data=entry["data"])
-        if run.closed or not _still_applies(st, ev):
+        body = event_model(ev)
+        if "timer" in entry and isinstance(body, TimerFired):
+            st["timers"][body.timer_id] = entry["timer"]
+        held.append((ev, body))
+    apply = code_replayer.apply_input if st["kind"] == "code" else spec_interpreter.apply_input
+    for ev, body in held:
+        if run.closed or not _still_applies(st, body):
             continue
         before = st["activities"]
         st["activities"] = copy_state(before)
-        apply(run, ev)
-        note_ended(run, before, ev)
+        apply(run, ev, body)
+        note_ended(run, before, body)
 
 
 def _close_cancelled(run: Run, reason: str) -> None:
@@ -911,9 +954,15 @@ DECIDERS: dict[str, Decider] = {
 #: :mod:`kflow.engine.schedules`).
 KIND_DECIDERS: dict[str, Decider] = {}
 
-#: Appliers of input events neither interpreter knows (admission, permits, priority changes), by
-#: event type; :mod:`kflow.engine.limits` registers them.
-INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {}
+#: An input event's applier: ``(run, event, its model) -> None``. The model (:mod:`kflow.model.events`)
+#: is built once by :func:`evolve`, and the applier reads the event's fields from it, never from
+#: ``ev.data`` (``ev`` gives its ``seq``, ``ts``, ``instance_id`` and ``type``); each applier names its
+#: model's precise class, the registries cannot.
+Applier = Callable[[Run, Event, Any], None]
+
+#: Appliers of input events neither interpreter knows (admission, permits, priority changes,
+#: migrations), by event type; :mod:`kflow.engine.limits` and :mod:`kflow.engine.migration` register them.
+INPUT_APPLIERS: dict[str, Applier] = {}
 #: Called at the end of every ``evolve`` with the run and the state before the event (None for a
 #: fresh start): limits release the permits of the work that ended in it.
 AFTER_EVOLVE: list[Callable[[Run, Optional[JSONDict]], None]] = []

@@ -11,11 +11,12 @@ when the last one closes the instance is ``RUNNING`` again. What resolving means
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from kflow.engine import activity
 from kflow.engine.run import INCIDENTS, PRIORITY, Run
-from kflow.model.messages import JSONDict, Status
+from kflow.model.events import IncidentRaised
+from kflow.model.messages import JSONDict, JSONValue, Status
 from kflow.model.spec import IncidentSpec, parse_duration_ms
 
 #: Timer purpose of an incident's timeout.
@@ -26,8 +27,8 @@ def open_incident(run: Run, incident_id: str, thread: Optional[str], step: str, 
                   error_type: str, message: str, spec: IncidentSpec, **extra: Any) -> JSONDict:
     """Record ``IncidentRaised`` for the activity ``aid`` (already out of the activities table), arm
     its timeout, and mark the instance INCIDENT. Returns the incident record (``extra`` merged in)."""
-    run.emit("IncidentRaised", {"incident_id": incident_id, "step": step, "activity_id": aid, "error_type": error_type,
-                                "message": message, "role": spec.role or "", "instructions": spec.instructions})
+    run.record(IncidentRaised(incident_id=incident_id, step=step, activity_id=aid, error_type=error_type,
+                              message=message, role=spec.role or "", instructions=spec.instructions))
     timer = None
     if spec.timeout is not None:
         timer = activity.start_timer(run, thread, run.now + parse_duration_ms(spec.timeout), TIMER_PURPOSE,
@@ -86,13 +87,16 @@ def _whole_units(ms: int) -> str:
     return f"{ms}ms" if ms else "0s"
 
 
-def fail_message(inc: JSONDict, data: JSONDict) -> str:
-    """The error message of an incident resolved with action ``fail``: the step's, then who and why."""
-    by = f" by {data['by']}" if data.get("by") else ""
-    why = f": {data['reason']}" if data.get("reason") else ""
-    return f"{inc['error']['message']} (incident '{data['incident_id']}' resolved as fail{by}{why})"
+def fail_message(inc: JSONDict, incident_id: str, by: Optional[str], reason: Optional[str]) -> str:
+    """The error message of incident ``incident_id`` resolved with action ``fail`` (``by`` whom, for
+    what ``reason``, as ``IncidentResolved`` records them): the step's, then who and why."""
+    who = f" by {by}" if by else ""
+    why = f": {reason}" if reason else ""
+    return f"{inc['error']['message']} (incident '{incident_id}' resolved as fail{who}{why})"
 
 
-def patched_input(inc: JSONDict, patch: Optional[JSONDict]) -> Any:
-    """The input a retry schedules: the activity's, updated with ``patch`` (a JSON object)."""
-    return {**(inc["input"] or {}), **patch} if patch else inc["input"]
+def patched_input(inc: JSONDict, patch: JSONValue) -> Any:
+    """The input a retry schedules: the activity's, updated with ``patch`` (a JSON object, or null:
+    ``ResolveIncident`` is refused with any other ``input_patch``)."""
+    fields = cast(Optional[JSONDict], patch)
+    return {**(inc["input"] or {}), **fields} if fields else inc["input"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 from kflow.engine import activity, code_replayer, core, spec_interpreter
 from kflow.engine.core import Decision, status_record
@@ -53,6 +53,7 @@ from kflow.model.commands import (
     command,
 )
 from kflow.model.errors import ProblemsError
+from kflow.model.events import PermitGranted, PermitRefused, PriorityChanged, WorkflowQueued, WorkflowStarted
 from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES, Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
@@ -365,15 +366,16 @@ def _gate_start(state: Optional[JSONDict], cmd: Command, now: int, defs: Definit
     return core.accept(state, cmd, now, "WorkflowQueued", {**data, "limits": keys, "priority": level}, defs, journal)
 
 
-def _on_queued(run: Run, ev: Event) -> None:
+def _on_queued(run: Run, ev: Event, body: WorkflowQueued) -> None:
     """A start waits for its permits: status ``QUEUED``, the first ``AcquirePermit`` sent."""
     st = run.state
     st["status"] = Status.QUEUED
-    level = ev.data.get("priority")
+    level = body.priority
     if level is not None:
         st[PRIORITY] = level
-    st[ADMISSION] = {"limits": list(ev.data["limits"]), "granted": 0, "queued_ms": run.now}
-    _acquire(run, ev.data["limits"][0], START_REF)
+    limits = list(cast(list[str], body.limits))  # the limit keys _gate_start found
+    st[ADMISSION] = {"limits": limits, "granted": 0, "queued_ms": run.now}
+    _acquire(run, limits[0], START_REF)
 
 
 def _acquire(run: Run, key: str, ref: str, own: Optional[int] = None) -> None:
@@ -426,8 +428,8 @@ def _permit_answer(state: Optional[JSONDict], cmd: Command, body: Union[GrantPer
                                                          "reason": body.reason or ""}, defs, journal)
 
 
-def _on_granted(run: Run, ev: Event) -> None:
-    st, key, ref = run.state, ev.data["limit"], ev.data["ref"]
+def _on_granted(run: Run, ev: Event, body: PermitGranted) -> None:
+    st, key, ref = run.state, body.limit, body.ref
     entry = st[ADMISSION] if ref == START_REF else st[PERMITS][ref]
     entry["granted"] += 1
     if entry["granted"] < len(entry["limits"]):
@@ -451,18 +453,19 @@ def _admit(run: Run, key: str) -> None:
     st[ADMISSION]["admitted_ms"] = run.now
     st["status"] = Status.RUNNING
     st["started_ms"] = run.now
-    started = run.emit("WorkflowStarted", {"workflow": st["workflow"], "version": st["version"], "input": st["input"],
-                                           "parent_id": st.get("parent_id"), "parent_ref": st.get("parent_ref")})
+    model = WorkflowStarted(workflow=st["workflow"], version=st["version"], input=st["input"],
+                            parent_id=st.get("parent_id"), parent_ref=st.get("parent_ref"))
+    started = run.record(model)
     if st["kind"] == "code":
-        code_replayer.apply_input(run, started)
+        code_replayer.apply_input(run, started, model)
     else:
-        spec_interpreter.apply_input(run, started)
+        spec_interpreter.apply_input(run, started, model)
     core.apply_queued_signals(run)
 
 
-def _on_refused(run: Run, ev: Event) -> None:
-    if ev.data["ref"] == START_REF:
-        run.fail("QuotaExceeded", f"limit '{ev.data['limit']}' refused the start: {ev.data['reason']}")
+def _on_refused(run: Run, ev: Event, body: PermitRefused) -> None:
+    if body.ref == START_REF:
+        run.fail("QuotaExceeded", f"limit '{body.limit}' refused the start: {body.reason}")
 
 
 def release_ended(run: Run, before: Optional[JSONDict]) -> None:
@@ -515,9 +518,9 @@ def _set_priority(state: Optional[JSONDict], cmd: Command, body: SetPriority, no
                        defs, journal)
 
 
-def _on_priority(run: Run, ev: Event) -> None:
+def _on_priority(run: Run, ev: Event, body: PriorityChanged) -> None:
     st = run.state
-    st[PRIORITY] = ev.data["priority"]
+    st[PRIORITY] = body.priority
     adm = st.get(ADMISSION)
     if adm is not None and st["status"] == Status.QUEUED:  # the queued request moves to the new level
         _acquire(run, adm["limits"][adm["granted"]], START_REF)

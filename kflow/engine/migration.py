@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import orjson
 import semantic_version
@@ -43,6 +43,8 @@ from kflow.engine.registry import registry_of
 from kflow.engine.run import AT_SAFE_POINT, PENDING_MIGRATION, Run
 from kflow.model.commands import MigrateWorkflow, to_data
 from kflow.model.errors import DeterminismError, KflowError
+from kflow.model.events import MigrationDeferred, WorkflowMigrated
+from kflow.model.events import to_data as event_data
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import Step
 from kflow.model.versions import format_version, is_version_text, version_code, version_tuple
@@ -408,18 +410,19 @@ def _migrate(state: Optional[JSONDict], cmd: Command, body: MigrateWorkflow, now
     return decision
 
 
-def _move(run: Run, d: JSONDict) -> None:
-    """Move the instance to ``to_version``: threads to their mapped steps, variables to the recorded ones."""
+def _move(run: Run, d: WorkflowMigrated) -> None:
+    """Move the instance to ``to_version`` (``WorkflowMigrated`` ``d``): threads to their mapped steps,
+    variables to the recorded ones."""
     st = run.state
     st.pop(PENDING_MIGRATION, None)
-    new = run.defs.get(st["workflow"], d["to_version"])
+    new = run.defs.get(st["workflow"], d.to_version)
     if st["kind"] == "code":
         if INPUT_COUNT in st:
             code_replayer.forget(run.defs, st)  # the machine of the old code is not resumed
-        st["version"] = d["to_version"]
+        st["version"] = d.to_version
         run.compiled = new
         return
-    mapping = map_positions(st, run.compiled, new, d.get("step_map") or {}, True)
+    mapping = map_positions(st, run.compiled, new, cast(Optional[Mapping[str, str]], d.step_map) or {}, True)
     assert mapping.ok, f"WorkflowMigrated applied where it cannot be: {mapping}"
     for tid, (list_key, idx) in mapping.moves.items():
         th = st["threads"][tid]
@@ -428,19 +431,19 @@ def _move(run: Run, d: JSONDict) -> None:
         step = new.lists[list_key][idx] if idx < len(new.lists[list_key]) else None
         if wait is not None and wait["k"] in ("signal", "update") and step is not None and step.wait is not None:
             wait["name"] = step.wait.signal if wait["k"] == "signal" else step.wait.update
-    st["version"] = d["to_version"]
-    st["vars"] = d["vars"]
+    st["version"] = d.to_version
+    st["vars"] = d.vars
     run.compiled = new
 
 
-def _on_migrated(run: Run, ev: Event) -> None:
-    _move(run, ev.data)
+def _on_migrated(run: Run, ev: Event, body: WorkflowMigrated) -> None:
+    _move(run, body)
 
 
-def _on_deferred(run: Run, ev: Event) -> None:
+def _on_deferred(run: Run, ev: Event, body: MigrationDeferred) -> None:
     """Record the pending migration (replacing an earlier one); a code workflow's live machine stays parked."""
     st = run.state
-    st[PENDING_MIGRATION] = {**_plan(ev.data), "waiting_on": ev.data.get("waiting_on", ""), "seq": ev.seq}
+    st[PENDING_MIGRATION] = {**_plan(event_data(body)), "waiting_on": body.waiting_on, "seq": ev.seq}
     if st["kind"] == "code" and INPUT_COUNT in st:
         code_replayer.keep_parked(run.defs, st, ev.seq - 1)
 
@@ -466,8 +469,9 @@ def _at_safe_point(run: Run) -> Optional[Machine]:
                                      "reason": f"plan '{d['plan_id']}' (deferred): {verdict.rejected[1]}"})
         return None
     assert verdict.data is not None
-    run.emit("WorkflowMigrated", verdict.data)
-    _move(run, verdict.data)
+    migrated = WorkflowMigrated(**verdict.data)
+    run.record(migrated)
+    _move(run, migrated)
     return verdict.machine
 
 

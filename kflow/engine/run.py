@@ -14,6 +14,8 @@ from typing import Any, Optional, cast
 
 from kflow.engine.journal import EmptyJournal, Journal, JournalOp
 from kflow.model.commands import AnyCommand, CancelWorkflow, CompleteChild, FailChild, to_data
+from kflow.model.events import AnyEvent, UpdateCompleted
+from kflow.model.events import to_data as event_data
 from kflow.model.messages import Command, Event, JSONDict, Status, Task
 from kflow.model.state import InstanceKind, InstanceState
 
@@ -86,6 +88,10 @@ class Run:
         self.events.append(ev)
         return ev
 
+    def record(self, model: AnyEvent) -> Event:
+        """Record the event ``model`` (:mod:`kflow.model.events`), as :meth:`emit`."""
+        return self.emit(model.TYPE, event_data(model))
+
     def command(self, type_: str, instance_id: str, data: JSONDict) -> None:
         """Queue a command for another (or this) instance, with a deterministic command id."""
         cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
@@ -144,9 +150,8 @@ class Run:
         if entry is None or entry["answer"] is not None:
             return
         err = answer.get("error")
-        self.emit("UpdateCompleted", {"update_id": update_id, "result": answer.get("result"),
-                                      "error_type": err["type"] if err else None,
-                                      "message": err["message"] if err else None})
+        self.record(UpdateCompleted(update_id=update_id, result=answer.get("result"),
+                                    error_type=err["type"] if err else None, message=err["message"] if err else None))
         entry["answer"] = answer
         self.replies.append((update_id, answer))
         trim_updates(self.state)

@@ -19,14 +19,33 @@ the workflow. Attempts, retries and timeouts live in :mod:`kflow.engine.activity
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from kflow.engine import activity, incidents
 from kflow.engine.activity import COMPENSATE_PREFIX, LimitExceeded
 from kflow.engine.definitions import CompiledSpec
 from kflow.engine.expr import ExpressionError, evaluate
 from kflow.engine.run import AT_SAFE_POINT, INCIDENTS, PENDING_MIGRATION, Run
+from kflow.model.commands import CancelWorkflow, StartWorkflow
 from kflow.model.errors import WorkflowError
+from kflow.model.events import (
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityStarted,
+    AnyEvent,
+    CancelRequested,
+    ChildCompleted,
+    ChildFailed,
+    ChildStarted,
+    HeartbeatRecorded,
+    IncidentResolved,
+    SignalReceived,
+    StepSkipped,
+    TimerFired,
+    UpdateAccepted,
+    WorkflowRetried,
+    WorkflowStarted,
+)
 from kflow.model.messages import Event, JSONDict, Status
 from kflow.model.spec import Step, parse_duration_ms
 
@@ -207,11 +226,10 @@ def _child(run: Run, tid: str, th: JSONDict, step: Step) -> bool:
         return BLOCK
     activity.check_pending(run, "children")
     activity.check_payload(run, f"the input of child workflow '{spec.workflow}'", input_)
-    run.emit("ChildStarted", {"child_id": child_id, "workflow": spec.workflow, "version": version, "input": input_})
+    run.record(ChildStarted(child_id=child_id, workflow=spec.workflow, version=version, input=input_))
     run.state["children"][child_id] = {"thread": tid, "step": step.id}
-    run.command("StartWorkflow", child_id, {"workflow": spec.workflow, "version": version, "input": input_,
-                                            "parent_id": run.instance_id, "parent_ref": child_id,
-                                            "id_reuse": None, "priority": run.priority()})
+    run.send(StartWorkflow(workflow=spec.workflow, version=version, input=input_, parent_id=run.instance_id,
+                           parent_ref=child_id, id_reuse=None, priority=run.priority()), child_id)
     th["wait"] = {"k": "child", "id": child_id}
     return BLOCK
 
@@ -354,7 +372,7 @@ def _cancel_wait(run: Run, th: JSONDict, reason: str) -> None:
         run.state["timers"].pop(w["timer"], None)
     elif w["k"] == "child":
         run.state["children"].pop(w["id"], None)
-        run.command("CancelWorkflow", w["id"], {"reason": reason})
+        run.send(CancelWorkflow(reason=reason), w["id"])
     elif w["k"] == "incident":
         incidents.close_incident(run, w["id"])
 
@@ -398,7 +416,7 @@ def begin_compensation(run: Run, status: str, closing: JSONDict) -> None:
     """Stop all normal work and run the recorded compensations, newest first, then close as ``closing``."""
     st = run.state
     for child_id in sorted(st["children"]):
-        run.command("CancelWorkflow", child_id, {"reason": f"parent {st['id']} is compensating"})
+        run.send(CancelWorkflow(reason=f"parent {st['id']} is compensating"), child_id)
     run.cancel_activities()
     for table in ("children", "timers", "threads", "signals"):
         st[table].clear()
@@ -435,21 +453,23 @@ def _compensation_done(run: Run, act: JSONDict, error: Optional[tuple[str, str]]
     _next_compensation(run)
 
 
-def on_cancel_requested(run: Run, ev: Event) -> None:
+def on_cancel_requested(run: Run, ev: Event, body: CancelRequested) -> None:
     begin_compensation(run, Status.CANCELLING, {"status": Status.CANCELLED, "event": "WorkflowCancelled",
-                                                "data": {"reason": ev.data["reason"]}})
+                                                "data": {"reason": body.reason}})
 
 
 # -- input events -----------------------------------------------------------------------------
-def on_started(run: Run, ev: Event) -> None:
+# Each takes the event and its model (built once by ``core.evolve``) and reads the event's fields
+# from the model.
+def on_started(run: Run, ev: Event, body: WorkflowStarted) -> None:
     new_thread(run, "", None, 0, {})
     timeouts = run.compiled.spec.timeout
     if timeouts is not None and timeouts.execution is not None:
         activity.start_timer(run, None, run.now + parse_duration_ms(timeouts.execution), "execution")
 
 
-def on_activity_completed(run: Run, ev: Event) -> None:
-    act = activity.drop(run, ev.data["activity_id"])
+def on_activity_completed(run: Run, ev: Event, body: ActivityCompleted) -> None:
+    act = activity.drop(run, body.activity_id)
     assert act is not None
     if act["thread"] is None:
         _compensation_done(run, act, None)
@@ -457,7 +477,7 @@ def on_activity_completed(run: Run, ev: Event) -> None:
     tid = act["thread"]
     th = run.state["threads"][tid]
     step = step_of(run.compiled, th)
-    _advance(run, tid, th, ev.data["result"])
+    _advance(run, tid, th, body.result)
     try:
         _record_compensation(run, th, step)
     except ExpressionError as e:
@@ -494,8 +514,7 @@ def _on_failure(run: Run, aid: str, act: JSONDict, error_type: str, message: str
         except ExpressionError as e:
             fail_workflow(run, "ExpressionError", f"step '{step.id}' (on_failure skip output): {e}")
             return True
-        run.emit("StepSkipped", {"step": step.id, "activity_id": aid, "error_type": error_type, "message": message,
-                                 "output": output})
+        run.record(StepSkipped(step=step.id, activity_id=aid, error_type=error_type, message=message, output=output))
         _advance(run, tid, th, output)
         return True
     assert policy.incident is not None
@@ -505,28 +524,27 @@ def _on_failure(run: Run, aid: str, act: JSONDict, error_type: str, message: str
     return True
 
 
-def on_incident_resolved(run: Run, ev: Event) -> None:
+def on_incident_resolved(run: Run, ev: Event, body: IncidentResolved) -> None:
     """An operator resolved an incident: run its step again, skip it with an output, or fail the workflow.
 
     A retry schedules the step's activity afresh (a new activity id, a full retry policy) with its
     input updated with ``input_patch``; a skip makes ``output`` the step's output; a fail fails the
     workflow with the step's error.
     """
-    d = ev.data
-    inc = incidents.close_incident(run, d["incident_id"])
+    inc = incidents.close_incident(run, body.incident_id)
     tid = inc["thread"]
     th = run.state["threads"][tid]
     step = step_of(run.compiled, th)
     th["wait"] = None
-    if d["action"] == "retry":
+    if body.action == "retry":
         aid = f"{step.id}-{run.next_seq()}"
         th["wait"] = {"k": "activity", "id": aid}
-        activity.schedule(run, aid, inc["name"], inc["queue"], incidents.patched_input(inc, d.get("input_patch")),
+        activity.schedule(run, aid, inc["name"], inc["queue"], incidents.patched_input(inc, body.input_patch),
                           tid, step.id, local=step.local, priority=inc["priority"])
-    elif d["action"] == "skip":
-        _advance(run, tid, th, d.get("output"))
+    elif body.action == "skip":
+        _advance(run, tid, th, body.output)
     else:
-        fail_workflow(run, inc["error"]["type"], incidents.fail_message(inc, d))
+        fail_workflow(run, inc["error"]["type"], incidents.fail_message(inc, body.incident_id, body.by, body.reason))
 
 
 def _incident_timed_out(run: Run, timer: JSONDict) -> None:
@@ -535,22 +553,21 @@ def _incident_timed_out(run: Run, timer: JSONDict) -> None:
     fail_workflow(run, "IncidentTimeout", message)
 
 
-def on_activity_failed(run: Run, ev: Event) -> None:
-    d = ev.data
-    if not activity.retry_or_give_up(run, d["activity_id"], d["error_type"], d["retryable"]):
-        _activity_error(run, d["activity_id"], d["error_type"], d["message"])
+def on_activity_failed(run: Run, ev: Event, body: ActivityFailed) -> None:
+    if not activity.retry_or_give_up(run, body.activity_id, body.error_type, body.retryable):
+        _activity_error(run, body.activity_id, body.error_type, body.message)
 
 
-def on_activity_started(run: Run, ev: Event) -> None:
-    activity.on_started(run, ev.data["activity_id"])
+def on_activity_started(run: Run, ev: Event, body: ActivityStarted) -> None:
+    activity.on_started(run, body.activity_id)
 
 
-def on_heartbeat(run: Run, ev: Event) -> None:
-    activity.on_heartbeat(run, ev.data["activity_id"])
+def on_heartbeat(run: Run, ev: Event, body: HeartbeatRecorded) -> None:
+    activity.on_heartbeat(run, body.activity_id)
 
 
-def on_timer_fired(run: Run, ev: Event) -> None:
-    timer = run.state["timers"].pop(ev.data["timer_id"])
+def on_timer_fired(run: Run, ev: Event, body: TimerFired) -> None:
+    timer = run.state["timers"].pop(body.timer_id)
     purpose = timer["purpose"]
     if purpose == "execution":
         limit = run.compiled.spec.timeout.execution if run.compiled.spec.timeout else "?"
@@ -579,17 +596,17 @@ def on_timer_fired(run: Run, ev: Event) -> None:
         raise_error(run, tid, "Timeout", f"step '{step.id}': no {what} '{th['wait']['name']}' arrived within {activity.duration_text(step.wait.timeout)}")  # type: ignore[union-attr]
 
 
-def on_signal(run: Run, ev: Event) -> None:
-    name = ev.data["name"]
+def on_signal(run: Run, ev: Event, body: SignalReceived) -> None:
+    name = body.name
     threads = run.state["threads"]
     for tid in sorted(threads, key=int):
         w = threads[tid]["wait"]
         if w is not None and w["k"] == "signal" and w["name"] == name:
             if w["timer"]:
                 run.state["timers"].pop(w["timer"], None)
-            _advance(run, tid, threads[tid], ev.data["data"])
+            _advance(run, tid, threads[tid], body.data)
             return
-    run.state["signals"].setdefault(name, []).append(ev.data["data"])
+    run.state["signals"].setdefault(name, []).append(body.data)
 
 
 def _update_waiter(state: JSONDict, name: str) -> Optional[str]:
@@ -625,69 +642,68 @@ def validate_update(c: CompiledSpec, state: JSONDict, name: str, data: Any) -> N
             raise WorkflowError(f"step '{step.id}': validate {rule!r} is {verdict!r} for this update", type="UpdateRejected")
 
 
-def on_update(run: Run, ev: Event) -> None:
+def on_update(run: Run, ev: Event, body: UpdateAccepted) -> None:
     """An accepted update: its waiting step completes with the data, and ``reply`` answers it."""
-    d = ev.data
-    tid = _update_waiter(run.state, d["name"])
+    tid = _update_waiter(run.state, body.name)
     if tid is None:  # validated against this very state, so only a changed definition gets here
-        run.answer_update(d["update_id"], {"error": {"type": "UpdateRejected",
-                                                     "message": f"no step waits for update '{d['name']}'"}})
+        run.answer_update(body.update_id, {"error": {"type": "UpdateRejected",
+                                                     "message": f"no step waits for update '{body.name}'"}})
         return
     th = run.state["threads"][tid]
     step = step_of(run.compiled, th)
     if th["wait"]["timer"]:
         run.state["timers"].pop(th["wait"]["timer"], None)
-    _advance(run, tid, th, d.get("data"))
+    _advance(run, tid, th, body.data)
     rule = step.wait.reply if step.wait is not None else None
     try:
-        value = evaluate(rule, {**scope(run, th), "update": d.get("data")}) if rule else None
+        value = evaluate(rule, {**scope(run, th), "update": body.data}) if rule else None
     except ExpressionError as e:
-        run.answer_update(d["update_id"], {"error": {"type": "ExpressionError", "message": str(e)}})
+        run.answer_update(body.update_id, {"error": {"type": "ExpressionError", "message": str(e)}})
         fail_workflow(run, "ExpressionError", f"step '{step.id}' (update reply): {e}")
         return
-    run.answer_update(d["update_id"], {"result": value})
+    run.answer_update(body.update_id, {"result": value})
 
 
-def on_child_completed(run: Run, ev: Event) -> None:
-    child = run.state["children"].pop(ev.data["child_id"])
-    _advance(run, child["thread"], run.state["threads"][child["thread"]], ev.data["result"])
+def on_child_completed(run: Run, ev: Event, body: ChildCompleted) -> None:
+    child = run.state["children"].pop(body.child_id)
+    _advance(run, child["thread"], run.state["threads"][child["thread"]], body.result)
 
 
-def on_child_failed(run: Run, ev: Event) -> None:
-    child = run.state["children"].pop(ev.data["child_id"])
-    d = ev.data
+def on_child_failed(run: Run, ev: Event, body: ChildFailed) -> None:
+    child = run.state["children"].pop(body.child_id)
     th = run.state["threads"][child["thread"]]
     th["wait"] = None
-    raise_error(run, child["thread"], d["error_type"],
-                f"child workflow {d['child_id']} (step '{child['step']}') failed: {d['message']}")
+    raise_error(run, child["thread"], body.error_type,
+                f"child workflow {body.child_id} (step '{child['step']}') failed: {body.message}")
 
 
-def on_retried(run: Run, ev: Event) -> None:
+def on_retried(run: Run, ev: Event, body: WorkflowRetried) -> None:
     """Re-open a closed instance at the top-level step ``from_step``, its variables as they were.
 
     ``input_patch`` (a JSON object, or null) is merged into the variables; its key ``input``, if
     any, replaces the workflow input the steps see. The steps before ``from_step`` do not run
     again; the execution timeout, if the workflow has one, counts afresh from now.
     """
-    st, d = run.state, ev.data
+    st = run.state
     st["status"] = Status.RUNNING
     st["closed_ms"], st["error"], st["result"] = None, None, None
-    st["retries"] = d["attempt"]
+    st["retries"] = body.attempt
     st.pop("stopped_at", None)
     st.pop("ended", None)
-    patch = dict(d.get("input_patch") or {})
+    patch = dict(cast(Optional[JSONDict], body.input_patch) or {})  # an object or null: decide checked it
     if "input" in patch:
         st["input"] = patch.pop("input")
     st["vars"].update(patch)
     tid = new_thread(run, "", None, 0, {})
-    _goto(run, st["threads"][tid], d["from_step"])
+    _goto(run, st["threads"][tid], body.from_step)
     timeouts = run.compiled.spec.timeout
     if timeouts is not None and timeouts.execution is not None:
         activity.start_timer(run, None, run.now + parse_duration_ms(timeouts.execution), "execution")
     run_until_blocked(run)
 
 
-INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {
+#: The spec interpreter's appliers of input events: ``(run, event, its model)``, as ``core.Applier``.
+INPUT_APPLIERS: dict[str, Callable[[Run, Event, Any], None]] = {
     "WorkflowStarted": on_started,
     "ActivityCompleted": on_activity_completed,
     "ActivityFailed": on_activity_failed,
@@ -703,10 +719,10 @@ INPUT_APPLIERS: dict[str, Callable[[Run, Event], None]] = {
 }
 
 
-def apply_input(run: Run, ev: Event) -> None:
-    """Deliver one input event to the spec workflow and run it to quiescence."""
+def apply_input(run: Run, ev: Event, body: AnyEvent) -> None:
+    """Deliver one input event (``body`` its model) to the spec workflow and run it to quiescence."""
     try:
-        INPUT_APPLIERS[ev.type](run, ev)
+        INPUT_APPLIERS[ev.type](run, ev, body)
     except LimitExceeded as e:
         fail_workflow(run, "LimitExceeded", e.message)
     if PENDING_MIGRATION in run.state:  # the input's effect is recorded; migrate before anything runs on

@@ -16,6 +16,7 @@ the schema's default. ``CommandRejected.code`` is a :class:`~kflow.model.message
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
@@ -26,6 +27,7 @@ __all__ = [
     "AnyEvent",
     "EVENT_TYPES",
     "event",
+    "from_data",
     "to_data",
     "typed_event",
     "ActivityCompleted",
@@ -571,6 +573,11 @@ AnyEvent = Union[
 _UNION: ModelUnion[AnyEvent] = ModelUnion("event", AnyEvent)
 #: Event type -> its class.
 EVENT_TYPES: dict[str, type[AnyEvent]] = _UNION.types
+
+
+#: ``from_data(type_, data)``: the model of event type ``type_`` with the fields in ``data`` (what
+#: :func:`typed_event` builds from an event's ``type`` and ``data``). Raises ValueError as :func:`typed_event` does.
+from_data: Callable[[str, dict[str, Any]], AnyEvent] = _UNION.build
 
 
 def typed_event(ev: Event) -> AnyEvent:
