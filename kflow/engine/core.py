@@ -55,9 +55,14 @@ from kflow.model.errors import DeterminismError
 from kflow.model.events import (
     ActivityCompleted,
     ActivityFailed,
+    ActivityStarted,
     AnyEvent,
+    CancelRequested,
     ChildCompleted,
     ChildFailed,
+    CommandRejected,
+    HeartbeatRecorded,
+    IncidentResolved,
     SignalReceived,
     TimerFired,
     UpdateAccepted,
@@ -70,6 +75,7 @@ from kflow.model.events import (
     WorkflowTerminated,
 )
 from kflow.model.events import from_data as event_from_data
+from kflow.model.events import to_data as event_data
 from kflow.model.messages import INCIDENT_ACTIONS, PRIORITIES, Command, Event, JSONDict, RejectCode, Status, Task
 
 #: Events that carry new information into an instance; all others are consequences of these.
@@ -141,16 +147,17 @@ def copy_state(state: JSONDict) -> JSONDict:
 
 # -- evolve -----------------------------------------------------------------------------------
 def evolve(state: Optional[JSONDict], ev: Event, defs: DefinitionsView,
-           journal: Optional[Journal] = None) -> tuple[JSONDict, Run]:
+           journal: Optional[Journal] = None, model: Optional[AnyEvent] = None) -> tuple[JSONDict, Run]:
     """Apply one input event to (a copy of) ``state``; the Run holds consequence events and outputs.
 
     ``journal`` is read when a code workflow must be rebuilt (default: the in-memory
     :data:`~kflow.engine.journal.MEMORY`); what this event appends is in ``Run.journal_ops``.
 
     The event's model (:mod:`kflow.model.events`) is built here, once, and every applier reads the
-    event's fields from it, never from ``ev.data`` (see :func:`event_model`).
+    event's fields from it, never from ``ev.data`` (see :func:`event_model`). ``model`` is that model
+    when the caller made ``ev`` from it (:func:`accept`): it is not built again.
     """
-    body = event_model(ev)
+    body = model if model is not None else event_model(ev)
     fresh = isinstance(body, (WorkflowStarted, WorkflowQueued))
     if isinstance(body, (WorkflowStarted, WorkflowQueued)):
         seq = state["seq"] if state else 0
@@ -345,14 +352,15 @@ def _close_terminated(run: Run, reason: str) -> None:
 
 
 # -- decide -----------------------------------------------------------------------------------
-def _event(state: Optional[JSONDict], instance_id: str, type_: str, now: int, data: JSONDict) -> Event:
-    return Event(type=type_, instance_id=instance_id, seq=(state["seq"] if state else 0) + 1, ts=now, data=data)
+def _event(state: Optional[JSONDict], instance_id: str, now: int, model: AnyEvent) -> Event:
+    """The next event of ``instance_id``, carrying ``model`` (:mod:`kflow.model.events`)."""
+    return Event(type=model.TYPE, instance_id=instance_id, seq=(state["seq"] if state else 0) + 1, ts=now,
+                 data=event_data(model))
 
 
 def reject(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> Decision:
     """``CommandRejected(code, reason)`` for ``cmd``: the instance changes only its sequence."""
-    ev = _event(state, cmd.instance_id, "CommandRejected", now,
-                {"command_type": cmd.type, "code": code, "reason": reason})
+    ev = _event(state, cmd.instance_id, now, CommandRejected(command_type=cmd.type, code=code, reason=reason))
     st = dict(state)
     st["seq"], st["updated_ms"] = ev.seq, now
     return Decision(state=st, events=[ev])
@@ -364,12 +372,13 @@ def refuse(state: JSONDict, cmd: Command, now: int, code: str, reason: str) -> D
     return reject(state, cmd, now, code, reason)
 
 
-def accept(state: Optional[JSONDict], cmd: Command, now: int, type_: str, data: JSONDict,
-           defs: DefinitionsView, journal: Journal) -> Decision:
-    """The event ``type_`` for ``cmd``, applied: the decision carries what applying it produced
-    (events, tasks, commands, journal ops, replies) and the timers it set or cancelled."""
-    ev = _event(state, cmd.instance_id, type_, now, data)
-    new, run = evolve(state, ev, defs, journal)
+def accept(state: Optional[JSONDict], cmd: Command, now: int, model: AnyEvent, defs: DefinitionsView,
+           journal: Journal) -> Decision:
+    """The input event ``model`` (:mod:`kflow.model.events`) for ``cmd``, applied: the decision carries
+    what applying it produced (events, tasks, commands, journal ops, replies) and the timers it set or
+    cancelled. The event's data is the model's fields (``to_data``), and ``evolve`` reads the model itself."""
+    ev = _event(state, cmd.instance_id, now, model)
+    new, run = evolve(state, ev, defs, journal, model)
     d = Decision(state=new, events=[ev, *run.events], tasks=run.tasks, commands=run.commands,
                  journal=run.journal_ops, replies=run.replies)
     before = state["timers"] if state else {}
@@ -417,16 +426,14 @@ def _start(state: Optional[JSONDict], cmd: Command, body: StartWorkflow, now: in
         return Decision(state=state, dlq_reason=f"unknown priority {level!r}: expected 1 (critical) to 5 (background)")
     if level is None:
         level = getattr(getattr(defs.get(name, version), "spec", None), "priority", None)
-    started = {"workflow": name, "version": version, "input": body.input,
-               "parent_id": body.parent_id, "parent_ref": body.parent_ref}
+    started = WorkflowStarted(workflow=name, version=version, input=body.input, parent_id=body.parent_id,
+                              parent_ref=body.parent_ref)
     tenant = _start_tenant(cmd)
     for gate in START_GATES:  # a start subject to a quota is queued until it is admitted
         queued = gate(state, cmd, now, defs, journal, started, level, tenant)
         if queued is not None:
             return queued
-    decision = accept(state, cmd, now, "WorkflowStarted",
-                      {"workflow": name, "version": version, "input": body.input,
-                       "parent_id": body.parent_id, "parent_ref": body.parent_ref}, defs, journal)
+    decision = accept(state, cmd, now, started, defs, journal)
     _stamp_priority(decision, level)
     if tenant:  # with auth on: the default fairness key of the first step's tasks, decided before the
         for task in decision.tasks:  # tenant is stamped on the state (later ones read it there)
@@ -500,8 +507,8 @@ def _signal(state: Optional[JSONDict], cmd: Command, body: SignalWorkflow, now: 
     if cmd.command_id and cmd.command_id in state.get("signal_ids", ()):
         return reject(state, cmd, now, RejectCode.DUPLICATE,
                       f"signal command '{cmd.command_id}' was already applied (a redelivery)")
-    return accept(state, cmd, now, "SignalReceived",
-                  {"name": body.name, "data": body.data, "signal_id": cmd.command_id}, defs, journal)
+    return accept(state, cmd, now, SignalReceived(name=body.name, data=body.data, signal_id=cmd.command_id),
+                  defs, journal)
 
 
 def _cancel(state: Optional[JSONDict], cmd: Command, body: CancelWorkflow, now: int, defs: DefinitionsView,
@@ -512,18 +519,18 @@ def _cancel(state: Optional[JSONDict], cmd: Command, body: CancelWorkflow, now: 
     assert state is not None
     reason = body.reason or ""
     if state["status"] == Status.QUEUED:  # never started: nothing to compensate or clean up
-        return accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
+        return accept(state, cmd, now, WorkflowCancelled(reason=reason), defs, journal)
     if state.get("compensations") or state["kind"] == "code":
         # Completed compensable steps: undo them first; WorkflowCancelled follows the last one.
         # A code workflow sees CancelledError at its pending awaits and cleans up in its own code.
-        return accept(state, cmd, now, "CancelRequested", {"reason": reason}, defs, journal)
-    return accept(state, cmd, now, "WorkflowCancelled", {"reason": reason}, defs, journal)
+        return accept(state, cmd, now, CancelRequested(reason=reason), defs, journal)
+    return accept(state, cmd, now, WorkflowCancelled(reason=reason), defs, journal)
 
 
 def _terminate(state: Optional[JSONDict], cmd: Command, body: TerminateWorkflow, now: int, defs: DefinitionsView,
                journal: Journal) -> Decision:
-    return _active(state, cmd, now) or accept(state, cmd, now, "WorkflowTerminated",
-                                              {"reason": body.reason or ""}, defs, journal)
+    return _active(state, cmd, now) or accept(state, cmd, now, WorkflowTerminated(reason=body.reason or ""),
+                                              defs, journal)
 
 
 def _pending_attempt(state: JSONDict, cmd: Command, body: Union[CompleteActivity, FailActivity, StartActivity],
@@ -560,7 +567,7 @@ def _suspend(state: Optional[JSONDict], cmd: Command, body: SuspendWorkflow, now
         return reject(state, cmd, now, RejectCode.INVALID_STATE,
                       f"expected an instance that is not suspended, but '{cmd.instance_id}' already is "
                       f"(reason: {state[SUSPENDED]['reason'] or 'none given'})")
-    return accept(state, cmd, now, "WorkflowSuspended", {"reason": body.reason or ""}, defs, journal)
+    return accept(state, cmd, now, WorkflowSuspended(reason=body.reason or ""), defs, journal)
 
 
 #: Closed statuses a retry re-opens without ``force``; CANCELLED and TERMINATED were someone's choice.
@@ -577,10 +584,9 @@ def _retry(state: Optional[JSONDict], cmd: Command, body: RetryWorkflow, now: in
     step, why = _retry_step(state, cmd, body, defs)
     if why is not None:
         return reject(state, cmd, now, *why)
-    return accept(state, cmd, now, "WorkflowRetried",
-                  {"from_step": step, "input_patch": body.input_patch,
-                   "reason": body.reason or "", "by": body.by or "", "attempt": state.get("retries", 0) + 1},
-                  defs, journal)
+    return accept(state, cmd, now, WorkflowRetried(from_step=step, input_patch=body.input_patch,
+                                                   reason=body.reason or "", by=body.by or "",
+                                                   attempt=state.get("retries", 0) + 1), defs, journal)
 
 
 def _retry_code(state: JSONDict, cmd: Command, body: RetryWorkflow, now: int, defs: DefinitionsView,
@@ -601,9 +607,9 @@ def _retry_code(state: JSONDict, cmd: Command, body: RetryWorkflow, now: int, de
         seq, why = code_retry.reset_point(defs.get(state["workflow"], state["version"]), state, to_event, journal)
     if why is not None:
         return reject(state, cmd, now, *why)
-    return accept(state, cmd, now, "WorkflowRetried",
-                   {"from_step": f"{code_retry.EVENT_PREFIX}{seq}", "input_patch": None, "reason": body.reason or "",
-                    "by": body.by or "", "attempt": state.get("retries", 0) + 1}, defs, journal)
+    return accept(state, cmd, now, WorkflowRetried(from_step=f"{code_retry.EVENT_PREFIX}{seq}", input_patch=None,
+                                                   reason=body.reason or "", by=body.by or "",
+                                                   attempt=state.get("retries", 0) + 1), defs, journal)
 
 
 def _retry_step(state: JSONDict, cmd: Command, body: RetryWorkflow,
@@ -652,7 +658,7 @@ def _resume_cmd(state: Optional[JSONDict], cmd: Command, body: ResumeWorkflow, n
     if state["status"] != Status.SUSPENDED:
         return reject(state, cmd, now, RejectCode.INVALID_STATE,
                       f"expected a SUSPENDED instance to resume, but '{cmd.instance_id}' is {state['status']}")
-    return accept(state, cmd, now, "WorkflowResumed", {"reason": body.reason or ""}, defs, journal)
+    return accept(state, cmd, now, WorkflowResumed(reason=body.reason or ""), defs, journal)
 
 
 def _resolve_incident(state: Optional[JSONDict], cmd: Command, body: ResolveIncident, now: int,
@@ -663,10 +669,9 @@ def _resolve_incident(state: Optional[JSONDict], cmd: Command, body: ResolveInci
     why = _cannot_resolve(state, cmd, body)
     if why is not None:
         return reject(state, cmd, now, *why)
-    return accept(state, cmd, now, "IncidentResolved",
-                  {"incident_id": body.incident_id, "action": body.action, "output": body.output,
-                   "input_patch": body.input_patch, "by": body.by or "", "reason": body.reason or ""},
-                  defs, journal)
+    return accept(state, cmd, now, IncidentResolved(incident_id=body.incident_id, action=body.action,
+                                                    output=body.output, input_patch=body.input_patch,
+                                                    by=body.by or "", reason=body.reason or ""), defs, journal)
 
 
 def _cannot_resolve(state: JSONDict, cmd: Command, body: ResolveIncident) -> Optional[tuple[str, str]]:
@@ -708,15 +713,16 @@ def _activity_result(state: Optional[JSONDict], cmd: Command, body: Union[Comple
     if isinstance(body, CompleteActivity):
         size, limit = payload_size(body.result), limits_of(defs).max_payload_bytes
         if size > limit:
-            return accept(state, cmd, now, "ActivityFailed",
-                          {"activity_id": aid, "attempt": attempt, "error_type": "LimitExceeded",
-                           "message": f"expected a result of at most {limit} bytes, but got {size} bytes",
-                           "retryable": False}, defs, journal)
-        return accept(state, cmd, now, "ActivityCompleted",
-                      {"activity_id": aid, "attempt": attempt, "result": body.result}, defs, journal)
-    return accept(state, cmd, now, "ActivityFailed",
-                  {"activity_id": aid, "attempt": attempt, "error_type": body.error_type or "ActivityError",
-                   "message": body.message or "", "retryable": bool(body.retryable)}, defs, journal)
+            return accept(state, cmd, now, ActivityFailed(
+                activity_id=aid, attempt=attempt, error_type="LimitExceeded",
+                message=f"expected a result of at most {limit} bytes, but got {size} bytes", retryable=False),
+                defs, journal)
+        return accept(state, cmd, now, ActivityCompleted(activity_id=aid, attempt=attempt, result=body.result),
+                      defs, journal)
+    return accept(state, cmd, now, ActivityFailed(activity_id=aid, attempt=attempt,
+                                                  error_type=body.error_type or "ActivityError",
+                                                  message=body.message or "", retryable=bool(body.retryable)),
+                  defs, journal)
 
 
 def _heartbeat(state: Optional[JSONDict], cmd: Command, body: HeartbeatActivity, now: int, defs: DefinitionsView,
@@ -729,8 +735,8 @@ def _heartbeat(state: Optional[JSONDict], cmd: Command, body: HeartbeatActivity,
     act = state["activities"].get(body.activity_id)
     if act is None or act["attempt"] != body.attempt or not heartbeat_due(act, state["timers"], now):
         return Decision(state=state)
-    return accept(state, cmd, now, "HeartbeatRecorded",
-                  {"activity_id": body.activity_id, "attempt": body.attempt}, defs, journal)
+    return accept(state, cmd, now, HeartbeatRecorded(activity_id=body.activity_id, attempt=body.attempt),
+                  defs, journal)
 
 
 def _start_activity(state: Optional[JSONDict], cmd: Command, body: StartActivity, now: int, defs: DefinitionsView,
@@ -745,8 +751,8 @@ def _start_activity(state: Optional[JSONDict], cmd: Command, body: StartActivity
         # A local attempt's start comes from the engine that deferred it, and every one means
         # "run it now": it is recorded each time so the attempt is never left without a runner.
         return Decision(state=state)
-    return accept(state, cmd, now, "ActivityStarted",
-                  {"activity_id": body.activity_id, "attempt": body.attempt}, defs, journal)
+    return accept(state, cmd, now, ActivityStarted(activity_id=body.activity_id, attempt=body.attempt),
+                  defs, journal)
 
 
 def _fire_timer(state: Optional[JSONDict], cmd: Command, body: FireTimer, now: int, defs: DefinitionsView,
@@ -754,7 +760,7 @@ def _fire_timer(state: Optional[JSONDict], cmd: Command, body: FireTimer, now: i
     tid = body.timer_id
     if state is None or state["status"] not in Status.ACTIVE or tid not in state["timers"]:
         return Decision(state=state)  # a timer cancelled after it was indexed: nothing to do
-    return accept(state, cmd, now, "TimerFired", {"timer_id": tid}, defs, journal)
+    return accept(state, cmd, now, TimerFired(timer_id=tid), defs, journal)
 
 
 def _child_result(state: Optional[JSONDict], cmd: Command, body: Union[CompleteChild, FailChild], now: int,
@@ -767,9 +773,9 @@ def _child_result(state: Optional[JSONDict], cmd: Command, body: Union[CompleteC
     if cid not in state["children"]:
         return reject(state, cmd, now, RejectCode.DUPLICATE, f"expected a running child '{cid}', but there is none")
     if isinstance(body, CompleteChild):
-        return accept(state, cmd, now, "ChildCompleted", {"child_id": cid, "result": body.result}, defs, journal)
-    return accept(state, cmd, now, "ChildFailed", {"child_id": cid, "error_type": body.error_type or "ChildFailed",
-                                                   "message": body.message or ""}, defs, journal)
+        return accept(state, cmd, now, ChildCompleted(child_id=cid, result=body.result), defs, journal)
+    return accept(state, cmd, now, ChildFailed(child_id=cid, error_type=body.error_type or "ChildFailed",
+                                               message=body.message or ""), defs, journal)
 
 
 def _query(state: Optional[JSONDict], cmd: Command, body: QueryWorkflow, now: int, defs: DefinitionsView,
@@ -822,8 +828,7 @@ def _update(state: Optional[JSONDict], cmd: Command, body: UpdateWorkflow, now: 
     why = _cannot_update(state, cmd, body, defs, journal)
     if why is not None:
         return Decision(state=state, replies=[(uid, {"error": {"type": why[0], "message": why[1]}, "rejected": True})])
-    return accept(state, cmd, now, "UpdateAccepted", {"update_id": uid, "name": name, "data": body.data},
-                  defs, journal)
+    return accept(state, cmd, now, UpdateAccepted(update_id=uid, name=name, data=body.data), defs, journal)
 
 
 def _cannot_update(state: Optional[JSONDict], cmd: Command, body: UpdateWorkflow, defs: DefinitionsView,
@@ -966,7 +971,7 @@ INPUT_APPLIERS: dict[str, Applier] = {}
 #: Called at the end of every ``evolve`` with the run and the state before the event (None for a
 #: fresh start): limits release the permits of the work that ended in it.
 AFTER_EVOLVE: list[Callable[[Run, Optional[JSONDict]], None]] = []
-#: Asked by ``StartWorkflow`` with ``(state, cmd, now, defs, journal, WorkflowStarted data, level, tenant)``
+#: Asked by ``StartWorkflow`` with ``(state, cmd, now, defs, journal, WorkflowStarted model, level, tenant)``
 #: (tenant: see :func:`_start_tenant`): a decision that queues the start instead (quotas), or None to
 #: start it now.
 START_GATES: list[Callable[..., Optional[Decision]]] = []

@@ -53,8 +53,20 @@ from kflow.model.commands import (
     command,
 )
 from kflow.model.errors import ProblemsError
-from kflow.model.events import PermitGranted, PermitRefused, PriorityChanged, WorkflowQueued, WorkflowStarted
-from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES, Command, Event, JSONDict, RejectCode, Status
+from kflow.model.events import (
+    AnyEvent,
+    PermitDenied,
+    PermitGranted,
+    PermitIssued,
+    PermitQueued,
+    PermitRefused,
+    PermitReleased,
+    PriorityChanged,
+    WorkflowQueued,
+    WorkflowStarted,
+)
+from kflow.model.events import to_data as event_data
+from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES, Command, Event, JSONDict, JSONValue, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
 __all__ = ["ADMISSION", "KIND", "LIMIT_POLICIES", "PERMITS", "PREFIX", "InMemoryLimits", "LimitSpec", "LimitSpecError",
@@ -358,12 +370,15 @@ def _start_keys(defs: Any, workflow: str, tenant: str) -> list[str]:
 
 
 def _gate_start(state: Optional[JSONDict], cmd: Command, now: int, defs: DefinitionsView, journal: Journal,
-                data: JSONDict, level: Optional[int], tenant: Optional[str]) -> Optional[Decision]:
+                started: WorkflowStarted, level: Optional[int], tenant: Optional[str]) -> Optional[Decision]:
     """``WorkflowQueued`` for a start subject to quotas (it waits for permits), or None (start now)."""
-    keys = _start_keys(defs, data["workflow"], tenant or DEFAULT_TENANT)
+    keys = _start_keys(defs, started.workflow, tenant or DEFAULT_TENANT)
     if not keys:
         return None
-    return core.accept(state, cmd, now, "WorkflowQueued", {**data, "limits": keys, "priority": level}, defs, journal)
+    queued = WorkflowQueued(workflow=started.workflow, version=started.version, input=started.input,
+                            parent_id=started.parent_id, parent_ref=started.parent_ref, limits=cast(JSONValue, keys),
+                            priority=level)
+    return core.accept(state, cmd, now, queued, defs, journal)
 
 
 def _on_queued(run: Run, ev: Event, body: WorkflowQueued) -> None:
@@ -423,9 +438,8 @@ def _permit_answer(state: Optional[JSONDict], cmd: Command, body: Union[GrantPer
     if _pending_ref(state, ref, key) is None:
         return Decision(state=state)
     if isinstance(body, GrantPermit):
-        return core.accept(state, cmd, now, "PermitGranted", {"limit": key, "ref": ref}, defs, journal)
-    return core.accept(state, cmd, now, "PermitRefused", {"limit": key, "ref": ref,
-                                                         "reason": body.reason or ""}, defs, journal)
+        return core.accept(state, cmd, now, PermitGranted(limit=key, ref=ref), defs, journal)
+    return core.accept(state, cmd, now, PermitRefused(limit=key, ref=ref, reason=body.reason or ""), defs, journal)
 
 
 def _on_granted(run: Run, ev: Event, body: PermitGranted) -> None:
@@ -514,8 +528,7 @@ def _set_priority(state: Optional[JSONDict], cmd: Command, body: SetPriority, no
     if state.get("kind") not in ("spec", "code") or state["status"] not in Status.ACTIVE:
         return core.refuse(state, cmd, now, RejectCode.INVALID_STATE,
                            f"expected an open workflow instance, but '{cmd.instance_id}' is {state['status']}")
-    return core.accept(state, cmd, now, "PriorityChanged", {"priority": level, "reason": body.reason or ""},
-                       defs, journal)
+    return core.accept(state, cmd, now, PriorityChanged(priority=level, reason=body.reason or ""), defs, journal)
 
 
 def _on_priority(run: Run, ev: Event, body: PriorityChanged) -> None:
@@ -546,11 +559,13 @@ class _Ctx:
     events: list[Event] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
 
-    def emit(self, type_: str, data: JSONDict) -> None:
+    def record(self, model: AnyEvent) -> None:
+        """Record the event ``model`` (:mod:`kflow.model.events`) with the counter's next sequence number."""
         st = self.state
         st["seq"] += 1
         st["updated_ms"] = self.now
-        self.events.append(Event(type=type_, instance_id=st["id"], seq=st["seq"], ts=self.now, data=data))
+        self.events.append(Event(type=model.TYPE, instance_id=st["id"], seq=st["seq"], ts=self.now,
+                                 data=event_data(model)))
 
     def send(self, model: AnyCommand, holder: str) -> None:
         """Queue the command ``model`` for ``holder``, with a deterministic command id."""
@@ -607,7 +622,7 @@ class _Ctx:
         if spec is not None and spec.max_concurrent is not None and self.in_use() > spec.max_concurrent \
                 and st["burst_since"] is None:
             st["burst_since"] = self.now
-        self.emit("PermitIssued", {"holder": holder, "ref": ref, "priority": priority})
+        self.record(PermitIssued(holder=holder, ref=ref, priority=priority))
         self.send(GrantPermit(limit=st["id"], ref=ref), holder)
 
     def pump(self) -> None:
@@ -668,7 +683,7 @@ def _acquire_cmd(state: Optional[JSONDict], cmd: Command, body: AcquirePermit, n
         st["queue"].remove(queued)
         queued["priority"] = priority
         _enqueue(st["queue"], queued)
-        ctx.emit("PermitQueued", {"holder": holder, "ref": ref, "priority": priority})
+        ctx.record(PermitQueued(holder=holder, ref=ref, priority=priority))
         ctx.pump()
         return ctx.decision(state)
     spec = ctx.spec
@@ -678,12 +693,12 @@ def _acquire_cmd(state: Optional[JSONDict], cmd: Command, body: AcquirePermit, n
         why = (f"limit '{spec.name if spec else _name_of(cmd.instance_id)}' is full "
                f"({_usage(ctx)})" if len(st["queue"]) < MAX_QUEUED else f"{MAX_QUEUED} requests already wait")
         st["refused"] += 1
-        ctx.emit("PermitDenied", {"holder": holder, "ref": ref, "reason": why})
+        ctx.record(PermitDenied(holder=holder, ref=ref, reason=why))
         ctx.send(RefusePermit(limit=st["id"], ref=ref, reason=why), holder)
     else:
         st["arrivals"] += 1
         _enqueue(st["queue"], {"holder": holder, "ref": ref, "priority": priority, "n": st["arrivals"], "since": now})
-        ctx.emit("PermitQueued", {"holder": holder, "ref": ref, "priority": priority})
+        ctx.record(PermitQueued(holder=holder, ref=ref, priority=priority))
     ctx.pump()
     return ctx.decision(state)
 
@@ -713,7 +728,7 @@ def _release_cmd(state: Optional[JSONDict], cmd: Command, body: ReleasePermit, n
         if queued is None:
             return Decision(state=state)  # a rate-only grant, or a refused request: nothing is held
         st["queue"].remove(queued)
-    ctx.emit("PermitReleased", {"holder": holder, "ref": ref})
+    ctx.record(PermitReleased(holder=holder, ref=ref))
     ctx.pump()
     return ctx.decision(state)
 

@@ -43,7 +43,7 @@ from kflow.engine.registry import registry_of
 from kflow.engine.run import AT_SAFE_POINT, PENDING_MIGRATION, Run
 from kflow.model.commands import MigrateWorkflow, to_data
 from kflow.model.errors import DeterminismError, KflowError
-from kflow.model.events import MigrationDeferred, WorkflowMigrated
+from kflow.model.events import CommandRejected, MigrationDeferred, WorkflowMigrated
 from kflow.model.events import to_data as event_data
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import Step
@@ -286,9 +286,9 @@ _PLAN_FIELDS = ("plan_id", "from_range", "to_version", "step_map", "vars", "tran
 
 @dataclass
 class _Verdict:
-    """Whether an instance at a safe point moves: the ``WorkflowMigrated`` data, or why not."""
+    """Whether an instance at a safe point moves: its ``WorkflowMigrated``, or why not."""
 
-    data: Optional[JSONDict] = None
+    migrated: Optional[WorkflowMigrated] = None
     rejected: Optional[tuple[str, str]] = None  # (RejectCode, reason)
     machine: Optional[Machine] = None  # a code workflow's live machine on the target code
 
@@ -354,8 +354,6 @@ def _verdict(state: JSONDict, d: JSONDict, defs: DefinitionsView, history: Calla
              between_steps: bool) -> _Verdict:
     """Migration ``d`` of ``state``, which :func:`_check` passed and which stands at a safe point."""
     iid, to = state["id"], d["to_version"]
-    data = {"from_version": state["version"], "to_version": to, "plan_id": d["plan_id"], "step_map": d["step_map"],
-            "vars": state.get("vars") or {}, "reason": d["reason"], "by": d["by"]}
     new = defs.get(state["workflow"], to)
     if state["kind"] == "code":
         assert isinstance(new, CodeDefinition)
@@ -370,7 +368,7 @@ def _verdict(state: JSONDict, d: JSONDict, defs: DefinitionsView, history: Calla
                                       f"replay the history of '{iid}' exactly, but it diverges at command "
                                       f"#{e.event_index}: the history has {e.expected}, the new code issues "
                                       f"{e.actual}; the instance stays on {format_version(state['version'])}"))
-        return _Verdict(data=data, machine=machine)
+        return _Verdict(migrated=_migrated(state, d, state.get("vars") or {}), machine=machine)
     old = defs.get(state["workflow"], state["version"])
     assert old is not None and new is not None  # _check found both
     mapping = map_positions(state, old, new, d["step_map"], between_steps)
@@ -381,10 +379,16 @@ def _verdict(state: JSONDict, d: JSONDict, defs: DefinitionsView, history: Calla
         return _Verdict(rejected=(RejectCode.INVALID_INPUT, "; ".join(mapping.problems)))
     transform = registry_of(defs).transforms.get(str(d["transform"])) if d["transform"] else None
     try:
-        data["vars"] = new_vars(state, d["vars"], transform)
+        vars_ = new_vars(state, d["vars"], transform)
     except KflowError as e:
         return _Verdict(rejected=(RejectCode.INVALID_INPUT, f"variable transform failed on '{iid}': {e}"))
-    return _Verdict(data=data)
+    return _Verdict(migrated=_migrated(state, d, vars_))
+
+
+def _migrated(state: JSONDict, d: JSONDict, vars_: Any) -> WorkflowMigrated:
+    """The ``WorkflowMigrated`` of migration ``d`` for ``state``, whose variables become ``vars_``."""
+    return WorkflowMigrated(from_version=state["version"], to_version=d["to_version"], plan_id=d["plan_id"],
+                            step_map=d["step_map"], vars=vars_, reason=d["reason"], by=d["by"])
 
 
 def _migrate(state: Optional[JSONDict], cmd: Command, body: MigrateWorkflow, now: int, defs: DefinitionsView,
@@ -397,14 +401,13 @@ def _migrate(state: Optional[JSONDict], cmd: Command, body: MigrateWorkflow, now
     if why is None:
         waiting = in_flight(state, defs, d)
         if waiting:  # recorded as pending; applied (or rejected) at the next safe point
-            return core.accept(state, cmd, now, "MigrationDeferred", {**d, "waiting_on": "; ".join(waiting)},
-                               defs, journal)
+            return core.accept(state, cmd, now, MigrationDeferred(**d, waiting_on="; ".join(waiting)), defs, journal)
         verdict = _verdict(state, d, defs, lambda: history_of(state, journal), False)
         why = verdict.rejected
     if why is not None:
         return core.reject(state, cmd, now, why[0], f"plan '{d['plan_id']}': {why[1]}")
-    assert verdict.data is not None
-    decision = core.accept(state, cmd, now, "WorkflowMigrated", verdict.data, defs, journal)
+    assert verdict.migrated is not None
+    decision = core.accept(state, cmd, now, verdict.migrated, defs, journal)
     if verdict.machine is not None and decision.state is not None:  # the next input resumes it, no replay
         code_replayer.park(defs, decision.state, verdict.machine)
     return decision
@@ -465,11 +468,11 @@ def _at_safe_point(run: Run) -> Optional[Machine]:
     verdict = _verdict(st, d, run.defs, lambda: run_history(run, True), True) if why is None else _Verdict(rejected=why)
     if verdict.rejected is not None:
         del st[PENDING_MIGRATION]
-        run.emit("CommandRejected", {"command_type": "MigrateWorkflow", "code": verdict.rejected[0],
-                                     "reason": f"plan '{d['plan_id']}' (deferred): {verdict.rejected[1]}"})
+        run.record(CommandRejected(command_type="MigrateWorkflow", code=verdict.rejected[0],
+                                   reason=f"plan '{d['plan_id']}' (deferred): {verdict.rejected[1]}"))
         return None
-    assert verdict.data is not None
-    migrated = WorkflowMigrated(**verdict.data)
+    migrated = verdict.migrated
+    assert migrated is not None
     run.record(migrated)
     _move(run, migrated)
     return verdict.machine

@@ -51,6 +51,16 @@ from kflow.model.commands import (
     command,
 )
 from kflow.model.errors import ProblemsError
+from kflow.model.events import (
+    AnyEvent,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleFired,
+    SchedulePaused,
+    ScheduleRunClosed,
+    ScheduleUnpaused,
+)
+from kflow.model.events import to_data as event_data
 from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
@@ -409,11 +419,13 @@ class _Ctx:
         self.events: list[Event] = []
         self.commands: list[Command] = []
 
-    def emit(self, type_: str, data: JSONDict) -> None:
+    def record(self, model: AnyEvent) -> None:
+        """Record the event ``model`` (:mod:`kflow.model.events`) with the schedule's next sequence number."""
         st = self.state
         st["seq"] += 1
         st["updated_ms"] = self.now
-        self.events.append(Event(type=type_, instance_id=st["id"], seq=st["seq"], ts=self.now, data=data))
+        self.events.append(Event(type=model.TYPE, instance_id=st["id"], seq=st["seq"], ts=self.now,
+                                 data=event_data(model)))
 
     def send(self, model: AnyCommand, instance_id: str) -> None:
         """Queue the command ``model`` for ``instance_id``, with a deterministic command id."""
@@ -476,7 +488,7 @@ class _Ctx:
 
     def note(self, trigger: str, out: JSONDict) -> None:
         """Record one firing: the event, and the short list of recent actions describe shows."""
-        self.emit("ScheduleFired", {"trigger": trigger, "outcome": out})
+        self.record(ScheduleFired(trigger=trigger, outcome=out))
         recent = self.state["recent"]
         recent.append({"at_ms": self.now, "trigger": trigger, **{k: v for k, v in out.items() if k != "missed_before_ms"}})
         del recent[:-RECENT]
@@ -566,7 +578,7 @@ def _create(state: Optional[JSONDict], cmd: Command, body: CreateSchedule, now: 
     else:
         st = _new_state(cmd.instance_id, spec, now, state["seq"] if state else 0)
     ctx = _Ctx(st, now)
-    ctx.emit("ScheduleCreated", {"spec": spec.to_dict(), "replaced": replaced})
+    ctx.record(ScheduleCreated(spec=spec.to_dict(), replaced=replaced))
     ctx.arm(spec, now)  # the first scheduled time after now
     return ctx.decision(state)
 
@@ -586,7 +598,7 @@ def _pause(state: Optional[JSONDict], cmd: Command, body: Union[PauseSchedule, U
     st = ctx.state
     st["paused"], st["note"] = pausing, body.note or ""
     st["status"] = Status.SUSPENDED if pausing else Status.RUNNING
-    ctx.emit("SchedulePaused" if pausing else "ScheduleUnpaused", {"note": st["note"]})
+    ctx.record(SchedulePaused(note=st["note"]) if pausing else ScheduleUnpaused(note=st["note"]))
     # paused: no timer, and the runs due meanwhile are not caught up; unpaused: the next one from now
     ctx.arm(ctx.spec, now)
     return ctx.decision(state)
@@ -641,7 +653,7 @@ def _delete(state: Optional[JSONDict], cmd: Command, body: DeleteSchedule, now: 
     ctx = _Ctx(_copy(state), now)
     st = ctx.state
     reason = body.reason or ""
-    ctx.emit("ScheduleDeleted", {"reason": reason})
+    ctx.record(ScheduleDeleted(reason=reason))
     st["status"], st["closed_ms"], st["timers"], st["next_ms"], st["buffered"] = Status.TERMINATED, now, {}, None, None
     st["error"] = {"type": "Deleted", "message": reason}
     return ctx.decision(state)
@@ -693,7 +705,7 @@ def _run_closed(state: JSONDict, body: Union[CompleteChild, FailChild], now: int
     if rid in st.get("stopping", ()):
         st["stopping"].remove(rid)
     status = "COMPLETED" if isinstance(body, CompleteChild) else (body.error_type or "FAILED")
-    ctx.emit("ScheduleRunClosed", {"run_id": rid, "status": status})
+    ctx.record(ScheduleRunClosed(run_id=rid, status=status))
     buffered = st.get("buffered")
     if buffered is not None and not st["running"] and st["status"] not in Status.TERMINAL:
         st["buffered"] = None
