@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union, cast
 
 from kflow.engine import activity, code_replayer, core, spec_interpreter
 from kflow.engine.core import Decision, status_record
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import Journal
-from kflow.engine.run import PRIORITY, Run
+from kflow.engine.run import PRIORITY, Recorder, Run
 from kflow.model.commands import (
     AcquirePermit,
     AnyCommand,
@@ -50,11 +50,9 @@ from kflow.model.commands import (
     RefusePermit,
     ReleasePermit,
     SetPriority,
-    command,
 )
 from kflow.model.errors import ProblemsError
 from kflow.model.events import (
-    AnyEvent,
     PermitDenied,
     PermitGranted,
     PermitIssued,
@@ -65,7 +63,6 @@ from kflow.model.events import (
     WorkflowQueued,
     WorkflowStarted,
 )
-from kflow.model.events import to_data as event_data
 from kflow.model.messages import NORMAL_PRIORITY, PRIORITIES, Command, Event, JSONDict, JSONValue, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
@@ -551,26 +548,14 @@ def _new_state(key: str, name: str, now: int) -> JSONDict:
             "burst_since": None, "granted": 0, "refused": 0}
 
 
-@dataclass
-class _Ctx:
-    state: JSONDict
-    now: int
-    spec: Optional[LimitSpec]
-    events: list[Event] = field(default_factory=list)
-    commands: list[Command] = field(default_factory=list)
+class _Ctx(Recorder):
+    """One decision over one limit counter: its state, the spec in force, the events and commands it produced."""
 
-    def record(self, model: AnyEvent) -> None:
-        """Record the event ``model`` (:mod:`kflow.model.events`) with the counter's next sequence number."""
-        st = self.state
-        st["seq"] += 1
-        st["updated_ms"] = self.now
-        self.events.append(Event(type=model.TYPE, instance_id=st["id"], seq=st["seq"], ts=self.now,
-                                 data=event_data(model)))
+    __slots__ = ("spec",)
 
-    def send(self, model: AnyCommand, holder: str) -> None:
-        """Queue the command ``model`` for ``holder``, with a deterministic command id."""
-        cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
-        self.commands.append(command(model, holder, command_id=cid, ts=self.now))
+    def __init__(self, state: JSONDict, now: int, spec: Optional[LimitSpec]) -> None:
+        super().__init__(state, now)
+        self.spec = spec
 
     def decision(self, before: Optional[JSONDict]) -> Decision:
         d = Decision(state=self.state, events=self.events, commands=self.commands)

@@ -47,37 +47,22 @@ AT_SAFE_POINT: list[Callable[[Run], Any]] = []
 UPDATE_WINDOW = 64
 
 
-class Run:
-    """Mutable scratch space for one ``evolve`` call; never outlives it."""
+class Recorder:
+    """The events and commands one decision over one state produces, numbered from that state.
 
-    __slots__ = ("state", "now", "events", "tasks", "commands", "defs", "runnable", "compiled", "journal",
-                 "journal_ops", "replies")
+    Each event gets the state's next sequence number and stamps the state with it; each command gets
+    a deterministic command id (the state's id, its sequence number, the command's index). Shared by
+    :class:`Run` (an instance) and the deciders of the engine's other objects (limit counters,
+    schedules).
+    """
 
-    def __init__(self, state: JSONDict, now: int, defs: Any, compiled: Any = None,
-                 journal: Optional[Journal] = None) -> None:
+    __slots__ = ("state", "now", "events", "commands")
+
+    def __init__(self, state: JSONDict, now: int) -> None:
         self.state = state
         self.now = now
-        self.defs = defs
-        self.compiled = compiled
         self.events: list[Event] = []
-        self.tasks: list[Task] = []
         self.commands: list[Command] = []
-        self.runnable: list[str] = []
-        #: where a code workflow's history is read on a rebuild (this decision's ops not included)
-        self.journal: Journal = journal if journal is not None else EmptyJournal()
-        #: what this decision did to the journal, in order
-        self.journal_ops: list[JournalOp] = []
-        #: answers to updates, (update id, answer): sent by the live processor, never by a replay
-        self.replies: list[tuple[str, JSONDict]] = []
-
-    @property
-    def instance_id(self) -> str:
-        iid: str = self.state["id"]
-        return iid
-
-    def next_seq(self) -> int:
-        seq: int = self.state["seq"]
-        return seq + 1
 
     def emit(self, type_: str, data: JSONDict) -> Event:
         """Record an event with the next sequence number and stamp the state with it."""
@@ -100,6 +85,35 @@ class Run:
     def send(self, model: AnyCommand, instance_id: str) -> None:
         """Queue the command ``model`` (:mod:`kflow.model.commands`) for ``instance_id``, as :meth:`command`."""
         self.command(model.TYPE, instance_id, to_data(model))
+
+
+class Run(Recorder):
+    """Mutable scratch space for one ``evolve`` call; never outlives it."""
+
+    __slots__ = ("tasks", "defs", "runnable", "compiled", "journal", "journal_ops", "replies")
+
+    def __init__(self, state: JSONDict, now: int, defs: Any, compiled: Any = None,
+                 journal: Optional[Journal] = None) -> None:
+        super().__init__(state, now)
+        self.defs = defs
+        self.compiled = compiled
+        self.tasks: list[Task] = []
+        self.runnable: list[str] = []
+        #: where a code workflow's history is read on a rebuild (this decision's ops not included)
+        self.journal: Journal = journal if journal is not None else EmptyJournal()
+        #: what this decision did to the journal, in order
+        self.journal_ops: list[JournalOp] = []
+        #: answers to updates, (update id, answer): sent by the live processor, never by a replay
+        self.replies: list[tuple[str, JSONDict]] = []
+
+    @property
+    def instance_id(self) -> str:
+        iid: str = self.state["id"]
+        return iid
+
+    def next_seq(self) -> int:
+        seq: int = self.state["seq"]
+        return seq + 1
 
     @property
     def closed(self) -> bool:

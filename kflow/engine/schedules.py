@@ -32,6 +32,7 @@ from kflow.engine import core
 from kflow.engine.core import Decision, status_record
 from kflow.engine.definitions import DefinitionsView
 from kflow.engine.journal import Journal
+from kflow.engine.run import Recorder
 from kflow.model.commands import (
     AnyCommand,
     BackfillSchedule,
@@ -48,11 +49,9 @@ from kflow.model.commands import (
     TerminateWorkflow,
     TriggerSchedule,
     UnpauseSchedule,
-    command,
 )
 from kflow.model.errors import ProblemsError
 from kflow.model.events import (
-    AnyEvent,
     ScheduleCreated,
     ScheduleDeleted,
     ScheduleFired,
@@ -60,8 +59,7 @@ from kflow.model.events import (
     ScheduleRunClosed,
     ScheduleUnpaused,
 )
-from kflow.model.events import to_data as event_data
-from kflow.model.messages import Command, Event, JSONDict, RejectCode, Status
+from kflow.model.messages import Command, JSONDict, RejectCode, Status
 from kflow.model.spec import parse_duration_ms
 
 __all__ = ["KIND", "OVERLAP_POLICIES", "PREFIX", "SCHEDULE_COMMANDS", "ScheduleSpec", "ScheduleSpecError",
@@ -411,26 +409,8 @@ def table_record(state: JSONDict) -> Optional[bytes]:
     return orjson.dumps(schedule_view(state))
 
 
-class _Ctx:
+class _Ctx(Recorder):
     """One decision over one schedule: a copy of its state, the events and commands it produced."""
-
-    def __init__(self, state: JSONDict, now: int) -> None:
-        self.state, self.now = state, now
-        self.events: list[Event] = []
-        self.commands: list[Command] = []
-
-    def record(self, model: AnyEvent) -> None:
-        """Record the event ``model`` (:mod:`kflow.model.events`) with the schedule's next sequence number."""
-        st = self.state
-        st["seq"] += 1
-        st["updated_ms"] = self.now
-        self.events.append(Event(type=model.TYPE, instance_id=st["id"], seq=st["seq"], ts=self.now,
-                                 data=event_data(model)))
-
-    def send(self, model: AnyCommand, instance_id: str) -> None:
-        """Queue the command ``model`` for ``instance_id``, with a deterministic command id."""
-        cid = f"{self.state['id']}#{self.state['seq']}:{len(self.commands)}"
-        self.commands.append(command(model, instance_id, command_id=cid, ts=self.now))
 
     @property
     def spec(self) -> ScheduleSpec:

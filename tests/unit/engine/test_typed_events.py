@@ -17,16 +17,12 @@ import kflow.authoring
 from kflow.engine import InMemoryDefinitions, compile_spec, decide, evolve, fold
 from kflow.engine.core import Decision
 from kflow.engine.run import Run, new_state
-from kflow.model.commands import StartWorkflow, command
 from kflow.model.errors import DeterminismError
 from kflow.model.events import ActivityScheduled, TimerStarted, from_data, to_data
-from kflow.model.messages import Command, Event, JSONDict, Status
+from kflow.model.messages import Command, Event, Status
 from kflow.testing.harness import EngineHarness
+from tests.unit.engine.test_typed_commands import NOW, TASK_WF, WAIT_WF, started
 
-NOW = 1_700_000_000_000
-
-WAIT_WF = {"name": "waiter", "version": 1, "steps": [{"id": "w", "wait": {"signal": "go"}, "output": "g"}]}
-TASK_WF = {"name": "orders", "version": 1, "steps": [{"id": "charge", "task": "charge"}]}
 CHILD_WF = {"name": "parent", "version": 1, "steps": [
     {"id": "sub", "child": {"workflow": "waiter", "input": "input"}, "output": "k"}]}
 
@@ -38,10 +34,6 @@ def defs() -> InMemoryDefinitions:
     return d
 
 
-def started(d: InMemoryDefinitions, workflow: str = "waiter") -> JSONDict:
-    dec = decide(None, command(StartWorkflow(workflow=workflow, input={"n": 1}), "i1"), NOW, d)
-    assert dec.dlq_reason is None and dec.state is not None
-    return dec.state
 
 
 # -- an event that does not fit its model --------------------------------------------------------------

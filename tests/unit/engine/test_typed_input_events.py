@@ -18,6 +18,7 @@ from kflow.model.events import SignalReceived, event, from_data, to_data
 from kflow.model.messages import Event, RejectCode, Status
 from kflow.model.versions import version_code
 from kflow.testing.harness import EngineHarness, ManualClock
+from tests.unit.engine.test_migration import V1, V2
 
 NOW = 1_700_000_000_000
 
@@ -28,17 +29,6 @@ CHILD_WF = {"name": "parent", "version": 1, "steps": [
     {"id": "sub", "child": {"workflow": "waiter", "input": "input"}, "output": "k"}]}
 UPDATE_WF = {"name": "asks", "version": 1, "steps": [
     {"id": "ask", "wait": {"update": "approve", "reply": "{'ok': true}"}, "output": "d"}]}
-#: the migration tests' v1 and v2: the wait is renamed, shipping reads the transformed variable
-V1 = {"name": "order", "version": "1.2.0", "steps": [
-    {"id": "prepare", "task": "prepare", "output": "prep"},
-    {"id": "approve", "wait": {"signal": "approved"}, "output": "ok"},
-    {"id": "ship", "task": "ship", "input": "{'by': 'v1'}"},
-]}
-V2 = {"name": "order", "version": "2.0.0", "steps": [
-    {"id": "prepare", "task": "prepare", "output": "prep"},
-    {"id": "approval", "wait": {"signal": "approved"}, "output": "ok"},
-    {"id": "ship", "task": "ship", "input": "{'by': 'v2', 'total': total}"},
-]}
 
 
 def harness(*docs: dict[str, Any]) -> EngineHarness:
