@@ -44,7 +44,7 @@ import orjson
 
 from kflow.model.messages import Command, JSONDict, RejectCode
 from kflow.security.audit import AuditOutcome, AuditRecord, encode_audit_fields
-from kflow.security.policy import Policy, Resource, evaluate
+from kflow.security.policy import Policy, Resource, Verdict, evaluate
 from kflow.security.principal import DEFAULT_TENANT, SYSTEM_ADMIN, AuthError, Principal
 from kflow.security.tokens import (
     KeyConfigError,
@@ -94,6 +94,8 @@ _ATTEMPT_RULE = "the token of the attempt it reports on"
 #: to add and one more commit marker), so the audit trail adds one, not one per commands partition.
 #: The records of one instance are still in one partition, in the order their decisions committed.
 AUDIT_PARTITION = 0
+#: Most verdicts :meth:`CommandGuard.authorize` keeps (anyone may send commands naming new instances).
+_VERDICTS_KEPT = 4096
 
 #: Changelog key prefix of the records that keep a partition's accepted token ids (on the journal
 #: changelog, beside the journal's own records: those start with an instance id, UTF-8, which never
@@ -175,6 +177,10 @@ class CommandGuard:
         self.keys, self._policy, self.engine_ttl_s = keys, policy, engine_ttl_s
         self._secret: bytes = keys.secret
         self._engine_keys = Keys(secret=keys.secret)
+        # verdicts of the policy in force, by (principal, operation, resource): evaluate is pure, and
+        # most commands repeat one (a service starting one workflow), so each is worked out once
+        self._verdicts: dict[tuple[Principal, str, Resource], Verdict] = {}
+        self._verdicts_of: Optional[Policy] = None
 
     # -- checking -----------------------------------------------------------------------------
     def check(self, cmd: Command, state: Optional[JSONDict], token: str | bytes | None, attempt: str | bytes | None,
@@ -249,7 +255,16 @@ class CommandGuard:
         role = _incident_role(cmd, state)
         if role is not None:
             return Check(action, resource, who, *self._role_verdict(who, role, resource))
-        verdict = evaluate(self._policy(), who, operation, resource)
+        policy = self._policy()
+        if policy is not self._verdicts_of:  # a new policy: every earlier verdict is void
+            self._verdicts, self._verdicts_of = {}, policy
+        key = (who, operation, resource)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = evaluate(policy, who, operation, resource)
+            if len(self._verdicts) >= _VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
         return Check(action, resource, who, None if verdict.allowed else RejectCode.FORBIDDEN, verdict.reason)
 
     def _role_verdict(self, who: Principal, role: str, resource: Resource) -> tuple[Optional[str], str]:

@@ -421,3 +421,27 @@ def test_policy_apply_refuses_an_invalid_file_before_producing_anything(tmp_path
                                env={"COLUMNS": "250"})
     assert wrong.exit_code == 2 and "Invalid value for '--outcome'" in wrong.stderr
     assert "'maybe' is not one of" in wrong.stderr
+
+
+def test_a_new_policy_voids_the_verdicts_the_guard_kept() -> None:
+    """The guard keeps verdicts per policy: a grant or a revocation counts from the next command."""
+    in_force = [parse_policy({"roles": {}, "bindings": {}})]
+    g = CommandGuard(KEYS, lambda: in_force[0], engine_ttl_s=7 * 86400)
+    who = {"sub": "alice", "tenant": "acme"}
+    st = state(owner="dora")
+    assert check(signal(), st, who, g=g).code == RejectCode.FORBIDDEN
+    assert check(signal(), st, who, g=g).code == RejectCode.FORBIDDEN  # the kept verdict
+    in_force[0] = POLICY  # alice becomes a starter: instance:Execute
+    assert check(signal(), st, who, g=g).allowed
+    in_force[0] = parse_policy({"roles": {}, "bindings": {}})
+    assert check(signal(), st, who, g=g).code == RejectCode.FORBIDDEN
+
+
+def test_kept_verdicts_are_per_principal_and_resource() -> None:
+    g = guard()
+    assert check(signal(), state(owner="dora"), {"sub": "alice", "tenant": "acme"}, g=g).allowed
+    assert check(signal(), state(owner="dora"), {"sub": "bob", "tenant": "acme"}, g=g).code == RejectCode.FORBIDDEN
+    assert check(signal(), state(owner="dora", tenant="globex"), {"sub": "alice", "tenant": "acme"},
+                 g=g).code == RejectCode.FORBIDDEN
+    assert check(Command("CancelWorkflow", "order-1", {"reason": ""}), state(owner="dora"),
+                 {"sub": "alice", "tenant": "acme"}, g=g).code == RejectCode.FORBIDDEN

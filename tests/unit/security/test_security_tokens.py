@@ -22,6 +22,9 @@ from hypothesis import strategies as st
 
 from kflow.security.principal import AuthError, Principal
 from kflow.security.tokens import (
+    _PRINCIPALS,
+    _PRINCIPALS_KEPT,
+    _b64url_decode,
     COMMAND_HEADER,
     KeyConfigError,
     Keys,
@@ -567,3 +570,39 @@ def test_command_tokens_signed_with_a_secret_verify_with_pyjwt() -> None:
     token = sign_command(b"k", b"v", {"sub": "alice", "tenant": "acme", "roles": ["r"]}, hs256(), 60, now=1000.0)
     claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
     assert (claims["sub"], claims["tenant"], claims["roles"], claims["exp"]) == ("alice", "acme", ["r"], 1060)
+
+
+# --------------------------------------------------------------------------- the engine's fast path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_the_fast_base64url_decoding_reads_what_the_standard_library_reads(raw: bytes) -> None:
+    text = b64(raw)
+    assert _b64url_decode(text) == base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) == raw
+
+
+@pytest.mark.parametrize("over", [{"big": 2 ** 70}, {"roles": ["ops", "on-call"]}, {"nested": {"a": [1, 2.5, None]}}])
+def test_claims_the_fast_path_hands_to_pyjwt_verify_the_same(over: dict) -> None:
+    """A claim orjson refuses (an integer beyond 64 bits) goes PyJWT's way; the answer is the same."""
+    token = forge({"alg": "HS256", "typ": "JWT"}, valid_claims(**over), SECRET)
+    who = verify_command(token, KEY, VALUE, hs256(), NOW + 1, ReplayCache())
+    assert (who.name, who.tenant) == ("alice", "acme")
+    assert who.roles == frozenset(over.get("roles", []))
+
+
+def test_principals_are_shared_per_claims_and_never_mixed_up() -> None:
+    first = verify_command(command(hs256()), KEY, VALUE, hs256(), NOW + 1, ReplayCache())
+    again = verify_command(command(hs256()), KEY, VALUE, hs256(), NOW + 1, ReplayCache())
+    other = verify_command(command(hs256(), Principal("alice", "acme", frozenset({"admin"}))), KEY, VALUE, hs256(),
+                           NOW + 1, ReplayCache())
+    elsewhere = verify_command(command(hs256(), Principal("alice", "globex", frozenset({"operator"}))), KEY, VALUE,
+                               hs256(), NOW + 1, ReplayCache())
+    assert first is again and first == ALICE
+    assert other.roles == frozenset({"admin"}) and elsewhere.tenant == "globex"
+
+
+def test_the_principal_cache_stays_bounded() -> None:
+    for i in range(_PRINCIPALS_KEPT + 10):
+        verify_command(command(hs256(), Principal(f"p{i}", "acme")), KEY, VALUE, hs256(), NOW + 1, ReplayCache())
+    assert len(_PRINCIPALS) <= _PRINCIPALS_KEPT
