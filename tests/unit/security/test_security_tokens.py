@@ -24,11 +24,11 @@ from kflow.security.principal import AuthError, Principal
 from kflow.security.tokens import (
     _PRINCIPALS,
     _PRINCIPALS_KEPT,
-    _b64url_decode,
     COMMAND_HEADER,
     KeyConfigError,
     Keys,
     ReplayCache,
+    _b64url_decode,
     attempt_token,
     check_attempt_token,
     command_digest,
