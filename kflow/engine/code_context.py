@@ -43,7 +43,10 @@ def as_json(value: Any, what: str) -> Any:
 
 
 def activity_policy(retry: Any, timeouts: dict[str, Any], default_retry: Optional[JSONDict]) -> Optional[JSONDict]:
-    """An activity's ``{"retry": ..., "timeout": ...}`` as validated JSON, or None for no policy."""
+    """An activity's ``{"retry": ..., "timeout": ...}`` as validated JSON, or None for no policy.
+
+    Each is kept as its model reads it (the fields the author set, converted: ``"3"`` attempts
+    becomes ``3``), so the state holds the types :class:`~kflow.model.state.RetryPolicy` declares."""
     out: JSONDict = {}
     if isinstance(retry, RetrySpec):
         retry = retry.model_dump(mode="json", exclude_defaults=True)
@@ -51,12 +54,10 @@ def activity_policy(retry: Any, timeouts: dict[str, Any], default_retry: Optiona
         raise TypeError(f"retry must be a dict of retry policy fields or a RetrySpec, not {type(retry).__name__}")
     retry = default_retry if retry is None else retry
     if retry is not None:
-        RetrySpec.model_validate(retry)
-        out["retry"] = as_json(retry, "a retry policy")
+        out["retry"] = RetrySpec.model_validate(retry).model_dump(mode="json", exclude_unset=True)
     given = {k: (v.total_seconds() if isinstance(v, timedelta) else v) for k, v in timeouts.items() if v is not None}
     if given:
-        TimeoutSpec.model_validate(given)
-        out["timeout"] = given
+        out["timeout"] = TimeoutSpec.model_validate(given).model_dump(mode="json", exclude_unset=True)
     return out or None
 
 
