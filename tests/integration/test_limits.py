@@ -98,7 +98,7 @@ def _permits_in_log(client: Any) -> str:
 
 #: Seconds without a single instance finishing after which the limit test stops waiting (a normal run
 #: finishes all 30 in about 10 s).
-STALL_S = 60
+STALL_S = 30
 
 
 @pytest.mark.timeout(420)

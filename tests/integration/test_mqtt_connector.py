@@ -241,10 +241,10 @@ def test_telemetry_signals_the_waiting_instance_through_a_trigger(stack, fleet, 
     assert fleet.version("tele-1") == "9.9"
 
 
-def _result_while_progressing(c, h, rid, step=60, limit=300):
+def _result_while_progressing(c, h, rid, step=20, limit=300):
     """The rollout's result, waited for in rounds of ``step`` seconds for as long as some device's
-    instance moves on (50 devices with confirm waits: up to ``limit`` on a loaded machine), so a
-    stall costs a round or two, not the whole budget.
+    instance moves on (50 devices with 3 s confirm waits: up to ``limit`` on a loaded machine), so a
+    stall costs two rounds, not the whole budget.
 
     Raises:
         TimeoutError: a whole round passed with no device's instance moving, or ``limit`` passed.
