@@ -55,7 +55,9 @@ def apply(
 
     The file is validated first: a negative or zero limit, an unknown field, a bad rate or policy
     is one error listing every problem, and nothing is applied. Engines pick the new set up live;
-    a counter applies a changed limit from its next request or release.
+    a counter applies a changed limit from its next request or release. With auth on the record
+    is signed as KFLOW_TOKEN's principal, who needs role system_admin (or system:Admin in the
+    default tenant): engines ignore limits anyone else wrote. It is audited either way.
 
     Example limits.yaml:
 
@@ -85,9 +87,12 @@ def apply(
         fail(str(e))
     with _client(bootstrap, prefix, verbose) as client:
         specs = client.apply_limits(doc, str(file))
+        unsigned = client.config.auth and client.config.token is None
     typer.echo(f"applied {len(specs)} limit(s) from {file}")
     for spec in specs:
         typer.echo(f"  {_describe(spec)}")
+    if unsigned:
+        typer.echo("warning: not signed (KFLOW_TOKEN is not set): engines with auth on ignore it", err=True)
 
 
 @app.command("show")

@@ -93,6 +93,7 @@ ACTIONS: Mapping[str, Permission] = MappingProxyType({
     "retry": Permission("instance", "Manage"),
     "dlq_replay": Permission("system", "Admin"),
     "policy_apply": Permission("system", "Admin"),
+    "limits_apply": Permission("system", "Admin"),
 })
 
 

@@ -7,13 +7,23 @@ the old set or the new one, never a mix. Every engine reads the topic to its end
 keeps polling it: a changed limit applies from the next command its counter decides. A record that
 does not validate (written by hand) is logged and skipped: the set in force stays.
 
+With auth on, a record counts only if it is signed (``kflow limits apply`` signs it with
+``KFLOW_TOKEN``) by a principal the policy in force allows ``limits_apply`` on ``system:limits`` of
+the default tenant (role ``system_admin``, or ``system:Admin`` granted there), as for the
+``policies`` topic (:class:`~kflow.streams.onerecord.RecordSigners`): a producer that can write to
+the topic cannot lift a quota or throttle everyone. ``kflow limits apply`` writes the record and
+its audit record in one transaction.
+
 The table is handed to the engine as ``defs.quotas`` (see :func:`kflow.engine.limits.table_of`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Optional
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -21,7 +31,11 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from kflow.config import KafkaConfig
 from kflow.engine.limits import LimitSpec, LimitSpecError, LimitsView, parse_limits
 from kflow.model.errors import BrokerUnavailable, KflowError
-from kflow.streams.onerecord import OneRecordTable
+from kflow.security.audit import AuditRecord, encode_audit
+from kflow.security.policy import Policy, Resource, evaluate
+from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
+from kflow.security.tokens import Keys
+from kflow.streams.onerecord import OneRecordTable, RecordSigners
 
 __all__ = ["LIMITS_KEY", "LimitsTable", "publish_limits", "read_limits"]
 
@@ -29,6 +43,9 @@ log = logging.getLogger("kflow.limits")
 
 #: The key of the limits record.
 LIMITS_KEY = b"limits"
+#: What applying limits needs, on which resource: limits bind every tenant, as the policy does.
+_APPLY = ("limits_apply", Resource("system", "limits", DEFAULT_TENANT))
+_APPLY_NEEDS = "role system_admin, or system:Admin in the default tenant"
 
 
 class LimitsTable(LimitsView, OneRecordTable):
@@ -37,11 +54,15 @@ class LimitsTable(LimitsView, OneRecordTable):
     Args:
         consumer_conf: librdkafka consumer settings (no group membership: the partition is assigned).
         topic: The limits topic.
+        keys: With auth on, the keys limits records must be signed with; None: records count unsigned.
+        policy: With auth on, the policy in force (who may apply limits).
     """
 
-    def __init__(self, consumer_conf: dict[str, Any], topic: str) -> None:
+    def __init__(self, consumer_conf: dict[str, Any], topic: str, keys: Optional[Keys] = None,
+                 policy: Optional[Callable[[], Policy]] = None) -> None:
         LimitsView.__init__(self, [])
         OneRecordTable.__init__(self, consumer_conf, topic, LIMITS_KEY, "limits")
+        self._signers = RecordSigners(keys, policy or Policy, *_APPLY, _APPLY_NEEDS, "applying limits")
         self.offset = -1
         """Offset of the record the limits in force came from (-1: none yet)."""
 
@@ -50,12 +71,14 @@ class LimitsTable(LimitsView, OneRecordTable):
         where = f"{self.topic}@{offset}"
         try:
             specs = parse_limits(orjson.loads(m.value()), where)  # type: ignore[arg-type]  # a value: see OneRecordTable
-        except (orjson.JSONDecodeError, LimitSpecError) as e:
+            who = self._signers.signer(m)
+        except (orjson.JSONDecodeError, LimitSpecError, AuthError) as e:
             log.error("ignoring the limits record at %s (the limits in force stay): %s", where, e)
             return
         self.replace(specs)
         self.offset = offset
-        log.info("limits from %s in force: %s", where, ", ".join(s.name for s in specs) or "none")
+        log.info("limits from %s in force%s: %s", where, f" (applied by {who.name} of {who.tenant})" if who else "",
+                 ", ".join(s.name for s in specs) or "none")
 
 
 def _producer_error(config: KafkaConfig, e: KafkaException, doing: str) -> KflowError:
@@ -69,15 +92,31 @@ def _producer_error(config: KafkaConfig, e: KafkaException, doing: str) -> Kflow
 def publish_limits(config: KafkaConfig, doc: Any, source: str, timeout: float = 30.0) -> tuple[int, list[LimitSpec]]:
     """Validate ``doc`` and make it the set of limits in force; returns (offset, the limits).
 
+    The record and its audit record are written in one transaction. With ``KFLOW_TOKEN`` set (or
+    auth on) the record is signed as the token's principal, so engines with auth on accept it.
+
     Raises:
         LimitSpecError: the document does not validate; nothing is written.
         KflowError: the topic does not exist, or producing failed.
         BrokerUnavailable: the broker cannot be reached.
+        KeyConfigError, AuthError: auth is on and the record cannot be signed, or (``Forbidden``,
+            audited) the policy in force does not let its signer apply limits.
     """
     specs = parse_limits(doc, source)  # before anything is written
     names = config.names
     value = orjson.dumps({"limits": [{k: v for k, v in _declared(s).items() if v is not None} for s in specs]})
-    producer = Producer(config.producer_conf(**{"acks": "all", "enable.idempotence": True}))
+    signer = config.command_signer()
+    headers: Optional[list[tuple[str, str | bytes | None]]] = (
+        [signer.header(LIMITS_KEY, value)] if signer is not None else None)
+    who = signer.principal() if signer is not None else None
+    if who is not None and config.auth:  # refused here, with its audit record, rather than ignored by every engine
+        from kflow.streams.policies import read_policy
+
+        verdict = evaluate(read_policy(config, timeout), who, *_APPLY)
+        if not verdict.allowed:
+            _audit_denied(config, who, source, verdict.reason, timeout)
+            raise AuthError("Forbidden", f"applying limits needs {_APPLY_NEEDS}: {verdict.reason}")
+    producer = Producer(config.producer_conf(**{"transactional.id": f"{names.prefix}limits-apply", "acks": "all"}))
     offsets: list[int] = []
     try:
         meta = producer.list_topics(names.limits, timeout=timeout)
@@ -85,14 +124,35 @@ def publish_limits(config: KafkaConfig, doc: Any, source: str, timeout: float = 
         if found is None or found.error is not None or not found.partitions:
             raise KflowError(f"topic {names.limits} does not exist: start an engine (it creates it) or run "
                              f"`kflow topics ensure --prefix {names.prefix}`")
-        producer.produce(names.limits, value, LIMITS_KEY,
+        producer.init_transactions(timeout)
+        producer.begin_transaction()
+        producer.produce(names.limits, value, LIMITS_KEY, headers=headers,
                          on_delivery=lambda err, msg: offsets.append(msg.offset() or 0) if err is None else None)
-        producer.flush(timeout)
+        record = AuditRecord(id=f"limits:{uuid.uuid4().hex}", time=int(time.time() * 1000),
+                             principal=who.name if who else "", tenant=who.tenant if who else DEFAULT_TENANT,
+                             action="limits_apply", resource_type="system", resource_id="limits", outcome="success",
+                             details={"limits": ", ".join(s.name for s in specs) or "none"}, source=source)
+        producer.produce(names.audit, encode_audit(record), LIMITS_KEY)
+        producer.commit_transaction(timeout)
     except KafkaException as e:
         raise _producer_error(config, e, "applying the limits") from None
     if not offsets:
         raise KflowError("the limits record was not confirmed")
     return offsets[0], specs
+
+
+def _audit_denied(config: KafkaConfig, who: Principal, source: str, why: str, timeout: float) -> None:
+    """The audit record of a refused ``kflow limits apply``."""
+    record = AuditRecord(id=f"limits:{uuid.uuid4().hex}", time=int(time.time() * 1000), principal=who.name,
+                         tenant=who.tenant, action="limits_apply", resource_type="system", resource_id="limits",
+                         outcome="denied", details={"reason": why}, source=source)
+    producer = Producer(config.producer_conf(**{"acks": "all", "enable.idempotence": True}))
+    try:
+        producer.produce(config.names.audit, encode_audit(record), LIMITS_KEY)
+        if producer.flush(timeout):
+            log.warning("the audit record of a refused limits apply was not confirmed within %gs", timeout)
+    except KafkaException as e:
+        raise _producer_error(config, e, "auditing the refused limits apply") from None
 
 
 def _declared(s: LimitSpec) -> dict[str, Any]:
@@ -111,8 +171,15 @@ def _declared(s: LimitSpec) -> dict[str, Any]:
 
 
 def read_limits(config: KafkaConfig, timeout: float = 10.0) -> LimitsTable:
-    """The limits in force, read to the end of the topic (close the table when done)."""
-    table = LimitsTable(config.consumer_conf("kflow-limits-read"), config.names.limits)
+    """The limits in force, read to the end of the topic (close the table when done); with auth on,
+    only signed records count, as in an engine (the policy in force read first)."""
+    keys = policy = None
+    if config.auth:
+        from kflow.streams.policies import read_policy
+
+        keys, in_force = config.keys(), read_policy(config, timeout)
+        policy = lambda: in_force  # noqa: E731  # the policy read once, as of now
+    table = LimitsTable(config.consumer_conf("kflow-limits-read"), config.names.limits, keys, policy)
     if not table.catch_up(timeout):
         table.close()
         raise KflowError(f"could not read {config.names.limits} to its end within {timeout:g}s")

@@ -4,7 +4,8 @@ The ``limits`` and ``policies`` topics are compacted with one partition, and the
 is one record (so every engine sees the old set or the new one, never a mix). Every engine reads
 such a topic with :class:`OneRecordTable`: a consumer assigned (no group) to partition 0 from its
 beginning, ``poll`` applying what arrived, ``catch_up`` reading to the high watermark seen now.
-Subclasses say what a record means in :meth:`OneRecordTable._take`.
+Subclasses say what a record means in :meth:`OneRecordTable._take`; with auth on, a
+:class:`RecordSigners` says who signed a record and whether that principal may make it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-__all__ = ["OneRecordTable"]
+from kflow.security.policy import Policy, Resource, evaluate
+from kflow.security.principal import AuthError, Principal
+from kflow.security.tokens import COMMAND_HEADER, Keys, ReplayCache, verify_command
+
+__all__ = ["OneRecordTable", "RecordSigners"]
 
 log = logging.getLogger("kflow.tables")
 
@@ -86,3 +92,50 @@ class OneRecordTable:
 
     def close(self) -> None:
         self._c.close()
+
+
+class RecordSigners:
+    """Who signed the records of a one-record table, and whether they may: with auth on, a record
+    counts only if it carries a command token (the CLI signs it) that verifies at the record's
+    time, was not used before, and names a principal the policy in force allows ``action`` on
+    ``resource``. A producer that can write to the topic cannot make a record count by itself.
+
+    The record's time is the latest record timestamp read so far, so a record produced with a
+    timestamp in the past cannot revive an expired token, and the table's last record still
+    counts when an engine reads it again at start-up, long after it was signed.
+
+    Args:
+        keys: The keys records must be signed with; None (auth off): records count unsigned.
+        policy: The policy in force.
+        action: The operation a record is (``policy_apply``, ``limits_apply``).
+        resource: What it acts on.
+        needs: What that takes, in words, for the log line of a refused record.
+        doing: The operation in words (``applying a policy``).
+    """
+
+    def __init__(self, keys: Optional[Keys], policy: Callable[[], Policy], action: str, resource: Resource,
+                 needs: str, doing: str) -> None:
+        self.keys, self._policy, self.action, self.resource = keys, policy, action, resource
+        self.needs, self.doing = needs, doing
+        self._seen = ReplayCache(10_000)
+        self._clock_s = 0.0
+
+    def signer(self, m: Message) -> Optional[Principal]:
+        """Who signed ``m`` (None when auth is off).
+
+        Raises:
+            AuthError: auth is on and the record is unsigned, badly signed, replayed, or its
+                signer may not make it.
+        """
+        kind, ts_ms = m.timestamp()
+        self._clock_s = max(self._clock_s, time.time() if kind == TIMESTAMP_NOT_AVAILABLE else ts_ms / 1000)
+        if self.keys is None:
+            return None
+        headers = cast("Optional[list[tuple[str, bytes]]]", m.headers())  # a consumed record's: a list or None
+        token = next((v for k, v in (headers or []) if k == COMMAND_HEADER), None)
+        who = verify_command(token, m.key(), m.value(), self.keys, self._clock_s, self._seen)
+        self._seen.commit()
+        verdict = evaluate(self._policy(), who, self.action, self.resource)
+        if not verdict.allowed:
+            raise AuthError("Forbidden", f"{self.doing} needs {self.needs}: {verdict.reason}")
+        return who

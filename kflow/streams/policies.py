@@ -22,25 +22,19 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import orjson
 import yaml
-from confluent_kafka import (
-    TIMESTAMP_NOT_AVAILABLE,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-)
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from kflow.config import KafkaConfig
 from kflow.model.errors import BrokerUnavailable, KflowError
 from kflow.security.audit import AuditRecord, encode_audit
-from kflow.security.policy import Policy, PolicyError, Resource, evaluate, parse_policy
-from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
-from kflow.security.tokens import COMMAND_HEADER, Keys, ReplayCache, verify_command
-from kflow.streams.onerecord import OneRecordTable
+from kflow.security.policy import Policy, PolicyError, Resource, parse_policy
+from kflow.security.principal import DEFAULT_TENANT, AuthError
+from kflow.security.tokens import Keys
+from kflow.streams.onerecord import OneRecordTable, RecordSigners
 
 __all__ = ["POLICY_KEY", "PolicyTable", "publish_policy", "read_policy"]
 
@@ -65,8 +59,8 @@ class PolicyTable(OneRecordTable):
     def __init__(self, consumer_conf: dict[str, Any], topic: str, keys: Optional[Keys] = None) -> None:
         super().__init__(consumer_conf, topic, POLICY_KEY, "policies")
         self.keys = keys
-        self._seen = ReplayCache(10_000)
-        self._clock_s = 0.0
+        # the policy in force says who may replace it
+        self._signers = RecordSigners(keys, lambda: self.policy, *_APPLY, _APPLY_NEEDS, "applying a policy")
         self.policy = Policy()
         """The policy in force."""
         self.offset = -1
@@ -82,7 +76,7 @@ class PolicyTable(OneRecordTable):
             assert value is not None  # only records with a value are applied
             doc = yaml.safe_load(value)
             policy = parse_policy(doc, where)
-            who = self._signer(m)
+            who = self._signers.signer(m)
         except (yaml.YAMLError, PolicyError, AuthError) as e:
             log.error("ignoring the policy record at %s (the policy in force stays): %s", where, e)
             return
@@ -90,26 +84,6 @@ class PolicyTable(OneRecordTable):
         log.info("policy from %s in force%s: %d role(s), %d tenant(s) with bindings or grants", where,
                  f" (applied by {who.name} of {who.tenant})" if who else "", len(policy.roles),
                  len(set(policy.bindings) | set(policy.grants)))
-
-    def _signer(self, m: Message) -> Optional[Principal]:
-        """Who signed the record (None when auth is off).
-
-        Raises:
-            AuthError: auth is on and the record is unsigned, badly signed, replayed, or its
-                signer may not apply policies.
-        """
-        kind, ts_ms = m.timestamp()
-        self._clock_s = max(self._clock_s, time.time() if kind == TIMESTAMP_NOT_AVAILABLE else ts_ms / 1000)
-        if self.keys is None:
-            return None
-        headers = cast("Optional[list[tuple[str, bytes]]]", m.headers())  # a consumed record's: a list or None
-        token = next((v for k, v in (headers or []) if k == COMMAND_HEADER), None)
-        who = verify_command(token, m.key(), m.value(), self.keys, self._clock_s, self._seen)
-        self._seen.commit()
-        verdict = evaluate(self.policy, who, *_APPLY)
-        if not verdict.allowed:
-            raise AuthError("Forbidden", f"applying a policy needs {_APPLY_NEEDS}: {verdict.reason}")
-        return who
 
 
 def read_policy(config: KafkaConfig, timeout: float = 10.0) -> Policy:

@@ -155,12 +155,13 @@ class EngineProcessor:
         self.defs = DefinitionsTable(cfg.consumer_conf("kflow-definitions"), self.names.definitions, compile_code,
                                      registry=self.registry, replay_cache=self.replay_cache)
         self.defs.limits = cfg.limits()
-        self.quotas = LimitsTable(cfg.consumer_conf("kflow-limits"), self.names.limits)
+        self._setup_auth()  # the policy in force says whose limits records count
+        self.quotas = LimitsTable(cfg.consumer_conf("kflow-limits"), self.names.limits,
+                                  cfg.keys() if cfg.auth else None, lambda: self.policies.policy)
         self.quotas.catch_up(10)
         self.defs.quotas = self.quotas  # the limit counters and gates read it at decision time
         self.defs.catch_up(10)
         self.defs.host(hosted, cfg.producer_conf(), self.clock.now_ms())
-        self._setup_auth()
         tid = f"{self.names.prefix}engine-{cfg.resolved_engine_id()}"
         for i in range(self.lanes_n):
             producer = Producer(cfg.producer_conf(**{

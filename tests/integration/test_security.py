@@ -432,6 +432,38 @@ def test_the_audit_trail_of_a_scripted_session_is_complete_and_in_order(auth: Au
     assert all(r["principal"] == "mallory" and r["outcome"] == "denied" for r in lines)
 
 
+def test_only_limits_a_system_admin_signed_count_with_auth_on(auth: AuthStack) -> None:
+    """A limits record counts on an engine with auth on only when signed by a system_admin: an
+    unsigned one produced raw and one signed by a principal without the right are ignored (and the
+    latter is refused at once, audited); the engine and ``read_limits`` agree."""
+    from kflow.model.errors import KflowError
+    from kflow.streams.limits import publish_limits, read_limits
+
+    engine = auth.engines[0][0]
+    name = uid("lim").replace("-", "_")
+    held = {"limits": [{"name": name, "workflow": "sec-none", "max_running": 3}]}
+    offset, _ = publish_limits(auth.config(token=auth.admin_token), held, "test")
+    assert_eventually(lambda: engine.quotas.catch_up(5) and engine.quotas.offset == offset, timeout=30,
+                      msg="the engine did not take the signed limits")
+
+    if auth.producer is None:
+        auth.producer = Producer(auth.config().producer_conf())
+    auth.producer.produce(f"{auth.prefix}limits", b'{"limits": []}', b"limits")  # unsigned: lifts nothing
+    assert auth.producer.flush(10) == 0
+    with pytest.raises(KflowError, match="Forbidden: applying limits needs role system_admin"):
+        publish_limits(auth.config(token=token("alice", roles=("starter",))), {"limits": []}, "test")
+
+    assert engine.quotas.catch_up(10)
+    assert engine.quotas.offset == offset and [s.name for s in engine.quotas.for_start("sec-none", "acme")] == [name]
+    shown = read_limits(auth.config(token=auth.admin_token))
+    try:
+        assert shown.offset == offset
+    finally:
+        shown.close()
+    applied = [(r.principal, r.outcome) for r in read_audit(auth.config()) if r.action == "limits_apply"]
+    assert ("root", "success") in applied and ("alice", "denied") in applied
+
+
 def test_the_policy_and_audit_topics_exist_with_their_configs(auth: AuthStack) -> None:
     from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 

@@ -226,14 +226,14 @@ def test_grants_in_one_tenant_do_not_apply_in_another() -> None:
     assert not evaluate(policy, Principal("bob", "globex"), "signal", Resource("instance", "x", "globex")).allowed
 
 
-def test_the_issue_s_operation_map() -> None:
+def test_each_operation_maps_to_its_permission() -> None:
     expected = {
         "deploy": "definition:Create", "deploy_version": "definition:Edit", "start": "definition:Execute",
         "signal": "instance:Execute", "update": "instance:Execute", "query": "instance:Execute",
         "status": "instance:View", "list": "instance:View", "history": "instance:View",
         "cancel": "instance:Manage", "terminate": "instance:Manage", "suspend": "instance:Manage",
         "resume": "instance:Manage", "retry": "instance:Manage",
-        "dlq_replay": "system:Admin", "policy_apply": "system:Admin",
+        "dlq_replay": "system:Admin", "policy_apply": "system:Admin", "limits_apply": "system:Admin",
     }
     assert {a: str(p) for a, p in ACTIONS.items()} == expected
 
