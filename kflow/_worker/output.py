@@ -29,9 +29,10 @@ from kflow.dlq import dlq_record
 from kflow.model.errors import NonRetryableError
 from kflow.model.messages import Command, Task
 from kflow.schemas.codec import encode_command
-from kflow.security.tokens import ATTEMPT_HEADER
+from kflow.security.tokens import ATTEMPT_HEADER, progress_token
 
-__all__ = ["REJECTED", "Out", "Outbox", "Record", "attempt_headers", "fail_command", "now_ms", "result_command"]
+__all__ = ["REJECTED", "Out", "Outbox", "Record", "attempt_headers", "fail_command", "now_ms",
+           "progress_headers", "result_command"]
 
 log = logging.getLogger("kflow.worker")
 
@@ -95,9 +96,15 @@ class Out:
 
 
 def attempt_headers(task: Task) -> list[tuple[str, bytes]]:
-    """The headers of every report of ``task``'s attempt: its attempt token, returned to the engine
-    (which, with auth on, refuses a report without it); none when the task carries no token."""
+    """The headers of the result of ``task``'s attempt: its attempt token, returned to the engine
+    (which, with auth on, refuses a result without it); none when the task carries no token."""
     return [(ATTEMPT_HEADER, task.attempt_token.encode())] if task.attempt_token else []
+
+
+def progress_headers(task: Task) -> list[tuple[str, bytes]]:
+    """The headers of the start and heartbeat reports of ``task``'s attempt: its progress token, which
+    the engine accepts for them and a reader of the commands topic cannot turn into a result."""
+    return [(ATTEMPT_HEADER, progress_token(task.attempt_token).encode())] if task.attempt_token else []
 
 
 def fail_command(task: Task, error_type: str, message: str, retryable: bool) -> bytes:

@@ -66,6 +66,7 @@ from kflow._worker.output import (
     attempt_headers,
     dead_letter_headers,
     fail_command,
+    progress_headers,
     result_command,
     weak_callback,
 )
@@ -401,7 +402,7 @@ class Loop:
         if definition is None:
             self._unknown_activity(msg, record, task, queue)
             return
-        notify = partial(self.outbox.notify, headers=attempt_headers(task) or None)  # reports return the attempt token
+        notify = partial(self.outbox.notify, headers=progress_headers(task) or None)  # start and heartbeat reports
         kind, ts = msg.timestamp()
         self._queued.push(Job(definition, task, queue, record, ActivityContext(task, notify), msg,
                               received_us=_hops.now_us(), level=level),

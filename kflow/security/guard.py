@@ -52,6 +52,7 @@ from kflow.security.tokens import (
     ReplayCache,
     attempt_token,
     check_attempt_token,
+    check_progress_token,
     replayed,
     sign_command,
     verify_command_claims,
@@ -89,6 +90,9 @@ _OPERATIONS: Mapping[str, tuple[str, str]] = {
 _ENGINE_RESOURCE = "engine"
 #: The rule that allows an activity report (its attempt's token; no audit record names it).
 _ATTEMPT_RULE = "the token of the attempt it reports on"
+_PROGRESS_RULE = "the progress token of the attempt it reports on"
+#: Reports that need only an attempt's progress token (or the attempt token): they do not end the attempt.
+_PROGRESS_REPORTS = frozenset({"StartActivity", "HeartbeatActivity"})
 #: The ``audit`` partition the engine writes its records to, whichever commands partitions a
 #: transaction decides: each partition a transaction writes costs every commit (one more partition
 #: to add and one more commit marker), so the audit trail adds one, not one per commands partition.
@@ -281,15 +285,25 @@ class CommandGuard:
                 f"{', '.join(sorted(roles)) or 'no roles'}")
 
     def _check_report(self, cmd: Command, state: Optional[JSONDict], given: str | bytes | None) -> Check:
+        """A result needs its attempt's token; a start or heartbeat report that token or its progress
+        token (:func:`~kflow.security.tokens.progress_token`), which does not let its reader forge a result."""
         data = cmd.data
         aid, n = str(data.get("activity_id")), data.get("attempt")
         resource = Resource("activity", aid, _tenant(state), _owner(state))
-        if isinstance(n, int) and check_attempt_token(self._secret, cmd.instance_id, aid, n, given):
-            return Check(REPORTS[cmd.type], resource, None, None, _ATTEMPT_RULE)
+        progress = cmd.type in _PROGRESS_REPORTS
+        check = check_progress_token if progress else check_attempt_token
+        if isinstance(n, int) and check(self._secret, cmd.instance_id, aid, n, given):
+            return Check(REPORTS[cmd.type], resource, None, None, _PROGRESS_RULE if progress else _ATTEMPT_RULE)
         what = f"attempt {n} of activity '{aid}' of '{cmd.instance_id}'"
-        why = ("there is none" if not given else "it is not that attempt's (another attempt's, or forged)")
+        if not given:
+            why = "there is none"
+        elif progress:
+            why = "it is not that attempt's (another attempt's, or forged)"
+        else:
+            why = "it is not that attempt's (another attempt's, its progress token, or forged)"
+        token = "token or progress token" if progress else "token"
         return Check(REPORTS[cmd.type], resource, None, RejectCode.UNAUTHENTICATED,
-                     f"expected the token of {what} in header 'kflow.attempt', but {why}")
+                     f"expected the {token} of {what} in header 'kflow.attempt', but {why}")
 
     @staticmethod
     def _operation(cmd: Command) -> tuple[str, str]:

@@ -86,6 +86,8 @@ _HS256, _RS256, _ES256 = "HS256", "RS256", "ES256"
 _JWKS_ALGORITHMS = frozenset({_RS256, _ES256})
 _MIN_RSA_BITS = 2048
 _ATTEMPT_DOMAIN = b"kflow.attempt.v1"
+#: What a progress token is the HMAC of, under its attempt token (see :func:`progress_token`).
+_PROGRESS_DOMAIN = b"kflow.progress.v1"
 # Expiry is checked against the caller's ``now``, so PyJWT must not look at its own clock; an
 # ``aud`` claim is still refused, as no audience is configured.
 _DECODE_OPTIONS: Any = {"verify_exp": False, "verify_nbf": False, "verify_iat": False}
@@ -800,6 +802,27 @@ def check_attempt_token(secret: bytes, instance_id: str, activity_id: str, attem
         return False
     given = token.encode("utf-8", "replace") if isinstance(token, str) else bytes(token)
     return hmac.compare_digest(given, _attempt_mac(secret, instance_id, activity_id, attempt))
+
+
+def progress_token(attempt_token: str | bytes) -> str:
+    """What a worker's start and heartbeat reports carry instead of the attempt token:
+    base64url(HMAC-SHA256(attempt token, domain)). It proves the attempt token without showing it,
+    so a reader of the ``commands`` topic who sees an attempt's heartbeats cannot complete or fail
+    that attempt (only its result carries the attempt token itself, and it closes the attempt)."""
+    key = attempt_token.encode("ascii") if isinstance(attempt_token, str) else bytes(attempt_token)
+    return _b64(hmac_sha256(key, _PROGRESS_DOMAIN))
+
+
+def check_progress_token(secret: bytes, instance_id: str, activity_id: str, attempt: int,
+                         token: str | bytes | None) -> bool:
+    """Whether ``token`` vouches for a start or heartbeat report of this attempt: its progress token,
+    or the attempt token itself (what workers of earlier releases send). Constant-time comparisons."""
+    if not token:
+        return False
+    given = token.encode("utf-8", "replace") if isinstance(token, str) else bytes(token)
+    mac = _attempt_mac(secret, instance_id, activity_id, attempt)
+    progress = _b64_bytes(hmac_sha256(mac, _PROGRESS_DOMAIN))
+    return hmac.compare_digest(given, progress) | hmac.compare_digest(given, mac)
 
 
 def _attempt_mac(secret: bytes, instance_id: str, activity_id: str, attempt: int) -> bytes:

@@ -29,7 +29,15 @@ from kflow.dlq import read_dlq
 from kflow.model.errors import StartRejectedError, UpdateRejectedError
 from kflow.model.messages import Command, Task
 from kflow.schemas.codec import decode_command, encode_command, encode_task
-from kflow.security.tokens import ATTEMPT_HEADER, COMMAND_HEADER, Keys, attempt_token, issue, sign_command
+from kflow.security.tokens import (
+    ATTEMPT_HEADER,
+    COMMAND_HEADER,
+    Keys,
+    attempt_token,
+    issue,
+    progress_token,
+    sign_command,
+)
 from kflow.streams.partitioner import partition_for
 from kflow.streams.processor import EngineProcessor
 from kflow.streams.topics import ensure_topics
@@ -367,15 +375,18 @@ def test_results_without_or_with_another_attempts_token_are_refused_and_the_real
     forged()
     forged(attempt_token(SECRET.encode(), handle.id, aid, attempt + 1).encode())
     forged(command_token=True)  # even a system_admin's command token does not stand in for the attempt's
-    got = assert_eventually(lambda: (lambda r: r if len(r) == 3 else None)(rejections(alice, handle.id)), timeout=30)
-    assert [r["code"] for r in got] == ["UNAUTHENTICATED"] * 3
+    # what a reader of the commands topic sees on this attempt's heartbeats does not end it either
+    forged(progress_token(attempt_token(SECRET.encode(), handle.id, aid, attempt)).encode())
+    got = assert_eventually(lambda: (lambda r: r if len(r) == 4 else None)(rejections(alice, handle.id)), timeout=30)
+    assert [r["code"] for r in got] == ["UNAUTHENTICATED"] * 4
     assert "there is none" in got[0]["reason"] and "another attempt" in got[1]["reason"]
+    assert "progress token" in got[3]["reason"]
     GATE.set()
     assert handle.result(timeout=30) == 101
-    assert [r.action for r in audits(auth, handle.id) if r.outcome == "denied"] == ["complete_activity"] * 3
+    assert [r.action for r in audits(auth, handle.id) if r.outcome == "denied"] == ["complete_activity"] * 4
 
 
-def test_the_worker_returns_the_attempt_token_with_every_report(auth: AuthStack) -> None:
+def test_the_worker_returns_the_attempt_token_with_its_result_and_the_progress_token_before(auth: AuthStack) -> None:
     iid = uid("beat")
     task = Task(iid, f"{iid}:a1", 1, "sec.beating", "sec", 7, "wf", int(time.time() * 1000), report_start=True,
                 attempt_token="the-token")
@@ -399,8 +410,11 @@ def test_the_worker_returns_the_attempt_token_with_every_report(auth: AuthStack)
         assert_eventually(reports, timeout=30)
     finally:
         reader.close()
-    for kind, headers in seen.items():
-        assert (ATTEMPT_HEADER, b"the-token") in headers, kind
+    # the result returns the attempt token; start and heartbeat reports only its progress token
+    assert (ATTEMPT_HEADER, b"the-token") in seen["CompleteActivity"]
+    for kind in ("StartActivity", "HeartbeatActivity"):
+        assert (ATTEMPT_HEADER, progress_token("the-token").encode()) in seen[kind], kind
+        assert all(v != b"the-token" for _, v in seen[kind]), kind
 
 
 # --------------------------------------------------------------------------- the audit trail

@@ -27,7 +27,16 @@ from kflow.schemas.codec import MAGIC, decode_task, encode_task
 from kflow.security.guard import ENGINE_PRINCIPAL, SEEN_KEY_PREFIX, SEEN_PER_RECORD, CommandGuard, SeenTokens
 from kflow.security.policy import Policy, parse_policy
 from kflow.security.principal import AuthError, Principal
-from kflow.security.tokens import CommandSigner, KeyConfigError, Keys, ReplayCache, attempt_token, issue, sign_command
+from kflow.security.tokens import (
+    CommandSigner,
+    KeyConfigError,
+    Keys,
+    ReplayCache,
+    attempt_token,
+    issue,
+    progress_token,
+    sign_command,
+)
 
 SECRET = b"s" * 32
 KEYS = Keys(secret=SECRET)
@@ -213,6 +222,31 @@ def test_reports_are_checked_by_their_attempt_token(kind: str) -> None:
     admin = sign_command(b"order-1", b"v", {"sub": "root", "tenant": "acme", "roles": ["system_admin"]}, KEYS, 60,
                          now=NOW).encode()
     assert not g.check(cmd, state(), admin, None, b"order-1", b"v", NOW, ReplayCache()).allowed
+
+
+@pytest.mark.parametrize("kind", ["HeartbeatActivity", "StartActivity"])
+def test_start_and_heartbeat_reports_take_the_progress_token(kind: str) -> None:
+    g = guard()
+    cmd = Command(kind, "order-1", {"activity_id": "a1", "attempt": 2})
+    progress = progress_token(attempt_token(SECRET, "order-1", "a1", 2)).encode()
+    assert g.check(cmd, state(), None, progress, None, None, NOW, ReplayCache()).reason == (
+        "the progress token of the attempt it reports on")
+    other = progress_token(attempt_token(SECRET, "order-1", "a1", 1)).encode()
+    assert g.check(cmd, state(), None, other, None, None, NOW, ReplayCache()).code == RejectCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("kind", ["CompleteActivity", "FailActivity"])
+def test_a_progress_token_read_off_a_heartbeat_cannot_end_the_attempt(kind: str) -> None:
+    cmd = Command(kind, "order-1", {"activity_id": "a1", "attempt": 2})
+    progress = progress_token(attempt_token(SECRET, "order-1", "a1", 2)).encode()
+    got = guard().check(cmd, state(), None, progress, None, None, NOW, ReplayCache())
+    assert got.code == RejectCode.UNAUTHENTICATED and "its progress token" in got.reason
+
+
+def test_a_progress_token_does_not_reveal_its_attempt_token() -> None:
+    token = attempt_token(SECRET, "order-1", "a1", 2)
+    assert progress_token(token) != token and progress_token(token.encode()) == progress_token(token)
+    assert progress_token(token) != progress_token(attempt_token(SECRET, "order-1", "a1", 3))
 
 
 def test_an_audit_record_names_who_what_and_why() -> None:
