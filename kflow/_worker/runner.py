@@ -73,7 +73,7 @@ from kflow._worker.output import (
 from kflow._worker.priority import Policy, next_level
 from kflow.clock import Clock, SystemClock
 from kflow.model.errors import DecodeError
-from kflow.model.messages import NORMAL_PRIORITY, Task
+from kflow.model.messages import NORMAL_PRIORITY, Command, Task
 from kflow.schemas.codec import decode_task
 from kflow.streams.activities import Registry
 from kflow.streams.topics import level_topics
@@ -402,13 +402,18 @@ class Loop:
         if definition is None:
             self._unknown_activity(msg, record, task, queue)
             return
-        notify = partial(self.outbox.notify, headers=progress_headers(task) or None)  # start and heartbeat reports
+        notify = partial(self._notify, task)  # start and heartbeat reports
         kind, ts = msg.timestamp()
         self._queued.push(Job(definition, task, queue, record, ActivityContext(task, notify), msg,
                               received_us=_hops.now_us(), level=level),
                           level=level, key=task.fairness_key or "", queue=queue,
                           arrived_ms=ts if kind != TIMESTAMP_NOT_AVAILABLE and ts > 0 else None)
         metrics.READ_AHEAD.inc()
+
+    def _notify(self, task: Task, cmd: Command) -> None:
+        """Produce a start or heartbeat report of ``task``'s attempt, with its progress token (made
+        here: most attempts never report progress)."""
+        self.outbox.notify(cmd, headers=progress_headers(task) or None)
 
     def _cancel(self, task: Task) -> None:
         """Apply a cancel task to the attempt it names, if this worker has it (running or queued)."""
