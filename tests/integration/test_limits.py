@@ -174,7 +174,12 @@ def test_quota_of_2_per_tenant_runs_2_and_admits_the_queued_as_runs_complete(eng
     def statuses() -> list[str]:
         return [(client.status(i, timeout=30) or {}).get("status", "?") for i in ids]  # answered by a loaded engine
 
-    assert_eventually(lambda: sorted(statuses()) == ["QUEUED"] * 4 + ["RUNNING"] * 2, timeout=60)
+    def two_running() -> bool:
+        now = statuses()
+        assert sorted(now) == ["QUEUED"] * 4 + ["RUNNING"] * 2, dict(zip(ids, now, strict=True))
+        return True
+
+    assert_eventually(two_running, timeout=60)  # a failure names each instance's status ("?": none yet)
     # starts on other partitions reach the counter in their own order: FIFO is by arrival there
     first = [i for i, s in zip(ids, statuses(), strict=True) if s == "RUNNING"]
     queued = [i for i in ids if i not in first]
