@@ -809,8 +809,8 @@ def progress_token(attempt_token: str | bytes) -> str:
     base64url(HMAC-SHA256(attempt token, domain)). It proves the attempt token without showing it,
     so a reader of the ``commands`` topic who sees an attempt's heartbeats cannot complete or fail
     that attempt (only its result carries the attempt token itself, and it closes the attempt)."""
-    key = attempt_token.encode("ascii") if isinstance(attempt_token, str) else bytes(attempt_token)
-    return _b64(hmac_sha256(key, _PROGRESS_DOMAIN))
+    return _progress_mac(attempt_token.encode("ascii") if isinstance(attempt_token, str) else bytes(attempt_token)
+                         ).decode("ascii")
 
 
 def check_progress_token(secret: bytes, instance_id: str, activity_id: str, attempt: int,
@@ -821,8 +821,12 @@ def check_progress_token(secret: bytes, instance_id: str, activity_id: str, atte
         return False
     given = token.encode("utf-8", "replace") if isinstance(token, str) else bytes(token)
     mac = _attempt_mac(secret, instance_id, activity_id, attempt)
-    progress = _b64_bytes(hmac_sha256(mac, _PROGRESS_DOMAIN))
-    return hmac.compare_digest(given, progress) | hmac.compare_digest(given, mac)
+    return hmac.compare_digest(given, _progress_mac(mac)) | hmac.compare_digest(given, mac)
+
+
+def _progress_mac(attempt_token: bytes) -> bytes:
+    """:func:`progress_token`, as ASCII bytes."""
+    return _b64_bytes(hmac_sha256(attempt_token, _PROGRESS_DOMAIN))
 
 
 def _attempt_mac(secret: bytes, instance_id: str, activity_id: str, attempt: int) -> bytes:

@@ -20,22 +20,27 @@ The table is handed to the engine as ``defs.quotas`` (see :func:`kflow.engine.li
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Optional
 
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaException, Message, Producer
 
 from kflow.config import KafkaConfig
 from kflow.engine.limits import LimitSpec, LimitSpecError, LimitsView, parse_limits
-from kflow.model.errors import BrokerUnavailable, KflowError
-from kflow.security.audit import AuditRecord, encode_audit
+from kflow.model.errors import KflowError
 from kflow.security.policy import Policy, Resource, evaluate
-from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
+from kflow.security.principal import DEFAULT_TENANT, AuthError
 from kflow.security.tokens import Keys
-from kflow.streams.onerecord import OneRecordTable, RecordSigners
+from kflow.streams.onerecord import (
+    ADMIN_NEEDS,
+    OneRecordTable,
+    RecordSigners,
+    admin_audit,
+    producer_error,
+    publish_audited,
+    sign_record,
+)
 
 __all__ = ["LIMITS_KEY", "LimitsTable", "publish_limits", "read_limits"]
 
@@ -45,7 +50,6 @@ log = logging.getLogger("kflow.limits")
 LIMITS_KEY = b"limits"
 #: What applying limits needs, on which resource: limits bind every tenant, as the policy does.
 _APPLY = ("limits_apply", Resource("system", "limits", DEFAULT_TENANT))
-_APPLY_NEEDS = "role system_admin, or system:Admin in the default tenant"
 
 
 class LimitsTable(LimitsView, OneRecordTable):
@@ -62,7 +66,7 @@ class LimitsTable(LimitsView, OneRecordTable):
                  policy: Optional[Callable[[], Policy]] = None) -> None:
         LimitsView.__init__(self, [])
         OneRecordTable.__init__(self, consumer_conf, topic, LIMITS_KEY, "limits")
-        self._signers = RecordSigners(keys, policy or Policy, *_APPLY, _APPLY_NEEDS, "applying limits")
+        self._signers = RecordSigners(keys, policy or Policy, *_APPLY, ADMIN_NEEDS, "applying limits")
         self.offset = -1
         """Offset of the record the limits in force came from (-1: none yet)."""
 
@@ -81,14 +85,6 @@ class LimitsTable(LimitsView, OneRecordTable):
                  ", ".join(s.name for s in specs) or "none")
 
 
-def _producer_error(config: KafkaConfig, e: KafkaException, doing: str) -> KflowError:
-    err = e.args[0] if e.args else None
-    if getattr(err, "code", lambda: None)() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
-                                                 KafkaError._ALL_BROKERS_DOWN):
-        return BrokerUnavailable(config.bootstrap, f"{doing} failed: {err}")
-    return KflowError(f"{doing} failed: {err or e}")
-
-
 def publish_limits(config: KafkaConfig, doc: Any, source: str, timeout: float = 30.0) -> tuple[int, list[LimitSpec]]:
     """Validate ``doc`` and make it the set of limits in force; returns (offset, the limits).
 
@@ -105,54 +101,30 @@ def publish_limits(config: KafkaConfig, doc: Any, source: str, timeout: float = 
     specs = parse_limits(doc, source)  # before anything is written
     names = config.names
     value = orjson.dumps({"limits": [{k: v for k, v in _declared(s).items() if v is not None} for s in specs]})
-    signer = config.command_signer()
-    headers: Optional[list[tuple[str, str | bytes | None]]] = (
-        [signer.header(LIMITS_KEY, value)] if signer is not None else None)
-    who = signer.principal() if signer is not None else None
+    headers, who = sign_record(config, LIMITS_KEY, value)
     if who is not None and config.auth:  # refused here, with its audit record, rather than ignored by every engine
         from kflow.streams.policies import read_policy
 
         verdict = evaluate(read_policy(config, timeout), who, *_APPLY)
         if not verdict.allowed:
-            _audit_denied(config, who, source, verdict.reason, timeout)
-            raise AuthError("Forbidden", f"applying limits needs {_APPLY_NEEDS}: {verdict.reason}")
-    producer = Producer(config.producer_conf(**{"transactional.id": f"{names.prefix}limits-apply", "acks": "all"}))
-    offsets: list[int] = []
-    try:
-        meta = producer.list_topics(names.limits, timeout=timeout)
-        found = meta.topics.get(names.limits)
-        if found is None or found.error is not None or not found.partitions:
-            raise KflowError(f"topic {names.limits} does not exist: start an engine (it creates it) or run "
-                             f"`kflow topics ensure --prefix {names.prefix}`")
-        producer.init_transactions(timeout)
-        producer.begin_transaction()
-        producer.produce(names.limits, value, LIMITS_KEY, headers=headers,
-                         on_delivery=lambda err, msg: offsets.append(msg.offset() or 0) if err is None else None)
-        record = AuditRecord(id=f"limits:{uuid.uuid4().hex}", time=int(time.time() * 1000),
-                             principal=who.name if who else "", tenant=who.tenant if who else DEFAULT_TENANT,
-                             action="limits_apply", resource_type="system", resource_id="limits", outcome="success",
-                             details={"limits": ", ".join(s.name for s in specs) or "none"}, source=source)
-        producer.produce(names.audit, encode_audit(record), LIMITS_KEY)
-        producer.commit_transaction(timeout)
-    except KafkaException as e:
-        raise _producer_error(config, e, "applying the limits") from None
-    if not offsets:
-        raise KflowError("the limits record was not confirmed")
-    return offsets[0], specs
+            _audit_denied(config, admin_audit(who, "limits_apply", "limits", "denied", {"reason": verdict.reason},
+                                              source), timeout)
+            raise AuthError("Forbidden", f"applying limits needs {ADMIN_NEEDS}: {verdict.reason}")
+    audit = admin_audit(who, "limits_apply", "limits", "success",
+                        {"limits": ", ".join(s.name for s in specs) or "none"}, source)
+    return publish_audited(config, names.limits, LIMITS_KEY, value, headers, audit, "applying the limits",
+                           timeout), specs
 
 
-def _audit_denied(config: KafkaConfig, who: Principal, source: str, why: str, timeout: float) -> None:
-    """The audit record of a refused ``kflow limits apply``."""
-    record = AuditRecord(id=f"limits:{uuid.uuid4().hex}", time=int(time.time() * 1000), principal=who.name,
-                         tenant=who.tenant, action="limits_apply", resource_type="system", resource_id="limits",
-                         outcome="denied", details={"reason": why}, source=source)
+def _audit_denied(config: KafkaConfig, audit: bytes, timeout: float) -> None:
+    """Write the audit record of a refused ``kflow limits apply`` (nothing else is written)."""
     producer = Producer(config.producer_conf(**{"acks": "all", "enable.idempotence": True}))
     try:
-        producer.produce(config.names.audit, encode_audit(record), LIMITS_KEY)
+        producer.produce(config.names.audit, audit, LIMITS_KEY)
         if producer.flush(timeout):
             log.warning("the audit record of a refused limits apply was not confirmed within %gs", timeout)
     except KafkaException as e:
-        raise _producer_error(config, e, "auditing the refused limits apply") from None
+        raise producer_error(config, e, "auditing the refused limits apply") from None
 
 
 def _declared(s: LimitSpec) -> dict[str, Any]:

@@ -6,6 +6,8 @@ such a topic with :class:`OneRecordTable`: a consumer assigned (no group) to par
 beginning, ``poll`` applying what arrived, ``catch_up`` reading to the high watermark seen now.
 Subclasses say what a record means in :meth:`OneRecordTable._take`; with auth on, a
 :class:`RecordSigners` says who signed a record and whether that principal may make it.
+:func:`publish_audited` writes a table's record (signed with :func:`sign_record`) with its audit
+record in one transaction, as ``kflow policy apply`` and ``kflow limits apply`` do.
 """
 
 from __future__ import annotations
@@ -17,16 +19,30 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Optional, cast
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
+from kflow.config import KafkaConfig
+from kflow.model.errors import BrokerUnavailable, KflowError
+from kflow.security.audit import AuditOutcome, AuditRecord, encode_audit
 from kflow.security.policy import Policy, Resource, evaluate
-from kflow.security.principal import AuthError, Principal
+from kflow.security.principal import DEFAULT_TENANT, AuthError, Principal
 from kflow.security.tokens import COMMAND_HEADER, Keys, ReplayCache, verify_command
 
-__all__ = ["OneRecordTable", "RecordSigners"]
+__all__ = ["ADMIN_NEEDS", "OneRecordTable", "RecordSigners", "admin_audit", "producer_error", "publish_audited",
+           "sign_record"]
 
 log = logging.getLogger("kflow.tables")
 
+#: Who may write a table that binds every tenant (the policy, the limits).
+ADMIN_NEEDS = "role system_admin, or system:Admin in the default tenant"
 #: The broker holds each fetch of a (mostly idle) table up to this long; it answers as soon as a
 #: record arrives, so a table is not asked 100 times a second, on every engine, all the time.
 FETCH_WAIT_MS = 500
@@ -139,3 +155,68 @@ class RecordSigners:
         if not verdict.allowed:
             raise AuthError("Forbidden", f"{self.doing} needs {self.needs}: {verdict.reason}")
         return who
+
+
+def sign_record(config: KafkaConfig, key: bytes, value: bytes) -> tuple[Optional[list[tuple[str, str | bytes | None]]],
+                                                                          Optional[Principal]]:
+    """``(headers, signer)`` of a table record: signed as ``KFLOW_TOKEN``'s principal when it is set
+    (or auth is on), else no headers and no signer.
+
+    Raises:
+        KeyConfigError, AuthError: the record cannot be signed.
+    """
+    signer = config.command_signer()
+    if signer is None:
+        return None, None
+    return [signer.header(key, value)], signer.principal()
+
+
+def admin_audit(who: Optional[Principal], action: str, table: str, outcome: AuditOutcome, details: dict[str, Any],
+                source: str) -> bytes:
+    """The audit record of writing table ``table`` (resource ``system:<table>``), encoded."""
+    return encode_audit(AuditRecord(id=f"{table}:{uuid.uuid4().hex}", time=int(time.time() * 1000),
+                                    principal=who.name if who else "", tenant=who.tenant if who else DEFAULT_TENANT,
+                                    action=action, resource_type="system", resource_id=table, outcome=outcome,
+                                    details=details, source=source))
+
+
+def producer_error(config: KafkaConfig, e: KafkaException, doing: str) -> KflowError:
+    """What producing for ``doing`` failing with ``e`` is: the broker unreachable, or another failure."""
+    err = e.args[0] if e.args else None
+    if getattr(err, "code", lambda: None)() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+                                                 KafkaError._ALL_BROKERS_DOWN):
+        return BrokerUnavailable(config.bootstrap, f"{doing} failed: {err}")
+    return KflowError(f"{doing} failed: {err or e}")
+
+
+def publish_audited(config: KafkaConfig, topic: str, key: bytes, value: bytes,
+                    headers: Optional[list[tuple[str, str | bytes | None]]], audit: bytes, doing: str,
+                    timeout: float) -> int:
+    """Write a table's record and its audit record (keyed ``key`` too) in one transaction; returns the
+    record's offset.
+
+    Raises:
+        KflowError: the topic does not exist, or the transaction failed.
+        BrokerUnavailable: the broker cannot be reached.
+    """
+    names = config.names
+    producer = Producer(config.producer_conf(**{"transactional.id": f"{names.prefix}{key.decode()}-apply",
+                                                "acks": "all"}))
+    offsets: list[int] = []
+    try:
+        meta = producer.list_topics(topic, timeout=timeout)
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise KflowError(f"topic {topic} does not exist: start an engine (it creates it) or run "
+                             f"`kflow topics ensure --prefix {names.prefix}`")
+        producer.init_transactions(timeout)
+        producer.begin_transaction()
+        producer.produce(topic, value, key, headers=headers,
+                         on_delivery=lambda err, msg: offsets.append(msg.offset() or 0) if err is None else None)
+        producer.produce(names.audit, audit, key)
+        producer.commit_transaction(timeout)
+    except KafkaException as e:
+        raise producer_error(config, e, doing) from None
+    if not offsets:
+        raise KflowError(f"the {key.decode()} record was not confirmed")
+    return offsets[0]

@@ -20,21 +20,24 @@ and owners.
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from typing import Any, Optional
 
 import orjson
 import yaml
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Message
 
 from kflow.config import KafkaConfig
-from kflow.model.errors import BrokerUnavailable, KflowError
-from kflow.security.audit import AuditRecord, encode_audit
 from kflow.security.policy import Policy, PolicyError, Resource, parse_policy
 from kflow.security.principal import DEFAULT_TENANT, AuthError
 from kflow.security.tokens import Keys
-from kflow.streams.onerecord import OneRecordTable, RecordSigners
+from kflow.streams.onerecord import (
+    ADMIN_NEEDS,
+    OneRecordTable,
+    RecordSigners,
+    admin_audit,
+    publish_audited,
+    sign_record,
+)
 
 __all__ = ["POLICY_KEY", "PolicyTable", "publish_policy", "read_policy"]
 
@@ -44,7 +47,6 @@ log = logging.getLogger("kflow.policies")
 POLICY_KEY = b"policy"
 #: What applying a policy needs, on which resource.
 _APPLY = ("policy_apply", Resource("system", "policy", DEFAULT_TENANT))
-_APPLY_NEEDS = "role system_admin, or system:Admin in the default tenant"
 
 
 class PolicyTable(OneRecordTable):
@@ -60,7 +62,7 @@ class PolicyTable(OneRecordTable):
         super().__init__(consumer_conf, topic, POLICY_KEY, "policies")
         self.keys = keys
         # the policy in force says who may replace it
-        self._signers = RecordSigners(keys, lambda: self.policy, *_APPLY, _APPLY_NEEDS, "applying a policy")
+        self._signers = RecordSigners(keys, lambda: self.policy, *_APPLY, ADMIN_NEEDS, "applying a policy")
         self.policy = Policy()
         """The policy in force."""
         self.offset = -1
@@ -109,39 +111,10 @@ def publish_policy(config: KafkaConfig, policy: Policy, source: str, timeout: fl
         BrokerUnavailable: the broker cannot be reached.
         KeyConfigError, AuthError: auth is on and the record cannot be signed.
     """
-    names = config.names
     value = orjson.dumps(policy.model_dump(mode="json"))
-    signer = config.command_signer()
-    headers: Optional[list[tuple[str, str | bytes | None]]] = (
-        [signer.header(POLICY_KEY, value)] if signer is not None else None)
-    who = signer.principal() if signer is not None else None
-    producer = Producer(config.producer_conf(**{"transactional.id": f"{names.prefix}policy-apply", "acks": "all"}))
-    try:
-        meta = producer.list_topics(names.policies, timeout=timeout)
-        found = meta.topics.get(names.policies)
-        if found is None or found.error is not None or not found.partitions:
-            raise KflowError(f"topic {names.policies} does not exist: start an engine (it creates it) or run "
-                             f"`kflow topics ensure --prefix {names.prefix}`")
-        offsets: list[int] = []
-        producer.init_transactions(timeout)
-        producer.begin_transaction()
-        producer.produce(names.policies, value, POLICY_KEY, headers=headers,
-                         on_delivery=lambda err, msg: offsets.append(msg.offset() or 0) if err is None else None)
-        now_ms = int(time.time() * 1000)
-        record = AuditRecord(id=f"policy:{uuid.uuid4().hex}", time=now_ms, principal=who.name if who else "",
-                             tenant=who.tenant if who else DEFAULT_TENANT, action="policy_apply", resource_type="system",
-                             resource_id="policy", outcome="success",
-                             details={"roles": len(policy.roles),
-                                      "tenants": ", ".join(sorted(set(policy.bindings) | set(policy.grants)))},
-                             source=source)
-        producer.produce(names.audit, encode_audit(record), b"policy")
-        producer.commit_transaction(timeout)
-    except KafkaException as e:
-        err = e.args[0] if e.args else None
-        if getattr(err, "code", lambda: None)() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
-                                                     KafkaError._ALL_BROKERS_DOWN):
-            raise BrokerUnavailable(config.bootstrap, f"applying the policy failed: {err}") from None
-        raise KflowError(f"applying the policy failed: {err or e}") from None
-    if not offsets:
-        raise KflowError("the policy record was not confirmed")
-    return offsets[0]
+    headers, who = sign_record(config, POLICY_KEY, value)
+    audit = admin_audit(who, "policy_apply", "policy", "success",
+                        {"roles": len(policy.roles),
+                         "tenants": ", ".join(sorted(set(policy.bindings) | set(policy.grants)))}, source)
+    return publish_audited(config, config.names.policies, POLICY_KEY, value, headers, audit, "applying the policy",
+                           timeout)
